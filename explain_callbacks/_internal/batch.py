@@ -1,0 +1,73 @@
+"""Batch adapter: get (inputs, labels) out of any LightningModule's batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+from torch import Tensor
+
+__all__ = ["BatchAdapter", "InputSpec"]
+
+InputSpec = Union[int, str, Callable[[Any], Any], None]
+
+
+class BatchAdapter:
+    """Extract inputs and labels from a batch.
+
+    Args:
+        input_key: tuple index (int), dict key (str) or a function ``batch -> inputs``.
+            Default: ``batch[0]`` for sequences, ``batch["x"|"input"|"inputs"|"image"]`` for dicts,
+            the batch itself for a tensor.
+        label_key: likewise for labels (default index 1 / keys ``y``, ``label``, ``labels``, ``target``);
+            labels may be absent.
+    """
+
+    _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "data")
+    _LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+
+    def __init__(self, input_key: InputSpec = None, label_key: InputSpec = None) -> None:
+        self.input_key = input_key
+        self.label_key = label_key
+
+    @staticmethod
+    def _get(batch: Any, key: InputSpec, defaults: Sequence[Any], what: str, required: bool) -> Any:
+        if callable(key):
+            return key(batch)
+        if key is not None:
+            try:
+                return batch[key]
+            except (KeyError, IndexError, TypeError) as err:
+                raise KeyError(
+                    f"Could not take {what} with key {key!r} from a batch of type {type(batch).__name__}; "
+                    f"set {what}_key to a tuple index, a dict key, or a function batch -> {what}."
+                ) from err
+        if isinstance(batch, Tensor):
+            return batch if what == "input" else None
+        if isinstance(batch, Mapping):
+            for k in defaults:
+                if k in batch:
+                    return batch[k]
+        elif isinstance(batch, Sequence):
+            idx = 0 if what == "input" else 1
+            if len(batch) > idx:
+                return batch[idx]
+        if required:
+            raise KeyError(
+                f"Could not find the {what} in a batch of type {type(batch).__name__}; pass {what}_key= "
+                "(tuple index, dict key, or a function batch -> tensor) to the callback."
+            )
+        return None
+
+    def inputs(self, batch: Any) -> Tensor:
+        x = self._get(batch, self.input_key, self._INPUT_KEYS, "input", True)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"The batch's input must be a Tensor, got {type(x).__name__}; set input_key.")
+        return x
+
+    def labels(self, batch: Any) -> Tensor | None:
+        y = self._get(batch, self.label_key, self._LABEL_KEYS, "label", False)
+        return y if isinstance(y, Tensor) else None
+
+    def __call__(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        return self.inputs(batch), self.labels(batch)

@@ -1,0 +1,42 @@
+"""Input validation with messages that name the problem and the fix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_inputs", "check_map", "finite_rows"]
+
+
+def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = None, name: str = "inputs") -> None:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}.")
+    if inputs.ndim < min_ndim or (max_ndim is not None and inputs.ndim > max_ndim):
+        rng = f"{min_ndim}" if max_ndim == min_ndim else f"{min_ndim}..{max_ndim or 'any'}"
+        raise ValueError(
+            f"{name} must be batched with {rng} dimensions (B,D), (B,T,D) or (B,C,H,W); got shape "
+            f"{tuple(inputs.shape)}. Add a batch dimension with x.unsqueeze(0) for a single sample."
+        )
+    if not inputs.is_floating_point():
+        raise TypeError(f"{name} must be floating point to take gradients, got {inputs.dtype}; use .float().")
+    if inputs.shape[0] == 0:
+        raise ValueError(f"{name} is empty (batch size 0).")
+    if not torch.isfinite(inputs).all():
+        bad = (~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} contains NaN or Inf in samples {bad[:10]}; clean the data or drop those samples "
+            "(the monitor skips them with a warning)."
+        )
+
+
+def finite_rows(x: Tensor) -> Tensor:
+    """Boolean mask (B,) of samples without NaN/Inf."""
+    return torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+
+
+def check_map(attr: Tensor, name: str = "attribution") -> None:
+    if not torch.isfinite(attr).all():
+        raise FloatingPointError(
+            f"{name} contains NaN or Inf; the model may produce non-finite gradients (check for log(0), "
+            "division by zero, or a too-large learning rate)."
+        )

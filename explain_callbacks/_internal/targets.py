@@ -1,0 +1,79 @@
+"""Target policies: which output an attribution explains."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .batching import chunks
+
+__all__ = ["TargetPolicy", "check_target", "resolve_target"]
+
+TargetPolicy = Union[str, int, None]
+
+
+def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> None:
+    """Raise a clear error for a target of the wrong shape or out of range."""
+    if target is None:
+        return
+    if target.ndim != 1 or target.shape[0] != batch:
+        raise ValueError(
+            f"target must have shape ({batch},) (one class index per sample), got {tuple(target.shape)}; "
+            "pass a 1-D LongTensor, or an int for the same class for every sample."
+        )
+    if target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}; use target.long().")
+    if n_outputs is not None and target.numel():
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= n_outputs:
+            raise ValueError(
+                f"target values must lie in [0, {n_outputs - 1}] (the model has {n_outputs} outputs), "
+                f"got values in [{lo}, {hi}]; check the labels or the target policy."
+            )
+
+
+def as_target_tensor(target: int | Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    if target is None:
+        return None
+    if isinstance(target, int):
+        return torch.full((batch,), target, dtype=torch.long, device=device)
+    if not isinstance(target, Tensor):
+        target = torch.as_tensor(target)
+    if target.ndim == 0:
+        target = target.expand(batch)
+    return target.to(device=device, dtype=torch.long) if not target.is_floating_point() else target.to(device)
+
+
+@torch.no_grad()
+def resolve_target(
+    policy: TargetPolicy,
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor | None,
+    batch_size: int | None = None,
+) -> Tensor | None:
+    """Turn a policy into class indices of shape (B,).
+
+    ``"label"``: the true labels; ``"prediction"``: the model's arg-max; an int: that class for every
+    sample; ``None``: no target (single-output regression models).
+    """
+    b = inputs.shape[0]
+    if policy is None:
+        return None
+    if isinstance(policy, int):
+        return torch.full((b,), policy, dtype=torch.long, device=inputs.device)
+    if policy == "label":
+        if labels is None:
+            raise ValueError("target='label' needs labels in the probe batch; use target='prediction' instead.")
+        return labels.to(inputs.device).long().view(-1)
+    if policy == "prediction":
+        preds = []
+        for sl in chunks(b, batch_size):
+            out = model(inputs[sl])
+            if out.ndim == 1 or out.shape[1] == 1:
+                return None  # regression: a single output, no class to pick
+            preds.append(out.argmax(1))
+        return torch.cat(preds)
+    raise ValueError(f"Unknown target policy {policy!r}; use 'label', 'prediction', an int class, or None.")

@@ -1,0 +1,40 @@
+"""Attribution methods: one family per module, all called as ``method(model, inputs, target)``."""
+
+from .._internal.registry import ATTRIBUTIONS
+from .base import Attributor, make_generator
+from .cam import GradCAM
+from .captum_adapter import CaptumAttributor
+from .gradient import InputXGradient, Saliency, SmoothGrad
+from .neuron_region import NeuronRegionIG
+from .path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
+
+__all__ = [
+    "ATTRIBUTIONS",
+    "Attributor",
+    "CaptumAttributor",
+    "ExpectedGradients",
+    "GradCAM",
+    "InputXGradient",
+    "IntegratedGradients",
+    "NeuronRegionIG",
+    "Saliency",
+    "SmoothGrad",
+    "build_attributor",
+    "make_baseline",
+    "make_generator",
+    "quadrature",
+]
+
+
+def build_attributor(spec, **overrides) -> Attributor:
+    """A method from a short name, a ``{"name": ..., **kwargs}`` mapping, an instance, or a Captum
+    attribution class/instance (wrapped in :class:`CaptumAttributor`)."""
+    if isinstance(spec, Attributor):
+        return spec
+    mod = type(spec).__module__ if not isinstance(spec, type) else spec.__module__
+    if mod.startswith("captum."):
+        return CaptumAttributor(spec)
+    obj = ATTRIBUTIONS.build(spec, **overrides)
+    if not callable(obj):
+        raise TypeError(f"{spec!r} did not give a callable attribution method.")
+    return obj

@@ -1,0 +1,103 @@
+"""The attribution contract shared by every method.
+
+``method(model, inputs, target, *, create_graph=False) -> Tensor`` batched over the first dimension,
+returning the input's shape (or a documented lower resolution). Randomness comes from a
+``torch.Generator`` seeded per call; model calls are chunked by ``batch_size``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .._internal.checks import check_inputs
+from .._internal.targets import as_target_tensor, check_target
+
+__all__ = ["Attributor", "make_generator"]
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A fresh generator on ``device`` (CPU generator for devices without one), seeded."""
+    try:
+        g = torch.Generator(device=device)
+    except RuntimeError:
+        g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+class Attributor(ABC):
+    """Base class of attribution methods.
+
+    Args:
+        batch_size: rows per model call (memory bound); ``None`` sends everything at once.
+        seed: seed of the per-call generator (random methods only).
+
+    Subclasses implement :meth:`attribute` on validated inputs. ``last_info`` holds per-sample side
+    results of the last call (e.g. ``completeness_error`` for path methods).
+    """
+
+    name: ClassVar[str] = "attributor"
+    #: whether ``create_graph=True`` gives attributions differentiable w.r.t. the parameters.
+    differentiable: ClassVar[bool] = True
+    #: whether the map has the input's shape (False: a documented lower resolution / other space).
+    input_shaped: ClassVar[bool] = True
+
+    def __init__(self, batch_size: int | None = 256, seed: int = 0) -> None:
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}.")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.last_info: dict[str, Tensor] = {}
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        target: Tensor | int | None = None,
+        *,
+        create_graph: bool = False,
+    ) -> Tensor:
+        check_inputs(inputs)
+        if create_graph and not self.differentiable:
+            raise ValueError(
+                f"{type(self).__name__} is a black-box method and cannot build a differentiable map; "
+                "use a gradient method (saliency, input_x_gradient, ig, expected_gradients) for penalties."
+            )
+        tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
+        if tgt is not None:
+            with torch.no_grad():
+                n_out = _n_outputs(model, inputs[:1])
+            check_target(tgt, n_out, inputs.shape[0])
+        self.last_info = {}
+        return self.attribute(model, inputs, tgt, create_graph=create_graph)
+
+    @abstractmethod
+    def attribute(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
+    ) -> Tensor:
+        """Compute the map for validated inputs; ``target`` is (B,) long or None."""
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        return make_generator(device, self.seed)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._repr_args().items())
+        return f"{type(self).__name__}({args})"
+
+    def _repr_args(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k != "last_info" and not isinstance(v, Tensor)
+        }
+
+
+def _n_outputs(model: nn.Module, x1: Tensor) -> int | None:
+    out = model(x1)
+    if isinstance(out, Tensor) and out.ndim >= 2:
+        return out.shape[1]
+    return None

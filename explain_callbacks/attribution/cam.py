@@ -1,0 +1,70 @@
+"""Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._internal.batching import chunks, select_output
+from .._internal.ops import upsample_to
+from .._internal.registry import ATTRIBUTIONS
+from .base import Attributor
+from .layers import capture_output, find_layer, last_conv_layer
+
+__all__ = ["GradCAM"]
+
+
+@ATTRIBUTIONS.register("gradcam", "grad_cam")
+class GradCAM(Attributor):
+    """ReLU(Σ_k w_k A_k) with w_k the spatial mean of ∂f_c/∂A_k at a convolution layer.
+
+    Args:
+        layer: module or its name; default the last convolution of the model.
+        relu: apply the ReLU of the paper (Captum's ``relu_attributions``).
+        upsample: resize the map to the input's spatial size (bilinear). The map has one channel,
+            shape (B, 1, *spatial): it broadcasts over the input's channels.
+    """
+
+    name = "gradcam"
+    input_shaped = True
+
+    def __init__(
+        self,
+        layer: str | nn.Module | None = None,
+        relu: bool = True,
+        upsample: bool = True,
+        batch_size: int | None = 256,
+    ) -> None:
+        super().__init__(batch_size=batch_size)
+        self.layer = layer
+        self.relu = relu
+        self.upsample = upsample
+
+    def attribute(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
+    ) -> Tensor:
+        if inputs.ndim < 3:
+            raise ValueError(
+                f"Grad-CAM needs spatial inputs (B,C,L) or (B,C,H,W), got {tuple(inputs.shape)}; "
+                "use saliency or ig for tabular data."
+            )
+        layer = last_conv_layer(model) if self.layer is None else find_layer(model, self.layer)
+        maps = []
+        for sl in chunks(inputs.shape[0], self.batch_size):
+            store: list[Tensor] = []
+            xc = inputs[sl]
+            if not xc.requires_grad:
+                xc = xc.detach().requires_grad_(True)  # makes activations part of a graph even if params are frozen
+            with capture_output(layer, store):
+                y = select_output(model(xc), None if target is None else target[sl])
+            act = store[-1]
+            (g,) = torch.autograd.grad(y.sum(), act, create_graph=create_graph)
+            w = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
+            cam = (w * act).sum(1, keepdim=True)
+            if self.relu:
+                cam = F.relu(cam)
+            if self.upsample:
+                cam = upsample_to(cam, tuple(inputs.shape[2:]))
+            maps.append(cam)
+        return torch.cat(maps)

@@ -1,0 +1,55 @@
+"""Finding and hooking layers by name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import Tensor, nn
+
+__all__ = ["capture_output", "find_layer", "last_conv_layer"]
+
+
+def find_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
+    if isinstance(layer, nn.Module):
+        return layer
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        names = [n for n in modules if n][:20]
+        raise KeyError(f"No layer named {layer!r} in {type(model).__name__}; some names: {names}.")
+    return modules[layer]
+
+
+def last_conv_layer(model: nn.Module) -> nn.Module:
+    """The last Conv1d/Conv2d/Conv3d registered in ``model`` (the usual Grad-CAM layer)."""
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not convs:
+        raise ValueError(
+            f"{type(model).__name__} has no convolution layer, so Grad-CAM has nothing to look at; "
+            "pass layer='<module name>' or use a gradient method (saliency, ig) instead."
+        )
+    return convs[-1]
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextmanager
+def capture_output(module: nn.Module, store: list[Tensor], stop: bool = False) -> Iterator[None]:
+    """Forward hook appending ``module``'s output to ``store`` (raising ``_Stop`` after if ``stop``)."""
+
+    def hook(_m: nn.Module, _inp: object, out: Tensor) -> None:
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"Layer {type(_m).__name__} returns {type(out).__name__}, not a Tensor; pick another layer."
+            )
+        store.append(out)
+        if stop:
+            raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
