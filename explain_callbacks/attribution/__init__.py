@@ -1,7 +1,9 @@
 """Attribution methods: one family per module, all called as ``method(model, inputs, target)``."""
 
 from .._internal.registry import ATTRIBUTIONS
+from . import blackbox
 from .base import Attributor, make_generator
+from .blackbox import *  # noqa: F403
 from .cam import GradCAM
 from .captum_adapter import CaptumAttributor
 from .gradient import InputXGradient, Saliency, SmoothGrad

@@ -1,1 +1,6 @@
-"""TODO: filled by its issue."""
+"""Functional metrics: one score per sample."""
+
+from .complexity import complexity, sparseness
+from .drift import explanation_drift
+
+__all__ = ["complexity", "explanation_drift", "sparseness"]

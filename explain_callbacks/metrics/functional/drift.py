@@ -1,0 +1,17 @@
+"""Explanation drift across training: rank correlation of this epoch's map with the previous one."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..._internal.ops import spearman
+
+__all__ = ["explanation_drift"]
+
+
+def explanation_drift(previous: Tensor, current: Tensor) -> Tensor:
+    """Per-sample Spearman correlation between two maps of the same probe set (1 = unchanged ranking)."""
+    if previous.shape != current.shape:
+        raise ValueError(f"maps differ in shape: {tuple(previous.shape)} vs {tuple(current.shape)}.")
+    b = current.shape[0]
+    return spearman(previous.detach().reshape(b, -1).double(), current.detach().reshape(b, -1).double())
