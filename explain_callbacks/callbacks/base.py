@@ -1,0 +1,248 @@
+"""Base of the explaining callbacks: a fixed probe set, scheduling, the model guard, error policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from .._internal.batch import BatchAdapter, InputSpec
+from .._internal.checks import finite_rows
+from .._internal.guard import detach_clone, model_guard
+from .._internal.targets import TargetPolicy, resolve_target
+from . import _logging
+
+__all__ = ["ProbeCallback"]
+
+
+class ProbeCallback(Callback):
+    """Captures a fixed probe set from validation data and explains it on due validation epochs.
+
+    The probe set is the first ``num_samples`` finite samples of the first validation dataloader
+    (at most ``per_class`` per label if given), captured during the first validation epoch (the
+    sanity check is skipped), moved to CPU and kept in this callback's ``state_dict`` so maps stay
+    comparable across epochs and after resuming. Under DDP each rank explains its own shard.
+
+    Subclasses implement :meth:`explain`, which runs inside :func:`model_guard`: gradients enabled
+    even under ``inference_mode``, every module in eval mode, autocast off, parameters frozen; modes,
+    ``requires_grad``, ``.grad`` and the global RNG are restored afterwards.
+
+    Args:
+        num_samples: probe size (per rank).
+        per_class: keep at most this many samples per label (needs labels).
+        every_n_epochs: explain on validation epochs where ``(epoch + 1) % every_n_epochs == 0``;
+            ``trainer.validate()``/``test`` always explain.
+        input_key, label_key, mask_key: where inputs, labels and ground-truth masks are in a batch
+            (tuple index, dict key or a function of the batch; defaults: index 0/1, keys x/y/mask).
+        target: ``"label"``, ``"prediction"``, a class index, or None (single-output regression).
+        batch_size: rows per model call.
+        model_attr: explain ``getattr(pl_module, model_attr)`` instead of the LightningModule itself
+            (for modules whose ``forward`` is not the network).
+        strict: re-raise exceptions raised while explaining (default: warn and continue training).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 32,
+        per_class: int | None = None,
+        every_n_epochs: int = 1,
+        input_key: InputSpec = None,
+        label_key: InputSpec = None,
+        mask_key: InputSpec = None,
+        target: TargetPolicy = "label",
+        batch_size: int | None = 256,
+        model_attr: str | None = None,
+        strict: bool = False,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        if not (target is None or isinstance(target, int) or target in ("label", "prediction")):
+            raise ValueError(f"target must be 'label', 'prediction', an int class or None, got {target!r}.")
+        self.num_samples = num_samples
+        self.per_class = per_class
+        self.every_n_epochs = every_n_epochs
+        self.adapter = BatchAdapter(input_key, label_key)
+        self.mask_key = mask_key
+        self.target = target
+        self.batch_size = batch_size
+        self.model_attr = model_attr
+        self.strict = strict
+        self.probe_x: Tensor | None = None
+        self.probe_y: Tensor | None = None
+        self.probe_mask: Tensor | None = None
+        self._frozen = False
+        self._warned_nan = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(num_samples=self.num_samples, every_n_epochs=self.every_n_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe_x": self.probe_x,
+            "probe_y": self.probe_y,
+            "probe_mask": self.probe_mask,
+            "frozen": self._frozen,
+            **self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe_x = state_dict.get("probe_x")
+        self.probe_y = state_dict.get("probe_y")
+        self.probe_mask = state_dict.get("probe_mask")
+        self._frozen = bool(state_dict.get("frozen", self.probe_x is not None))
+        self.load_extra_state(state_dict)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state to checkpoint besides the probe (override)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved (override)."""
+
+    # ------------------------------------------------------------------ probe capture
+    @property
+    def probe_size(self) -> int:
+        return 0 if self.probe_x is None else int(self.probe_x.shape[0])
+
+    def _masks_of(self, batch: Any) -> Tensor | None:
+        key = self.mask_key
+        if key is None:
+            if isinstance(batch, dict):
+                key = next((k for k in ("mask", "masks", "segmentation") if k in batch), None)
+            if key is None:
+                return None
+        if callable(key):
+            return key(batch)
+        try:
+            m = batch[key]
+        except (KeyError, IndexError, TypeError) as err:
+            raise KeyError(f"Could not take masks with mask_key={key!r} from the batch; fix mask_key.") from err
+        return m if isinstance(m, Tensor) else None
+
+    def add_to_probe(self, batch: Any) -> None:
+        """Add samples of a batch to the probe set (until it is full)."""
+        if self._frozen or self.probe_size >= self.num_samples:
+            return
+        x, y = self.adapter(batch)
+        masks = self._masks_of(batch)
+        with torch.inference_mode(False):
+            x = x.detach().cpu().clone()
+            y = None if y is None else y.detach().cpu().clone()
+            masks = None if masks is None else masks.detach().cpu().clone()
+        keep = finite_rows(x) if x.is_floating_point() else torch.ones(x.shape[0], dtype=torch.bool)
+        if not bool(keep.all()) and not self._warned_nan:
+            rank_zero_warn(
+                f"{type(self).__name__}: {int((~keep).sum())} validation samples contain NaN/Inf and are "
+                "skipped from the probe set; clean the data to explain them."
+            )
+            self._warned_nan = True
+        if self.per_class is not None:
+            if y is None:
+                raise ValueError("per_class needs labels in the validation batches; set label_key or per_class=None.")
+            counts = torch.bincount(self.probe_y, minlength=int(y.max()) + 1) if self.probe_y is not None else None
+            sel = []
+            for i in keep.nonzero().flatten().tolist():
+                c = int(y[i])
+                have = 0 if counts is None or c >= counts.numel() else int(counts[c])
+                have += sum(1 for j in sel if int(y[j]) == c)
+                if have < self.per_class:
+                    sel.append(i)
+            keep = torch.zeros_like(keep)
+            keep[sel] = True
+        idx = keep.nonzero().flatten()[: self.num_samples - self.probe_size]
+        if idx.numel() == 0:
+            return
+
+        def cat(old: Tensor | None, new: Tensor | None) -> Tensor | None:
+            if new is None:
+                return old
+            new = new[idx]
+            return new if old is None else torch.cat([old, new])
+
+        self.probe_x = cat(self.probe_x, x)
+        self.probe_y = cat(self.probe_y, y)
+        self.probe_mask = cat(self.probe_mask, masks)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if trainer.sanity_checking or dataloader_idx != 0:
+            return
+        self.add_to_probe(batch)
+
+    # ------------------------------------------------------------------ scheduling
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate()/test(): always explain
+            return True
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._frozen = self.probe_x is not None
+        if self.probe_x is None or not self.is_due(trainer):
+            return
+        self.run_explain(trainer, pl_module)
+
+    def model(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.model_attr is None:
+            return pl_module
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, nn.Module):
+            raise AttributeError(f"pl_module has no nn.Module attribute {self.model_attr!r}; fix model_attr.")
+        return model
+
+    def run_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Explain the probe set inside the guard, with the error policy applied."""
+        assert self.probe_x is not None
+        try:
+            with model_guard(pl_module):
+                device = pl_module.device
+                x = detach_clone(self.probe_x, torch.float32 if self.probe_x.is_floating_point() else None).to(device)
+                y = None if self.probe_y is None else self.probe_y.to(device)
+                model = self.model(pl_module)
+                target = resolve_target(self.target, model, x, y, self.batch_size)
+                self.explain(trainer, pl_module, x, y, target)
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(
+                f"{type(self).__name__} failed at epoch {trainer.current_epoch}: {type(err).__name__}: {err}. "
+                "Training continues; pass strict=True to raise instead."
+            )
+
+    def explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
+    ) -> None:
+        """Explain the probe set (override). Runs inside the model guard."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ logging helpers
+    @staticmethod
+    def log_scalar(pl_module: pl.LightningModule, tag: str, value: float | Tensor, sync: bool = True) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32, device=pl_module.device)
+        pl_module.log(tag, value, on_step=False, on_epoch=True, sync_dist=sync, add_dataloader_idx=False)
+
+    @staticmethod
+    def log_image(trainer: pl.Trainer, tag: str, image: Tensor) -> None:
+        _logging.log_image(trainer, tag, image)
+
+    @staticmethod
+    def log_text(trainer: pl.Trainer, tag: str, text: str) -> None:
+        _logging.log_text(trainer, tag, text)
+
+    @staticmethod
+    def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor) -> None:
+        _logging.log_histogram(trainer, tag, values)
