@@ -1,1 +1,6 @@
-"""TODO: filled by its issue."""
+"""Example networks and a generic LightningModule."""
+
+from .lit import LitClassifier
+from .nets import MLP, SmallCNN
+
+__all__ = ["MLP", "LitClassifier", "SmallCNN"]

@@ -1,0 +1,69 @@
+"""A generic LightningModule for the examples: classification (cross-entropy) or regression (MSE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LitClassifier"]
+
+
+class LitClassifier(pl.LightningModule):
+    """Wraps ``net``; batches are tuples/lists whose first two items are inputs and labels (more items,
+    e.g. masks, are ignored) or dicts with keys ``x`` and ``y``.
+
+    Logs ``train/loss``, ``val/loss``, ``val/acc`` (classification) and the test counterparts.
+    """
+
+    def __init__(
+        self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, task: str = "classification"
+    ) -> None:
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
+        self.net = net
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.task = task
+        self.save_hyperparameters(ignore=["net"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def unpack(batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, dict):
+            return batch["x"], batch["y"]
+        return batch[0], batch[1]
+
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.task == "regression":
+            return F.mse_loss(out.squeeze(-1), y.float())
+        return F.cross_entropy(out, y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self.unpack(batch)
+        loss = self._loss(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = self.unpack(batch)
+        out = self(x)
+        self.log(f"{stage}/loss", self._loss(out, y), prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        if self.task == "classification":
+            acc = (out.argmax(1) == y).float().mean()
+            self.log(f"{stage}/acc", acc, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
