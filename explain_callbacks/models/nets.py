@@ -10,7 +10,7 @@ __all__ = ["MLP", "SmallCNN"]
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks (conv, BatchNorm, ReLU, max-pool), global average pooling, dropout, linear."""
+    """Three conv blocks (conv, BatchNorm, ReLU, max-pool), average pooling to 4x4, dropout, linear."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, dropout: float = 0.25) -> None:
         super().__init__()

@@ -1,0 +1,1 @@
+"""Hydra configs of explain_callbacks, importable as ``pkg://explain_callbacks.conf``."""

@@ -1,0 +1,299 @@
+"""AttributionMonitor: attribution maps of a fixed probe set, every validation epoch, in TensorBoard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from .. import viz
+from .._internal.registry import METRICS
+from ..attribution import Attributor, build_attributor
+from ..metrics.functional import explanation_drift, sparseness
+from ._logging import markdown_table
+from .base import ProbeCallback
+
+__all__ = ["AttributionMonitor"]
+
+MethodSpec = str | Mapping[str, Any] | Attributor
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers (from Hydra) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover
+        return obj
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+class AttributionMonitor(ProbeCallback):
+    """Watch how attribution maps of a fixed probe set evolve while the model trains.
+
+    On every due validation epoch, for each method: the maps of the probe set, logged as a grid of
+    heatmap overlays (images), a feature-by-sample heatmap (tabular) or per-sample time-by-feature
+    heatmaps (sequences); a histogram of values; scalars ``explain/<method>/<what>``: ``seconds``,
+    ``sparseness`` (Gini), ``drift`` (mean per-sample Spearman correlation with the previous map),
+    ``completeness_error`` (path methods), and every selected metric; curves of curve metrics
+    (deletion, insertion) as images; a ranking table of the methods as text.
+
+    Args:
+        methods: short names (``"saliency"``, ``"ig"``, ...), ``{"name": ..., **kwargs}`` mappings,
+            :class:`~explain_callbacks.attribution.Attributor` instances or Captum methods.
+        metrics: metric short names / mappings / instances from ``explain_callbacks.metrics``; each is
+            computed on the same maps (nothing is computed twice).
+        max_images: samples drawn in the overlay grid.
+        feature_names: names of tabular features (for the top-feature table).
+        log_images / log_histograms: turn image and histogram logging off (scalars stay).
+        **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
+            input_key, label_key, mask_key, batch_size, model_attr, strict).
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[MethodSpec] = ("saliency", "ig"),
+        metrics: Sequence[Any] = (),
+        num_samples: int = 16,
+        max_images: int = 16,
+        feature_names: Sequence[str] | None = None,
+        log_images: bool = True,
+        log_histograms: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_samples=num_samples, **kwargs)
+        methods = _plain(methods)
+        if isinstance(methods, (str, Mapping)) or not isinstance(methods, Sequence):
+            methods = [methods]
+        if not methods:
+            raise ValueError("AttributionMonitor needs at least one method, e.g. methods=['saliency', 'ig'].")
+        self.methods: dict[str, Attributor] = {}
+        for spec in methods:
+            method = self._build_method(spec)
+            name = str(getattr(method, "name", type(method).__name__.lower()))
+            base, i = name, 2
+            while name in self.methods:
+                name, i = f"{base}_{i}", i + 1
+            self.methods[name] = method
+        self.metric_specs = list(_plain(metrics) or [])
+        for spec in self.metric_specs:  # fail fast on unknown names
+            self._build_metric(spec)
+        self._metrics: dict[tuple[str, str], Any] = {}
+        self.max_images = max_images
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.log_images = log_images
+        self.log_histograms = log_histograms
+        self.previous: dict[str, Tensor] = {}
+        self.last_scores: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ building
+    def _build_method(self, spec: MethodSpec) -> Attributor:
+        if isinstance(spec, str):
+            return build_attributor(spec, batch_size=self.batch_size)
+        if isinstance(spec, Mapping):
+            spec = dict(spec)
+            spec.setdefault("batch_size", self.batch_size)
+        return build_attributor(spec)
+
+    def _build_metric(self, spec: Any) -> Any:
+        if isinstance(spec, str):
+            return METRICS.build(spec)
+        if isinstance(spec, Mapping):
+            return METRICS.build(dict(spec))
+        return spec
+
+    @staticmethod
+    def _metric_name(metric: Any) -> str:
+        return str(
+            getattr(metric, "short_name", None) or getattr(metric, "name", None) or type(metric).__name__.lower()
+        )
+
+    def _metric_for(self, method_name: str, spec: Any, device: torch.device) -> Any:
+        """One metric object per (method, metric): states are never shared between methods."""
+        key = (method_name, repr(spec))
+        if key not in self._metrics:
+            self._metrics[key] = self._build_metric(spec) if isinstance(spec, (str, Mapping)) else spec.clone()
+        metric = self._metrics[key]
+        if hasattr(metric, "to"):
+            metric = metric.to(device)
+            self._metrics[key] = metric
+        return metric
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.feature_names is None:  # pick up the data module's feature names (tabular data)
+            names = getattr(getattr(trainer, "datamodule", None), "feature_names", None)
+            if names:
+                self.feature_names = list(names)
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        return {"previous": {k: v.cpu() for k, v in self.previous.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.previous = dict(state.get("previous", {}))
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=sorted(self.methods), num_samples=self.num_samples)
+
+    # ------------------------------------------------------------------ the work
+    def explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
+    ) -> None:
+        model = self.model(pl_module)
+        masks = None if self.probe_mask is None else self.probe_mask.to(x.device)
+        curves: dict[str, dict[str, Tensor]] = {}
+        curve_x: dict[str, Tensor] = {}
+        self.last_scores = {}
+        if trainer.is_global_zero and self.log_images and x.ndim == 4 and not self.previous:
+            self.log_image(
+                trainer, "explain/probe/inputs", viz.make_grid(viz.upscale(viz.to_rgb(x[: self.max_images])))
+            )
+        for name, method in self.methods.items():
+            try:
+                start = time.perf_counter()
+                maps = method(model, x, target).detach()
+                seconds = time.perf_counter() - start
+            except Exception as err:
+                if self.strict:
+                    raise
+                rank_zero_warn(f"AttributionMonitor: method {name!r} failed: {type(err).__name__}: {err}. Skipped.")
+                continue
+            if not torch.isfinite(maps).all():
+                rank_zero_warn(
+                    f"AttributionMonitor: method {name!r} produced NaN/Inf attributions at epoch "
+                    f"{trainer.current_epoch}; its results are skipped this epoch (check the model for non-finite "
+                    "gradients)."
+                )
+                continue
+            scores = self._log_scalars(pl_module, name, method, maps, seconds)
+            if getattr(method, "input_shaped", True) and maps.shape[0] == x.shape[0]:
+                for spec in self.metric_specs:
+                    metric = self._metric_for(name, spec, x.device)
+                    mname = self._metric_name(metric)
+                    try:
+                        value = self._run_metric(metric, model, x, maps, target, method, masks)
+                    except Exception as err:
+                        if self.strict:
+                            raise
+                        rank_zero_warn(f"AttributionMonitor: metric {mname!r} on {name!r} failed: {err}. Skipped.")
+                        continue
+                    if value is None:
+                        continue
+                    scores[mname] = value
+                    self.log_scalar(pl_module, f"explain/{name}/{mname}", value, sync=False)
+                    curve = getattr(metric, "curve", None)
+                    if isinstance(curve, Tensor) and curve.numel() > 1:
+                        curves.setdefault(mname, {})[name] = curve.detach().cpu()
+                        cx = getattr(metric, "curve_x", None)
+                        if isinstance(cx, Tensor):
+                            curve_x[mname] = cx.detach().cpu()
+            self.last_scores[name] = scores
+            if trainer.is_global_zero:
+                self._log_pictures(trainer, name, x, maps)
+            self.previous[name] = maps.cpu()
+        if trainer.is_global_zero:
+            for mname, by_method in curves.items():
+                img = viz.plot_curves(by_method, x=curve_x.get(mname), title=f"{mname} epoch {trainer.current_epoch}")
+                self.log_image(trainer, f"explain/curves/{mname}", img)
+            if self.last_scores:
+                self.log_text(trainer, "explain/ranking", self.ranking_table())
+
+    def _run_metric(
+        self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
+        masks: Tensor | None,
+    ) -> float | None:  # fmt: skip
+        if getattr(metric, "needs_masks", False) and masks is None:
+            return None
+        metric.reset()
+        kw = {"masks": masks} if masks is not None else {}
+        if getattr(metric, "kind", "explanation") == "explainer":
+            metric.update(model, x, target, method, attributions=maps, **kw)
+        else:
+            metric.update(model, x, maps, target, **kw)
+        return float(metric.compute())
+
+    def _log_scalars(
+        self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float
+    ) -> dict[str, float]:
+        scores: dict[str, float] = {"seconds": seconds}
+        self.log_scalar(pl_module, f"explain/{name}/seconds", seconds)
+        sp = float(sparseness(maps).mean())
+        scores["sparseness"] = sp
+        self.log_scalar(pl_module, f"explain/{name}/sparseness", sp)
+        info = getattr(method, "last_info", {}) or {}
+        if "completeness_error" in info:
+            ce = info["completeness_error"].detach()
+            ce = ce[torch.isfinite(ce)]
+            if ce.numel():
+                scores["completeness_error"] = float(ce.mean())
+                self.log_scalar(pl_module, f"explain/{name}/completeness_error", scores["completeness_error"])
+        prev = self.previous.get(name)
+        if prev is not None and prev.shape == maps.shape:
+            drift = float(explanation_drift(prev.to(maps.device), maps).mean())
+            scores["drift"] = drift
+            self.log_scalar(pl_module, f"explain/{name}/drift", drift)
+        return scores
+
+    def _log_pictures(self, trainer: pl.Trainer, name: str, x: Tensor, maps: Tensor) -> None:
+        if self.log_histograms:
+            self.log_histogram(trainer, f"explain/{name}/values", maps)
+        if not self.log_images:
+            return
+        n = min(self.max_images, maps.shape[0])
+        signed = bool((maps < 0).any())
+        cmap = "diverging" if signed else "heat"
+        if maps.ndim == 4 and x.ndim == 4:
+            pic = viz.overlay(x[:n], viz.map_to_2d(maps[:n]), signed=signed)
+            self.log_image(trainer, f"explain/{name}/overlay", viz.make_grid(viz.upscale(pic)))
+        elif maps.ndim == 2:
+            cell = max(2, min(12, 480 // max(maps.shape[1], 1)))
+            self.log_image(trainer, f"explain/{name}/features", viz.matrix_image(maps[:n], cmap, cell=cell))
+            self.log_text(trainer, f"explain/{name}/top_features", self._top_features(maps))
+        elif maps.ndim == 3:
+            # (B,T,D) sequences or (B,C,L) signals: one time-by-feature heatmap per sample.
+            per = viz.colorize(maps[:n].transpose(1, 2), cmap, symmetric=signed)
+            self.log_image(trainer, f"explain/{name}/sequence", viz.make_grid(viz.upscale(per, 48), nrow=4))
+
+    def _top_features(self, maps: Tensor, k: int = 10) -> str:
+        mean_abs = maps.abs().mean(0)
+        mean_signed = maps.mean(0)
+        order = mean_abs.argsort(descending=True)[:k].tolist()
+        names = self.feature_names or [f"x{i}" for i in range(maps.shape[1])]
+        rows = [[i + 1, names[j] if j < len(names) else f"x{j}", float(mean_abs[j]), float(mean_signed[j])]
+                for i, j in enumerate(order)]  # fmt: skip
+        return markdown_table(["rank", "feature", "mean abs", "mean"], rows)
+
+    def ranking_table(self) -> str:
+        """Methods ranked by each score: a Markdown table (higher-is-better taken from the metric)."""
+        columns = sorted({k for s in self.last_scores.values() for k in s})
+        rows = []
+        for name, s in self.last_scores.items():
+            rows.append([name, *[s.get(c, float("nan")) for c in columns]])
+        table = markdown_table(["method", *columns], rows)
+        best = []
+        for c in columns:
+            vals = {m: s[c] for m, s in self.last_scores.items() if c in s}
+            if len(vals) < 2 or c == "seconds":
+                continue
+            hib = self._higher_is_better(c)
+            if hib is None:
+                continue
+            pick = max(vals, key=vals.get) if hib else min(vals, key=vals.get)
+            best.append(f"- best on **{c}** ({'higher' if hib else 'lower'} is better): `{pick}`")
+        return table + ("\n\n" + "\n".join(best) if best else "")
+
+    def _higher_is_better(self, score: str) -> bool | None:
+        fixed = {"completeness_error": False, "drift": None, "sparseness": None}
+        if score in fixed:
+            return fixed[score]
+        for metric in self._metrics.values():
+            if self._metric_name(metric) == score:
+                return getattr(metric, "higher_is_better", None)
+        return None
