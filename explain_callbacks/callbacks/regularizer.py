@@ -1,0 +1,294 @@
+"""AttributionRegularizer: add λ·R(attributions) to any LightningModule's training loss.
+
+``on_before_backward`` cannot change the loss, and a second backward in ``on_after_backward``
+bypasses AMP scaling and gradient accumulation and desynchronises DDP replicas. So the callback
+wraps ``pl_module.training_step`` in ``setup("fit")`` (restored in ``teardown``): the wrapper calls
+the user's step, computes the penalty on the same batch and returns ``loss + λ·R``. The penalty thus
+runs inside the precision plugin's autocast and inside DDP's forward, its parameter gradients are
+scaled, accumulated and all-reduced with the task loss's, and the model is in train mode as for
+the task forward (the penalty is part of training).
+
+Several regularizers share one wrapper (each adds its term and logs ``train/penalty/<name>``;
+``train/task_loss`` is logged once). Penalties with λ = 0 are not computed at all, so λ = 0 trains
+bit-identically to no regularizer.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from .._internal.batch import BatchAdapter, InputSpec
+from ..regularize.penalties import Penalty, build_penalty
+
+__all__ = ["AttributionRegularizer"]
+
+MaskSpec = Union[int, str, Tensor, Callable[[Any], Tensor], None]
+
+_REGS = "_explain_regularizers"
+_ORIG = "_explain_regularizers_original"
+_MISSING = object()
+
+
+class AttributionRegularizer(Callback):
+    """Adds ``weight · penalty(model, inputs, targets, mask)`` to the loss returned by ``training_step``.
+
+    Args:
+        penalty: a registered name (``"cdep"``, ``"rrr"``, ``"eg_mask"``, ``"eg_tv"``, ``"eg_gini"``,
+            ``"attribution"``), a mapping ``{"name": ..., **kwargs}``, a
+            :class:`~explain_callbacks.regularize.Penalty`, or any callable
+            ``(model, inputs, targets, mask) -> scalar``.
+        weight: λ. With ``warmup_steps`` / ``warmup_epochs`` it is reached linearly from λ/n.
+        warmup_steps: optimizer steps of linear warm-up (``trainer.global_step``).
+        warmup_epochs: epochs (fractional progress) of linear warm-up, instead of steps.
+        mask: where the mask of penalised features comes from: a tuple index (int) or dict key (str)
+            of the batch, a fixed tensor (broadcast to the inputs), a callable ``batch -> mask``, or
+            None (penalties without a mask: ``eg_tv``, ``eg_gini``).
+        input_key, label_key: where inputs and labels are in the batch (defaults: index 0 / 1, or the
+            keys ``x``/``y``...); labels are the explained classes of EG and attribution penalties.
+        model_attr: explain ``getattr(pl_module, model_attr)`` (e.g. ``"net"``) instead of the
+            LightningModule's own ``forward``.
+        name: the log name (``train/penalty/<name>``; default the penalty's name).
+        sync_dist: passed to ``pl_module.log`` (off by default: a collective per step costs time;
+            the epoch means are then those of rank zero).
+
+    Raises:
+        MisconfigurationException: at ``setup`` under manual optimisation (there is no returned loss
+            to extend); compute the penalty yourself with
+            :mod:`explain_callbacks.regularize.functional` or
+            :class:`~explain_callbacks.regularize.RegularizerMixin`.
+    """
+
+    def __init__(
+        self,
+        penalty: Any = "cdep",
+        weight: float = 1.0,
+        warmup_steps: int = 0,
+        warmup_epochs: float = 0.0,
+        mask: MaskSpec = None,
+        input_key: InputSpec = None,
+        label_key: InputSpec = None,
+        model_attr: str | None = None,
+        name: str | None = None,
+        sync_dist: bool = False,
+    ) -> None:
+        if weight < 0:
+            raise ValueError(f"weight (λ) must be >= 0, got {weight}.")
+        if warmup_steps < 0 or warmup_epochs < 0:
+            raise ValueError("warmup_steps and warmup_epochs must be >= 0.")
+        if warmup_steps and warmup_epochs:
+            raise ValueError("Give either warmup_steps or warmup_epochs, not both.")
+        self.penalty = build_penalty(penalty)
+        self.weight = float(weight)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_epochs = float(warmup_epochs)
+        self.mask = mask
+        self.adapter = BatchAdapter(input_key, label_key)
+        self.model_attr = model_attr
+        self.name = name or getattr(self.penalty, "name", None) or getattr(self.penalty, "__name__", "penalty")
+        self.sync_dist = sync_dist
+        self._calls = 0
+        self._installed_on: pl.LightningModule | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name, weight=self.weight)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._calls = int(state_dict.get("calls", 0))
+
+    # ------------------------------------------------------------------ schedule
+    def current_weight(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        """λ at this step: the constant weight, or its linear warm-up."""
+        if self.weight == 0:
+            return 0.0
+        if self.warmup_steps:
+            return self.weight * min(1.0, (trainer.global_step + 1) / self.warmup_steps)
+        if self.warmup_epochs:
+            n = trainer.num_training_batches
+            n = n if isinstance(n, int) and n > 0 else 1
+            progress = trainer.current_epoch + (batch_idx + 1) / n
+            return self.weight * min(1.0, progress / self.warmup_epochs)
+        return self.weight
+
+    # ------------------------------------------------------------------ batch access
+    def resolve_mask(self, batch: Any, inputs: Tensor) -> Tensor | None:
+        spec = self.mask
+        if spec is None:
+            return None
+        if isinstance(spec, Tensor):
+            m = spec
+        elif callable(spec):
+            m = spec(batch)
+        else:
+            try:
+                m = batch[spec]
+            except (KeyError, IndexError, TypeError) as err:
+                raise KeyError(
+                    f"Could not take the mask with key {spec!r} from a batch of type {type(batch).__name__}; set "
+                    "mask= to a tuple index, a dict key, a fixed tensor or a callable batch -> mask."
+                ) from err
+        if not isinstance(m, Tensor):
+            raise TypeError(f"The mask must be a Tensor, got {type(m).__name__}.")
+        return m.to(device=inputs.device)
+
+    def penalty_model(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.model_attr is None:
+            return pl_module
+        try:
+            return operator.attrgetter(self.model_attr)(pl_module)
+        except AttributeError as err:
+            raise AttributeError(
+                f"{type(pl_module).__name__} has no attribute {self.model_attr!r}; set model_attr to the submodule "
+                "that maps inputs to class scores, or None to use the LightningModule's forward."
+            ) from err
+
+    def compute(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, int]:
+        """The penalty R on this batch (unweighted) and the batch size."""
+        inputs, labels = self.adapter(batch)
+        if labels is not None and labels.ndim == 1 and not labels.is_floating_point():
+            targets: Tensor | None = labels
+        else:
+            targets = None
+        mask = self.resolve_mask(batch, inputs)
+        model = self.penalty_model(pl_module)
+        trainer = pl_module.trainer
+        step = self._calls * max(1, trainer.world_size) + trainer.global_rank  # distinct draws per rank
+        self._calls += 1
+        if isinstance(self.penalty, Penalty):
+            r = self.penalty(model, inputs, targets, mask, step=step)
+        else:
+            r = self.penalty(model, inputs, targets, mask)
+        if not isinstance(r, Tensor) or r.numel() != 1:
+            raise TypeError(f"The penalty {self.name!r} must return a scalar tensor, got {r!r}.")
+        return r.reshape(()), int(inputs.shape[0])
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "AttributionRegularizer adds λ·R to the loss returned by training_step, which needs automatic "
+                "optimisation. With manual optimisation compute the penalty yourself: "
+                "loss = task + λ * cdep_penalty(model, x, mask) (explain_callbacks.regularize.functional), or use "
+                "RegularizerMixin.penalized_loss, then self.manual_backward(loss)."
+            )
+        _install(pl_module, self)
+        self._installed_on = pl_module
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._uninstall()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        if self._installed_on is not None:
+            _uninstall(self._installed_on, self)
+            self._installed_on = None
+
+
+# ---------------------------------------------------------------------- the shared wrapper
+def _install(pl_module: pl.LightningModule, reg: AttributionRegularizer) -> None:
+    regs: list[AttributionRegularizer] | None = pl_module.__dict__.get(_REGS)
+    if regs is None:
+        original_attr = pl_module.__dict__.get("training_step", _MISSING)
+        step_fn = pl_module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return _regularized_step(pl_module, step_fn, args, kwargs)
+
+        training_step.__wrapped__ = step_fn  # type: ignore[attr-defined]
+        training_step.__doc__ = step_fn.__doc__
+        regs = []
+        pl_module.__dict__[_REGS] = regs
+        pl_module.__dict__[_ORIG] = original_attr
+        pl_module.__dict__["training_step"] = training_step
+    if reg not in regs:
+        names = [r.name for r in regs]
+        if reg.name in names:
+            raise MisconfigurationException(
+                f"Two AttributionRegularizers log under the name {reg.name!r}; give one of them name=."
+            )
+        regs.append(reg)
+
+
+def _uninstall(pl_module: pl.LightningModule, reg: AttributionRegularizer) -> None:
+    regs = pl_module.__dict__.get(_REGS)
+    if regs is None:
+        return
+    if reg in regs:
+        regs.remove(reg)
+    if not regs:
+        original = pl_module.__dict__.pop(_ORIG, _MISSING)
+        pl_module.__dict__.pop(_REGS, None)
+        if original is _MISSING:
+            pl_module.__dict__.pop("training_step", None)
+        else:
+            pl_module.__dict__["training_step"] = original
+
+
+def _regularized_step(
+    pl_module: pl.LightningModule, step_fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    out = step_fn(*args, **kwargs)
+    if out is None:  # the user skipped this batch
+        return out
+    if isinstance(out, Tensor):
+        loss = out
+    elif isinstance(out, Mapping) and isinstance(out.get("loss"), Tensor):
+        loss = out["loss"]
+    else:
+        raise TypeError(
+            "AttributionRegularizer needs training_step to return the loss tensor or a dict with a 'loss' tensor, "
+            f"got {type(out).__name__}."
+        )
+    batch = args[0] if args else kwargs.get("batch")
+    batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
+    trainer = pl_module.trainer
+    regs: list[AttributionRegularizer] = pl_module.__dict__.get(_REGS, [])
+    total = loss
+    if regs:
+        first = regs[0]
+        bsz = _batch_size(first, batch)
+        pl_module.log(
+            "train/task_loss", loss.detach(), on_step=True, on_epoch=True, batch_size=bsz, sync_dist=first.sync_dist
+        )
+    for reg in list(regs):
+        lam = reg.current_weight(trainer, int(batch_idx))
+        if lam == 0:  # not computed at all: λ = 0 trains exactly as without the regularizer
+            continue
+        r, bsz = reg.compute(pl_module, batch)
+        total = total + lam * r
+        pl_module.log(
+            f"train/penalty/{reg.name}",
+            r.detach(),
+            on_step=True,
+            on_epoch=True,
+            batch_size=bsz,
+            sync_dist=reg.sync_dist,
+        )
+        if reg.warmup_steps or reg.warmup_epochs:
+            pl_module.log(f"train/penalty_weight/{reg.name}", float(lam), on_step=True, on_epoch=False, batch_size=bsz)
+    if isinstance(out, Tensor):
+        return total
+    return {**out, "loss": total}
+
+
+def _batch_size(reg: AttributionRegularizer, batch: Any) -> int:
+    try:
+        return int(reg.adapter.inputs(batch).shape[0])
+    except (KeyError, TypeError):
+        return 1

@@ -1,0 +1,373 @@
+"""Attribution penalties as plain functions of (model, inputs, targets, mask) returning a scalar.
+
+Each function is differentiable with respect to the model's parameters, so ``loss = task + λ·R``
+trains the explanation. They are meant to run inside ``training_step`` (under autocast and DDP's
+forward, the model in train mode): input gradients are taken with
+``torch.autograd.grad(..., create_graph=True)``, never ``.backward()``, so parameter ``.grad`` is
+untouched until the one backward of the total loss.
+
+The extra forward passes a penalty makes would update BatchNorm running statistics a second time
+with the same batch; ``keep_norm_stats=True`` (default) restores those buffers afterwards, so the
+penalty's passes normalise with batch statistics (train mode, as the task forward does) without
+counting twice in the running averages. Dropout in train mode draws from the global RNG like any
+forward pass of training.
+
+References:
+    CDEP: Rieger, Singh, Murdoch & Yu, "Interpretations are useful: penalizing explanations to align
+    neural networks with prior knowledge", ICML 2020 (arXiv:1909.13584), and the authors' code
+    (github.com/laura-rieger/deep-explanation-penalization, ``score_funcs.cdep``).
+    RRR: Ross, Hughes & Doshi-Velez, "Right for the right reasons", IJCAI 2017 (arXiv:1703.03717).
+    Attribution priors: Erion, Janizek, Sturmfels, Lundberg & Lee, "Improving performance of deep
+    learning models with axiomatic attribution priors and expected gradients", Nature Machine
+    Intelligence 2021 (arXiv:1906.10670).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "attribution_penalty",
+    "cdep_penalty",
+    "eg_mask_prior",
+    "eg_sparsity_prior",
+    "eg_tv_prior",
+    "expected_gradients_k",
+    "gini",
+    "norm_stats_kept",
+    "prepare_mask",
+    "rrr_penalty",
+    "total_variation",
+]
+
+REDUCTIONS = ("mean", "sum")
+
+
+# --------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def norm_stats_kept(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Restore BatchNorm running statistics (mean, var, batch counter) on exit.
+
+    The forward passes inside keep using batch statistics in train mode; only the running buffers
+    are put back, so the penalty's extra passes do not count twice in the running averages.
+    """
+    if not enabled:
+        yield
+        return
+    saved: list[tuple[Tensor, Tensor]] = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(m, name, None)
+                if isinstance(buf, Tensor):
+                    saved.append((buf, buf.detach().clone()))
+    try:
+        yield
+    finally:
+        # Through ``.data``: the autograd graph of the pass saved these buffers (version-checked), and
+        # a train-mode backward reads the saved batch statistics, not the running ones.
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.data.copy_(value)
+
+
+def prepare_mask(mask: Tensor | None, inputs: Tensor, *, what: str = "penalty", groups: bool = False) -> Tensor:
+    """Validate ``mask`` and return it as a float tensor broadcastable to ``inputs``.
+
+    Accepted shapes: anything that broadcasts to the inputs' (B, C, H, W) / (B, D) shape, e.g.
+    (H, W), (1, H, W), (B, 1, H, W), (C, H, W). With ``groups=True`` a mask of ``inputs.ndim + 1``
+    dimensions is read as (B or 1, G, *sample_shape): G separate feature groups per sample.
+    """
+    if mask is None:
+        raise ValueError(
+            f"The {what} needs a mask of the penalised features (1 = penalise); pass mask= (a tensor, or in the "
+            "callback a batch key/index or a callable of the batch)."
+        )
+    if not isinstance(mask, Tensor):
+        mask = torch.as_tensor(mask)
+    mask = mask.to(device=inputs.device, dtype=inputs.dtype if inputs.is_floating_point() else torch.float32)
+    if groups and mask.ndim == inputs.ndim + 1:
+        sample = inputs.shape[1:]
+        try:
+            torch.broadcast_shapes(mask.shape[2:], sample)
+        except RuntimeError as err:
+            raise ValueError(
+                f"grouped mask of shape {tuple(mask.shape)} (B, G, *sample) does not broadcast to samples of shape "
+                f"{tuple(sample)}."
+            ) from err
+        if mask.shape[0] not in (1, inputs.shape[0]):
+            raise ValueError(
+                f"grouped mask has {mask.shape[0]} rows but the batch has {inputs.shape[0]}; use 1 or the batch size."
+            )
+        return mask
+    if mask.ndim > inputs.ndim:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} has more dimensions than inputs {tuple(inputs.shape)}"
+            + ("" if not groups else " + 1 (grouped masks are (B, G, *sample))")
+            + "; pass a per-sample mask (B, ...) or one shared mask (...)."
+        )
+    try:
+        shape = torch.broadcast_shapes(mask.shape, inputs.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to inputs of shape {tuple(inputs.shape)}; "
+            "give it the input's spatial shape, e.g. (H, W), (1, H, W) or (B, 1, H, W)."
+        ) from err
+    if shape != inputs.shape:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} would enlarge inputs {tuple(inputs.shape)} to {shape}.")
+    return mask
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+def _per_sample_sum(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def _leaf(inputs: Tensor) -> Tensor:
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be floating point to take input gradients, got {inputs.dtype}; use .float().")
+    return inputs.detach().requires_grad_(True)
+
+
+# --------------------------------------------------------------------------- CDEP
+def cdep_penalty(
+    model: nn.Module,
+    inputs: Tensor,
+    mask: Tensor,
+    *,
+    form: str = "softmax",
+    cd_fn: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Contextual Decomposition Explanation Penalty (Rieger et al. 2020).
+
+    Contextual decomposition splits the logits into β (the contribution of the masked, spurious
+    features S) and γ (everything else), β + γ = logits. Forms:
+
+    - ``"softmax"`` (default; the authors' code, ``score_funcs.cdep``): the mean over the batch and
+      the classes of ``softmax([β_c, γ_c])[0] = σ(β_c − γ_c)``;
+    - ``"l1"`` (the paper's equation, ‖β(x) − 0‖₁): Σ_c |β_c| per sample, averaged over the batch.
+
+    ``mask`` broadcasts to the inputs (1 = the penalised region S), or is grouped (B or 1, G, *sample):
+    G separate regions per sample, decomposed in one batched call and summed over groups, as the
+    authors' code sums one CDEP term per blob (ColorMNIST: 8 random single pixels per step).
+
+    Args:
+        cd_fn: the decomposition ``(model, inputs, mask) -> (beta, gamma)``; default
+            :func:`explain_callbacks.interaction.cd.cd_logits`.
+    """
+    if form not in ("softmax", "l1"):
+        raise ValueError(f"form must be 'softmax' (the authors' code) or 'l1' (the paper's ‖β‖₁), got {form!r}.")
+    if cd_fn is None:
+        from ..interaction.cd import cd_logits as cd_fn
+    m = prepare_mask(mask, inputs, what="CDEP penalty", groups=True)
+    x = inputs.detach()
+    n_groups = 1
+    if m.ndim == inputs.ndim + 1:  # (B|1, G, *sample): one row per (sample, group)
+        n_groups = m.shape[1]
+        b = inputs.shape[0]
+        m = m.expand(b, n_groups, *inputs.shape[1:]).reshape(b * n_groups, *inputs.shape[1:])
+        x = x.unsqueeze(1).expand(b, n_groups, *inputs.shape[1:]).reshape(b * n_groups, *inputs.shape[1:])
+    else:
+        m = m.expand_as(inputs)
+    with norm_stats_kept(model, keep_norm_stats):
+        beta, gamma = cd_fn(model, x, m)
+    beta = beta.float().reshape(beta.shape[0], -1)
+    gamma = gamma.float().reshape(gamma.shape[0], -1)
+    # softmax(stack([β, γ]))[β] = σ(β − γ), averaged over classes; or ‖β‖₁ per row
+    per_row = torch.sigmoid(beta - gamma).mean(1) if form == "softmax" else beta.abs().sum(1)
+    # mean over samples, sum over groups
+    return per_row.mean() * n_groups
+
+
+# --------------------------------------------------------------------------- RRR
+def rrr_penalty(
+    model: nn.Module,
+    inputs: Tensor,
+    mask: Tensor,
+    *,
+    reduction: str = "mean",
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Right for the Right Reasons (Ross et al. 2017): Σ_d (A_d · ∂(Σ_c log p_c)/∂x_d)².
+
+    The input gradient of the summed log-probabilities over the classes, masked by the annotation A
+    (here ``mask``, 1 on the forbidden features) and squared. ``reduction="mean"`` averages the
+    per-sample sums over the batch (batch-size independent); ``"sum"`` sums them, as Ross et al.'s
+    code does. The model's outputs are read as logits (``log_softmax`` is applied; a model that
+    already returns log-probabilities gives the same result, ``log_softmax`` being idempotent).
+    Ross et al.'s extra L2 weight term is left to the optimiser's weight decay.
+    """
+    m = prepare_mask(mask, inputs, what="RRR penalty")
+    x = _leaf(inputs)
+    with norm_stats_kept(model, keep_norm_stats):
+        out = model(x)
+    if out.ndim < 2:
+        raise ValueError(f"RRR needs class scores of shape (B, K); the model returned shape {tuple(out.shape)}.")
+    logp = F.log_softmax(out.float(), dim=1)
+    (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
+    return _reduce(_per_sample_sum((m * g).pow(2)), reduction)
+
+
+# --------------------------------------------------------------------------- expected gradients priors
+def expected_gradients_k(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    *,
+    n_samples: int = 1,
+    seed: int = 0,
+    reference: Tensor | None = None,
+) -> Tensor:
+    """Expected Gradients with ``n_samples`` (baseline, α) draws per input, differentiable.
+
+    ``EG(x) = (1/k) Σ_j (x − x'_j) ⊙ ∂f_c(x'_j + α_j (x − x'_j))/∂x``, x'_j drawn from ``reference``
+    (default: the batch itself, as Erion et al. do in training) and α_j ~ U(0, 1); k = 1 per step is
+    the training setting of Erion et al. All k·B path points go through the model in one call, so
+    train-mode layers see one batch. ``targets`` (B,) selects the explained class (None: a single
+    output). The draws come from a generator seeded with ``seed`` (never the global RNG): vary it
+    per step (the penalty objects and the callback do).
+    """
+    from ..attribution.path import ExpectedGradients
+
+    eg = ExpectedGradients(reference=reference, n_samples=n_samples, batch_size=None, seed=seed)
+    tgt = None if targets is None else targets.to(inputs.device).long().view(-1)
+    return eg.attribute(model, inputs.detach(), tgt, create_graph=True)
+
+
+def total_variation(maps: Tensor, *, reduce_channels: bool = True) -> Tensor:
+    """Anisotropic L1 total variation per sample: Σ |A_{i+1,j} − A_{i,j}| + |A_{i,j+1} − A_{i,j}|.
+
+    ``maps`` (B, C, H, W) are summed over channels first (the pixel attribution) unless
+    ``reduce_channels=False``; (B, H, W) maps are used as they are. Returns (B,).
+    """
+    if maps.ndim == 4 and reduce_channels:
+        maps = maps.sum(1)
+    if maps.ndim < 3:
+        raise ValueError(f"total variation needs image maps (B, H, W) or (B, C, H, W), got {tuple(maps.shape)}.")
+    dh = (maps[..., 1:, :] - maps[..., :-1, :]).abs()
+    dw = (maps[..., :, 1:] - maps[..., :, :-1]).abs()
+    return _per_sample_sum(dh) + _per_sample_sum(dw)
+
+
+def gini(values: Tensor, eps: float = 1e-12) -> Tensor:
+    """Gini coefficient of non-negative ``values`` along the last dimension (differentiable).
+
+    ``G = Σ_i (2i − n − 1) v_(i) / (n Σ v)`` with v sorted ascending, i = 1..n; 0 for equal values,
+    (n − 1)/n for a single non-zero value.
+    """
+    n = values.shape[-1]
+    v, _ = torch.sort(values, dim=-1)
+    i = torch.arange(1, n + 1, device=values.device, dtype=values.dtype)
+    return ((2 * i - n - 1) * v).sum(-1) / (n * v.sum(-1) + eps)
+
+
+def eg_tv_prior(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    *,
+    n_samples: int = 1,
+    seed: int = 0,
+    reference: Tensor | None = None,
+    reduction: str = "mean",
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Pixel smoothness prior of Erion et al. (2021): total variation of the EG map (channel-summed)."""
+    with norm_stats_kept(model, keep_norm_stats):
+        attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
+    return _reduce(total_variation(attr.float()), reduction)
+
+
+def eg_sparsity_prior(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    *,
+    n_samples: int = 1,
+    seed: int = 0,
+    reference: Tensor | None = None,
+    reduce_channels: bool = True,
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Sparsity prior of Erion et al. (2021): −Gini of the batch's mean |EG| per feature.
+
+    Minimising it maximises the Gini coefficient of the global attribution (Φ̄_i = mean over the
+    batch of |EG_i|), so the model relies on few features. The value lies in [−1, 0]. Image maps
+    are summed over channels first (``reduce_channels``).
+    """
+    with norm_stats_kept(model, keep_norm_stats):
+        attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
+    attr = attr.float()
+    if attr.ndim == 4 and reduce_channels:
+        attr = attr.sum(1)
+    glob = attr.abs().reshape(attr.shape[0], -1).mean(0)
+    return -gini(glob)
+
+
+def eg_mask_prior(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    mask: Tensor,
+    *,
+    n_samples: int = 1,
+    seed: int = 0,
+    reference: Tensor | None = None,
+    power: float = 1.0,
+    reduction: str = "mean",
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Region prior on Expected Gradients: Σ_d |mask_d · EG_d|^power per sample (Erion et al. 2021;
+    the EG comparison of the CDEP paper penalises Σ over the decoy region of |EG|)."""
+    m = prepare_mask(mask, inputs, what="EG region prior")
+    with norm_stats_kept(model, keep_norm_stats):
+        attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
+    return _reduce(_per_sample_sum((m * attr.float()).abs().pow(power)), reduction)
+
+
+# --------------------------------------------------------------------------- generic
+def attribution_penalty(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    mask: Tensor,
+    method: object,
+    *,
+    power: float = 2.0,
+    reduction: str = "mean",
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Σ_d |mask_d · A_d|^power of any differentiable attribution method A (a penalty on a region).
+
+    ``method`` is an :class:`~explain_callbacks.attribution.Attributor` (or a registered name such as
+    ``"saliency"``, ``"input_x_gradient"``, ``"ig"``, ``"expected_gradients"``) computed with
+    ``create_graph=True``, so the penalty has a gradient with respect to the parameters. Black-box
+    methods and Captum objects have none and are refused.
+    """
+    from ..attribution import build_attributor
+
+    attributor = build_attributor(method)
+    if not getattr(attributor, "differentiable", False) or not hasattr(attributor, "attribute"):
+        raise ValueError(
+            f"{attributor!r} is not differentiable with respect to the parameters; penalties need one of "
+            "saliency, input_x_gradient, ig, expected_gradients (explain_callbacks.attribution)."
+        )
+    m = prepare_mask(mask, inputs, what="attribution penalty")
+    tgt = None if targets is None else targets.to(inputs.device).long().view(-1)
+    with norm_stats_kept(model, keep_norm_stats):
+        # ``attribute`` directly: ``__call__`` would add a forward pass just to check the target range.
+        attr = attributor.attribute(model, inputs.detach(), tgt, create_graph=True)
+    return _reduce(_per_sample_sum((m * attr.float()).abs().pow(power)), reduction)

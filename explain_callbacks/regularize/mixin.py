@@ -1,0 +1,96 @@
+"""A LightningModule mixin for users who prefer to write the penalised loss themselves.
+
+.. code-block:: python
+
+    class Model(RegularizerMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+            self.add_penalty("cdep", weight=10.0)
+
+        def training_step(self, batch, batch_idx):
+            x, y, mask = batch
+            task = F.cross_entropy(self.net(x), y)
+            return self.penalized_loss(task, x, y, mask)
+
+This is the same computation as the
+:class:`~explain_callbacks.callbacks.regularizer.AttributionRegularizer` callback, and the only
+supported shape under manual optimisation (call ``self.manual_backward(self.penalized_loss(...))``).
+Or skip both and call the functions of :mod:`explain_callbacks.regularize.functional` directly:
+``loss = task + λ * cdep_penalty(self.net, x, mask)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .penalties import Penalty, build_penalty
+
+__all__ = ["RegularizerMixin"]
+
+
+class RegularizerMixin:
+    """Adds :meth:`add_penalty` and :meth:`penalized_loss` to a LightningModule.
+
+    Penalties are kept in an ordinary dict (not a ModuleDict: they hold no parameters). Each
+    penalty's value is logged as ``train/penalty/<name>`` and the task loss as ``train/task_loss``.
+    """
+
+    def add_penalty(
+        self, penalty: Any, weight: float = 1.0, name: str | None = None, model_attr: str | None = None
+    ) -> None:
+        """Register a penalty (a name, mapping, Penalty or callable) with its weight λ.
+
+        ``model_attr`` names the submodule the penalty explains (default: the module itself).
+        """
+        regs = self.__dict__.setdefault("_explain_penalties", {})
+        pen = build_penalty(penalty)
+        key = name or getattr(pen, "name", None) or getattr(pen, "__name__", "penalty")
+        if key in regs:
+            raise KeyError(f"A penalty named {key!r} is already registered; pass name= to add a second one.")
+        regs[key] = (pen, float(weight), model_attr)
+
+    @property
+    def penalties(self) -> dict[str, tuple[Any, float, str | None]]:
+        return dict(self.__dict__.get("_explain_penalties", {}))
+
+    def set_penalty_weight(self, name: str, weight: float) -> None:
+        """Change λ of a registered penalty (e.g. a warm-up in ``on_train_batch_start``)."""
+        regs = self.__dict__.get("_explain_penalties", {})
+        if name not in regs:
+            raise KeyError(f"No penalty named {name!r}; registered: {sorted(regs)}.")
+        pen, _, attr = regs[name]
+        regs[name] = (pen, float(weight), attr)
+
+    def penalized_loss(
+        self,
+        task_loss: Tensor,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        log: bool = True,
+    ) -> Tensor:
+        """``task_loss + Σ λ_k R_k(model, inputs, targets, mask)``; penalties with λ = 0 are skipped."""
+        total = task_loss
+        do_log = log and hasattr(self, "log") and getattr(self, "_trainer", None) is not None
+        if do_log:
+            self.log("train/task_loss", task_loss.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])
+        step = None
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            step = int(trainer.global_step)
+        for key, (pen, weight, attr) in self.__dict__.get("_explain_penalties", {}).items():
+            if weight == 0:
+                continue
+            model: nn.Module = self if attr is None else getattr(self, attr)  # type: ignore[assignment]
+            if isinstance(pen, Penalty):
+                r = pen(model, inputs, targets, mask, step=step)
+            else:
+                r = pen(model, inputs, targets, mask)
+            total = total + weight * r
+            if do_log:
+                self.log(f"train/penalty/{key}", r.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])
+        return total

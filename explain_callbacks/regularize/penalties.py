@@ -1,0 +1,241 @@
+"""Registered penalty objects: thin, configurable wrappers of the functions in :mod:`.functional`.
+
+Every penalty is called as ``penalty(model, inputs, targets, mask, *, step=None) -> scalar Tensor``
+and registered in ``PENALTIES`` under a short name, so configs and the
+:class:`~explain_callbacks.callbacks.regularizer.AttributionRegularizer` accept ``"cdep"``,
+``{"name": "eg_tv", "n_samples": 1}`` or an instance. ``step`` seeds the random penalties (Expected
+Gradients draws); without it an internal counter advances per call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from .._internal.registry import PENALTIES
+from . import functional as RF
+
+__all__ = [
+    "PENALTIES",
+    "AttributionPenalty",
+    "CDEPPenalty",
+    "EGPrior",
+    "Penalty",
+    "RRRPenalty",
+    "build_penalty",
+]
+
+
+class Penalty(ABC):
+    """Base class: ``R(model, inputs, targets, mask)``, a scalar differentiable in the parameters.
+
+    Attributes:
+        name: the short name used in logs (``train/penalty/<name>``).
+        needs_mask: whether a mask of the penalised features is required.
+        needs_targets: whether class targets (labels) are required.
+    """
+
+    name: ClassVar[str] = "penalty"
+    needs_mask: ClassVar[bool] = True
+    needs_targets: ClassVar[bool] = False
+
+    def __init__(self, keep_norm_stats: bool = True, seed: int = 0) -> None:
+        self.keep_norm_stats = keep_norm_stats
+        self.seed = seed
+        self._calls = 0
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        step: int | None = None,
+    ) -> Tensor:
+        if self.needs_mask and mask is None:
+            raise ValueError(
+                f"The {self.name} penalty needs a mask of the penalised features; pass mask= (in the callback: "
+                "a batch index or key, a fixed tensor, or a callable of the batch)."
+            )
+        if self.needs_targets and targets is None:
+            raise ValueError(
+                f"The {self.name} penalty explains the labelled class and needs targets; set label_key in the "
+                "callback or pass targets=."
+            )
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        return self.compute(model, inputs, targets, mask, seed=self.seed + int(step))
+
+    @abstractmethod
+    def compute(
+        self, model: nn.Module, inputs: Tensor, targets: Tensor | None, mask: Tensor | None, *, seed: int
+    ) -> Tensor:
+        """The penalty value (subclasses)."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+@PENALTIES.register("cdep")
+class CDEPPenalty(Penalty):
+    """CDEP (Rieger et al. 2020, arXiv:1909.13584): penalise the contextual-decomposition share of
+    the masked features in the logits. ``form="softmax"`` (default, the authors' code):
+    mean of σ(β_c − γ_c); ``form="l1"`` (the paper's equation): ‖β‖₁. See
+    :func:`~explain_callbacks.regularize.functional.cdep_penalty`."""
+
+    name = "cdep"
+
+    def __init__(self, form: str = "softmax", keep_norm_stats: bool = True) -> None:
+        super().__init__(keep_norm_stats=keep_norm_stats)
+        if form not in ("softmax", "l1"):
+            raise ValueError(f"form must be 'softmax' or 'l1', got {form!r}.")
+        self.form = form
+
+    def compute(self, model, inputs, targets, mask, *, seed):
+        return RF.cdep_penalty(model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats)
+
+
+@PENALTIES.register("rrr", "right_reasons")
+class RRRPenalty(Penalty):
+    """Right for the Right Reasons (Ross et al. 2017, arXiv:1703.03717): squared input gradients of
+    Σ_c log p_c on the masked features. See :func:`~explain_callbacks.regularize.functional.rrr_penalty`."""
+
+    name = "rrr"
+
+    def __init__(self, reduction: str = "mean", keep_norm_stats: bool = True) -> None:
+        super().__init__(keep_norm_stats=keep_norm_stats)
+        self.reduction = reduction
+
+    def compute(self, model, inputs, targets, mask, *, seed):
+        return RF.rrr_penalty(model, inputs, mask, reduction=self.reduction, keep_norm_stats=self.keep_norm_stats)
+
+
+class EGPrior(Penalty):
+    """Expected-gradients attribution priors (Erion et al. 2021, arXiv:1906.10670), k draws per step.
+
+    Args:
+        kind: ``"tv"`` (pixel smoothness: total variation of the channel-summed map), ``"gini"``
+            (sparsity: −Gini of the batch's mean |EG|), ``"mask"`` (Σ over the mask of |EG|^power).
+        n_samples: k (baseline, α) draws per input and step (1, as Erion et al. train).
+        power: exponent of the region prior.
+        seed: base seed; the draws of a step use ``seed + step``.
+    """
+
+    KINDS = ("tv", "gini", "mask")
+    needs_targets = True
+
+    def __init__(
+        self,
+        kind: str = "mask",
+        n_samples: int = 1,
+        power: float = 1.0,
+        seed: int = 0,
+        keep_norm_stats: bool = True,
+    ) -> None:
+        super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}.")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        self.kind = kind
+        self.n_samples = n_samples
+        self.power = power
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"eg_{self.kind}"
+
+    @property
+    def needs_mask(self) -> bool:  # type: ignore[override]
+        return self.kind == "mask"
+
+    def compute(self, model, inputs, targets, mask, *, seed):
+        kw: dict[str, Any] = {"n_samples": self.n_samples, "seed": seed, "keep_norm_stats": self.keep_norm_stats}
+        if self.kind == "tv":
+            return RF.eg_tv_prior(model, inputs, targets, **kw)
+        if self.kind == "gini":
+            return RF.eg_sparsity_prior(model, inputs, targets, **kw)
+        return RF.eg_mask_prior(model, inputs, targets, mask, power=self.power, **kw)
+
+
+@PENALTIES.register("eg_mask", "eg", "eg_region")
+def eg_mask(**kwargs: Any) -> EGPrior:
+    """EG region prior: Σ over the mask of |EG| (k=1 draw per step)."""
+    return EGPrior(kind="mask", **kwargs)
+
+
+@PENALTIES.register("eg_tv", "eg_smooth")
+def eg_tv(**kwargs: Any) -> EGPrior:
+    """EG pixel-smoothness prior: total variation of the EG map."""
+    return EGPrior(kind="tv", **kwargs)
+
+
+@PENALTIES.register("eg_gini", "eg_sparse")
+def eg_gini(**kwargs: Any) -> EGPrior:
+    """EG sparsity prior: −Gini of the mean |EG| per feature."""
+    return EGPrior(kind="gini", **kwargs)
+
+
+@PENALTIES.register("attribution", "attribution_mask")
+class AttributionPenalty(Penalty):
+    """Σ over the mask of |A|^power for any differentiable attribution method A
+    (``saliency``, ``input_x_gradient``, ``ig``, ``expected_gradients`` or an Attributor instance),
+    computed with ``create_graph=True``. ``target`` selects the explained class: the labels
+    (``"label"``) or ``None`` for single-output models."""
+
+    needs_targets = True
+
+    def __init__(
+        self,
+        method: Any = "saliency",
+        power: float = 2.0,
+        reduction: str = "mean",
+        seed: int = 0,
+        keep_norm_stats: bool = True,
+    ) -> None:
+        super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
+        from ..attribution import build_attributor
+
+        self.method = build_attributor(method)
+        if not getattr(self.method, "differentiable", False):
+            raise ValueError(
+                f"{self.method!r} cannot give parameter gradients; use saliency, input_x_gradient, ig or "
+                "expected_gradients."
+            )
+        self.power = power
+        self.reduction = reduction
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"attr_{getattr(self.method, 'name', type(self.method).__name__)}"
+
+    def compute(self, model, inputs, targets, mask, *, seed):
+        if hasattr(self.method, "seed"):
+            self.method.seed = seed  # random methods (EG) draw afresh each step
+        return RF.attribution_penalty(
+            model,
+            inputs,
+            targets,
+            mask,
+            self.method,
+            power=self.power,
+            reduction=self.reduction,
+            keep_norm_stats=self.keep_norm_stats,
+        )
+
+
+def build_penalty(spec: Any, **overrides: Any) -> Penalty | Any:
+    """A penalty from a registered name, a ``{"name": ..., **kwargs}`` mapping, an instance, or any
+    callable ``(model, inputs, targets, mask) -> scalar``."""
+    obj = PENALTIES.build(spec, **overrides)
+    if not callable(obj):
+        raise TypeError(
+            f"{spec!r} did not give a callable penalty; pass a name from {PENALTIES.names()}, a mapping with "
+            "'name', a Penalty instance, or a function (model, inputs, targets, mask) -> scalar."
+        )
+    return obj
