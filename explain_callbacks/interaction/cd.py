@@ -1,0 +1,921 @@
+"""Contextual decomposition (CD) following the model's real dataflow.
+
+Contextual decomposition (Murdoch, Liu & Yu 2018, "Beyond word importance", arXiv:1801.05453, for
+LSTMs; Singh, Murdoch & Yu 2019, "Hierarchical interpretations for neural network predictions",
+arXiv:1806.05337, for CNNs) carries two tensors through the network: β, the part of every
+activation that comes from a feature group S, and γ, the rest, with β + γ equal to the true
+activation at every layer. At the input ``β₀ = M ⊙ x`` and ``γ₀ = (1 − M) ⊙ x``; at the output
+``β_L + γ_L`` equals the logits, and ``β_L`` is the contribution of S.
+
+The propagation rules are those of the authors' reference code (``acd/scores/cd_propagate.py``),
+not the Shapley average of the paper's appendix:
+
+- Linear / Conv: ``b = layer(0)``, ``r = layer(β) − b``, ``i = layer(γ) − b``; the bias is split in
+  proportion to ``|r| + 1e-20`` and ``|i| + 1e-20``: ``β' = r + b·p``, ``γ' = i + b·(1 − p)``.
+- ReLU and every other elementwise activation σ: ``β' = σ(β)``, ``γ' = σ(β + γ) − σ(β)``.
+- Max-pool: the arg-max of ``β + γ``; both streams are gathered there.
+- Avg-pool, adaptive avg-pool, dropout (eval), flatten / view / reshape / permute, slicing,
+  concatenation, sums and means: each stream alone (linear, bias-free maps).
+- BatchNorm (eval): bias split like a linear layer for β, then ``γ' = bn(β + γ) − β'``.
+- LSTM: the gate linearisation of Murdoch et al. 2018 (the reference ``cd_text``): each gate
+  pre-activation is split into (relevant, irrelevant, bias) parts and the sigmoid/tanh is split by
+  the two-ordering Shapley average of ``propagate_three``; the cell keeps ``β_c·(rf + bf)`` and the
+  output ``h = o ⊙ tanh(c)`` uses the full output gate and the two-part tanh split.
+
+Extensions beyond the reference code (documented as ours):
+
+- Residual additions of two decomposed tensors add the streams; adding a constant (a tensor that
+  does not depend on the input) splits it like a bias.
+- LayerNorm: mean and standard deviation are those of the true activation ``β + γ``; each stream is
+  centred by its own mean and scaled by that deviation (exact, linear given the statistics), and
+  the affine bias is split like a linear layer's.
+- A product of two decomposed tensors keeps ``β₁ ⊙ β₂`` in β; every cross term goes to γ.
+- LSTM bias-by-bias term ``b_i ⊙ b_g``: the reference code gives it to β when the word at step t
+  belongs to the phrase. Here the layer input at step t may be only partly in S, so the term is
+  split in proportion to ``Σ|β_t| : Σ|γ_t|`` (which reproduces the reference for whole-word masks).
+- In training mode BatchNorm normalises with the batch statistics of ``β + γ`` (running statistics
+  are not updated) and Dropout applies one mask to both streams, so ``β + γ`` still equals the
+  training-mode activation; with chunking the statistics are those of the chunk.
+
+The model is traced with :mod:`torch.fx` (standard ``torch.nn`` layers, including ``nn.LSTM``, are
+leaves), so functional calls (``F.relu``, ``torch.flatten``), ``view``/``reshape``, residual adds
+and ``torch.cat`` inside ``forward`` are followed. Any operation without a rule raises
+:class:`CDUnsupportedError` naming the operation, the module and the source line.
+
+Cost: about two forward passes of the ``B × G`` decomposed rows (the two streams go through each
+linear layer as one concatenated batch) plus elementwise work; many groups are evaluated in one
+batched pass by :func:`cd_batched`.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+__all__ = [
+    "CDUnsupportedError",
+    "Decomposition",
+    "cd_batched",
+    "cd_logits",
+    "cd_propagate",
+    "cd_scores",
+    "supported_operations",
+]
+
+_EPS = 1e-20
+
+
+class CDUnsupportedError(NotImplementedError):
+    """Raised for an operation that contextual decomposition has no rule for."""
+
+
+@dataclass
+class Decomposition:
+    """A tensor split as ``rel + irr`` (β: from the feature group S, γ: from the rest)."""
+
+    rel: Tensor
+    irr: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.rel + self.irr
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Decomposition:
+        return Decomposition(fn(self.rel), fn(self.irr))
+
+
+Dec = Decomposition
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementary rules
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_bias(r: Tensor, i: Tensor, bias: Tensor | None) -> Decomposition:
+    """``β' = r + b·p``, ``γ' = i + b·(1 − p)`` with ``p = (|r| + ε)/(|r| + |i| + 2ε)``."""
+    if bias is None:
+        return Decomposition(r, i)
+    ar = r.abs() + _EPS
+    p = ar / (ar + i.abs() + _EPS)
+    bp = bias * p
+    return Decomposition(r + bp, i + (bias - bp))
+
+
+def _affine(x: Decomposition, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
+    """Linear/conv rule. Both streams go through ``lin`` (bias-free) as one concatenated batch."""
+    n = x.rel.shape[0]
+    both = lin(torch.cat([x.rel, x.irr], 0))
+    return _split_bias(both[:n], both[n:], bias)
+
+
+def _elementwise(x: Decomposition, act: Callable[[Tensor], Tensor]) -> Decomposition:
+    """``β' = σ(β)``, ``γ' = σ(β + γ) − σ(β)`` (the reference ``propagate_relu``)."""
+    rel = act(x.rel)
+    return Decomposition(rel, act(x.total) - rel)
+
+
+def _each(x: Decomposition, fn: Callable[[Tensor], Any]) -> Any:
+    """Apply a linear, bias-free map to each stream; tuples of outputs become tuples of Decs."""
+    a, b = fn(x.rel), fn(x.irr)
+    if isinstance(a, Tensor):
+        return Decomposition(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a)(Decomposition(u, v) for u, v in zip(a, b))
+    return a  # sizes, dtypes, ...
+
+
+def _gather_pool(x: Decomposition, idx: Tensor) -> Decomposition:
+    """Gather both streams at the arg-max indices of a max-pool of ``β + γ``."""
+    flat_idx = idx.flatten(2)
+    return Decomposition(
+        x.rel.flatten(2).gather(2, flat_idx).view_as(idx),
+        x.irr.flatten(2).gather(2, flat_idx).view_as(idx),
+    )
+
+
+def _maxpool(x: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Decomposition:
+    _, idx = pool_with_indices(x.total)
+    return _gather_pool(x, idx)
+
+
+def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decomposition:
+    """BatchNorm as an affine map ``y = s·x + t`` (eval: running statistics)."""
+    use_batch_stats = bn.training or bn.running_mean is None
+    total = x.total
+    shape = [1, -1] + [1] * (total.ndim - 2)
+    if use_batch_stats:
+        dims = [0, *range(2, total.ndim)]
+        mean = total.mean(dims)
+        var = total.var(dims, unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    scale, shift = scale.view(shape), shift.view(shape)
+    r, i = x.rel * scale, x.irr * scale
+    ar = r.abs() + _EPS
+    rel = r + shift * (ar / (ar + i.abs() + _EPS))
+    return Decomposition(rel, total * scale + shift - rel)
+
+
+def _layernorm(
+    x: Decomposition, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Decomposition:
+    """LayerNorm with the statistics of ``β + γ``; each stream centred by its own mean (our rule)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    total = x.total
+    inv = torch.rsqrt(total.var(dims, unbiased=False, keepdim=True) + eps)
+    r = (x.rel - x.rel.mean(dims, keepdim=True)) * inv
+    i = (x.irr - x.irr.mean(dims, keepdim=True)) * inv
+    if weight is not None:
+        r, i = r * weight, i * weight
+    return _split_bias(r, i, bias)
+
+
+def _dropout(x: Decomposition, p: float, training: bool) -> Decomposition:
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty_like(x.rel).bernoulli_(1.0 - p) / (1.0 - p)
+    return Decomposition(x.rel * keep, x.irr * keep)
+
+
+def _three(a: Tensor, b: Tensor, c: Tensor, act: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference ``propagate_three``: contributions of a, b and the bias c to ``act(a + b + c)``."""
+    ac, bc, abc = act(a + c), act(b + c), act(a + b + c)
+    cc = act(c)
+    return 0.5 * (ac - cc + abc - bc), 0.5 * (bc - cc + abc - ac), cc
+
+
+def _lstm(mod: nn.LSTM, x: Decomposition, hx: Any) -> tuple[Decomposition, tuple[Decomposition, Decomposition]]:
+    """Murdoch et al. 2018 CD through a (multi-layer, optionally bidirectional) ``nn.LSTM``."""
+    if hx is not None:
+        raise CDUnsupportedError(
+            "CD through nn.LSTM supports zero initial states only (the module called with hx); "
+            "call the LSTM without (h0, c0)."
+        )
+    if getattr(mod, "proj_size", 0):
+        raise CDUnsupportedError("CD through nn.LSTM with proj_size > 0 is not supported.")
+    rel, irr = x.rel, x.irr
+    if rel.ndim != 3:
+        raise CDUnsupportedError(f"CD through nn.LSTM needs batched 3-D input, got {tuple(rel.shape)}.")
+    if mod.batch_first:
+        rel, irr = rel.transpose(0, 1), irr.transpose(0, 1)
+    hs, cs = [], []
+    num_dirs = 2 if mod.bidirectional else 1
+    for layer in range(mod.num_layers):
+        outs_r, outs_i = [], []
+        for d in range(num_dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+            w_ih, w_hh = getattr(mod, "weight_ih" + sfx), getattr(mod, "weight_hh" + sfx)
+            b = None
+            if mod.bias:
+                b = getattr(mod, "bias_ih" + sfx) + getattr(mod, "bias_hh" + sfx)
+            seq_r, seq_i = (rel, irr) if d == 0 else (rel.flip(0), irr.flip(0))
+            hr, hi, cr, ci = _lstm_direction(seq_r, seq_i, w_ih, w_hh, b)
+            if d == 1:
+                hr, hi = hr.flip(0), hi.flip(0)
+                hs.append(Decomposition(hr[0], hi[0]))
+            else:
+                hs.append(Decomposition(hr[-1], hi[-1]))
+            cs.append(Decomposition(cr, ci))
+            outs_r.append(hr)
+            outs_i.append(hi)
+        rel = torch.cat(outs_r, -1) if num_dirs > 1 else outs_r[0]
+        irr = torch.cat(outs_i, -1) if num_dirs > 1 else outs_i[0]
+        if layer < mod.num_layers - 1 and mod.training and mod.dropout > 0:
+            y = _dropout(Decomposition(rel, irr), mod.dropout, True)
+            rel, irr = y.rel, y.irr
+    if mod.batch_first:
+        rel, irr = rel.transpose(0, 1), irr.transpose(0, 1)
+    h_n = Decomposition(torch.stack([h.rel for h in hs]), torch.stack([h.irr for h in hs]))
+    c_n = Decomposition(torch.stack([c.rel for c in cs]), torch.stack([c.irr for c in cs]))
+    return Decomposition(rel, irr), (h_n, c_n)
+
+
+def _lstm_direction(
+    xr: Tensor, xi: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One direction of one layer; xr, xi are (T, N, D). Returns h streams (T, N, H) and final c."""
+    t_len, n, _ = xr.shape
+    hdim = w_hh.shape[1]
+    proj = F.linear(torch.cat([xr, xi], 1), w_ih)  # (T, 2N, 4H): the inputs' gate parts, one matmul
+    pr, pi = proj[:, :n], proj[:, n:]
+    # share of the bias-by-bias term per step: |β_t| : |γ_t| (whole-word masks give Murdoch's 0/1)
+    ar = xr.abs().sum(-1, keepdim=True) + _EPS
+    share = ar / (ar + xi.abs().sum(-1, keepdim=True) + _EPS)
+    zeros_g = xr.new_zeros(n, 4 * hdim)
+    bias = zeros_g if b is None else b.expand(n, 4 * hdim)
+    bi, bf, bg, bo = bias.chunk(4, 1)
+    hr = xr.new_zeros(n, hdim)
+    hi = xr.new_zeros(n, hdim)
+    cr = xr.new_zeros(n, hdim)
+    ci = xr.new_zeros(n, hdim)
+    out_r, out_i = [], []
+    sig, tanh = torch.sigmoid, torch.tanh
+    for t in range(t_len):
+        rec = F.linear(torch.cat([hr, hi], 0), w_hh)
+        gr = pr[t] + rec[:n]
+        gi = pi[t] + rec[n:]
+        ri, rf, rg, ro = gr.chunk(4, 1)
+        ii, if_, ig, io = gi.chunk(4, 1)
+        rc_i, ic_i, bc_i = _three(ri, ii, bi, sig)
+        rc_g, ic_g, bc_g = _three(rg, ig, bg, tanh)
+        rc_f, ic_f, bc_f = _three(rf, if_, bf, sig)
+        bb = bc_i * bc_g
+        w = share[t]
+        new_cr = rc_i * (rc_g + bc_g) + bc_i * rc_g + w * bb + (rc_f + bc_f) * cr
+        new_ci = (
+            ic_i * (rc_g + ic_g + bc_g) + (rc_i + bc_i) * ic_g + (bb - w * bb) + (rc_f + ic_f + bc_f) * ci + ic_f * cr
+        )
+        cr, ci = new_cr, new_ci
+        o = sig(ro + io + bo)
+        tc, tr, ti = tanh(cr + ci), tanh(cr), tanh(ci)
+        hr = o * (0.5 * (tr + tc - ti))
+        hi = o * (0.5 * (ti + tc - tr))
+        out_r.append(hr)
+        out_i.append(hi)
+    return torch.stack(out_r), torch.stack(out_i), cr, ci
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch tables
+# ----------------------------------------------------------------------------------------------
+
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.PReLU,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
+)
+_EACH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+)
+_DROPOUT_MODULES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+_ELEMENTWISE_FUNCS: set[Any] = {
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.gelu,
+    torch.tanh,
+    F.tanh,
+    torch.sigmoid,
+    F.sigmoid,
+    F.elu,
+    F.selu,
+    torch.selu,
+    F.celu,
+    F.silu,
+    F.mish,
+    F.softplus,
+    F.hardtanh,
+    F.relu6,
+    F.hardswish,
+    F.hardsigmoid,
+    F.logsigmoid,
+    F.softsign,
+    F.tanhshrink,
+}
+_ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
+_EACH_FUNCS: set[Any] = {
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.movedim,
+    torch.mean,
+    torch.sum,
+    torch.narrow,
+    torch.select,
+    torch.roll,
+    torch.flip,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
+    torch.t,
+    torch.neg,
+    operator.neg,
+    operator.pos,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.interpolate,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+}
+_EACH_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "t",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "clone",
+    "float",
+    "double",
+    "to",
+    "type_as",
+    "view_as",
+    "reshape_as",
+    "expand",
+    "expand_as",
+    "repeat",
+    "mean",
+    "sum",
+    "narrow",
+    "select",
+    "roll",
+    "flip",
+    "chunk",
+    "split",
+    "unbind",
+    "movedim",
+    "neg",
+    "__neg__",
+}
+_META_METHODS = {"size", "dim", "numel", "type", "get_device"}
+_MAXPOOL_FUNCS: dict[Any, Callable[..., Any]] = {
+    F.max_pool1d: F.max_pool1d_with_indices,
+    F.max_pool2d: F.max_pool2d_with_indices,
+    F.max_pool3d: F.max_pool3d_with_indices,
+    F.adaptive_max_pool1d: F.adaptive_max_pool1d_with_indices,
+    F.adaptive_max_pool2d: F.adaptive_max_pool2d_with_indices,
+    F.adaptive_max_pool3d: F.adaptive_max_pool3d_with_indices,
+}
+_NOT_DECOMPOSABLE_HINT = {
+    "softmax": "CD decomposes logits; explain the model without its final softmax/log_softmax",
+    "log_softmax": "CD decomposes logits; explain the model without its final softmax/log_softmax",
+}
+
+
+def supported_operations() -> dict[str, list[str]]:
+    """Names of the modules, functions and methods CD has rules for (for docs and error messages)."""
+    mods = [
+        "Linear",
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "BatchNorm1d/2d/3d",
+        "LayerNorm",
+        "MaxPool1d/2d/3d",
+        "AdaptiveMaxPool1d/2d/3d",
+        "LSTM",
+        *[m.__name__ for m in _ELEMENTWISE_MODULES + _EACH_MODULES + _DROPOUT_MODULES],
+    ]
+    funcs = sorted(
+        {getattr(f, "__name__", str(f)) for f in _ELEMENTWISE_FUNCS | _EACH_FUNCS | set(_MAXPOOL_FUNCS)}
+        | {"add", "sub", "mul", "truediv", "cat", "stack", "linear", "conv1d/2d/3d", "matmul", "getitem", "pad"}
+        | {"batch_norm", "layer_norm", "dropout"}
+    )
+    return {"modules": sorted(mods), "functions": funcs, "methods": sorted(_EACH_METHODS | _ELEMENTWISE_METHODS)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracing and interpretation
+# ----------------------------------------------------------------------------------------------
+
+
+class _CDTracer(fx.Tracer):
+    """Standard torch.nn layers (and nn.LSTM) are leaves; user modules are traced through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.RNNBase):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+_GRAPH_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, bool, fx.Graph]] = weakref.WeakKeyDictionary()
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    key = (getattr(type(model), "forward", None), model.__dict__.get("forward"))
+    cached = _GRAPH_CACHE.get(model)
+    if cached is not None and cached[0] == key and cached[1] == model.training:
+        return cached[2]
+    try:
+        graph = _CDTracer().trace(model)
+    except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
+        raise CDUnsupportedError(
+            f"Contextual decomposition could not trace {type(model).__name__}.forward with torch.fx: "
+            f"{type(err).__name__}: {err}. Data-dependent control flow (if/for on tensor values) cannot "
+            "be traced; pass the inner network (e.g. pl_module.net) or move the branching out of forward."
+        ) from err
+    _GRAPH_CACHE[model] = (key, model.training, graph)
+    return graph
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    where = ""
+    if stack:
+        path, cls = list(stack.values())[-1] if isinstance(stack, dict) else (None, None)
+        if path is not None:
+            where = f" in module {path!r} ({getattr(cls, '__name__', cls)})"
+    trace = node.stack_trace or node.meta.get("stack_trace")
+    if trace:
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        if lines:
+            where += f" at {' / '.join(lines[-2:])}"
+    return where
+
+
+def _unsupported(node: fx.Node, what: str, hint: str = "") -> CDUnsupportedError:
+    msg = (
+        f"Contextual decomposition has no rule for {what} (fx node {node.name!r}){_where(node)}. "
+        + (hint + ". " if hint else "")
+        + "Supported: Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, elementwise activations, max/avg pooling, "
+        "dropout, flatten/view/reshape/permute/slicing, cat/stack, residual add, LSTM; see "
+        "explain_callbacks.interaction.cd.supported_operations()."
+    )
+    return CDUnsupportedError(msg)
+
+
+def _has_dec(obj: Any) -> bool:
+    if isinstance(obj, Decomposition):
+        return True
+    if isinstance(obj, (tuple, list)):
+        return any(_has_dec(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_has_dec(o) for o in obj.values())
+    return False
+
+
+def _pick(obj: Any, which: str) -> Any:
+    """Replace every Decomposition in a nested structure by one of its streams."""
+    if isinstance(obj, Decomposition):
+        return getattr(obj, which)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_pick(o, which) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _pick(v, which) for k, v in obj.items()}
+    return obj
+
+
+def _load(arg: Any, env: dict[str, Any]) -> Any:
+    return fx.node.map_arg(arg, lambda n: env[n.name])
+
+
+def _fn_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    return f"{mod}.{name}" if mod else name
+
+
+def _add(a: Any, b: Any) -> Any:
+    da, db = isinstance(a, Decomposition), isinstance(b, Decomposition)
+    if da and db:
+        return Decomposition(a.rel + b.rel, a.irr + b.irr)
+    if da:
+        return _split_bias(a.rel, a.irr, torch.as_tensor(b, dtype=a.rel.dtype, device=a.rel.device))
+    return _split_bias(b.rel, b.irr, torch.as_tensor(a, dtype=b.rel.dtype, device=b.rel.device))
+
+
+def _neg(a: Any) -> Any:
+    return Decomposition(-a.rel, -a.irr) if isinstance(a, Decomposition) else -a
+
+
+def _mul(a: Any, b: Any) -> Any:
+    da, db = isinstance(a, Decomposition), isinstance(b, Decomposition)
+    if da and db:  # β₁β₂ stays relevant; all cross terms (and γ₁γ₂) go to the rest
+        rel = a.rel * b.rel
+        return Decomposition(rel, a.total * b.total - rel)
+    if da:
+        return Decomposition(a.rel * b, a.irr * b)
+    return Decomposition(a * b.rel, a * b.irr)
+
+
+def _cat(tensors: Sequence[Any], *args: Any, stack: bool = False, **kwargs: Any) -> Decomposition:
+    fn = torch.stack if stack else torch.cat
+    rels = [t.rel if isinstance(t, Decomposition) else torch.zeros_like(t) for t in tensors]
+    irrs = [t.irr if isinstance(t, Decomposition) else t for t in tensors]  # constants belong to the rest
+    return Decomposition(fn(rels, *args, **kwargs), fn(irrs, *args, **kwargs))
+
+
+def _pad(x: Decomposition, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Decomposition:
+    if mode != "constant":
+        return _each(x, lambda t: F.pad(t, pad, mode=mode))  # reflect/replicate/circular are linear copies
+    v = 0.0 if value is None else float(value)
+    return Decomposition(F.pad(x.rel, pad, value=0.0), F.pad(x.irr, pad, value=v))
+
+
+def _call_module(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+    x = args[0] if args else next(iter(kwargs.values()))
+    if not isinstance(x, Decomposition):
+        if isinstance(mod, nn.RNNBase) and _has_dec(args[1:]):
+            raise _unsupported(node, f"{type(mod).__name__} with decomposed initial states")
+        return mod(*_pick(args, "total"), **_pick(kwargs, "total"))
+    if isinstance(mod, nn.Linear):
+        return _affine(x, lambda t: F.linear(t, mod.weight), mod.bias)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        bias = None if mod.bias is None else mod.bias.view(1, -1, *([1] * (x.rel.ndim - 2)))
+        return _affine(x, lambda t: mod._conv_forward(t, mod.weight, None), bias)
+    if isinstance(mod, _ELEMENTWISE_MODULES):
+        if getattr(mod, "inplace", False):
+            return _elementwise(x, lambda t: _call_not_inplace(mod, t))
+        return _elementwise(x, mod)
+    if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        fn = {nn.MaxPool1d: F.max_pool1d_with_indices, nn.MaxPool2d: F.max_pool2d_with_indices}.get(
+            type(mod), F.max_pool3d_with_indices
+        )
+        return _maxpool(
+            x,
+            lambda t: fn(t, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode, True),
+        )
+    if isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        fn = {
+            nn.AdaptiveMaxPool1d: F.adaptive_max_pool1d_with_indices,
+            nn.AdaptiveMaxPool2d: F.adaptive_max_pool2d_with_indices,
+        }.get(type(mod), F.adaptive_max_pool3d_with_indices)
+        return _maxpool(x, lambda t: fn(t, mod.output_size, True))
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return _batchnorm(x, mod)
+    if isinstance(mod, nn.LayerNorm):
+        return _layernorm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+    if isinstance(mod, _DROPOUT_MODULES):
+        return _dropout(x, mod.p, mod.training)
+    if isinstance(mod, _EACH_MODULES):
+        return _each(x, mod)
+    if isinstance(mod, nn.LSTM):
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        return _lstm(mod, x, hx)
+    hint = ""
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+        hint = _NOT_DECOMPOSABLE_HINT["softmax"]
+    raise _unsupported(node, f"module {node.target!r} of type {type(mod).__name__}", hint)
+
+
+def _call_not_inplace(mod: nn.Module, t: Tensor) -> Tensor:
+    mod.inplace = False
+    try:
+        return mod(t)
+    finally:
+        mod.inplace = True
+
+
+def _call_function(node: fx.Node, fn: Any, args: tuple, kwargs: dict) -> Any:
+    if fn in (operator.add, torch.add, operator.iadd):
+        if "alpha" in kwargs:
+            raise _unsupported(node, "torch.add with alpha")
+        return _add(args[0], args[1])
+    if fn in (operator.sub, torch.sub, operator.isub):
+        return _add(args[0], _neg(args[1]))
+    if fn in (operator.mul, torch.mul, operator.imul):
+        return _mul(args[0], args[1])
+    if fn in (operator.truediv, torch.div, torch.true_divide, operator.itruediv):
+        if isinstance(args[1], Decomposition) or kwargs.get("rounding_mode"):
+            raise _unsupported(node, "a division by a decomposed tensor")
+        return _mul(args[0], 1.0 / args[1] if not isinstance(args[1], Tensor) else args[1].reciprocal())
+    if fn is operator.getitem:
+        obj, idx = args
+        if isinstance(obj, Decomposition):
+            if _has_dec(idx):
+                raise _unsupported(node, "indexing with a decomposed tensor")
+            return Decomposition(obj.rel[idx], obj.irr[idx])
+        return obj[idx]
+    if fn is getattr:
+        obj, name = args
+        if isinstance(obj, Decomposition) and name in ("shape", "dtype", "device", "ndim", "is_cuda"):
+            return getattr(obj.rel, name)
+        raise _unsupported(node, f"attribute {name!r} of a decomposed tensor")
+    if fn in (torch.cat, torch.concat, torch.stack):
+        return _cat(args[0], *args[1:], stack=fn is torch.stack, **kwargs)
+    if fn in _ELEMENTWISE_FUNCS:
+        x, rest = args[0], args[1:]
+        kw = {k: v for k, v in kwargs.items() if k != "inplace"}
+        if not isinstance(x, Decomposition) or _has_dec(rest) or _has_dec(kw):
+            raise _unsupported(node, f"{_fn_name(fn)} with a decomposed non-input argument")
+        return _elementwise(x, lambda t: fn(t, *rest, **kw))
+    if fn in _MAXPOOL_FUNCS:
+        x, rest = args[0], args[1:]
+        kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        return _maxpool(x, lambda t: _MAXPOOL_FUNCS[fn](t, *rest, **kw))
+    if fn is F.linear:
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        if not isinstance(x, Decomposition) or _has_dec((w, b)):
+            raise _unsupported(node, "F.linear with a decomposed weight")
+        return _affine(x, lambda t: F.linear(t, w), b)
+    if fn in (F.conv1d, F.conv2d, F.conv3d):
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+        rest = args[3:]
+        if not isinstance(x, Decomposition) or _has_dec((w, b)):
+            raise _unsupported(node, f"{_fn_name(fn)} with a decomposed weight")
+        bias = None if b is None else b.view(1, -1, *([1] * (x.rel.ndim - 2)))
+        return _affine(x, lambda t: fn(t, w, None, *rest, **kwargs), bias)
+    if fn in (torch.matmul, operator.matmul, torch.mm, torch.bmm):
+        a, b = args[0], args[1]
+        if isinstance(a, Decomposition) and isinstance(b, Decomposition):
+            rel = fn(a.rel, b.rel)
+            return Decomposition(rel, fn(a.total, b.total) - rel)
+        if isinstance(a, Decomposition):
+            return _each(a, lambda t: fn(t, b))
+        return _each(b, lambda t: fn(a, t))
+    if fn is F.pad:
+        return _pad(*args, **kwargs)
+    if fn is F.dropout:
+        x = args[0]
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[2] if len(args) > 2 else kwargs.get("training", True)
+        return _dropout(x, p, training)
+    if fn is F.batch_norm:
+        raise _unsupported(node, "functional F.batch_norm", "use nn.BatchNorm modules")
+    if fn is F.layer_norm:
+        x, shape = args[0], args[1]
+        w = args[2] if len(args) > 2 else kwargs.get("weight")
+        b = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        return _layernorm(x, shape, w, b, eps)
+    if fn in _EACH_FUNCS:
+        x = args[0]
+        if not isinstance(x, Decomposition) or _has_dec(args[1:]) or _has_dec(kwargs):
+            raise _unsupported(node, f"{_fn_name(fn)} with several decomposed arguments")
+        return _each(x, lambda t: fn(t, *args[1:], **kwargs))
+    name = _fn_name(fn)
+    hint = next((h for k, h in _NOT_DECOMPOSABLE_HINT.items() if k in name), "")
+    raise _unsupported(node, f"function {name}", hint)
+
+
+def _call_method(node: fx.Node, name: str, args: tuple, kwargs: dict) -> Any:
+    self_obj = args[0]
+    if not isinstance(self_obj, Decomposition):
+        # a constant's method with a decomposed argument, e.g. const.add(x)
+        if name in ("add", "__add__", "__radd__"):
+            return _add(self_obj, args[1])
+        if name in ("mul", "__mul__", "__rmul__"):
+            return _mul(self_obj, args[1])
+        raise _unsupported(node, f"method .{name}() of a constant with a decomposed argument")
+    rest = args[1:]
+    if name in _META_METHODS:
+        return getattr(self_obj.rel, name)(*rest, **kwargs)
+    if name in ("add", "add_", "__add__", "__iadd__"):
+        return _add(self_obj, rest[0])
+    if name in ("sub", "sub_", "__sub__", "__isub__"):
+        return _add(self_obj, _neg(rest[0]))
+    if name in ("mul", "mul_", "__mul__", "__imul__"):
+        return _mul(self_obj, rest[0])
+    if name in ("div", "div_", "__truediv__") and not isinstance(rest[0], Decomposition) and not kwargs:
+        return _mul(self_obj, 1.0 / rest[0] if not isinstance(rest[0], Tensor) else rest[0].reciprocal())
+    if name in ("matmul", "__matmul__"):
+        return _call_function(node, torch.matmul, args, kwargs)
+    if name in _ELEMENTWISE_METHODS or name.rstrip("_") in _ELEMENTWISE_METHODS:
+        base = name.rstrip("_")
+        if _has_dec(rest) or _has_dec(kwargs):
+            raise _unsupported(node, f"method .{name}() with a decomposed argument")
+        return _elementwise(self_obj, lambda t: getattr(t, base)(*rest, **kwargs))
+    if name in _EACH_METHODS:
+        if name in ("view_as", "reshape_as", "expand_as", "type_as"):
+            rest = _pick(rest, "rel")  # only the other tensor's shape / dtype is used
+        elif _has_dec(rest) or _has_dec(kwargs):
+            raise _unsupported(node, f"method .{name}() with a decomposed argument")
+        return _each(self_obj, lambda t: getattr(t, name)(*rest, **kwargs))
+    hint = _NOT_DECOMPOSABLE_HINT.get(name, "")
+    raise _unsupported(node, f"method .{name}()", hint)
+
+
+def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
+    """Propagate given input streams (β₀, γ₀) through ``model``; returns the output decomposition.
+
+    The model is traced once with torch.fx and cached per module instance. The first positional
+    input of ``forward`` receives the decomposition; other inputs must have defaults.
+    """
+    graph = _trace(model)
+    env: dict[str, Any] = {}
+    first = True
+    out: Any = None
+    for node in graph.nodes:
+        op = node.op
+        if op == "placeholder":
+            if first:
+                env[node.name] = Decomposition(rel, irr)
+                first = False
+            elif node.args:
+                env[node.name] = node.args[0]
+            else:
+                raise CDUnsupportedError(
+                    f"{type(model).__name__}.forward has a second required input {node.target!r}; CD "
+                    "decomposes a single-input model. Wrap it: lambda-free nn.Module whose forward takes x."
+                )
+            continue
+        if op == "get_attr":
+            obj: Any = model
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            env[node.name] = obj
+            continue
+        if op == "output":
+            out = _load(node.args[0], env)
+            break
+        args = _load(node.args, env)
+        kwargs = _load(node.kwargs, env)
+        if op == "call_module":
+            env[node.name] = _call_module(node, model.get_submodule(str(node.target)), args, kwargs)
+        elif not _has_dec(args) and not _has_dec(kwargs):
+            # input-independent computation (shapes, constants): run it as is
+            if op == "call_function":
+                env[node.name] = node.target(*args, **kwargs)
+            else:
+                env[node.name] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        elif op == "call_function":
+            env[node.name] = _call_function(node, node.target, args, kwargs)
+        elif op == "call_method":
+            env[node.name] = _call_method(node, str(node.target), args, kwargs)
+        else:  # pragma: no cover - fx has no other op kinds
+            raise _unsupported(node, f"fx op {op}")
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Decomposition):
+        out = out[0]
+    if not isinstance(out, Decomposition):
+        raise CDUnsupportedError(
+            f"{type(model).__name__}.forward returns {type(out).__name__}, not a tensor computed from the "
+            "input; CD needs a model returning one tensor of logits."
+        )
+    return out
+
+
+def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Contextual decomposition of ``model(inputs)`` for the feature group ``mask``.
+
+    Args:
+        model: the network (traced with torch.fx, see the module docstring for the rules).
+        inputs: (B, *input_shape).
+        mask: broadcastable to ``inputs``; 1 marks the feature group S (fractional values are
+            allowed: ``β₀ = M ⊙ x``, ``γ₀ = (1 − M) ⊙ x``).
+
+    Returns:
+        ``(beta, gamma)``, each of the model's output shape, with ``beta + gamma = model(inputs)``
+        (to float rounding) and beta the contribution of S. Differentiable with respect to the
+        model parameters (and the inputs), so it can sit inside a training loss (CDEP).
+    """
+    mask = mask.to(device=inputs.device, dtype=inputs.dtype)
+    try:
+        torch.broadcast_shapes(mask.shape, inputs.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to inputs {tuple(inputs.shape)}; "
+            "pass a mask of the input's shape, its per-sample shape, or a broadcastable one."
+        ) from err
+    rel = (mask * inputs).expand_as(inputs)
+    irr = ((1 - mask) * inputs).expand_as(inputs)
+    out = cd_propagate(model, rel, irr)
+    return out.rel, out.irr
+
+
+def cd_batched(
+    model: nn.Module,
+    inputs: Tensor,
+    masks: Tensor,
+    *,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """CD of many feature groups in one batched pass.
+
+    Args:
+        inputs: (B, *S).
+        masks: (G, *S) shared by all samples, or (B, G, *S) per sample; each broadcastable in S
+            (e.g. (G, 1, H, W) for a channel-shared image mask).
+        batch_size: rows (sample × group pairs) per propagation; ``None``: all B·G at once.
+
+    Returns:
+        ``(beta, gamma)`` of shape (B, G, *out_shape), e.g. (B, G, K) for K logits.
+    """
+    b = inputs.shape[0]
+    sample_shape = inputs.shape[1:]
+    masks = masks.to(device=inputs.device, dtype=inputs.dtype)
+    per_sample = masks.ndim == inputs.ndim + 1
+    if not per_sample and masks.ndim != inputs.ndim:
+        raise ValueError(
+            f"masks must have shape (G, *{tuple(sample_shape)}) or (B, G, *{tuple(sample_shape)}) "
+            f"(broadcastable in the per-sample dims), got {tuple(masks.shape)}."
+        )
+    if per_sample and masks.shape[0] not in (1, b):
+        raise ValueError(f"per-sample masks have {masks.shape[0]} rows for a batch of {b}.")
+    g = masks.shape[1] if per_sample else masks.shape[0]
+    n = b * g
+    step = n if not batch_size else max(1, int(batch_size))
+    rels, irrs = [], []
+    for s in range(0, n, step):
+        rows = torch.arange(s, min(s + step, n), device=inputs.device)
+        bi, gi = rows // g, rows % g
+        x = inputs[bi]
+        m = masks[bi if masks.shape[0] == b else torch.zeros_like(bi), gi] if per_sample else masks[gi]
+        out = cd_propagate(model, (m * x).expand_as(x), ((1 - m) * x).expand_as(x))
+        rels.append(out.rel)
+        irrs.append(out.irr)
+    rel, irr = torch.cat(rels), torch.cat(irrs)
+    return rel.view(b, g, *rel.shape[1:]), irr.view(b, g, *irr.shape[1:])
+
+
+def cd_scores(
+    model: nn.Module,
+    inputs: Tensor,
+    masks: Tensor,
+    target: Tensor | None = None,
+    *,
+    batch_size: int | None = None,
+) -> Tensor:
+    """β at the target output for each group: (B, G). ``target`` (B,) class indices, or None for a
+    single-output model (the output is summed over trailing dimensions)."""
+    rel, _ = cd_batched(model, inputs, masks, batch_size=batch_size)
+    if rel.ndim == 2:
+        return rel
+    if target is None:
+        if rel.shape[2] != 1:
+            raise ValueError(f"The model returns {rel.shape[2]} outputs per sample; pass target=<class indices (B,)>.")
+        return rel.reshape(rel.shape[0], rel.shape[1], -1).sum(-1)
+    idx = target.view(-1, 1, 1, *([1] * (rel.ndim - 3))).expand(-1, rel.shape[1], 1, *rel.shape[3:])
+    return rel.gather(2, idx).reshape(rel.shape[0], rel.shape[1], -1).sum(-1)
