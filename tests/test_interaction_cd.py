@@ -84,7 +84,7 @@ class _LSTMClassifier(nn.Module):
         self.fc = nn.Linear(8 * (2 if bidirectional else 1), 3)
 
     def forward(self, x):
-        out, (h, c) = self.lstm(x)
+        out, (_h, _c) = self.lstm(x)
         return self.fc(out[:, -1])
 
 
@@ -245,7 +245,7 @@ def test_lstm_matches_murdoch_reference():
     start, stop = 3, 5
     m = torch.zeros(9, 1, 1)
     m[start : stop + 1] = 1
-    (out, (h_n, c_n)) = _lstm_call(lstm, x, m)
+    (out, (h_n, _c_n)) = _lstm_call(lstm, x, m)
     ref_rel, ref_irr = _murdoch_reference(lstm, x[:, 0].numpy(), start, stop)
     np.testing.assert_allclose(out.rel[:, 0].detach().numpy(), ref_rel, atol=1e-10)
     np.testing.assert_allclose(out.irr[:, 0].detach().numpy(), ref_irr, atol=1e-10)
