@@ -132,12 +132,16 @@ class ProbeCallback(Callback):
         """Add samples of a batch to the probe set (until it is full)."""
         if self._frozen or self.probe_size >= self.num_samples:
             return
+        # Validation runs under inference mode: every tensor kept must be a normal tensor.
+        with torch.inference_mode(False):
+            self._add(batch)
+
+    def _add(self, batch: Any) -> None:
         x, y = self.adapter(batch)
         masks = self._masks_of(batch)
-        with torch.inference_mode(False):
-            x = x.detach().cpu().clone()
-            y = None if y is None else y.detach().cpu().clone()
-            masks = None if masks is None else masks.detach().cpu().clone()
+        x = x.detach().cpu().clone()
+        y = None if y is None else y.detach().cpu().clone()
+        masks = None if masks is None else masks.detach().cpu().clone()
         keep = finite_rows(x) if x.is_floating_point() else torch.ones(x.shape[0], dtype=torch.bool)
         if not bool(keep.all()) and not self._warned_nan:
             rank_zero_warn(
