@@ -1,0 +1,404 @@
+"""Mask machinery shared by the perturbation (black-box) attribution methods.
+
+- **designs**: low-resolution masks, one value per grid cell, drawn by a sampler: i.i.d.
+  ``bernoulli``, scrambled ``sobol`` (:class:`torch.quasirandom.SobolEngine`) or a binary ``lhs``
+  (Latin hypercube), binary or continuous in [0, 1];
+- **layouts**: how a design of ``d`` cells maps onto an input: images (B,C,H,W) get a g×g grid
+  broadcast over channels, sequences (B,C,T) a grid of g cells along T, tabular (B,D) one cell per
+  feature;
+- **rendering**: upsampling a design to the input (nearest, bilinear, bicubic), optionally at
+  (g+1)·cell and cropped at a random shift of up to one cell (RISE);
+- **substrates**: what fills the masked-out part: zeros, the per-sample mean, a separable Gaussian
+  blur, a constant or a tensor;
+- **a forward-pass budget**: :func:`fit_budget` lowers a method's sample count to fit;
+- **chunked evaluation**: :func:`masked_scores` runs ``f_c(s + (x − s)·M)`` for every sample and
+  mask with at most ``batch_size`` rows per model call, rendering full-resolution masks one chunk
+  at a time (memory bounded by ``batch_size``, not by the number of masks).
+
+All randomness is drawn from the ``torch.Generator`` passed in, never from the global RNG, and all
+random draws happen up front, so the result does not depend on ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batching import chunks, select_output
+from .ops import gaussian_blur
+
+__all__ = [
+    "OUTPUTS",
+    "SAMPLERS",
+    "SUBSTRATES",
+    "UPSAMPLING",
+    "MaskLayout",
+    "base_scores",
+    "fit_budget",
+    "make_substrate",
+    "mask_layout",
+    "masked_scores",
+    "random_offsets",
+    "render_masks",
+    "resize_map",
+    "sample_designs",
+    "score_outputs",
+    "sobol_points",
+]
+
+SAMPLERS = ("bernoulli", "sobol", "lhs")
+UPSAMPLING = ("nearest", "bilinear", "bicubic")
+SUBSTRATES = ("zeros", "mean", "blur")
+OUTPUTS = ("logit", "softmax", "log_softmax", "sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------
+# Designs
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_seed(generator: torch.Generator) -> int:
+    """A 62-bit seed drawn from ``generator`` (for engines that take an int seed)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+
+
+def sobol_points(n: int, d: int, generator: torch.Generator, *, device=None, dtype=torch.float32) -> Tensor:
+    """``n`` points of a scrambled Sobol sequence in [0, 1)^d (Owen scrambling seeded from ``generator``).
+
+    :class:`torch.quasirandom.SobolEngine` falls back to the global RNG when no seed is given; the
+    seed is always drawn from ``generator`` here. Balance properties hold for ``n`` a power of 2.
+    """
+    if d > torch.quasirandom.SobolEngine.MAXDIM:
+        raise ValueError(
+            f"A Sobol sequence supports at most {torch.quasirandom.SobolEngine.MAXDIM} dimensions, got {d}; "
+            "use a coarser grid (smaller grid_size) or sampler='lhs'."
+        )
+    eng = torch.quasirandom.SobolEngine(d, scramble=True, seed=_int_seed(generator) % (2**31 - 1))
+    return eng.draw(n, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def sample_designs(
+    n: int,
+    d: int,
+    sampler: str,
+    generator: torch.Generator,
+    *,
+    p: float = 0.5,
+    binary: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``n`` designs of ``d`` cells, shape (n, d).
+
+    Args:
+        sampler: ``bernoulli`` (i.i.d. uniform), ``sobol`` (scrambled Sobol), ``lhs`` (Latin hypercube:
+            each column visits the ``n`` strata of [0, 1] once, in a random order).
+        p: keep probability of a binary design: cell = 1 where u < p (for ``lhs`` exactly
+            round(p·n) ones per column).
+        binary: threshold at ``p``; otherwise the continuous values u in [0, 1).
+    """
+    if n < 1 or d < 1:
+        raise ValueError(f"Need n >= 1 designs of d >= 1 cells, got n={n}, d={d}.")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"The keep probability p must lie in (0, 1], got {p}.")
+    gdev = generator.device
+    if sampler == "bernoulli":
+        u = torch.rand((n, d), generator=generator, device=gdev, dtype=torch.float64)
+    elif sampler == "sobol":
+        u = sobol_points(n, d, generator, device=gdev, dtype=torch.float64)
+    elif sampler == "lhs":
+        perm = torch.rand((n, d), generator=generator, device=gdev).argsort(0)
+        jitter = torch.rand((n, d), generator=generator, device=gdev, dtype=torch.float64)
+        u = (perm.to(torch.float64) + jitter) / n
+    else:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+    if binary:
+        u = (u < p).to(torch.float64)
+    return u.to(device=device if device is not None else gdev, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts and rendering
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """How ``d`` grid cells map onto one input sample.
+
+    ``kind``: ``image`` (B,C,H,W), ``sequence`` (B,C,T) or ``tabular`` (B,D); ``grid``: the low
+    resolution shape ((g, g), (g,) or (D,)); ``size``: the input's spatial shape; masks broadcast over
+    channels, so a rendered mask has shape ``(1, *size)`` (image, sequence) or ``(D,)`` (tabular).
+    """
+
+    kind: str
+    grid: tuple[int, ...]
+    size: tuple[int, ...]
+
+    @property
+    def d(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        return self.size if self.kind == "tabular" else (1, *self.size)
+
+    def map_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of an attribution map at input resolution: (B,1,H,W), (B,1,T) or (B,D)."""
+        return (batch, *self.mask_shape)
+
+
+def mask_layout(inputs: Tensor, grid_size: int | tuple[int, ...], method: str = "this method") -> MaskLayout:
+    """The layout for ``inputs``: a grid of ``grid_size`` cells per spatial side (ignored for tabular)."""
+    if inputs.ndim == 2:
+        return MaskLayout("tabular", (inputs.shape[1],), (inputs.shape[1],))
+    if inputs.ndim == 3:
+        g = grid_size[0] if isinstance(grid_size, tuple) else grid_size
+        g = min(int(g), inputs.shape[2])
+        return MaskLayout("sequence", (g,), (inputs.shape[2],))
+    if inputs.ndim == 4:
+        gs = grid_size if isinstance(grid_size, tuple) else (grid_size, grid_size)
+        if len(gs) != 2:
+            raise ValueError(f"grid_size for images must be an int or a pair, got {grid_size!r}.")
+        g = (min(int(gs[0]), inputs.shape[2]), min(int(gs[1]), inputs.shape[3]))
+        return MaskLayout("image", g, (inputs.shape[2], inputs.shape[3]))
+    raise ValueError(
+        f"{method} handles tabular (B,D), sequence (B,C,T) and image (B,C,H,W) inputs, got shape "
+        f"{tuple(inputs.shape)}; reshape the input (e.g. fold extra dims into channels)."
+    )
+
+
+def random_offsets(n: int, layout: MaskLayout, generator: torch.Generator) -> Tensor:
+    """Random shifts in [0, cell) per spatial dim, shape (n, ndim), cell = ceil(size / grid)."""
+    cells = [math.ceil(s / g) for s, g in zip(layout.size, layout.grid)]
+    cols = [torch.randint(0, c, (n,), generator=generator, device=generator.device) for c in cells]
+    return torch.stack(cols, 1)
+
+
+def _interp(m: Tensor, size: tuple[int, ...], mode: str) -> Tensor:
+    """Interpolate (k, 1, *grid) to ``size``; 1-D bilinear/bicubic done as 2-D on a height-1 image."""
+    if mode not in UPSAMPLING:
+        raise ValueError(f"Unknown upsampling {mode!r}; choose one of {UPSAMPLING}.")
+    if tuple(m.shape[2:]) == tuple(size) and mode == "nearest":
+        return m
+    if m.ndim == 3:  # sequence
+        if mode == "nearest":
+            return F.interpolate(m, size=size, mode="nearest")
+        out = F.interpolate(m.unsqueeze(2), size=(1, size[0]), mode=mode, align_corners=False)
+        return out.squeeze(2)
+    if mode == "nearest":
+        return F.interpolate(m, size=size, mode="nearest")
+    return F.interpolate(m, size=size, mode=mode, align_corners=False)
+
+
+def render_masks(
+    designs: Tensor,
+    layout: MaskLayout,
+    mode: str = "nearest",
+    offsets: Tensor | None = None,
+) -> Tensor:
+    """Full-resolution masks (k, *layout.mask_shape) from designs (k, d).
+
+    Without ``offsets`` the grid is resized to the input's size. With ``offsets`` (k, ndim) it is
+    resized to (g+1)·cell and cropped at the offsets (RISE's random shifts, cell = ceil(size/g)).
+    Bicubic overshoot is clipped to [0, 1]. Tabular layouts are returned unchanged.
+    """
+    k = designs.shape[0]
+    if layout.kind == "tabular":
+        return designs.reshape(k, *layout.size)
+    m = designs.reshape(k, 1, *layout.grid)
+    if offsets is None:
+        out = _interp(m, layout.size, mode)
+    else:
+        cells = [math.ceil(s / g) for s, g in zip(layout.size, layout.grid)]
+        big = tuple((g + 1) * c for g, c in zip(layout.grid, cells))
+        up = _interp(m, big, mode)[:, 0]
+        offsets = offsets.to(up.device)
+        if layout.kind == "sequence":
+            idx = offsets[:, :1] + torch.arange(layout.size[0], device=up.device)
+            out = up.gather(1, idx).unsqueeze(1)
+        else:
+            h, w = layout.size
+            rows = offsets[:, 0:1] + torch.arange(h, device=up.device)  # (k, h)
+            cols = offsets[:, 1:2] + torch.arange(w, device=up.device)  # (k, w)
+            up = up.gather(1, rows.unsqueeze(-1).expand(k, h, up.shape[-1]))
+            out = up.gather(2, cols.unsqueeze(1).expand(k, h, w)).unsqueeze(1)
+    if mode == "bicubic":
+        out = out.clamp(0.0, 1.0)
+    return out
+
+
+def resize_map(lowres: Tensor, layout: MaskLayout, mode: str = "bicubic") -> Tensor:
+    """Resize per-cell scores (B, d) or (B, *grid) to the input: (B,1,H,W), (B,1,T) or (B,D).
+
+    Unlike :func:`render_masks`, bicubic results are not clipped (scores are not in [0, 1]).
+    """
+    b = lowres.shape[0]
+    if layout.kind == "tabular":
+        return lowres.reshape(b, *layout.size)
+    m = lowres.reshape(b, 1, *layout.grid)
+    if mode not in UPSAMPLING:
+        raise ValueError(f"Unknown upsampling {mode!r}; choose one of {UPSAMPLING}.")
+    return _interp(m, layout.size, mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Substrates, outputs, budget
+# ----------------------------------------------------------------------------------------------
+
+
+def make_substrate(inputs: Tensor, kind: str | float | Tensor = "zeros", *, sigma: float = 5.0) -> Tensor:
+    """What fills the masked-out part of ``inputs``.
+
+    ``zeros``; ``mean`` (per sample and channel over the spatial dims; per sample over the features
+    for tabular inputs); ``blur`` (separable Gaussian of ``sigma`` pixels, reflect padding; images and
+    sequences only); a float; or a tensor broadcastable to the inputs (e.g. a data-set mean).
+    """
+    x = inputs.detach()
+    if isinstance(kind, Tensor):
+        try:
+            return kind.to(device=x.device, dtype=x.dtype).expand_as(x)
+        except RuntimeError as err:
+            raise ValueError(
+                f"substrate of shape {tuple(kind.shape)} does not broadcast to inputs {tuple(x.shape)}."
+            ) from err
+    if isinstance(kind, (int, float)) and not isinstance(kind, bool):
+        return torch.full_like(x, float(kind))
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "mean":
+        dims = tuple(range(2, x.ndim)) if x.ndim > 2 else (1,)
+        return x.mean(dims, keepdim=True).expand_as(x)
+    if kind == "blur":
+        if x.ndim not in (3, 4):
+            raise ValueError(
+                f"A blur substrate needs (B,C,T) or (B,C,H,W) inputs, got {tuple(x.shape)}; "
+                "use substrate='zeros', 'mean', a float or a tensor for tabular data."
+            )
+        return gaussian_blur(x, sigma)
+    raise ValueError(f"Unknown substrate {kind!r}; use one of {SUBSTRATES}, a float, or a tensor.")
+
+
+def score_outputs(out: Tensor, target: Tensor | None, output: str = "logit") -> Tensor:
+    """The explained scalar per row: the target's logit (raw output), softmax/log-softmax
+    probability, or sigmoid of the raw output. Single-output models accept ``logit``/``sigmoid``."""
+    if output not in OUTPUTS:
+        raise ValueError(f"Unknown output {output!r}; choose one of {OUTPUTS}.")
+    if output == "logit":
+        return select_output(out, target)
+    if output == "sigmoid":
+        return torch.sigmoid(select_output(out, target))
+    if out.ndim == 1 or out.shape[1] == 1:
+        raise ValueError(
+            f"output={output!r} needs a model with several class outputs, but it returns one per sample; "
+            "use output='logit' (raw) or 'sigmoid' for single-output models."
+        )
+    z = out.softmax(1) if output == "softmax" else out.log_softmax(1)
+    return select_output(z, target)
+
+
+def fit_budget(
+    requested: int,
+    *,
+    per_unit: int = 1,
+    fixed: int = 0,
+    budget: int | None = None,
+    minimum: int = 1,
+    power_of_two: bool = False,
+    what: str = "samples",
+    method: str = "this method",
+) -> int:
+    """The number of units (masks, designs, ...) to use under a forward-pass budget.
+
+    A method needs ``fixed + per_unit · n`` forward passes per explained sample. Without a budget
+    ``requested`` is returned; with one, ``n`` is lowered (to a power of two if asked) so the total
+    fits. Raises if even ``minimum`` units do not fit.
+    """
+    n = int(requested)
+    if budget is not None:
+        cap = (int(budget) - fixed) // per_unit
+        if cap < minimum:
+            raise ValueError(
+                f"{method} needs at least {fixed + per_unit * minimum} forward passes per sample "
+                f"({fixed} fixed + {per_unit} per unit of {what}, at least {minimum}), but the budget is {budget}; "
+                "raise the budget or use a coarser grid."
+            )
+        n = min(n, cap)
+    if power_of_two and n >= 1:
+        n = 1 << (n.bit_length() - 1)
+    return max(n, minimum)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def masked_scores(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    target: Tensor | None,
+    n_masks: int,
+    render: Callable[[slice], Tensor],
+    substrate: Tensor | None = None,
+    *,
+    batch_size: int | None = 256,
+    output: str = "logit",
+    accumulate: Callable[[slice, slice, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Scores ``f_c(s + (x − s) ⊙ M_k)`` for every sample x (B) and mask M_k (n_masks): (B, n_masks).
+
+    Args:
+        render: ``render(mask_slice)`` returns the full-resolution masks of that slice, shape
+            (k, *per-sample mask shape) broadcastable to one input sample (e.g. (k,1,H,W) for images).
+            It is called once per chunk of masks, so only ``batch_size`` masks live at a time.
+        substrate: (B, ...) fill of the masked-out part; zeros when None (x ⊙ M).
+        batch_size: at most this many rows per model call: samples are taken in blocks of
+            min(B, batch_size) and masks in chunks of batch_size // block.
+        accumulate: optional ``accumulate(sample_slice, mask_slice, masks, scores)`` called per model
+            call with the rendered masks and the (block, k) scores, e.g. to sum f · M (RISE).
+
+    Rows within a call are mask-major (all samples of a block for mask k, then mask k+1).
+    """
+    b = inputs.shape[0]
+    bs = b if not batch_size else max(1, min(b, int(batch_size)))
+    per_call = n_masks if not batch_size else max(1, int(batch_size) // bs)
+    x = inputs.detach()
+    s = torch.zeros_like(x) if substrate is None else substrate.detach()
+    diff = x - s
+    out = torch.empty((b, n_masks), device=x.device, dtype=x.dtype)
+    for msl in chunks(n_masks, per_call):
+        masks = render(msl).to(device=x.device, dtype=x.dtype)
+        k = masks.shape[0]
+        for ssl in chunks(b, bs):
+            nb = ssl.stop - ssl.start
+            rows = s[ssl].unsqueeze(0) + diff[ssl].unsqueeze(0) * masks.unsqueeze(1)  # (k, nb, ...)
+            rows = rows.reshape(k * nb, *x.shape[1:])
+            tgt = None if target is None else target[ssl].repeat(k)
+            sc = score_outputs(model(rows), tgt, output).reshape(k, nb).t()
+            out[ssl, msl] = sc
+            if accumulate is not None:
+                accumulate(ssl, msl, masks, sc)
+    return out
+
+
+@torch.no_grad()
+def base_scores(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    target: Tensor | None,
+    *,
+    batch_size: int | None = 256,
+    output: str = "logit",
+) -> Tensor:
+    """``f_c(x)`` for each sample (B,), chunked."""
+    outs = []
+    for sl in chunks(inputs.shape[0], batch_size):
+        outs.append(score_outputs(model(inputs[sl].detach()), None if target is None else target[sl], output))
+    return torch.cat(outs)
