@@ -1,0 +1,38 @@
+"""Run by tests/test_ddp.py: the AttributionMonitor under 2-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+from explain_callbacks.callbacks import AttributionMonitor
+from tests.helpers_lightning import image_loaders, lit
+
+
+def main(out_dir: str) -> None:
+    pl.seed_everything(0)
+    train, val = image_loaders()
+    mon = AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 8}], num_samples=6, strict=True)
+    tr = pl.Trainer(
+        max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[mon],
+        logger=TensorBoardLogger(out_dir, name="tb"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    m = lit()
+    tr.fit(m, train, val)
+    ce = tr.callback_metrics["explain/ig/sparseness"]
+    # every rank sees the same reduced scalar, and a probe of its own shard
+    gathered = tr.strategy.all_gather(ce.reshape(1))
+    assert torch.allclose(gathered, gathered[0]), gathered
+    probes = tr.strategy.all_gather(mon.probe_x[:1])
+    if tr.is_global_zero:
+        assert not torch.equal(probes[0], probes[1]), "ranks should explain different shards"
+        print("DDP_OK", float(ce))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
