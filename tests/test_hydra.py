@@ -59,9 +59,9 @@ def test_configs_reachable_from_installed_package():
 
 def test_main_job_runs_and_prints_where_logs_are(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
-           "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
-           f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "trainer.max_epochs=2",
+           "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=1",
+           "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tensorboard --logdir" in out.stdout
