@@ -1,0 +1,459 @@
+"""Sparse linear and logistic students (L1), solved in torch.
+
+Objectives, on standardised features ``z = (x − μ)/σ`` (glmnet's convention, Friedman, Hastie &
+Tibshirani 2010, J. Stat. Softw. 33(1)):
+
+- linear (lasso, Tibshirani 1996): ``1/(2n) ‖y − b − Z W‖² + λ ‖W‖₁`` on the teacher's outputs;
+- logistic: ``1/n Σ_i CE(p_i, softmax(Z_i W + b)) + λ ‖W‖₁`` with soft targets
+  ``p = softmax(teacher logits / T)``; two classes use one logit (sigmoid).
+
+Solved by FISTA (Beck & Teboulle 2009) with adaptive restart (O'Donoghue & Candès 2015). The
+penalty is given relative to λ_max (the smallest λ whose solution is all zeros), so ``alpha`` is
+scale-free. ``max_nonzeros`` instead walks a geometric λ path with warm starts and keeps the
+densest solution with at most that many non-zero weights. ``refit`` (the relaxed lasso,
+Meinshausen 2007) re-fits the selected support without penalty, which removes the L1 shrinkage: a
+sparse linear teacher is then recovered exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._internal.registry import STUDENTS
+from .base import Student, regression_targets, single_thread, soft_targets, teacher_labels
+
+__all__ = ["SparseLinearStudent", "SparseLogisticStudent", "fista", "soft_threshold"]
+
+
+def soft_threshold(v: Tensor, t: float | Tensor) -> Tensor:
+    """Proximal operator of ``t‖·‖₁`` (elementwise ``t`` allowed; ``t = 0`` leaves entries unpenalised)."""
+    return v - v.clamp(-t, t) if isinstance(t, Tensor) else torch.sign(v) * (v.abs() - t).clamp_min(0.0)
+
+
+def fista(
+    grad: Callable[[Tensor], Tensor],
+    theta: Tensor,
+    step: float,
+    penalty: Tensor,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    check_every: int = 5,
+) -> tuple[Tensor, int]:
+    """Minimise ``F(θ) + Σ penalty ⊙ |θ|`` given ``grad(θ) = ∇F(θ)`` and a step ``1/L``.
+
+    ``penalty`` broadcasts against θ (zero rows: unpenalised, e.g. an intercept). Stops when the
+    largest update is below ``tol`` relative to max(1, ‖θ‖_∞).
+    """
+    thr = penalty * step
+    y = theta
+    t = 1.0
+    it = 0
+    for it in range(1, max_iter + 1):
+        new = soft_threshold(y - step * grad(y), thr)
+        delta = new - theta
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        # Adaptive (gradient-based) restart: drop the momentum when it points uphill.
+        if float(((y - new) * delta).sum()) > 0:
+            t_new, y = 1.0, new
+        else:
+            y = new + ((t - 1.0) / t_new) * delta
+        theta, t = new, t_new
+        if it % check_every == 0 and float(delta.abs().max()) <= tol * max(1.0, float(theta.abs().max())):
+            break
+    return theta, it
+
+
+def _lipschitz_gram(Z: Tensor) -> float:
+    """Largest eigenvalue of ZᵀZ/n (via the smaller Gram matrix)."""
+    n, d = Z.shape
+    gram = Z.T @ Z if d <= n else Z @ Z.T
+    return float(torch.linalg.eigvalsh(gram)[-1]) / n
+
+
+class _L1Student(Student):
+    """Shared machinery: standardisation, λ path, support refit, readable output."""
+
+    def __init__(
+        self,
+        alpha: float = 0.05,
+        max_nonzeros: int | None = None,
+        refit: bool = True,
+        standardize: bool = True,
+        n_lambdas: int = 25,
+        lambda_min_ratio: float = 1e-3,
+        max_iter: int = 500,
+        tol: float = 1e-5,
+        task: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(task=task, seed=seed)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha is relative to lambda_max and must lie in [0, 1], got {alpha}.")
+        if max_nonzeros is not None and max_nonzeros < 1:
+            raise ValueError(f"max_nonzeros must be >= 1 or None, got {max_nonzeros}.")
+        self.alpha = alpha
+        self.max_nonzeros = max_nonzeros
+        self.refit = refit
+        self.standardize = standardize
+        self.n_lambdas = n_lambdas
+        self.lambda_min_ratio = lambda_min_ratio
+        self.max_iter = max_iter
+        self.tol = tol
+        # fitted: coefficients in input units, x -> x @ coef + intercept
+        self.coef_: Tensor | None = None  # (d, m)
+        self.intercept_: Tensor | None = None  # (m,)
+        self.lambda_: float | None = None
+        self.classes_: int | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "max_nonzeros": self.max_nonzeros,
+            "refit": self.refit,
+            "standardize": self.standardize,
+            "n_lambdas": self.n_lambdas,
+            "lambda_min_ratio": self.lambda_min_ratio,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            **super().config(),
+        }
+
+    # -- problem definition (subclasses) --------------------------------------------
+    def _targets(self, teacher_out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _problem(self, Za: Tensor, T: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
+        """Gradient of the smooth part in θ = [W; b] (``Za = [Z, 1]``) and its Lipschitz constant."""
+        raise NotImplementedError
+
+    def _init_intercept(self, T: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _refit(self, Z: Tensor, T: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # -- fitting ------------------------------------------------------------------------
+    def _fit(self, x: Tensor, teacher_out: Tensor, teacher: Any) -> None:
+        X = x.reshape(x.shape[0], -1).double().cpu()
+        T = self._targets(teacher_out.cpu())
+        with single_thread():
+            self._fit_matrix(X, T)
+
+    def _fit_matrix(self, X: Tensor, T: Tensor) -> None:
+        mu = X.mean(0) if self.standardize else torch.zeros(X.shape[1], dtype=X.dtype)
+        sd = X.std(0, unbiased=False) if self.standardize else torch.ones(X.shape[1], dtype=X.dtype)
+        sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))
+        Z = (X - mu) / sd
+        m = T.shape[1] if T.ndim == 2 else 1
+        d = Z.shape[1]
+        Za = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype)], 1)  # last row of θ: intercept
+        grad, lip = self._problem(Za, T)
+        theta = torch.zeros(d + 1, m, dtype=Z.dtype)
+        theta[d] = self._init_intercept(T)
+        g0 = grad(theta)[:d]
+        lam_max = float(g0.abs().max()) if g0.numel() else 0.0
+        step = 1.0 / max(lip, 1e-12)
+        mask = torch.ones(d + 1, 1, dtype=Z.dtype)
+        mask[d] = 0.0
+        if self.max_nonzeros is None:
+            lam = self.alpha * lam_max
+            if lam > 0 or not self.refit:
+                theta, _ = fista(grad, theta, step, lam * mask, self.max_iter, self.tol)
+            else:  # alpha = 0 with refit: the unpenalised fit on every feature
+                theta[:d] = 1.0
+        else:
+            lam = lam_max
+            lams = lam_max * torch.logspace(0, math.log10(self.lambda_min_ratio), self.n_lambdas, dtype=torch.float64)
+            best = (theta.clone(), lam_max)
+            for lam_k in lams[1:].tolist():
+                theta, _ = fista(grad, theta, step, lam_k * mask, self.max_iter, self.tol)
+                if int((theta[:d] != 0).sum()) > self.max_nonzeros:
+                    break
+                best = (theta.clone(), lam_k)
+            theta, lam = best
+        W, b = theta[:d], theta[d]
+        if self.refit and bool((W != 0).any()):
+            W, b = self._refit(Z, T, W, b)
+        self.lambda_ = lam
+        # back to input units: z = (x − μ)/σ  =>  x W/σ + (b − μᵀ W/σ)
+        coef = W / sd.unsqueeze(1)
+        self.coef_ = coef
+        self.intercept_ = b - mu @ coef
+
+    # -- using ----------------------------------------------------------------------------
+    def decision_function(self, x: Tensor) -> Tensor:
+        self._check_fitted()
+        assert self.coef_ is not None and self.intercept_ is not None
+        X = x.reshape(x.shape[0], -1).double().cpu()
+        return X @ self.coef_ + self.intercept_
+
+    def complexity(self) -> dict[str, int]:
+        self._check_fitted()
+        assert self.coef_ is not None
+        nz = self.coef_ != 0
+        return {"nonzeros": int(nz.sum()), "features": int(nz.any(1).sum())}
+
+    def support(self) -> Tensor:
+        """Indices of the features with a non-zero coefficient."""
+        assert self.coef_ is not None
+        return (self.coef_ != 0).any(1).nonzero().flatten()
+
+    def _output_names(self) -> list[str]:
+        return [f"out{j}" for j in range(self.coef_.shape[1])] if self.coef_ is not None else []
+
+    def describe(self, max_rows: int = 40) -> str:
+        from ..callbacks._logging import markdown_table  # lazy: callbacks import Lightning
+
+        self._check_fitted()
+        assert self.coef_ is not None and self.intercept_ is not None
+        sup = self.support()
+        order = sup[self.coef_[sup].abs().amax(1).argsort(descending=True)].tolist()
+        heads = ["feature", *self._output_names()]
+        rows = [[self.feature_name(i), *[float(v) for v in self.coef_[i]]] for i in order[:max_rows]]
+        rows.append(["(intercept)", *[float(v) for v in self.intercept_]])
+        c = self.complexity()
+        head = f"**{type(self).__name__}**: {c['nonzeros']} non-zero weights on {c['features']} features"
+        if len(order) > max_rows:
+            head += f" (largest {max_rows} shown)"
+        return head + "\n\n" + markdown_table(heads, rows)
+
+    def image(self) -> Tensor | None:
+        """Coefficient image(s) for image-shaped inputs (C, H, W) or (H, W); None for tabular inputs."""
+        if self.coef_ is None or self.input_shape_ is None or len(self.input_shape_) < 2:
+            return None
+        from ..viz import colorize, make_grid
+
+        maps = self.coef_.T.float().reshape(-1, *self.input_shape_)
+        if maps.ndim == 4:
+            maps = maps.sum(1)  # sum channels
+        return make_grid(colorize(maps, "diverging"), nrow=min(maps.shape[0], 5))
+
+    def get_state(self) -> dict[str, Any]:
+        return {"coef": self.coef_, "intercept": self.intercept_, "lambda": self.lambda_, "classes": self.classes_}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.coef_ = state["coef"]
+        self.intercept_ = state["intercept"]
+        self.lambda_ = state["lambda"]
+        self.classes_ = state["classes"]
+
+
+@STUDENTS.register("sparse_linear", "lasso")
+class SparseLinearStudent(_L1Student):
+    """Lasso on the teacher's outputs (regression; for a classifier's logits pass ``task="regression"``).
+
+    Args:
+        alpha: L1 strength as a fraction of λ_max (0 gives least squares).
+        max_nonzeros: pick the penalty on a λ path instead, keeping at most this many non-zero weights.
+        refit: re-fit the selected support by least squares (relaxed lasso): exact recovery of a
+            sparse linear teacher.
+        standardize: penalise standardised coefficients (reported in input units).
+    """
+
+    name = "sparse_linear"
+
+    def _targets(self, teacher_out: Tensor) -> Tensor:
+        if self.task_ == "classification":
+            raise ValueError(
+                "SparseLinearStudent fits regression outputs; for a classifier use SparseLogisticStudent "
+                "('sparse_logistic'), or task='regression' to regress its logits."
+            )
+        t = regression_targets(teacher_out)
+        return t.unsqueeze(1) if t.ndim == 1 else t
+
+    def _problem(self, Za: Tensor, T: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
+        n = Za.shape[0]
+        gram = Za.T @ Za / n
+        corr = Za.T @ T / n
+
+        def grad(theta: Tensor) -> Tensor:
+            return gram @ theta - corr
+
+        return grad, float(torch.linalg.eigvalsh(gram)[-1])
+
+    def _init_intercept(self, T: Tensor) -> Tensor:
+        return T.mean(0)
+
+    def _refit(self, Z: Tensor, T: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Least squares on each output's support (relaxed lasso)."""
+        Wn = torch.zeros_like(W)
+        Zc = Z - Z.mean(0)
+        Tc = T - T.mean(0)
+        for j in range(W.shape[1]):
+            s = (W[:, j] != 0).nonzero().flatten()
+            if s.numel():
+                Wn[s, j] = torch.linalg.lstsq(Zc[:, s], Tc[:, j : j + 1], driver="gelsd").solution[:, 0]
+        return Wn, T.mean(0) - Z.mean(0) @ Wn
+
+    def predict(self, x: Tensor) -> Tensor:
+        out = self.decision_function(x)
+        return out[:, 0] if out.shape[1] == 1 else out
+
+
+@STUDENTS.register("sparse_logistic", "l1_logistic")
+class SparseLogisticStudent(_L1Student):
+    """L1-penalised logistic (softmax) regression on the teacher's soft targets.
+
+    Args:
+        alpha, max_nonzeros, refit, standardize: as :class:`SparseLinearStudent`.
+        temperature: soft targets ``softmax(z / T)``; the refit of the support is unpenalised
+            except for ``ridge`` (L2 on standardised weights, keeps very confident teachers finite).
+        hard_labels: fit the teacher's arg-max labels instead of soft targets.
+
+    Two classes use a single logit (``coef_`` has one column: the log-odds of class 1).
+    """
+
+    name = "sparse_logistic"
+
+    def __init__(
+        self,
+        alpha: float = 0.05,
+        max_nonzeros: int | None = None,
+        refit: bool = True,
+        temperature: float = 1.0,
+        hard_labels: bool = False,
+        ridge: float = 1e-4,
+        standardize: bool = True,
+        n_lambdas: int = 25,
+        lambda_min_ratio: float = 1e-3,
+        max_iter: int = 500,
+        tol: float = 1e-5,
+        task: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            alpha, max_nonzeros, refit, standardize, n_lambdas, lambda_min_ratio, max_iter, tol, task, seed
+        )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.temperature = temperature
+        self.hard_labels = hard_labels
+        self.ridge = ridge
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "temperature": self.temperature,
+            "hard_labels": self.hard_labels,
+            "ridge": self.ridge,
+        }
+
+    def _targets(self, teacher_out: Tensor) -> Tensor:
+        if self.task_ != "classification":
+            raise ValueError(
+                "SparseLogisticStudent needs a classifier teacher with (N, K>=2) logits; for regression outputs "
+                "use SparseLinearStudent ('sparse_linear')."
+            )
+        k = teacher_out.shape[1]
+        self.classes_ = k
+        if self.hard_labels:
+            P = torch.nn.functional.one_hot(teacher_labels(teacher_out), k).double()
+        else:
+            P = soft_targets(teacher_out, self.temperature)
+        return P[:, 1:] if k == 2 else P
+
+    def _binary(self) -> bool:
+        return self.classes_ == 2
+
+    def _probs(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self._binary() else torch.softmax(logits, 1)
+
+    def _problem(self, Za: Tensor, T: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
+        n = Za.shape[0]
+        Zt = (Za.T / n).contiguous()
+
+        def grad(theta: Tensor) -> Tensor:
+            return Zt @ (self._probs(Za @ theta) - T)
+
+        # Hessian bound: 1/4 (sigmoid) or 1/2 (softmax) times the largest eigenvalue of ZaᵀZa/n.
+        return grad, _lipschitz_gram(Za) * (0.25 if self._binary() else 0.5)
+
+    def _init_intercept(self, T: Tensor) -> Tensor:
+        p = T.mean(0).clamp(1e-6, 1 - 1e-6)
+        return torch.log(p / (1 - p)) if self._binary() else torch.log(p)
+
+    def _loss(self, logits: Tensor, T: Tensor) -> Tensor:
+        if self._binary():
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, T, reduction="mean")
+        return -(T * torch.log_softmax(logits, 1)).sum(1).mean()
+
+    def _refit(self, Z: Tensor, T: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Unpenalised (up to ``ridge``) logistic fit of the non-zero weights and the intercepts (zeros stay
+        zero, so the complexity does not grow): damped Newton when the Hessian is small, FISTA otherwise."""
+        s = (W != 0).any(1).nonzero().flatten()
+        Za = torch.cat([Z[:, s], torch.ones(Z.shape[0], 1, dtype=Z.dtype)], 1)
+        theta = torch.cat([W[s], b.unsqueeze(0)], 0)
+        free = torch.cat([W[s] != 0, torch.ones(1, W.shape[1], dtype=torch.bool)], 0)
+        q = theta.shape[0]
+        ridge = torch.full((q, 1), self.ridge, dtype=Z.dtype)
+        ridge[-1] = 0.0
+        if int(free.sum()) <= 1500:
+            theta = self._newton(Za, T, theta, ridge, free)
+        else:
+            grad0, lip = self._problem(Za, T)
+            fm = free.to(Z.dtype)
+
+            def grad(th: Tensor) -> Tensor:
+                return (grad0(th) + ridge * th) * fm
+
+            theta, _ = fista(grad, theta, 1.0 / (lip + self.ridge), torch.zeros_like(ridge), 20 * self.max_iter, 1e-9)
+        Wn = torch.zeros_like(W)
+        Wn[s] = theta[:-1]
+        return Wn, theta[-1]
+
+    def _newton(self, Za: Tensor, T: Tensor, theta: Tensor, ridge: Tensor, free: Tensor, max_iter: int = 100) -> Tensor:
+        """Damped Newton on the entries ``free`` of θ (Armijo backtracking)."""
+        n, q = Za.shape
+        m = theta.shape[1]
+        idx = free.reshape(-1).nonzero().flatten()
+        jitter = 1e-10 * torch.eye(idx.numel(), dtype=Za.dtype)
+        rdiag = ridge.expand(q, m).reshape(-1)[idx]
+
+        def objective(th: Tensor) -> Tensor:
+            return self._loss(Za @ th, T) + 0.5 * (ridge * th**2).sum()
+
+        f = objective(theta)
+        for _ in range(max_iter):
+            P = self._probs(Za @ theta)
+            g = (Za.T @ (P - T) / n + ridge * theta).reshape(-1)[idx]
+            if self._binary():
+                H = (Za * (P * (1 - P))).T @ Za / n
+            else:  # Σ_i z_i z_iᵀ ⊗ (diag p_i − p_i p_iᵀ)
+                S = torch.diag_embed(P) - P.unsqueeze(2) * P.unsqueeze(1)
+                H = torch.einsum("ia,ib,icd->acbd", Za, Za, S).reshape(q * m, q * m) / n
+            H = H[idx][:, idx] + torch.diag(rdiag) + jitter
+            step = torch.zeros(q * m, dtype=Za.dtype)
+            step[idx] = torch.linalg.solve(H, g)
+            step = step.reshape(q, m)
+            dec = float((g * step.reshape(-1)[idx]).sum())  # squared Newton decrement
+            if dec <= 1e-20:
+                break
+            t = 1.0
+            while True:  # backtracking (Armijo)
+                cand = theta - t * step
+                f_new = objective(cand)
+                if float(f_new) <= float(f) - 0.25 * t * dec or t < 1e-8:
+                    break
+                t *= 0.5
+            theta, f = cand, f_new
+            if 0.5 * dec <= 1e-14:
+                break
+        return theta
+
+    def _output_names(self) -> list[str]:
+        if self._binary():
+            return ["log-odds of class 1"]
+        return [f"class {j}" for j in range(self.classes_ or 0)]
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        p = self._probs(self.decision_function(x))
+        return torch.cat([1 - p, p], 1) if self._binary() else p
+
+    def predict(self, x: Tensor) -> Tensor:
+        z = self.decision_function(x)
+        return (z[:, 0] > 0).long() if self._binary() else z.argmax(1)
