@@ -1,0 +1,194 @@
+"""Core benchmark: gradient/path methods vs a bare loop of the same passes and vs Captum; monitor
+overhead on the example training; peak memory against batch_size.
+
+    python benchmarks/bench_core.py            # full (a few minutes on 2 CPU cores)
+    python benchmarks/bench_core.py --quick
+
+Prints Markdown tables. Times are medians of repeated runs, measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from explain_callbacks._internal import model_guard  # noqa: E402
+from explain_callbacks.attribution import IntegratedGradients, Saliency, SmoothGrad  # noqa: E402
+from explain_callbacks.models import SmallCNN  # noqa: E402
+
+
+def timeit(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bare_passes(model, batches: list[torch.Tensor], target: torch.Tensor) -> None:
+    """The raw compute: one forward + input-gradient backward per batch, as a plain loop."""
+    for xb in batches:
+        xb = xb.detach().requires_grad_(True)
+        out = model(xb).gather(1, target.view(-1, 1)).sum()
+        torch.autograd.grad(out, xb)
+
+
+def method_table(repeats: int, n_steps: int, n_samples: int) -> list[list]:
+    import captum.attr as ca
+
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10)
+    x = torch.rand(32, 1, 32, 32)
+    t = torch.randint(0, 10, (32,))
+    rows = []
+    with model_guard(model):  # eval mode, frozen parameters: the state the monitor explains in
+        cases = [
+            ("Saliency", 1, lambda: Saliency()(model, x, t),
+             lambda: ca.Saliency(model).attribute(x, target=t, abs=False)),
+            (f"SmoothGrad n={n_samples}", n_samples, lambda: SmoothGrad(n_samples=n_samples, stdev=0.1)(model, x, t),
+             lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
+                 x, target=t, nt_type="smoothgrad", nt_samples=n_samples, stdevs=0.1, abs=False)),
+            (f"IG n_steps={n_steps}", n_steps,
+             lambda: IntegratedGradients(n_steps=n_steps, completeness=False)(model, x, t),
+             lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=n_steps)),
+            (f"IG n_steps={n_steps} + completeness", n_steps,
+             lambda: IntegratedGradients(n_steps=n_steps)(model, x, t),
+             lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=n_steps,
+                                                              return_convergence_delta=True)),
+        ]  # fmt: skip
+        for name, passes, ours, theirs in cases:
+            batches = [x + 0.0 * k for k in range(passes)]
+            t_raw = timeit(lambda b=batches: bare_passes(model, b, t), repeats)
+            t_ours = timeit(ours, repeats)
+            t_cap = timeit(theirs, repeats)
+            rows.append([name, passes, t_raw * 1e3, t_ours * 1e3, t_cap * 1e3, t_ours / t_raw, t_ours / t_cap])
+    return rows
+
+
+def monitor_overhead(epochs: int, repeats: int) -> list[list]:
+    import lightning.pytorch as pl
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from explain_callbacks.datasets import DigitsDataModule
+    from explain_callbacks.models import LitClassifier
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train")
+
+    def fit(with_monitor: bool) -> tuple[float, LitClassifier]:
+        pl.seed_everything(0, verbose=False)
+        dm = DigitsDataModule(batch_size=32)
+        model = LitClassifier(SmallCNN(), lr=3e-3)
+        cbs = [instantiate(cfg.callbacks.attribution)] if with_monitor else []
+        tr = pl.Trainer(max_epochs=epochs, accelerator="cpu", callbacks=cbs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, deterministic=True)  # fmt: skip
+        start = time.perf_counter()
+        tr.fit(model, dm)
+        return time.perf_counter() - start, model
+
+    fit(False)  # warm-up (data loading, first-call overheads)
+    base, mon = [], []
+    for _ in range(repeats):  # alternate, so drifts of the machine hit both sides
+        tb, m0 = fit(False)
+        tm, m1 = fit(True)
+        base.append(tb)
+        mon.append(tm)
+    same = all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
+    b, m = statistics.median(base), statistics.median(mon)
+    methods = ", ".join(str(x if isinstance(x, str) else dict(x)) for x in cfg.callbacks.attribution.methods)
+    return [[f"{epochs} epochs, monitor: {methods}", b, m, (m / b - 1) * 100, same]]
+
+
+def _memory_child(batch_size: int, n_steps: int) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10)
+    x = torch.rand(32, 1, 32, 32)
+    t = torch.randint(0, 10, (32,))
+    with model_guard(model):
+        Saliency()(model, x[:2], t[:2])  # load kernels before the baseline reading
+        before = _rss_kib()
+        _reset_peak()
+        IntegratedGradients(n_steps=n_steps, batch_size=batch_size, completeness=False)(model, x, t)
+        after = _peak_kib()
+    print(json.dumps({"peak_mib": (after - before) / 1024}))
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _rss_kib() -> int:
+    return _status("VmRSS")
+
+
+def _peak_kib() -> int:
+    return _status("VmHWM")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (Linux: writing 5 to clear_refs), so VmHWM is this run's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def memory_table(n_steps: int) -> list[list]:
+    rows = []
+    for bs in (32, 128, 512, 1024):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(bs), str(n_steps)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        rows.append([bs, n_steps, json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]])
+    return rows
+
+
+def table(headers, rows) -> str:
+    def f(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                     + ["| " + " | ".join(f(v) for v in r) + " |" for r in rows])  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--memory-child", nargs=2, type=int)
+    args = p.parse_args()
+    if args.memory_child:
+        _memory_child(*args.memory_child)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
+    reps = 3 if args.quick else 7
+    print("### (a) attribution time, SmallCNN 1x32x32, batch 32 (ms, median)\n")
+    rows = method_table(reps, n_steps=32, n_samples=25)
+    print(table(["method", "passes", "bare loop", "ours", "Captum", "ours / bare", "ours / Captum"], rows))
+    print("\n### (b) training overhead of the default monitor (digits example, seconds, median)\n")
+    rows = monitor_overhead(epochs=3 if args.quick else 6, repeats=1 if args.quick else 3)
+    print(table(["run", "without", "with", "overhead %", "bit-identical weights"], rows))
+    print("\n### (c) peak extra memory of IG (n_steps=32, batch 32) against batch_size\n")
+    print(table(["batch_size", "n_steps", "peak MiB"], memory_table(32)))
+
+
+if __name__ == "__main__":
+    main()
