@@ -10,6 +10,7 @@ Prints Markdown tables. Times are medians of repeated runs, measured side by sid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from explain_callbacks._internal import model_guard
+from explain_callbacks.attribution import IntegratedGradients, Saliency, SmoothGrad
+from explain_callbacks.models import SmallCNN
 
-from explain_callbacks._internal import model_guard  # noqa: E402
-from explain_callbacks.attribution import IntegratedGradients, Saliency, SmoothGrad  # noqa: E402
-from explain_callbacks.models import SmallCNN  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timeit(fn, repeats: int) -> float:
@@ -146,10 +146,8 @@ def _peak_kib() -> int:
 
 def _reset_peak() -> None:
     """Reset the kernel's peak-RSS counter (Linux: writing 5 to clear_refs), so VmHWM is this run's peak."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def memory_table(n_steps: int) -> list[list]:
