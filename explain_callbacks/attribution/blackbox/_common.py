@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._internal.batching import chunks
 from ..._internal.checks import check_inputs
-from ..._internal.masks import OUTPUTS
+from ..._internal.masks import OUTPUTS, score_outputs
 from ..._internal.targets import as_target_tensor, check_target
 from ..base import Attributor, _n_outputs
 
-__all__ = ["PerturbationAttributor"]
+__all__ = ["PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
 
 
 class PerturbationAttributor(Attributor):
@@ -63,3 +65,57 @@ class PerturbationAttributor(Attributor):
             check_target(tgt, n_out, inputs.shape[0])
         self.last_info = {}
         return tgt
+
+
+def grad_scores(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None,
+    output: str,
+    batch_size: int | None,
+    *,
+    return_argmax: bool = False,
+) -> tuple[Tensor, ...]:
+    """Per-row input gradient of the explained scalar and the scalar itself (and, with
+    ``return_argmax``, the model's arg-max class, −1 for single-output models), chunked by ``batch_size``.
+
+    Rows must be independent (eval-mode BatchNorm). Uses ``torch.autograd.grad`` (parameter ``.grad``
+    untouched); the results are detached.
+    """
+    grads, outs, preds = [], [], []
+    with torch.enable_grad():
+        for sl in chunks(x.shape[0], batch_size):
+            xc = x[sl].detach().requires_grad_(True)
+            raw = model(xc)
+            y = score_outputs(raw, None if target is None else target[sl], output)
+            (g,) = torch.autograd.grad(y.sum(), xc)
+            grads.append(g)
+            outs.append(y.detach())
+            if return_argmax:
+                multi = raw.ndim == 2 and raw.shape[1] > 1
+                preds.append(raw.detach().argmax(1) if multi else torch.full_like(y, -1, dtype=torch.long))
+    if return_argmax:
+        return torch.cat(grads), torch.cat(outs), torch.cat(preds)
+    return torch.cat(grads), torch.cat(outs)
+
+
+def total_variation(m: Tensor, beta: float = 2.0) -> Tensor:
+    """Anisotropic total variation per sample of (B, 1, *spatial) masks: Σ |Δm|^β along each spatial axis."""
+    tv = m.new_zeros(m.shape[0])
+    for dim in range(2, m.ndim):
+        if m.shape[dim] > 1:
+            tv = tv + m.diff(dim=dim).abs().pow(beta).flatten(1).sum(1)
+    return tv
+
+
+def mask_resolution(size: tuple[int, ...], scale: int, minimum: int) -> tuple[int, ...]:
+    """Low-resolution mask shape: each side ``ceil(side / scale)``, at least ``minimum`` (at most the side)."""
+    return tuple(min(s, max(-(-s // scale), minimum)) for s in size)
+
+
+def upsample_mask(m: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Bilinear (linear for sequences) upsampling of (B, 1, *low) masks to ``size``; identity for tabular."""
+    if m.ndim == 2 or tuple(m.shape[2:]) == tuple(size):
+        return m
+    mode = "linear" if m.ndim == 3 else "bilinear"
+    return F.interpolate(m, size=size, mode=mode, align_corners=False)

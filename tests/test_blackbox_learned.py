@@ -1,0 +1,186 @@
+"""Meaningful/extremal perturbation, sound masks, NeFLAG and nonlinear saliency (methods.md section 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explain_callbacks.attribution import (
+    ATTRIBUTIONS,
+    MeaningfulPerturbation,
+    NeFLAG,
+    NonlinearSaliency,
+    Saliency,
+    SoundMask,
+    build_attributor,
+)
+from tests.test_blackbox_core import NEAR, REGION, CountingModel, Planted, mass_in_region, planted_inputs
+
+# The planted evidence is a checkerboard, which a 1-px shift turns into its opposite: no jitter here.
+MP_FAST = dict(n_steps=120, jitter=0)
+
+
+def test_meaningful_perturbation_deletes_the_planted_region():
+    x = planted_inputs(2)
+    t = torch.zeros(2, dtype=torch.long)
+    a = MeaningfulPerturbation(**MP_FAST)(Planted(), x, t)
+    assert a.shape == (2, 1, 32, 32)
+    assert (a[:, 0][:, REGION].mean(1) > 0.9).all()  # the evidence is deleted
+    assert (mass_in_region(a, NEAR) > 0.6).all(), mass_in_region(a, NEAR)
+    assert (a[:, 0][:, ~NEAR].mean(1) < 0.2).all()  # and little else, far from it
+
+
+def test_extremal_perturbation_preserves_the_planted_region():
+    x = planted_inputs(2)
+    t = torch.zeros(2, dtype=torch.long)
+    method = build_attributor("extremal_perturbation", area=0.0625, **MP_FAST)
+    assert isinstance(method, MeaningfulPerturbation) and method.variant == "extremal"
+    a = method(Planted(), x, t)
+    inside, outside = a[:, 0][:, REGION].mean(1), a[:, 0][:, ~REGION].mean(1)
+    assert (inside > 0.6).all() and (outside < 0.1).all(), (inside, outside)  # a 7x7 mask vs an 8x8 px region
+    assert (mass_in_region(a, NEAR) > 0.8).all()
+
+
+def test_sound_mask_keeps_the_evidence_and_learns_per_label():
+    x = planted_inputs(2)
+    t = torch.zeros(2, dtype=torch.long)
+    background = 0.5 + 0.1 * torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    method = SoundMask(reference=background, n_steps=60, n_fills=4)
+    a = method(Planted(), x, t)
+    assert (mass_in_region(a, REGION) > 0.5).all() and (mass_in_region(a, NEAR) > 0.9).all()
+    both = method.attribute_labels(Planted(), x, torch.tensor([[0, 1], [0, 1]]))
+    assert both.shape == (2, 2, 1, 32, 32)
+    torch.testing.assert_close(both[:, 0], a)
+    # For the wrong label 1 the evidence of class 0 must not be kept.
+    assert (both[:, 1, 0][:, REGION].mean(1) < both[:, 0, 0][:, REGION].mean(1)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        SoundMask(n_steps=1)(Planted(), x[:1], t[:1])
+
+
+def test_neflag_linear_model_and_planted_region():
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 4).double()
+    x = torch.randn(5, 20, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3, 0])
+    a = NeFLAG(n_points=10)(lin, x, t)
+    # Constant field F = w: the most negative flux points sit at n = −w/‖w‖, so A = w²/‖w‖.
+    w = lin.weight.detach()[t]
+    assert (F.cosine_similarity(a, w**2, dim=1) > 0.99).all()
+    # A model reading one region has zero gradient elsewhere: all of the map lies there.
+    xp = planted_inputs(2)
+    ap = NeFLAG(n_points=4)(Planted(), xp, torch.zeros(2, dtype=torch.long))
+    assert (ap[:, 0][:, ~REGION].abs().sum((1,)) == 0).all() and (ap[:, 0][:, REGION].abs().sum(1) > 0).all()
+
+
+def test_neflag_descent_finds_more_negative_flux():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    x = torch.randn(4, 10)
+    t = torch.tensor([0, 1, 2, 0])
+    random_points = NeFLAG(n_points=8, n_iter=0, radius=0.3)
+    random_points(net, x, t)
+    descended = NeFLAG(n_points=8, n_iter=8, radius=0.3)
+    descended(net, x, t)
+    assert (descended.last_info["flux"].mean(1) < random_points.last_info["flux"].mean(1)).all()
+    assert (descended.last_info["flux"] < 0).float().mean() > 0.9
+    assert {"neflag1", "neflag10", "neflag20"} <= set(ATTRIBUTIONS.names())
+    assert build_attributor("neflag20").n_points == 20 and build_attributor("neflag1").n_points == 1
+
+
+def test_nonlinear_saliency_agrees_with_saliency_on_linear_model():
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 5).double()
+    x = torch.randn(6, 30, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    ns = NonlinearSaliency(stop_on_class_change=False)
+    a = ns(lin, x, t)
+    s = Saliency()(lin, x, t)
+    assert (F.cosine_similarity(a, s, dim=1) > 0.99).all()
+    # The path integral sums to the change of f_c along the path (exact for a linear model).
+    total = ns.last_info["path_integral"].sum(1)
+    torch.testing.assert_close(total, ns.last_info["output_change"].to(total.dtype), atol=1e-9, rtol=1e-9)
+
+
+def test_nonlinear_saliency_path_integral_on_curved_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 0])
+    ns = NonlinearSaliency(step_size=0.01, max_steps=40, map="path_integral")
+    a = ns(net, x, t)
+    rel = (a.sum(1) - ns.last_info["output_change"]).abs() / ns.last_info["output_change"].abs().clamp_min(1e-9)
+    assert (rel < 0.01).all()  # trapezoid rule along the path
+    assert (ns.last_info["steps"] >= 1).all() and (ns.last_info["output_change"] < 0).all()
+    assert torch.equal(ns.last_info["forwards"], ns.last_info["steps"] + 1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda bs: MeaningfulPerturbation(n_steps=3, batch_size=bs),
+        lambda bs: MeaningfulPerturbation(variant="extremal", n_steps=3, batch_size=bs),
+        lambda bs: SoundMask(n_steps=3, n_fills=2, batch_size=bs),
+        lambda bs: NeFLAG(n_points=3, n_iter=2, batch_size=bs),
+        lambda bs: NonlinearSaliency(max_steps=4, drop=1.0, stop_on_class_change=False, batch_size=bs),
+    ],
+    ids=["meaningful", "extremal", "sound", "neflag", "nonlinear"],
+)
+def test_chunks_counts_seed_and_rng(make):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 64, 3))
+    model = CountingModel(inner)
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 2, 0, 1])
+    state = torch.get_rng_state()
+    m = make(4)
+    a = m(model, x, t)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert max(model.calls) <= 4
+    assert sum(model.calls) == 1 + int(m.last_info["forwards"].sum())
+    assert int(m.last_info["forwards"].max()) <= m.n_forwards(tuple(x.shape[1:]))
+    b = make(1000)(inner, x, t)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # independent of the chunking
+    assert torch.equal(make(4)(inner, x, t), a)  # same seed, same map
+
+
+def test_tabular_and_sequence_inputs():
+    torch.manual_seed(0)
+    tab = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    xt = torch.randn(3, 6)
+    seq = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3))
+    xs = torch.randn(3, 2, 16)
+    t = torch.tensor([0, 1, 2])
+    for m in [NeFLAG(n_points=2, n_iter=1), NonlinearSaliency(max_steps=3)]:
+        assert m(tab, xt, t).shape == xt.shape and m(seq, xs, t).shape == xs.shape
+    assert MeaningfulPerturbation(n_steps=3, substrate="mean")(tab, xt, t).shape == xt.shape
+    assert MeaningfulPerturbation(n_steps=3)(seq, xs, t).shape == (3, 1, 16)
+    assert SoundMask(n_steps=2, n_fills=2)(seq, xs, t).shape == (3, 1, 16)
+    with pytest.raises(ValueError, match="tabular"):
+        MeaningfulPerturbation(n_steps=3)(tab, xt, t)  # blur substrate on tabular data
+
+
+def test_hydra_configs_instantiate():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "attribution"
+    expected = {
+        "meaningful_perturbation": MeaningfulPerturbation,
+        "extremal_perturbation": MeaningfulPerturbation,
+        "sound_mask": SoundMask,
+        "neflag": NeFLAG,
+        "neflag1": NeFLAG,
+        "neflag10": NeFLAG,
+        "neflag20": NeFLAG,
+        "nonlinear_saliency": NonlinearSaliency,
+    }
+    for name, cls in expected.items():
+        obj = instantiate(OmegaConf.load(conf / f"{name}.yaml"))
+        assert isinstance(obj, cls), name
+        assert isinstance(ATTRIBUTIONS.build(name), cls)
+    assert instantiate(OmegaConf.load(conf / "neflag20.yaml")).n_points == 20
+    assert instantiate(OmegaConf.load(conf / "extremal_perturbation.yaml")).variant == "extremal"
