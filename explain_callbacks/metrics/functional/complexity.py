@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sparseness", "complexity"]
+__all__ = ["complexity", "sparseness"]
 
 
 def sparseness(attributions: Tensor, eps: float = 1e-12) -> Tensor:

@@ -1,0 +1,124 @@
+"""Base classes of the metric objects: a torchmetrics ``Metric`` that averages per-sample scores.
+
+The math lives in :mod:`explain_callbacks.metrics.functional`; a class only holds the arguments and
+the state: ``score_sum`` and ``count`` (both reduced by sum across processes, so the DDP mean is
+exact). Non-finite scores (e.g. the pointing game on an empty mask) are left out of both.
+
+Two kinds, as Xplique separates them:
+
+- ``kind = "explanation"``: ``update(model, inputs, attributions, target=None, masks=None)`` scores
+  given maps;
+- ``kind = "explainer"``: ``update(model, inputs, target, method, attributions=None, masks=None)``
+  re-runs the method (``method(model, inputs, target) -> map``); ``attributions`` (the maps at the
+  inputs) are reused when given.
+
+``update`` runs the model as given (the caller chooses eval mode; the monitor's guard does); the
+metric's own forward passes run without gradients, methods re-run with gradients enabled.
+``last_scores`` holds the per-sample scores of the last update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+__all__ = ["ExplainerMetric", "ExplanationMetric", "ScoreMetric"]
+
+
+class ScoreMetric(Metric):
+    """Mean of per-sample scores with sum-reduced states (``score_sum``, ``count``)."""
+
+    kind: ClassVar[str] = "explanation"
+    short_name: ClassVar[str] = "score"
+    needs_masks: ClassVar[bool] = False
+    is_differentiable: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+    full_state_update: ClassVar[bool] = False
+
+    def __init__(self, batch_size: int | None = 256, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if batch_size is not None and int(batch_size) <= 0:
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}.")
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.last_scores: Tensor | None = None
+
+    def _accumulate(self, scores: Tensor) -> None:
+        s = scores.detach().reshape(-1).to(device=self.score_sum.device, dtype=torch.float64)
+        ok = torch.isfinite(s)
+        self.score_sum += torch.where(ok, s, torch.zeros_like(s)).sum()
+        self.count += ok.sum().to(torch.float64)
+        self.last_scores = s
+
+    def compute(self) -> Tensor:
+        if self.count == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.score_sum.device)
+        return self.score_sum / self.count
+
+    def _check_masks(self, masks: Tensor | None) -> Tensor:
+        if masks is None:
+            raise ValueError(
+                f"{type(self).__name__} needs ground-truth masks: pass masks=(B,H,W) or (B,1,H,W) tensors "
+                "(the shapes data set provides them; set the callback's mask_key)."
+            )
+        return masks
+
+
+class ExplanationMetric(ScoreMetric):
+    """A metric of given maps: ``update(model, inputs, attributions, target=None, masks=None)``."""
+
+    kind: ClassVar[str] = "explanation"
+
+    def update(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> None:
+        self._accumulate(self._scores(model, inputs, attributions, target, masks))
+
+    def _scores(
+        self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class ExplainerMetric(ScoreMetric):
+    """A metric that re-runs the method: ``update(model, inputs, target, method, attributions=None, masks=None)``."""
+
+    kind: ClassVar[str] = "explainer"
+
+    def update(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        target: Tensor | None,
+        method: Any,
+        attributions: Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> None:
+        if not callable(method):
+            raise TypeError(
+                f"{type(self).__name__} re-runs the attribution method: pass a callable "
+                f"method(model, inputs, target), got {type(method).__name__}."
+            )
+        with torch.enable_grad():  # torchmetrics runs update under no_grad
+            scores = self._scores(model, inputs, target, method, attributions, masks)
+        self._accumulate(scores)
+
+    def _scores(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        target: Tensor | None,
+        method: Any,
+        attributions: Tensor | None,
+        masks: Tensor | None,
+    ) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,189 @@
+"""Explainer metrics (they re-run the method): sensitivity, local Lipschitz estimate, completeness and
+soundness, model-randomisation sanity check (classes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._internal.registry import METRICS
+from .base import ExplainerMetric
+from .functional import completeness_soundness, local_lipschitz, model_randomisation, sensitivity
+from .functional._utils import Substrate
+
+__all__ = ["AvgSensitivity", "CompletenessSoundness", "LocalLipschitz", "MaxSensitivity", "Randomisation"]
+
+
+@METRICS.register("max_sensitivity")
+class MaxSensitivity(ExplainerMetric):
+    """Max-sensitivity (Yeh et al. 2019): max over the L∞ ball of radius r of ‖A(y) − A(x)‖ / ‖A(x)‖;
+    lower is better. Defaults are Captum's (10 draws, r = 0.02); Quantus uses 200 and 0.2."""
+
+    short_name = "max_sensitivity"
+    higher_is_better = False
+    _reduction = "max"
+
+    def __init__(
+        self,
+        n_samples: int = 10,
+        radius: float = 0.02,
+        norm: float | str = "fro",
+        seed: int = 0,
+        batch_size: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.n_samples, self.radius, self.norm, self.seed = n_samples, radius, norm, seed
+
+    def _scores(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
+        masks: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        return sensitivity(
+            model, inputs, target, method, attributions, reduction=self._reduction, n_samples=self.n_samples,
+            radius=self.radius, norm=self.norm, seed=self.seed, batch_size=self.batch_size,
+        )  # fmt: skip
+
+
+@METRICS.register("avg_sensitivity")
+class AvgSensitivity(MaxSensitivity):
+    """Avg-sensitivity (Yeh et al. 2019): the mean instead of the max; lower is better."""
+
+    short_name = "avg_sensitivity"
+    _reduction = "mean"
+
+
+@METRICS.register("local_lipschitz", "lipschitz")
+class LocalLipschitz(ExplainerMetric):
+    """Local Lipschitz estimate (Alvarez-Melis & Jaakkola 2018): max ‖A(x) − A(x')‖ / ‖x − x'‖ over
+    x' = x + N(0, σ²); lower is better."""
+
+    short_name = "local_lipschitz"
+    higher_is_better = False
+
+    def __init__(
+        self,
+        n_samples: int = 10,
+        noise_std: float = 0.1,
+        norm: float | str = "fro",
+        seed: int = 0,
+        batch_size: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.n_samples, self.noise_std, self.norm, self.seed = n_samples, noise_std, norm, seed
+
+    def _scores(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
+        masks: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        return local_lipschitz(
+            model, inputs, target, method, attributions, n_samples=self.n_samples, noise_std=self.noise_std,
+            norm=self.norm, seed=self.seed, batch_size=self.batch_size,
+        )  # fmt: skip
+
+
+@METRICS.register("completeness_soundness")
+class CompletenessSoundness(ExplainerMetric):
+    """Completeness and soundness (Gupta et al. 2022; **reconstruction**, see
+    :func:`~explain_callbacks.metrics.functional.completeness_soundness`); higher is better.
+
+    Args:
+        report: what ``compute`` returns: ``"soundness"`` (default), ``"completeness"`` (both scalars),
+            or ``"both"`` (a dict ``{"completeness": ..., "soundness": ...}``). Both are always kept,
+            in the states ``score_sum``/``count`` (completeness) and ``sound_sum``/``sound_count``.
+    """
+
+    short_name = "completeness_soundness"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        report: str = "soundness",
+        n_other: int | None = 4,
+        substrate: Substrate = "zeros",
+        n_steps: int = 16,
+        features: str = "auto",
+        batch_size: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        if report not in ("soundness", "completeness", "both"):
+            raise ValueError(f"report must be 'soundness', 'completeness' or 'both', got {report!r}.")
+        self.report, self.n_other, self.substrate, self.n_steps, self.features = (
+            report, n_other, substrate, n_steps, features,
+        )  # fmt: skip
+        self.add_state("sound_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sound_count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.last_soundness: Tensor | None = None
+
+    def _scores(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
+        masks: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        comp, sound = completeness_soundness(
+            model, inputs, target, method, attributions, n_other=self.n_other, substrate=self.substrate,
+            n_steps=self.n_steps, features=self.features, batch_size=self.batch_size,
+        )  # fmt: skip
+        s = sound.detach().to(device=self.sound_sum.device, dtype=torch.float64)
+        ok = torch.isfinite(s)
+        self.sound_sum += torch.where(ok, s, torch.zeros_like(s)).sum()
+        self.sound_count += ok.sum().to(torch.float64)
+        self.last_soundness = s
+        return comp
+
+    def compute(self) -> Tensor | dict[str, Tensor]:
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.score_sum.device)
+        comp = self.score_sum / self.count if self.count > 0 else nan
+        sound = self.sound_sum / self.sound_count if self.sound_count > 0 else nan
+        if self.report == "both":
+            return {"completeness": comp, "soundness": sound}
+        return comp if self.report == "completeness" else sound
+
+
+@METRICS.register("randomisation", "randomization", "mprt")
+class Randomisation(ExplainerMetric):
+    """Cascading model-parameter randomisation check (Adebayo et al. 2018): Spearman correlation of the
+    maps of the fully randomised model (a deep copy) with the trained model's; lower is better.
+
+    With ``cascade=True`` every step of the cascade is computed (one method call per layer): ``curve``
+    holds the mean correlation after each layer (top-down), ``curve_x`` the fraction of layers
+    randomised and ``layer_names`` their names; the reported value is still the last step.
+    """
+
+    short_name = "randomisation"
+    higher_is_better = False
+
+    def __init__(
+        self,
+        cascade: bool = False,
+        abs: bool = True,
+        layers: list[str] | None = None,
+        seed: int = 0,
+        batch_size: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.cascade, self.abs, self.layers, self.seed = cascade, abs, layers, seed
+        self.curve: Tensor | None = None
+        self.curve_x: Tensor | None = None
+        self.layer_names: list[str] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.curve, self.curve_x = None, None
+
+    def _scores(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
+        masks: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        kw = dict(abs=self.abs, layers=self.layers, seed=self.seed, batch_size=self.batch_size)
+        if not self.cascade:
+            return model_randomisation(model, inputs, target, method, attributions, **kw)
+        names, rows = model_randomisation(model, inputs, target, method, attributions, return_cascade=True, **kw)
+        self.layer_names = list(names)
+        self.curve = rows.nanmean(1)
+        self.curve_x = torch.arange(1, len(names) + 1, dtype=torch.float64) / len(names)
+        return rows[-1]

@@ -1,0 +1,256 @@
+"""Shared plumbing of the metrics: feature grouping, substrates, chunked scoring, row blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..._internal.batching import chunks, select_output
+from ..._internal.checks import check_inputs
+
+__all__ = [
+    "FEATURES",
+    "OUTPUTS",
+    "RunDraws",
+    "Substrate",
+    "broadcast_map",
+    "check_masks",
+    "expand_feature_mask",
+    "feature_relevance",
+    "make_substrate",
+    "output_scores",
+    "rank_features",
+    "row_blocks",
+    "scores_chunked",
+    "validate",
+]
+
+Substrate = Union[str, float, Tensor]
+FEATURES = ("auto", "pixel", "element")
+OUTPUTS = ("probability", "logit")
+
+
+def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor | None = None) -> None:
+    """Check inputs, the map's shape (input-shaped, or one channel broadcast over channels) and target."""
+    check_inputs(inputs)
+    if attributions is not None:
+        broadcast_map(attributions, inputs)
+    if target is not None and (target.ndim != 1 or target.shape[0] != inputs.shape[0]):
+        raise ValueError(
+            f"target must have shape ({inputs.shape[0]},) (one class index per sample) or be None for a "
+            f"single-output model, got {tuple(target.shape)}."
+        )
+
+
+def broadcast_map(attributions: Tensor, inputs: Tensor) -> Tensor:
+    """The map expanded to the input's shape: (B,1,*S) maps (Grad-CAM) broadcast over channels."""
+    if attributions.shape == inputs.shape:
+        return attributions
+    ok = (
+        attributions.ndim == inputs.ndim
+        and attributions.shape[0] == inputs.shape[0]
+        and attributions.ndim >= 3
+        and attributions.shape[1] == 1
+        and attributions.shape[2:] == inputs.shape[2:]
+    )
+    if not ok:
+        raise ValueError(
+            f"attributions of shape {tuple(attributions.shape)} do not match inputs {tuple(inputs.shape)}; "
+            "metrics need input-shaped maps or one-channel maps (B,1,*spatial) that broadcast over channels "
+            "(upsample lower-resolution maps first)."
+        )
+    return attributions.expand_as(inputs)
+
+
+def _resolve_features(features: str, inputs: Tensor) -> str:
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
+    if features == "auto":
+        return "pixel" if inputs.ndim == 4 else "element"
+    if features == "pixel" and inputs.ndim < 3:
+        raise ValueError(
+            f"features='pixel' needs (B,C,L) or (B,C,H,W) inputs, got {tuple(inputs.shape)}; use 'element'."
+        )
+    return features
+
+
+def feature_relevance(attributions: Tensor, inputs: Tensor, features: str = "auto") -> tuple[Tensor, str]:
+    """Relevance per feature, (B, n): channel-summed per position (``pixel``) or per element.
+
+    Returns the relevance and the resolved feature mode.
+    """
+    mode = _resolve_features(features, inputs)
+    a = attributions.detach()
+    b = inputs.shape[0]
+    if mode == "pixel":
+        if a.shape[1] != 1:
+            a = broadcast_map(a, inputs).sum(1, keepdim=True)
+        else:
+            broadcast_map(a, inputs)  # shape check only
+        return a.reshape(b, -1), mode
+    return broadcast_map(a, inputs).reshape(b, -1), mode
+
+
+def expand_feature_mask(mask: Tensor, inputs_shape: torch.Size | tuple[int, ...], mode: str) -> Tensor:
+    """A (..., n) feature mask viewed so it broadcasts to (..., *input_shape[1:])."""
+    lead = tuple(mask.shape[:-1])
+    if mode == "pixel":
+        return mask.view(*lead, 1, *inputs_shape[2:])
+    return mask.view(*lead, *inputs_shape[1:])
+
+
+def rank_features(relevance: Tensor) -> Tensor:
+    """Rank of each feature in descending order of relevance (0 = most relevant), ties by index."""
+    order = torch.argsort(relevance, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ar = torch.arange(relevance.shape[1], device=relevance.device).expand_as(order)
+    return ranks.scatter_(1, order, ar)
+
+
+def make_substrate(
+    spec: Substrate, inputs: Tensor, *, blur_sigma: float = 5.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """What removed features are replaced with, input-shaped.
+
+    ``"zeros"``; ``"blur"`` (Gaussian, ``blur_sigma`` px, RISE's insertion start); ``"auto"`` (blur for
+    images (B,C,H,W), zeros otherwise); ``"mean"`` (per-sample,
+    per-channel mean); ``"min"`` / ``"max"`` (per-sample minimum / maximum, Quantus' ``"black"`` /
+    ``"white"``); ``"uniform"`` (noise in the sample's range, from ``generator``); a float; or a tensor
+    broadcastable to the inputs.
+    """
+    if isinstance(spec, str) and spec == "auto":
+        spec = "blur" if inputs.ndim == 4 else "zeros"
+    if isinstance(spec, str) and spec in ("min", "max"):
+        b = inputs.shape[0]
+        flat = inputs.detach().reshape(b, -1)
+        v = flat.min(1).values if spec == "min" else flat.max(1).values
+        return v.view(b, *([1] * (inputs.ndim - 1))).expand_as(inputs).clone()
+    from ...attribution.path import make_baseline
+
+    try:
+        return make_baseline(spec, inputs.detach(), sigma=blur_sigma, generator=generator).detach()
+    except ValueError as err:
+        if not str(err).startswith("Unknown baseline"):
+            raise
+        raise ValueError(
+            f"Unknown substrate {spec!r}; use 'zeros', 'blur', 'auto', 'mean', 'min', 'max', 'uniform', a float or "
+            "a tensor."
+        ) from err
+
+
+def output_scores(
+    model: nn.Module,
+    rows: Tensor,
+    target: Tensor | None,
+    output: str = "probability",
+) -> Tensor:
+    """The scored output per row, without gradients: softmax probability or raw output at ``target``.
+
+    Single-output models (regression) are scored by their raw output whatever ``output`` says.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+    with torch.no_grad():
+        out = model(rows)
+        if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
+            out = out.softmax(1)
+        return select_output(out, target).detach()
+
+
+def row_blocks(n_runs: int, batch: int, batch_size: int | None) -> Iterator[tuple[slice, slice]]:
+    """Blocks of (run, sample) rows, run-major, each holding at most ``batch_size`` rows.
+
+    With ``batch_size >= batch`` a block holds whole runs; otherwise one run and a slice of samples.
+    """
+    bs = batch_size if batch_size and batch_size > 0 else n_runs * batch
+    if bs >= batch:
+        per = max(1, bs // batch)
+        for r in range(0, n_runs, per):
+            yield slice(r, min(r + per, n_runs)), slice(0, batch)
+    else:
+        for r in range(n_runs):
+            for s in range(0, batch, bs):
+                yield slice(r, r + 1), slice(s, min(s + bs, batch))
+
+
+def check_masks(masks: Tensor, inputs: Tensor) -> Tensor:
+    """Ground-truth masks as booleans (B, *spatial) for spatial inputs or (B, D...) for tabular ones.
+
+    Accepts (B,*spatial), (B,1,*spatial) and (B,C,*spatial) (a position counts if any channel is set).
+    """
+    b = inputs.shape[0]
+    if masks.shape[0] != b:
+        raise ValueError(f"masks have {masks.shape[0]} samples but inputs have {b}; pass one mask per sample.")
+    m = masks.detach()
+    m = m.bool() if m.dtype == torch.bool else m > 0.5 if m.is_floating_point() else m != 0
+    if inputs.ndim >= 3:
+        spatial = tuple(inputs.shape[2:])
+        if tuple(m.shape[1:]) == spatial:
+            return m
+        if m.ndim == inputs.ndim and tuple(m.shape[2:]) == spatial:
+            return m.any(1)
+    elif tuple(m.shape) == tuple(inputs.shape):
+        return m
+    raise ValueError(
+        f"masks of shape {tuple(masks.shape)} do not fit inputs {tuple(inputs.shape)}; expected (B,*spatial), "
+        "(B,1,*spatial) or (B,C,*spatial) for images and (B,D) for tabular inputs."
+    )
+
+
+def trapezoid(curve: Tensor, x: Tensor) -> Tensor:
+    """Area under (B, S) curves on the grid x (S,) by the trapezoid rule."""
+    return torch.trapezoid(curve, x=x.to(curve.dtype), dim=-1)
+
+
+def n_steps_of(n_features: int, n_steps: int | None, step: int | float | None) -> tuple[int, int]:
+    """(features per step, number of steps) from either ``step`` (int count or float fraction) or ``n_steps``."""
+    if step is not None:
+        if isinstance(step, float) and 0 < step <= 1:
+            step = max(1, round(step * n_features))
+        step = int(step)
+        if step < 1:
+            raise ValueError(f"step must be a positive int (features per step) or a fraction in (0, 1], got {step}.")
+    else:
+        if n_steps is None or n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}.")
+        step = max(1, math.ceil(n_features / n_steps))
+    return step, math.ceil(n_features / step)
+
+
+def resize_nearest(m: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Nearest-neighbour resize of a (N, *grid) float tensor to (N, *size)."""
+    return F.interpolate(m.unsqueeze(1), size=size, mode="nearest").squeeze(1)
+
+
+class RunDraws:
+    """Per-run random draws ``fn(r) -> (B, ...)`` made in run order and cached, so that the random
+    stream, and hence the result, does not depend on how rows are blocked by ``batch_size``."""
+
+    def __init__(self, fn: Callable[[int], Tensor]) -> None:
+        self.fn = fn
+        self._cache: dict[int, Tensor] = {}
+
+    def get(self, rs: slice) -> Tensor:
+        for r in list(self._cache):
+            if r < rs.start:
+                del self._cache[r]
+        for r in range(rs.start, rs.stop):
+            if r not in self._cache:
+                self._cache[r] = self.fn(r)
+        return torch.stack([self._cache[r] for r in range(rs.start, rs.stop)])
+
+
+def scores_chunked(
+    model: nn.Module, x: Tensor, target: Tensor | None, output: str = "probability", batch_size: int | None = 256
+) -> Tensor:
+    """:func:`output_scores` of every row of ``x`` (float64, (N,)), at most ``batch_size`` rows per call."""
+    parts = [
+        output_scores(model, x[sl], None if target is None else target[sl], output).double()
+        for sl in chunks(x.shape[0], batch_size)
+    ]
+    return torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float64)

@@ -1,0 +1,41 @@
+"""Completeness error of a path attribution (Sundararajan, Taly & Yan 2017, arXiv:1703.01365).
+
+Integrated Gradients satisfies Σ_i IG_i = f(x) − f(x'); the relative gap
+|Σ A − (f(x) − f(x'))| / |f(x) − f(x')| measures the quadrature error of IG (and how far any other
+map is from being complete with respect to the baseline x'). Lower is better.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ._utils import Substrate, make_substrate, scores_chunked, validate
+
+__all__ = ["completeness_error"]
+
+
+def completeness_error(
+    model: nn.Module,
+    inputs: Tensor,
+    attributions: Tensor,
+    target: Tensor | None,
+    *,
+    baseline: Substrate = "zeros",
+    output: str = "logit",
+    relative: bool = True,
+    blur_sigma: float = 5.0,
+    batch_size: int | None = 256,
+    eps: float = 1e-12,
+) -> Tensor:
+    """|Σ A − Δf| (/ |Δf| when ``relative``) per sample (B,), Δf = f(x) − f(baseline).
+
+    The baseline must be the one the attribution used (IG's default: zeros).
+    """
+    validate(inputs, attributions, target)
+    x = inputs.detach()
+    base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
+    b = x.shape[0]
+    fx = scores_chunked(model, x, target, output, batch_size)
+    delta = fx - scores_chunked(model, base, target, output, batch_size)
+    gap = (attributions.detach().reshape(b, -1).double().sum(1) - delta).abs()
+    return gap / delta.abs().clamp_min(eps) if relative else gap

@@ -1,0 +1,105 @@
+"""Completeness and soundness of saliency maps (explainer metric).
+
+Gupta, Saunshi, Yu, Lyu & Arora (2022), "New Definitions and Evaluations for Saliency Methods:
+Staying Intrinsic, Complete and Sound", NeurIPS, arXiv:2211.02912.
+
+**Reconstruction** (the simplified form of ``methods.md`` §4, not the paper's full protocol): for a
+label ℓ with map A_ℓ, a_ℓ is the mean probability of ℓ along the insertion curve of A_ℓ (the top-k
+features of A_ℓ kept, the rest zero, k swept over [0, n]; the trapezoid mean over the fractions) and
+p_ℓ the probability of ℓ on x. Then
+
+- completeness = min(max(0.1, a_ℓ) / min(1, p_ℓ), 1) at the explained label ℓ = target;
+- soundness = mean over other labels ℓ' of min(max(0.1, p_ℓ') / a_ℓ', 1): a sound method cannot make
+  the net predict a label the input does not support by keeping a few pixels.
+
+Both in [0, 1], higher is better. The method is re-run for the other labels (the ``n_other`` most
+probable ones, or all), ``batch_size`` rows per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..._internal.batching import chunks
+from ._utils import Substrate, row_blocks, trapezoid, validate
+from .deletion import perturbation_curve
+
+__all__ = ["completeness_soundness"]
+
+
+def completeness_soundness(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor,
+    method: Callable[..., Tensor],
+    attributions: Tensor | None = None,
+    *,
+    n_other: int | None = 4,
+    substrate: Substrate = "zeros",
+    n_steps: int = 16,
+    features: str = "auto",
+    batch_size: int | None = 256,
+) -> tuple[Tensor, Tensor]:
+    """(completeness (B,), soundness (B,)).
+
+    Args:
+        target: the explained labels (B,); classification models only.
+        method: attribution method ``method(model, inputs, target) -> map``.
+        attributions: the map of ``target`` if already computed.
+        n_other: other labels checked for soundness: the most probable ones (``None``: all).
+        substrate: value of the removed features (zeros as in the definition).
+        n_steps: points of the insertion curve (plus the empty one).
+    """
+    if target is None:
+        raise ValueError("completeness/soundness need class targets (a classifier); got target=None.")
+    validate(inputs, attributions, target)
+    x = inputs.detach()
+    b = x.shape[0]
+    with torch.no_grad():
+        probs = torch.cat([model(x[sl]).softmax(1) for sl in chunks(b, batch_size)]).double()
+    k = probs.shape[1]
+    if k < 2:
+        raise ValueError("completeness/soundness need a model with at least 2 classes.")
+    m = k - 1 if n_other is None else max(1, min(int(n_other), k - 1))
+    others = probs.scatter(1, target.view(-1, 1), -1.0).topk(m, dim=1).indices  # (B, m), excludes target
+    labels = torch.cat([target.view(-1, 1), others], dim=1).T.contiguous()  # (1 + m, B)
+    first = 1 if attributions is not None else 0
+    maps = []
+    if attributions is not None:
+        maps.append(attributions.detach().unsqueeze(0).expand(1, *attributions.shape))
+    n_runs = labels.shape[0] - first
+    for rs, bs in row_blocks(n_runs, b, batch_size):
+        nr = rs.stop - rs.start
+        rows = x[bs].repeat(nr, *([1] * (x.ndim - 1)))
+        tgt = labels[first + rs.start : first + rs.stop, bs].reshape(-1)
+        with torch.enable_grad():
+            a = method(model, rows, tgt).detach()
+        maps.append(a.view(nr, bs.stop - bs.start, *a.shape[1:]))
+    maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
+    flat_x = x.repeat(labels.shape[0], *([1] * (x.ndim - 1)))
+    curve, fr = perturbation_curve(
+        model, flat_x, maps_t.flatten(0, 1), labels.reshape(-1), mode="insertion", substrate=substrate,
+        n_steps=n_steps, features=features, output="probability", batch_size=batch_size,
+    )  # fmt: skip
+    a_l = trapezoid(curve, fr).view(labels.shape[0], b)
+    p_l = probs.gather(1, labels.T).T  # (1 + m, B)
+    completeness = (a_l[0].clamp_min(0.1) / p_l[0].clamp_max(1.0)).clamp_max(1.0)
+    soundness = (p_l[1:].clamp_min(0.1) / a_l[1:].clamp_min(1e-12)).clamp_max(1.0).mean(0)
+    return completeness, soundness
+
+
+def _assemble(parts: list[Tensor], n_labels: int, b: int, rows_first: int, batch_size: int | None) -> Tensor:
+    """Blocks of maps (nr, nb, ...) in row-block order as one (n_labels, B, ...) tensor."""
+    shape = parts[0].shape[2:]
+    out = parts[0].new_empty(n_labels, b, *shape)
+    i = 0
+    if rows_first:
+        out[0] = parts[0][0]
+        i = 1
+    for rs, bs in row_blocks(n_labels - rows_first, b, batch_size):
+        out[rows_first + rs.start : rows_first + rs.stop, bs] = parts[i]
+        i += 1
+    return out

@@ -1,0 +1,160 @@
+"""Deletion and insertion (Petsiuk, Das & Saenko 2018, RISE, arXiv:1806.07421) and their difference.
+
+Features are ordered by the map (channel-summed per pixel for images), then removed (deletion:
+replaced by a substrate, zeros by default) or revealed (insertion: starting from the substrate, a
+blurred copy for images by default) ``step`` features at a time; the curve is the class probability (or logit)
+after each step, its area is taken by the trapezoid rule on the fraction of features in [0, 1].
+Insertion − deletion is the score of NeFLAG (Li et al. 2023).
+
+With ``features="element"``, ``step=1``, ``substrate="min"`` and probabilities, ``curve[:, 1:]`` is
+Quantus' ``PixelFlipping`` curve (which omits the unperturbed point).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import (
+    Substrate,
+    expand_feature_mask,
+    feature_relevance,
+    make_substrate,
+    n_steps_of,
+    output_scores,
+    rank_features,
+    row_blocks,
+    trapezoid,
+    validate,
+)
+
+__all__ = ["deletion", "insertion", "insertion_deletion", "perturbation_curve"]
+
+
+def perturbation_curve(
+    model: nn.Module,
+    inputs: Tensor,
+    attributions: Tensor,
+    target: Tensor | None,
+    *,
+    mode: str = "deletion",
+    substrate: Substrate = "zeros",
+    n_steps: int = 32,
+    step: int | float | None = None,
+    features: str = "auto",
+    output: str = "probability",
+    blur_sigma: float = 5.0,
+    batch_size: int | None = 256,
+) -> tuple[Tensor, Tensor]:
+    """Deletion or insertion curves, (B, S) with S = steps + 1, and the fractions (S,) in [0, 1].
+
+    Point k holds ``min(k * step, n)`` removed (deletion) or revealed (insertion) features; point 0 is
+    the intact input (deletion) or the substrate (insertion). The ``S * B`` perturbed copies are built
+    block by block, at most ``batch_size`` rows per model call.
+
+    Args:
+        mode: ``"deletion"`` or ``"insertion"``.
+        substrate: see :func:`~explain_callbacks.metrics.functional._utils.make_substrate`.
+        n_steps: number of steps (ignored when ``step`` is given).
+        step: features per step (int) or a fraction of the features (float in (0, 1]).
+        features: ``"pixel"`` (channel-summed, images' default), ``"element"`` or ``"auto"``.
+        output: ``"probability"`` (softmax at the target, RISE) or ``"logit"``.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}.")
+    validate(inputs, attributions, target)
+    x = inputs.detach()
+    rel, fmode = feature_relevance(attributions, x, features)
+    b, n = rel.shape
+    step_, n_st = n_steps_of(n, n_steps, step)
+    counts = (torch.arange(n_st + 1, device=x.device) * step_).clamp_max(n)
+    fractions = counts.to(torch.float64) / n
+    ranks = rank_features(rel)
+    sub = make_substrate(substrate, x, blur_sigma=blur_sigma).to(x.dtype)
+    s_total = n_st + 1
+    scores = torch.empty(s_total, b, dtype=torch.float64, device=x.device)
+    for rs, bs in row_blocks(s_total, b, batch_size):
+        nr, nb = rs.stop - rs.start, bs.stop - bs.start
+        # (nr, nb, n): is the feature removed (deletion) / revealed (insertion) at this step?
+        m = expand_feature_mask(ranks[bs].unsqueeze(0) < counts[rs].view(nr, 1, 1), x.shape, fmode)
+        xs, ss = x[bs].unsqueeze(0), sub[bs].unsqueeze(0)
+        rows = (torch.where(m, ss, xs) if mode == "deletion" else torch.where(m, xs, ss)).flatten(0, 1)
+        tgt = None if target is None else target[bs].repeat(nr)
+        scores[rs, bs] = output_scores(model, rows, tgt, output).view(nr, nb).double()
+    return scores.T.contiguous(), fractions
+
+
+def deletion(
+    model: nn.Module,
+    inputs: Tensor,
+    attributions: Tensor,
+    target: Tensor | None,
+    *,
+    substrate: Substrate = "zeros",
+    n_steps: int = 32,
+    step: int | float | None = None,
+    features: str = "auto",
+    output: str = "probability",
+    blur_sigma: float = 5.0,
+    batch_size: int | None = 256,
+    return_curve: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Deletion AUC per sample (lower is better): the most relevant features are removed first.
+
+    Returns (B,), or ``(auc, curves (B, S), fractions (S,))`` with ``return_curve=True``.
+    """
+    curve, xs = perturbation_curve(
+        model, inputs, attributions, target, mode="deletion", substrate=substrate, n_steps=n_steps, step=step,
+        features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size,
+    )  # fmt: skip
+    auc = trapezoid(curve, xs)
+    return (auc, curve, xs) if return_curve else auc
+
+
+def insertion(
+    model: nn.Module,
+    inputs: Tensor,
+    attributions: Tensor,
+    target: Tensor | None,
+    *,
+    substrate: Substrate = "auto",
+    n_steps: int = 32,
+    step: int | float | None = None,
+    features: str = "auto",
+    output: str = "probability",
+    blur_sigma: float = 5.0,
+    batch_size: int | None = 256,
+    return_curve: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Insertion AUC per sample (higher is better): the most relevant features are revealed first,
+    starting from the substrate (``"auto"``: a blurred copy for images, as RISE; zeros otherwise). Returns as
+    :func:`deletion`."""
+    curve, xs = perturbation_curve(
+        model, inputs, attributions, target, mode="insertion", substrate=substrate, n_steps=n_steps, step=step,
+        features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size,
+    )  # fmt: skip
+    auc = trapezoid(curve, xs)
+    return (auc, curve, xs) if return_curve else auc
+
+
+def insertion_deletion(
+    model: nn.Module,
+    inputs: Tensor,
+    attributions: Tensor,
+    target: Tensor | None,
+    *,
+    deletion_substrate: Substrate = "zeros",
+    insertion_substrate: Substrate = "auto",
+    n_steps: int = 32,
+    step: int | float | None = None,
+    features: str = "auto",
+    output: str = "probability",
+    blur_sigma: float = 5.0,
+    batch_size: int | None = 256,
+) -> Tensor:
+    """Insertion AUC − deletion AUC per sample (higher is better; NeFLAG's summary score)."""
+    kw = dict(n_steps=n_steps, step=step, features=features, output=output, blur_sigma=blur_sigma,
+              batch_size=batch_size)  # fmt: skip
+    ins = insertion(model, inputs, attributions, target, substrate=insertion_substrate, **kw)
+    dele = deletion(model, inputs, attributions, target, substrate=deletion_substrate, **kw)
+    return ins - dele

@@ -1,0 +1,288 @@
+"""Closed-form and planted cases: on a linear model with known weights the true map wins deletion,
+insertion, µ-fidelity and ABC with the exact curves, a random map scores near chance; infidelity,
+completeness and sensitivity vanish where the math says so; localisation and the Dabkowski metric on
+planted maps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explain_callbacks.attribution import InputXGradient, IntegratedGradients, Saliency
+from explain_callbacks.metrics import functional as MF
+from explain_callbacks.metrics.functional.dabkowski import crop_resize, largest_component, saliency_boxes
+
+C, H, W, K = 2, 6, 6, 3
+
+
+class Linear(nn.Module):
+    def __init__(self, k: int = K, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(k, C * H * W, generator=g, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(k, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+def _batch(b: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, C, H, W, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (b,), generator=g)
+    return x, y
+
+
+def _true_map(model: Linear, x, y):
+    return x * model.weight[y].view(-1, C, H, W)
+
+
+def test_deletion_and_insertion_curves_match_closed_form_and_true_map_wins():
+    model = Linear()
+    x, y = _batch()
+    a = _true_map(model, x, y)
+    fx = model(x).gather(1, y[:, None])[:, 0]
+    f0 = model.bias[y]
+    for features, contrib in (("element", a.flatten(1)), ("pixel", a.sum(1).flatten(1))):
+        top = contrib.sort(1, descending=True).values.cumsum(1)
+        top = torch.cat([torch.zeros(x.shape[0], 1, dtype=top.dtype), top], 1)
+        d_auc, d_curve, _xs = MF.deletion(model, x, a, y, substrate="zeros", step=1, features=features,
+                                         output="logit", return_curve=True)  # fmt: skip
+        torch.testing.assert_close(d_curve, fx[:, None] - top, atol=1e-10, rtol=0)
+        i_auc, i_curve, _ = MF.insertion(model, x, a, y, substrate="zeros", step=1, features=features,
+                                         output="logit", return_curve=True)  # fmt: skip
+        torch.testing.assert_close(i_curve, f0[:, None] + top, atol=1e-10, rtol=0)
+        # Any other order gives a higher deletion and a lower insertion curve (greedy is optimal).
+        g = torch.Generator().manual_seed(7)
+        for _ in range(5):
+            r = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            kw = dict(substrate="zeros", step=1, features=features, output="logit")
+            assert (MF.deletion(model, x, r, y, **kw) >= d_auc - 1e-12).all()
+            assert (MF.insertion(model, x, r, y, **kw) <= i_auc + 1e-12).all()
+
+
+def test_random_map_scores_near_chance():
+    """E[deletion AUC] under a random order is (f(x) + f(0)) / 2 for an additive model."""
+    model = Linear()
+    x, y = _batch(b=16)
+    fx = model(x).gather(1, y[:, None])[:, 0]
+    f0 = model.bias[y]
+    g = torch.Generator().manual_seed(3)
+    aucs = torch.stack([
+        MF.deletion(model, x, torch.randn(x.shape, generator=g, dtype=torch.float64), y, substrate="zeros",
+                    features="element", n_steps=72, output="logit")
+        for _ in range(20)
+    ])  # fmt: skip
+    chance = (fx + f0) / 2
+    spread = (fx - f0).abs().mean()
+    assert (aucs.mean(0) - chance).abs().mean() < 0.1 * spread
+    # ABC of random maps is ~0, of the true map positive (insertion and deletion).
+    a = _true_map(model, x, y)
+    for mode in ("insertion", "deletion"):
+        true_abc = MF.abc(model, x, a, y, mode=mode, features="element", n_steps=72)
+        rnd = torch.stack([
+            MF.abc(model, x, torch.randn(x.shape, generator=g, dtype=torch.float64), y, mode=mode,
+                   features="element", n_steps=72)
+            for _ in range(10)
+        ]).mean(0)  # fmt: skip
+        assert (true_abc > 0).all()
+        assert rnd.abs().mean() < 0.2 * true_abc.mean()
+
+
+def test_abc_closed_form_for_regression():
+    """Insertion ABC from the zero baseline: ∫ (S(t) − t·S(1)) dt with S the sorted cumulative contributions."""
+    model = Linear(k=1)
+    x, _ = _batch(b=4)
+    a = x * model.weight.view(1, C, H, W)
+    score = MF.abc(model, x, a, None, mode="insertion", features="element", step=1)
+    contrib = a.flatten(1).sort(1, descending=True).values.cumsum(1)
+    s = torch.cat([torch.zeros(4, 1, dtype=contrib.dtype), contrib], 1)
+    t = torch.linspace(0, 1, s.shape[1], dtype=s.dtype)
+    expected = torch.trapezoid(s - t * s[:, -1:], t, dim=1)
+    torch.testing.assert_close(score, expected, atol=1e-10, rtol=0)
+
+
+def test_mufidelity_is_one_for_the_true_map_and_near_zero_for_random():
+    model = Linear()
+    x, y = _batch(b=6)
+    a = _true_map(model, x, y)
+    for kw in ({"correlation": "pearson", "subset_size": 20}, {"grid_size": 3, "drop_prob": 0.3}):
+        mu = MF.mufidelity(model, x, a, y, baseline="zeros", output="logit", n_subsets=50, **kw)
+        if "grid_size" not in kw:
+            torch.testing.assert_close(mu, torch.ones_like(mu), atol=1e-10, rtol=0)
+        else:  # grid subsets cover every channel of a cell: Σ_S of the channel-summed map is exact too
+            torch.testing.assert_close(mu, torch.ones_like(mu), atol=1e-10, rtol=0)
+    # A random map's correlation is that of its values with the true contributions: zero on average.
+    g = torch.Generator().manual_seed(9)
+    rnd = torch.stack([
+        MF.mufidelity(model, x, torch.randn(x.shape, generator=g, dtype=torch.float64), y, n_subsets=100,
+                      subset_size=20, output="logit", seed=i)
+        for i in range(10)
+    ])  # fmt: skip
+    assert rnd.mean().abs() < 0.06 and rnd.abs().max() < 0.7
+    xpl = MF.mufidelity(model, x, a, y, preset="xplique")  # Spearman of an exact linear relation: 1
+    torch.testing.assert_close(xpl, torch.ones_like(xpl), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("perturbation", ["gaussian", "square", "patch_sequence"])
+def test_infidelity_vanishes_for_the_gradient_of_a_linear_model(perturbation):
+    model = Linear()
+    x, y = _batch(b=5)
+    grad = model.weight[y].view(-1, C, H, W)
+    kw = dict(perturbation=perturbation, n_perturb=12, patch_size=3, output="logit")
+    assert MF.infidelity(model, x, grad, y, **kw).abs().max() < 1e-20
+    wrong = MF.infidelity(model, x, _true_map(model, x, y), y, **kw)
+    assert (wrong > 1e-4).all()
+    # Optimal rescaling removes a constant factor.
+    assert MF.infidelity(model, x, 3.0 * grad, y, normalize=True, **kw).abs().max() < 1e-20
+    assert (MF.infidelity(model, x, 3.0 * grad, y, **kw) > 1e-4).all()
+
+
+def test_completeness_error_of_ig_on_a_linear_model_is_zero():
+    model = Linear()
+    x, y = _batch(b=5)
+    ig = IntegratedGradients(n_steps=4)(model, x, y)
+    assert MF.completeness_error(model, x, ig, y).max() < 1e-10
+    assert (MF.completeness_error(model, x, Saliency()(model, x, y), y) > 1e-3).all()
+
+
+def test_sensitivity_and_lipschitz_closed_forms():
+    model = Linear()
+    x, y = _batch(b=5)
+    assert MF.max_sensitivity(model, x, y, Saliency(), n_samples=4).max() < 1e-12  # constant gradient
+    assert MF.local_lipschitz(model, x, y, Saliency(), n_samples=4).max() < 1e-12
+    # A(x) = x: the L-inf change is the noise itself, at most the radius.
+    ident = lambda m, inp, t: inp  # noqa: E731
+    r = 0.05
+    s = MF.max_sensitivity(model, x, y, ident, n_samples=50, radius=r, norm="inf")
+    xi = x.flatten(1).abs().amax(1)
+    assert (s <= r / xi + 1e-12).all() and (s > 0.9 * r / xi).all()
+    # Input x Gradient of a linear model: ‖δ ⊙ w‖ / ‖δ‖ <= max |w|.
+    lip = MF.local_lipschitz(model, x, y, InputXGradient(), n_samples=20)
+    assert (lip <= model.weight[y].abs().amax(1) + 1e-12).all() and (lip > 0).all()
+
+
+def test_pointing_game_planted():
+    b = 4
+    masks = torch.zeros(b, 1, 16, 16)
+    masks[:, :, 4:8, 4:8] = 1
+    a = torch.zeros(b, 3, 16, 16)
+    a[0, :, 5, 5] = 1.0  # inside
+    a[1, :, 12, 12] = 1.0  # far outside
+    a[2, :, 5, 8] = 1.0  # one pixel right of the mask
+    a[3, :, 6, 6] = 1.0
+    masks[3] = 0  # empty mask
+    hit0 = MF.pointing_game(a, masks, tolerance=0)
+    assert hit0[:3].tolist() == [1.0, 0.0, 0.0] and math.isnan(hit0[3])
+    hit1 = MF.pointing_game(a, masks, tolerance=1)
+    assert hit1[:3].tolist() == [1.0, 0.0, 1.0]
+    # Default tolerance: 15 px at 224 px, i.e. 1 px at 16 px.
+    assert MF.pointing_game(a, masks)[:3].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_pointing_game_equals_quantus_without_tolerance():
+    quantus = pytest.importorskip("quantus")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 1, 10, 10, generator=g)
+    m = (torch.rand(6, 1, 10, 10, generator=g) > 0.6).float()
+    x = torch.rand(6, 1, 10, 10, generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 2)).eval()
+    ref = quantus.PointingGame(disable_warnings=True)(
+        model=model, x_batch=x.numpy(), y_batch=np.zeros(6, dtype=int), a_batch=a.numpy().copy(),
+        s_batch=m.numpy(), device="cpu",
+    )  # fmt: skip
+    np.testing.assert_allclose(MF.pointing_game(a, m, x, tolerance=0).numpy(), np.array(ref, dtype=float))
+
+
+def test_energy_pointing_game_planted():
+    a = torch.zeros(2, 2, 8, 8)
+    a[:, 0, :4] = 1.0  # 32 positive pixels in the top half, channel 0
+    a[:, 1, 4:] = 3.0  # bottom half, channel 1, three times the weight
+    a[1, 0, 0, 0] = -100.0  # negative mass is ignored
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, :4] = True
+    e = MF.energy_pointing_game(a, masks)
+    expected0 = 32.0 / (32.0 + 96.0)
+    expected1 = 31.0 / (31.0 + 96.0)
+    torch.testing.assert_close(e, torch.tensor([expected0, expected1], dtype=torch.float64))
+
+
+def test_largest_component_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(4)
+    fg = torch.rand(5, 12, 12, generator=g) > 0.55
+    ours = largest_component(fg)
+    for i in range(5):
+        lab, _n = ndimage.label(fg[i].numpy(), structure=np.ones((3, 3)))
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        assert ours[i].sum().item() == sizes.max()
+        assert np.array_equal(ours[i].numpy(), lab == sizes.argmax()) or (sizes == sizes.max()).sum() > 1
+
+
+def test_dabkowski_metric_planted():
+    class Const(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, math.log(3.0)]], dtype=x.dtype).expand(x.shape[0], 2)
+
+    x = torch.rand(3, 3, 16, 16)
+    a = torch.zeros(3, 1, 16, 16)
+    a[0, 0, 4:12, 6:10] = 1.0  # 8 x 4 box: area 32/256
+    a[1, 0, 0:2, 0:2] = 1.0  # 4 px < 5 %: clipped to 0.05
+    a[1, 0, 10, 10] = 1.0  # a smaller component elsewhere is ignored
+    boxes = saliency_boxes(a, x)
+    assert boxes[0].tolist() == [4, 6, 11, 9] and boxes[1].tolist() == [0, 0, 1, 1]
+    assert boxes[2].tolist() == [0, 0, 15, 15]  # constant map: the whole image
+    s = MF.dabkowski_saliency(Const(), x, a, torch.ones(3, dtype=torch.long))
+    p = 0.75
+    expected = torch.tensor([math.log(32 / 256) - math.log(p), math.log(0.05) - math.log(p), -math.log(p)])
+    torch.testing.assert_close(s, expected.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(crop_resize(x, boxes[2:3].expand(3, 4)), x, atol=1e-6, rtol=0)
+    crop = crop_resize(x[:1], torch.tensor([[2, 3, 2, 3]]))  # a single pixel fills the image
+    torch.testing.assert_close(crop, x[:1, :, 2:3, 3:4].expand_as(crop), atol=1e-6, rtol=0)
+    # Any box: the same as cropping then resizing each sample with F.interpolate.
+    boxes = torch.tensor([[1, 2, 9, 14], [0, 0, 4, 3], [5, 7, 15, 8]])
+    crops = crop_resize(x, boxes)
+    for i, (y0, x0, y1, x1) in enumerate(boxes.tolist()):
+        ref = torch.nn.functional.interpolate(x[i : i + 1, :, y0 : y1 + 1, x0 : x1 + 1], size=(16, 16),
+                                              mode="bilinear", align_corners=False)  # fmt: skip
+        torch.testing.assert_close(crops[i : i + 1], ref, atol=1e-5, rtol=0)
+
+
+def test_completeness_soundness_planted_region():
+    """A model that reads only the top-left quadrant: a map on that quadrant is complete, a map on
+    the opposite quadrant is not."""
+
+    class Quadrant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.w = nn.Parameter(torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64) * 10)
+
+        def forward(self, x):
+            return (x[:, :1, :4, :4].unsqueeze(1) * self.w).flatten(2).sum(-1)
+
+    model = Quadrant()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = model(x).argmax(1)
+    good = torch.zeros_like(x)
+    good[:, :, :4, :4] = 1 + torch.rand(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    bad = torch.zeros_like(x)
+    bad[:, :, 4:, 4:] = 1 + torch.rand(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    bad[:, :, :4, :4] = -1.0  # what the model reads comes last
+    calls = []
+
+    def method(m, inp, t):
+        calls.append(inp.shape[0])
+        return good.repeat(inp.shape[0] // 6, 1, 1, 1)
+
+    c_good, s_good = MF.completeness_soundness(model, x, y, method, good, n_other=None, n_steps=8)
+    c_bad, _ = MF.completeness_soundness(model, x, y, method, bad, n_other=2, n_steps=8)
+    assert (c_good > c_bad).all()
+    assert ((c_good >= 0) & (c_good <= 1) & (s_good >= 0) & (s_good <= 1)).all()
+    assert sum(calls) == 6 * (3 + 2)  # K - 1 = 3 other labels, then 2

@@ -1,0 +1,101 @@
+"""Agreement with Quantus on the deterministic definitions (pixel flipping, sparseness, complexity,
+patch infidelity) and on faithfulness correlation with the same subsets.
+
+Quantus feeds its models float32 (``torch.Tensor(x)``), so both sides run the same float32 model.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explain_callbacks.metrics import functional as MF
+
+quantus = pytest.importorskip("quantus")
+
+TOL = 1e-5
+
+
+def _model(c: int = 2, k: int = 4) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(c, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 8 * 8, k)
+    ).eval()  # fmt: skip
+
+
+def _data(b: int = 5, c: int = 2):
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(b, c, 8, 8, generator=g)
+    a = torch.randn(b, c, 8, 8, generator=g)  # continuous: no ties in the ordering
+    y = torch.randint(0, 4, (b,), generator=g)
+    return x, a, y
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("features_in_step", [1, 8])
+def test_deletion_equals_quantus_pixel_flipping(features_in_step):
+    model = _model()
+    x, a, y = _data()
+    q = quantus.PixelFlipping(features_in_step=features_in_step, perturb_baseline="black", disable_warnings=True)
+    ref = np.array(_quiet(q, model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy().copy(), device="cpu"))
+    _, curve, xs = MF.deletion(
+        model, x, a, y, substrate="min", step=features_in_step, features="element", output="probability",
+        return_curve=True, batch_size=64,
+    )  # fmt: skip
+    assert curve.shape == (5, 2 * 64 // features_in_step + 1)
+    np.testing.assert_allclose(curve[:, 1:].numpy(), ref, atol=TOL)
+    assert float(xs[0]) == 0.0 and float(xs[-1]) == 1.0
+
+
+def test_sparseness_and_complexity_equal_quantus():
+    x, a, y = _data()
+    model = _model()
+    sp = _quiet(quantus.Sparseness(disable_warnings=True), model=model, x_batch=x.numpy(), y_batch=y.numpy(),
+                a_batch=a.numpy().copy(), device="cpu")  # fmt: skip
+    cx = _quiet(quantus.Complexity(disable_warnings=True), model=model, x_batch=x.numpy(), y_batch=y.numpy(),
+                a_batch=a.numpy().copy(), device="cpu")  # fmt: skip
+    np.testing.assert_allclose(MF.sparseness(a).numpy(), np.array(sp), atol=TOL)
+    np.testing.assert_allclose(MF.complexity(a).numpy(), np.array(cx), atol=TOL)
+
+
+def test_patch_infidelity_equals_quantus():
+    model = _model()
+    x, a, y = _data()
+    q = quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=2, perturb_baseline="black",
+                           abs=False, normalise=False, disable_warnings=True)  # fmt: skip
+    ref = np.array(_quiet(q, model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy().copy(),
+                          device="cpu", softmax=False))  # fmt: skip
+    ours = MF.infidelity(model, x, a, y, perturbation="patch_sequence", patch_size=4, baseline="min", output="logit")
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-6, atol=TOL)  # float32 values up to ~70
+
+
+def test_faithfulness_correlation_equals_quantus_with_fixed_subsets(monkeypatch):
+    model = _model()
+    x, a, y = _data()
+    b, n, runs, k = x.shape[0], x[0].numel(), 20, 24
+    g = torch.Generator().manual_seed(5)
+    subsets = torch.stack([torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(runs)]) for _ in range(b)])
+    # Quantus draws one subset per sample per run with np.random.choice, sample-major within a run.
+    order = iter([subsets[i, r].numpy() for r in range(runs) for i in range(b)])
+    monkeypatch.setattr(np.random, "choice", lambda *args, **kw: next(order))
+    q = quantus.FaithfulnessCorrelation(nr_runs=runs, subset_size=k, perturb_baseline="black", abs=False,
+                                       normalise=False, return_aggregate=False, disable_warnings=True)  # fmt: skip
+    ref = np.array(_quiet(q, model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy().copy(),
+                          device="cpu"))  # fmt: skip
+    ours = MF.mufidelity(model, x, a, y, subsets=subsets, correlation="pearson", baseline="min", features="element",
+                         output="logit")  # fmt: skip
+    np.testing.assert_allclose(ours.numpy(), ref, atol=TOL)
+    # The preset fills in Quantus' settings left at their defaults (here all but the subset size).
+    p = MF.mufidelity(model, x, a, y, preset="quantus", subset_size=k)
+    same = MF.mufidelity(model, x, a, y, correlation="pearson", baseline="min", features="element", subset_size=k)
+    torch.testing.assert_close(p, same)
+    assert p.shape == (b,) and torch.isfinite(p).all()
