@@ -47,8 +47,18 @@ def test_monitor_bit_identical_on_gpu_with_bf16(tmp_path):
         pl.seed_everything(0)
         train, val = image_loaders()
         m = lit()
-        pl.Trainer(max_epochs=2, accelerator="gpu", devices=1, precision="bf16-mixed", callbacks=cbs, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, deterministic=True).fit(m, train, val)  # fmt: skip
+        tr = pl.Trainer(
+            max_epochs=2,
+            accelerator="gpu",
+            devices=1,
+            precision="bf16-mixed",
+            callbacks=cbs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            deterministic=True,
+        )
+        tr.fit(m, train, val)
         return m
 
     m0 = fit([])
