@@ -86,17 +86,19 @@ def awd_loss(
     return total, terms
 
 
-def max_coefficient_features(coeffs: Sequence[Tensor], n_coefficients: int = 1) -> Tensor:
-    """For each scale, the ``n_coefficients`` coefficients of largest magnitude (signed), sorted by magnitude.
+def max_coefficient_features(coeffs: Sequence[Tensor], n_coefficients: int = 1, signed: bool = False) -> Tensor:
+    """For each scale, the ``n_coefficients`` coefficients of largest magnitude, sorted by magnitude.
 
+    ``signed=False`` returns their magnitudes (invariant to the phase of an event as well as its
+    position); ``signed=True`` their signed values (the authors' ``max_fun(sgn="abs")``).
     Returns (B, n_scales · n_coefficients), scales in the order given (coarsest first).
     """
     feats = []
     for c in coeffs:
         flat = c.reshape(c.shape[0], -1)
         k = min(n_coefficients, flat.shape[1])
-        idx = flat.abs().topk(k, dim=1).indices
-        top = flat.gather(1, idx)
+        mag, idx = flat.abs().topk(k, dim=1)
+        top = flat.gather(1, idx) if signed else mag
         if k < n_coefficients:  # a scale smaller than n_coefficients: pad with zeros
             top = torch.cat([top, top.new_zeros(top.shape[0], n_coefficients - k)], 1)
         feats.append(top)
@@ -110,6 +112,8 @@ class AWDStudent(Student):
     Args:
         wavelet: initial filter (``db1``..``db4`` or a tensor); levels: decomposition levels J.
         n_coefficients: largest coefficients per scale used as features of the linear model.
+        signed_features: use the signed values of those coefficients (the authors' choice) instead of
+            their magnitudes (default; invariant to an event's phase as well as its position).
         lam_*: weights of the AWD objective (see the module docstring); constraint weights default
             to 1 as in the authors' code, ``lam_l1wave``/``lam_l1attr`` near their cosmology setting.
         attr_method: TRIM attribution, ``saliency`` (the authors' default) or ``input_x_gradient``.
@@ -128,6 +132,7 @@ class AWDStudent(Student):
         wavelet: str = "db3",
         levels: int = 3,
         n_coefficients: int = 2,
+        signed_features: bool = False,
         lam_lsum: float = 1.0,
         lam_hsum: float = 1.0,
         lam_l2norm: float = 1.0,
@@ -153,6 +158,7 @@ class AWDStudent(Student):
         self.wavelet = wavelet
         self.levels = levels
         self.n_coefficients = n_coefficients
+        self.signed_features = signed_features
         self.lams = {
             "lam_lsum": lam_lsum,
             "lam_hsum": lam_hsum,
@@ -180,6 +186,7 @@ class AWDStudent(Student):
             "wavelet": self.wavelet,
             "levels": self.levels,
             "n_coefficients": self.n_coefficients,
+            "signed_features": self.signed_features,
             **self.lams,
             "attr_method": self.attr_method,
             "epochs": self.epochs,
@@ -263,7 +270,9 @@ class AWDStudent(Student):
             raise RuntimeError("AWDStudent is not fitted yet; call fit(x, teacher_outputs, teacher=model) first.")
         with torch.inference_mode(False):
             out = [
-                max_coefficient_features(self.transform_(x[sl].detach().float().cpu()), self.n_coefficients)
+                max_coefficient_features(
+                    self.transform_(x[sl].detach().float().cpu()), self.n_coefficients, self.signed_features
+                )
                 for sl in chunks(x.shape[0], batch_size)
             ]
         return torch.cat(out)

@@ -84,10 +84,10 @@ class _L1Student(Student):
         max_nonzeros: int | None = None,
         refit: bool = True,
         standardize: bool = True,
-        n_lambdas: int = 25,
+        n_lambdas: int = 20,
         lambda_min_ratio: float = 1e-3,
-        max_iter: int = 500,
-        tol: float = 1e-5,
+        max_iter: int = 200,
+        tol: float = 1e-4,
         task: str = "auto",
         seed: int = 0,
     ) -> None:
@@ -152,26 +152,32 @@ class _L1Student(Student):
         m = T.shape[1] if T.ndim == 2 else 1
         d = Z.shape[1]
         Za = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype)], 1)  # last row of θ: intercept
-        grad, lip = self._problem(Za, T)
+        grad, _ = self._problem(Za, T)
         theta = torch.zeros(d + 1, m, dtype=Z.dtype)
         theta[d] = self._init_intercept(T)
         g0 = grad(theta)[:d]
         lam_max = float(g0.abs().max()) if g0.numel() else 0.0
-        step = 1.0 / max(lip, 1e-12)
-        mask = torch.ones(d + 1, 1, dtype=Z.dtype)
-        mask[d] = 0.0
         if self.max_nonzeros is None:
             lam = self.alpha * lam_max
-            if lam > 0 or not self.refit:
-                theta, _ = fista(grad, theta, step, lam * mask, self.max_iter, self.tol)
-            else:  # alpha = 0 with refit: the unpenalised fit on every feature
+            if lam > 0:  # walk down to the target penalty with warm starts (glmnet's strategy)
+                steps = max(2, min(self.n_lambdas, math.ceil(5 * math.log10(1.0 / self.alpha)) + 2))
+                lams = torch.logspace(0, math.log10(self.alpha), steps, dtype=torch.float64) * lam_max
+                prev = lam_max
+                for lam_k in lams[1:].tolist():
+                    theta = self._solve_screened(Za, T, grad, theta, lam_k, prev)
+                    prev = lam_k
+            elif self.refit:  # alpha = 0 with refit: the unpenalised fit on every feature
                 theta[:d] = 1.0
+            else:
+                theta = self._solve_screened(Za, T, grad, theta, 0.0, 0.0)
         else:
             lam = lam_max
             lams = lam_max * torch.logspace(0, math.log10(self.lambda_min_ratio), self.n_lambdas, dtype=torch.float64)
             best = (theta.clone(), lam_max)
+            prev = lam_max
             for lam_k in lams[1:].tolist():
-                theta, _ = fista(grad, theta, step, lam_k * mask, self.max_iter, self.tol)
+                theta = self._solve_screened(Za, T, grad, theta, lam_k, prev)
+                prev = lam_k
                 if int((theta[:d] != 0).sum()) > self.max_nonzeros:
                     break
                 best = (theta.clone(), lam_k)
@@ -184,6 +190,32 @@ class _L1Student(Student):
         coef = W / sd.unsqueeze(1)
         self.coef_ = coef
         self.intercept_ = b - mu @ coef
+
+    def _solve_screened(
+        self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta: Tensor, lam: float, prev_lam: float
+    ) -> Tensor:
+        """Solve at ``lam`` from the solution at ``prev_lam``, on the features kept by the sequential strong
+        rule (Tibshirani et al. 2012, JRSS-B 74(2)), adding back any that violate the KKT conditions.
+
+        Working on the few active columns is also better conditioned (collinear features are left out),
+        so FISTA needs far fewer iterations.
+        """
+        d = Za.shape[1] - 1
+        score = grad(theta)[:d].abs().amax(1)
+        keep = (score >= 2 * lam - prev_lam) | (theta[:d] != 0).any(1)
+        for _ in range(d + 1):
+            cols = torch.cat([keep.nonzero().flatten(), torch.tensor([d])])
+            sub_grad, lip = self._problem(Za[:, cols], T)
+            mask = torch.ones(cols.numel(), 1, dtype=Za.dtype)
+            mask[-1] = 0.0
+            sub, _ = fista(sub_grad, theta[cols], 1.0 / max(lip, 1e-12), lam * mask, self.max_iter, self.tol)
+            theta = torch.zeros_like(theta)
+            theta[cols] = sub
+            viol = (~keep) & (grad(theta)[:d].abs().amax(1) > lam * (1 + 1e-6) + 1e-12)
+            if not bool(viol.any()):
+                break
+            keep = keep | viol
+        return theta
 
     # -- using ----------------------------------------------------------------------------
     def decision_function(self, x: Tensor) -> Tensor:
@@ -319,10 +351,10 @@ class SparseLogisticStudent(_L1Student):
         hard_labels: bool = False,
         ridge: float = 1e-4,
         standardize: bool = True,
-        n_lambdas: int = 25,
+        n_lambdas: int = 20,
         lambda_min_ratio: float = 1e-3,
-        max_iter: int = 500,
-        tol: float = 1e-5,
+        max_iter: int = 200,
+        tol: float = 1e-4,
         task: str = "auto",
         seed: int = 0,
     ) -> None:

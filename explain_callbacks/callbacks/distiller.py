@@ -1,0 +1,516 @@
+"""Distiller: fit simple students to the network while it trains and track their fidelity.
+
+During training batches the callback copies (a subsample of) the inputs, or the features of a named
+layer, into a bounded ring buffer; on monitored epochs it fits its students to the teacher's outputs
+on that buffer, and logs, per student, the fidelity to the teacher on validation data (agreement or
+R²), the student's own accuracy or R² against the labels, its complexity (non-zeros, leaves, rules)
+and the student in readable form (a table, tree or rule list as text; a coefficient image or the
+learned wavelet filters as an image). At the end of training the final students are exported with
+what is needed to load them (:func:`explain_callbacks.distill.load_student`).
+
+Teacher outputs (``teacher_outputs``):
+
+- ``"refresh"`` (default): only inputs are buffered during training (a copy, no model call); at fit
+  time the current teacher is run once over the buffer (no grad, eval mode, chunked), so students
+  mimic the network as it is now rather than a mix of stale train-mode outputs;
+- ``"captured"``: the outputs (and layer features) of the training forward pass are captured by a
+  forward hook, with no extra model call; if the hook did not fire (a ``training_step`` that does not
+  call the module), a no-grad eval-mode forward is run on the buffered rows only.
+
+Online students (``OnlineStudent``) are trained at every training step on the batch's captured
+teacher outputs (the same hook, or the same fallback forward).
+
+Side effects: none on the training. The buffer copies are detached; every model call and every
+fit runs under :func:`model_guard` (eval mode, modes/requires_grad/.grad restored, global CPU/CUDA
+RNG restored); students draw randomness from their own seeded generators; the per-batch subsample
+uses the callback's own generator. A run with the Distiller gives bit-identical weights to a run
+without it (tested).
+
+DDP: each rank buffers its own batches; at fit time buffers and validation rows are all-gathered
+(variable sizes allowed), so every rank fits the same students on the same data (identical
+scalars; exports from rank zero). Online students train on their rank's batches; rank zero's is
+exported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from .._internal.batch import BatchAdapter, InputSpec
+from .._internal.batching import chunks
+from .._internal.checks import finite_rows
+from .._internal.guard import detach_clone, model_guard
+from .._internal.registry import STUDENTS
+from ..distill.base import Student, build_student, infer_task, save_student, student_from_dict
+from ..distill.buffer import RingBuffer, gather_rows
+from ..distill.fidelity import fidelity, student_score
+from . import _logging
+
+__all__ = ["Distiller"]
+
+StudentSpec = Any  # a registered name, {"name": ..., **kwargs}, or a Student instance
+
+
+def _is_single_spec(spec: Any) -> bool:
+    return isinstance(spec, (str, Student)) or (
+        isinstance(spec, Mapping) and isinstance(spec.get("name"), str) and spec["name"] in STUDENTS
+    )
+
+
+class Distiller(Callback):
+    """Distil the training network into simple students and track their fidelity.
+
+    Args:
+        students: one or several students: registered names (``tree``, ``sparse_logistic``,
+            ``sparse_linear``, ``rules``, ``attribution_linear``, ``online``, ``awd``),
+            ``{"name": ..., **kwargs}`` mappings, Student instances, or a mapping ``key -> spec``
+            (the key names the student in tags and export files).
+        buffer_size: rows kept (the most recent ones); memory is bounded by this.
+        per_batch: rows buffered per training batch (a random subsample drawn with the callback's own
+            generator); None keeps whole batches.
+        layer: name of a submodule (``dict(model.named_modules())``) whose flattened output replaces
+            the inputs as the students' features. Students that need the teacher (attribution,
+            AWD) require ``layer=None``.
+        teacher_outputs: ``"refresh"`` or ``"captured"`` (see the module docstring).
+        every_n_epochs: fit and log on epochs where ``(epoch + 1) % every_n_epochs == 0`` (the last
+            epoch's students are always exported).
+        val_size: validation rows (per rank) kept for the fidelity, the first ones seen.
+        task: ``auto`` (from the teacher's output shape), ``classification`` or ``regression``.
+        input_key, label_key: where inputs and labels are in a batch (see ``BatchAdapter``).
+        model_attr: use ``getattr(pl_module, model_attr)`` as the teacher instead of the module itself.
+        feature_names: names of the input features (default: ``datamodule.feature_names`` when it
+            matches the input size).
+        export: write the final students; ``export_dir`` defaults to ``<log_dir>/distill``.
+        log_students: log the readable forms (text and images) to TensorBoard.
+        batch_size: rows per teacher call.
+        seed: seed of the per-batch subsample generator.
+        strict: re-raise exceptions while fitting (default: warn and continue training).
+    """
+
+    def __init__(
+        self,
+        students: StudentSpec | Sequence[StudentSpec] | Mapping[str, StudentSpec] = ("tree", "sparse_logistic"),
+        buffer_size: int = 2048,
+        per_batch: int | None = None,
+        layer: str | None = None,
+        teacher_outputs: str = "refresh",
+        every_n_epochs: int = 1,
+        val_size: int = 1024,
+        task: str = "auto",
+        input_key: InputSpec = None,
+        label_key: InputSpec = None,
+        model_attr: str | None = None,
+        feature_names: Sequence[str] | None = None,
+        export: bool = True,
+        export_dir: str | None = None,
+        log_students: bool = True,
+        batch_size: int = 256,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        if teacher_outputs not in ("refresh", "captured"):
+            raise ValueError(f"teacher_outputs must be 'refresh' or 'captured', got {teacher_outputs!r}.")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        if per_batch is not None and per_batch < 1:
+            raise ValueError(f"per_batch must be >= 1 or None, got {per_batch}.")
+        if task not in ("auto", "classification", "regression"):
+            raise ValueError(f"task must be 'auto', 'classification' or 'regression', got {task!r}.")
+        self.students: dict[str, Student] = self._build_students(students)
+        if layer is not None:
+            bad = [k for k, s in self.students.items() if s.needs_teacher]
+            if bad:
+                raise ValueError(
+                    f"Students {bad} need the teacher in the input space (attributions, AWD) and cannot use "
+                    f"layer={layer!r} features; use layer=None or drop them."
+                )
+        self.buffer = RingBuffer(buffer_size)
+        self.val = RingBuffer(val_size)
+        self.per_batch = per_batch
+        self.layer = layer
+        self.teacher_outputs = teacher_outputs
+        self.every_n_epochs = every_n_epochs
+        self.task = task
+        self.adapter = BatchAdapter(input_key, label_key)
+        self.model_attr = model_attr
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.export = export
+        self.export_dir = export_dir
+        self.log_students = log_students
+        self.batch_size = batch_size
+        self.seed = seed
+        self.strict = strict
+        self.history: list[dict[str, Any]] = []
+        self.exported: dict[str, str] = {}
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self._hooks: list[Any] = []
+        self._capturing = False
+        self._cap: dict[str, Tensor] = {}
+        self._val_frozen = False
+        self._fitted_step: int | None = None
+        self._names_checked = False
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _build_students(spec: Any) -> dict[str, Student]:
+        if _is_single_spec(spec):
+            items: list[tuple[str | None, Any]] = [(None, spec)]
+        elif isinstance(spec, Mapping):
+            items = [(str(k), v) for k, v in spec.items()]
+        elif isinstance(spec, Sequence):
+            items = [(None, s) for s in spec]
+        else:
+            raise TypeError(f"students must be a name, a mapping, a Student or a list of them, got {type(spec)}.")
+        out: dict[str, Student] = {}
+        for key, s in items:
+            st = build_student(dict(s) if isinstance(s, Mapping) else s)
+            k = key or st.name
+            base, i = k, 2
+            while k in out:
+                k, i = f"{base}_{i}", i + 1
+            out[k] = st
+        if not out:
+            raise ValueError("Distiller needs at least one student.")
+        return out
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(students=tuple(self.students), layer=self.layer)
+
+    @property
+    def has_online(self) -> bool:
+        return any(s.online for s in self.students.values())
+
+    @property
+    def captures(self) -> bool:
+        return self.teacher_outputs == "captured" or self.has_online
+
+    def teacher(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.model_attr is None:
+            return pl_module
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, nn.Module):
+            raise AttributeError(f"pl_module has no nn.Module attribute {self.model_attr!r}; fix model_attr.")
+        return model
+
+    def _layer_module(self, teacher: nn.Module) -> nn.Module | None:
+        if self.layer is None:
+            return None
+        mods = dict(teacher.named_modules())
+        if self.layer not in mods:
+            names = [n for n in mods if n][:20]
+            raise KeyError(f"No submodule {self.layer!r} in the teacher; some names: {names}.")
+        return mods[self.layer]
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.captures or self._hooks:
+            return
+        teacher = self.teacher(pl_module)
+
+        def hook(key: str) -> Any:
+            def fn(module: nn.Module, args: Any, output: Any) -> None:
+                if self._capturing and key not in self._cap and isinstance(output, Tensor):
+                    self._cap[key] = output.detach()
+
+            return fn
+
+        self._hooks.append(teacher.register_forward_hook(hook("out")))
+        layer = self._layer_module(teacher)
+        if layer is not None:
+            self._hooks.append(layer.register_forward_hook(hook("feat")))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._capturing = False
+        self._cap = {}
+
+    # ------------------------------------------------------------------ collection
+    @staticmethod
+    def _fitting(trainer: pl.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.captures:
+            self._cap = {}
+            self._capturing = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._capturing = False
+        cap, self._cap = self._cap, {}
+        if not self._fitting(trainer):
+            return
+        try:
+            self._collect(trainer, pl_module, batch, cap)
+        except Exception as err:
+            self._fail(trainer, "collecting a training batch", err)
+
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, cap: dict[str, Tensor]) -> None:
+        x, y = self.adapter(batch)
+        b = x.shape[0]
+        keep = finite_rows(x) if x.is_floating_point() else torch.ones(b, dtype=torch.bool, device=x.device)
+        idx = keep.nonzero().flatten()
+        if self.per_batch is not None and idx.numel() > self.per_batch:
+            pick = torch.randperm(idx.numel(), generator=self._gen)[: self.per_batch].sort().values
+            idx = idx[pick.to(idx.device)]
+        if idx.numel() == 0:
+            return
+        rows: dict[str, Tensor | None] = {"x": x[idx].detach().cpu()}
+        if y is not None and y.shape[:1] == x.shape[:1]:
+            rows["y"] = y[idx].detach().cpu()
+        out = cap.get("out")
+        feat = cap.get("feat")
+        if self.captures:
+            ok = (
+                out is not None
+                and out.shape[0] == b
+                and (self.layer is None or (feat is not None and feat.shape[0] == b))
+            )
+            if ok:
+                assert out is not None
+                out = out[idx]
+                feat = None if feat is None else feat[idx]
+            else:  # the hook did not see this batch: one guarded no-grad forward on the kept rows only
+                out, feat = self._forward(pl_module, x[idx])
+            out = out.detach().float()
+            if self.teacher_outputs == "captured":
+                rows["out"] = out.cpu()
+                if feat is not None:
+                    rows["feat"] = feat.reshape(feat.shape[0], -1).detach().float().cpu()
+            for s in self.students.values():
+                if s.online:
+                    src = feat.reshape(feat.shape[0], -1) if (self.layer is not None and feat is not None) else x[idx]
+                    s.partial_fit(src.detach(), out.detach())
+        self.buffer.add(rows)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self._val_frozen or dataloader_idx != 0 or not self._fitting(trainer) or len(self.val) >= self.val.capacity:
+            return
+        x, y = self.adapter(batch)
+        keep = finite_rows(x) if x.is_floating_point() else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        idx = keep.nonzero().flatten()[: self.val.capacity - len(self.val)]
+        if idx.numel() == 0:
+            return
+        with torch.inference_mode(False):
+            rows: dict[str, Tensor | None] = {"x": x[idx].detach().cpu().clone()}
+            if y is not None and y.shape[:1] == x.shape[:1]:
+                rows["y"] = y[idx].detach().cpu().clone()
+        self.val.add(rows)
+
+    # ------------------------------------------------------------------ teacher calls
+    def _forward(self, pl_module: pl.LightningModule, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Teacher outputs (and layer features) for rows x, no grad, eval mode, chunked, CPU float32."""
+        teacher = self.teacher(pl_module)
+        layer = self._layer_module(teacher)
+        holder: dict[str, Tensor] = {}
+        handle = (
+            layer.register_forward_hook(lambda m, a, o: holder.__setitem__("f", o.detach()))
+            if layer is not None
+            else None
+        )
+        outs, feats = [], []
+        try:
+            with model_guard(pl_module), torch.no_grad():
+                device = pl_module.device
+                for sl in chunks(x.shape[0], self.batch_size):
+                    xc = detach_clone(x[sl], torch.float32 if x.is_floating_point() else None).to(device)
+                    o = teacher(xc)
+                    if not isinstance(o, Tensor):
+                        raise TypeError(
+                            f"The teacher returned {type(o).__name__}, not a Tensor; set model_attr to the submodule "
+                            "that returns the logits/outputs."
+                        )
+                    outs.append(o.detach().float().cpu())
+                    if handle is not None:
+                        f = holder.pop("f")
+                        feats.append(f.reshape(f.shape[0], -1).float().cpu())
+        finally:
+            if handle is not None:
+                handle.remove()
+        return torch.cat(outs), (torch.cat(feats) if feats else None)
+
+    # ------------------------------------------------------------------ fitting
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._fitting(trainer):
+            return
+        if len(self.val):
+            self._val_frozen = True
+        if self.is_due(trainer):
+            self._run(trainer, pl_module, log=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Epochs without validation (check_val_every_n_epoch, limit_val_batches=0) fit here.
+        if self._fitting(trainer) and self.is_due(trainer) and self._fitted_step != trainer.global_step:
+            self._run(trainer, pl_module, log=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._fitted_step != trainer.global_step:
+            self._run(trainer, pl_module, log=False)
+        if self.export:
+            try:
+                self._export(trainer)
+            except Exception as err:
+                self._fail(trainer, "exporting the students", err)
+
+    def _feature_names(self, trainer: pl.Trainer, n_features: int) -> list[str] | None:
+        if self.layer is not None:
+            return None
+        names = self.feature_names
+        if names is None:
+            dm = getattr(trainer, "datamodule", None)
+            names = list(getattr(dm, "feature_names", None) or []) or None
+        if names is not None and len(names) != n_features:
+            if self.feature_names is not None and not self._names_checked:
+                rank_zero_warn(f"Distiller: {len(names)} feature names for {n_features} input features; names ignored.")
+            self._names_checked = True
+            return None
+        return names
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
+        try:
+            self._fit_and_log(trainer, pl_module, log)
+        except Exception as err:
+            self._fail(trainer, f"fitting the students at epoch {trainer.current_epoch}", err)
+        finally:
+            self._fitted_step = trainer.global_step
+
+    def _fit_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
+        rows = gather_rows(self.buffer.get())
+        val = gather_rows(self.val.get())
+        if not rows or rows["x"].shape[0] < 2:
+            rank_zero_warn("Distiller: fewer than 2 buffered training rows; nothing to fit yet.")
+            return
+        x = rows["x"]
+        if self.teacher_outputs == "refresh" or "out" not in rows:
+            out, feat = self._forward(pl_module, x)
+        else:
+            out, feat = rows["out"], rows.get("feat")
+        X = feat if self.layer is not None else x
+        assert X is not None
+        task = infer_task(out, self.task)
+        has_val = bool(val) and val["x"].shape[0] > 0
+        if has_val:
+            vout, vfeat = self._forward(pl_module, val["x"])
+            VX = vfeat if self.layer is not None else val["x"]
+            vy = val.get("y")
+        names = self._feature_names(trainer, int(X[0].numel()))
+        record: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        teacher = self.teacher(pl_module)
+        for key, student in self.students.items():
+            t0 = time.perf_counter()
+            if student.online:
+                if not student.fitted:
+                    continue
+            else:
+                with model_guard(pl_module):  # attributions/AWD use the teacher: guarded, grads enabled
+                    student.fit(X, out, teacher=teacher if student.needs_teacher else None, feature_names=names)
+            fit_s = time.perf_counter() - t0
+            m: dict[str, float] = {"train_fidelity": float(fidelity(student.predict(X), out, task))}
+            if has_val:
+                pred = student.predict(VX)
+                m["fidelity"] = float(fidelity(pred, vout, task))
+                if vy is not None:
+                    m["accuracy" if task == "classification" else "r2"] = float(student_score(pred, vy, task))
+            m.update({k: float(v) for k, v in student.complexity().items()})
+            record[key] = {**m, "fit_seconds": fit_s}
+            if log:
+                for k, v in m.items():
+                    pl_module.log(
+                        f"explain/distill/{key}/{k}",
+                        torch.tensor(v, dtype=torch.float32, device=pl_module.device),
+                        on_step=False,
+                        on_epoch=True,
+                        sync_dist=True,
+                        add_dataloader_idx=False,
+                    )
+                if self.log_students:
+                    _logging.log_text(trainer, f"explain/distill/{key}/student", student.describe())
+                    img = student.image()
+                    if img is not None:
+                        _logging.log_image(trainer, f"explain/distill/{key}/image", img)
+        self.history.append(record)
+
+    # ------------------------------------------------------------------ export
+    def export_path(self, trainer: pl.Trainer) -> Path:
+        if self.export_dir is not None:
+            return Path(self.export_dir)
+        base = trainer.log_dir or trainer.default_root_dir
+        return Path(base) / "distill"
+
+    def _export(self, trainer: pl.Trainer) -> None:
+        if trainer.global_rank != 0:
+            return
+        folder = self.export_path(trainer)
+        last = self.history[-1] if self.history else {}
+        lines = []
+        for key, student in self.students.items():
+            if not student.fitted:
+                continue
+            meta = {
+                "epoch": int(trainer.current_epoch),
+                "global_step": int(trainer.global_step),
+                "layer": self.layer,
+                "input_key": self.adapter.input_key if isinstance(self.adapter.input_key, (int, str)) else None,
+                "teacher": type(self.teacher(trainer.lightning_module)).__name__,
+                "metrics": {k: v for k, v in (last.get(key) or {}).items() if isinstance(v, float)},
+            }
+            path = save_student(student, folder / key, meta)
+            self.exported[key] = str(path)
+            lines.append(f"- {key}: `{path}`")
+        if lines:
+            _logging.log_text(trainer, "explain/distill/exported", "Exported students:\n\n" + "\n".join(lines))
+
+    # ------------------------------------------------------------------ errors and state
+    def _fail(self, trainer: pl.Trainer, what: str, err: Exception) -> None:
+        if self.strict:
+            raise err
+        rank_zero_warn(
+            f"Distiller failed while {what}: {type(err).__name__}: {err}. Training continues; pass strict=True "
+            "to raise instead."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        online = {k: s.to_dict() for k, s in self.students.items() if s.online and s.fitted}
+        return {
+            "buffer": self.buffer.state_dict(),
+            "val": self.val.state_dict(),
+            "val_frozen": self._val_frozen,
+            "history": self.history,
+            "online": online,
+            "generator": self._gen.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state_dict.get("buffer", {}))
+        self.val.load_state_dict(state_dict.get("val", {}))
+        self._val_frozen = bool(state_dict.get("val_frozen", False))
+        self.history = list(state_dict.get("history", []))
+        for k, d in (state_dict.get("online") or {}).items():
+            if k in self.students:
+                self.students[k] = student_from_dict(d)
+        if "generator" in state_dict:
+            self._gen.set_state(state_dict["generator"])

@@ -1,0 +1,138 @@
+"""A bounded ring buffer of rows (inputs, teacher outputs, labels, ...) and its gather across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["RingBuffer", "gather_rows"]
+
+
+class RingBuffer:
+    """Keeps the most recent ``capacity`` rows of named tensors (preallocated on first use, on CPU).
+
+    Every :meth:`add` must give the same names with the same row count; rows are copied (detached,
+    moved to CPU, cast to the dtype of the first batch seen for that name). :meth:`get` returns the
+    rows oldest first. Memory is ``capacity`` rows per name whatever the number of additions.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"The buffer capacity must be >= 1, got {capacity}.")
+        self.capacity = int(capacity)
+        self._data: dict[str, Tensor] = {}
+        self._next = 0  # write position
+        self._size = 0
+        self.seen = 0  # rows ever added
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._data)
+
+    def add(self, rows: Mapping[str, Tensor | None]) -> None:
+        rows = {k: v for k, v in rows.items() if v is not None}
+        if not rows:
+            return
+        ns = {int(v.shape[0]) for v in rows.values()}
+        if len(ns) != 1:
+            raise ValueError(f"All tensors added to the buffer need the same number of rows, got {sorted(ns)}.")
+        if self._data and set(rows) != set(self._data):
+            raise ValueError(f"Buffer holds {sorted(self._data)}, got {sorted(rows)}; add the same fields each time.")
+        n = ns.pop()
+        if n == 0:
+            return
+        for k, v in rows.items():
+            if k not in self._data:
+                self._data[k] = torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype)
+            elif tuple(v.shape[1:]) != tuple(self._data[k].shape[1:]):
+                raise ValueError(
+                    f"Buffer field {k!r} holds rows of shape {tuple(self._data[k].shape[1:])}, got "
+                    f"{tuple(v.shape[1:])}; inputs must keep one shape across batches."
+                )
+        if n >= self.capacity:  # only the last `capacity` rows survive
+            for k, v in rows.items():
+                self._data[k].copy_(v[n - self.capacity :].detach())
+            self._next, self._size = 0, self.capacity
+        else:
+            end = self._next + n
+            first = min(n, self.capacity - self._next)
+            for k, v in rows.items():
+                v = v.detach()
+                buf = self._data[k]
+                buf[self._next : self._next + first].copy_(v[:first])
+                if first < n:
+                    buf[: n - first].copy_(v[first:])
+            self._next = end % self.capacity
+            self._size = min(self.capacity, self._size + n)
+        self.seen += n
+
+    def get(self) -> dict[str, Tensor]:
+        """The stored rows, oldest first (copies)."""
+        if self._size < self.capacity:
+            return {k: v[: self._size].clone() for k, v in self._data.items()}
+        order = torch.cat([torch.arange(self._next, self.capacity), torch.arange(0, self._next)])
+        return {k: v[order] for k, v in self._data.items()}
+
+    def clear(self) -> None:
+        self._data, self._next, self._size = {}, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.get(), "seen": self.seen, "capacity": self.capacity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.clear()
+        rows = state.get("rows") or {}
+        if rows:
+            self.add(rows)
+        self.seen = int(state.get("seen", len(self)))
+
+
+def _gather_one(t: Tensor, world: int, device: torch.device) -> Tensor:
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    top = max(counts)
+    pad = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=device)
+    pad[: t.shape[0]] = t.to(device)
+    out = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(out, pad)
+    return torch.cat([o[:c] for o, c in zip(out, counts)]).cpu()
+
+
+def gather_rows(rows: Mapping[str, Tensor], group_device: torch.device | None = None) -> dict[str, Tensor]:
+    """Concatenate each rank's rows in rank order on every rank (identity without a process group).
+
+    Ranks may hold different row counts (padded for ``all_gather``, trimmed afterwards). Every rank
+    must call it (a rank may lack a name or hold no rows). Tensors travel on ``group_device`` (CPU
+    for gloo; the current CUDA device for NCCL by default).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(rows)
+    world = dist.get_world_size()
+    if group_device is None:
+        backend = dist.get_backend()
+        group_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    # Agree on names, row shapes and dtypes first, so a rank with an empty buffer still takes part.
+    meta = {k: (tuple(v.shape[1:]), str(v.dtype).replace("torch.", "")) for k, v in rows.items()}
+    metas: list[Any] = [None] * world
+    dist.all_gather_object(metas, meta)
+    spec: dict[str, tuple[tuple[int, ...], str]] = {}
+    for m in metas:
+        for k, v in (m or {}).items():
+            spec.setdefault(k, v)
+    out = {}
+    for k in sorted(spec):
+        shape, dtype = spec[k]
+        t = rows.get(k)
+        if t is None:
+            t = torch.empty((0, *shape), dtype=getattr(torch, dtype))
+        out[k] = _gather_one(t, world, group_device)
+    return out
