@@ -13,6 +13,7 @@ from .meaningful import MeaningfulPerturbation, extremal_perturbation
 from .neflag import NeFLAG, neflag1, neflag10, neflag20
 from .nonlinear_saliency import NonlinearSaliency
 from .occlusion import Occlusion
+from .realtime import MaskerObjective, MaskingNetwork, RealTimeSaliency, cw_hinge, train_masker_step
 from .rise import RISE
 from .sobol import Sobol
 from .sound_mask import SoundMask
@@ -20,15 +21,20 @@ from .sound_mask import SoundMask
 __all__ = [
     "HSIC",
     "RISE",
+    "MaskerObjective",
+    "MaskingNetwork",
     "MeaningfulPerturbation",
     "NeFLAG",
     "NonlinearSaliency",
     "Occlusion",
     "PerturbationAttributor",
+    "RealTimeSaliency",
     "Sobol",
     "SoundMask",
+    "cw_hinge",
     "extremal_perturbation",
     "neflag1",
     "neflag10",
     "neflag20",
+    "train_masker_step",
 ]
