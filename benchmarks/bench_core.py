@@ -30,14 +30,17 @@ from explain_callbacks.models import SmallCNN
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timeit(fns, repeats: int) -> list[float]:
+    """Median time of each function, run interleaved (one of each per round) so drifts hit all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def bare_passes(model, batches: list[torch.Tensor], target: torch.Tensor) -> None:
@@ -73,9 +76,7 @@ def method_table(repeats: int, n_steps: int, n_samples: int) -> list[list]:
         ]  # fmt: skip
         for name, passes, ours, theirs in cases:
             batches = [x + 0.0 * k for k in range(passes)]
-            t_raw = timeit(lambda b=batches: bare_passes(model, b, t), repeats)
-            t_ours = timeit(ours, repeats)
-            t_cap = timeit(theirs, repeats)
+            t_raw, t_ours, t_cap = timeit([lambda b=batches: bare_passes(model, b, t), ours, theirs], repeats)
             rows.append([name, passes, t_raw * 1e3, t_ours * 1e3, t_cap * 1e3, t_ours / t_raw, t_ours / t_cap])
     return rows
 
