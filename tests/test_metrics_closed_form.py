@@ -184,7 +184,7 @@ def test_pointing_game_planted():
     assert MF.pointing_game(a, masks)[:3].tolist() == [1.0, 0.0, 1.0]
 
 
-def test_pointing_game_equals_quantus_without_tolerance():
+def test_pointing_games_equal_quantus():
     quantus = pytest.importorskip("quantus")
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 1, 10, 10, generator=g)
@@ -196,6 +196,11 @@ def test_pointing_game_equals_quantus_without_tolerance():
         s_batch=m.numpy(), device="cpu",
     )  # fmt: skip
     np.testing.assert_allclose(MF.pointing_game(a, m, x, tolerance=0).numpy(), np.array(ref, dtype=float))
+    energy = quantus.AttributionLocalisation(disable_warnings=True, abs=False, normalise=False,
+                                             positive_attributions=True)  # fmt: skip
+    ref = energy(model=model, x_batch=x.numpy(), y_batch=np.zeros(6, dtype=int), a_batch=a.numpy().copy(),
+                 s_batch=m.numpy(), device="cpu")  # fmt: skip
+    np.testing.assert_allclose(MF.energy_pointing_game(a, m, x).numpy(), np.array(ref, dtype=float), atol=1e-6)
 
 
 def test_energy_pointing_game_planted():

@@ -7,6 +7,7 @@ map is from being complete with respect to the baseline x'). Lower is better.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ._utils import Substrate, make_substrate, scores_chunked, validate
@@ -35,7 +36,9 @@ def completeness_error(
     x = inputs.detach()
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
     b = x.shape[0]
-    fx = scores_chunked(model, x, target, output, batch_size)
-    delta = fx - scores_chunked(model, base, target, output, batch_size)
+    both = torch.cat([x, base])  # one pass over inputs and baselines together
+    tgt = None if target is None else torch.cat([target, target])
+    scores = scores_chunked(model, both, tgt, output, batch_size)
+    delta = scores[:b] - scores[b:]
     gap = (attributions.detach().reshape(b, -1).double().sum(1) - delta).abs()
     return gap / delta.abs().clamp_min(eps) if relative else gap
