@@ -49,15 +49,18 @@ batched pass by :func:`cd_batched`.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+
+from .._internal.guard import rng_guard
 
 __all__ = [
     "CDUnsupportedError",
@@ -78,14 +81,23 @@ class CDUnsupportedError(NotImplementedError):
 
 @dataclass
 class Decomposition:
-    """A tensor split as ``rel + irr`` (β: from the feature group S, γ: from the rest)."""
+    """A tensor split as ``rel + irr`` (β: from the feature group S, γ: from the rest).
+
+    ``both`` optionally holds the two streams stacked along the batch dimension (rel = both[:N],
+    irr = both[N:]), so that the next linear layer needs no concatenation.
+    """
 
     rel: Tensor
     irr: Tensor
+    both: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def total(self) -> Tensor:
         return self.rel + self.irr
+
+    @property
+    def stacked(self) -> Tensor:
+        return self.both if self.both is not None else torch.cat([self.rel, self.irr], 0)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Decomposition:
         return Decomposition(fn(self.rel), fn(self.irr))
@@ -109,17 +121,44 @@ def _split_bias(r: Tensor, i: Tensor, bias: Tensor | None) -> Decomposition:
     return Decomposition(r + bp, i + (bias - bp))
 
 
+def _split_stacked(both: Tensor, bias: Tensor | None) -> Decomposition:
+    """The bias split of :func:`_split_bias` on stacked streams (2N, ...): six tensor operations."""
+    n = both.shape[0] // 2
+    if bias is None:
+        return Decomposition(both[:n], both[n:], both)
+    z = both.view(2, n, *both.shape[1:])
+    if torch.is_grad_enabled():
+        a = z.abs() + _EPS
+        out = z + bias * (a / (a[0] + a[1]))
+    else:  # same arithmetic in place: two allocations instead of five
+        a = z.abs().add_(_EPS)
+        den = a[0] + a[1]
+        out = a.mul_(bias).div_(den).add_(z)
+    return Decomposition(out[0], out[1], out.view(both.shape))
+
+
 def _affine(x: Decomposition, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
-    """Linear/conv rule. Both streams go through ``lin`` (bias-free) as one concatenated batch."""
-    n = x.rel.shape[0]
-    both = lin(torch.cat([x.rel, x.irr], 0))
-    return _split_bias(both[:n], both[n:], bias)
+    """Linear/conv rule. Both streams go through ``lin`` (bias-free) as one stacked batch."""
+    return _split_stacked(lin(x.stacked), bias)
 
 
 def _elementwise(x: Decomposition, act: Callable[[Tensor], Tensor]) -> Decomposition:
     """``β' = σ(β)``, ``γ' = σ(β + γ) − σ(β)`` (the reference ``propagate_relu``)."""
     rel = act(x.rel)
     return Decomposition(rel, act(x.total) - rel)
+
+
+def _relu(x: Decomposition) -> Decomposition:
+    """The ReLU rule; without autograd written in place into one stacked buffer."""
+    if torch.is_grad_enabled():
+        return _elementwise(x, torch.relu)
+    n = x.rel.shape[0]
+    out = torch.empty((2 * n, *x.rel.shape[1:]), dtype=x.rel.dtype, device=x.rel.device)
+    rel, irr = out[:n], out[n:]
+    torch.clamp(x.rel, min=0, out=rel)
+    torch.add(x.rel, x.irr, out=irr)
+    irr.relu_().sub_(rel)
+    return Decomposition(rel, irr, out)
 
 
 def _each(x: Decomposition, fn: Callable[[Tensor], Any]) -> Any:
@@ -477,23 +516,132 @@ class _CDTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-_GRAPH_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, bool, fx.Graph]] = weakref.WeakKeyDictionary()
+_META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_META_CALLS = {"size", "dim", "numel", "get_device"}
 
 
-def _trace(model: nn.Module) -> fx.Graph:
-    key = (getattr(type(model), "forward", None), model.__dict__.get("forward"))
-    cached = _GRAPH_CACHE.get(model)
-    if cached is not None and cached[0] == key and cached[1] == model.training:
-        return cached[2]
+class _ConcreteTracer(_CDTracer):
+    """A tracer that also runs every node on an example input, so that Python control flow on
+    *shapes* (``if x.ndim > 2``, ``for i in range(x.size(1))``) is resolved with the example's
+    concrete values. Control flow on tensor *values* still fails: such branches depend on the data
+    and a CD graph specialised to one example would be wrong for the others.
+
+    Leaf modules run in eval mode on the example (no BatchNorm statistics update, no dropout), under
+    ``no_grad``; the global RNG is restored by the caller.
+    """
+
+    def __init__(self, example: Tensor) -> None:
+        super().__init__()
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.meta_only: dict[fx.Node, bool] = {}
+        self._first_placeholder = True
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        vals = fx.node.map_arg(node.args, lambda n: self.values.get(n))
+        kvals = fx.node.map_arg(node.kwargs, lambda n: self.values.get(n))
+        deps = [self.meta_only.get(n, False) for n in node.all_input_nodes]
+        meta = False
+        with torch.no_grad(), _unpatched_modules():
+            if kind == "placeholder":
+                if self._first_placeholder:
+                    value = self.example
+                    self._first_placeholder = False
+                else:
+                    value = node.args[0] if node.args else None
+            elif kind == "get_attr":
+                value = _resolve_attr(self.root, str(target))
+            elif kind == "call_module":
+                mod = self.root.get_submodule(str(target))
+                flags = [(m, m.training) for m in mod.modules()]
+                mod.eval()
+                try:
+                    value = mod(*vals, **kvals)
+                finally:
+                    for m, flag in flags:
+                        m.training = flag
+            elif kind == "call_function":
+                value = target(*vals, **kvals)
+                meta = (target is getattr and vals[1] in _META_ATTRS) or (bool(deps) and all(deps))
+            else:  # call_method
+                value = getattr(vals[0], target)(*vals[1:], **kvals)
+                meta = target in _META_CALLS or (bool(deps) and all(deps) and not isinstance(value, Tensor))
+        self.values[node] = value
+        self.meta_only[node] = meta
+        return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.meta_only.get(obj.node, False):
+            return bool(self.values[obj.node])
+        return super().to_bool(obj)
+
+
+@contextlib.contextmanager
+def _unpatched_modules() -> Iterator[None]:
+    """Run real module code while fx is tracing: fx patches ``Module.__call__``/``__getattr__`` to
+    record calls and parameter reads; the example values need the original methods."""
+    from torch.fx import _symbolic_trace as st
+
+    call, get = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__ = st._orig_module_call  # type: ignore[method-assign]
+    nn.Module.__getattr__ = st._orig_module_getattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = get  # type: ignore[method-assign]
+
+
+def _resolve_attr(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` without ``Module.__getattr__`` (which fx patches while tracing)."""
+    value: Any = root
+    for part in target.split("."):
+        if isinstance(value, nn.Module):
+            for store in (value._parameters, value._buffers, value._modules, value.__dict__):
+                if part in store:
+                    value = store[part]
+                    break
+            else:
+                raise AttributeError(f"{type(value).__name__} has no attribute {part!r}")
+        else:
+            value = getattr(value, part)
+    return value
+
+
+_GRAPH_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, fx.Graph]] = weakref.WeakKeyDictionary()
+_MODULES: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _trace(model: nn.Module, example: Tensor) -> fx.Graph:
+    """The CD graph of ``model`` (cached per module, forward and training flag).
+
+    Plain symbolic tracing first; if ``forward`` branches on shapes, a concrete trace on ``example``
+    (specialised to its per-sample shape, cached under that shape).
+    """
+    key = (getattr(type(model), "forward", None), model.__dict__.get("forward"), model.training)
+    cache = _GRAPH_CACHE.setdefault(model, {})
+    shaped_key = (*key, tuple(example.shape[1:]))
+    for k in (key, shaped_key):
+        if k in cache:
+            return cache[k]
     try:
         graph = _CDTracer().trace(model)
+        cache[key] = graph
+        return graph
     except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
+        first_err = err
+    try:
+        with rng_guard():
+            graph = _ConcreteTracer(example[:2].detach()).trace(model)
+    except Exception as err:
         raise CDUnsupportedError(
             f"Contextual decomposition could not trace {type(model).__name__}.forward with torch.fx: "
-            f"{type(err).__name__}: {err}. Data-dependent control flow (if/for on tensor values) cannot "
-            "be traced; pass the inner network (e.g. pl_module.net) or move the branching out of forward."
+            f"{type(first_err).__name__}: {first_err}. Data-dependent control flow (if/for on tensor values) "
+            "cannot be traced; pass the inner network (e.g. pl_module.net) or move the branching out of forward."
         ) from err
-    _GRAPH_CACHE[model] = (key, model.training, graph)
+    cache[shaped_key] = graph
     return graph
 
 
@@ -604,6 +752,8 @@ def _call_module(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> An
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         bias = None if mod.bias is None else mod.bias.view(1, -1, *([1] * (x.rel.ndim - 2)))
         return _affine(x, lambda t: mod._conv_forward(t, mod.weight, None), bias)
+    if type(mod) is nn.ReLU:
+        return _relu(x)
     if isinstance(mod, _ELEMENTWISE_MODULES):
         if getattr(mod, "inplace", False):
             return _elementwise(x, lambda t: _call_not_inplace(mod, t))
@@ -674,6 +824,8 @@ def _call_function(node: fx.Node, fn: Any, args: tuple, kwargs: dict) -> Any:
         raise _unsupported(node, f"attribute {name!r} of a decomposed tensor")
     if fn in (torch.cat, torch.concat, torch.stack):
         return _cat(args[0], *args[1:], stack=fn is torch.stack, **kwargs)
+    if fn in (F.relu, torch.relu) and len(args) == 1 and isinstance(args[0], Decomposition):
+        return _relu(args[0])
     if fn in _ELEMENTWISE_FUNCS:
         x, rest = args[0], args[1:]
         kw = {k: v for k, v in kwargs.items() if k != "inplace"}
@@ -774,7 +926,8 @@ def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     The model is traced once with torch.fx and cached per module instance. The first positional
     input of ``forward`` receives the decomposition; other inputs must have defaults.
     """
-    graph = _trace(model)
+    graph = _trace(model, rel + irr)
+    modules = _MODULES.setdefault(model, {})
     env: dict[str, Any] = {}
     first = True
     out: Any = None
@@ -804,7 +957,10 @@ def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
         args = _load(node.args, env)
         kwargs = _load(node.kwargs, env)
         if op == "call_module":
-            env[node.name] = _call_module(node, model.get_submodule(str(node.target)), args, kwargs)
+            mod = modules.get(node.name)
+            if mod is None:
+                mod = modules[node.name] = model.get_submodule(str(node.target))
+            env[node.name] = _call_module(node, mod, args, kwargs)
         elif not _has_dec(args) and not _has_dec(kwargs):
             # input-independent computation (shapes, constants): run it as is
             if op == "call_function":
@@ -887,6 +1043,13 @@ def cd_batched(
     g = masks.shape[1] if per_sample else masks.shape[0]
     n = b * g
     step = n if not batch_size else max(1, int(batch_size))
+    if step >= n:  # one propagation: build the rows by broadcasting
+        xg = inputs.unsqueeze(1)
+        m = masks if per_sample else masks.unsqueeze(0)
+        rel0 = (m * xg).expand(b, g, *sample_shape).reshape(n, *sample_shape)
+        irr0 = ((1 - m) * xg).expand(b, g, *sample_shape).reshape(n, *sample_shape)
+        out = cd_propagate(model, rel0, irr0)
+        return out.rel.view(b, g, *out.rel.shape[1:]), out.irr.view(b, g, *out.irr.shape[1:])
     rels, irrs = [], []
     for s in range(0, n, step):
         rows = torch.arange(s, min(s + step, n), device=inputs.device)
