@@ -32,7 +32,9 @@ from .wavelets import (
     idwt1d,
     idwt2d,
     low_to_high,
+    wavedec,
     wavelet_constraint_losses,
+    waverec,
 )
 
 __all__ = [
@@ -75,5 +77,7 @@ __all__ = [
     "teacher_labels",
     "tree_rules",
     "trim_attribution",
+    "wavedec",
     "wavelet_constraint_losses",
+    "waverec",
 ]

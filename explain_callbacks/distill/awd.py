@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .._internal.batching import chunks
 from .._internal.registry import STUDENTS
-from .base import Student, student_from_dict
+from .base import Student, single_thread, student_from_dict
 from .linear import SparseLinearStudent, SparseLogisticStudent
 from .trim import trim_attribution
 from .wavelets import AdaptiveWavelet
@@ -268,7 +268,7 @@ class AWDStudent(Student):
         """The max-coefficient features (N, (J+1)·n_coefficients) of inputs x."""
         if self.transform_ is None:
             raise RuntimeError("AWDStudent is not fitted yet; call fit(x, teacher_outputs, teacher=model) first.")
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), single_thread():
             out = [
                 max_coefficient_features(
                     self.transform_(x[sl].detach().float().cpu()), self.n_coefficients, self.signed_features

@@ -167,7 +167,8 @@ class Student(ABC):
                     f"{len(feature_names)} feature names for {n_feat} features; pass one name per input feature."
                 )
         self.feature_names_ = feature_names
-        self._fit(x.detach(), teacher_out.detach(), teacher)
+        with single_thread():  # small solves: see single_thread
+            self._fit(x.detach(), teacher_out.detach(), teacher)
         return self
 
     @abstractmethod

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._internal.registry import STUDENTS
-from .base import Student, regression_targets
+from .base import Student, regression_targets, single_thread
 
 __all__ = ["OnlineStudent", "distillation_loss"]
 
@@ -92,10 +92,10 @@ class OnlineStudent(Student):
     def _build(self, in_features: int, out_features: int, device: torch.device) -> None:
         layers: list[nn.Module] = []
         d = in_features
-        for h in self.hidden:
-            layers += [nn.Linear(d, h), nn.ReLU()]
+        for h in self.hidden:  # skip_init: constructing nn.Linear would draw from the global RNG
+            layers += [nn.utils.skip_init(nn.Linear, d, h), nn.ReLU()]
             d = h
-        layers.append(nn.Linear(d, out_features))
+        layers.append(nn.utils.skip_init(nn.Linear, d, out_features))
         net = nn.Sequential(*layers)
         gen = torch.Generator().manual_seed(int(self.seed))
         with torch.no_grad():  # PyTorch's default Linear init, drawn from our generator
@@ -134,7 +134,7 @@ class OnlineStudent(Student):
         assert self.net_ is not None and self.opt_ is not None
         dev = next(self.net_.parameters()).device
         x, teacher_out = x.to(dev), teacher_out.to(dev)
-        with torch.inference_mode(False), torch.enable_grad(), _autocast_off(dev):
+        with torch.inference_mode(False), torch.enable_grad(), _autocast_off(dev), single_thread():
             x, teacher_out = x.clone(), teacher_out.clone()
             for _ in range(self.steps_per_batch):
                 self.opt_.zero_grad(set_to_none=True)

@@ -36,7 +36,9 @@ __all__ = [
     "idwt1d",
     "idwt2d",
     "low_to_high",
+    "wavedec",
     "wavelet_constraint_losses",
+    "waverec",
 ]
 
 # Daubechies low-pass (scaling) filters with N/2 vanishing moments, normalised so Σh = √2, ‖h‖ = 1.
@@ -139,6 +141,29 @@ def idwt2d(ll: Tensor, details: Tensor, h: Tensor, g: Tensor | None = None) -> T
     return idwt1d(lo_w, hi_w, h, g)
 
 
+def wavedec(x: Tensor, h: Tensor, levels: int, ndim: int = 1) -> tuple[Tensor, ...]:
+    """Multi-level periodised DWT with low-pass ``h``: ``(a_J, d_J, ..., d_1)``, coarsest first (as pywt's
+    ``wavedec``); ``ndim=2`` transforms the last two dims separably (details (..., 3, H_j, W_j))."""
+    h = h.to(x.dtype)
+    g = low_to_high(h)
+    details = []
+    a = x
+    for _ in range(levels):
+        a, d = dwt1d(a, h, g) if ndim == 1 else dwt2d(a, h, g)
+        details.append(d)
+    return (a, *reversed(details))
+
+
+def waverec(coeffs: tuple[Tensor, ...] | list[Tensor], h: Tensor, ndim: int = 1) -> Tensor:
+    """Adjoint of :func:`wavedec` (its inverse for an orthogonal ``h``)."""
+    h = h.to(coeffs[0].dtype)
+    g = low_to_high(h)
+    a = coeffs[0]
+    for d in coeffs[1:]:
+        a = idwt1d(a, d, h, g) if ndim == 1 else idwt2d(a, d, h, g)
+    return a
+
+
 def wavelet_constraint_losses(h: Tensor) -> dict[str, Tensor]:
     """The wavelet constraint terms of AWD (Ha et al. 2021, Sec. 3.1; the authors' ``losses.py``).
 
@@ -174,26 +199,33 @@ class AdaptiveWavelet(nn.Module):
         ndim: 1 for signals ((B, L) or (B, C, L)), 2 for images ((B, C, H, W)).
         init_noise: std of Gaussian noise added to the initial filter (AWD starts from a standard
             wavelet plus noise), drawn from a generator seeded with ``seed``.
+        dtype: of the filter parameter (float64 keeps Daubechies filters exact to 1e-16).
 
     ``forward(x)`` returns the coefficients coarsest first, like pywt's ``wavedec``:
     ``(a_J, d_J, ..., d_1)``; in 2-D each detail is (B, C, 3, H_j, W_j). ``inverse`` inverts it.
     """
 
     def __init__(
-        self, wavelet: str | Tensor = "db3", levels: int = 3, ndim: int = 1, init_noise: float = 0.0, seed: int = 0
+        self,
+        wavelet: str | Tensor = "db3",
+        levels: int = 3,
+        ndim: int = 1,
+        init_noise: float = 0.0,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}.")
         if ndim not in (1, 2):
             raise ValueError(f"ndim must be 1 (signals) or 2 (images), got {ndim}.")
-        h0 = daubechies(wavelet, torch.float32) if isinstance(wavelet, str) else torch.as_tensor(wavelet).float()
+        h0 = daubechies(wavelet) if isinstance(wavelet, str) else torch.as_tensor(wavelet, dtype=torch.float64)
         if h0.ndim != 1 or h0.numel() % 2:
             raise ValueError(f"The wavelet filter must be 1-D with even length, got shape {tuple(h0.shape)}.")
         if init_noise > 0:
             gen = torch.Generator().manual_seed(int(seed))
-            h0 = h0 + init_noise * torch.randn(h0.shape, generator=gen)
-        self.h = nn.Parameter(h0.clone())
+            h0 = h0 + init_noise * torch.randn(h0.shape, generator=gen, dtype=torch.float64)
+        self.h = nn.Parameter(h0.to(dtype).clone())
         self.levels = levels
         self.ndim = ndim
         self.init = wavelet if isinstance(wavelet, str) else "custom"
@@ -217,24 +249,12 @@ class AdaptiveWavelet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         self._check(x)
-        h = self.h.to(x.dtype)
-        g = low_to_high(h)
-        details = []
-        a = x
-        for _ in range(self.levels):
-            a, d = dwt1d(a, h, g) if self.ndim == 1 else dwt2d(a, h, g)
-            details.append(d)
-        return (a, *reversed(details))
+        return wavedec(x, self.h, self.levels, self.ndim)
 
     def inverse(self, coeffs: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
         if len(coeffs) != self.levels + 1:
             raise ValueError(f"Expected {self.levels + 1} coefficient tensors (a_J, d_J..d_1), got {len(coeffs)}.")
-        h = self.h.to(coeffs[0].dtype)
-        g = low_to_high(h)
-        a = coeffs[0]
-        for d in coeffs[1:]:
-            a = idwt1d(a, d, h, g) if self.ndim == 1 else idwt2d(a, d, h, g)
-        return a
+        return waverec(coeffs, self.h, self.ndim)
 
     def constraint_losses(self) -> dict[str, Tensor]:
         return wavelet_constraint_losses(self.h)
