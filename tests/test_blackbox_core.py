@@ -202,7 +202,7 @@ def test_sobol_matches_closed_form_on_additive_model():
     x = 0.5 + torch.rand(2, 1, 12, 12, dtype=torch.float64)
     c = x.reshape(2, 3, 4, 3, 4).mean((2, 4)).reshape(2, 9)
     share = (w * c) ** 2 / ((w * c) ** 2).sum(1, keepdim=True)
-    idx = Sobol(grid_size=3, n_designs=1024, batch_size=4096).indices(Additive(), x, None)
+    idx = Sobol(grid_size=3, n_designs=1024, output="logit", batch_size=4096).indices(Additive(), x, None)
     torch.testing.assert_close(idx["total"].reshape(2, 9), share, atol=0.02, rtol=0)
     torch.testing.assert_close(idx["first_order"].reshape(2, 9), share, atol=0.03, rtol=0)
     # Additive: no interactions, shares sum to one.
@@ -217,7 +217,7 @@ def test_sobol_sees_interactions():
             return x[:, 0] * x[:, 1] + 0.1 * x[:, 2]
 
     x = torch.ones(1, 4, dtype=torch.float64)
-    idx = Sobol(n_designs=1024, batch_size=8192).indices(Product(), x, None)
+    idx = Sobol(n_designs=1024, output="logit", batch_size=8192).indices(Product(), x, None)
     first, total = idx["first_order"][0], idx["total"][0]
     # Var(M0 M1) = 7/144, first-order part of each = 1/48; Var(0.1 M2) = 1/1200.
     v = 7 / 144 + 0.01 / 12
@@ -256,11 +256,11 @@ def test_hsic_estimator_matches_explicit_kernels():
             return (2 * x[:, 0] * x[:, 1] + x[:, 2] - 0.5 * x[:, 3] * x[:, 4]).unsqueeze(1)
 
     x = torch.ones(1, 5, dtype=torch.float64)
-    h = HSIC(n_designs=48, width=0.7, sampler="sobol")
+    h = HSIC(n_designs=48, width=0.7, sampler="sobol", output="logit")
     inter = h.interactions(Tab(), x, None)
     single = h.last_info["hsic"][0]
     # Recompute the designs and outputs exactly as the method did.
-    _layout, xd, yd = HSIC(n_designs=48, width=0.7, sampler="sobol")._scores(Tab(), x, None)
+    _layout, xd, yd = HSIC(n_designs=48, width=0.7, sampler="sobol", output="logit")._scores(Tab(), x, None)
     ref_single, ref_inter = _hsic_brute(xd, yd[0], 0.7)
     torch.testing.assert_close(single, ref_single, atol=1e-12, rtol=1e-9)
     torch.testing.assert_close(inter[0], ref_inter, atol=1e-12, rtol=1e-9)
@@ -270,7 +270,7 @@ def test_hsic_estimator_matches_explicit_kernels():
     i, j = divmod(int(off.argmax()), 5)
     assert {i, j} == {0, 1}
     # attribute() gives the same per-cell scores.
-    a = HSIC(n_designs=48, width=0.7, sampler="sobol")(Tab(), x, None)
+    a = HSIC(n_designs=48, width=0.7, sampler="sobol", output="logit")(Tab(), x, None)
     torch.testing.assert_close(a[0], ref_single)
 
 

@@ -43,8 +43,9 @@ class Sobol(PerturbationAttributor):
     Args:
         grid_size: g (8). n_designs: N (32; use a power of two for the balance of the sequence).
         substrate: ``zeros`` (default), ``mean``, ``blur``, float or tensor.
-        output: ``logit`` (default, the raw output at the target as in the reference code),
-            ``softmax``, ...
+        output: ``softmax`` (default: the target's probability) or ``logit`` (the raw output, as the
+            reference code explains whatever the model returns). On the digits CNN the probability gives
+            the better deletion AUC (0.117 vs 0.203 at the default 2112 passes, benchmarks/bench_blackbox.py).
         budget: forward passes per sample; N is lowered to the largest power of two that fits.
 
     Cost: N·(d+2) forward passes per sample, 32·66 = 2112 with the defaults on images.
@@ -60,7 +61,7 @@ class Sobol(PerturbationAttributor):
         blur_sigma: float = 5.0,
         upsample: str = "nearest",
         map_upsample: str = "bicubic",
-        output: str = "logit",
+        output: str = "softmax",
         budget: int | None = None,
         batch_size: int | None = 256,
         seed: int = 0,
