@@ -166,7 +166,7 @@ class Distiller(Callback):
         if _is_single_spec(spec):
             items: list[tuple[str | None, Any]] = [(None, spec)]
         elif isinstance(spec, Mapping):
-            items = [(str(k), v) for k, v in spec.items()]
+            items = [(str(k), v) for k, v in spec.items() if v is not None]  # None drops a student (configs)
         elif isinstance(spec, Sequence):
             items = [(None, s) for s in spec]
         else:
@@ -418,7 +418,9 @@ class Distiller(Callback):
             VX = vfeat if self.layer is not None else val["x"]
             vy = val.get("y")
         names = self._feature_names(trainer, int(X[0].numel()))
-        record: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        # at on_train_end the epoch counter has already moved past the last epoch
+        epoch = int(trainer.current_epoch) - (0 if log else 1)
+        record: dict[str, Any] = {"epoch": epoch, "step": int(trainer.global_step), "final": not log}
         teacher = self.teacher(pl_module)
         for key, student in self.students.items():
             t0 = time.perf_counter()
@@ -471,7 +473,7 @@ class Distiller(Callback):
             if not student.fitted:
                 continue
             meta = {
-                "epoch": int(trainer.current_epoch),
+                "epochs_trained": int(trainer.current_epoch),
                 "global_step": int(trainer.global_step),
                 "layer": self.layer,
                 "input_key": self.adapter.input_key if isinstance(self.adapter.input_key, (int, str)) else None,

@@ -1,0 +1,188 @@
+"""The Distiller inside Lightning: no side effects on training, fidelity on breast cancer, export, Hydra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from explain_callbacks.callbacks.distiller import Distiller
+from explain_callbacks.datasets import BreastCancerDataModule
+from explain_callbacks.distill import Student, agreement, load_student
+from explain_callbacks.models import MLP, LitClassifier
+
+from .helpers_lightning import event_tags
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and much faster on an oversubscribed machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class LitNoForward(LitClassifier):
+    """training_step calls the net directly: a forward hook on the LightningModule never fires."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.unpack(batch)
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+
+def _fit(tmp_path, callbacks=(), epochs=3, cls=LitClassifier, logger=False):
+    pl.seed_everything(0)
+    dm = BreastCancerDataModule(batch_size=32, seed=0)
+    model = cls(MLP(30, 2, hidden=(32, 32), dropout=0.2), lr=3e-3)  # dropout: the RNG matters
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    tr = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, callbacks=list(callbacks), deterministic=True,
+        logger=TensorBoardLogger(str(tmp_path), name="tb") if logger else False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    tr.fit(model, dm)
+    return model, tr, dm
+
+
+def _state(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        torch.get_rng_state(),
+        {n: m.training for n, m in model.named_modules()},
+    )
+
+
+def test_distiller_does_not_change_training(tmp_path):
+    base, _, _ = _fit(tmp_path / "base")
+    w0, rng0, modes0 = _state(base)
+    variants = [
+        (  # captured outputs and layer features, an online student trained every step
+            LitClassifier,
+            Distiller(
+                students=["tree", "online", {"name": "sparse_logistic", "max_nonzeros": 4}],
+                teacher_outputs="captured", layer="net.net.4", every_n_epochs=1, buffer_size=64, strict=True,
+            ),
+        ),
+        (  # refreshed outputs, attributions of the teacher, a per-batch subsample (own generator)
+            LitClassifier,
+            Distiller(
+                students=[{"name": "attribution_linear", "k": 3, "max_samples": 32}, "rules"],
+                per_batch=8, every_n_epochs=2, buffer_size=64, strict=True,
+            ),
+        ),
+        (  # the forward hook cannot fire: a guarded no-grad forward on the buffered rows instead
+            LitNoForward,
+            Distiller(students=["online", "tree"], teacher_outputs="captured", per_batch=4, strict=True),
+        ),
+    ]  # fmt: skip
+    for i, (cls, dist) in enumerate(variants):
+        model, tr, _ = _fit(tmp_path / f"v{i}", [dist], cls=cls)
+        w, rng, modes = _state(model)
+        assert w.keys() == w0.keys()
+        for k in w0:
+            assert torch.equal(w[k], w0[k]), (i, k)
+        assert torch.equal(rng, rng0), i
+        assert modes == modes0, i
+        assert all(s.fitted for s in dist.students.values()), i
+        assert dist.history, i
+    d0 = variants[0][1]
+    assert d0.buffer.get()["feat"].shape[1] == 32 and "out" in d0.buffer.names
+    assert d0.students["tree"].input_shape_ == (32,)
+    assert len(d0.buffer) == 64  # bounded
+    d2 = variants[2][1]
+    assert d2.students["online"].steps_ == tr.global_step  # every batch, through the fallback forward
+
+
+def test_breast_cancer_students_agree_with_the_teacher_and_are_exported(tmp_path):
+    dist = Distiller(
+        students={"tree": {"name": "tree", "max_depth": 3},
+                  "logistic": {"name": "sparse_logistic", "max_nonzeros": 10}},
+        every_n_epochs=4, buffer_size=512, strict=True,
+    )  # fmt: skip
+    model, tr, dm = _fit(tmp_path, [dist], epochs=10, logger=True)
+    assert [h["epoch"] for h in dist.history] == [3, 7, 9]  # the last epoch is refitted for the export
+    assert [h["final"] for h in dist.history] == [False, False, True]
+    # exported, loadable, and at least one student with <= 10 non-zeros/leaves agrees on >= 95% of the test set
+    xt, _ = dm.test_set.tensors
+    model.eval()
+    with torch.no_grad():
+        teacher = model(xt)
+    best = 0.0
+    for key in ("tree", "logistic"):
+        s = load_student(dist.exported[key])
+        assert isinstance(s, Student) and s.metadata_["epochs_trained"] == 10
+        size = s.complexity().get("nonzeros", s.complexity().get("leaves"))
+        assert size <= 10
+        best = max(best, float(agreement(s.predict(xt), teacher)))
+        assert torch.equal(s.predict(xt), dist.students[key].predict(xt))
+    assert best >= 0.95, best
+    assert dist.students["tree"].feature_names_[0] == "mean radius"  # taken from the data module
+    metrics = tr.callback_metrics
+    for key in ("tree", "logistic"):
+        assert 0.5 <= float(metrics[f"explain/distill/{key}/fidelity"]) <= 1.0
+        assert f"explain/distill/{key}/accuracy" in metrics
+    assert float(metrics["explain/distill/tree/leaves"]) <= 8
+    tags = event_tags(tmp_path)
+    assert "explain/distill/logistic/nonzeros" in tags["scalars"]
+    assert any("explain/distill/tree/student" in t for t in tags["text"])
+    # checkpoint state round trip
+    other = Distiller(students="tree")
+    other.load_state_dict(dist.state_dict())
+    assert torch.equal(other.buffer.get()["x"], dist.buffer.get()["x"])
+    assert other.history == dist.history
+
+
+def test_bad_arguments_fail_early_with_clear_messages():
+    with pytest.raises(ValueError, match="teacher_outputs"):
+        Distiller(teacher_outputs="nope")
+    with pytest.raises(ValueError, match="layer"):
+        Distiller(students=["attribution_linear"], layer="net.0")
+    with pytest.raises(KeyError, match="Unknown student"):
+        Distiller(students=["nope"])
+    d = Distiller(students={"a": "tree", "b": None, "c": {"name": "tree", "max_depth": 1}})
+    assert list(d.students) == ["a", "c"]
+    d = Distiller(students=["tree", "tree"])
+    assert list(d.students) == ["tree", "tree_2"]
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "student").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_student_config_instantiates(path):
+    with initialize_config_dir(config_dir=str(CONF / "student"), version_base="1.3"):
+        cfg = compose(path.stem)
+    assert isinstance(instantiate(cfg), Student)
+
+
+@pytest.mark.parametrize("experiment", ["distill_breast_cancer", "distill_signals_awd"])
+def test_distill_experiments_compose_and_instantiate(experiment):
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    cb = instantiate(cfg.callbacks.distiller)
+    assert isinstance(cb, Distiller)
+    assert list(cfg.callbacks) == ["distiller"]
+    instantiate(cfg.data)
+    instantiate(cfg.model)
+    if experiment == "distill_signals_awd":
+        assert set(cb.students) == {"tree", "awd", "sparse_linear"}
+
+
+def test_distiller_config_with_a_student_group_option():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["callbacks=[default,distiller]", "+student@callbacks.distiller.students.rules=rules", "seed=0"],
+        )
+    cb = instantiate(cfg.callbacks.distiller)
+    assert set(cb.students) == {"tree", "sparse_logistic", "rules"}
