@@ -1,7 +1,7 @@
 """Metrics benchmark: each metric against Quantus on the same model, batch and settings (time ratio and
 values side by side) and against the bare forward (or attribution) passes it needs.
 
-    .venv/bin/python benchmarks/bench_metrics.py [--batch 32] [--repeats 3] [--device cpu] [--quick]
+    .venv/bin/python benchmarks/bench_metrics.py [--batch 32] [--repeats 3] [--device cpu] [--threads N] [--quick]
 
 Model: SmallCNN (3 -> 4 classes) trained one epoch on the procedural shapes (3 x 32 x 32); maps:
 Saliency. Where Quantus draws random subsets / noise with NumPy's global RNG, the benchmark feeds it
@@ -120,7 +120,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer steps/samples (a smoke run)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import quantus
 
     device = torch.device(args.device)

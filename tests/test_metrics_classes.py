@@ -227,6 +227,23 @@ def test_model_calls_hold_at_most_batch_size_rows():
     assert max(sizes) <= 12 and sum(sizes) == 5 * 21
 
 
+def test_random_subsets_are_uniform_and_exact():
+    from explain_callbacks.metrics.functional.mufidelity import random_subsets, sample_without_replacement
+
+    g = torch.Generator().manual_seed(0)
+    m = sample_without_replacement(5, 2, (40_000,), generator=g)
+    assert (m.sum(1) == 2).all()
+    pairs = torch.bincount((m.nonzero()[:, 1].view(-1, 2) * torch.tensor([5, 1])).sum(1), minlength=25)
+    counts = pairs[pairs > 0].double()
+    assert counts.numel() == 10 and (counts / 4000 - 1).abs().max() < 0.08  # every pair equally likely
+    for k in (3, 70, 97):  # k > n/2 draws the complement
+        assert (random_subsets(4, 100, 3, subset_size=k, generator=g).sum(-1) == k).all()
+    grid = random_subsets(4, 64, 50, grid_size=4, drop_prob=0.25, spatial=(8, 8), generator=g)
+    assert abs(float(grid.float().mean()) - 0.25) < 0.03
+    cells = grid.view(50, 4, 4, 2, 4, 2)  # constant within each 2 x 2 cell
+    assert torch.equal(cells.amax((3, 5)), cells.amin((3, 5)))
+
+
 def test_drift_compares_with_the_previous_period():
     d = Drift()
     a = torch.randn(4, 1, 5, 5)

@@ -219,14 +219,20 @@ def test_energy_pointing_game_planted():
 def test_largest_component_matches_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
     g = torch.Generator().manual_seed(4)
-    fg = torch.rand(5, 12, 12, generator=g) > 0.55
-    ours = largest_component(fg)
-    for i in range(5):
-        lab, _n = ndimage.label(fg[i].numpy(), structure=np.ones((3, 3)))
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        assert ours[i].sum().item() == sizes.max()
-        assert np.array_equal(ours[i].numpy(), lab == sizes.argmax()) or (sizes == sizes.max()).sum() > 1
+    for density in (0.3, 0.45, 0.6, 0.8):
+        fg = torch.rand(6, 14, 14, generator=g) < density
+        ours = largest_component(fg)
+        for i in range(6):
+            lab, _ = ndimage.label(fg[i].numpy(), structure=np.ones((3, 3)))
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            assert ours[i].sum().item() == sizes.max()
+            assert np.array_equal(ours[i].numpy(), lab == sizes.argmax()) or (sizes == sizes.max()).sum() > 1
+    snake = torch.zeros(1, 15, 15, dtype=torch.bool)  # one long winding component
+    snake[0, ::2, :] = True
+    snake[0, 1::4, -1] = True
+    snake[0, 3::4, 0] = True
+    assert torch.equal(largest_component(snake), snake)
 
 
 def test_dabkowski_metric_planted():

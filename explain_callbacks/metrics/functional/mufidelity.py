@@ -16,6 +16,7 @@ on ``batch_size``), or are passed explicitly (``subsets``) to reproduce another 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from ._utils import (
     validate,
 )
 
-__all__ = ["MUFIDELITY_PRESETS", "mufidelity", "random_subsets"]
+__all__ = ["MUFIDELITY_PRESETS", "mufidelity", "random_subsets", "sample_without_replacement"]
 
 MUFIDELITY_PRESETS: dict[str, dict[str, Any]] = {
     "quantus": {
@@ -94,7 +95,6 @@ def random_subsets(
     ``grid_size`` grid over ``spatial`` dropped independently with probability ``drop_prob``, resized
     (nearest) to the spatial size; then n must equal prod(spatial) (pixel features).
     """
-    out = torch.empty(n_subsets, batch, n_features, dtype=torch.bool, device=device)
     if grid_size is not None:
         if spatial is None or int(torch.tensor(spatial).prod()) != n_features:
             raise ValueError(
@@ -102,18 +102,40 @@ def random_subsets(
                 "use subset_size for tabular data."
             )
         cells = (grid_size,) * len(spatial)
-        for r in range(n_subsets):
-            u = torch.rand((batch, *cells), generator=generator, device=device)
-            out[r] = resize_nearest((u < drop_prob).float(), spatial).reshape(batch, -1) > 0.5
-        return out
+        u = torch.rand((n_subsets * batch, *cells), generator=generator, device=device)
+        return (resize_nearest((u < drop_prob).float(), spatial) > 0.5).view(n_subsets, batch, n_features)
     k = round(subset_size * n_features) if isinstance(subset_size, float) else int(subset_size)
     if not 1 <= k <= n_features:
         raise ValueError(f"subset_size must give between 1 and {n_features} features, got {subset_size}.")
-    for r in range(n_subsets):
-        u = torch.rand((batch, n_features), generator=generator, device=device)
-        kth = u.kthvalue(k, dim=1, keepdim=True).values
-        out[r] = u <= kth
-    return out
+    complement = k > n_features // 2  # draw the smaller side
+    out = sample_without_replacement(
+        n_features, n_features - k if complement else k, (n_subsets, batch), generator=generator, device=device
+    )
+    return ~out if complement else out
+
+
+def sample_without_replacement(
+    n: int,
+    k: int,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Uniform random k-subsets of range(n), one per row of ``shape``, as boolean masks (*shape, n).
+
+    Floyd's algorithm (Bentley & Floyd 1987, "Programming pearls: a sample of brilliance"), vectorised
+    over rows: for j = n−k .. n−1 draw t uniform in [0, j] and add t, or j if t is already taken. Exactly
+    uniform, k random integers per row (not n random keys), k vectorised steps.
+    """
+    rows = math.prod(shape)
+    table = torch.zeros(rows, n, dtype=torch.bool, device=device)
+    ar = torch.arange(rows, device=device)
+    for j in range(n - k, n):
+        t = torch.randint(0, j + 1, (rows,), generator=generator, device=device)
+        taken = table[ar, t]
+        table[ar, torch.where(taken, torch.full_like(t, j), t)] = True
+    return table.view(*shape, n)
 
 
 def _as_subset_masks(subsets: Tensor, batch: int, n: int) -> Tensor:
