@@ -372,7 +372,8 @@ class Distiller(Callback):
             self._run(trainer, pl_module, log=False)
         if self.export:
             try:
-                self._export(trainer)
+                folder = self.export_path(trainer)  # trainer.log_dir is a collective under DDP: every rank
+                self._export(trainer, folder)
             except Exception as err:
                 self._fail(trainer, "exporting the students", err)
 
@@ -463,10 +464,9 @@ class Distiller(Callback):
         base = trainer.log_dir or trainer.default_root_dir
         return Path(base) / "distill"
 
-    def _export(self, trainer: pl.Trainer) -> None:
+    def _export(self, trainer: pl.Trainer, folder: Path) -> None:
         if trainer.global_rank != 0:
             return
-        folder = self.export_path(trainer)
         last = self.history[-1] if self.history else {}
         lines = []
         for key, student in self.students.items():
