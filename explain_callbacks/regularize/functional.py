@@ -56,7 +56,7 @@ def norm_stats_kept(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     The forward passes inside keep using batch statistics in train mode; only the running buffers
     are put back, so the penalty's extra passes do not count twice in the running averages.
     """
-    if not enabled:
+    if not enabled or not isinstance(model, nn.Module):
         yield
         return
     saved: list[tuple[Tensor, Tensor]] = []
@@ -135,6 +135,11 @@ def _per_sample_sum(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 
 
+def _up(t: Tensor) -> Tensor:
+    """Half / bfloat16 (autocast) to float32 for the reductions; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _leaf(inputs: Tensor) -> Tensor:
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be floating point to take input gradients, got {inputs.dtype}; use .float().")
@@ -184,8 +189,8 @@ def cdep_penalty(
         m = m.expand_as(inputs)
     with norm_stats_kept(model, keep_norm_stats):
         beta, gamma = cd_fn(model, x, m)
-    beta = beta.float().reshape(beta.shape[0], -1)
-    gamma = gamma.float().reshape(gamma.shape[0], -1)
+    beta = _up(beta).reshape(beta.shape[0], -1)
+    gamma = _up(gamma).reshape(gamma.shape[0], -1)
     # softmax(stack([β, γ]))[β] = σ(β − γ), averaged over classes; or ‖β‖₁ per row
     per_row = torch.sigmoid(beta - gamma).mean(1) if form == "softmax" else beta.abs().sum(1)
     # mean over samples, sum over groups
@@ -216,7 +221,7 @@ def rrr_penalty(
         out = model(x)
     if out.ndim < 2:
         raise ValueError(f"RRR needs class scores of shape (B, K); the model returned shape {tuple(out.shape)}.")
-    logp = F.log_softmax(out.float(), dim=1)
+    logp = F.log_softmax(_up(out), dim=1)
     (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
     return _reduce(_per_sample_sum((m * g).pow(2)), reduction)
 
@@ -288,7 +293,7 @@ def eg_tv_prior(
     """Pixel smoothness prior of Erion et al. (2021): total variation of the EG map (channel-summed)."""
     with norm_stats_kept(model, keep_norm_stats):
         attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
-    return _reduce(total_variation(attr.float()), reduction)
+    return _reduce(total_variation(_up(attr)), reduction)
 
 
 def eg_sparsity_prior(
@@ -310,7 +315,7 @@ def eg_sparsity_prior(
     """
     with norm_stats_kept(model, keep_norm_stats):
         attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
-    attr = attr.float()
+    attr = _up(attr)
     if attr.ndim == 4 and reduce_channels:
         attr = attr.sum(1)
     glob = attr.abs().reshape(attr.shape[0], -1).mean(0)
@@ -335,7 +340,7 @@ def eg_mask_prior(
     m = prepare_mask(mask, inputs, what="EG region prior")
     with norm_stats_kept(model, keep_norm_stats):
         attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
-    return _reduce(_per_sample_sum((m * attr.float()).abs().pow(power)), reduction)
+    return _reduce(_per_sample_sum((m * _up(attr)).abs().pow(power)), reduction)
 
 
 # --------------------------------------------------------------------------- generic
@@ -370,4 +375,4 @@ def attribution_penalty(
     with norm_stats_kept(model, keep_norm_stats):
         # ``attribute`` directly: ``__call__`` would add a forward pass just to check the target range.
         attr = attributor.attribute(model, inputs.detach(), tgt, create_graph=True)
-    return _reduce(_per_sample_sum((m * attr.float()).abs().pow(power)), reduction)
+    return _reduce(_per_sample_sum((m * _up(attr)).abs().pow(power)), reduction)
