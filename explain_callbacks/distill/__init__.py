@@ -18,6 +18,7 @@ from .base import (
     student_from_dict,
     teacher_labels,
 )
+from .buffer import RingBuffer, gather_rows
 from .fidelity import agreement, fidelity, fidelity_from_stats, fidelity_stats, r2_score, student_score
 from .linear import SparseLinearStudent, SparseLogisticStudent, fista, soft_threshold
 from .online import OnlineStudent, distillation_loss
@@ -44,6 +45,7 @@ __all__ = [
     "AdaptiveWavelet",
     "AttributionLinearStudent",
     "OnlineStudent",
+    "RingBuffer",
     "RuleListStudent",
     "SparseLinearStudent",
     "SparseLogisticStudent",
@@ -60,6 +62,7 @@ __all__ = [
     "fidelity_from_stats",
     "fidelity_stats",
     "fista",
+    "gather_rows",
     "idwt1d",
     "idwt2d",
     "infer_task",

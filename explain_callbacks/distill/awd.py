@@ -30,7 +30,7 @@ from .._internal.registry import STUDENTS
 from .base import Student, single_thread, student_from_dict
 from .linear import SparseLinearStudent, SparseLogisticStudent
 from .trim import trim_attribution
-from .wavelets import AdaptiveWavelet
+from .wavelets import AdaptiveWavelet, low_to_high
 
 __all__ = ["AWDStudent", "awd_loss", "max_coefficient_features", "scale_names"]
 
@@ -304,9 +304,8 @@ class AWDStudent(Student):
         self._check_fitted()
         assert self.head_ is not None and self.transform_ is not None
         h = self.transform_.h.detach()
-        filt = markdown_table(
-            ["k", "h[k]", "g[k]"], [[k, float(h[k]), float(self.transform_.g[k])] for k in range(h.numel())]
-        )
+        g = low_to_high(h)
+        filt = markdown_table(["k", "h[k]", "g[k]"], [[k, float(h[k]), float(g[k])] for k in range(h.numel())])
         cons = ", ".join(f"{k} {v:.2e}" for k, v in self.wavelet_losses().items())
         return (
             f"**AWDStudent**: wavelet from {self.wavelet}, {self.levels} levels, top {self.n_coefficients} "
@@ -320,7 +319,8 @@ class AWDStudent(Student):
         from ..viz import plot_curves
         from .wavelets import daubechies
 
-        curves = {"h (learned)": self.transform_.h.detach(), "g (learned)": self.transform_.g.detach()}
+        h = self.transform_.h.detach()
+        curves = {"h (learned)": h, "g (learned)": low_to_high(h)}
         if isinstance(self.wavelet, str):
             curves[f"h ({self.wavelet})"] = daubechies(self.wavelet)
         return plot_curves(curves, title="AWD wavelet filters")

@@ -1,0 +1,184 @@
+"""Distillation benchmark: the Distiller's cost on the breast-cancer example, student quality, and AWD.
+
+    .venv/bin/python benchmarks/bench_distill.py            # about 4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_distill.py --quick    # fewer repeats
+
+1. Overhead: the breast-cancer example (MLP 30-64-64-2, 30 epochs, batch 32, TensorBoard logger) trained
+   with and without the Distiller, runs interleaved (base, distiller, base, ...), medians of trainer.fit
+   wall time, measured side by side in one process.
+2. Students on breast cancer: complexity and agreement with the teacher on the held-out test set.
+3. AWD on the procedural 1-D signals: fidelity (R² to the teacher) of fixed Daubechies wavelets versus
+   learned ones, next to a lasso and a tree on the raw signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from explain_callbacks.callbacks._logging import markdown_table
+from explain_callbacks.callbacks.distiller import Distiller
+from explain_callbacks.datasets import BreastCancerDataModule
+from explain_callbacks.datasets.signals import SignalDataModule
+from explain_callbacks.distill import (
+    AWDStudent,
+    SparseLinearStudent,
+    TreeStudent,
+    agreement,
+    fidelity,
+    load_student,
+    r2_score,
+    student_score,
+)
+from explain_callbacks.models import MLP, LitClassifier
+
+EXAMPLE_STUDENTS = {
+    "tree": {"name": "tree", "max_depth": 3},
+    "sparse_logistic": {"name": "sparse_logistic", "max_nonzeros": 10},
+}
+
+
+def _fit_bc(out: Path, epochs: int, distiller: Distiller | None) -> tuple[float, pl.LightningModule, object]:
+    pl.seed_everything(0, verbose=False)
+    dm = BreastCancerDataModule(batch_size=32, seed=0)
+    model = LitClassifier(MLP(30, 2, hidden=(64, 64), dropout=0.1), lr=3e-3)
+    tr = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, callbacks=[distiller] if distiller else [],
+        deterministic=True, logger=TensorBoardLogger(str(out), name="bench"), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    tr.fit(model, dm)
+    return time.perf_counter() - t0, model, dm
+
+
+def overhead(tmp: Path, epochs: int, repeats: int) -> None:
+    configs = {
+        "example (tree + sparse_logistic, every 10 epochs)": lambda: Distiller(
+            students=EXAMPLE_STUDENTS, buffer_size=512, every_n_epochs=10
+        ),
+        "every epoch": lambda: Distiller(students=EXAMPLE_STUDENTS, buffer_size=512, every_n_epochs=1),
+        "captured outputs + online student, every 10": lambda: Distiller(
+            students={**EXAMPLE_STUDENTS, "online": "online"}, teacher_outputs="captured", buffer_size=512,
+            every_n_epochs=10,
+        ),
+    }  # fmt: skip
+    _fit_bc(tmp / "warmup", 2, configs["every epoch"]())  # imports, first-use costs
+    times: dict[str, list[float]] = {"no Distiller": [], **{k: [] for k in configs}}
+    weights_equal = True
+    for r in range(repeats):
+        t, base_model, _ = _fit_bc(tmp / f"base{r}", epochs, None)
+        times["no Distiller"].append(t)
+        for name, make in configs.items():
+            t, model, _ = _fit_bc(tmp / f"{name[:5]}{r}", epochs, make())
+            times[name].append(t)
+            weights_equal &= all(
+                torch.equal(a, b) for a, b in zip(base_model.state_dict().values(), model.state_dict().values())
+            )
+    base = statistics.median(times["no Distiller"])
+    rows = [["no Distiller", base, "", ""]]
+    for name in configs:
+        med = statistics.median(times[name])
+        pairs = [d / b - 1 for d, b in zip(times[name], times["no Distiller"])]
+        rows.append([name, med, f"{100 * (med / base - 1):+.1f} %", f"{100 * statistics.median(pairs):+.1f} %"])
+    print(f"\n### 1. Distiller overhead: breast-cancer example, {epochs} epochs, {repeats} interleaved repeats\n")
+    print(markdown_table(["run", "median fit time (s)", "overhead (medians)", "overhead (median of pairs)"], rows))
+    print(f"\nWeights bit-identical with and without the Distiller in every run: {weights_equal}")
+
+
+def students_quality(tmp: Path, epochs: int) -> None:
+    students = {
+        **EXAMPLE_STUDENTS,
+        "sparse_logistic_5": {"name": "sparse_logistic", "max_nonzeros": 5},
+        "rules": {"name": "rules", "max_rules": 8},
+        "attribution_linear_5": {"name": "attribution_linear", "k": 5},
+        "online": {"name": "online"},
+    }
+    dist = Distiller(students=students, buffer_size=512, every_n_epochs=10, teacher_outputs="captured")
+    _, model, dm = _fit_bc(tmp / "quality", epochs, dist)
+    x, y = dm.test_set.tensors
+    model.eval()
+    with torch.no_grad():
+        teacher = model(x)
+    last = dist.history[-1]
+    rows = []
+    for key, path in dist.exported.items():
+        s = load_student(path)
+        pred = s.predict(x)
+        comp = ", ".join(f"{k} {v}" for k, v in s.complexity().items())
+        fit_s = last.get(key, {}).get("fit_seconds", float("nan"))
+        acc = float(student_score(pred, y, "classification"))
+        rows.append([key, comp, float(agreement(pred, teacher)), acc, fit_s])
+    print(f"\n### 2. Students of the breast-cancer MLP ({epochs} epochs; test set of {len(y)} samples)\n")
+    print(markdown_table(["student", "complexity", "agreement with teacher", "accuracy", "fit time (s)"], rows))
+    print(f"\nTeacher test accuracy: {float(student_score(teacher.argmax(1), y, 'classification')):.4f}")
+
+
+def awd(tmp: Path, epochs: int, awd_epochs: int) -> None:
+    pl.seed_everything(0, verbose=False)
+    dm = SignalDataModule(n_samples=2000, length=64, task="regression", batch_size=64, seed=0)
+    model = LitClassifier(MLP(64, 1, hidden=(64, 64)), lr=3e-3, task="regression")
+    tr = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    tr.fit(model, dm)
+    model.eval()
+    xtr, _, _ = dm.train_set.tensors
+    xte, yte, _ = dm.test_set.tensors
+    with torch.no_grad():
+        otr, ote = model(xtr), model(xte)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = []
+
+    def add(name: str, student, teacher=None) -> None:
+        t0 = time.perf_counter()
+        student.fit(xtr, otr, teacher=teacher)
+        dt = time.perf_counter() - t0
+        pred = student.predict(xte)
+        cons = f"{sum(student.wavelet_losses().values()):.1e}" if isinstance(student, AWDStudent) else ""
+        rows.append([name, float(fidelity(pred, ote, "regression")), float(r2_score(pred, yte)), cons, dt])
+
+    add("lasso on the raw signal (<= 10 non-zeros)", SparseLinearStudent(max_nonzeros=10))
+    add("tree on the raw signal (depth 3)", TreeStudent(max_depth=3))
+    for wave, m in (("db1", 2), ("db3", 1), ("db3", 2), ("db4", 2)):
+        add(f"fixed {wave}, top-{m} per scale", AWDStudent(wavelet=wave, n_coefficients=m, epochs=0), model)
+    for wave, m, lam in (("db3", 1, 0.0), ("db3", 1, 0.1), ("db3", 2, 0.01), ("db4", 2, 0.1)):
+        s = AWDStudent(wavelet=wave, n_coefficients=m, epochs=awd_epochs, lr=1e-2, lam_l1attr=lam, init_noise=0.0)
+        add(f"AWD from {wave}, top-{m}, λ_attr={lam}", s, model)
+    print(f"\n### 3. AWD on 1-D signals (MLP teacher, {epochs} epochs; test R² of the teacher "
+          f"{float(r2_score(ote, yte)):.3f}; AWD trained {awd_epochs} epochs on {len(xtr)} signals)\n")  # fmt: skip
+    print(markdown_table(["student", "fidelity R² (test)", "own R² (test)", "constraint terms", "fit time (s)"], rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and epochs")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: tiny nets)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+          f"torch {torch.__version__}, lightning {pl.__version__}")  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        overhead(tmp, epochs=30, repeats=2 if args.quick else 5)
+        students_quality(tmp, epochs=30)
+        awd(tmp, epochs=30, awd_epochs=5 if args.quick else 20)
+
+
+if __name__ == "__main__":
+    main()
