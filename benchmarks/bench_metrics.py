@@ -127,6 +127,9 @@ def main() -> None:
     import quantus
 
     device = torch.device(args.device)
+    if device.type == "cuda":  # full float32 on both sides, so values can be compared
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     qdev = "cuda" if device.type == "cuda" else "cpu"
     b, reps = args.batch, args.repeats
     model = train_model(device)

@@ -41,17 +41,17 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("features_in_step", [1, 8])
-def test_deletion_equals_quantus_pixel_flipping(features_in_step):
-    model = _model()
-    x, a, y = _data()
+@pytest.mark.parametrize(("features_in_step", "c"), [(1, 1), (8, 2)])
+def test_deletion_equals_quantus_pixel_flipping(features_in_step, c):
+    model = _model(c)
+    x, a, y = _data(c=c)
     q = quantus.PixelFlipping(features_in_step=features_in_step, perturb_baseline="black", disable_warnings=True)
     ref = np.array(_quiet(q, model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy().copy(), device="cpu"))
     _, curve, xs = MF.deletion(
         model, x, a, y, substrate="min", step=features_in_step, features="element", output="probability",
         return_curve=True, batch_size=64,
     )  # fmt: skip
-    assert curve.shape == (5, 2 * 64 // features_in_step + 1)
+    assert curve.shape == (5, c * 64 // features_in_step + 1)
     np.testing.assert_allclose(curve[:, 1:].numpy(), ref, atol=TOL)
     assert float(xs[0]) == 0.0 and float(xs[-1]) == 1.0
 

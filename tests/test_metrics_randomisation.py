@@ -14,7 +14,7 @@ from explain_callbacks.metrics.functional.randomisation import copy_model, rando
 
 @pytest.fixture(scope="module")
 def trained():
-    """SmallCNN trained two epochs on scikit-learn's 8x8 digits (about 80 % held-out accuracy)."""
+    """SmallCNN trained one epoch on scikit-learn's 8x8 digits (well above chance on held-out digits)."""
     datasets = pytest.importorskip("explain_callbacks.datasets.tabular_images")
     from explain_callbacks.models.nets import SmallCNN
 
@@ -23,8 +23,8 @@ def trained():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = SmallCNN(1, 10, width=8)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(2):
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(1):
         perm = torch.randperm(1500, generator=g)
         for i in range(0, 1500, 64):
             idx = perm[i : i + 64]

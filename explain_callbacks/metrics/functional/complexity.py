@@ -13,9 +13,9 @@ def sparseness(attributions: Tensor, eps: float = 1e-12) -> Tensor:
 
     G = Σ_k (2k − n − 1) a_(k) / (n Σ a), a sorted ascending.
     """
-    a = attributions.detach().reshape(attributions.shape[0], -1).abs().double()
+    a = attributions.detach().reshape(attributions.shape[0], -1).abs()
     n = a.shape[1]
-    a_sorted = a.sort(dim=1).values
+    a_sorted = a.sort(dim=1).values.double()  # sort in the input's precision (same order), sum in float64
     k = torch.arange(1, n + 1, dtype=a.dtype, device=a.device)
     num = ((2 * k - n - 1) * a_sorted).sum(1)
     den = n * a_sorted.sum(1)

@@ -119,7 +119,7 @@ def infidelity(
         rows = (x[bs].unsqueeze(0) - pert_rb).flatten(0, 1)
         tgt = None if target is None else target[bs].repeat(nr)
         drops[rs, bs] = fx[bs].unsqueeze(0) - output_scores(model, rows, tgt, output).view(nr, nb).double()
-        a_dot[rs, bs] = (pert_rb.double() * a[bs].unsqueeze(0).double()).flatten(2).sum(-1)
+        a_dot[rs, bs] = torch.einsum("rbn,bn->rb", pert_rb.flatten(2), a[bs].flatten(1).to(x.dtype)).double()
     if normalize:
         beta = (a_dot * drops).sum(0) / (a_dot * a_dot).sum(0).clamp_min(1e-30)
         a_dot = a_dot * beta.unsqueeze(0)
