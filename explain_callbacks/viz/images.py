@@ -39,14 +39,27 @@ def map_to_2d(attributions: Tensor) -> Tensor:
     raise ValueError(f"Cannot draw a map of shape {tuple(attributions.shape)}.")
 
 
-def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5, signed: bool = True) -> Tensor:
-    """Blend (N,H,W) heatmaps over (N,C,H,W) images: diverging colours for signed maps, heat otherwise."""
+def overlay(images: Tensor, maps: Tensor, alpha: float = 0.7, signed: bool = True) -> Tensor:
+    """Blend (N,H,W) heatmaps over (N,C,H,W) images shown in grey.
+
+    The colour's opacity grows with |attribution| (up to ``alpha``), so unimportant pixels show the
+    image and important ones the colour: diverging blue/red for signed maps, heat otherwise.
+    """
     base = to_rgb(images)
     if maps.shape[-2:] != base.shape[-2:]:
         maps = F.interpolate(maps.unsqueeze(1).float(), size=base.shape[-2:], mode="bilinear").squeeze(1)
     heat = colorize(maps, "diverging" if signed else "heat", symmetric=signed)
-    gray = base.mean(1, keepdim=True).expand_as(base)
-    return ((1 - alpha) * gray + alpha * heat).clamp(0, 1)
+    m = maps.detach().float().cpu()
+    flat = m.reshape(m.shape[0], -1)
+    if signed:
+        scale = torch.quantile(flat.abs(), 0.995, dim=1).clamp_min(1e-12).view(-1, 1, 1)
+        weight = (m.abs() / scale).clamp(0, 1)
+    else:
+        lo = flat.min(1).values.view(-1, 1, 1)
+        weight = ((m - lo) / (flat.max(1).values.view(-1, 1, 1) - lo).clamp_min(1e-12)).clamp(0, 1)
+    weight = (alpha * weight.sqrt()).unsqueeze(1)  # sqrt: faint evidence stays visible
+    gray = 0.25 + 0.5 * base.mean(1, keepdim=True).expand_as(base)  # mid-grey range keeps colours readable
+    return ((1 - weight) * gray + weight * heat).clamp(0, 1)
 
 
 def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> Tensor:
