@@ -20,6 +20,16 @@ from explain_callbacks.attribution import (
 )
 from tests.test_blackbox_core import NEAR, REGION, CountingModel, Planted, mass_in_region, planted_inputs
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models run faster and steadier on one thread on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # The planted evidence is a checkerboard, which a 1-px shift turns into its opposite: no jitter here.
 MP_FAST = dict(n_steps=120, jitter=0)
 
@@ -184,3 +194,18 @@ def test_hydra_configs_instantiate():
         assert isinstance(ATTRIBUTIONS.build(name), cls)
     assert instantiate(OmegaConf.load(conf / "neflag20.yaml")).n_points == 20
     assert instantiate(OmegaConf.load(conf / "extremal_perturbation.yaml")).variant == "extremal"
+
+
+def test_adam_state_matches_torch_adam():
+    from explain_callbacks.attribution.blackbox._common import AdamState
+
+    p1 = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    p2 = p1.detach().clone()
+    opt, mine = torch.optim.Adam([p1], lr=0.05), AdamState(p2, 0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        g = torch.randn(7, generator=gen, dtype=torch.float64)
+        p1.grad = g.clone()
+        opt.step()
+        mine.step(g)
+    torch.testing.assert_close(p1.detach(), p2, rtol=1e-12, atol=1e-12)

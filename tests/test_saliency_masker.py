@@ -67,7 +67,7 @@ def test_masker_learns_the_planted_region():
     obj = MaskerObjective()
     gen = torch.Generator().manual_seed(0)
     before = [p.detach().clone() for p in clf.parameters()]
-    for step in range(120):
+    for step in range(80):
         x, y = planted_batch(16, step)
         train_masker_step(clf, masker, opt, obj, x, y, gen, 2)
     assert all(torch.equal(a, b) for a, b in zip(before, clf.parameters()))

@@ -14,7 +14,7 @@ from ..._internal.masks import OUTPUTS, score_outputs
 from ..._internal.targets import as_target_tensor, check_target
 from ..base import Attributor, _n_outputs
 
-__all__ = ["PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
+__all__ = ["AdamState", "PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
 
 
 class PerturbationAttributor(Attributor):
@@ -104,8 +104,38 @@ def total_variation(m: Tensor, beta: float = 2.0) -> Tensor:
     tv = m.new_zeros(m.shape[0])
     for dim in range(2, m.ndim):
         if m.shape[dim] > 1:
-            tv = tv + m.diff(dim=dim).abs().pow(beta).flatten(1).sum(1)
+            d = m.diff(dim=dim)
+            if beta == 2:
+                p = d * d
+            elif beta == 3:
+                p = d * d * d.abs()
+            else:
+                p = d.abs().pow(beta)
+            tv = tv + p.flatten(1).sum(1)
     return tv
+
+
+class AdamState:
+    """Adam (Kingma & Ba 2015) on one tensor, as ``torch.optim.Adam`` with default betas and eps, in a
+    handful of tensor operations (the per-step Python overhead of ``torch.optim`` is comparable to a
+    small model's forward pass when masks of a few samples are optimised)."""
+
+    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.param = param
+        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grad: Tensor) -> None:
+        self.t += 1
+        self.m.mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        c1 = 1 - self.b1**self.t
+        c2 = 1 - self.b2**self.t
+        denom = (self.v / c2).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / c1)
 
 
 def mask_resolution(size: tuple[int, ...], scale: int, minimum: int) -> tuple[int, ...]:

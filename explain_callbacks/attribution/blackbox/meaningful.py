@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..._internal.batching import chunks
 from ..._internal.masks import make_substrate, score_outputs
 from ..._internal.registry import ATTRIBUTIONS
-from ._common import PerturbationAttributor, mask_resolution, total_variation, upsample_mask
+from ._common import AdamState, PerturbationAttributor, mask_resolution, total_variation, upsample_mask
 
 __all__ = ["MeaningfulPerturbation", "extremal_perturbation"]
 
@@ -21,7 +21,7 @@ VARIANTS = ("deletion", "extremal")
 
 def _shift(x: Tensor, dy: int, dx: int, j: int) -> Tensor:
     """Translate (B, C, *spatial) by (dy, dx) pixels with replicate padding (jitter); j = max shift."""
-    if j == 0 or x.ndim == 2:
+    if j == 0 or x.ndim == 2 or (dy == 0 and dx == 0):
         return x
     if x.ndim == 3:
         xp = torch.nn.functional.pad(x, (j, j), mode="replicate")
@@ -138,7 +138,7 @@ class MeaningfulPerturbation(PerturbationAttributor):
         shape = (b, *low) if x.ndim == 2 else (b, 1, *low)
         init = 1.0 if self.variant == "deletion" else 0.5
         m = torch.full(shape, init, device=x.device, dtype=x.dtype, requires_grad=True)
-        opt = torch.optim.Adam([m], lr=self.lr)
+        opt = AdamState(m, self.lr)
         n_pix = math.prod(size)
         if self.variant == "extremal":
             k = round(self.area * n_pix)
@@ -147,21 +147,19 @@ class MeaningfulPerturbation(PerturbationAttributor):
         with torch.enable_grad():
             for t in range(self.n_steps):
                 up = upsample_mask(m, size)
-                pert = sub + (x - sub) * up
+                pert = torch.lerp(sub, x, up)  # m ⊙ x + (1 − m) ⊙ blur(x)
                 dy, dx = shifts[t]
                 pert = _shift(pert, dy, dx, self.jitter)
                 f = score_outputs(model(pert), target, self.output)
                 smooth = self.tv * total_variation(up, self.tv_beta) if up.ndim > 2 else 0.0
                 if self.variant == "deletion":
-                    loss = self.l1 * (1 - up).abs().flatten(1).sum(1) + smooth + f
+                    loss = self.l1 * (1 - up).flatten(1).sum(1) + smooth + f  # up in [0, 1]: |1 − up| = 1 − up
                 else:
                     srt = up.flatten(1).sort(1).values
                     lam = growth**t
                     loss = lam * (srt - ref).pow(2).mean(1) + smooth - f
-                opt.zero_grad(set_to_none=True)
                 (grad,) = torch.autograd.grad(loss.sum(), m)
-                m.grad = grad
-                opt.step()
+                opt.step(grad)
                 with torch.no_grad():
                     m.clamp_(0.0, 1.0)
         up = upsample_mask(m.detach(), size)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import chunks
 from ..._internal.registry import ATTRIBUTIONS
-from ._common import PerturbationAttributor, mask_resolution, total_variation, upsample_mask
+from ._common import AdamState, PerturbationAttributor, mask_resolution, total_variation, upsample_mask
 
 __all__ = ["SoundMask"]
 
@@ -124,7 +124,7 @@ class SoundMask(PerturbationAttributor):
         nb = xb.shape[0]
         shape = (nb, *low) if x.ndim == 2 else (nb, 1, *low)
         w = torch.zeros(shape, device=x.device, dtype=x.dtype, requires_grad=True)
-        opt = torch.optim.Adam([w], lr=self.lr)
+        opt = AdamState(w, self.lr)
         k = self.n_fills
         with torch.enable_grad():
             for t in range(self.n_steps):
@@ -135,10 +135,8 @@ class SoundMask(PerturbationAttributor):
                 ce = F.cross_entropy(model(rows), tb.repeat(k), reduction="none").view(k, nb).mean(0)
                 smooth = self.tv * total_variation(m, 2.0) if m.ndim > 2 else 0.0
                 loss = ce + self.area * up.flatten(1).mean(1) + smooth
-                opt.zero_grad(set_to_none=True)
                 (g,) = torch.autograd.grad(loss.sum(), w)
-                w.grad = g
-                opt.step()
+                opt.step(g)
         return upsample_mask(torch.sigmoid(w.detach()), size)
 
     def attribute_labels(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:

@@ -1,0 +1,378 @@
+"""Black-box and learned-mask attributions: cost against their bare model calls, against Captum, and
+quality per cost on a digits CNN trained inside the benchmark.
+
+    python benchmarks/bench_blackbox.py            # full run (about 5 minutes on 2 CPU cores)
+    python benchmarks/bench_blackbox.py --quick    # smoke run
+
+Sections (Markdown tables on stdout; a JSON dump and a PNG plot in benchmarks/results/):
+
+1. overhead: each method's time against a replay of exactly the model calls it made (same row count
+   per call; forward only for sampling methods, forward + input-gradient backward for the
+   optimisation and gradient-path methods), medians of interleaved repeats;
+2. Captum references: Occlusion with the same window/stride/baseline, KernelShap and Lime on an 8×8
+   grid of superpixels (time per image and deletion AUC);
+3. deletion AUC against the number of forward passes for RISE, Sobol and HSIC (table + PNG);
+4. insertion − deletion for NeFLAG-1/10/20 (a reconstruction) against IG and SmoothGrad;
+5. the real-time masker trained against the frozen CNN: deletion AUC and time per map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from explain_callbacks._internal import model_guard
+from explain_callbacks.attribution import (
+    HSIC,
+    RISE,
+    IntegratedGradients,
+    MaskerObjective,
+    MaskingNetwork,
+    MeaningfulPerturbation,
+    NeFLAG,
+    NonlinearSaliency,
+    Occlusion,
+    RealTimeSaliency,
+    SmoothGrad,
+    Sobol,
+    SoundMask,
+    train_masker_step,
+)
+from explain_callbacks.datasets import DigitsDataModule
+from explain_callbacks.models import SmallCNN
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def metrics_fns():
+    """Deletion / insertion from the metrics package (imported lazily: written by another helper)."""
+    from explain_callbacks.metrics.functional import deletion, insertion_deletion
+
+    return deletion, insertion_deletion
+
+
+# ------------------------------------------------------------------------------------------ utils
+
+
+CLOCK = time.perf_counter
+
+
+def timeit(fns, repeats: int, warmup: bool = True) -> list[float]:
+    """Median time of each function, run interleaved so load drifts hit all alike (after a warm-up).
+
+    With one thread the clock is the process's CPU time (``--clock cpu``, the default), which a
+    shared, loaded machine disturbs far less than wall time."""
+    if warmup:
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = CLOCK()
+            fn()
+            times[i].append(CLOCK() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+class Recorder(nn.Module):
+    """Records (rows, needs input gradient) of every model call."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple[int, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((x.shape[0], x.requires_grad))
+        return self.inner(x)
+
+
+def replay(model: nn.Module, calls: list[tuple[int, bool]], pool: torch.Tensor) -> None:
+    """The bare model calls: the same rows per call, forward (and input-gradient backward where the
+    method took one), on ready-made inputs."""
+    for rows, grad in calls:
+        xb = pool[:rows]
+        if grad:
+            xb = xb.detach().requires_grad_(True)
+            torch.autograd.grad(model(xb)[:, 0].sum(), xb)
+        else:
+            with torch.no_grad():
+                model(xb)
+
+
+def train_cnn(epochs: int, seed: int = 0) -> tuple[nn.Module, DigitsDataModule, float, float]:
+    torch.manual_seed(seed)
+    dm = DigitsDataModule(batch_size=64, seed=seed)
+    dm.setup()
+    net = SmallCNN(1, 10)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        for x, y in dm.train_dataloader():
+            loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    xs, ys = dm.test_set.tensors
+    with torch.no_grad():
+        acc = float((net(xs).argmax(1) == ys).float().mean())
+    return net, dm, acc, time.perf_counter() - start
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def mean_sem(v: torch.Tensor) -> tuple[float, float]:
+    v = v.double()
+    return float(v.mean()), float(v.std() / max(v.numel(), 1) ** 0.5) if v.numel() > 1 else 0.0
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def overhead(net, x, y, repeats: int, quick: bool) -> list[list]:
+    background = x.flip(0)
+    # Sample counts are lowered where the ratio does not depend on them (each mask / step costs the same),
+    # so the section runs in a couple of minutes; HSIC keeps its default p (its estimator grows as p²).
+    methods = [
+        ("occlusion", Occlusion()),
+        ("rise (N=1000)", RISE(n_masks=500 if quick else 1000)),
+        ("sobol (N=16)", Sobol(n_designs=8 if quick else 16)),
+        ("hsic (p=1500)", HSIC(n_designs=500 if quick else 1500)),
+        ("meaningful_perturbation (100 steps)", MeaningfulPerturbation(n_steps=30 if quick else 100)),
+        ("extremal_perturbation (100 steps)", MeaningfulPerturbation(variant="extremal", n_steps=30 if quick else 100)),
+        ("sound_mask (30 steps x 10 fills)", SoundMask(reference=background, n_steps=10 if quick else 30)),
+        ("neflag20", NeFLAG(n_points=20)),
+        ("nonlinear_saliency", NonlinearSaliency()),
+    ]
+    pool = x.repeat(256 // x.shape[0] + 1, 1, 1, 1)[:256].contiguous()
+    rows = []
+    for name, m in methods:
+        rec = Recorder(net)
+        m(rec, x, y)  # records the calls, and warms up
+        calls = rec.calls
+        replay(net, calls, pool)
+        n_rows = sum(r for r, _ in calls)
+        per_sample = int(m.last_info["forwards"].double().mean()) if "forwards" in m.last_info else None
+        t_m, t_b = timeit([lambda m=m: m(net, x, y), lambda c=calls: replay(net, c, pool)], repeats, warmup=False)
+        kind = "fwd+bwd" if any(g for _, g in calls) else "fwd"
+        rows.append([name, per_sample, kind, n_rows, t_b * 1e3, t_m * 1e3, t_m / t_b])
+    return rows
+
+
+def captum_refs(net, x, y, repeats: int, quick: bool) -> list[list]:
+    import captum.attr as ca
+
+    deletion, _ = metrics_fns()
+    n_samples = 250 if quick else 1000
+    grid = (torch.arange(32) // 4).view(1, -1)
+    fmask = (grid.t() * 8 + grid).view(1, 1, 32, 32)  # 8x8 superpixels of 4x4 pixels
+    ours = Occlusion(window=4, stride=2)
+    cap_occ = ca.Occlusion(net)
+
+    def occ_captum():
+        return cap_occ.attribute(x, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=0.0, target=y)
+
+    t_ours, t_cap = timeit([lambda: ours(net, x, y), occ_captum], repeats)  # warm-up included
+    diff = float((ours(net, x, y) - occ_captum()).abs().max())
+    rows = [
+        ["Occlusion 4x4/2 (ours)", 226, t_ours / x.shape[0] * 1e3, float(deletion(net, x, ours(net, x, y), y).mean())],
+        [f"Occlusion 4x4/2 (Captum; max |diff| {diff:.1e})", 226, t_cap / x.shape[0] * 1e3, None],
+    ]
+    for name, cls in [("KernelShap", ca.KernelShap), ("Lime", ca.Lime)]:
+        explainer = cls(net)
+
+        def run(explainer=explainer):
+            return torch.cat([
+                explainer.attribute(x[i : i + 1], target=int(y[i]), feature_mask=fmask, n_samples=n_samples,
+                                    perturbations_per_eval=256, baselines=0.0)
+                for i in range(x.shape[0])
+            ])  # fmt: skip
+
+        start = CLOCK()
+        maps = run()
+        t = CLOCK() - start
+        rows.append(
+            [f"{name} 8x8 grid (Captum)", n_samples, t / x.shape[0] * 1e3, float(deletion(net, x, maps, y).mean())]
+        )
+    rows[1][3] = rows[0][3]
+    return rows
+
+
+def quality_per_cost(net, x, y, budgets: list[int]) -> tuple[list[list], dict[str, list[float]]]:
+    deletion, _ = metrics_fns()
+    curves: dict[str, list[float]] = {"rise": [], "sobol": [], "hsic": []}
+    rows = []
+    for budget in budgets:
+        n_sobol = max(2, budget // 66)  # grid 8: 66 passes per design
+        methods = {
+            "rise": RISE(n_masks=budget),
+            "sobol": Sobol(n_designs=n_sobol),
+            "hsic": HSIC(n_designs=budget),
+        }
+        row = [budget]
+        for name, m in methods.items():
+            start = CLOCK()
+            a = m(net, x, y)
+            sec = CLOCK() - start
+            mu, se = mean_sem(deletion(net, x, a, y))
+            curves[name].append(mu)
+            row += [f"{mu:.4f} ± {se:.4f}", sec / x.shape[0] * 1e3]
+        rows.append(row)
+    return rows, curves
+
+
+def neflag_vs_gradients(net, x, y) -> list[list]:
+    _, insertion_deletion = metrics_fns()
+    rows = []
+    for name, m, passes in [
+        ("IG (32 steps)", IntegratedGradients(n_steps=32, completeness=False), 32),
+        ("SmoothGrad (25)", SmoothGrad(n_samples=25), 25),
+        ("NeFLAG-1", NeFLAG(n_points=1), 6),
+        ("NeFLAG-10", NeFLAG(n_points=10), 60),
+        ("NeFLAG-20", NeFLAG(n_points=20), 120),
+    ]:
+        start = CLOCK()
+        a = m(net, x, y)
+        sec = CLOCK() - start
+        mu, se = mean_sem(insertion_deletion(net, x, a, y))
+        rows.append([name, passes, f"{mu:.4f} ± {se:.4f}", sec / x.shape[0] * 1e3])
+    return rows
+
+
+def masker_section(net, dm, x, y, steps: int) -> list[list]:
+    deletion, _ = metrics_fns()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        masker = MaskingNetwork(1, 10, width=16)
+    opt = torch.optim.Adam(masker.parameters(), lr=1e-3)
+    obj = MaskerObjective()
+    gen = torch.Generator().manual_seed(0)
+    loader = dm.train_dataloader()
+    done, start = 0, CLOCK()
+    while done < steps:
+        for xb, yb in loader:
+            train_masker_step(net, masker, opt, obj, xb, yb, gen, 10)
+            done += 1
+            if done >= steps:
+                break
+    train_s = CLOCK() - start
+    rt = RealTimeSaliency(masker)
+    (t_map,) = timeit([lambda: rt(net, x, y)], 3)
+    a = rt(net, x, y)
+    mu, se = mean_sem(deletion(net, x, a, y))
+    return [["real-time masker", steps, train_s, t_map / x.shape[0] * 1e3, f"{mu:.4f} ± {se:.4f}", float(a.mean())]]
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer samples, budgets and repeats")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--images", type=int, default=12, help="test images for the quality sections")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu: process CPU time (1 thread)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    quick = args.quick
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                       f"{args.threads} thread(s), {args.clock} clock", "quick": quick}  # fmt: skip
+    print(f"# bench_blackbox ({info['machine']}{', quick' if quick else ''})\n")
+
+    net, dm, acc, train_s = train_cnn(3 if quick else 10)
+    print(f"SmallCNN on digits 32x32: test accuracy {acc:.3f} after {train_s:.0f} s of training.\n")
+    xs, ys = dm.test_set.tensors
+    n_img = 4 if quick else args.images
+    results: dict = {"info": info, "accuracy": acc}
+    with model_guard(net):
+        x8, y8 = xs[:8].clone(), ys[:8].clone()
+
+        print("## 1. Cost against the bare model calls (8 images, medians of interleaved runs)\n")
+        rows = overhead(net, x8[:4] if quick else x8, y8[:4] if quick else y8, 1 if quick else 2, quick)
+        results["overhead"] = rows
+        print(table(["method", "passes/sample", "passes", "rows", "bare ms", "method ms", "ratio"], rows), "\n")
+
+        print("## 2. Captum references (per image)\n")
+        rows = captum_refs(net, x8[:4], y8[:4], 1 if quick else 3, quick)
+        results["captum"] = rows
+        print(table(["method", "passes/sample", "ms/image", "deletion AUC"], rows), "\n")
+
+        x, y = xs[:n_img].clone(), ys[:n_img].clone()
+        budgets = [264, 528] if quick else [264, 528, 1056, 2112]
+        print(f"## 3. Deletion AUC (lower is better) against forward passes per image ({n_img} images)\n")
+        rows, curves = quality_per_cost(net, x, y, budgets)
+        results["quality_per_cost"] = {"rows": rows, "curves": curves, "budgets": budgets}
+        print(table(["passes", "RISE", "ms", "Sobol (g=8)", "ms", "HSIC (g=7)", "ms"], rows), "\n")
+        _plot(budgets, curves, RESULTS / "blackbox_deletion_vs_passes.png")
+        print(f"Plot: {(RESULTS / 'blackbox_deletion_vs_passes.png').relative_to(ROOT)}\n")
+
+        n_nf = 8 if quick else 2 * n_img
+        x, y = xs[:n_nf].clone(), ys[:n_nf].clone()
+        print(f"## 4. Insertion − deletion (higher is better), {n_nf} images\n")
+        rows = neflag_vs_gradients(net, x, y)
+        results["neflag"] = rows
+        print(table(["method", "grad passes/sample", "insertion − deletion", "ms/image"], rows), "\n")
+
+        print(f"## 5. Real-time masker trained against the frozen CNN ({n_img} images)\n")
+        x, y = xs[:n_img].clone(), ys[:n_img].clone()
+        rows = masker_section(net, dm, x, y, 30 if quick else 300)
+        results["masker"] = rows
+        print(table(["method", "train steps", "train s", "ms/map", "deletion AUC", "mean mask"], rows), "\n")
+
+    out = RESULTS / ("bench_blackbox_quick.json" if quick else "bench_blackbox.json")
+    out.write_text(json.dumps(results, indent=1, default=str))
+    print(f"Results: {out.relative_to(ROOT)}")
+
+
+def _plot(budgets: list[int], curves: dict[str, list[float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # fall back on the package's own rasteriser
+        from PIL import Image  # pragma: no cover
+
+        from explain_callbacks.viz import plot_curves
+
+        img = plot_curves({k: torch.tensor(v) for k, v in curves.items()}, torch.tensor(budgets, dtype=torch.float))
+        Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(path)
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    for name, ys in curves.items():
+        ax.plot(budgets, ys, marker="o", label=name.upper() if name != "sobol" else "Sobol")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("forward passes per image")
+    ax.set_ylabel("deletion AUC (lower is better)")
+    ax.set_title("Digits CNN: deletion AUC vs cost")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
