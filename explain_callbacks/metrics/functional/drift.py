@@ -14,4 +14,5 @@ def explanation_drift(previous: Tensor, current: Tensor) -> Tensor:
     if previous.shape != current.shape:
         raise ValueError(f"maps differ in shape: {tuple(previous.shape)} vs {tuple(current.shape)}.")
     b = current.shape[0]
-    return spearman(previous.detach().reshape(b, -1).double(), current.detach().reshape(b, -1).double())
+    # ranks in the maps' precision (the same order), the correlation itself in float64
+    return spearman(previous.detach().reshape(b, -1), current.detach().reshape(b, -1).to(previous.dtype))

@@ -124,8 +124,8 @@ def model_randomisation(
         # mixed so that seed 0 does not replay torch.manual_seed(0) initialisation of the first layer
         return make_generator(device, (seed + 1) * 1_000_003 + 7919 * (index[name] + 1))
 
-    def corr(a: Tensor) -> Tensor:
-        p, q = a0.reshape(b, -1).double(), a.reshape(b, -1).double()
+    def corr(a: Tensor) -> Tensor:  # ranks in the maps' precision (same order), correlation in float64
+        p, q = a0.reshape(b, -1), a.reshape(b, -1).to(a0.dtype)
         return spearman(p.abs(), q.abs()) if abs else spearman(p, q)
 
     if not return_cascade:
