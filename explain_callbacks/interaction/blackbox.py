@@ -6,6 +6,8 @@ model output only, so they work on any model (no gradients, not differentiable).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -121,14 +123,22 @@ class HSICInteraction(InteractionMethod):
     Groups are HSIC's layout: one per feature (tabular inputs, ``groups=None``) or a g×g grid of
     patches (images, ``groups=g``; default 4). The diagonal holds the per-group HSIC_i. Other group
     shapes raise a ValueError. Keyword arguments go to :class:`HSIC` (``n_designs``, ``sampler``,
-    ``width``, ``substrate``, ``output``).
+    ``width``, ``substrate``); ``output`` defaults to the raw ``logit`` (regression models too).
     """
 
     name = "hsic"
 
-    def __init__(self, n_designs: int = 1500, batch_size: int | None = 256, seed: int = 0, **hsic_kwargs) -> None:
+    def __init__(
+        self,
+        n_designs: int = 1500,
+        output: str = "logit",
+        batch_size: int | None = 256,
+        seed: int = 0,
+        **hsic_kwargs: Any,
+    ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
         self.n_designs = n_designs
+        self.output = output
         self.hsic_kwargs = hsic_kwargs
 
     def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | None, groups: Groups) -> Tensor:
@@ -145,7 +155,12 @@ class HSICInteraction(InteractionMethod):
                 f"{groups.n} with grid {grid} for inputs of shape {tuple(inputs.shape)}."
             )
         hsic = HSIC(
-            grid_size=g, n_designs=self.n_designs, batch_size=self.batch_size, seed=self.seed, **self.hsic_kwargs
+            grid_size=g,
+            n_designs=self.n_designs,
+            output=self.output,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            **self.hsic_kwargs,
         )
         out = hsic.interactions(model, inputs, target)
         main = hsic.last_info["hsic"].reshape(inputs.shape[0], -1)
