@@ -112,6 +112,8 @@ def test_breast_cancer_students_agree_with_the_teacher_and_are_exported(tmp_path
     model, tr, dm = _fit(tmp_path, [dist], epochs=10, logger=True)
     assert [h["epoch"] for h in dist.history] == [3, 7, 9]  # the last epoch is refitted for the export
     assert [h["final"] for h in dist.history] == [False, False, True]
+    # rows are only buffered in epochs that can still be in the buffer at the next fit: 0 (sizing), 2-3, 6-9
+    assert dist.buffer.seen == 7 * len(dm.train_set)
     # exported, loadable, and at least one student with <= 10 non-zeros/leaves agrees on >= 95% of the test set
     xt, _ = dm.test_set.tensors
     model.eval()

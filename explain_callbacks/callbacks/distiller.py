@@ -3,10 +3,12 @@
 During training batches the callback copies (a subsample of) the inputs, or the features of a named
 layer, into a bounded ring buffer; on monitored epochs it fits its students to the teacher's outputs
 on that buffer, and logs, per student, the fidelity to the teacher on validation data (agreement or
-R²), the student's own accuracy or R² against the labels, its complexity (non-zeros, leaves, rules)
-and the student in readable form (a table, tree or rule list as text; a coefficient image or the
-learned wavelet filters as an image). At the end of training the final students are exported with
-what is needed to load them (:func:`explain_callbacks.distill.load_student`).
+R², ``explain/distill/<student>/fidelity``), the student's own accuracy or R² against the labels
+(``.../accuracy`` or ``.../r2``), its headline complexity (``.../nonzeros``, ``.../leaves``,
+``.../rules``, ...; all measures are in ``history`` and the text) and the student in readable form
+(a table, tree or rule list as text; a coefficient image or the learned wavelet filters as an image).
+At the end of training the final students are exported with what is needed to load them
+(:func:`explain_callbacks.distill.load_student`).
 
 Teacher outputs (``teacher_outputs``):
 
@@ -19,6 +21,10 @@ Teacher outputs (``teacher_outputs``):
 
 Online students (``OnlineStudent``) are trained at every training step on the batch's captured
 teacher outputs (the same hook, or the same fallback forward).
+
+Cost: the buffer is only filled in the epochs whose rows can still be in it at the next fit (every
+epoch with ``every_n_epochs=1`` or an online student); a fit runs the teacher once over the buffer and
+the validation rows, then the students (L1 paths are warm-started from the previous fit).
 
 Side effects: none on the training. The buffer copies are detached; every model call and every
 fit runs under :func:`model_guard` (eval mode, modes/requires_grad/.grad restored, global CPU/CUDA
@@ -159,6 +165,10 @@ class Distiller(Callback):
         self._val_frozen = False
         self._fitted_step: int | None = None
         self._names_checked = False
+        self._state_key: str | None = None
+        self._collecting = True
+        self._rows_this_epoch = 0
+        self._rows_per_epoch: int | None = None
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -185,7 +195,9 @@ class Distiller(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(students=tuple(self.students), layer=self.layer)
+        if self._state_key is None:  # Lightning asks for it at every hook call
+            self._state_key = self._generate_state_key(students=tuple(self.students), layer=self.layer)
+        return self._state_key
 
     @property
     def has_online(self) -> bool:
@@ -242,10 +254,30 @@ class Distiller(Callback):
     def _fitting(trainer: pl.Trainer) -> bool:
         return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collecting = self._collect_this_epoch(trainer)
+        self._rows_this_epoch = 0
+
+    def _collect_this_epoch(self, trainer: pl.Trainer) -> bool:
+        """Buffer only in the epochs whose rows can still be in the buffer at the next fit.
+
+        The buffer keeps the last ``buffer_size`` rows, so with ``every_n_epochs > 1`` only the last
+        ``ceil(buffer_size / rows per epoch)`` epochs before a due epoch (or before ``max_epochs``)
+        matter; the others are skipped (no per-batch cost). Online students need every batch.
+        """
+        if self.has_online or self.every_n_epochs == 1 or self._rows_per_epoch is None:
+            return True
+        need = -(-self.buffer.capacity // max(self._rows_per_epoch, 1))
+        epoch = trainer.current_epoch
+        to_due = (self.every_n_epochs - (epoch + 1) % self.every_n_epochs) % self.every_n_epochs
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        to_end = (max_epochs - 1 - epoch) if max_epochs is not None else need
+        return to_due < need or to_end < need
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.captures:
+        if self.captures and self._collecting:
             self._cap = {}
             self._capturing = True
 
@@ -254,7 +286,7 @@ class Distiller(Callback):
     ) -> None:
         self._capturing = False
         cap, self._cap = self._cap, {}
-        if not self._fitting(trainer):
+        if not self._collecting or not self._fitting(trainer):
             return
         try:
             self._collect(trainer, pl_module, batch, cap)
@@ -264,12 +296,17 @@ class Distiller(Callback):
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, cap: dict[str, Tensor]) -> None:
         x, y = self.adapter(batch)
         b = x.shape[0]
-        keep = finite_rows(x) if x.is_floating_point() else torch.ones(b, dtype=torch.bool, device=x.device)
-        idx = keep.nonzero().flatten()
-        if self.per_batch is not None and idx.numel() > self.per_batch:
-            pick = torch.randperm(idx.numel(), generator=self._gen)[: self.per_batch].sort().values
-            idx = idx[pick.to(idx.device)]
-        if idx.numel() == 0:
+        idx: Tensor | slice = slice(None)  # fast path: every row, no indexing copies
+        n = b
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            idx = finite_rows(x).nonzero().flatten()
+            n = idx.numel()
+        if self.per_batch is not None and n > self.per_batch:
+            pick = torch.randperm(n, generator=self._gen)[: self.per_batch].sort().values.to(x.device)
+            idx = pick if isinstance(idx, slice) else idx[pick]
+            n = self.per_batch
+        self._rows_this_epoch += n
+        if n == 0:
             return
         rows: dict[str, Tensor | None] = {"x": x[idx].detach().cpu()}
         if y is not None and y.shape[:1] == x.shape[:1]:
@@ -361,6 +398,8 @@ class Distiller(Callback):
             self._run(trainer, pl_module, log=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._collecting and self._rows_this_epoch:
+            self._rows_per_epoch = self._rows_this_epoch
         # Epochs without validation (check_val_every_n_epoch, limit_val_batches=0) fit here.
         if self._fitting(trainer) and self.is_due(trainer) and self._fitted_step != trainer.global_step:
             self._run(trainer, pl_module, log=True)
@@ -438,10 +477,15 @@ class Distiller(Callback):
                 m["fidelity"] = float(fidelity(pred, vout, task))
                 if vy is not None:
                     m["accuracy" if task == "classification" else "r2"] = float(student_score(pred, vy, task))
-            m.update({k: float(v) for k, v in student.complexity().items()})
-            record[key] = {**m, "fit_seconds": fit_s}
+            comp = {k: float(v) for k, v in student.complexity().items()}
+            record[key] = {**m, **comp, "fit_seconds": fit_s}
             if log:
-                for k, v in m.items():
+                # scalars: fidelity, own score and the headline complexity (the rest is in the text and history);
+                # the in-sample fidelity only when there is no validation data
+                head = next(iter(comp))
+                scalars = {k: v for k, v in m.items() if k != "train_fidelity" or not has_val}
+                scalars[head] = comp[head]
+                for k, v in scalars.items():
                     pl_module.log(
                         f"explain/distill/{key}/{k}",
                         torch.tensor(v, dtype=torch.float32, device=pl_module.device),

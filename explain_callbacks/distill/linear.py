@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -75,6 +75,67 @@ def _lipschitz_gram(Z: Tensor) -> float:
     return float(torch.linalg.eigvalsh(gram)[-1]) / n
 
 
+def l1_qp(H: Tensor, c: Tensor, pen: Tensor, x0: Tensor | None = None, tol: float = 1e-11) -> Tensor:
+    """``argmin_x ½ xᵀHx + cᵀx + Σ_i pen_i |x_i|`` for a positive (semi)definite H, by feature-sign search
+    (Lee, Battle, Raina & Ng 2007, "Efficient sparse coding algorithms", NeurIPS).
+
+    An active-set method: on the current sign pattern the problem is an unconstrained quadratic solved
+    exactly (a small linear solve); a line search over the zero crossings keeps the objective
+    decreasing; coordinates enter one at a time by the largest violation of the optimality
+    conditions. Finite termination, exact up to rounding; ``pen_i = 0`` leaves x_i unpenalised.
+    """
+    n = c.numel()
+    x = torch.zeros_like(c) if x0 is None else x0.clone()
+    free = pen <= 0
+    active = (x != 0) | free
+    sign = torch.sign(x)
+    scale = tol * max(1.0, float(c.abs().max()) if n else 1.0)
+
+    def objective(X: Tensor, idx: Tensor) -> Tensor:  # rows of X: values of x[idx], zeros elsewhere
+        h = H[idx][:, idx]
+        return 0.5 * ((X @ h) * X).sum(1) + X @ c[idx] + (X.abs() * pen[idx]).sum(1)
+
+    for _ in range(20 * n + 50):
+        grad = H @ x + c
+        idx = active.nonzero().flatten()
+        resid = (grad[idx] + pen[idx] * sign[idx]).abs()
+        if idx.numel() == 0 or float(resid.max()) <= scale:
+            viol = torch.where(active, torch.full_like(grad, -math.inf), grad.abs() - pen)
+            i = int(viol.argmax())
+            if float(viol[i]) <= scale:
+                break  # optimal
+            sign[i] = -torch.sign(grad[i])
+            active[i] = True
+            idx = active.nonzero().flatten()
+        h = H[idx][:, idx]
+        rhs = -(c[idx] + pen[idx] * sign[idx])
+        try:
+            new = torch.linalg.solve(h, rhs)
+        except RuntimeError:  # singular active set: least-squares solution
+            new = torch.linalg.lstsq(h, rhs.unsqueeze(1), driver="gelsd").solution[:, 0]
+        old = x[idx]
+        cross = (old != 0) & (torch.sign(new) != torch.sign(old)) & ~free[idx]
+        cpos = cross.nonzero().flatten()
+        ts = old[cpos] / (old[cpos] - new[cpos])
+        cand = old.unsqueeze(0) + torch.cat([ts, ts.new_ones(1)]).unsqueeze(1) * (new - old).unsqueeze(0)
+        cand[torch.arange(cpos.numel()), cpos] = 0.0  # exact zeros at the crossings
+        vals = objective(cand, idx)
+        best = int(vals.argmin())
+        if float(vals[best]) >= float(objective(old.unsqueeze(0), idx)[0]) - 1e-15 * max(1.0, abs(float(vals[best]))):
+            # no progress on this sign pattern: one exact coordinate step on the worst coordinate instead
+            worst_active = resid.numel() and float(resid.max()) > scale
+            j = int(idx[resid.argmax()]) if worst_active else int((grad.abs() - pen).argmax())
+            hjj = float(H[j, j])
+            z = float(x[j]) - float(grad[j]) / hjj
+            x[j] = math.copysign(max(abs(z) - float(pen[j]) / hjj, 0.0), z) if not bool(free[j]) else z
+        else:
+            x[idx] = cand[best]
+        gone = (x == 0) & ~free
+        active = (active & ~gone) | (x != 0)
+        sign = torch.sign(x)
+    return x
+
+
 class _L1Student(Student):
     """Shared machinery: standardisation, λ path, support refit, readable output."""
 
@@ -88,6 +149,7 @@ class _L1Student(Student):
         lambda_min_ratio: float = 1e-3,
         max_iter: int = 200,
         tol: float = 1e-4,
+        warm_start: bool = True,
         task: str = "auto",
         seed: int = 0,
     ) -> None:
@@ -104,6 +166,8 @@ class _L1Student(Student):
         self.lambda_min_ratio = lambda_min_ratio
         self.max_iter = max_iter
         self.tol = tol
+        self.warm_start = warm_start
+        self._warm: tuple[Tensor, int] | None = None  # last (standardised θ, grid index) of the λ path
         # fitted: coefficients in input units, x -> x @ coef + intercept
         self.coef_: Tensor | None = None  # (d, m)
         self.intercept_: Tensor | None = None  # (m,)
@@ -120,6 +184,7 @@ class _L1Student(Student):
             "lambda_min_ratio": self.lambda_min_ratio,
             "max_iter": self.max_iter,
             "tol": self.tol,
+            "warm_start": self.warm_start,
             **super().config(),
         }
 
@@ -164,24 +229,14 @@ class _L1Student(Student):
                 lams = torch.logspace(0, math.log10(self.alpha), steps, dtype=torch.float64) * lam_max
                 prev = lam_max
                 for lam_k in lams[1:].tolist():
-                    theta = self._solve_screened(Za, T, grad, theta, lam_k, prev)
+                    theta = self._solve(Za, T, grad, theta, lam_k, prev)
                     prev = lam_k
             elif self.refit:  # alpha = 0 with refit: the unpenalised fit on every feature
                 theta[:d] = 1.0
             else:
-                theta = self._solve_screened(Za, T, grad, theta, 0.0, 0.0)
+                theta = self._solve(Za, T, grad, theta, 0.0, 0.0)
         else:
-            lam = lam_max
-            lams = lam_max * torch.logspace(0, math.log10(self.lambda_min_ratio), self.n_lambdas, dtype=torch.float64)
-            best = (theta.clone(), lam_max)
-            prev = lam_max
-            for lam_k in lams[1:].tolist():
-                theta = self._solve_screened(Za, T, grad, theta, lam_k, prev)
-                prev = lam_k
-                if int((theta[:d] != 0).sum()) > self.max_nonzeros:
-                    break
-                best = (theta.clone(), lam_k)
-            theta, lam = best
+            theta, lam = self._budget_path(Za, T, grad, theta, lam_max)
         W, b = theta[:d], theta[d]
         if self.refit and bool((W != 0).any()):
             W, b = self._refit(Z, T, W, b)
@@ -190,6 +245,108 @@ class _L1Student(Student):
         coef = W / sd.unsqueeze(1)
         self.coef_ = coef
         self.intercept_ = b - mu @ coef
+
+    def _budget_path(
+        self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta0: Tensor, lam_max: float
+    ) -> tuple[Tensor, float]:
+        """The densest solution on a geometric λ grid with at most ``max_nonzeros`` non-zero weights.
+
+        With ``warm_start``, a refit on new data (the Distiller refits every few epochs while the
+        teacher changes slowly) starts at the previous choice on the grid and its coefficients, and
+        walks up or down from there instead of from λ_max.
+        """
+        d = Za.shape[1] - 1
+        k_max = self.max_nonzeros or d
+        ratios = torch.logspace(0, math.log10(self.lambda_min_ratio), self.n_lambdas, dtype=torch.float64)
+        grid = (lam_max * ratios).tolist()
+
+        def nnz(th: Tensor) -> int:
+            return int((th[:d] != 0).sum())
+
+        best_theta, best_k = theta0.clone(), 0
+        start, theta = 1, theta0
+        warm = self._warm if self.warm_start else None
+        if warm is None:
+            warm = self._path_guess(Za, T, ratios, k_max, theta0)
+        if warm is not None and tuple(warm[0].shape) == tuple(theta0.shape) and warm[1] >= 1:
+            start, theta = warm[1], warm[0].clone()
+            theta = self._solve(Za, T, grad, theta, grid[start], grid[start - 1])
+            if nnz(theta) > k_max:  # the teacher needs fewer features now: walk up
+                for k in range(start - 1, 0, -1):
+                    theta = self._solve(Za, T, grad, theta, grid[k], grid[k + 1])
+                    if nnz(theta) <= k_max:
+                        best_theta, best_k = theta.clone(), k
+                        break
+                self._warm = (best_theta.clone(), best_k)
+                return best_theta, grid[best_k]
+            best_theta, best_k = theta.clone(), start
+            start += 1
+        for k in range(start, len(grid)):
+            theta = self._solve(Za, T, grad, theta, grid[k], grid[k - 1])
+            if nnz(theta) > k_max:
+                break
+            best_theta, best_k = theta.clone(), k
+        self._warm = (best_theta.clone(), best_k)
+        return best_theta, grid[best_k]
+
+    def _path_guess(
+        self, Za: Tensor, T: Tensor, ratios: Tensor, k_max: int, theta0: Tensor
+    ) -> tuple[Tensor, int] | None:
+        """Where on the λ grid to start a cold budget path (None: from λ_max). Overridden by students
+        whose penalised problem is costly (logistic) with a cheap quadratic proxy."""
+        return None
+
+    #: largest number of coefficients (rows x outputs) solved by proximal Newton; FISTA beyond.
+    newton_max_size: ClassVar[int] = 600
+    #: the smooth part is quadratic (least squares): one exact L1-QP solve per penalty.
+    _quadratic: ClassVar[bool] = False
+
+    def _smooth_grad_hess(self, Za: Tensor, T: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Smooth loss, its gradient (q, m) and Hessian (q·m, q·m) over row-major vec(θ)."""
+        raise NotImplementedError
+
+    def _solve(
+        self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta: Tensor, lam: float, prev_lam: float
+    ) -> Tensor:
+        if theta.numel() <= self.newton_max_size:
+            return self._prox_newton(Za, T, theta, lam)
+        return self._solve_screened(Za, T, grad, theta, lam, prev_lam)
+
+    def _prox_newton(self, Za: Tensor, T: Tensor, theta: Tensor, lam: float, max_outer: int = 50) -> Tensor:
+        """Proximal Newton (Lee, Sun & Saunders 2014, SIAM J. Optim. 24(3)) with exact L1-QP subproblems
+        (:func:`l1_qp`) and a backtracking line search on the full objective; warm-started along the path."""
+        q, m = theta.shape
+        pen = torch.full((q, m), lam, dtype=theta.dtype)
+        pen[-1] = 0.0  # intercepts
+        pen = pen.reshape(-1)
+        x = theta.reshape(-1).clone()
+        eye = 1e-10 * torch.eye(x.numel(), dtype=x.dtype)
+
+        def total(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            f, g, h = self._smooth_grad_hess(Za, T, v.view(q, m))
+            return f + (pen * v.abs()).sum(), g.reshape(-1), h
+
+        F, g, H = total(x)
+        for _ in range(max_outer):
+            H = H + eye
+            x_qp = l1_qp(H, g - H @ x, pen, x)
+            if self._quadratic:  # least squares: the QP is the problem itself
+                return x_qp.view(q, m)
+            d = x_qp - x
+            dec = float(g @ d + (pen * x_qp.abs()).sum() - (pen * x.abs()).sum())
+            if dec > -self.tol * 1e-2 * max(1.0, abs(float(F))) or float(d.abs().max()) < 1e-12:
+                break
+            t = 1.0
+            while True:  # Armijo backtracking on the full objective
+                cand = x + t * d
+                F_new, g_new, H_new = total(cand)
+                if float(F_new) <= float(F) + 0.25 * t * dec or t < 1e-6:
+                    break
+                t *= 0.5
+            x, F_old, F, g, H = cand, F, F_new, g_new, H_new
+            if float(F_old) - float(F) <= 1e-14 * max(1.0, abs(float(F))):
+                break
+        return x.view(q, m)
 
     def _solve_screened(
         self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta: Tensor, lam: float, prev_lam: float
@@ -288,6 +445,7 @@ class SparseLinearStudent(_L1Student):
     """
 
     name = "sparse_linear"
+    _quadratic = True
 
     def _targets(self, teacher_out: Tensor) -> Tensor:
         if self.task_ == "classification":
@@ -307,6 +465,12 @@ class SparseLinearStudent(_L1Student):
             return gram @ theta - corr
 
         return grad, float(torch.linalg.eigvalsh(gram)[-1])
+
+    def _smooth_grad_hess(self, Za: Tensor, T: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n = Za.shape[0]
+        r = Za @ theta - T
+        gram = Za.T @ Za / n
+        return 0.5 * (r**2).sum() / n, Za.T @ r / n, torch.kron(gram, torch.eye(theta.shape[1], dtype=Za.dtype))
 
     def _init_intercept(self, T: Tensor) -> Tensor:
         return T.mean(0)
@@ -355,11 +519,12 @@ class SparseLogisticStudent(_L1Student):
         lambda_min_ratio: float = 1e-3,
         max_iter: int = 200,
         tol: float = 1e-4,
+        warm_start: bool = True,
         task: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(
-            alpha, max_nonzeros, refit, standardize, n_lambdas, lambda_min_ratio, max_iter, tol, task, seed
+            alpha, max_nonzeros, refit, standardize, n_lambdas, lambda_min_ratio, max_iter, tol, warm_start, task, seed
         )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -404,6 +569,45 @@ class SparseLogisticStudent(_L1Student):
 
         # Hessian bound: 1/4 (sigmoid) or 1/2 (softmax) times the largest eigenvalue of ZaᵀZa/n.
         return grad, _lipschitz_gram(Za) * (0.25 if self._binary() else 0.5)
+
+    def _path_guess(
+        self, Za: Tensor, T: Tensor, ratios: Tensor, k_max: int, theta0: Tensor
+    ) -> tuple[Tensor, int] | None:
+        """Start a cold path near the budget: the lasso on the soft targets' (centred) log-odds, the
+        high-temperature limit of distillation (Hinton et al. 2015, Sec. 2.1), is one exact L1-QP per λ
+        on a fixed Gram matrix; the logistic path then starts one grid step before it crosses the budget."""
+        if theta0.numel() > self.newton_max_size:
+            return None
+        n, q = Za.shape
+        P = T.clamp(1e-6, 1 - 1e-6)
+        L = torch.log(P / (1 - P)) if self._binary() else torch.log(P) - torch.log(P).mean(1, keepdim=True)
+        m = L.shape[1]
+        H = torch.kron(Za.T @ Za / n, torch.eye(m, dtype=Za.dtype)) + 1e-10 * torch.eye(q * m, dtype=Za.dtype)
+        c = -(Za.T @ L / n).reshape(-1)
+        lam_max = float(c.view(q, m)[:-1].abs().max())
+        x = torch.zeros(q * m, dtype=Za.dtype)
+        guess = 0
+        for k in range(1, ratios.numel()):
+            pen = torch.full((q, m), float(ratios[k]) * lam_max, dtype=Za.dtype)
+            pen[-1] = 0.0
+            x = l1_qp(H, c, pen.reshape(-1), x)
+            if int((x.view(q, m)[:-1] != 0).sum()) > k_max:
+                break
+            guess = k
+        return (theta0.clone(), guess) if guess >= 1 else None
+
+    def _smooth_grad_hess(self, Za: Tensor, T: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, q = Za.shape
+        m = theta.shape[1]
+        logits = Za @ theta
+        P = self._probs(logits)
+        g = Za.T @ (P - T) / n
+        if self._binary():
+            H = (Za * (P * (1 - P))).T @ Za / n
+        else:  # Σ_i z_i z_iᵀ ⊗ (diag p_i − p_i p_iᵀ), row-major vec(θ)
+            S = torch.diag_embed(P) - P.unsqueeze(2) * P.unsqueeze(1)
+            H = torch.einsum("ia,ib,icd->acbd", Za, Za, S).reshape(q * m, q * m) / n
+        return self._loss(logits, T), g, H
 
     def _init_intercept(self, T: Tensor) -> Tensor:
         p = T.mean(0).clamp(1e-6, 1 - 1e-6)
