@@ -62,7 +62,7 @@ class Groups:
 
     def paint(self, values: Tensor) -> Tensor:
         """Spread per-group values (B, P) onto the mask shape: (B, *mask_shape) (overlaps summed)."""
-        return torch.einsum("bp,p...->b...", values.to(self.masks.dtype), self.masks.to(values.device))
+        return torch.einsum("bp,p...->b...", values, self.masks.to(device=values.device, dtype=values.dtype))
 
 
 def _grid_ids(size: int, g: int) -> Tensor:
