@@ -175,3 +175,27 @@ def test_unknown_method_fails_fast():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AttributionMonitor(methods="saliency")
+
+
+def test_metrics_on_shapes_with_masks(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from explain_callbacks.datasets import make_shapes
+    from explain_callbacks.models import LitClassifier, SmallCNN
+
+    data = make_shapes(24, seed=0)
+    val = DataLoader(TensorDataset(data.x, data.y, data.mask), batch_size=12)
+    torch.manual_seed(0)
+    model = LitClassifier(SmallCNN(3, 4, width=4))
+    with pytest.warns(UserWarning, match="metric 'drift' dropped"):
+        mon = AttributionMonitor(methods=["saliency", "gradcam"], metrics=["deletion", "pointing_game", "drift"],
+                                 num_samples=6, strict=True)  # fmt: skip
+    trainer(tmp_path, callbacks=[mon]).validate(model, val)
+    assert mon.probe_mask is not None and mon.probe_mask.shape[0] == 6  # masks found in (x, y, mask) batches
+    for m in ("saliency", "gradcam"):
+        assert 0.0 <= mon.last_scores[m]["deletion"] <= 1.0
+        assert 0.0 <= mon.last_scores[m]["pointing_game"] <= 1.0
+    tags = event_tags(tmp_path)
+    assert "explain/curves/deletion" in tags["images"]
+    assert "explain/gradcam/pointing_game" in tags["scalars"]
+    assert "best on **deletion**" in mon.ranking_table()

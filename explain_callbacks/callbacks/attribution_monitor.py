@@ -56,6 +56,9 @@ class AttributionMonitor(ProbeCallback):
             input_key, label_key, mask_key, batch_size, model_attr, strict).
     """
 
+    #: scores the monitor computes itself for every method (metrics of the same name would log twice)
+    BUILTIN_SCORES = ("seconds", "sparseness", "drift", "completeness_error")
+
     def __init__(
         self,
         methods: Sequence[MethodSpec] = ("saliency", "ig"),
@@ -81,9 +84,13 @@ class AttributionMonitor(ProbeCallback):
             while name in self.methods:
                 name, i = f"{base}_{i}", i + 1
             self.methods[name] = method
-        self.metric_specs = list(_plain(metrics) or [])
-        for spec in self.metric_specs:  # fail fast on unknown names
-            self._build_metric(spec)
+        self.metric_specs = []
+        for spec in list(_plain(metrics) or []):
+            name = self._metric_name(self._build_metric(spec))  # fails fast on unknown names
+            if name in self.BUILTIN_SCORES:
+                rank_zero_warn(f"AttributionMonitor logs '{name}' for every method already; metric {name!r} dropped.")
+                continue
+            self.metric_specs.append(spec)
         self._metrics: dict[tuple[str, str], Any] = {}
         self.max_images = max_images
         self.feature_names = list(feature_names) if feature_names is not None else None

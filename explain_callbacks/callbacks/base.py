@@ -38,7 +38,8 @@ class ProbeCallback(Callback):
         every_n_epochs: explain on validation epochs where ``(epoch + 1) % every_n_epochs == 0``;
             ``trainer.validate()``/``test`` always explain.
         input_key, label_key, mask_key: where inputs, labels and ground-truth masks are in a batch
-            (tuple index, dict key or a function of the batch; defaults: index 0/1, keys x/y/mask).
+            (tuple index, dict key or a function of the batch; defaults: index 0/1, keys x/y/mask; masks
+            also from a third tuple item shaped like the inputs, as in ``(x, y, mask)`` batches).
         target: ``"label"``, ``"prediction"``, a class index, or None (single-output regression).
         batch_size: rows per model call.
         model_attr: explain ``getattr(pl_module, model_attr)`` instead of the LightningModule itself
@@ -118,6 +119,11 @@ class ProbeCallback(Callback):
         if key is None:
             if isinstance(batch, dict):
                 key = next((k for k in ("mask", "masks", "segmentation") if k in batch), None)
+            elif isinstance(batch, (tuple, list)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
+                # (x, y, mask): take the third item when it looks like a spatial mask of the inputs
+                x, m = batch[0], batch[2]
+                if isinstance(x, Tensor) and m.ndim == x.ndim >= 3 and m.shape[-2:] == x.shape[-2:]:
+                    return m
             if key is None:
                 return None
         if callable(key):

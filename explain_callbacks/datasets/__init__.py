@@ -1,5 +1,16 @@
-"""Embedded and procedural data sets (no downloads) with Lightning data modules."""
+"""Embedded (scikit-learn) and procedural data sets with Lightning data modules; nothing is downloaded."""
 
+from .decoy import (
+    ColorDigitsDataModule,
+    DecoyDigitsDataModule,
+    RandomPixelGroups,
+    corner_masks,
+    make_color_digits,
+    make_decoy_digits,
+)
+from .nid import NIDDataModule, make_nid_data, nid_function, nid_pair_truth
+from .shapes import SHAPES, ShapesData, ShapesDataModule, make_shapes
+from .signals import SignalDataModule, make_signals
 from .tabular_images import (
     BreastCancerDataModule,
     DigitsDataModule,
@@ -10,10 +21,26 @@ from .tabular_images import (
 )
 
 __all__ = [
+    "SHAPES",
     "BreastCancerDataModule",
+    "ColorDigitsDataModule",
+    "DecoyDigitsDataModule",
     "DigitsDataModule",
+    "NIDDataModule",
+    "RandomPixelGroups",
+    "ShapesData",
+    "ShapesDataModule",
+    "SignalDataModule",
     "TensorDataModule",
+    "corner_masks",
     "load_breast_cancer_tensors",
     "load_digits_tensors",
+    "make_color_digits",
+    "make_decoy_digits",
+    "make_nid_data",
+    "make_shapes",
+    "make_signals",
+    "nid_function",
+    "nid_pair_truth",
     "split_indices",
 ]
