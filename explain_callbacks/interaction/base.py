@@ -220,6 +220,8 @@ class InteractionMethod(ABC):
     name: ClassVar[str] = "interaction"
     #: whether scores can be differentiated w.r.t. the parameters
     differentiable: ClassVar[bool] = False
+    #: whether the method takes input gradients (callers must not disable grad mode)
+    needs_grad: ClassVar[bool] = False
 
     def __init__(self, batch_size: int | None = 256, seed: int = 0) -> None:
         if batch_size is not None and batch_size <= 0:

@@ -81,6 +81,7 @@ class IntegratedHessians(InteractionMethod):
     """
 
     name = "integrated_hessians"
+    needs_grad = True
 
     def __init__(
         self,

@@ -1,0 +1,242 @@
+"""InteractionMonitor: which features (or patches) act together, on a fixed probe set, while training."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from .. import viz
+from ..interaction import ACD, Groups, InteractionMethod, build_interaction, draw_hierarchy, top_pairs
+from ..interaction.base import GroupSpec, pair_index
+from ._logging import markdown_table
+from .base import ProbeCallback
+
+__all__ = ["InteractionMonitor"]
+
+MethodSpec = str | Mapping[str, Any] | InteractionMethod
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers (from Hydra) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover
+        return obj
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+class InteractionMonitor(ProbeCallback):
+    """Pairwise interaction scores of a fixed probe set on every due validation epoch.
+
+    For each method (``"cd"``, ``"integrated_hessians"``, ``"sobol"``, ``"hsic"`` or an
+    :class:`~explain_callbacks.interaction.InteractionMethod`), the (B, P, P) matrices of the probe
+    set over the feature groups (features for tabular data, patches for images) give:
+
+    - scalars ``explain/<method>/seconds``, ``mean_abs`` (mean |off-diagonal score|), ``top_pair``
+      (|score| of the strongest aggregated pair), ``consistency`` (fraction of samples whose own
+      strongest pair is that pair);
+    - images ``explain/<method>/matrix`` (the probe-mean |score| matrix as a heatmap, then the signed
+      matrices of the first samples), and for image inputs ``explain/<method>/top_pairs`` (each
+      sample with its strongest pair of patches coloured);
+    - text ``explain/<method>/top_pairs``: the top-k pairs aggregated over the probe (mean |score|,
+      mean signed score, share of samples ranking the pair in their own top-k) and per sample.
+
+    With ``acd`` on, ACD hierarchies (Singh et al. 2019) of the first ``acd_samples`` probe samples
+    are drawn as ``explain/acd/hierarchy`` (image and sequence inputs).
+
+    Args:
+        methods: interaction methods (names, ``{"name": ..., **kwargs}`` mappings or instances).
+        groups: feature groups for every method (see :func:`explain_callbacks.interaction.make_groups`):
+            None = one per feature (tabular) / a 4x4 patch grid (images), an int grid size, an id map...
+        top_k: pairs listed per sample and in the aggregate.
+        max_matrices: per-sample matrices drawn.
+        acd: False, True, or ACD keyword arguments (``tile``, ``percentile``, ``num_iters``).
+        acd_samples: probe samples given an ACD hierarchy.
+        feature_names: names of tabular features (default: the data module's ``feature_names``).
+        log_images: turn image logging off (scalars and text stay).
+        **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
+            input_key, label_key, batch_size, model_attr, strict).
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[MethodSpec] | MethodSpec = ("cd",),
+        groups: GroupSpec = None,
+        top_k: int = 5,
+        max_matrices: int = 4,
+        acd: bool | Mapping[str, Any] = False,
+        acd_samples: int = 2,
+        feature_names: Sequence[str] | None = None,
+        log_images: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("num_samples", 16)
+        super().__init__(**kwargs)
+        methods = _plain(methods)
+        if isinstance(methods, (str, Mapping, InteractionMethod)):
+            methods = [methods]
+        self.method_specs = list(methods)
+        if not self.method_specs:
+            raise ValueError("InteractionMonitor needs at least one method, e.g. methods=['cd'].")
+        self.methods: dict[str, InteractionMethod] = {}
+        for spec in self.method_specs:
+            method = build_interaction(spec)
+            name = getattr(method, "name", type(method).__name__)
+            if name in self.methods:
+                name = f"{name}_{len(self.methods)}"
+            if getattr(method, "batch_size", None) is not None and self.batch_size is not None:
+                method.batch_size = max(method.batch_size, self.batch_size)
+            self.methods[name] = method
+        self.groups = _plain(groups)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+        self.top_k = top_k
+        self.max_matrices = max_matrices
+        acd = _plain(acd)
+        self.acd_kwargs: dict[str, Any] | None = dict(acd) if isinstance(acd, Mapping) else ({} if acd else None)
+        self.acd_samples = acd_samples
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.log_images = log_images
+        self.last_scores: dict[str, dict[str, Any]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=sorted(self.methods), num_samples=self.num_samples)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.feature_names is None and trainer.datamodule is not None:
+            names = getattr(trainer.datamodule, "feature_names", None)
+            if names:
+                self.feature_names = list(names)
+
+    # ------------------------------------------------------------------ explaining
+    def explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
+    ) -> None:
+        model = self.model(pl_module)
+        self.last_scores = {}
+        for name, method in self.methods.items():
+            t0 = time.perf_counter()
+            with torch.enable_grad() if method.needs_grad else torch.no_grad():
+                scores = method(model, x, target, groups=self.groups).detach()
+            seconds = time.perf_counter() - t0
+            groups: Groups = method.last_info["groups"]
+            summary = self.summarise(scores, groups)
+            summary["seconds"] = seconds
+            self.last_scores[name] = summary
+            self.log_scalar(pl_module, f"explain/{name}/seconds", seconds)
+            for key in ("mean_abs", "top_pair", "consistency"):
+                self.log_scalar(pl_module, f"explain/{name}/{key}", summary[key])
+            if trainer.is_global_zero:
+                self.log_text(trainer, f"explain/{name}/top_pairs", self.pair_table(summary, groups))
+                if self.log_images:
+                    self._log_pictures(trainer, name, x, scores, summary, groups)
+        if self.acd_kwargs is not None and trainer.is_global_zero and self.log_images and x.ndim in (3, 4):
+            self._log_acd(trainer, model, x, target)
+
+    def summarise(self, scores: Tensor, groups: Groups) -> dict[str, Any]:
+        """Aggregates of (B, P, P) scores: mean |score| matrix, top pairs, consistency."""
+        b, p = scores.shape[0], scores.shape[-1]
+        i, j = pair_index(p, scores.device)
+        mean_abs = scores.abs().mean(0)
+        mean_signed = scores.mean(0)
+        k = min(self.top_k, i.numel())
+        if k == 0:
+            return {"mean_abs": 0.0, "top_pair": 0.0, "consistency": 0.0, "pairs": [], "per_sample": [],
+                    "matrix": mean_abs.cpu()}  # fmt: skip
+        ai, aj, av = top_pairs(mean_abs, k=k)
+        si, sj, sv = top_pairs(scores, k=k)  # (B, k)
+        pairs = []
+        for r in range(k):
+            pi, pj = int(ai[r]), int(aj[r])
+            in_topk = ((si == pi) & (sj == pj)).any(1).float().mean()
+            pairs.append((pi, pj, float(av[r]), float(mean_signed[pi, pj]), float(in_topk)))
+        consistency = float(((si[:, 0] == ai[0]) & (sj[:, 0] == aj[0])).float().mean())
+        per_sample = [[(int(si[s, r]), int(sj[s, r]), float(sv[s, r])) for r in range(k)] for s in range(b)]
+        return {
+            "mean_abs": float(scores[:, i, j].abs().mean()),
+            "top_pair": float(av[0]),
+            "consistency": consistency,
+            "pairs": pairs,
+            "per_sample": per_sample,
+            "matrix": mean_abs.cpu(),
+        }
+
+    def _label(self, groups: Groups, p: int) -> str:
+        if self.feature_names is not None and groups.names and groups.n == len(self.feature_names):
+            return self.feature_names[p]
+        return groups.label(p)
+
+    def pair_table(self, summary: dict[str, Any], groups: Groups, max_samples: int = 8) -> str:
+        rows = [
+            (r + 1, f"{self._label(groups, pi)} × {self._label(groups, pj)}", a, s, share)
+            for r, (pi, pj, a, s, share) in enumerate(summary["pairs"])
+        ]
+        text = markdown_table(["rank", "pair", "mean abs", "mean signed", "share in top-k"], rows)
+        per = [
+            (s, ", ".join(f"{self._label(groups, a)}×{self._label(groups, c)} ({v:.3g})" for a, c, v in pairs))
+            for s, pairs in enumerate(summary["per_sample"][:max_samples])
+        ]
+        return text + "\n\n" + markdown_table(["sample", f"top {self.top_k} pairs"], per)
+
+    def _log_pictures(
+        self, trainer: pl.Trainer, name: str, x: Tensor, scores: Tensor, summary: dict[str, Any], groups: Groups
+    ) -> None:
+        p = scores.shape[-1]
+        cell = max(2, min(16, 160 // max(p, 1)))
+        panels = [viz.label_image(viz.matrix_image(summary["matrix"], "heat", cell=cell), "mean |score|")]
+        for s in range(min(self.max_matrices, scores.shape[0])):
+            m = scores[s].detach().cpu().clone()
+            m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
+            panels.append(viz.label_image(viz.matrix_image(m, "diverging", cell=cell), f"sample {s}"))
+        self.log_image(trainer, f"explain/{name}/matrix", _grid(panels))
+        if x.ndim == 4 and groups.masks.ndim == 4:
+            n = min(self.max_matrices * 2, x.shape[0])
+            onehot = torch.zeros(n, 2, p)
+            for s in range(n):
+                a, c, _ = summary["per_sample"][s][0]
+                onehot[s, 0, a] = 1.0
+                onehot[s, 1, c] = 1.0
+            first = groups.paint(onehot[:, 0])[:, 0]  # (n, H, W)
+            second = groups.paint(onehot[:, 1])[:, 0]
+            base = viz.to_rgb(x[:n].detach().cpu()).mean(1, keepdim=True).expand(-1, 3, -1, -1)
+            red = torch.tensor([0.85, 0.15, 0.1]).view(1, 3, 1, 1)
+            blue = torch.tensor([0.1, 0.35, 0.9]).view(1, 3, 1, 1)
+            pic = base * 0.5 + 0.5 * (first.unsqueeze(1) * red + second.unsqueeze(1) * blue)
+            pic = torch.where((first + second).unsqueeze(1) > 0, pic, base * 0.6)
+            self.log_image(trainer, f"explain/{name}/top_pairs", viz.make_grid(viz.upscale(pic.clamp(0, 1))))
+
+    def _log_acd(self, trainer: pl.Trainer, model: torch.nn.Module, x: Tensor, target: Tensor | None) -> None:
+        try:
+            acd = ACD(batch_size=self.batch_size, **(self.acd_kwargs or {}))
+            n = min(self.acd_samples, x.shape[0])
+            with torch.no_grad():
+                hierarchies = acd(model, x[:n], None if target is None else target[:n])
+        except Exception as err:  # e.g. an architecture CD cannot decompose
+            if self.strict:
+                raise
+            rank_zero_warn(f"InteractionMonitor: ACD skipped: {type(err).__name__}: {err}")
+            return
+        pics = [
+            viz.label_image(draw_hierarchy(h, x[s].detach().cpu() if x.ndim == 4 else None), f"sample {s}")
+            for s, h in enumerate(hierarchies)
+        ]
+        self.log_image(trainer, "explain/acd/hierarchy", _grid(pics, nrow=1))
+
+
+def _grid(panels: list[Tensor], nrow: int = 5) -> Tensor:
+    """Pad panels of different sizes to a common size and tile them."""
+    hmax = max(p.shape[1] for p in panels)
+    wmax = max(p.shape[2] for p in panels)
+    out = torch.ones(len(panels), 3, hmax, wmax)
+    for i, p in enumerate(panels):
+        out[i, :, : p.shape[1], : p.shape[2]] = p
+    return viz.make_grid(out, nrow=nrow)

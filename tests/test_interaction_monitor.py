@@ -1,0 +1,120 @@
+"""InteractionMonitor end to end, and the Hydra configs of the interaction package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from explain_callbacks.callbacks.interaction_monitor import InteractionMonitor
+from explain_callbacks.interaction import ACD, InteractionMethod
+from explain_callbacks.models import MLP, LitClassifier
+
+from .helpers_lightning import event_tags, image_loaders, lit, trainer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread avoids thread contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_images_no_side_effects_and_logging(tmp_path):
+    train, val = image_loaders()
+    m0 = lit()
+    trainer(tmp_path / "a", max_epochs=2, logger=False).fit(m0, train, val)
+    train, val = image_loaders()
+    m1 = lit()
+    mon = InteractionMonitor(
+        methods=["cd", {"name": "integrated_hessians", "n_steps": 3}],
+        groups=2,
+        acd={"tile": 2, "percentile": 90, "num_iters": 2},
+        num_samples=6,
+        strict=True,
+    )
+    trainer(tmp_path / "b", callbacks=[mon], max_epochs=2).fit(m1, train, val)
+    w0, w1 = _weights(m0), _weights(m1)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k  # BatchNorm buffers and RNG untouched
+    tags = event_tags(tmp_path / "b")
+    assert {"explain/cd/matrix", "explain/cd/top_pairs", "explain/integrated_hessians/matrix"} <= tags["images"]
+    assert "explain/acd/hierarchy" in tags["images"]
+    assert {"explain/cd/mean_abs", "explain/cd/top_pair", "explain/integrated_hessians/consistency"} <= tags["scalars"]
+    summary = mon.last_scores["cd"]
+    assert summary["matrix"].shape == (4, 4)
+    assert len(summary["pairs"]) == 5 and len(summary["per_sample"]) == 6
+    assert 0.0 <= summary["consistency"] <= 1.0
+
+
+def test_tabular_planted_interaction_and_table(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(512, 4, generator=g) * 2 - 1
+    y = (x[:, 0] * x[:, 1] > 0).long()  # an XOR-like interaction of features 0 and 1
+    train = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
+    val = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=64)
+    torch.manual_seed(0)
+    model = LitClassifier(MLP(4, 2, hidden=(32, 32)), lr=0.02)
+    mon = InteractionMonitor(
+        methods=[{"name": "integrated_hessians", "n_steps": 4}],
+        num_samples=32,
+        top_k=3,
+        feature_names=["a", "b", "c", "d"],
+        model_attr="net",
+        strict=True,
+    )
+    trainer(tmp_path, callbacks=[mon], max_epochs=6, logger=False).fit(model, train, val)
+    pi, pj = mon.last_scores["integrated_hessians"]["pairs"][0][:2]
+    assert (pi, pj) == (0, 1)
+    text = mon.pair_table(
+        mon.last_scores["integrated_hessians"], mon.methods["integrated_hessians"].last_info["groups"]
+    )
+    assert "a × b" in text
+
+
+def test_errors_become_warnings_unless_strict(tmp_path):
+    class Softmaxed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(x.flatten(1)), 1)
+
+    train, val = image_loaders()
+    model = LitClassifier(Softmaxed())
+    mon = InteractionMonitor(methods=["cd"], num_samples=4)
+    with pytest.warns(UserWarning, match="no rule for"):
+        trainer(tmp_path, callbacks=[mon], max_epochs=1, logger=False).fit(model, train, val)
+    with pytest.raises(ValueError, match="at least one method"):
+        InteractionMonitor(methods=[])
+
+
+def test_hydra_configs_instantiate():
+    cfg = OmegaConf.load(CONF / "callbacks" / "interaction.yaml")
+    mon = instantiate(cfg.interaction)
+    assert isinstance(mon, InteractionMonitor)
+    assert list(mon.methods) == ["cd", "integrated_hessians"]
+    assert mon.methods["integrated_hessians"].n_steps == 4
+    for name in ("cd", "integrated_hessians", "sobol", "hsic"):
+        obj = instantiate(OmegaConf.load(CONF / "interaction" / f"{name}.yaml"))
+        assert isinstance(obj, InteractionMethod) and obj.name == name
+    assert isinstance(instantiate(OmegaConf.load(CONF / "interaction" / "acd.yaml")), ACD)
+    data = OmegaConf.merge({"seed": 3}, {"data": OmegaConf.load(CONF / "data" / "nid.yaml")})
+    dm = instantiate(data.data, function=5, n_samples=200)
+    dm.setup()
+    xb, _ = next(iter(dm.train_dataloader()))
+    assert xb.shape[1] == 10 and dm.truth[0, 1] and not dm.truth[0, 3]
