@@ -67,3 +67,24 @@ def test_main_job_runs_and_prints_where_logs_are(tmp_path):
     assert "tensorboard --logdir" in out.stdout
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_composes_and_instantiates(path):
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = _compose([f"experiment={path.stem}"])
+    HydraConfig.instance().set_config(cfg)
+    instantiate(cfg.data)
+    instantiate(cfg.model)
+    for c in (cfg.get("callbacks") or {}).values():
+        if c is not None and "_target_" in c:
+            instantiate(c)
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "callbacks").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_callback_config_instantiates(path):
+    cfg = _compose([f"callbacks={path.stem}"])
+    for c in (cfg.get("callbacks") or {}).values():
+        if c is not None and "_target_" in c:
+            instantiate(c)
