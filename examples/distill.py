@@ -60,7 +60,7 @@ def breast_cancer(out: Path, epochs: int) -> None:
     dist = Distiller(
         students={"tree": {"name": "tree", "max_depth": 3},
                   "sparse_logistic": {"name": "sparse_logistic", "max_nonzeros": 10}},
-        buffer_size=512, every_n_epochs=10,
+        buffer_size=512, every_n_epochs=15,
     )  # fmt: skip
     _trainer(out, "breast_cancer", epochs, dist).fit(model, dm)
     x, y = dm.test_set.tensors

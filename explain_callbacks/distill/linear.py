@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -83,57 +84,60 @@ def l1_qp(H: Tensor, c: Tensor, pen: Tensor, x0: Tensor | None = None, tol: floa
     exactly (a small linear solve); a line search over the zero crossings keeps the objective
     decreasing; coordinates enter one at a time by the largest violation of the optimality
     conditions. Finite termination, exact up to rounding; ``pen_i = 0`` leaves x_i unpenalised.
+    The loop runs in NumPy float64: it is made of many operations on tiny arrays, where NumPy's
+    per-call cost is several times lower than torch's.
     """
-    n = c.numel()
-    x = torch.zeros_like(c) if x0 is None else x0.clone()
-    free = pen <= 0
+    Hn = H.detach().double().cpu().numpy()
+    cn = c.detach().double().cpu().numpy()
+    pn = pen.detach().double().cpu().numpy()
+    n = cn.shape[0]
+    x = np.zeros(n) if x0 is None else x0.detach().double().cpu().numpy().copy()
+    free = pn <= 0
     active = (x != 0) | free
-    sign = torch.sign(x)
-    scale = tol * max(1.0, float(c.abs().max()) if n else 1.0)
+    sign = np.sign(x)
+    scale = tol * max(1.0, float(np.abs(cn).max()) if n else 1.0)
 
-    def objective(X: Tensor, idx: Tensor) -> Tensor:  # rows of X: values of x[idx], zeros elsewhere
-        h = H[idx][:, idx]
-        return 0.5 * ((X @ h) * X).sum(1) + X @ c[idx] + (X.abs() * pen[idx]).sum(1)
+    def objective(X: np.ndarray, h: np.ndarray, ci: np.ndarray, pi: np.ndarray) -> np.ndarray:
+        return 0.5 * np.einsum("ki,ij,kj->k", X, h, X) + X @ ci + np.abs(X) @ pi
 
     for _ in range(20 * n + 50):
-        grad = H @ x + c
-        idx = active.nonzero().flatten()
-        resid = (grad[idx] + pen[idx] * sign[idx]).abs()
-        if idx.numel() == 0 or float(resid.max()) <= scale:
-            viol = torch.where(active, torch.full_like(grad, -math.inf), grad.abs() - pen)
+        grad = Hn @ x + cn
+        idx = np.flatnonzero(active)
+        resid = np.abs(grad[idx] + pn[idx] * sign[idx])
+        if idx.size == 0 or resid.max() <= scale:
+            viol = np.where(active, -np.inf, np.abs(grad) - pn)
             i = int(viol.argmax())
-            if float(viol[i]) <= scale:
+            if viol[i] <= scale:
                 break  # optimal
-            sign[i] = -torch.sign(grad[i])
+            sign[i] = -np.sign(grad[i])
             active[i] = True
-            idx = active.nonzero().flatten()
-        h = H[idx][:, idx]
-        rhs = -(c[idx] + pen[idx] * sign[idx])
+            idx = np.flatnonzero(active)
+        h = Hn[np.ix_(idx, idx)]
+        ci, pi = cn[idx], pn[idx]
+        rhs = -(ci + pi * sign[idx])
         try:
-            new = torch.linalg.solve(h, rhs)
-        except RuntimeError:  # singular active set: least-squares solution
-            new = torch.linalg.lstsq(h, rhs.unsqueeze(1), driver="gelsd").solution[:, 0]
+            new = np.linalg.solve(h, rhs)
+        except np.linalg.LinAlgError:  # singular active set: least-squares solution
+            new = np.linalg.lstsq(h, rhs, rcond=None)[0]
         old = x[idx]
-        cross = (old != 0) & (torch.sign(new) != torch.sign(old)) & ~free[idx]
-        cpos = cross.nonzero().flatten()
-        ts = old[cpos] / (old[cpos] - new[cpos])
-        cand = old.unsqueeze(0) + torch.cat([ts, ts.new_ones(1)]).unsqueeze(1) * (new - old).unsqueeze(0)
-        cand[torch.arange(cpos.numel()), cpos] = 0.0  # exact zeros at the crossings
-        vals = objective(cand, idx)
+        cross = np.flatnonzero((old != 0) & (np.sign(new) != np.sign(old)) & ~free[idx])
+        ts = old[cross] / (old[cross] - new[cross])
+        cand = old[None, :] + np.append(ts, 1.0)[:, None] * (new - old)[None, :]
+        cand[np.arange(cross.size), cross] = 0.0  # exact zeros at the crossings
+        vals = objective(cand, h, ci, pi)
         best = int(vals.argmin())
-        if float(vals[best]) >= float(objective(old.unsqueeze(0), idx)[0]) - 1e-15 * max(1.0, abs(float(vals[best]))):
+        f_old = objective(old[None, :], h, ci, pi)[0]
+        if vals[best] >= f_old - 1e-15 * max(1.0, abs(vals[best])):
             # no progress on this sign pattern: one exact coordinate step on the worst coordinate instead
-            worst_active = resid.numel() and float(resid.max()) > scale
-            j = int(idx[resid.argmax()]) if worst_active else int((grad.abs() - pen).argmax())
-            hjj = float(H[j, j])
-            z = float(x[j]) - float(grad[j]) / hjj
-            x[j] = math.copysign(max(abs(z) - float(pen[j]) / hjj, 0.0), z) if not bool(free[j]) else z
+            worst_active = resid.size and resid.max() > scale
+            j = int(idx[resid.argmax()]) if worst_active else int((np.abs(grad) - pn).argmax())
+            z = x[j] - grad[j] / Hn[j, j]
+            x[j] = z if free[j] else np.sign(z) * max(abs(z) - pn[j] / Hn[j, j], 0.0)
         else:
             x[idx] = cand[best]
-        gone = (x == 0) & ~free
-        active = (active & ~gone) | (x != 0)
-        sign = torch.sign(x)
-    return x
+        active = (active & ~((x == 0) & ~free)) | (x != 0)
+        sign = np.sign(x)
+    return torch.from_numpy(x).to(device=c.device, dtype=c.dtype)
 
 
 class _L1Student(Student):
