@@ -241,7 +241,8 @@ class ACD:
             track[picked] = float("nan")
             new = _threshold(track, self.percentile, self.use_abs)
             both = picked | new
-            counts = torch.tensor([sum(bool(both[j]) for j in nbr4[i]) for i in range(n)])
+            sel = both.tolist()
+            counts = torch.tensor([sum(sel[j] for j in nbr4[i]) for i in range(n)], device=both.device)
             picked = both | ((~both) & (counts >= 3))
         # final components, then pairwise merging
         comps = _components(picked.tolist(), nbr8)

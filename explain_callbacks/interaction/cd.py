@@ -39,12 +39,17 @@ Extensions beyond the reference code (documented as ours):
 
 The model is traced with :mod:`torch.fx` (standard ``torch.nn`` layers, including ``nn.LSTM``, are
 leaves), so functional calls (``F.relu``, ``torch.flatten``), ``view``/``reshape``, residual adds
-and ``torch.cat`` inside ``forward`` are followed. Any operation without a rule raises
-:class:`CDUnsupportedError` naming the operation, the module and the source line.
+and ``torch.cat`` inside ``forward`` are followed. A ``forward`` that branches on *shapes*
+(``if x.ndim > 2``) is traced again with concrete values of the first input (the graph is then
+specialised to that per-sample shape); branching on tensor *values* cannot be decomposed. Any
+operation without a rule raises :class:`CDUnsupportedError` naming the operation, the module and
+the source line. The traced graph is cached per module instance.
 
-Cost: about two forward passes of the ``B × G`` decomposed rows (the two streams go through each
-linear layer as one concatenated batch) plus elementwise work; many groups are evaluated in one
-batched pass by :func:`cd_batched`.
+Cost: the two streams go through each linear/conv layer as one stacked batch (about two forward
+passes of the ``B × G`` decomposed rows) plus the elementwise rules, written in place when autograd
+is off; many groups are evaluated in one batched pass by :func:`cd_batched`. Measured on a 2-core
+CPU: 64 groups of one input cost 2.7-3.1x one forward of 64 inputs on SmallCNN and 3.3-5x on the
+NID MLP, whose tiny layers are dominated by per-operation overhead.
 """
 
 from __future__ import annotations
@@ -102,8 +107,6 @@ class Decomposition:
     def map(self, fn: Callable[[Tensor], Tensor]) -> Decomposition:
         return Decomposition(fn(self.rel), fn(self.irr))
 
-
-Dec = Decomposition
 
 
 # ----------------------------------------------------------------------------------------------
