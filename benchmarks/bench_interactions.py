@@ -120,7 +120,7 @@ def train_nid(
 ) -> tuple[list[list[MLP]], list[NIDDataModule], list[float]]:
     """Train ``args.ensemble`` MLPs per function (10-140-100-60-20-1, ReLU, different initialisations)
     through Lightning; returns the MLPs per function, the data modules and the mean test R²."""
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(args.seed, verbose=False)
     dms = []
     for k in functions:
         dm = NIDDataModule(function=k, n_samples=args.n_samples, seed=k)
@@ -130,9 +130,12 @@ def train_nid(
     x = torch.stack([dm.train_set.tensors[0] for dm in dms for _ in range(m)], 1)
     y = torch.stack([dm.train_set.tensors[1] for dm in dms for _ in range(m)], 1)
     loader = DataLoader(
-        TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        TensorDataset(x, y),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
     )
-    lit = NIDStack(len(functions) * m, (10, 140, 100, 60, 20, 1), args.lr, seed=0)
+    lit = NIDStack(len(functions) * m, (10, 140, 100, 60, 20, 1), args.lr, seed=args.seed)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=False,
@@ -214,7 +217,8 @@ def cd_cost_table() -> list[tuple[str, float, float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--functions", type=int, nargs="*", default=list(range(1, 11)))
-    p.add_argument("--n-samples", type=int, default=20000, help="per function, split 70/15/15")
+    p.add_argument("--n-samples", type=int, default=40000, help="per function, split 70/15/15")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order of the MLPs")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-2, help="peak of the one-cycle schedule")
