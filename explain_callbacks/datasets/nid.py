@@ -120,12 +120,7 @@ def _f9(x: Tensor) -> Tensor:
 
 def _f10(x: Tensor) -> Tensor:
     x1, x2, x3, x4, x5, _, x7, _, x9, _ = x.unbind(1)
-    return (
-        torch.sinh(x1 + x2)
-        + torch.acos(torch.tanh(x3 + x5 + x7))
-        + torch.cos(x4 + x5)
-        + 1 / torch.cos(x7 * x9)
-    )
+    return torch.sinh(x1 + x2) + torch.acos(torch.tanh(x3 + x5 + x7)) + torch.cos(x4 + x5) + 1 / torch.cos(x7 * x9)
 
 
 #: F1..F10 as functions of a (N, 10) tensor.
