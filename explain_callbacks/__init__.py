@@ -1,19 +1,34 @@
 """explain_callbacks: a PyTorch Lightning plugin that makes a network explain itself while it trains.
 
-Public surface (see each package for more):
+Public surface (each package documents more):
 
-- ``explain_callbacks.attribution``: attribution methods, ``method(model, inputs, target) -> map``.
-- ``explain_callbacks.callbacks``: Lightning callbacks (``AttributionMonitor``, ...).
-- ``explain_callbacks.viz``: tensors to images.
+- ``attribution``: attribution methods, ``method(model, inputs, target) -> map`` (gradient, path, CAM,
+  perturbation and learned-mask families).
+- ``interaction``: contextual decomposition, ACD, integrated Hessians, HSIC/Sobol interactions.
+- ``metrics``: faithfulness, robustness and sanity metrics (torchmetrics classes; ``metrics.functional``).
+- ``regularize``: attribution penalties (CDEP, RRR, expected-gradients priors).
+- ``distill``: students, fidelity and adaptive wavelet distillation.
+- ``callbacks``: the Lightning callbacks that orchestrate all of the above.
+- ``viz``: tensors to images.
 """
 
-from . import attribution, callbacks, viz
+from . import attribution, callbacks, datasets, distill, interaction, metrics, models, regularize, viz
+from ._internal.registry import ATTRIBUTIONS, INTERACTIONS, METRICS, PENALTIES, STUDENTS
 from .attribution import Attributor, CaptumAttributor, build_attributor
-from .callbacks import AttributionMonitor, ProbeCallback
+from .callbacks import (
+    AttributionMonitor,
+    AttributionRegularizer,
+    Distiller,
+    InteractionMonitor,
+    ProbeCallback,
+    SaliencyMasker,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttributionMonitor", "Attributor", "CaptumAttributor", "ProbeCallback", "attribution", "build_attributor",
-    "callbacks", "viz",
+    "ATTRIBUTIONS", "INTERACTIONS", "METRICS", "PENALTIES", "STUDENTS", "AttributionMonitor", "AttributionRegularizer",
+    "Attributor", "CaptumAttributor", "Distiller", "InteractionMonitor", "ProbeCallback", "SaliencyMasker",
+    "attribution", "build_attributor", "callbacks", "datasets", "distill", "interaction", "metrics", "models",
+    "regularize", "viz",
 ]

@@ -2,5 +2,12 @@
 
 from .attribution_monitor import AttributionMonitor
 from .base import ProbeCallback
+from .distiller import Distiller
+from .interaction_monitor import InteractionMonitor
+from .regularizer import AttributionRegularizer
+from .saliency_masker import SaliencyMasker
 
-__all__ = ["AttributionMonitor", "ProbeCallback"]
+__all__ = [
+    "AttributionMonitor", "AttributionRegularizer", "Distiller", "InteractionMonitor", "ProbeCallback",
+    "SaliencyMasker",
+]
