@@ -209,3 +209,16 @@ def test_adam_state_matches_torch_adam():
         opt.step()
         mine.step(g)
     torch.testing.assert_close(p1.detach(), p2, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_mask_equals_interpolate():
+    from explain_callbacks.attribution.blackbox._common import upsample_mask
+
+    m = torch.rand(3, 1, 7, 5, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(m, size=(32, 29), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample_mask(m, (32, 29)), ref)
+    (g1,) = torch.autograd.grad(upsample_mask(m, (32, 29)).pow(2).sum(), m)
+    (g2,) = torch.autograd.grad(ref.pow(2).sum(), m)
+    torch.testing.assert_close(g1, g2)
+    s = torch.rand(2, 1, 6, dtype=torch.float64)
+    torch.testing.assert_close(upsample_mask(s, (20,)), F.interpolate(s, size=20, mode="linear", align_corners=False))

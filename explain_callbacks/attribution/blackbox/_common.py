@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -143,9 +144,26 @@ def mask_resolution(size: tuple[int, ...], scale: int, minimum: int) -> tuple[in
     return tuple(min(s, max(-(-s // scale), minimum)) for s in size)
 
 
+@functools.lru_cache(maxsize=64)
+def _interp_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_out, n_in) matrix of 1-D linear interpolation with ``align_corners=False`` (as F.interpolate);
+    cached, and always a normal tensor (never an inference-mode one) so it can enter autograd graphs."""
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, device=device, dtype=dtype).unsqueeze(1)  # (n_in, 1, n_in)
+        return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].t().contiguous()
+
+
 def upsample_mask(m: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Bilinear (linear for sequences) upsampling of (B, 1, *low) masks to ``size``; identity for tabular."""
+    """Bilinear (linear for sequences) upsampling of (B, 1, *low) masks to ``size``; identity for tabular.
+
+    Equal to ``F.interpolate(..., align_corners=False)``, computed as small matrix products
+    ``R_h · m · R_wᵀ`` (bilinear interpolation is separable), whose backward pass is far cheaper on
+    CPU than that of ``F.interpolate``.
+    """
     if m.ndim == 2 or tuple(m.shape[2:]) == tuple(size):
         return m
-    mode = "linear" if m.ndim == 3 else "bilinear"
-    return F.interpolate(m, size=size, mode=mode, align_corners=False)
+    if m.ndim == 3:
+        return m @ _interp_matrix(m.shape[-1], size[0], m.device, m.dtype).t()
+    rh = _interp_matrix(m.shape[-2], size[0], m.device, m.dtype)
+    rw = _interp_matrix(m.shape[-1], size[1], m.device, m.dtype)
+    return rh @ m @ rw.t()

@@ -92,7 +92,7 @@ class HSIC(PerturbationAttributor):
         return fit_budget(self.n_designs, budget=self.budget, minimum=4, what="designs", method="HSIC")
 
     def _scores(self, model: nn.Module, inputs: Tensor, target: Tensor | None) -> tuple[MaskLayout, Tensor, Tensor]:
-        """Designs X (p, d) float64 and outputs y (B, p) float64."""
+        """Designs X (p, d) and outputs y (B, p), in the input's dtype."""
         layout = mask_layout(inputs, self.grid_size, "HSIC")
         p = self.n_forwards(tuple(inputs.shape[1:]))
         gen = self.generator(inputs.device)
@@ -109,31 +109,34 @@ class HSIC(PerturbationAttributor):
             output=self.output,
         )
         self._record_forwards(inputs, p)
-        return layout, x.double(), y.double()
+        return layout, x.to(y.dtype), y
 
-    def _output_gram(self, y: Tensor) -> Tensor:
-        """RBF Gram matrices L (b, p, p) of outputs y (b, p)."""
-        d2 = (y.unsqueeze(2) - y.unsqueeze(1)).pow(2)
+    def _width(self, y: Tensor) -> Tensor:
+        """Bandwidth w per sample of outputs y (b, p)."""
         if isinstance(self.width, (int, float)):
             w = torch.full((y.shape[0],), float(self.width), dtype=y.dtype, device=y.device)
         elif self.width == "median":
             w = y.median(dim=1).values.abs()
         else:
             iu = torch.triu_indices(y.shape[1], y.shape[1], 1, device=y.device)
-            w = d2[:, iu[0], iu[1]].sqrt().median(dim=1).values
-        fallback = y.std(dim=1).clamp_min(EPS)
-        w = torch.where(w > EPS, w, fallback)
-        return torch.exp(-d2 / (2 * w.view(-1, 1, 1).pow(2)))
+            w = (y[:, iu[0]] - y[:, iu[1]]).abs().median(dim=1).values
+        return torch.where(w > EPS, w, y.std(dim=1).clamp_min(EPS))
 
-    def _blocks(self, b: int, p: int) -> int:
-        return max(1, int(2**24 // max(p * p, 1)))  # samples per estimator block: ~16M Gram entries
+    def _output_gram(self, y: Tensor) -> Tensor:
+        """RBF Gram matrices L (b, p, p) of outputs y (b, p), built in place (one p×p buffer per sample)."""
+        w = self._width(y)
+        L = y.unsqueeze(2) - y.unsqueeze(1)
+        return L.square_().mul_((-0.5 / w.pow(2)).view(-1, 1, 1)).exp_()
 
     def estimate(self, x: Tensor, y: Tensor) -> Tensor:
-        """HSIC_i (B, d) from binary designs x (p, d) and outputs y (B, p)."""
+        """HSIC_i (B, d) from binary designs x (p, d) and outputs y (B, p), in y's dtype.
+
+        Samples are processed in blocks of about 4M Gram entries, so memory stays bounded and the
+        p×p buffers stay small enough for the cache-friendly in-place build."""
         p = x.shape[0]
-        xc = x - x.mean(0, keepdim=True)
+        xc = (x - x.mean(0, keepdim=True)).to(y.dtype)
         out = []
-        step = self._blocks(y.shape[0], p)
+        step = max(1, int(2**22 // max(p * p, 1)))
         for s in range(0, y.shape[0], step):
             L = self._output_gram(y[s : s + step])
             out.append(2.0 / p**2 * (xc.unsqueeze(0) * (L @ xc)).sum(1))
@@ -155,6 +158,7 @@ class HSIC(PerturbationAttributor):
         """
         tgt = self._prepare(model, inputs, target)
         layout, x, y = self._scores(model, inputs, tgt)
+        x, y = x.double(), y.double()  # the expansion subtracts large terms: keep float64
         p, d = x.shape
         xc = x - x.mean(0, keepdim=True)
         z = x.unsqueeze(2) * x.unsqueeze(1)  # (p, d, d)
