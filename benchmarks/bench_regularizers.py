@@ -68,8 +68,8 @@ PAPER = {
 GRID = {
     "cdep": [100.0, 300.0, 1000.0, 3000.0],
     "cdep_l1": [0.3, 1.0, 3.0, 10.0, 30.0],
-    "rrr": [0.1, 1.0, 10.0, 100.0],
-    "eg": [0.03, 0.1, 1.0, 10.0],
+    "rrr": [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0],
+    "eg": [0.03, 0.1, 1.0, 10.0, 30.0, 100.0],
 }
 VAL_RULE = {"decoy": "data.val_decoy=inverse", "color": "data.val_color=inverse"}
 WEIGHT_KEY = {"cdep": "cdep", "cdep_l1": "cdep", "rrr": "rrr", "eg": "eg_prior"}
