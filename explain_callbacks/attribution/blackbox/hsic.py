@@ -22,7 +22,7 @@ from ._common import PerturbationAttributor
 __all__ = ["HSIC"]
 
 EPS = 1e-12
-WIDTHS = ("median", "median_distance")
+WIDTHS = ("median", "median_distance", "std")
 
 
 @ATTRIBUTIONS.register("hsic")
@@ -35,9 +35,13 @@ class HSIC(PerturbationAttributor):
 
     - input kernel per cell: the Dirac kernel, in the zero-mean form of the reference code
       ``K_i(u, v) = 0.5 − (x_ui − x_vi)²``;
-    - output kernel ``L(u, v) = exp(−(y_u − y_v)² / (2w²))`` with w the median of the outputs
-      (``width="median"``, as the reference code; ``"median_distance"`` uses the median of
-      |y_u − y_v| instead, a float fixes it);
+    - output kernel ``L(u, v) = exp(−(y_u − y_v)² / (2w²))``; the width w is, per sample, the standard
+      deviation of the outputs (``width="std"``, default), the median of the outputs (``"median"``, the
+      reference code's choice), the median of |y_u − y_v| (``"median_distance"``, the usual median
+      heuristic) or a float. With probabilities, most masked copies of a digit score near 0, and the
+      reference's median gave widths of 1e-8 to 1e-6 on the digits CNN: an almost diagonal Gram matrix.
+      The standard deviation follows the spread of the outputs; on 36 test digits at p = 528 the deletion
+      AUCs of the three choices (and of logit outputs) agreed within their standard errors;
     - ``HSIC_i = (1/p²) Σ_{u,v} (K̃_i ⊙ L̃)``, tilde = double centring by H = I − 11ᵀ/p. Since H is
       idempotent this equals ``(2/p²) · (H x_i)ᵀ L (H x_i)``, computed for all cells at once.
 
@@ -49,9 +53,9 @@ class HSIC(PerturbationAttributor):
         grid_size: g (7). n_designs: p (1500, the paper's setting; its budget study goes down to a
             few hundred). sampler: ``lhs`` (the paper), ``sobol`` or ``bernoulli``.
         substrate: ``zeros`` (x ⊙ M, default), ``mean``, ``blur``, float or tensor.
-        output: ``softmax`` (default: the target's probability, positive, so the median width is well
-            defined) or ``logit`` (the raw output, as the reference code explains whatever the model
-            returns); the probability gave the better deletion AUC on the digits CNN.
+        output: ``softmax`` (default: the target's probability, the quantity deletion/insertion score)
+            or ``logit`` (the raw output: the reference code explains whatever the model returns).
+        width: the output kernel's width, see above.
         budget: forward passes per sample; p is lowered to fit.
 
     Cost: p forward passes per sample (1500 by default), plus O(p²·d) per sample for the estimator.
@@ -64,7 +68,7 @@ class HSIC(PerturbationAttributor):
         grid_size: int = 7,
         n_designs: int = 1500,
         sampler: str = "lhs",
-        width: str | float = "median",
+        width: str | float = "std",
         substrate: str | float | Tensor = "zeros",
         blur_sigma: float = 5.0,
         upsample: str = "nearest",
@@ -117,6 +121,8 @@ class HSIC(PerturbationAttributor):
             w = torch.full((y.shape[0],), float(self.width), dtype=y.dtype, device=y.device)
         elif self.width == "median":
             w = y.median(dim=1).values.abs()
+        elif self.width == "std":
+            w = y.std(dim=1)
         else:
             iu = torch.triu_indices(y.shape[1], y.shape[1], 1, device=y.device)
             w = (y[:, iu[0]] - y[:, iu[1]]).abs().median(dim=1).values
@@ -126,7 +132,9 @@ class HSIC(PerturbationAttributor):
         """RBF Gram matrices L (b, p, p) of outputs y (b, p), built in place (one p×p buffer per sample)."""
         w = self._width(y)
         L = y.unsqueeze(2) - y.unsqueeze(1)
-        return L.square_().mul_((-0.5 / w.pow(2)).view(-1, 1, 1)).exp_()
+        # Clamping the exponent at -80 keeps exp's results out of the denormal range (x86 handles
+        # denormals ~5x slower); it changes entries below 2e-35 only.
+        return L.square_().mul_((-0.5 / w.pow(2)).view(-1, 1, 1)).clamp_(min=-80.0).exp_()
 
     def estimate(self, x: Tensor, y: Tensor) -> Tensor:
         """HSIC_i (B, d) from binary designs x (p, d) and outputs y (B, p), in y's dtype.
