@@ -183,6 +183,55 @@ def run(ds: str, row: str, seed: int, epochs: int, extra: list[str] | None = Non
     return out
 
 
+# ---------------------------------------------------------------------- interleaved step cost
+def step_costs(rounds: int, archs: list[str]) -> str:
+    """Median wall time of one training step (forward, penalty, backward, Adam step) per penalty, the
+    steps of all rows interleaved round by round on the same DecoyDigits batches (rotating order),
+    so that a busy machine slows every row alike; Lightning's own per-step overhead is left out
+    (the ratio is the stricter for it)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from explain_callbacks.models import MLP, SmallCNN
+
+    cfg = compose_row("decoy", "vanilla", 0, 1, [])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batches = [b for _, b in zip(range(8), dm.train_dataloader())]
+    pens = {"vanilla": (None, 0.0)}
+    for row in ("cdep", "cdep_l1", "rrr", "eg"):
+        (entry,) = compose_row("decoy", row, 0, 1, []).callbacks.values()
+        cb = instantiate(entry)
+        pens[row] = (cb.penalty, cb.weight)
+    out = []
+    for arch in archs:
+        torch.manual_seed(0)
+        base = MLP(1024, 10, hidden=(256, 256)) if arch == "MLP" else SmallCNN(in_channels=1)
+        nets = {row: copy.deepcopy(base) for row in pens}
+        opts = {row: torch.optim.Adam(n.parameters(), lr=1e-3) for row, n in nets.items()}
+        times: dict[str, list[float]] = {row: [] for row in pens}
+        order = list(pens)
+        for i in range(rounds + 2):
+            x, y, m = batches[i % len(batches)]
+            for row in order[i % len(order) :] + order[: i % len(order)]:
+                net, opt, (pen, lam) = nets[row], opts[row], pens[row]
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(net(x), y)
+                if pen is not None:
+                    loss = loss + lam * pen(net, x, y, m, step=i)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i >= 2:  # the first rounds trace and warm up
+                    times[row].append(time.perf_counter() - t0)
+        van = statistics.median(times["vanilla"])
+        for row in pens:
+            med = statistics.median(times[row])
+            out.append([arch, LABELS[row], f"{1000 * med:.2f}", f"{med / van:.2f}×"])
+    return markdown_table(["network", "row", "median step ms", "vs vanilla"], out)
+
+
 # ---------------------------------------------------------------------- reports
 def mean_sd(v: list[float]) -> str:
     if len(v) == 1:
@@ -242,6 +291,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=None, choices=ROWS)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=str, default=None, help="write the raw results as JSON here")
+    ap.add_argument("--step-rounds", type=int, default=None, help="rounds of the interleaved step timing")
+    ap.add_argument("--skip-training", action="store_true", help="only the interleaved step timing")
     args = ap.parse_args()
 
     warnings.filterwarnings("ignore")
@@ -275,7 +326,7 @@ def main() -> None:
                 sweep = ", ".join(f"{r['weight']:g}: {100 * r['val_acc']:.1f}" for r in rs)
                 tab.append([DATASETS[ds], LABELS[row], sweep, f"{best['weight']:g}"])
         print(markdown_table(["data", "penalty", "λ: val acc % (test rule, seed 100)", "best λ"], tab))
-    else:
+    elif not args.skip_training:
         seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
         rows = args.rows or ROWS
         for seed in seeds:
@@ -290,6 +341,11 @@ def main() -> None:
                     )
         print()
         print(table(results, datasets, rows))
+    if not args.tune:
+        rounds = args.step_rounds or (10 if args.quick else 60)
+        archs = ["MLP"] if args.quick else ["MLP", "SmallCNN"]
+        print(f"\nTraining-step cost, interleaved ({rounds} rounds, batch 64, DecoyDigits):\n")
+        print(step_costs(rounds, archs))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
