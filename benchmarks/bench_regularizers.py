@@ -1,7 +1,7 @@
 """Attribution regularizers on DecoyDigits and ColorDigits: accuracy, step time and memory versus vanilla.
 
-    .venv/bin/python benchmarks/bench_regularizers.py            # full: 2 data sets x 6 rows x 3 seeds, 30 epochs
-    .venv/bin/python benchmarks/bench_regularizers.py --quick    # DecoyDigits, 1 seed, 8 epochs (about 2 minutes)
+    .venv/bin/python benchmarks/bench_regularizers.py            # full: 2 data sets x 6 rows x 3 seeds (~15 min)
+    .venv/bin/python benchmarks/bench_regularizers.py --quick    # DecoyDigits, 1 seed, 8 epochs (under a minute)
     .venv/bin/python benchmarks/bench_regularizers.py --tune     # the λ sweep (seed 100, validation split)
 
 Every run composes the Hydra experiment config of its row (``conf/experiment/<data>_<row>.yaml``, the
