@@ -213,6 +213,14 @@ def captum_refs(net, x, y, repeats: int, quick: bool) -> list[list]:
             [f"{name} 8x8 grid (Captum)", n_samples, t / x.shape[0] * 1e3, float(deletion(net, x, maps, y).mean())]
         )
     rows[1][3] = rows[0][3]
+    for name, m in [
+        ("RISE (ours, same images)", RISE(n_masks=n_samples)),
+        ("HSIC (ours, same images)", HSIC(n_designs=n_samples)),
+    ]:
+        start = CLOCK()
+        maps = m(net, x, y)
+        t = CLOCK() - start
+        rows.append([name, n_samples, t / x.shape[0] * 1e3, float(deletion(net, x, maps, y).mean())])
     return rows
 
 
@@ -328,7 +336,7 @@ def main() -> None:
         results["overhead"] = rows
         print(table(["method", "passes/sample", "passes", "rows", "bare ms", "method ms", "ratio"], rows), "\n")
 
-        print("## 2. Captum references (per image)\n")
+        print("## 2. Captum references (per image, 4 images)\n")
         rows = captum_refs(net, x8[:4], y8[:4], 1 if quick else 3, quick)
         results["captum"] = rows
         print(table(["method", "passes/sample", "ms/image", "deletion AUC"], rows), "\n")

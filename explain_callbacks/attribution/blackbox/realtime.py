@@ -195,6 +195,10 @@ class RealTimeSaliency(Attributor):
         super().__init__(batch_size=batch_size)
         self.masker = masker
 
+    def n_forwards(self, input_shape: tuple[int, ...]) -> int:
+        """Classifier passes per sample: none (one pass of the masking network instead)."""
+        return 0
+
     @torch.no_grad()
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
