@@ -8,6 +8,10 @@ from .regularizer import AttributionRegularizer
 from .saliency_masker import SaliencyMasker
 
 __all__ = [
-    "AttributionMonitor", "AttributionRegularizer", "Distiller", "InteractionMonitor", "ProbeCallback",
+    "AttributionMonitor",
+    "AttributionRegularizer",
+    "Distiller",
+    "InteractionMonitor",
+    "ProbeCallback",
     "SaliencyMasker",
 ]
