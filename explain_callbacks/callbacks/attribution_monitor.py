@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
+from .._internal.config import to_plain
 from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
@@ -21,17 +22,6 @@ from .base import ProbeCallback
 __all__ = ["AttributionMonitor"]
 
 MethodSpec = str | Mapping[str, Any] | Attributor
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers (from Hydra) to plain Python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        return obj
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
 
 
 class AttributionMonitor(ProbeCallback):
@@ -71,7 +61,7 @@ class AttributionMonitor(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
-        methods = _plain(methods)
+        methods = to_plain(methods)
         if isinstance(methods, (str, Mapping)) or not isinstance(methods, Sequence):
             methods = [methods]
         if not methods:
@@ -85,7 +75,7 @@ class AttributionMonitor(ProbeCallback):
                 name, i = f"{base}_{i}", i + 1
             self.methods[name] = method
         self.metric_specs = []
-        for spec in list(_plain(metrics) or []):
+        for spec in list(to_plain(metrics) or []):
             name = self._metric_name(self._build_metric(spec))  # fails fast on unknown names
             if name in self.BUILTIN_SCORES:
                 rank_zero_warn(f"AttributionMonitor logs '{name}' for every method already; metric {name!r} dropped.")

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
+from .._internal.config import to_plain
 from ..interaction import ACD, Groups, InteractionMethod, build_interaction, draw_hierarchy, top_pairs
 from ..interaction.base import GroupSpec, pair_index
 from ._logging import markdown_table
@@ -20,17 +21,6 @@ from .base import ProbeCallback
 __all__ = ["InteractionMonitor"]
 
 MethodSpec = str | Mapping[str, Any] | InteractionMethod
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers (from Hydra) to plain Python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover
-        return obj
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
 
 
 class InteractionMonitor(ProbeCallback):
@@ -80,7 +70,7 @@ class InteractionMonitor(ProbeCallback):
     ) -> None:
         kwargs.setdefault("num_samples", 16)
         super().__init__(**kwargs)
-        methods = _plain(methods)
+        methods = to_plain(methods)
         if isinstance(methods, (str, Mapping, InteractionMethod)):
             methods = [methods]
         self.method_specs = list(methods)
@@ -95,12 +85,12 @@ class InteractionMonitor(ProbeCallback):
             if getattr(method, "batch_size", None) is not None and self.batch_size is not None:
                 method.batch_size = max(method.batch_size, self.batch_size)
             self.methods[name] = method
-        self.groups = _plain(groups)
+        self.groups = to_plain(groups)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}.")
         self.top_k = top_k
         self.max_matrices = max_matrices
-        acd = _plain(acd)
+        acd = to_plain(acd)
         self.acd_kwargs: dict[str, Any] | None = dict(acd) if isinstance(acd, Mapping) else ({} if acd else None)
         self.acd_samples = acd_samples
         self.feature_names = list(feature_names) if feature_names is not None else None
