@@ -61,19 +61,25 @@ class Attributor(ABC):
         *,
         create_graph: bool = False,
     ) -> Tensor:
-        check_inputs(inputs)
         if create_graph and not self.differentiable:
             raise ValueError(
                 f"{type(self).__name__} is a black-box method and cannot build a differentiable map; "
                 "use a gradient method (saliency, input_x_gradient, ig, expected_gradients) for penalties."
             )
+        tgt = self._prepare(model, inputs, target)
+        return self.attribute(model, inputs, tgt, create_graph=create_graph)
+
+    def _prepare(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None) -> Tensor | None:
+        """Checks shared by ``__call__`` and other public entry points (e.g. ``HSIC.interactions``):
+        validates the inputs and the target range, resets ``last_info``, returns the target tensor."""
+        check_inputs(inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         if tgt is not None:
             with torch.no_grad():
                 n_out = _n_outputs(model, inputs[:1])
             check_target(tgt, n_out, inputs.shape[0])
         self.last_info = {}
-        return self.attribute(model, inputs, tgt, create_graph=create_graph)
+        return tgt
 
     @abstractmethod
     def attribute(

@@ -10,10 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import chunks
-from ..._internal.checks import check_inputs
 from ..._internal.masks import OUTPUTS, score_outputs
-from ..._internal.targets import as_target_tensor, check_target
-from ..base import Attributor, _n_outputs
+from ..base import Attributor
 
 __all__ = ["AdamState", "PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
 
@@ -54,18 +52,6 @@ class PerturbationAttributor(Attributor):
 
     def _record_forwards(self, inputs: Tensor, n: int) -> None:
         self.last_info["forwards"] = torch.full((inputs.shape[0],), int(n), dtype=torch.long)
-
-    def _prepare(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None) -> Tensor | None:
-        """The checks of ``__call__`` for public entry points other than it (``indices``, ``interactions``):
-        validates the inputs and target, resets ``last_info`` and returns the target tensor."""
-        check_inputs(inputs)
-        tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        if tgt is not None:
-            with torch.no_grad():
-                n_out = _n_outputs(model, inputs[:1])
-            check_target(tgt, n_out, inputs.shape[0])
-        self.last_info = {}
-        return tgt
 
 
 def grad_scores(
