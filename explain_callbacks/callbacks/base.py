@@ -17,7 +17,17 @@ from .._internal.guard import detach_clone, model_guard
 from .._internal.targets import TargetPolicy, resolve_target
 from . import _logging
 
-__all__ = ["ProbeCallback"]
+__all__ = ["ProbeCallback", "resolve_model"]
+
+
+def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module:
+    """The network a callback explains: the LightningModule itself, or its attribute ``model_attr``."""
+    if model_attr is None:
+        return pl_module
+    model = getattr(pl_module, model_attr, None)
+    if not isinstance(model, nn.Module):
+        raise AttributeError(f"pl_module has no nn.Module attribute {model_attr!r}; fix model_attr.")
+    return model
 
 
 class ProbeCallback(Callback):
@@ -207,12 +217,7 @@ class ProbeCallback(Callback):
         self.run_explain(trainer, pl_module)
 
     def model(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.model_attr is None:
-            return pl_module
-        model = getattr(pl_module, self.model_attr, None)
-        if not isinstance(model, nn.Module):
-            raise AttributeError(f"pl_module has no nn.Module attribute {self.model_attr!r}; fix model_attr.")
-        return model
+        return resolve_model(pl_module, self.model_attr)
 
     def run_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Explain the probe set inside the guard, with the error policy applied."""

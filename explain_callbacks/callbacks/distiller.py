@@ -61,6 +61,7 @@ from ..distill.base import Student, build_student, infer_task, save_student, stu
 from ..distill.buffer import RingBuffer, gather_rows
 from ..distill.fidelity import fidelity, student_score
 from . import _logging
+from .base import resolve_model
 
 __all__ = ["Distiller"]
 
@@ -208,12 +209,7 @@ class Distiller(Callback):
         return self.teacher_outputs == "captured" or self.has_online
 
     def teacher(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.model_attr is None:
-            return pl_module
-        model = getattr(pl_module, self.model_attr, None)
-        if not isinstance(model, nn.Module):
-            raise AttributeError(f"pl_module has no nn.Module attribute {self.model_attr!r}; fix model_attr.")
-        return model
+        return resolve_model(pl_module, self.model_attr)
 
     def _layer_module(self, teacher: nn.Module) -> nn.Module | None:
         if self.layer is None:
