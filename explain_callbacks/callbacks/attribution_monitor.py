@@ -153,36 +153,41 @@ class AttributionMonitor(ProbeCallback):
                 trainer, "explain/probe/inputs", viz.make_grid(viz.upscale(viz.to_rgb(x[: self.max_images])))
             )
         for name, method in self.methods.items():
+            maps, problem = None, "another rank failed"
             try:
                 start = time.perf_counter()
                 maps = method(model, x, target).detach()
                 seconds = time.perf_counter() - start
+                if not torch.isfinite(maps).all():
+                    maps, problem = None, "produced NaN/Inf attributions (check the model for non-finite gradients)"
             except Exception as err:
                 if self.strict:
                     raise
-                rank_zero_warn(f"AttributionMonitor: method {name!r} failed: {type(err).__name__}: {err}. Skipped.")
-                continue
-            if not torch.isfinite(maps).all():
+                problem = f"failed: {type(err).__name__}: {err}"
+            if not self._all_ranks_ok(trainer, maps is not None):
                 rank_zero_warn(
-                    f"AttributionMonitor: method {name!r} produced NaN/Inf attributions at epoch "
-                    f"{trainer.current_epoch}; its results are skipped this epoch (check the model for non-finite "
-                    "gradients)."
+                    f"AttributionMonitor: method {name!r} {problem} at epoch {trainer.current_epoch}. Skipped."
                 )
                 continue
+            assert maps is not None
             scores = self._log_scalars(pl_module, name, method, maps, seconds)
             if getattr(method, "input_shaped", True) and maps.shape[0] == x.shape[0]:
                 for spec in self.metric_specs:
                     metric = self._metric_for(name, spec, x.device)
                     mname = self._metric_name(metric)
+                    updated, problem = False, "another rank failed"
                     try:
-                        value = self._run_metric(metric, model, x, maps, target, method, masks)
+                        updated = self._update_metric(metric, model, x, maps, target, method, masks)
                     except Exception as err:
                         if self.strict:
                             raise
-                        rank_zero_warn(f"AttributionMonitor: metric {mname!r} on {name!r} failed: {err}. Skipped.")
+                        problem = f"failed: {type(err).__name__}: {err}"
+                    # compute() is a collective under DDP: every rank enters it or none does
+                    if not self._all_ranks_ok(trainer, updated):
+                        if problem != "another rank failed" or updated:
+                            rank_zero_warn(f"AttributionMonitor: metric {mname!r} on {name!r} {problem}. Skipped.")
                         continue
-                    if value is None:
-                        continue
+                    value = float(metric.compute())
                     scores[mname] = value
                     self.log_scalar(pl_module, f"explain/{name}/{mname}", value, sync=False)
                     curve = getattr(metric, "curve", None)
@@ -202,19 +207,29 @@ class AttributionMonitor(ProbeCallback):
             if self.last_scores:
                 self.log_text(trainer, "explain/ranking", self.ranking_table())
 
-    def _run_metric(
+    def _update_metric(
         self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
         masks: Tensor | None,
-    ) -> float | None:  # fmt: skip
+    ) -> bool:  # fmt: skip
+        """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks)."""
         if getattr(metric, "needs_masks", False) and masks is None:
-            return None
+            return False
         metric.reset()
         kw = {"masks": masks} if masks is not None else {}
         if getattr(metric, "kind", "explanation") == "explainer":
             metric.update(model, x, target, method, attributions=maps, **kw)
         else:
             metric.update(model, x, maps, target, **kw)
-        return float(metric.compute())
+        return True
+
+    @staticmethod
+    def _all_ranks_ok(trainer: pl.Trainer, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank, so that the collectives that follow (``sync_dist`` logging,
+        torchmetrics' ``compute``) are entered by all ranks or by none: no hang when one rank fails."""
+        if trainer.world_size <= 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=trainer.strategy.root_device)
+        return bool(trainer.strategy.all_gather(flag).min() > 0)
 
     def _log_scalars(
         self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float

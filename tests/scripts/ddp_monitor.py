@@ -13,10 +13,22 @@ from explain_callbacks.callbacks import AttributionMonitor
 from tests.helpers_lightning import image_loaders, lit
 
 
+class FailsOnRankOne:
+    """A method that fails on one rank only: the monitor must skip it everywhere instead of hanging."""
+
+    name = "flaky"
+
+    def __call__(self, model, x, target, create_graph=False):
+        if torch.distributed.get_rank() == 1:
+            raise RuntimeError("only rank 1 fails")
+        return x.clone()
+
+
 def main(out_dir: str) -> None:
     pl.seed_everything(0)
     train, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 8}], num_samples=6, strict=True)
+    methods = ["saliency", {"name": "ig", "n_steps": 8}, FailsOnRankOne()]
+    mon = AttributionMonitor(methods=methods, metrics=["deletion"], num_samples=6)
     tr = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[mon],
         logger=TensorBoardLogger(out_dir, name="tb"), enable_checkpointing=False, enable_progress_bar=False,
@@ -29,6 +41,8 @@ def main(out_dir: str) -> None:
     gathered = tr.strategy.all_gather(ce.reshape(1))
     assert torch.allclose(gathered, gathered[0]), gathered
     probes = tr.strategy.all_gather(mon.probe_x[:1])
+    assert "flaky" not in mon.last_scores and "explain/flaky/seconds" not in tr.callback_metrics
+    assert "deletion" in mon.last_scores["ig"]
     if tr.is_global_zero:
         assert not torch.equal(probes[0], probes[1]), "ranks should explain different shards"
         print("DDP_OK", float(ce))
