@@ -16,7 +16,7 @@ from .._internal.config import to_plain
 from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
-from ._logging import markdown_table
+from ._logging import markdown_table, tensorboard_writers
 from .base import ProbeCallback
 
 __all__ = ["AttributionMonitor"]
@@ -148,7 +148,8 @@ class AttributionMonitor(ProbeCallback):
         curves: dict[str, dict[str, Tensor]] = {}
         curve_x: dict[str, Tensor] = {}
         self.last_scores = {}
-        if trainer.is_global_zero and self.log_images and x.ndim == 4 and not self.previous:
+        draw = bool(tensorboard_writers(trainer))  # pictures only where a TensorBoard writer takes them
+        if draw and self.log_images and x.ndim == 4 and not self.previous:
             self.log_image(
                 trainer, "explain/probe/inputs", viz.make_grid(viz.upscale(viz.to_rgb(x[: self.max_images])))
             )
@@ -197,10 +198,10 @@ class AttributionMonitor(ProbeCallback):
                         if isinstance(cx, Tensor):
                             curve_x[mname] = cx.detach().cpu()
             self.last_scores[name] = scores
-            if trainer.is_global_zero:
+            if draw:
                 self._log_pictures(trainer, name, x, maps)
             self.previous[name] = maps.cpu()
-        if trainer.is_global_zero:
+        if draw:
             for mname, by_method in curves.items():
                 img = viz.plot_curves(by_method, x=curve_x.get(mname), title=f"{mname} epoch {trainer.current_epoch}")
                 self.log_image(trainer, f"explain/curves/{mname}", img)
