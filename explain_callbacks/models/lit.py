@@ -17,12 +17,21 @@ class LitClassifier(pl.LightningModule):
     e.g. masks, are ignored) or dicts with keys ``x`` and ``y``.
 
     Logs ``train/loss``, ``val/loss``, ``val/acc`` (classification) and the test counterparts.
+    ``lr_schedule="cosine"`` anneals the learning rate to zero over ``trainer.max_epochs``.
     """
 
     def __init__(
-        self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, task: str = "classification"
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        task: str = "classification",
+        lr_schedule: str | None = None,
     ) -> None:
         super().__init__()
+        if lr_schedule not in (None, "cosine"):
+            raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}.")
+        self.lr_schedule = lr_schedule
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
         self.net = net
@@ -65,5 +74,10 @@ class LitClassifier(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule is None:
+            return opt
+        # cosine annealing to zero over the run: the last epochs settle instead of ending on an Adam spike
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(self.trainer.max_epochs or 1)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
