@@ -18,6 +18,12 @@ def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
+def steps_per_call(batch_size: int | None, batch: int, n_steps: int) -> int:
+    """How many steps (noise draws, path points) of a ``batch``-row input fit in one call of at most
+    ``batch_size`` rows (all ``n_steps`` when ``batch_size`` is None; at least one)."""
+    return max(1, (batch_size or batch * n_steps) // batch)
+
+
 def select_output(out: Tensor, target: Tensor | None) -> Tensor:
     """The scalar output per row that an attribution explains.
 

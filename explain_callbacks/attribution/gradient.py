@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import grad_selected
+from .._internal.batching import grad_selected, steps_per_call
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
 
@@ -90,7 +90,7 @@ class SmoothGrad(Attributor):
         sigma = sigma.view(b, *([1] * (inputs.ndim - 1)))
         gen = self.generator(inputs.device)
         # Steps grouped so that one model call holds at most batch_size rows.
-        per_call = max(1, (self.batch_size or b * self.n_samples) // b)
+        per_call = steps_per_call(self.batch_size, b, self.n_samples)
         s1 = torch.zeros_like(inputs)
         s2 = torch.zeros_like(inputs)
         done = 0

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from .._internal.batching import select_output
+from .._internal.batching import select_output, steps_per_call
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
 from .layers import _Stop, capture_output, find_layer
@@ -69,7 +69,7 @@ class NeuronRegionIG(Attributor):
         direction = (inputs - base) * mask
         alphas, weights = quadrature(self.n_steps, self.rule)
         b = inputs.shape[0]
-        per_call = max(1, (self.batch_size or b * self.n_steps) // b)
+        per_call = steps_per_call(self.batch_size, b, self.n_steps)
         total: Tensor | None = None
         for s in range(0, self.n_steps, per_call):
             a = alphas[s : s + per_call].to(inputs.device, inputs.dtype)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import forward_selected, grad_selected
+from .._internal.batching import forward_selected, grad_selected, steps_per_call
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
@@ -157,7 +157,7 @@ def integrate_path(
     weights = weights.to(device=inputs.device, dtype=inputs.dtype)
     shape = (-1,) + (1,) * inputs.ndim
     diff = inputs - base
-    per_call = max(1, (batch_size or b * alphas.numel()) // b)
+    per_call = steps_per_call(batch_size, b, alphas.numel())
     total = torch.zeros_like(inputs)
     for s in range(0, alphas.numel(), per_call):
         a = alphas[s : s + per_call]
@@ -220,7 +220,7 @@ class ExpectedGradients(Attributor):
         idx = torch.randint(0, ref.shape[0], (k, b), generator=gen, device=inputs.device)
         alpha = torch.rand((k, b), generator=gen, device=inputs.device, dtype=inputs.dtype)
         shape = (k, b) + (1,) * (inputs.ndim - 1)
-        per_call = max(1, (self.batch_size or b * k) // b)
+        per_call = steps_per_call(self.batch_size, b, k)
         total = torch.zeros_like(inputs)
         for s in range(0, k, per_call):
             kk = min(per_call, k - s)
