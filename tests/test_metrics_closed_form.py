@@ -142,6 +142,22 @@ def test_infidelity_vanishes_for_the_gradient_of_a_linear_model(perturbation):
     assert (MF.infidelity(model, x, 3.0 * grad, y, **kw) > 1e-4).all()
 
 
+def test_gaussian_infidelity_equals_its_definition_whatever_the_chunking():
+    """The Gaussian draws (run by run from the seeded generator) and (IᵀA − (f(x) − f(x − I)))² written
+    out directly; whole-run blocks (drawn in place) and sample-sliced blocks must give the same."""
+    model = Linear()
+    x, y = _batch(b=5)
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.stack([torch.empty_like(x).normal_(0.0, 0.1, generator=g) for _ in range(6)], 1)
+    fx = model(x).gather(1, y[:, None])[:, 0]
+    fxi = torch.stack([model(x - noise[:, r]).gather(1, y[:, None])[:, 0] for r in range(6)], 1)
+    ref = ((noise.flatten(2) * a.flatten(1)[:, None]).sum(2) - (fx[:, None] - fxi)).pow(2).mean(1)
+    for bs in (None, 12, 5, 3):
+        got = MF.infidelity(model, x, a, y, n_perturb=6, noise_std=0.1, seed=7, output="logit", batch_size=bs)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_completeness_error_of_ig_on_a_linear_model_is_zero():
     model = Linear()
     x, y = _batch(b=5)

@@ -113,13 +113,28 @@ def infidelity(
     fx = output_scores(model, x, target, output).double()
     a_dot = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
     drops = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
+    a_flat = a.flatten(1).to(x.dtype)
+    gaussian = isinstance(perturbation, str) and perturbation == "gaussian"
+    buf: Tensor | None = None
     for rs, bs in row_blocks(n_runs, b, batch_size):
-        pert_rb = draws.get(rs)[:, bs]  # (nr, nb, *shape)
-        nr, nb = pert_rb.shape[:2]
-        rows = (x[bs].unsqueeze(0) - pert_rb).flatten(0, 1)
+        nr = rs.stop - rs.start
+        fused = gaussian and bs == slice(0, b)
+        if fused:
+            # whole runs per block: draw straight into one buffer (the same numbers, run by run, as
+            # RunDraws) and turn it into x − I in place, instead of stacking the draws and subtracting
+            if buf is None or buf.shape[0] < nr:
+                buf = torch.empty((nr, *x.shape), dtype=x.dtype, device=x.device)
+            pert_rb = buf[:nr]
+            for i in range(nr):
+                pert_rb[i].normal_(0.0, noise_std, generator=g)
+        else:
+            pert_rb = draws.get(rs)[:, bs]  # (nr, nb, *shape)
+        nb = pert_rb.shape[1]
+        a_dot[rs, bs] = torch.einsum("rbn,bn->rb", pert_rb.flatten(2), a_flat[bs]).double()
+        rows = pert_rb.neg_().add_(x) if fused else x[bs].unsqueeze(0) - pert_rb
         tgt = None if target is None else target[bs].repeat(nr)
-        drops[rs, bs] = fx[bs].unsqueeze(0) - output_scores(model, rows, tgt, output).view(nr, nb).double()
-        a_dot[rs, bs] = torch.einsum("rbn,bn->rb", pert_rb.flatten(2), a[bs].flatten(1).to(x.dtype)).double()
+        scores = output_scores(model, rows.flatten(0, 1), tgt, output).view(nr, nb).double()
+        drops[rs, bs] = fx[bs].unsqueeze(0) - scores
     if normalize:
         beta = (a_dot * drops).sum(0) / (a_dot * a_dot).sum(0).clamp_min(1e-30)
         a_dot = a_dot * beta.unsqueeze(0)
