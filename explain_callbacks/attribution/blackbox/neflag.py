@@ -32,14 +32,27 @@ class NeFLAG(PerturbationAttributor):
         A_j = −(1/|K|) Σ_{k∈K} F_j(x + ε·n_k) · n_{k,j},   K = the first n sampled points with F·n_k < 0,
 
     a Monte-Carlo estimate (up to a per-sample constant) of −∮_{S, F·n<0} F_j n_j dS. The candidate
-    points are ``oversample · n`` directions drawn uniformly on the sphere (Gaussian, normalised); for a
-    locally linear f_c about half have negative flux, so ``oversample = 3`` almost always yields n of
-    them (fewer are averaged when not: ``last_info["n_negative"]``). On a linear model F = w and the
-    map is ∝ w ⊙ E[−n | w·n < 0] ∝ w², zero where the model does not read. Optionally (``n_iter`` > 0)
-    each candidate first takes normalised projected gradient-descent steps of f_c on the sphere
-    (``n ← normalise(n − η·P_n ∇f / ‖P_n ∇f‖)``), which concentrates the points near the steepest
-    descent direction: this was our first reconstruction and is kept as an option; on the digits
-    validation set it scored lower than uniform sampling (README, black-box section).
+    points are ``oversample · n`` directions on the sphere, drawn as **antithetic pairs** (u, −u) with
+    u uniform (Gaussian, normalised), in the order u_1, −u_1, u_2, −u_2, … — antithetic variates
+    (Hammersley & Morton, Proc. Cambridge Phil. Soc. 52, 1956) are our variance reduction, not the
+    paper's. Each member of a pair is uniform on S (u ↦ −u preserves the measure), so the estimand is
+    unchanged; the pair helps in both regimes of the field:
+
+    * f_c locally linear (F ≈ g): the flux densities of u and −u have opposite signs, so each pair gives
+      exactly one negative-flux point — the reflection of the positive one — and n pairs suffice;
+    * f_c curved around x (the per-feature flux is ∫_ball ∂²f_c/∂x_j², the Laplacian's part): often
+      both members have negative flux, and their sum (F_j(x + εu) − F_j(x − εu)) · u_j cancels the
+      term g_j u_j, which has zero mean but dominates the variance of a single point.
+
+    The first n negative-flux candidates are averaged; fewer when the candidates hold fewer
+    (``last_info["n_negative"]``; none at all when the flux is positive over the whole sphere, and then
+    the map is zero, which is the estimand). ``antithetic=False`` gives independent uniform directions.
+    On a linear model F = w and the map is ∝ w ⊙ E[−n | w·n < 0] ∝ w², zero where the model does not
+    read. Optionally (``n_iter`` > 0) each candidate first takes normalised projected gradient-descent
+    steps of f_c on the sphere (``n ← normalise(n − η·P_n ∇f / ‖P_n ∇f‖)``), which concentrates the
+    points near the steepest descent direction: this was our first reconstruction and is kept as an
+    option (the pairs are drawn before the descent); on the digits validation set it scored lower than
+    uniform sampling (README, black-box section).
 
     Reported by the paper (insertion − deletion AUC, ImageNet): NeFLAG-20 0.477/0.497/0.557 on
     VGG/ResNet/Inception against IG 0.142/0.201/0.265. This reconstruction is measured in the
@@ -50,12 +63,15 @@ class NeFLAG(PerturbationAttributor):
             ``neflag1``, ``neflag10``, ``neflag20``).
         radius: ε relative to the input, ``ε = radius · ‖x‖₂`` per sample (``‖x‖₂ = 0`` uses √D);
             0.05 was chosen on the validation digits (0.02-0.2 tried).
-        oversample: candidate points drawn per negative-flux point wanted (3).
+        oversample: candidate points drawn per negative-flux point wanted (3; with ``antithetic`` the
+            ``oversample · n`` candidates are rounded up to whole pairs). Chosen on the validation digits.
+        antithetic: draw the candidates as pairs (u, −u) (default) instead of independently.
         n_iter: projected descent steps per candidate before selection (0: uniform sampling).
         step: η, the angle of a descent step in radians (0.3; only used with ``n_iter`` > 0).
         output: ``logit`` (default) or ``softmax`` etc.
 
-    Cost: ``oversample · n_points · (n_iter + 1)`` forward+backward passes per sample (60 for NeFLAG-20),
+    Cost: ``n_candidates() · (n_iter + 1)`` forward+backward passes per sample, ``n_candidates()`` =
+    ``oversample · n_points`` rounded up to even with ``antithetic`` (4 / 30 / 60 for NeFLAG-1/10/20),
     batched over points and samples in calls of at most ``batch_size`` rows. Not differentiable.
     ``last_info``: ``flux`` (B, candidates) the flux densities F·n, ``n_negative`` (B,) points averaged.
     """
@@ -72,6 +88,7 @@ class NeFLAG(PerturbationAttributor):
         batch_size: int | None = 256,
         seed: int = 0,
         oversample: int = 3,
+        antithetic: bool = True,
     ) -> None:
         super().__init__(output=output, budget=None, batch_size=batch_size, seed=seed)
         if n_points < 1 or n_iter < 0 or radius <= 0 or oversample < 1:
@@ -84,23 +101,33 @@ class NeFLAG(PerturbationAttributor):
         self.n_iter = n_iter
         self.step = step
         self.oversample = oversample
+        self.antithetic = antithetic
         self.name = f"neflag{n_points}"
 
+    def n_candidates(self) -> int:
+        """Candidate points per sample: ``oversample · n_points``, rounded up to an even number of
+        antithetic pairs."""
+        m = self.oversample * self.n_points
+        return 2 * math.ceil(m / 2) if self.antithetic else m
+
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
-        return self.oversample * self.n_points * (self.n_iter + 1)
+        return self.n_candidates() * (self.n_iter + 1)
 
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
         x = inputs.detach()
-        b, m = x.shape[0], self.oversample * self.n_points
+        b, m = x.shape[0], self.n_candidates()
         flat = x.reshape(b, -1)
         d = flat.shape[1]
         norm = flat.norm(dim=1)
         eps = self.radius * torch.where(norm > 0, norm, torch.full_like(norm, math.sqrt(d)))  # (B,)
         gen = self.generator(x.device)
-        u = torch.randn((m, b, d), generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
+        u = torch.randn((m // 2 if self.antithetic else m, b, d), generator=gen, device=gen.device, dtype=x.dtype)
+        u = u.to(x.device)
         u = u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        if self.antithetic:  # (u_1, −u_1, u_2, −u_2, …): a full pair enters before the next one
+            u = torch.stack([u, -u], 1).reshape(m, b, d)
         tgt = None if target is None else target.repeat(m)
         e = eps.view(1, b, 1)
 

@@ -1,0 +1,94 @@
+"""NeFLAG's antithetic point sampling (explain_callbacks/attribution/blackbox/neflag.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explain_callbacks.attribution import NeFLAG
+from tests.test_blackbox_core import CountingModel
+
+
+class Bowl(nn.Module):
+    """f_0(z) = g·z − ½ c ‖z‖², f_1 = 0: at z = 0 the field on the sphere of radius ε is F = g − cε·n."""
+
+    def __init__(self, g: torch.Tensor, c: float) -> None:
+        super().__init__()
+        self.register_buffer("g", g)
+        self.c = c
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        f = z @ self.g - 0.5 * self.c * (z * z).sum(1)
+        return torch.stack([f, torch.zeros_like(f)], 1)
+
+
+def test_linear_model_one_negative_point_per_pair_and_map_w_squared():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 3).double()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 0])
+    m = NeFLAG(n_points=7, oversample=2)  # 14 candidates = 7 pairs
+    m(lin, x, t)
+    flux = m.last_info["flux"]
+    assert flux.shape == (4, 14) and m.n_forwards((12,)) == 14
+    # F = w everywhere: the two members of a pair have opposite flux, so each pair gives exactly one
+    # negative-flux point (the reflection of the positive one), and 7 pairs give exactly 7 points.
+    torch.testing.assert_close(flux[:, 0::2], -flux[:, 1::2])
+    assert ((flux[:, 0::2] < 0) ^ (flux[:, 1::2] < 0)).all()
+    assert (m.last_info["n_negative"] == 7).all()
+    # Many pairs: E[−n | w·n < 0] ∝ w, so the map ∝ w².
+    a = NeFLAG(n_points=4000, oversample=2)(lin, x, t)
+    w = lin.weight.detach()[t]
+    assert (F.cosine_similarity(a, w**2, dim=1) > 0.99).all()
+
+
+def test_antithetic_pairs_cancel_the_linear_term_where_both_members_are_negative():
+    # On the bowl the flux density at ε·n is g·n − cε, negative wherever g·n < cε: in D = 256 dimensions
+    # g·n is about ±‖g‖/16, so with cε = 0.3‖g‖ every candidate is kept. −F_j n_j = −g_j n_j + cε n_j²;
+    # a pair (n, −n) sums to 2cε n_j², so the antithetic map does not depend on g at all (the zero-mean
+    # term g_j n_j, the larger part of the noise here, cancels exactly), while independent points keep it.
+    d = 256
+    x = torch.zeros(2, d, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.long)
+    eps = 0.05 * d**0.5  # radius 0.05 · √D where ‖x‖ = 0
+    g1 = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g1 = g1 / g1.norm()
+    g2 = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g2 = g2 / g2.norm()
+    c = 0.3 / eps  # cε = 0.3, ‖g‖ = 1
+    maps = {}
+    for anti in (True, False):
+        for name, g in (("g1", g1), ("g2", g2)):
+            m = NeFLAG(n_points=20, antithetic=anti)
+            maps[anti, name] = m(Bowl(g, c), x, t)
+            assert (m.last_info["n_negative"] == 20).all() and (m.last_info["flux"] < 0).all()
+    torch.testing.assert_close(maps[True, "g1"], maps[True, "g2"])
+    assert (maps[False, "g1"] - maps[False, "g2"]).abs().max() > 1e-3
+    # and the antithetic map is closer to the estimand, cε/D for every feature.
+    err = {anti: (maps[anti, "g1"] - c * eps / d).pow(2).mean() for anti in (True, False)}
+    assert err[True] < 0.5 * err[False], err
+
+
+def test_counts_seed_rng_and_model_state():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(128, 3))
+    inner.eval()
+    model = CountingModel(inner)
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 2, 0, 1])
+    bn = inner[1].running_mean.clone()
+    state = torch.get_rng_state()
+    for n, over, anti, expect in [(3, 3, True, 10), (3, 3, False, 9), (20, 3, True, 60), (1, 3, True, 4)]:
+        model.calls.clear()
+        m = NeFLAG(n_points=n, oversample=over, antithetic=anti, batch_size=7)
+        a = m(model, x, t)
+        assert m.n_forwards((1, 8, 8)) == expect == m.last_info["flux"].shape[1]
+        # every model row is counted: one probe row for the target check, then n_forwards per sample
+        assert sum(model.calls) == 1 + 5 * expect and max(model.calls) <= 7
+        assert torch.equal(m.last_info["forwards"], torch.full((5,), expect))
+        assert torch.equal(NeFLAG(n_points=n, oversample=over, antithetic=anti)(inner, x, t), a)  # same seed
+        assert not torch.equal(NeFLAG(n_points=n, oversample=over, antithetic=anti, seed=1)(inner, x, t), a)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(inner[1].running_mean, bn) and not inner.training
+    assert all(p.grad is None and p.requires_grad for p in inner.parameters())
