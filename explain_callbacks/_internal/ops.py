@@ -72,22 +72,22 @@ def rankdata(x: Tensor) -> Tensor:
     sorter = _argsort_last(x)
     xs = x.gather(-1, sorter)
     n = x.shape[-1]
-    # 1-based positions in sorted order, int32 while they fit (half the memory traffic of the tie pass)
-    idt = torch.int32 if n < 2**31 - 1 else torch.int64
-    pos = torch.arange(1, n + 1, device=x.device, dtype=idt)
-    # Ties: a run of equal values at positions p..q gets (p + q) / 2 (first and last position of the run).
-    new_group = torch.ones_like(xs, dtype=torch.bool)
-    new_group[..., 1:] = xs[..., 1:] != xs[..., :-1]
-    if x.device.type == "cpu" and bool(new_group.all()):  # no ties (checked on CPU only: no GPU sync)
-        mean_rank = pos.to(torch.float64).expand_as(xs)
-    else:
-        end_group = torch.ones_like(new_group)
-        end_group[..., :-1] = new_group[..., 1:]
-        first = (pos * new_group).cummax(-1).values  # position of the run's first element
-        last = (pos * end_group).flip(-1)
-        last = torch.where(end_group.flip(-1), last, n + 1).cummin(-1).values.flip(-1)  # of its last element
-        mean_rank = (first + last).to(torch.float64) * 0.5
-    return torch.empty(xs.shape, dtype=torch.float64, device=x.device).scatter_(-1, sorter, mean_rank.contiguous())
+    rank = torch.arange(1, n + 1, device=x.device, dtype=torch.float64).expand(xs.shape).contiguous()
+    if n > 1 and xs.numel():
+        # Ties: a run of equal values at sorted positions p..q gets (p + q) / 2. Only the tied elements are
+        # visited: float maps have a few ties at most (a map with many exact zeros: one long run), so the
+        # common case costs a comparison and a nonzero instead of two scans over every element.
+        differs = torch.ones(xs.shape, dtype=torch.bool, device=x.device)  # from the previous element
+        differs[..., 1:] = xs[..., 1:] != xs[..., :-1]
+        last = torch.ones_like(differs)  # the next element differs (or there is none)
+        last[..., :-1] = differs[..., 1:]
+        idx = (~(differs & last)).view(-1).nonzero().squeeze(1)  # tied elements, flat sorted positions
+        if idx.numel():
+            first_of_run, last_of_run = differs.view(-1)[idx], last.view(-1)[idx]
+            flat = rank.view(-1)
+            run_mean = (flat[idx[first_of_run]] + flat[idx[last_of_run]]) * 0.5
+            flat[idx] = run_mean[first_of_run.cumsum(0) - 1]
+    return torch.empty_like(rank).scatter_(-1, sorter, rank)
 
 
 def pearson(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
