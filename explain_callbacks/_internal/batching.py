@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .checks import not_differentiable, require_graph
 from .outputs import pick_output
 
 __all__ = ["chunks", "forward_selected", "grad_selected", "map_chunks", "select_output"]
@@ -96,7 +97,10 @@ def grad_selected(
         if not xc.requires_grad:
             xc = xc.detach().requires_grad_(True)
         y = select_output(model(xc), None if target is None else target[sl])
-        (g,) = torch.autograd.grad(y.sum(), xc, create_graph=create_graph)
+        require_graph(y)
+        (g,) = torch.autograd.grad(y.sum(), xc, create_graph=create_graph, allow_unused=True)
+        if g is None:  # the output depends on the parameters only (no_grad/detach on the input path)
+            raise not_differentiable()
         grads.append(g)
         if return_outputs:
             outs.append(y if create_graph else y.detach())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_map", "finite_rows"]
+__all__ = ["check_inputs", "check_map", "finite_rows", "not_differentiable", "require_graph"]
 
 
 def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = None, name: str = "inputs") -> None:
@@ -41,3 +41,21 @@ def check_map(attr: Tensor, name: str = "attribution") -> None:
             f"{name} contains NaN or Inf; the model may produce non-finite gradients (check for log(0), "
             "division by zero, or a too-large learning rate)."
         )
+
+
+def not_differentiable(wrt: str = "inputs") -> RuntimeError:
+    """The error for a model output that does not depend differentiably on ``wrt``."""
+    return RuntimeError(
+        f"The model's output does not depend differentiably on its {wrt}: its forward runs (part of) the "
+        "network under torch.no_grad()/inference_mode, calls .detach(), or goes through integer "
+        "operations. Gradient methods cannot explain it: take the no_grad/detach out of forward (the "
+        "explaining callbacks leave the weights untouched anyway), or use a perturbation method "
+        "(occlusion, rise, sobol, hsic)."
+    )
+
+
+def require_graph(output: Tensor, wrt: str = "inputs") -> None:
+    """Raise :func:`not_differentiable` when ``output`` is outside the autograd graph (instead of
+    autograd's "element 0 of tensors does not require grad")."""
+    if not output.requires_grad:
+        raise not_differentiable(wrt)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import chunks
+from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.masks import OUTPUTS, score_outputs
 from ..base import Attributor
 
@@ -75,7 +76,10 @@ def grad_scores(
             xc = x[sl].detach().requires_grad_(True)
             raw = model(xc)
             y = score_outputs(raw, None if target is None else target[sl], output)
-            (g,) = torch.autograd.grad(y.sum(), xc)
+            require_graph(y)
+            (g,) = torch.autograd.grad(y.sum(), xc, allow_unused=True)
+            if g is None:
+                raise not_differentiable()
             grads.append(g)
             outs.append(y.detach())
             if return_argmax:

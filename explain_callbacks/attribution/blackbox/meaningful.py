@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import chunks
+from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.masks import make_substrate, score_outputs
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import AdamState, PerturbationAttributor, _interp_matrix, mask_resolution
@@ -267,7 +268,10 @@ class _MaskProblem:
         pert = torch.addcmul(sub, diff, ups).requires_grad_(True)  # Φ = P s + P(x − s) ⊙ (S_0 m S_1ᵀ)
         with torch.enable_grad():
             f = score_outputs(model(pert), target, mp.output)
-            (g,) = torch.autograd.grad(f.sum(), pert)
+            require_graph(f)
+            (g,) = torch.autograd.grad(f.sum(), pert, allow_unused=True)
+            if g is None:
+                raise not_differentiable()
         gd = g.mul_(diff)
         if k and gd.shape[1] > 1:
             gd = gd.sum(1, keepdim=True)
