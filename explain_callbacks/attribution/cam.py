@@ -10,7 +10,7 @@ from .._internal.batching import chunks, select_output
 from .._internal.ops import upsample_to
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
-from .layers import capture_output, find_layer, last_conv_layer
+from .layers import capture_output, captured, find_layer, last_conv_layer
 
 __all__ = ["GradCAM"]
 
@@ -58,7 +58,13 @@ class GradCAM(Attributor):
                 xc = xc.detach().requires_grad_(True)  # makes activations part of a graph even if params are frozen
             with capture_output(layer, store):
                 y = select_output(model(xc), None if target is None else target[sl])
-            act = store[-1]
+            act = captured(store, layer)
+            if act.ndim != inputs.ndim:
+                raise ValueError(
+                    f"Grad-CAM needs a layer with spatial activations like the input's (B,C,*spatial); layer "
+                    f"{type(layer).__name__} gives shape {tuple(act.shape)}. Pick a convolutional layer "
+                    "(layer=None takes the last convolution)."
+                )
             (g,) = torch.autograd.grad(y.sum(), act, create_graph=create_graph)
             w = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
             cam = (w * act).sum(1, keepdim=True)

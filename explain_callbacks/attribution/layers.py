@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-__all__ = ["capture_output", "find_layer", "last_conv_layer"]
+__all__ = ["capture_output", "captured", "find_layer", "last_conv_layer"]
 
 
 def find_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
@@ -53,3 +53,21 @@ def capture_output(module: nn.Module, store: list[Tensor], stop: bool = False) -
         yield
     finally:
         handle.remove()
+
+
+def captured(store: list[Tensor], layer: nn.Module) -> Tensor:
+    """The layer output a :func:`capture_output` hook stored during the forward pass, checked to be part of
+    the autograd graph (clear errors for a layer the forward never calls or runs under ``no_grad``)."""
+    if not store:
+        raise ValueError(
+            f"Layer {type(layer).__name__} was not called by the model's forward pass, so it has no activations "
+            "to explain; pass layer='<name>' of a module the forward uses."
+        )
+    act = store[-1]
+    if not act.requires_grad:
+        raise RuntimeError(
+            f"The output of layer {type(layer).__name__} is not part of the autograd graph (the forward runs it "
+            "under torch.no_grad() or detaches it); pick a layer after that part of the network, or take the "
+            "no_grad/detach out of forward."
+        )
+    return act

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .._internal.batching import select_output, steps_per_call
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
-from .layers import _Stop, capture_output, find_layer
+from .layers import _Stop, capture_output, captured, find_layer
 from .path import Baseline, make_baseline, quadrature
 
 __all__ = ["NeuronRegionIG"]
@@ -83,7 +83,7 @@ class NeuronRegionIG(Attributor):
             pts_g = pts if create_graph and pts.requires_grad else pts.detach().requires_grad_(True)
             with capture_output(layer, store):
                 y = select_output(model(pts_g), None if target is None else target.repeat(k))
-            (dg_dh,) = torch.autograd.grad(y.sum(), store[-1], create_graph=create_graph)
+            (dg_dh,) = torch.autograd.grad(y.sum(), captured(store, layer), create_graph=create_graph)
             contrib = (dg_dh * jvp).view(k, b, *jvp.shape[1:])
             contrib = (w.view((k,) + (1,) * (contrib.ndim - 1)) * contrib).sum(0)
             total = contrib if total is None else total + contrib
