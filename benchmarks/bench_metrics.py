@@ -42,6 +42,7 @@ from explain_callbacks.metrics.functional.randomisation import randomisable_laye
 from explain_callbacks.models.nets import SmallCNN
 
 BS = 256  # rows per model call, ours and bare
+SECTIONS = ("deletion", "insertion", "mufidelity", "infidelity", "maps", "completeness", "explainer")
 
 
 def _sync() -> None:
@@ -162,6 +163,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer steps/samples (a smoke run)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--width", type=int, default=16, help="SmallCNN width (16: the small default; 64: a larger CNN)")
     p.add_argument("--size", type=int, default=32, help="image side of the shapes data (32 or 64)")
     args = p.parse_args()
@@ -175,6 +177,9 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
     qdev = "cuda" if device.type == "cuda" else "cpu"
     b, reps = args.batch, args.repeats
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        p.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     model = train_model(device, args.width, args.size)
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -209,147 +214,164 @@ def main() -> None:
         print(f"  {name}: done", file=sys.stderr)
 
     # ---------------------------------------------------------------- deletion (pixel flipping)
-    step = 64 if not args.quick else 256
-    kw = dict(substrate="min", step=step, features="element", output="probability", batch_size=BS)
-    n_steps = n_el // step
-    t, (_auc, curve, _), bare, ratio = paired(
-        lambda: MF.deletion(model, x, a, y, return_curve=True, **kw),
-        bare_forward(model, (n_steps + 1) * b, shape, device),
-        reps,
-    )
-    qm = quantus.PixelFlipping(features_in_step=step, perturb_baseline="black", disable_warnings=True)
-    tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(), device=qdev)), 1)
-    qv = np.asarray(qv)
-    curve_ok = float(np.abs(qv - curve[:, 1:].cpu().numpy()).max())
-    add("deletion (pixel flipping)", t, curve[:, 1:].mean(1), bare, tq, qv.mean(1), ratio=ratio,
-        note=f"{n_steps} steps of {step} features; curves max abs diff {curve_ok:.1e}")  # fmt: skip
+    if "deletion" in sections:
+        step = 64 if not args.quick else 256
+        kw = dict(substrate="min", step=step, features="element", output="probability", batch_size=BS)
+        n_steps = n_el // step
+        t, (_auc, curve, _), bare, ratio = paired(
+            lambda: MF.deletion(model, x, a, y, return_curve=True, **kw),
+            bare_forward(model, (n_steps + 1) * b, shape, device),
+            reps,
+        )
+        qm = quantus.PixelFlipping(features_in_step=step, perturb_baseline="black", disable_warnings=True)
+        tq, qv = timed(
+            lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(), device=qdev)), 1
+        )
+        qv = np.asarray(qv)
+        curve_ok = float(np.abs(qv - curve[:, 1:].cpu().numpy()).max())
+        add("deletion (pixel flipping)", t, curve[:, 1:].mean(1), bare, tq, qv.mean(1), ratio=ratio,
+            note=f"{n_steps} steps of {step} features; curves max abs diff {curve_ok:.1e}")  # fmt: skip
 
     # ---------------------------------------------------------------- insertion, insertion - deletion, ABC
-    t, v, bt, ratio = paired(
-        lambda: MF.insertion(model, x, a, y, n_steps=32, batch_size=BS),
-        bare_forward(model, 33 * b, shape, device),
-        reps,
-    )
-    add("insertion", t, v, bt, ratio=ratio, note="32 steps, blur substrate")
-    t, v, bt, ratio = paired(
-        lambda: MF.insertion_deletion(model, x, a, y, n_steps=32, batch_size=BS),
-        bare_forward(model, 66 * b, shape, device),
-        reps,
-    )
-    add("insertion_deletion", t, v, bt, ratio=ratio, note="32 steps each")
-    t, v, bt, ratio = paired(
-        lambda: MF.abc(model, x, a, y, n_steps=32, batch_size=BS), bare_forward(model, 33 * b, shape, device), reps
-    )
-    add("abc", t, v, bt, ratio=ratio, note="32 steps, logits")
+    if "insertion" in sections:
+        t, v, bt, ratio = paired(
+            lambda: MF.insertion(model, x, a, y, n_steps=32, batch_size=BS),
+            bare_forward(model, 33 * b, shape, device),
+            reps,
+        )
+        add("insertion", t, v, bt, ratio=ratio, note="32 steps, blur substrate")
+        t, v, bt, ratio = paired(
+            lambda: MF.insertion_deletion(model, x, a, y, n_steps=32, batch_size=BS),
+            bare_forward(model, 66 * b, shape, device),
+            reps,
+        )
+        add("insertion_deletion", t, v, bt, ratio=ratio, note="32 steps each")
+        t, v, bt, ratio = paired(
+            lambda: MF.abc(model, x, a, y, n_steps=32, batch_size=BS), bare_forward(model, 33 * b, shape, device), reps
+        )
+        add("abc", t, v, bt, ratio=ratio, note="32 steps, logits")
 
     # ---------------------------------------------------------------- faithfulness correlation
-    runs, k = (100, 224) if not args.quick else (10, 224)
-    g = torch.Generator().manual_seed(0)
-    subsets = torch.stack([torch.stack([torch.randperm(n_el, generator=g)[:k] for _ in range(runs)]) for _ in range(b)])
-    kw_mu = dict(correlation="pearson", baseline="min", features="element", output="logit", batch_size=BS)
-    t, v, bt, ratio = paired(
-        lambda: MF.mufidelity(model, x, a, y, subsets=subsets.to(device), **kw_mu),
-        bare_forward(model, (runs + 1) * b, shape, device),
-        reps,
-    )
-    t_rand, _ = timed(lambda: MF.mufidelity(model, x, a, y, preset="quantus", n_subsets=runs, batch_size=BS), reps)
-    qm = quantus.FaithfulnessCorrelation(nr_runs=runs, subset_size=k, perturb_baseline="black", abs=False,
-                                         normalise=False, return_aggregate=False, disable_warnings=True)  # fmt: skip
-    seq = iter([subsets[i, r].numpy() for r in range(runs) for i in range(b)])
-    with patched("choice", seq):
-        tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
-                                                device=qdev)), 1)  # fmt: skip
-    add("mufidelity (faithfulness corr.)", t, v, bt, tq, qv, ratio=ratio,
-        note=f"{runs} subsets of {k}, Pearson, fixed subsets; own random subsets: {t_rand:.3f} s")  # fmt: skip
+    if "mufidelity" in sections:
+        runs, k = (100, 224) if not args.quick else (10, 224)
+        g = torch.Generator().manual_seed(0)
+        subsets = torch.stack(
+            [torch.stack([torch.randperm(n_el, generator=g)[:k] for _ in range(runs)]) for _ in range(b)]
+        )
+        kw_mu = dict(correlation="pearson", baseline="min", features="element", output="logit", batch_size=BS)
+        t, v, bt, ratio = paired(
+            lambda: MF.mufidelity(model, x, a, y, subsets=subsets.to(device), **kw_mu),
+            bare_forward(model, (runs + 1) * b, shape, device),
+            reps,
+        )
+        t_rand, _ = timed(lambda: MF.mufidelity(model, x, a, y, preset="quantus", n_subsets=runs, batch_size=BS), reps)
+        qm = quantus.FaithfulnessCorrelation(nr_runs=runs, subset_size=k, perturb_baseline="black", abs=False,
+                                             normalise=False, return_aggregate=False,
+                                             disable_warnings=True)  # fmt: skip
+        seq = iter([subsets[i, r].numpy() for r in range(runs) for i in range(b)])
+        with patched("choice", seq):
+            tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
+                                                    device=qdev)), 1)  # fmt: skip
+        add("mufidelity (faithfulness corr.)", t, v, bt, tq, qv, ratio=ratio,
+            note=f"{runs} subsets of {k}, Pearson, fixed subsets; own random subsets: {t_rand:.3f} s")  # fmt: skip
 
     # ---------------------------------------------------------------- infidelity (patches)
-    kw_inf = dict(perturbation="patch_sequence", patch_size=4, baseline="min", output="logit", batch_size=BS)
-    n_blocks = (shape[1] // 4) * (shape[2] // 4)
-    t, v, bt, ratio = paired(
-        lambda: MF.infidelity(model, x, a, y, **kw_inf), bare_forward(model, (n_blocks + 1) * b, shape, device), reps
-    )
-    qm = quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=1, perturb_baseline="black", abs=False,
-                            normalise=False, disable_warnings=True)  # fmt: skip
-    tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(), device=qdev,
-                                            softmax=False)), 1)  # fmt: skip
-    add("infidelity (patch sequence)", t, v, bt, tq, qv, ratio=ratio,
-        note=f"{n_blocks} cumulative 4x4 patches")  # fmt: skip
-    t, v, bt, ratio = paired(
-        lambda: MF.infidelity(model, x, a, y, n_perturb=32, batch_size=BS),
-        bare_forward(model, 33 * b, shape, device),
-        reps,
-    )
-    add("infidelity (gaussian)", t, v, bt, ratio=ratio, note="32 draws")
+    if "infidelity" in sections:
+        kw_inf = dict(perturbation="patch_sequence", patch_size=4, baseline="min", output="logit", batch_size=BS)
+        n_blocks = (shape[1] // 4) * (shape[2] // 4)
+        t, v, bt, ratio = paired(
+            lambda: MF.infidelity(model, x, a, y, **kw_inf),
+            bare_forward(model, (n_blocks + 1) * b, shape, device),
+            reps,
+        )
+        qm = quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=1, perturb_baseline="black", abs=False,
+                                normalise=False, disable_warnings=True)  # fmt: skip
+        tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(), device=qdev,
+                                                softmax=False)), 1)  # fmt: skip
+        add("infidelity (patch sequence)", t, v, bt, tq, qv, ratio=ratio,
+            note=f"{n_blocks} cumulative 4x4 patches")  # fmt: skip
+        t, v, bt, ratio = paired(
+            lambda: MF.infidelity(model, x, a, y, n_perturb=32, batch_size=BS),
+            bare_forward(model, 33 * b, shape, device),
+            reps,
+        )
+        add("infidelity (gaussian)", t, v, bt, ratio=ratio, note="32 draws")
 
     # ---------------------------------------------------------------- complexity, localisation (no model calls)
-    for name, fn, qcls in (("sparseness", MF.sparseness, quantus.Sparseness), ("complexity", MF.complexity,
-                                                                                 quantus.Complexity)):  # fmt: skip
-        t, v = timed(lambda fn=fn: fn(a), reps)
-        qm = qcls(disable_warnings=True)
-        tq, qv = timed(lambda qm=qm: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
-                                                       device=qdev)), 1)  # fmt: skip
-        add(name, t, v, None, tq, qv)
-    mn = masks.cpu().numpy()
-    t, v = timed(lambda: MF.pointing_game(a_pix, masks, tolerance=0), reps)
-    qm = quantus.PointingGame(disable_warnings=True)
-    tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=a_pix.cpu().numpy(),
-                                            s_batch=mn, device=qdev)), 1)  # fmt: skip
-    add("pointing_game", t, v, None, tq, np.asarray(qv, dtype=float), note="tolerance 0")
-    t, v = timed(lambda: MF.energy_pointing_game(a_pix, masks), reps)
-    qm = quantus.AttributionLocalisation(disable_warnings=True, abs=False, normalise=False, positive_attributions=True)
-    tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=a_pix.cpu().numpy(),
-                                            s_batch=mn, device=qdev)), 1)  # fmt: skip
-    add("energy_pointing_game", t, v, None, tq, qv, note="Quantus AttributionLocalisation")
+    if "maps" in sections:
+        for name, fn, qcls in (("sparseness", MF.sparseness, quantus.Sparseness), ("complexity", MF.complexity,
+                                                                                     quantus.Complexity)):  # fmt: skip
+            t, v = timed(lambda fn=fn: fn(a), reps)
+            qm = qcls(disable_warnings=True)
+            tq, qv = timed(lambda qm=qm: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
+                                                           device=qdev)), 1)  # fmt: skip
+            add(name, t, v, None, tq, qv)
+        mn = masks.cpu().numpy()
+        t, v = timed(lambda: MF.pointing_game(a_pix, masks, tolerance=0), reps)
+        qm = quantus.PointingGame(disable_warnings=True)
+        tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=a_pix.cpu().numpy(),
+                                                s_batch=mn, device=qdev)), 1)  # fmt: skip
+        add("pointing_game", t, v, None, tq, np.asarray(qv, dtype=float), note="tolerance 0")
+        t, v = timed(lambda: MF.energy_pointing_game(a_pix, masks), reps)
+        qm = quantus.AttributionLocalisation(
+            disable_warnings=True, abs=False, normalise=False, positive_attributions=True
+        )
+        tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=a_pix.cpu().numpy(),
+                                                s_batch=mn, device=qdev)), 1)  # fmt: skip
+        add("energy_pointing_game", t, v, None, tq, qv, note="Quantus AttributionLocalisation")
 
     # ---------------------------------------------------------------- completeness error, Dabkowski
-    ig_like = a * x  # any map: the cost is two forward passes
-    t, v, bt, ratio = paired(
-        lambda: MF.completeness_error(model, x, ig_like, y, batch_size=BS),
-        bare_forward(model, 2 * b, shape, device),
-        reps,
-    )
-    add("completeness_error", t, v, bt, ratio=ratio)
-    t, v, bt, ratio = paired(
-        lambda: MF.dabkowski_saliency(model, x, a, y, batch_size=BS), bare_forward(model, b, shape, device), reps
-    )
-    add("dabkowski", t, v, bt, ratio=ratio, note="includes connected components")
+    if "completeness" in sections:
+        ig_like = a * x  # any map: the cost is two forward passes
+        t, v, bt, ratio = paired(
+            lambda: MF.completeness_error(model, x, ig_like, y, batch_size=BS),
+            bare_forward(model, 2 * b, shape, device),
+            reps,
+        )
+        add("completeness_error", t, v, bt, ratio=ratio)
+        t, v, bt, ratio = paired(
+            lambda: MF.dabkowski_saliency(model, x, a, y, batch_size=BS), bare_forward(model, b, shape, device), reps
+        )
+        add("dabkowski", t, v, bt, ratio=ratio, note="includes connected components")
 
     # ---------------------------------------------------------------- explainer metrics
-    n_s = 10 if not args.quick else 3
-    noise_u = (torch.rand(b, n_s, *shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.02
-    noise_g = torch.randn(b, n_s, *shape, generator=torch.Generator().manual_seed(2)) * 0.1
-    bare_sens = bare_method(sal, model, n_s * b, x, y)
-    for name, fn, qcls, noise, npname in (
-        ("max_sensitivity", MF.max_sensitivity, quantus.MaxSensitivity, noise_u, "uniform"),
-        ("avg_sensitivity", MF.avg_sensitivity, quantus.AvgSensitivity, noise_u, "uniform"),
-        ("local_lipschitz", MF.local_lipschitz, quantus.LocalLipschitzEstimate, noise_g, "normal"),
-    ):
-        t, v, bt, ratio = paired(lambda fn=fn, noise=noise: fn(model, x, y, sal, a, perturbations=noise.to(device),
-                                                               batch_size=BS), bare_sens, reps)  # fmt: skip
-        kwq = {"lower_bound": 0.02} if npname == "uniform" else {"perturb_std": 0.1}
-        qm = qcls(nr_samples=n_s, normalise=False, abs=False, disable_warnings=True, **kwq)
-        seq = iter([noise[:, r].reshape(b, -1).numpy() for r in range(n_s)])
-        with patched(npname, seq):
-            tq, qv = timed(lambda qm=qm: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
-                                                           explain_func=q_explain, device=qdev)), 1)  # fmt: skip
-        add(name, t, v, bt, tq, qv, ratio=ratio, note=f"{n_s} draws, same noise")
-    bare_cs = [bare_method(sal, model, 2 * b, x, y), bare_forward(model, (3 * 17 + 1) * b, shape, device)]
-    t, v, bt, ratio = paired(lambda: MF.completeness_soundness(model, x, y, sal, a, n_other=2, n_steps=16,
-                                                               batch_size=BS)[1], bare_cs, reps)  # fmt: skip
-    add("completeness_soundness", t, v, bt, ratio=ratio, note="2 other labels, 16 steps; value: soundness")
-    n_layers = len(randomisable_layers(model))
-    t, v, bt, ratio = paired(
-        lambda: MF.model_randomisation(model, x, y, sal, a, batch_size=BS), bare_method(sal, model, b, x, y), reps
-    )
-    add("randomisation (full)", t, v, bt, ratio=ratio, note="one method call")
-    bare_casc = [bare_method(sal, model, b, x, y)] * n_layers  # one call per randomised model
-    t, (_names, casc), bt, ratio = paired(lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True,
-                                                                         batch_size=BS), bare_casc, reps)  # fmt: skip
-    qm = quantus.MPRT(return_last_correlation=True, disable_warnings=True)
-    tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
-                                            explain_func=q_explain, device=qdev)), 1)  # fmt: skip
-    add("randomisation (cascade)", t, casc[-1], bt, tq, qv, ratio=ratio,
-        note=f"{n_layers} layers; different re-initialisation: compare distributions")  # fmt: skip
+    if "explainer" in sections:
+        n_s = 10 if not args.quick else 3
+        noise_u = (torch.rand(b, n_s, *shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.02
+        noise_g = torch.randn(b, n_s, *shape, generator=torch.Generator().manual_seed(2)) * 0.1
+        bare_sens = bare_method(sal, model, n_s * b, x, y)
+        for name, fn, qcls, noise, npname in (
+            ("max_sensitivity", MF.max_sensitivity, quantus.MaxSensitivity, noise_u, "uniform"),
+            ("avg_sensitivity", MF.avg_sensitivity, quantus.AvgSensitivity, noise_u, "uniform"),
+            ("local_lipschitz", MF.local_lipschitz, quantus.LocalLipschitzEstimate, noise_g, "normal"),
+        ):
+            t, v, bt, ratio = paired(lambda fn=fn, noise=noise: fn(model, x, y, sal, a, perturbations=noise.to(device),
+                                                                   batch_size=BS), bare_sens, reps)  # fmt: skip
+            kwq = {"lower_bound": 0.02} if npname == "uniform" else {"perturb_std": 0.1}
+            qm = qcls(nr_samples=n_s, normalise=False, abs=False, disable_warnings=True, **kwq)
+            seq = iter([noise[:, r].reshape(b, -1).numpy() for r in range(n_s)])
+            with patched(npname, seq):
+                tq, qv = timed(lambda qm=qm: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
+                                                               explain_func=q_explain, device=qdev)), 1)  # fmt: skip
+            add(name, t, v, bt, tq, qv, ratio=ratio, note=f"{n_s} draws, same noise")
+        bare_cs = [bare_method(sal, model, 2 * b, x, y), bare_forward(model, (3 * 17 + 1) * b, shape, device)]
+        t, v, bt, ratio = paired(lambda: MF.completeness_soundness(model, x, y, sal, a, n_other=2, n_steps=16,
+                                                                   batch_size=BS)[1], bare_cs, reps)  # fmt: skip
+        add("completeness_soundness", t, v, bt, ratio=ratio, note="2 other labels, 16 steps; value: soundness")
+        n_layers = len(randomisable_layers(model))
+        t, v, bt, ratio = paired(
+            lambda: MF.model_randomisation(model, x, y, sal, a, batch_size=BS), bare_method(sal, model, b, x, y), reps
+        )
+        add("randomisation (full)", t, v, bt, ratio=ratio, note="one method call")
+        bare_casc = [bare_method(sal, model, b, x, y)] * n_layers  # one call per randomised model
+        t, (_names, casc), bt, ratio = paired(
+            lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True, batch_size=BS), bare_casc, reps
+        )
+        qm = quantus.MPRT(return_last_correlation=True, disable_warnings=True)
+        tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
+                                                explain_func=q_explain, device=qdev)), 1)  # fmt: skip
+        add("randomisation (cascade)", t, casc[-1], bt, tq, qv, ratio=ratio,
+            note=f"{n_layers} layers; different re-initialisation: compare distributions")  # fmt: skip
 
     # ---------------------------------------------------------------- table
     def fmt(v: float | None, spec: str = ".3f") -> str:
