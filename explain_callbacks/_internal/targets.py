@@ -28,9 +28,10 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
     if n_outputs is not None and target.numel():
         lo, hi = int(target.min()), int(target.max())
         if lo < 0 or hi >= n_outputs:
+            hint = " (a single-output regression model takes target=None)" if n_outputs == 1 else ""
             raise ValueError(
                 f"target values must lie in [0, {n_outputs - 1}] (the model has {n_outputs} outputs), "
-                f"got values in [{lo}, {hi}]; check the labels or the target policy."
+                f"got values in [{lo}, {hi}]; check the labels or the target policy{hint}."
             )
 
 
@@ -67,7 +68,19 @@ def resolve_target(
     if policy == "label":
         if labels is None:
             raise ValueError("target='label' needs labels in the probe batch; use target='prediction' instead.")
-        return labels.to(inputs.device).long().view(-1)
+        labels = labels.to(inputs.device)
+        if labels.ndim > 1 and labels.shape[0] == b and labels[0].numel() > 1:
+            raise ValueError(
+                f"target='label' needs one class index per sample, but the labels have shape "
+                f"{tuple(labels.shape)} (multi-label or one-hot targets?); pass target='prediction', an int "
+                "class, or label_key= a function of the batch that gives class indices."
+            )
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            raise ValueError(
+                "target='label' needs class indices, but the labels are real numbers (a regression?); pass "
+                "target=None for a single-output model, or an int class."
+            )
+        return labels.long().view(-1)
     if policy == "prediction":
         preds = []
         for sl in chunks(b, batch_size):
