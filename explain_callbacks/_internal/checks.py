@@ -18,7 +18,12 @@ def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = No
             f"{tuple(inputs.shape)}. Add a batch dimension with x.unsqueeze(0) for a single sample."
         )
     if not inputs.is_floating_point():
-        raise TypeError(f"{name} must be floating point to take gradients, got {inputs.dtype}; use .float().")
+        raise TypeError(
+            f"{name} must be floating point to take gradients or perturb them, got {inputs.dtype}: use .float() "
+            "for integer-coded images or features. Token ids (an nn.Embedding model) cannot be attributed "
+            "directly: explain the embedded sequence instead, with a module that takes the embeddings "
+            "(B,T,D) (model_attr=...) and input_key= a function of the batch that embeds the tokens."
+        )
     if inputs.shape[0] == 0:
         raise ValueError(f"{name} is empty (batch size 0).")
     # one reduction first (NaN/Inf anywhere makes the sum non-finite); the exact test only if it is not
