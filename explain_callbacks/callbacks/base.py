@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from .._internal.outputs import OutputSpec, output_adapter
 from .._internal.targets import TargetPolicy, resolve_target
 from . import _logging
 
-__all__ = ["ProbeCallback", "float_dtype", "resolve_model"]
+__all__ = ["ProbeCallback", "check_single_input", "float_dtype", "resolve_model"]
 
 
 def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module:
@@ -31,6 +32,24 @@ def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.M
     if not isinstance(model, nn.Module):
         raise AttributeError(f"pl_module has no nn.Module attribute {model_attr!r}; fix model_attr.")
     return model
+
+
+def check_single_input(model: nn.Module) -> None:
+    """Refuse, with the fix, a network whose ``forward`` needs more than one input: the callbacks feed it
+    one tensor (``input_key``), which would fail with "forward() missing 1 required positional argument"."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (builtins, some wrappers)
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    if len(required) > 1:
+        raise TypeError(
+            f"{type(model).__name__}.forward takes {len(required)} inputs {required}, but the callbacks explain "
+            "one input tensor. Give the other inputs defaults, or add a module whose forward takes the tensor "
+            "to explain (the others fixed or derived from it) and point the callback at it with model_attr=... "
+            "(input_key= says where that tensor is in the batch)."
+        )
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
@@ -269,6 +288,7 @@ class ProbeCallback(Callback):
                 problem: Exception | None = None
                 try:
                     model = self.model(pl_module)
+                    check_single_input(model)
                     with output_adapter(model, self.output_key):
                         dtype = float_dtype(model) if self.probe_x.is_floating_point() else None
                         x = detach_clone(self.probe_x, dtype).to(pl_module.device)
