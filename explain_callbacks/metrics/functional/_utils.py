@@ -40,6 +40,11 @@ def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor 
     check_inputs(inputs)
     if attributions is not None:
         broadcast_map(attributions, inputs)
+        if not torch.isfinite(attributions.detach().sum()) and not torch.isfinite(attributions).all():
+            raise ValueError(
+                "attributions contain NaN or Inf, so no ordering or correlation of them means anything; "
+                "check the method's output (the monitor skips such maps with a warning)."
+            )
     if target is not None and (target.ndim != 1 or target.shape[0] != inputs.shape[0]):
         raise ValueError(
             f"target must have shape ({inputs.shape[0]},) (one class index per sample) or be None for a "

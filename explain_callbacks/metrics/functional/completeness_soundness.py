@@ -77,6 +77,11 @@ def completeness_soundness(
         tgt = labels[first + rs.start : first + rs.stop, bs].reshape(-1)
         with torch.enable_grad():
             a = method(model, rows, tgt).detach()
+        if attributions is not None and a.shape[1:] != attributions.shape[1:]:
+            raise ValueError(
+                f"attributions of shape {tuple(attributions.shape)} are not this method's maps (it gives "
+                f"{tuple(a.shape[1:])} per sample); pass the maps the same method produced, or attributions=None."
+            )
         maps.append(a.view(nr, bs.stop - bs.start, *a.shape[1:]))
     maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
     flat_x = x.repeat(labels.shape[0], *([1] * (x.ndim - 1)))

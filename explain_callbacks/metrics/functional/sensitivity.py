@@ -76,7 +76,13 @@ def _ratios(
         nr, nb = noise.shape[:2]
         y = (x[bs].unsqueeze(0) + noise).flatten(0, 1)
         tgt = None if target is None else target[bs].repeat(nr)
-        ay = _explain(method, model, y, tgt).reshape(nr, nb, -1).double()
+        ay = _explain(method, model, y, tgt)
+        if attributions is not None and ay.shape[1:] != a0.shape[1:]:
+            raise ValueError(
+                f"attributions of shape {tuple(a0.shape)} are not this method's maps (it gives "
+                f"{tuple(ay.shape[1:])} per sample); pass the maps the same method produced, or attributions=None."
+            )
+        ay = ay.reshape(nr, nb, -1).double()
         num = torch.linalg.vector_norm(ay - a0f[bs].unsqueeze(0), ord=_ord(norm), dim=-1)
         if lipschitz:
             den = torch.linalg.vector_norm(noise.reshape(nr, nb, -1).double(), ord=_ord(norm), dim=-1)
