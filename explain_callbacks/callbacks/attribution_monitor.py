@@ -74,12 +74,18 @@ class AttributionMonitor(ProbeCallback):
                 name, i = f"{base}_{i}", i + 1
             self.methods[name] = method
         self.metric_specs = []
+        self.metric_names: list[str] = []  # the tag of each selected metric, unique: 'randomisation', 'randomisation_2'
         for spec in list(to_plain(metrics) or []):
             name = self._metric_name(self._build_metric(spec))  # fails fast on unknown names
             if name in self.BUILTIN_SCORES:
                 rank_zero_warn(f"AttributionMonitor logs '{name}' for every method already; metric {name!r} dropped.")
                 continue
+            base, i = name, 2
+            while name in self.metric_names:  # same metric twice with other settings: both kept, both logged
+                name, i = f"{base}_{i}", i + 1
             self.metric_specs.append(spec)
+            self.metric_names.append(name)
+        self._higher: dict[str, bool | None] = {}
         self._metrics: dict[tuple[str, str], Any] = {}
         self.max_images = max_images
         self.feature_names = list(feature_names) if feature_names is not None else None
@@ -110,9 +116,9 @@ class AttributionMonitor(ProbeCallback):
             getattr(metric, "short_name", None) or getattr(metric, "name", None) or type(metric).__name__.lower()
         )
 
-    def _metric_for(self, method_name: str, spec: Any, device: torch.device) -> Any:
+    def _metric_for(self, method_name: str, spec: Any, device: torch.device, metric_name: str) -> Any:
         """One metric object per (method, metric): states are never shared between methods."""
-        key = (method_name, repr(spec))
+        key = (method_name, metric_name)
         if key not in self._metrics:
             self._metrics[key] = self._build_metric(spec) if isinstance(spec, (str, Mapping)) else spec.clone()
         metric = self._metrics[key]
@@ -163,9 +169,9 @@ class AttributionMonitor(ProbeCallback):
             maps, seconds = done
             scores = self._log_scalars(pl_module, name, method, maps, seconds)
             if getattr(method, "input_shaped", True) and maps.shape[0] == x.shape[0]:
-                for spec in self.metric_specs:
-                    metric = self._metric_for(name, spec, x.device)
-                    mname = self._metric_name(metric)
+                for spec, mname in zip(self.metric_specs, self.metric_names):
+                    metric = self._metric_for(name, spec, x.device, mname)
+                    self._higher[mname] = getattr(metric, "higher_is_better", None)
                     updated, problem = False, "another rank failed"
                     try:
                         updated = self._update_metric(metric, model, x, maps, target, method, masks)
@@ -287,6 +293,8 @@ class AttributionMonitor(ProbeCallback):
         fixed = {"completeness_error": False, "drift": None, "sparseness": None}
         if score in fixed:
             return fixed[score]
+        if score in self._higher:
+            return self._higher[score]
         for metric in self._metrics.values():
             if self._metric_name(metric) == score:
                 return getattr(metric, "higher_is_better", None)
