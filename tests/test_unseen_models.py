@@ -178,3 +178,256 @@ def test_gradcam_layer_errors_name_the_fix():
         ATTRIBUTIONS.build({"name": "gradcam", "layer": "nope"})(model, x, y)
     a = ATTRIBUTIONS.build({"name": "gradcam", "layer": "layer1"})(model, x, y)  # a block, not a conv: works
     assert a.shape == (2, 1, 20, 12) and torch.isfinite(a).all()
+
+
+# --------------------------------------------------------------------------- every method and metric, by name
+ALL_METHODS = [
+    "saliency", "input_x_gradient", {"name": "smoothgrad", "n_samples": 3}, {"name": "smoothgrad_sq", "n_samples": 3},
+    {"name": "vargrad", "n_samples": 3}, {"name": "ig", "n_steps": 4}, {"name": "expected_gradients", "n_samples": 4},
+    "gradcam", {"name": "neuron_region_ig", "layer": "net.layer1", "n_steps": 4},
+    {"name": "occlusion", "window": 6, "stride": 6}, {"name": "rise", "n_masks": 16},
+    {"name": "sobol", "grid_size": 3, "n_designs": 4}, {"name": "hsic", "grid_size": 3, "n_designs": 16},
+    {"name": "meaningful_perturbation", "n_steps": 3}, {"name": "extremal_perturbation", "n_steps": 3},
+    {"name": "sound_mask", "n_steps": 3, "n_fills": 2}, {"name": "neflag", "n_points": 2},
+    {"name": "nonlinear_saliency", "max_steps": 3}, "cd",
+]  # fmt: skip
+ALL_METRICS = [
+    {"name": "deletion", "n_steps": 4}, {"name": "insertion", "n_steps": 4},
+    {"name": "insertion_deletion", "n_steps": 4}, {"name": "abc", "n_steps": 4}, {"name": "mufidelity", "n_subsets": 5},
+    {"name": "infidelity", "n_perturb": 3},
+    "pointing_game", "energy_pointing_game", "complexity", "dabkowski", {"name": "max_sensitivity", "n_samples": 2},
+    {"name": "avg_sensitivity", "n_samples": 2}, {"name": "local_lipschitz", "n_samples": 2},
+    {"name": "completeness_soundness", "n_steps": 2, "n_other": 1}, "randomisation",
+    {"name": "randomisation", "abs": False},
+]  # fmt: skip
+METRIC_TAGS = [
+    "deletion", "insertion", "insertion_deletion", "abc", "mufidelity", "infidelity", "pointing_game",
+    "energy_pointing_game", "complexity", "dabkowski", "max_sensitivity", "avg_sensitivity", "local_lipschitz",
+    "completeness_soundness", "randomisation", "randomisation_2",
+]  # fmt: skip
+
+
+def test_every_method_and_metric_on_a_resnet_bit_identical(tmp_path):
+    """All registered methods and metrics by short name, strict, on a residual CNN with BatchNorm and
+    Dropout, non-square 3x20x12 images with ground-truth masks, a probe (3) below batch_size (4): every
+    input-shaped method gets every metric, finite; weights and BatchNorm statistics bit-identical."""
+    x, y = _data()
+    masks = torch.zeros(x.shape[0], 1, 20, 12)
+    masks[..., 5:12, 3:8] = 1.0
+    make = lambda: Lit(ResNetish())  # noqa: E731
+    w0 = _weights(_fit(tmp_path / "a", make, _loaders(x, y, masks), max_epochs=2))
+    mon = AttributionMonitor(methods=ALL_METHODS, metrics=ALL_METRICS, num_samples=3, batch_size=4, strict=True)
+    module = _fit(tmp_path / "b", make, _loaders(x, y, masks), callbacks=[mon], max_epochs=2, logger=True)
+    _assert_same(w0, _weights(module))
+    assert mon.metric_names == METRIC_TAGS  # the second randomisation is logged apart, not over the first
+    for name, scores in mon.last_scores.items():
+        assert torch.isfinite(torch.as_tensor(scores["sparseness"])), name
+        if name in ("cd", "neuron_region_ig"):  # maps per patch / per neuron: no input-space metric
+            continue
+        for tag in METRIC_TAGS:
+            if name == "meaningful_perturbation" and tag == "energy_pointing_game":
+                continue  # 3 steps leave no positive mass: NaN by definition
+            assert torch.isfinite(torch.as_tensor(scores[tag])), (name, tag)
+    assert mon.last_scores["saliency"]["randomisation"] != mon.last_scores["saliency"]["randomisation_2"]
+    assert "best on **randomisation_2**" in mon.ranking_table()
+
+
+# --------------------------------------------------------------------------- models and settings
+def _monitor(**kw) -> AttributionMonitor:
+    methods = ["saliency", {"name": "ig", "n_steps": 4}, {"name": "smoothgrad", "n_samples": 3}, "gradcam",
+               {"name": "occlusion", "window": 6, "stride": 6}, {"name": "rise", "n_masks": 16}]  # fmt: skip
+    kw.setdefault("metrics", [{"name": "deletion", "n_steps": 4}])
+    kw.setdefault("num_samples", 4)
+    return AttributionMonitor(methods=methods, strict=True, **kw)
+
+
+class TrainModeAtValidation(Lit):
+    """Puts itself back in train mode before validation (the callback then finds a training model)."""
+
+    def on_validation_epoch_start(self) -> None:
+        self.train()
+
+
+class ChannelsLast(Lit):
+    def __init__(self) -> None:
+        super().__init__(ResNetish().to(memory_format=torch.channels_last))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+def _frozen_stem() -> Lit:
+    module = Lit(ResNetish())
+    module.net.stem.requires_grad_(False)
+    return module
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Lit(ResNetish(inplace=True)), lambda: TrainModeAtValidation(ResNetish()), ChannelsLast, _frozen_stem],
+    ids=["inplace_relu", "train_mode", "channels_last", "frozen_stem"],
+)
+def test_models_the_guard_must_leave_as_found(tmp_path, make):
+    x, y = _data()
+    w0 = _weights(_fit(tmp_path / "a", make, _loaders(x, y), max_epochs=2))
+    mon = _monitor()
+    module = _fit(tmp_path / "b", make, _loaders(x, y), callbacks=[mon], max_epochs=2)
+    _assert_same(w0, _weights(module))
+    assert len(mon.last_scores) == 6
+    for name, scores in mon.last_scores.items():
+        assert torch.isfinite(torch.as_tensor(scores["deletion"])), name
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    stem = {n for n, _ in module.net.stem.named_parameters(prefix="net.stem")}
+    assert frozen == (stem if make is _frozen_stem else set())  # requires_grad left as found
+
+
+@pytest.mark.parametrize(
+    ("shape", "num_samples", "batch_size"), [((1, 28, 28), 1, 4), ((3, 40, 24), 5, 2), ((3, 7, 9), 3, 256)]
+)
+def test_odd_sizes_one_sample_probes_and_batch_sizes(tmp_path, shape, num_samples, batch_size):
+    x, y = _data(shape=shape)
+    metrics = [{"name": "deletion", "n_steps": 4}, {"name": "mufidelity", "n_subsets": 4},
+               {"name": "max_sensitivity", "n_samples": 2}]  # fmt: skip
+    mon = _monitor(metrics=metrics, num_samples=num_samples, batch_size=batch_size)
+    make = lambda: Lit(ResNetish(c=shape[0]))  # noqa: E731
+    _fit(tmp_path, make, _loaders(x, y, batch_size=1 if num_samples == 1 else 8), callbacks=[mon])
+    assert mon.probe_x.shape == (num_samples, *shape)
+    for name, scores in mon.last_scores.items():
+        for tag in ("deletion", "mufidelity", "max_sensitivity"):
+            assert torch.isfinite(torch.as_tensor(scores[tag])), (name, tag)
+
+
+def test_maps_do_not_depend_on_batch_size_or_on_the_other_samples():
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    x, y = _data(5, shape=(3, 13, 11))
+    for spec in ["saliency", {"name": "ig", "n_steps": 4}, "gradcam", {"name": "occlusion", "window": 4, "stride": 3}]:
+        full = ATTRIBUTIONS.build(spec, batch_size=256)(model, x, y)
+        torch.testing.assert_close(ATTRIBUTIONS.build(spec, batch_size=2)(model, x, y), full)
+        torch.testing.assert_close(ATTRIBUTIONS.build(spec, batch_size=256)(model, x[3:4], y[3:4]), full[3:4])
+
+
+# --------------------------------------------------------------------------- token, multi-label, two-input models
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(tokens).mean(1))
+
+
+def test_token_inputs_fail_with_the_embedding_fix_and_training_goes_on(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 50, (32, 10), generator=g), torch.randint(0, 3, (32,), generator=g)
+    for spec in ["saliency", "occlusion", "rise"]:
+        with pytest.raises(TypeError, match=r"nn\.Embedding"):  # was: "... got torch.int64; use .float()"
+            ATTRIBUTIONS.build(spec)(TokenNet().eval(), tokens[:2], y[:2])
+    mon = AttributionMonitor(methods=["saliency", "ig"], num_samples=4)
+    with pytest.warns(UserWarning, match="embeddings"):
+        _fit(tmp_path, lambda: Lit(TokenNet()), _loaders(tokens, y), callbacks=[mon])
+    assert mon.last_scores == {} and mon.probe_x.dtype == torch.long
+
+
+def test_token_model_explained_through_its_embeddings(tmp_path):
+    """The fix the error names: a module taking the embeddings, and input_key embedding the tokens."""
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 50, (32, 10), generator=g), torch.randint(0, 3, (32,), generator=g)
+    module_ref: list[Lit] = []
+
+    def make() -> Lit:
+        module_ref[:] = [Lit(TokenNet())]
+        return module_ref[0]
+
+    class OnEmbeddings(nn.Module):
+        def __init__(self, net: TokenNet) -> None:
+            super().__init__()
+            self.head = net.head
+
+        def forward(self, e: torch.Tensor) -> torch.Tensor:
+            return self.head(e.mean(1))
+
+    def embed(batch):
+        return module_ref[0].net.emb(batch[0]).detach()
+
+    mon = AttributionMonitor(
+        methods=["saliency", {"name": "ig", "n_steps": 8}], metrics=[{"name": "deletion", "n_steps": 4}],
+        num_samples=4, input_key=embed, model_attr="on_emb", strict=True,
+    )  # fmt: skip
+
+    def make_with_view() -> Lit:
+        module = make()
+        module.on_emb = OnEmbeddings(module.net)
+        return module
+
+    _fit(tmp_path, make_with_view, _loaders(tokens, y), callbacks=[mon])
+    assert mon.probe_x.shape == (4, 10, 8)  # (B, T, D) embedded sequences
+    assert torch.isfinite(torch.as_tensor(mon.last_scores["ig"]["deletion"]))
+
+
+def test_multilabel_labels_as_target_name_the_fix(tmp_path):
+    x, _ = _data()
+    y = (torch.rand(x.shape[0], 4, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    mon = _monitor()
+    with pytest.raises(ValueError, match="multi-label"):  # was: "target must have shape (4,) ..., got (16,)"
+        _fit(tmp_path / "a", lambda: Lit(ResNetish(), "bce"), _loaders(x, y), callbacks=[mon])
+    for target in (2, "prediction"):
+        mon = _monitor(target=target)
+        _fit(tmp_path / "b", lambda: Lit(ResNetish(), "bce"), _loaders(x, y), callbacks=[mon])
+        assert torch.isfinite(torch.as_tensor(mon.last_scores["ig"]["deletion"]))
+
+
+def test_regression_labels_as_target_name_target_none(tmp_path):
+    x, _ = _data()
+    y = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(3))
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    with pytest.raises(ValueError, match="target=None"):  # real labels were truncated to class indices silently
+        _fit(tmp_path / "a", lambda: Lit(ResNetish(k=1), "mse"), _loaders(x, y), callbacks=[mon])
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(3)).float()
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    with pytest.raises(ValueError, match="target=None"):  # integer-valued real labels: out of range for 1 output
+        _fit(tmp_path / "b", lambda: Lit(ResNetish(k=1), "mse"), _loaders(x, y), callbacks=[mon])
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, target=None, strict=True)
+    _fit(tmp_path / "c", lambda: Lit(ResNetish(k=1), "mse"), _loaders(x, y), callbacks=[mon])
+    assert "saliency" in mon.last_scores
+
+
+class TwoInputs(Lit):
+    def __init__(self) -> None:
+        super().__init__(ResNetish(k=8))
+        self.tab = nn.Linear(5, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, img: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.net(img) + self.tab(tab)))
+
+    def _loss(self, batch) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0], batch[1]), batch[2])
+
+
+def test_two_input_forward_names_the_fix(tmp_path):
+    x, y = _data()
+    tab = torch.rand(x.shape[0], 5, generator=torch.Generator().manual_seed(4))
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, label_key=2, strict=True)
+    with pytest.raises(TypeError, match="model_attr"):  # was: "forward() missing 1 required positional argument"
+        _fit(tmp_path, TwoInputs, _loaders(x, tab, y), callbacks=[mon])
+
+
+# --------------------------------------------------------------------------- bad inputs to metrics
+def test_metrics_refuse_maps_of_another_method_or_nan_maps():
+    from explain_callbacks._internal.registry import METRICS
+
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    x, y = _data(4)
+    saliency = ATTRIBUTIONS.build("saliency")
+    one_channel = torch.rand(4, 1, 20, 12)  # a Grad-CAM-like map: valid input shape, but not saliency's maps
+    for spec in [{"name": "max_sensitivity", "n_samples": 2}, {"name": "local_lipschitz", "n_samples": 2},
+                 {"name": "completeness_soundness", "n_steps": 2, "n_other": 1}]:  # fmt: skip
+        with pytest.raises(ValueError, match="not this method's maps"):  # was a size mismatch deep in torch
+            METRICS.build(spec).update(model, x, y, saliency, attributions=one_channel)
+    nan_maps = torch.full_like(x, float("nan"))
+    for spec in ["deletion", "insertion", "mufidelity", "completeness_error"]:
+        with pytest.raises(ValueError, match="NaN"):  # was a number computed from a NaN ordering
+            METRICS.build(spec).update(model, x, nan_maps, y)
