@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_map", "finite_rows", "not_differentiable", "require_graph"]
+__all__ = ["check_floating", "check_inputs", "check_map", "finite_rows", "not_differentiable", "require_graph"]
 
 
 def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = None, name: str = "inputs") -> None:
@@ -17,13 +17,7 @@ def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = No
             f"{name} must be batched with {rng} dimensions (B,D), (B,T,D) or (B,C,H,W); got shape "
             f"{tuple(inputs.shape)}. Add a batch dimension with x.unsqueeze(0) for a single sample."
         )
-    if not inputs.is_floating_point():
-        raise TypeError(
-            f"{name} must be floating point to take gradients or perturb them, got {inputs.dtype}: use .float() "
-            "for integer-coded images or features. Token ids (an nn.Embedding model) cannot be attributed "
-            "directly: explain the embedded sequence instead, with a module that takes the embeddings "
-            "(B,T,D) (model_attr=...) and input_key= a function of the batch that embeds the tokens."
-        )
+    check_floating(inputs, name)
     if inputs.shape[0] == 0:
         raise ValueError(f"{name} is empty (batch size 0).")
     # one reduction first (NaN/Inf anywhere makes the sum non-finite); the exact test only if it is not
@@ -32,6 +26,17 @@ def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = No
         raise ValueError(
             f"{name} contains NaN or Inf in samples {bad[:10]}; clean the data or drop those samples "
             "(the monitor skips them with a warning)."
+        )
+
+
+def check_floating(inputs: Tensor, name: str = "inputs") -> None:
+    """Refuse integer inputs (token ids, uint8 images) with the fix for each."""
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"{name} must be floating point to take gradients or perturb them, got {inputs.dtype}: use .float() "
+            "for integer-coded images or features. Token ids (an nn.Embedding model) cannot be attributed "
+            "directly: explain the embedded sequence instead, with a module that takes the embeddings "
+            "(B,T,D) (model_attr=...) and input_key= a function of the batch that embeds the tokens."
         )
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._internal.checks import not_differentiable
+
 __all__ = [
     "attribution_penalty",
     "cdep_penalty",
@@ -222,7 +224,9 @@ def rrr_penalty(
     if out.ndim < 2:
         raise ValueError(f"RRR needs class scores of shape (B, K); the model returned shape {tuple(out.shape)}.")
     logp = F.log_softmax(_up(out), dim=1)
-    (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True, allow_unused=True)
+    if g is None:  # the scores depend on the parameters only (no_grad/detach on the input path)
+        raise not_differentiable()
     return _reduce(_per_sample_sum((m * g).pow(2)), reduction)
 
 

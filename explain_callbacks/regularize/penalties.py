@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from .._internal.checks import check_floating
 from .._internal.registry import PENALTIES
 from . import functional as RF
 
@@ -65,6 +66,7 @@ class Penalty(ABC):
                 f"The {self.name} penalty explains the labelled class and needs targets; set label_key in the "
                 "callback or pass targets=."
             )
+        check_floating(inputs)  # token ids would fail deep inside torch (uniform bounds, requires_grad)
         if step is None:
             step = self._calls
         self._calls += 1
