@@ -215,7 +215,17 @@ class ProbeCallback(Callback):
         if self.per_class is not None:
             if y is None:
                 raise ValueError("per_class needs labels in the validation batches; set label_key or per_class=None.")
-            counts = torch.bincount(self.probe_y, minlength=int(y.max()) + 1) if self.probe_y is not None else None
+            if y.ndim > 1 and y[0].numel() > 1:
+                raise ValueError(
+                    f"per_class needs one class label per sample, but the labels have shape {tuple(y.shape)} "
+                    "(multi-label or one-hot?); set per_class=None, or label_key= a function of the batch that "
+                    "gives class indices."
+                )
+            counts = (
+                torch.bincount(self.probe_y.reshape(-1).long(), minlength=int(y.max()) + 1)
+                if self.probe_y is not None
+                else None
+            )
             sel = []
             for i in keep.nonzero().flatten().tolist():
                 c = int(y[i])
