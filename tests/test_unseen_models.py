@@ -431,3 +431,26 @@ def test_metrics_refuse_maps_of_another_method_or_nan_maps():
     for spec in ["deletion", "insertion", "mufidelity", "completeness_error"]:
         with pytest.raises(ValueError, match="NaN"):  # was a number computed from a NaN ordering
             METRICS.build(spec).update(model, x, nan_maps, y)
+
+
+def test_per_class_probe_with_multilabel_labels_names_the_fix(tmp_path):
+    x, _ = _data()
+    y = (torch.rand(x.shape[0], 4, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, per_class=2, target="prediction", strict=True)
+    with pytest.raises(ValueError, match="per_class needs one class label"):  # was int() of a 4-element tensor
+        _fit(tmp_path, lambda: Lit(ResNetish(), "bce"), _loaders(x, y), callbacks=[mon])
+
+
+@pytest.mark.parametrize("penalty", ["rrr", "eg_mask", {"name": "attribution", "method": "ig"}], ids=str)
+def test_regularizer_on_token_and_no_grad_models_names_the_fix(tmp_path, penalty):
+    from explain_callbacks.callbacks import AttributionRegularizer
+
+    g = torch.Generator().manual_seed(0)
+    tokens, yt = torch.randint(0, 50, (32, 10), generator=g), torch.randint(0, 3, (32,), generator=g)
+    reg = AttributionRegularizer(penalty, mask=torch.ones(1, 10))
+    with pytest.raises(TypeError, match="Embedding"):  # were: 'use .float()', check_uniform_bounds, requires_grad
+        _fit(tmp_path / "a", lambda: Lit(TokenNet()), _loaders(tokens, yt), callbacks=[reg])
+    x, y = _data()
+    reg = AttributionRegularizer(penalty, mask=torch.ones(1, 3, 20, 12))
+    with pytest.raises(RuntimeError, match="no_grad"):  # rrr was autograd's "not used in the graph"
+        _fit(tmp_path / "b", lambda: Lit(NoGradStem()), _loaders(x, y), callbacks=[reg])
