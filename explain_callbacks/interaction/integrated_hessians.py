@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .._internal.batching import select_output
+from .._internal.checks import require_graph
 from .._internal.registry import INTERACTIONS
 from ..attribution.path import Baseline, make_baseline, quadrature
 from .base import Groups, InteractionMethod
@@ -123,6 +124,9 @@ class IntegratedHessians(InteractionMethod):
         try:
             for q in model.parameters():  # no parameter graph: only input derivatives are needed
                 q.requires_grad_(False)
+            with torch.enable_grad():  # one row: torch.func.grad gives zeros, silently, past a no_grad part
+                z0 = x[:1].detach().requires_grad_(True)
+                require_graph(select_output(model(z0), None if target is None else target[:1]))
             for s in range(0, rows, step):
                 r = torch.arange(s, min(s + step, rows), device=x.device)
                 bi, rest = r // (k * p), r % (k * p)
