@@ -454,3 +454,15 @@ def test_regularizer_on_token_and_no_grad_models_names_the_fix(tmp_path, penalty
     reg = AttributionRegularizer(penalty, mask=torch.ones(1, 3, 20, 12))
     with pytest.raises(RuntimeError, match="no_grad"):  # rrr was autograd's "not used in the graph"
         _fit(tmp_path / "b", lambda: Lit(NoGradStem()), _loaders(x, y), callbacks=[reg])
+
+
+def test_integrated_hessians_past_a_no_grad_part_raise_instead_of_zeros():
+    from explain_callbacks._internal.registry import INTERACTIONS
+
+    torch.manual_seed(0)
+    x, y = _data(2)
+    ih = INTERACTIONS.build({"name": "integrated_hessians", "n_steps": 2})
+    with pytest.raises(RuntimeError, match="no_grad"):  # torch.func.grad returned an all-zero matrix
+        ih(NoGradStem().eval().requires_grad_(False), x, y)
+    scores = ih(ResNetish(inplace=True).eval().requires_grad_(False), x, y)
+    assert scores.shape == (2, 16, 16) and torch.isfinite(scores).all() and scores.abs().max() > 0
