@@ -46,7 +46,8 @@ class NeFLAG(PerturbationAttributor):
 
     The first n negative-flux candidates are averaged; fewer when the candidates hold fewer
     (``last_info["n_negative"]``; none at all when the flux is positive over the whole sphere, and then
-    the map is zero, which is the estimand). ``antithetic=False`` gives independent uniform directions.
+    the map is zero, which is the estimand; metrics that rank with a stable sort then take its features
+    in raster order, see README). ``antithetic=False`` gives independent uniform directions.
     On a linear model F = w and the map is ∝ w ⊙ E[−n | w·n < 0] ∝ w², zero where the model does not
     read. Optionally (``n_iter`` > 0) each candidate first takes normalised projected gradient-descent
     steps of f_c on the sphere (``n ← normalise(n − η·P_n ∇f / ‖P_n ∇f‖)``), which concentrates the
