@@ -21,7 +21,7 @@ from .._internal.outputs import OutputSpec, output_adapter
 from .._internal.targets import TargetPolicy, resolve_target
 from . import _logging
 
-__all__ = ["ProbeCallback", "check_single_input", "float_dtype", "resolve_model"]
+__all__ = ["ProbeCallback", "check_forward", "float_dtype", "resolve_model"]
 
 
 def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module:
@@ -34,9 +34,17 @@ def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.M
     return model
 
 
-def check_single_input(model: nn.Module) -> None:
-    """Refuse, with the fix, a network whose ``forward`` needs more than one input: the callbacks feed it
-    one tensor (``input_key``), which would fail with "forward() missing 1 required positional argument"."""
+def check_forward(model: nn.Module) -> None:
+    """Refuse, with the fix, a LightningModule without ``forward`` (its network lives in an attribute) and a
+    network whose ``forward`` needs more than one input: the callbacks feed it one tensor (``input_key``),
+    which would fail with "missing the required forward function" or "forward() missing 1 required
+    positional argument"."""
+    if isinstance(model, pl.LightningModule) and type(model).forward is pl.LightningModule.forward:
+        nets = [name for name, _ in model.named_children()]
+        raise NotImplementedError(
+            f"{type(model).__name__} does not define forward, which the callbacks call to explain it; define "
+            f"forward, or pass model_attr= the attribute holding the network (submodules here: {nets[:10]})."
+        )
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):  # no signature to read (builtins, some wrappers)
@@ -298,7 +306,7 @@ class ProbeCallback(Callback):
                 problem: Exception | None = None
                 try:
                     model = self.model(pl_module)
-                    check_single_input(model)
+                    check_forward(model)
                     with output_adapter(model, self.output_key):
                         dtype = float_dtype(model) if self.probe_x.is_floating_point() else None
                         x = detach_clone(self.probe_x, dtype).to(pl_module.device)
