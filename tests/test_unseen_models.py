@@ -466,3 +466,30 @@ def test_integrated_hessians_past_a_no_grad_part_raise_instead_of_zeros():
         ih(NoGradStem().eval().requires_grad_(False), x, y)
     scores = ih(ResNetish(inplace=True).eval().requires_grad_(False), x, y)
     assert scores.shape == (2, 16, 16) and torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+class NoForward(pl.LightningModule):
+    """The network only in ``self.net``, used by the steps; no ``forward`` of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ResNetish()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_lightning_module_without_forward_names_model_attr(tmp_path):
+    x, y = _data()
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    with pytest.raises(NotImplementedError, match=r"model_attr=.*'net'"):  # was torch's "missing ... forward"
+        _fit(tmp_path / "a", NoForward, _loaders(x, y), callbacks=[mon])
+    mon = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", strict=True)
+    _fit(tmp_path / "b", NoForward, _loaders(x, y), callbacks=[mon])
+    assert "saliency" in mon.last_scores
