@@ -92,6 +92,7 @@ class AttributionMonitor(ProbeCallback):
         self.log_images = log_images
         self.log_histograms = log_histograms
         self.previous: dict[str, Tensor] = {}
+        self._warned_unscored: set[str] = set()
         self.last_scores: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ building
@@ -168,7 +169,14 @@ class AttributionMonitor(ProbeCallback):
                 continue
             maps, seconds = done
             scores = self._log_scalars(pl_module, name, method, maps, seconds)
-            if getattr(method, "input_shaped", True) and maps.shape[0] == x.shape[0]:
+            if self.metric_specs and not self._scorable(maps, x):
+                if name not in self._warned_unscored:
+                    self._warned_unscored.add(name)
+                    rank_zero_warn(
+                        f"AttributionMonitor: the maps of {name!r} have shape {tuple(maps.shape)}, not the input's "
+                        f"{tuple(x.shape)} (or one channel of it), so no metric scores them."
+                    )
+            elif self.metric_specs:
                 for spec, mname in zip(self.metric_specs, self.metric_names):
                     metric = self._metric_for(name, spec, x.device, mname)
                     self._higher[mname] = getattr(metric, "higher_is_better", None)
@@ -203,6 +211,15 @@ class AttributionMonitor(ProbeCallback):
                 self.log_image(trainer, f"explain/curves/{mname}", img)
             if self.last_scores:
                 self.log_text(trainer, "explain/ranking", self.ranking_table())
+
+    @staticmethod
+    def _scorable(maps: Tensor, x: Tensor) -> bool:
+        """Whether metrics apply: input-shaped maps, or one channel broadcast over the input's channels
+        (Grad-CAM, RISE; CD per pixel or patch, although CD is not input-shaped in general)."""
+        if maps.shape == x.shape:
+            return True
+        one_channel = maps.ndim == x.ndim >= 3 and maps.shape[1] == 1 and maps.shape[2:] == x.shape[2:]
+        return maps.shape[0] == x.shape[0] and one_channel
 
     def _update_metric(
         self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
