@@ -375,3 +375,42 @@ def test_soundness_catches_maps_that_create_evidence():
     assert (comp_s > 0.9).all() and (comp_e > 0.9).all()  # both find label 0's evidence
     assert (sound_e > 0.9).all()
     assert (sound_s < 0.5).all()
+
+
+def test_rank_features_breaks_ties_at_random_but_keeps_the_order():
+    from explain_callbacks.metrics.functional._utils import rank_features
+
+    g = torch.Generator().manual_seed(0)
+    rel = torch.randint(0, 5, (6, 200), generator=g).float()  # many ties
+    r = rank_features(rel)
+    assert torch.equal(r.sort(1).values, torch.arange(200).expand(6, -1))  # a permutation per sample
+    hi, lo = rel.unsqueeze(2) > rel.unsqueeze(1), r.unsqueeze(2) < r.unsqueeze(1)
+    assert lo[hi].all()  # strictly more relevant features always come first
+    assert torch.equal(r, rank_features(rel, seed=0)) and not torch.equal(r, rank_features(rel, seed=1))
+    idx = rank_features(rel, ties="index")
+    assert not torch.equal(r, idx)
+    distinct = torch.randn(6, 200, generator=g)  # no ties: the same ranks either way
+    assert torch.equal(rank_features(distinct), rank_features(distinct, ties="index"))
+    with pytest.raises(ValueError, match="ties"):
+        rank_features(rel, ties="first")
+
+
+def test_an_all_zero_map_deletes_like_a_random_order_not_the_raster_order():
+    """f reads only the top rows; an all-zero map has no ranking. Raster-order ties would delete the top
+    rows first (a perfect-looking deletion curve); random ties give the random-order expectation, the
+    straight line from f(x) to f(0), whose area is their mean (linear f, zero substrate, logits)."""
+    h = w = 16
+    weight = torch.zeros(1, h, w, dtype=torch.float64)
+    weight[:, :4] = 1.0
+    model = nn.Sequential(nn.Flatten(), nn.Linear(h * w, 1, bias=False).double())
+    with torch.no_grad():
+        model[1].weight.copy_(weight.view(1, -1))
+    x = torch.ones(8, 1, h, w, dtype=torch.float64)
+    zero = torch.zeros_like(x)
+    kw = dict(substrate="zeros", n_steps=64, output="logit")
+    with torch.no_grad():
+        fx = float(model(x[:1]))
+    line = MF.deletion(model, x, zero, None, **kw)
+    raster = MF.deletion(model, x, zero, None, ties="index", **kw)
+    assert raster.max() < 0.2 * fx  # the artefact: the read rows go first
+    torch.testing.assert_close(line.mean(), torch.tensor(fx / 2, dtype=torch.float64), rtol=0.08, atol=0)

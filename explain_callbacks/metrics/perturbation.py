@@ -65,15 +65,19 @@ class Deletion(_CurveMetric):
         output: str = "probability",
         blur_sigma: float = 5.0,
         batch_size: int | None = 256,
+        ties: str = "random",
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.substrate, self.n_steps, self.step = substrate, n_steps, step
         self.features, self.output, self.blur_sigma = features, output, blur_sigma
+        self.ties, self.seed = ties, seed
 
     def _kw(self) -> dict[str, Any]:
         return dict(substrate=self.substrate, n_steps=self.n_steps, step=self.step, features=self.features,
-                    output=self.output, blur_sigma=self.blur_sigma, batch_size=self.batch_size)  # fmt: skip
+                    output=self.output, blur_sigma=self.blur_sigma, batch_size=self.batch_size, ties=self.ties,
+                    seed=self.seed)  # fmt: skip
 
     def _scores(
         self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
@@ -120,12 +124,14 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
         output: str = "probability",
         blur_sigma: float = 5.0,
         batch_size: int | None = 256,
+        ties: str = "random",
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.deletion_substrate, self.insertion_substrate = deletion_substrate, insertion_substrate
         self.n_steps, self.step, self.features, self.output = n_steps, step, features, output
-        self.blur_sigma = blur_sigma
+        self.blur_sigma, self.ties, self.seed = blur_sigma, ties, seed
         self.curves: dict[str, Tensor] = {}
         self.curve_x: Tensor | None = None
         for key in ("deletion", "insertion"):
@@ -146,7 +152,8 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
         self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
     ) -> Tensor:
         kw = dict(n_steps=self.n_steps, step=self.step, features=self.features, output=self.output,
-                  blur_sigma=self.blur_sigma, batch_size=self.batch_size, return_curve=True)  # fmt: skip
+                  blur_sigma=self.blur_sigma, batch_size=self.batch_size, return_curve=True, ties=self.ties,
+                  seed=self.seed)  # fmt: skip
         d, dc, xs = deletion_fn(model, inputs, attributions, target, substrate=self.deletion_substrate, **kw)
         i, ic, _ = insertion_fn(model, inputs, attributions, target, substrate=self.insertion_substrate, **kw)
         self._add_curve_states("deletion", dc)
@@ -173,9 +180,12 @@ class ABC(_CurveMetric):
         features: str = "auto",
         blur_sigma: float = 5.0,
         batch_size: int | None = 256,
+        ties: str = "random",
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
+        self.ties, self.seed = ties, seed
         if mode not in ("insertion", "deletion"):
             raise ValueError(f"mode must be 'insertion' or 'deletion', got {mode!r}.")
         self.mode, self.baseline, self.n_steps, self.step = mode, baseline, n_steps, step
@@ -187,7 +197,7 @@ class ABC(_CurveMetric):
         score, curve, xs = abc_fn(
             model, inputs, attributions, target, mode=self.mode, baseline=self.baseline, n_steps=self.n_steps,
             step=self.step, features=self.features, blur_sigma=self.blur_sigma, batch_size=self.batch_size,
-            return_curve=True,
+            return_curve=True, ties=self.ties, seed=self.seed,
         )  # fmt: skip
         self._add_curve(curve, xs)
         return score

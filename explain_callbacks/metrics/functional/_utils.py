@@ -109,9 +109,31 @@ def expand_feature_mask(mask: Tensor, inputs_shape: torch.Size | tuple[int, ...]
     return mask.view(*lead, *inputs_shape[1:])
 
 
-def rank_features(relevance: Tensor) -> Tensor:
-    """Rank of each feature in descending order of relevance (0 = most relevant), ties by index."""
+TIES = ("random", "index")
+
+
+def rank_features(relevance: Tensor, ties: str = "random", seed: int = 0) -> Tensor:
+    """Rank of each feature in descending order of relevance (0 = most relevant).
+
+    ``ties``: how features of equal relevance are ordered. ``"random"`` (default): a seeded random order
+    per sample, so a map gets no credit for features it does not rank (an all-zero map scores as a
+    random one, not as the raster order; IG's exact zeros on a black background are not swept
+    top-row-first); ``"index"``: raster order (a stable sort; what other implementations' sorts
+    usually do). Maps without ties rank identically either way, and skip the random draw.
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
     order = torch.argsort(relevance, dim=1, descending=True, stable=True)
+    if ties == "random" and relevance.shape[1] > 1:
+        srt = relevance.gather(1, order)
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            # a random permutation per sample, then a stable sort: equal values keep the permuted order
+            from ...attribution.base import make_generator
+
+            g = make_generator(relevance.device, seed)
+            key = torch.rand(relevance.shape, generator=g, device=g.device).to(relevance.device)
+            perm = key.argsort(dim=1)
+            order = perm.gather(1, torch.argsort(relevance.gather(1, perm), dim=1, descending=True, stable=True))
     ranks = torch.empty_like(order)
     ar = torch.arange(relevance.shape[1], device=relevance.device).expand_as(order)
     return ranks.scatter_(1, order, ar)

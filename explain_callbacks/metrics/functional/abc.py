@@ -32,6 +32,8 @@ def abc(
     blur_sigma: float = 5.0,
     batch_size: int | None = 256,
     return_curve: bool = False,
+    ties: str = "random",
+    seed: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """ABC per sample (B,) for the ``mode`` test (``"insertion"`` or ``"deletion"``) from ``baseline`` c.
 
@@ -39,7 +41,7 @@ def abc(
     """
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode=mode, substrate=baseline, n_steps=n_steps, step=step,
-        features=features, output="logit", blur_sigma=blur_sigma, batch_size=batch_size,
+        features=features, output="logit", blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
     )  # fmt: skip
     t = xs.to(curve.dtype).unsqueeze(0)
     start, end = curve[:, :1], curve[:, -1:]

@@ -6,8 +6,11 @@ blurred copy for images by default) ``step`` features at a time; the curve is th
 after each step, its area is taken by the trapezoid rule on the fraction of features in [0, 1].
 Insertion − deletion is the score of NeFLAG (Li et al. 2023).
 
-With ``features="element"``, ``step=1``, ``substrate="min"`` and probabilities, ``curve[:, 1:]`` is
-Quantus' ``PixelFlipping`` curve (which omits the unperturbed point).
+Features of equal relevance are taken in a seeded random order (``ties="random"``, the default; a
+stable raster order credited all-zero maps on centred digits with background-first deletion), or in
+raster order (``ties="index"``). With ``features="element"``, ``step=1``, ``substrate="min"`` and
+probabilities, ``curve[:, 1:]`` is Quantus' ``PixelFlipping`` curve (which omits the unperturbed point)
+for maps without ties (NumPy's sort orders ties arbitrarily).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def perturbation_curve(
     output: str = "probability",
     blur_sigma: float = 5.0,
     batch_size: int | None = 256,
+    ties: str = "random",
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Deletion or insertion curves, (B, S) with S = steps + 1, and the fractions (S,) in [0, 1].
 
@@ -59,6 +64,8 @@ def perturbation_curve(
         step: features per step (int) or a fraction of the features (float in (0, 1]).
         features: ``"pixel"`` (channel-summed, images' default), ``"element"`` or ``"auto"``.
         output: ``"probability"`` (softmax at the target, RISE) or ``"logit"``.
+        ties: order of equally relevant features: ``"random"`` (seeded by ``seed``; default) or
+            ``"index"`` (raster order); see :func:`~explain_callbacks.metrics.functional._utils.rank_features`.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}.")
@@ -69,7 +76,7 @@ def perturbation_curve(
     step_, n_st = n_steps_of(n, n_steps, step)
     counts = (torch.arange(n_st + 1, device=x.device) * step_).clamp_max(n)
     fractions = counts.to(torch.float64) / n
-    ranks = rank_features(rel)
+    ranks = rank_features(rel, ties, seed)
     sub = make_substrate(substrate, x, blur_sigma=blur_sigma).to(x.dtype)
     s_total = n_st + 1
     scores = torch.empty(s_total, b, dtype=torch.float64, device=x.device)
@@ -98,6 +105,8 @@ def deletion(
     blur_sigma: float = 5.0,
     batch_size: int | None = 256,
     return_curve: bool = False,
+    ties: str = "random",
+    seed: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Deletion AUC per sample (lower is better): the most relevant features are removed first.
 
@@ -105,7 +114,7 @@ def deletion(
     """
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode="deletion", substrate=substrate, n_steps=n_steps, step=step,
-        features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size,
+        features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
     )  # fmt: skip
     auc = trapezoid(curve, xs)
     return (auc, curve, xs) if return_curve else auc
@@ -125,13 +134,15 @@ def insertion(
     blur_sigma: float = 5.0,
     batch_size: int | None = 256,
     return_curve: bool = False,
+    ties: str = "random",
+    seed: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Insertion AUC per sample (higher is better): the most relevant features are revealed first,
     starting from the substrate (``"auto"``: a blurred copy for images, as RISE; zeros otherwise). Returns as
     :func:`deletion`."""
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode="insertion", substrate=substrate, n_steps=n_steps, step=step,
-        features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size,
+        features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
     )  # fmt: skip
     auc = trapezoid(curve, xs)
     return (auc, curve, xs) if return_curve else auc
@@ -151,10 +162,12 @@ def insertion_deletion(
     output: str = "probability",
     blur_sigma: float = 5.0,
     batch_size: int | None = 256,
+    ties: str = "random",
+    seed: int = 0,
 ) -> Tensor:
     """Insertion AUC − deletion AUC per sample (higher is better; NeFLAG's summary score)."""
     kw = dict(n_steps=n_steps, step=step, features=features, output=output, blur_sigma=blur_sigma,
-              batch_size=batch_size)  # fmt: skip
+              batch_size=batch_size, ties=ties, seed=seed)  # fmt: skip
     ins = insertion(model, inputs, attributions, target, substrate=insertion_substrate, **kw)
     dele = deletion(model, inputs, attributions, target, substrate=deletion_substrate, **kw)
     return ins - dele
