@@ -414,3 +414,15 @@ def test_an_all_zero_map_deletes_like_a_random_order_not_the_raster_order():
     raster = MF.deletion(model, x, zero, None, ties="index", **kw)
     assert raster.max() < 0.2 * fx  # the artefact: the read rows go first
     torch.testing.assert_close(line.mean(), torch.tensor(fx / 2, dtype=torch.float64), rtol=0.08, atol=0)
+
+
+def test_map_only_metrics_refuse_non_finite_maps():
+    a = torch.rand(2, 1, 6, 6)
+    a[1, 0, 2, 2] = float("nan")
+    masks = torch.zeros(2, 6, 6, dtype=torch.bool)
+    masks[:, :3] = True
+    for fn in (lambda: MF.pointing_game(a, masks), lambda: MF.energy_pointing_game(a, masks),
+               lambda: MF.sparseness(a), lambda: MF.complexity(a.masked_fill(a.isnan(), float("inf")))):  # fmt: skip
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fn()
+    assert torch.isfinite(MF.sparseness(a.nan_to_num())).all()

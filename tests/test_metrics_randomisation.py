@@ -82,6 +82,9 @@ def test_independent_mode_and_layer_selection():
     assert names == ["0"]
     with pytest.raises(ValueError, match="unknown layers"):
         MF.model_randomisation(model, x, y, Saliency(), layers=["nope"])
+    for wrong in (torch.rand(8, 3), torch.rand(4, 12)):  # not the maps this method gives for x
+        with pytest.raises(ValueError, match="attributions= has"):
+            MF.model_randomisation(model, x, y, Saliency(), attributions=wrong)
 
 
 def test_randomise_layer_is_seeded_and_copy_shares_the_trainer():

@@ -19,6 +19,7 @@ __all__ = [
     "RunDraws",
     "Substrate",
     "broadcast_map",
+    "check_finite_map",
     "check_masks",
     "expand_feature_mask",
     "feature_relevance",
@@ -40,15 +41,20 @@ def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor 
     check_inputs(inputs)
     if attributions is not None:
         broadcast_map(attributions, inputs)
-        if not torch.isfinite(attributions.detach().sum()) and not torch.isfinite(attributions).all():
-            raise ValueError(
-                "attributions contain NaN or Inf, so no ordering or correlation of them means anything; "
-                "check the method's output (the monitor skips such maps with a warning)."
-            )
+        check_finite_map(attributions)
     if target is not None and (target.ndim != 1 or target.shape[0] != inputs.shape[0]):
         raise ValueError(
             f"target must have shape ({inputs.shape[0]},) (one class index per sample) or be None for a "
             f"single-output model, got {tuple(target.shape)}."
+        )
+
+
+def check_finite_map(attributions: Tensor) -> None:
+    """Raise if a map holds NaN or Inf (one reduction first; the element test only when it is not finite)."""
+    if not torch.isfinite(attributions.detach().sum()) and not torch.isfinite(attributions).all():
+        raise ValueError(
+            "attributions contain NaN or Inf, so no ordering, share or correlation of them means anything; "
+            "check the method's output (the monitor skips such maps with a warning)."
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._utils import check_finite_map
+
 __all__ = ["complexity", "sparseness"]
 
 
@@ -13,6 +15,7 @@ def sparseness(attributions: Tensor, eps: float = 1e-12) -> Tensor:
 
     G = Σ_k (2k − n − 1) a_(k) / (n Σ a), a sorted ascending.
     """
+    check_finite_map(attributions)
     a = attributions.detach().reshape(attributions.shape[0], -1).abs()
     n = a.shape[1]
     a_sorted = a.sort(dim=1).values.double()  # sort in the input's precision (same order), sum in float64
@@ -24,6 +27,7 @@ def sparseness(attributions: Tensor, eps: float = 1e-12) -> Tensor:
 
 def complexity(attributions: Tensor, eps: float = 1e-12) -> Tensor:
     """Shannon entropy of the normalised |A| per sample (natural log; lower is simpler)."""
+    check_finite_map(attributions)
     a = attributions.detach().reshape(attributions.shape[0], -1).abs().double()
     p = a / a.sum(1, keepdim=True).clamp_min(eps)
     return -(p * torch.log(p.clamp_min(eps))).sum(1)

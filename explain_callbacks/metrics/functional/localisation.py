@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import check_masks, feature_relevance
+from ._utils import check_finite_map, check_masks, feature_relevance
 
 __all__ = ["energy_pointing_game", "pointing_game"]
 
 
 def _relevance_map(attributions: Tensor, masks: Tensor, inputs: Tensor | None) -> tuple[Tensor, Tensor]:
     """Channel-summed relevance (B, *spatial) or (B, D) and boolean masks of the same shape."""
+    check_finite_map(attributions)
     ref = inputs if inputs is not None else attributions
     m = check_masks(masks, ref)
     if ref.ndim >= 3:

@@ -129,6 +129,11 @@ def model_randomisation(
     r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1))
 
     def corr(a: Tensor) -> Tensor:  # ranks in the maps' precision (same order), correlation in float64
+        if a.shape != a0.shape:
+            raise ValueError(
+                f"the method's maps have shape {tuple(a.shape)} but attributions= has {tuple(a0.shape)}; pass "
+                "the maps this method gives for the inputs (or attributions=None to compute them)."
+            )
         q = a.reshape(b, -1).to(a0.dtype)
         return pearson(r0, rankdata(q.abs() if abs else q))
 
