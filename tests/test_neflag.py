@@ -1,4 +1,4 @@
-"""NeFLAG's antithetic point sampling (explain_callbacks/attribution/blackbox/neflag.py)."""
+"""NeFLAG: projected-descent point search (default), antithetic uniform sampling (blackbox/neflag.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_linear_model_one_negative_point_per_pair_and_map_w_squared():
     lin = nn.Linear(12, 3).double()
     x = torch.randn(4, 12, dtype=torch.float64)
     t = torch.tensor([0, 1, 2, 0])
-    m = NeFLAG(n_points=7, oversample=2)  # 14 candidates = 7 pairs
+    m = NeFLAG(n_points=7, oversample=2, n_iter=0, antithetic=True)  # 14 candidates = 7 pairs
     m(lin, x, t)
     flux = m.last_info["flux"]
     assert flux.shape == (4, 14) and m.n_forwards((12,)) == 14
@@ -38,7 +38,7 @@ def test_linear_model_one_negative_point_per_pair_and_map_w_squared():
     assert ((flux[:, 0::2] < 0) ^ (flux[:, 1::2] < 0)).all()
     assert (m.last_info["n_negative"] == 7).all()
     # Many pairs: E[−n | w·n < 0] ∝ w, so the map ∝ w².
-    a = NeFLAG(n_points=4000, oversample=2)(lin, x, t)
+    a = NeFLAG(n_points=4000, oversample=2, n_iter=0, antithetic=True)(lin, x, t)
     w = lin.weight.detach()[t]
     assert (F.cosine_similarity(a, w**2, dim=1) > 0.99).all()
 
@@ -60,7 +60,7 @@ def test_antithetic_pairs_cancel_the_linear_term_where_both_members_are_negative
     maps = {}
     for anti in (True, False):
         for name, g in (("g1", g1), ("g2", g2)):
-            m = NeFLAG(n_points=20, antithetic=anti)
+            m = NeFLAG(n_points=20, n_iter=0, oversample=3, antithetic=anti)
             maps[anti, name] = m(Bowl(g, c), x, t)
             assert (m.last_info["n_negative"] == 20).all() and (m.last_info["flux"] < 0).all()
     torch.testing.assert_close(maps[True, "g1"], maps[True, "g2"])
@@ -79,16 +79,39 @@ def test_counts_seed_rng_and_model_state():
     t = torch.tensor([0, 1, 2, 0, 1])
     bn = inner[1].running_mean.clone()
     state = torch.get_rng_state()
-    for n, over, anti, expect in [(3, 3, True, 10), (3, 3, False, 9), (20, 3, True, 60), (1, 3, True, 4)]:
+    cases = [(3, 3, True, 0, 10), (3, 3, False, 0, 9), (20, 3, True, 0, 60), (1, 3, True, 0, 4), (20, 1, False, 5, 120)]
+    for n, over, anti, it, expect in cases:
         model.calls.clear()
-        m = NeFLAG(n_points=n, oversample=over, antithetic=anti, batch_size=7)
+        m = NeFLAG(n_points=n, oversample=over, antithetic=anti, n_iter=it, batch_size=7)
         a = m(model, x, t)
-        assert m.n_forwards((1, 8, 8)) == expect == m.last_info["flux"].shape[1]
+        assert m.n_forwards((1, 8, 8)) == expect == m.last_info["flux"].shape[1] * (it + 1)
         # every model row is counted: one probe row for the target check, then n_forwards per sample
         assert sum(model.calls) == 1 + 5 * expect and max(model.calls) <= 7
         assert torch.equal(m.last_info["forwards"], torch.full((5,), expect))
-        assert torch.equal(NeFLAG(n_points=n, oversample=over, antithetic=anti)(inner, x, t), a)  # same seed
-        assert not torch.equal(NeFLAG(n_points=n, oversample=over, antithetic=anti, seed=1)(inner, x, t), a)
+        kw = dict(n_points=n, oversample=over, antithetic=anti, n_iter=it)
+        assert torch.equal(NeFLAG(**kw)(inner, x, t), a)  # same seed
+        assert not torch.equal(NeFLAG(**kw, seed=1)(inner, x, t), a)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(inner[1].running_mean, bn) and not inner.training
     assert all(p.grad is None and p.requires_grad for p in inner.parameters())
+
+
+def test_default_descent_on_linear_model_finds_n_negative_points_and_map_w_squared():
+    # The default (n_iter=5 projected descent steps of 0.3 rad from 20 uniform starts, 120 passes): on a
+    # linear model every point moves towards −w/‖w‖, so all 20 have negative flux close to −‖w‖ (uniform
+    # points in 256 dimensions have flux about ±‖w‖/16, half of them positive) and the map tends to
+    # w²/‖w‖; 20 uniform points give a map far from w².
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 3).double()
+    x = torch.randn(4, 256, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 0])
+    w = lin.weight.detach()[t]
+    m = NeFLAG()
+    assert (m.n_points, m.n_iter, m.oversample, m.antithetic) == (20, 5, 1, False)
+    assert m.n_forwards((256,)) == 120
+    a = m(lin, x, t)
+    assert (m.last_info["n_negative"] == 20).all()
+    assert (m.last_info["flux"] < -0.9 * w.norm(dim=1, keepdim=True)).all()
+    assert (F.cosine_similarity(a, w**2, dim=1) > 0.99).all()
+    uniform = NeFLAG(n_iter=0)(lin, x, t)
+    assert (F.cosine_similarity(uniform, w**2, dim=1) < 0.5).all()
