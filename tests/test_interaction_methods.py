@@ -218,3 +218,31 @@ def test_acd_hierarchy_grows_merges_and_draws():
     (hs,) = ACD(tile=1, percentile=80, num_iters=2)(nn.Sequential(nn.Flatten(), nn.Linear(6, 2)), torch.randn(1, 6), 1)
     assert hs.grid == (6,)
     assert draw_hierarchy(hs).shape[0] == 3
+
+
+def test_conv1d_signals_are_grouped_by_time_step_over_channels():
+    """(B, C, L) inputs of a model whose first layer is a Conv1d: default groups are the L steps shared
+    over channels (the same as passing those ids), CD attribution paints (B, 1, L); a recurrent model
+    keeps (B, T, D) steps. A linear read-out of one step must put CD's whole main effect on that step."""
+    from explain_callbacks.interaction.base import channels_first_sequences
+
+    c, n = 3, 10
+    conv = nn.Sequential(nn.Conv1d(c, c, 1, bias=False), nn.Flatten(), nn.Linear(c * n, 2, bias=False)).double()
+    with torch.no_grad():
+        conv[0].weight.copy_(torch.eye(c).unsqueeze(2))
+        conv[2].weight.zero_()
+        conv[2].weight.view(2, c, n)[0, :, 4] = 1.0  # class 0 reads step 4 of every channel
+    x = torch.randn(4, c, n, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.long)
+    assert channels_first_sequences(conv)
+    for name in ("cd", "integrated_hessians", "sobol"):
+        m = INTERACTIONS.build(name)
+        got = m(conv, x, y)
+        assert got.shape == (4, n, n)
+        torch.testing.assert_close(got, m(conv, x, y, groups=torch.arange(n).view(1, n)))
+    cd = ATTRIBUTIONS.build("cd")(conv, x, y)
+    assert cd.shape == (4, 1, n)
+    torch.testing.assert_close(cd[:, 0, 4], x[:, :, 4].sum(1))
+    assert cd[:, 0, torch.arange(n) != 4].abs().max() < 1e-12
+    gru = nn.GRU(c, 4, batch_first=True)
+    assert not channels_first_sequences(gru) and not channels_first_sequences(nn.Sequential(nn.Linear(3, 2)))

@@ -27,6 +27,7 @@ __all__ = [
     "Groups",
     "InteractionMethod",
     "build_interaction",
+    "channels_first_sequences",
     "make_groups",
     "pair_auc",
     "top_pairs",
@@ -71,14 +72,24 @@ def _grid_ids(size: int, g: int) -> Tensor:
     return (torch.arange(size) * g) // size
 
 
-def make_groups(inputs: Tensor, groups: GroupSpec = None) -> Groups:
+def channels_first_sequences(model: nn.Module) -> bool:
+    """Whether the model reads 3-D inputs as (B, C, L) signals: its first module owning parameters is a
+    ``Conv1d`` (recurrent, attention and linear models read (B, T, D))."""
+    for m in model.modules():
+        if next(m.parameters(recurse=False), None) is not None:
+            return isinstance(m, nn.Conv1d)
+    return False
+
+
+def make_groups(inputs: Tensor, groups: GroupSpec = None, *, channels_first: bool = False) -> Groups:
     """Build feature groups for ``inputs`` (B, *S).
 
     ``groups`` may be:
 
     - ``None``: one group per feature for tabular (B, D) inputs; one per position of dim 1 for
-      (B, T, D) sequences; a 4×4 grid of patches (shared over channels) for (B, C, H, W) images.
-    - an int g: a g×g grid of patches (images), g windows along dim 1 (sequences), g contiguous
+      (B, T, D) sequences (of dim 2, shared over channels, for (B, C, L) signals with
+      ``channels_first=True``); a 4×4 grid of patches (shared over channels) for (B, C, H, W) images.
+    - an int g: a g×g grid of patches (images), g windows along the time dim (sequences), g contiguous
       blocks of features (tabular).
     - a long tensor of group ids with the per-sample shape (or one broadcastable to it, e.g. (H, W)
       for an image segmentation); ids < 0 belong to no group.
@@ -96,6 +107,11 @@ def make_groups(inputs: Tensor, groups: GroupSpec = None) -> Groups:
             g = d if groups is None else int(groups)
             ids = _grid_ids(d, g)
             return _from_ids(ids.to(dev), names=[f"x{i}" for i in range(d)] if g == d else None, grid=(g,))
+        if len(shape) == 2 and channels_first:
+            c, t = shape
+            g = t if groups is None else int(groups)
+            ids = _grid_ids(t, g).view(1, t).expand(c, t)
+            return _from_ids(ids.to(dev), grid=(min(g, t),), mask_shape=(1, t))
         if len(shape) == 2:
             t = shape[0]
             g = t if groups is None else int(groups)
@@ -244,7 +260,7 @@ class InteractionMethod(ABC):
             with torch.no_grad():
                 out = model(inputs[:1])
             check_target(tgt, out.shape[1] if out.ndim >= 2 else None, inputs.shape[0])
-        grp = make_groups(inputs, groups)
+        grp = make_groups(inputs, groups, channels_first=inputs.ndim == 3 and channels_first_sequences(model))
         self.last_info = {"groups": grp}
         scores = self.interactions(model, inputs, tgt, grp)
         return scores

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._internal.registry import ATTRIBUTIONS, INTERACTIONS
 from ..attribution.base import Attributor
-from .base import Groups, InteractionMethod, make_groups, pair_index
+from .base import Groups, InteractionMethod, channels_first_sequences, make_groups, pair_index
 from .cd import cd_scores
 
 __all__ = ["CDInteraction", "ContextualDecomposition", "patch_groups"]
@@ -50,9 +50,16 @@ class CDInteraction(InteractionMethod):
         return out
 
 
-def patch_groups(inputs: Tensor, patch_size: int | None, per_channel: bool = False) -> Groups:
-    """Groups of single features / pixels (``patch_size=None``) or square patches / windows."""
+def patch_groups(
+    inputs: Tensor, patch_size: int | None, per_channel: bool = False, channels_first: bool = False
+) -> Groups:
+    """Groups of single features / pixels (``patch_size=None``) or square patches / windows; 3-D inputs
+    are (B, T, D) sequences, or (B, C, L) signals with ``channels_first`` (steps shared over channels)."""
     shape = tuple(inputs.shape[1:])
+    if len(shape) == 2 and channels_first and not per_channel:
+        t = shape[1]
+        ps = 1 if patch_size is None else int(patch_size)
+        return make_groups(inputs, (torch.arange(t) // ps).view(1, t).to(inputs.device))
     if len(shape) == 3 and not per_channel:
         h, w = shape[1:]
         ps = 1 if patch_size is None else int(patch_size)
@@ -78,7 +85,8 @@ class ContextualDecomposition(Attributor):
         per_channel: images: one group per (channel, pixel) instead of per pixel.
         batch_size: decomposed rows per propagation.
 
-    Returns (B, D) for tabular inputs, (B, T, 1) for sequences and (B, 1, H, W) for images (every
+    Returns (B, D) for tabular inputs, (B, T, 1) for sequences (B, T, D), (B, 1, L) for signals (B, C, L)
+    of a model whose first layer is a ``Conv1d``, and (B, 1, H, W) for images (every
     position of a group carries the group's score; broadcast over channels), or the input's shape
     with ``per_channel=True``. Differentiable with respect to the parameters.
     """
@@ -94,7 +102,8 @@ class ContextualDecomposition(Attributor):
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
-        groups = patch_groups(inputs, self.patch_size, self.per_channel)
+        cf = inputs.ndim == 3 and channels_first_sequences(model)
+        groups = patch_groups(inputs, self.patch_size, self.per_channel, channels_first=cf)
         sc = cd_scores(model, inputs, groups.masks.to(inputs.dtype), target, batch_size=self.batch_size)
         if not create_graph:
             sc = sc.detach()
