@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import paired_times
 from torch import nn
 
 from explain_callbacks._internal import model_guard
@@ -91,24 +92,6 @@ def timeit(fns, repeats: int, warmup: bool = True) -> list[float]:
             fn()
             times[i].append(CLOCK() - t)
     return [min(ts) for ts in times]
-
-
-def paired_times(method, bare, repeats: int) -> tuple[float, float, float]:
-    """Fastest time of each and the median over rounds of the ratio method / bare, the two run back to
-    back in each round (alternating which goes first). On a shared machine the CPU clock speed drifts
-    with the other core's load (turbo), by up to a third between minutes; a ratio of neighbours in
-    time cancels most of that, where a ratio of two minima taken minutes apart does not."""
-    tm, tb = [], []
-    for r in range(repeats):
-        order = [(method, tm), (bare, tb)] if r % 2 == 0 else [(bare, tb), (method, tm)]
-        for fn, acc in order:
-            t = CLOCK()
-            fn()
-            acc.append(CLOCK() - t)
-    ratios = sorted(a / b for a, b in zip(tm, tb))
-    n = len(ratios)
-    median = ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
-    return min(tm), min(tb), median
 
 
 class Recorder(nn.Module):
@@ -211,6 +194,7 @@ def overhead(net, x, y, repeats: int, quick: bool, only: list[str] | None = None
             lambda m=m, xm=xm, ym=ym: m(net, xm, ym),
             lambda c=calls, p=pool_m: replay(net, c, p),
             repeats if xm is x else 2 * repeats + 1,
+            clock=CLOCK,
         )
         kind = "fwd+bwd" if any(g for _, g in calls) else "fwd"
         label = name if xm is x else f"{name} ({xm.shape[0]} images)"

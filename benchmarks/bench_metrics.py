@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import paired_times  # a sibling module: the benchmarks run as scripts
+
 from explain_callbacks.attribution import Saliency
 from explain_callbacks.datasets.shapes import make_shapes
 from explain_callbacks.metrics import functional as MF
@@ -93,32 +95,28 @@ def bare_method(method: Callable, model: nn.Module, n_rows: int, x: Tensor, y: T
     return run
 
 
-def paired(fn: Callable[[], Any], bare: Callable[[], Any] | list[Callable[[], Any]], repeats: int
-           ) -> tuple[float, Any, float, float]:  # fmt: skip
-    """Ours and its bare passes timed back to back, ``repeats`` interleaved rounds after a warm-up (the
-    order alternating): the best time of each, the last result, and the median of the per-round
-    ratios (steadier than a ratio of separate bests on a shared machine)."""
+def paired(
+    fn: Callable[[], Any], bare: Callable[[], Any] | list[Callable[[], Any]], repeats: int
+) -> tuple[float, Any, float, float]:
+    """Ours and its bare passes timed back to back (:func:`_timing.paired_times`, after a warm-up): the
+    best time of each, the last result, and the median of the per-round ratios (steadier than a ratio
+    of separate bests on a shared machine)."""
     bares = bare if isinstance(bare, list) else [bare]
+    result: list[Any] = [None]
+
+    def run() -> None:
+        result[0] = fn()
+        _sync()
 
     def run_bare() -> None:
         for f in bares:
             f()
+        _sync()
 
-    out = fn()
+    run()
     run_bare()
-    _sync()
-    ts, tb = [], []
-    for i in range(max(1, repeats)):
-        for which in (0, 1) if i % 2 == 0 else (1, 0):
-            t = time.perf_counter()
-            if which == 0:
-                out = fn()
-            else:
-                run_bare()
-            _sync()
-            (ts if which == 0 else tb).append(time.perf_counter() - t)
-    ratios = sorted(a / b for a, b in zip(ts, tb))
-    return min(ts), out, min(tb), ratios[len(ratios) // 2]
+    t_ours, t_bare, ratio = paired_times(run, run_bare, repeats)
+    return t_ours, result[0], t_bare, ratio
 
 
 @contextlib.contextmanager

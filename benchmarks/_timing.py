@@ -1,0 +1,28 @@
+"""Timing shared by the benchmarks (imported as a sibling module: the benchmarks run as scripts)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def paired_times(
+    method: Callable[[], object],
+    bare: Callable[[], object],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float, float]:
+    """Fastest time of each and the median over rounds of the ratio method / bare, the two run back to
+    back in each round (alternating which goes first). On a shared machine the CPU clock speed drifts
+    with the other core's load (turbo), by up to a third between minutes; a ratio of neighbours in
+    time cancels most of that, where a ratio of two minima taken minutes apart does not."""
+    tm: list[float] = []
+    tb: list[float] = []
+    for r in range(max(1, repeats)):
+        order = [(method, tm), (bare, tb)] if r % 2 == 0 else [(bare, tb), (method, tm)]
+        for fn, acc in order:
+            t = clock()
+            fn()
+            acc.append(clock() - t)
+    return min(tm), min(tb), statistics.median(a / b for a, b in zip(tm, tb))
