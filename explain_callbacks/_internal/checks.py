@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_floating", "check_inputs", "check_map", "finite_rows", "not_differentiable", "require_graph"]
+__all__ = [
+    "all_finite",
+    "check_floating",
+    "check_inputs",
+    "check_map",
+    "finite_rows",
+    "not_differentiable",
+    "require_graph",
+]
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf: one reduction first (NaN/Inf anywhere makes the sum non-finite),
+    the element test only when the sum is not finite (it may just have overflowed)."""
+    return bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all())
 
 
 def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = None, name: str = "inputs") -> None:
@@ -20,8 +34,7 @@ def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = No
     check_floating(inputs, name)
     if inputs.shape[0] == 0:
         raise ValueError(f"{name} is empty (batch size 0).")
-    # one reduction first (NaN/Inf anywhere makes the sum non-finite); the exact test only if it is not
-    if not torch.isfinite(inputs.detach().sum()) and not torch.isfinite(inputs).all():
+    if not all_finite(inputs):
         bad = (~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(1).nonzero().flatten().tolist()
         raise ValueError(
             f"{name} contains NaN or Inf in samples {bad[:10]}; clean the data or drop those samples "
@@ -46,7 +59,7 @@ def finite_rows(x: Tensor) -> Tensor:
 
 
 def check_map(attr: Tensor, name: str = "attribution") -> None:
-    if not torch.isfinite(attr).all():
+    if not all_finite(attr):
         raise FloatingPointError(
             f"{name} contains NaN or Inf; the model may produce non-finite gradients (check for log(0), "
             "division by zero, or a too-large learning rate)."

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import chunks, select_output
-from ..._internal.checks import check_inputs
+from ..._internal.checks import all_finite, check_inputs
+from ...attribution.base import make_generator
 
 __all__ = [
     "FEATURES",
@@ -51,7 +52,7 @@ def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor 
 
 def check_finite_map(attributions: Tensor) -> None:
     """Raise if a map holds NaN or Inf (one reduction first; the element test only when it is not finite)."""
-    if not torch.isfinite(attributions.detach().sum()) and not torch.isfinite(attributions).all():
+    if not all_finite(attributions):
         raise ValueError(
             "attributions contain NaN or Inf, so no ordering, share or correlation of them means anything; "
             "check the method's output (the monitor skips such maps with a warning)."
@@ -134,8 +135,6 @@ def rank_features(relevance: Tensor, ties: str = "random", seed: int = 0) -> Ten
         srt = relevance.gather(1, order)
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             # a random permutation per sample, then a stable sort: equal values keep the permuted order
-            from ...attribution.base import make_generator
-
             g = make_generator(relevance.device, seed)
             key = torch.rand(relevance.shape, generator=g, device=g.device).to(relevance.device)
             perm = key.argsort(dim=1)
