@@ -66,7 +66,7 @@ def test_neflag_linear_model_and_planted_region():
     lin = nn.Linear(20, 4).double()
     x = torch.randn(5, 20, dtype=torch.float64)
     t = torch.tensor([0, 1, 2, 3, 0])
-    m = NeFLAG(n_points=5000, n_iter=0, oversample=3, antithetic=True)  # uniform sampling
+    m = NeFLAG(n_points=5000, n_iter=0, oversample=3, antithetic=True, coordinates="input")  # uniform
     a = m(lin, x, t)
     # Constant field F = w: exactly the points with w·n < 0 are kept, E[−n | w·n < 0] ∝ w, so A ∝ w².
     w = lin.weight.detach()[t]
@@ -96,7 +96,7 @@ def test_neflag_aggregates_only_the_negative_flux():
     # half's must be larger, and the second half's negative (−F_j n_j = −ε n_j² there).
     x = torch.zeros(3, 16, dtype=torch.float64)
     t = torch.zeros(3, dtype=torch.long)
-    m = NeFLAG(n_points=200, n_iter=0, oversample=3, antithetic=True)  # uniform sampling
+    m = NeFLAG(n_points=200, n_iter=0, oversample=3, antithetic=True, coordinates="input")  # uniform
     a = m(Saddle(), x, t)
     assert (m.last_info["n_negative"] == 200).all()
     assert (a[:, :8] > 0).all() and (a[:, 8:] < 0).all()

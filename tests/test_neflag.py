@@ -1,7 +1,9 @@
-"""NeFLAG: projected-descent point search (default), antithetic uniform sampling (blackbox/neflag.py)."""
+"""NeFLAG: projected-descent point search (default), antithetic uniform sampling, scale (default) and input
+coordinates (blackbox/neflag.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,7 @@ def test_linear_model_one_negative_point_per_pair_and_map_w_squared():
     lin = nn.Linear(12, 3).double()
     x = torch.randn(4, 12, dtype=torch.float64)
     t = torch.tensor([0, 1, 2, 0])
-    m = NeFLAG(n_points=7, oversample=2, n_iter=0, antithetic=True)  # 14 candidates = 7 pairs
+    m = NeFLAG(n_points=7, oversample=2, n_iter=0, antithetic=True, coordinates="input")  # 7 pairs
     m(lin, x, t)
     flux = m.last_info["flux"]
     assert flux.shape == (4, 14) and m.n_forwards((12,)) == 14
@@ -38,7 +40,7 @@ def test_linear_model_one_negative_point_per_pair_and_map_w_squared():
     assert ((flux[:, 0::2] < 0) ^ (flux[:, 1::2] < 0)).all()
     assert (m.last_info["n_negative"] == 7).all()
     # Many pairs: E[−n | w·n < 0] ∝ w, so the map ∝ w².
-    a = NeFLAG(n_points=4000, oversample=2, n_iter=0, antithetic=True)(lin, x, t)
+    a = NeFLAG(n_points=4000, oversample=2, n_iter=0, antithetic=True, coordinates="input")(lin, x, t)
     w = lin.weight.detach()[t]
     assert (F.cosine_similarity(a, w**2, dim=1) > 0.99).all()
 
@@ -60,7 +62,7 @@ def test_antithetic_pairs_cancel_the_linear_term_where_both_members_are_negative
     maps = {}
     for anti in (True, False):
         for name, g in (("g1", g1), ("g2", g2)):
-            m = NeFLAG(n_points=20, n_iter=0, oversample=3, antithetic=anti)
+            m = NeFLAG(n_points=20, n_iter=0, oversample=3, antithetic=anti, coordinates="input")
             maps[anti, name] = m(Bowl(g, c), x, t)
             assert (m.last_info["n_negative"] == 20).all() and (m.last_info["flux"] < 0).all()
     torch.testing.assert_close(maps[True, "g1"], maps[True, "g2"])
@@ -106,12 +108,83 @@ def test_default_descent_on_linear_model_finds_n_negative_points_and_map_w_squar
     x = torch.randn(4, 256, dtype=torch.float64)
     t = torch.tensor([0, 1, 2, 0])
     w = lin.weight.detach()[t]
-    m = NeFLAG()
-    assert (m.n_points, m.n_iter, m.oversample, m.antithetic) == (20, 5, 1, False)
+    assert (NeFLAG().n_points, NeFLAG().n_iter, NeFLAG().oversample, NeFLAG().antithetic) == (20, 5, 1, False)
+    assert NeFLAG().coordinates == "scale"
+    m = NeFLAG(coordinates="input")
     assert m.n_forwards((256,)) == 120
     a = m(lin, x, t)
     assert (m.last_info["n_negative"] == 20).all()
     assert (m.last_info["flux"] < -0.9 * w.norm(dim=1, keepdim=True)).all()
     assert (F.cosine_similarity(a, w**2, dim=1) > 0.99).all()
-    uniform = NeFLAG(n_iter=0)(lin, x, t)
+    uniform = NeFLAG(n_iter=0, coordinates="input")(lin, x, t)
     assert (F.cosine_similarity(uniform, w**2, dim=1) < 0.5).all()
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps every input row it is called on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_scale_coordinates_on_linear_model_tend_to_squared_gradient_times_input():
+    # g(z) = f_c(x ⊙ z) has the constant field G = w ⊙ x on a linear model, so the descended points
+    # move towards −G/‖G‖ and the map tends to G²/‖G‖ = (w_j x_j)² / ‖w ⊙ x‖: a function of w_j x_j,
+    # zero on the features that are exactly 0 (scaling them changes nothing). The input-coordinate map
+    # is w²/‖w‖ instead, which does not see x.
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 3).double()
+    x = torch.randn(4, 256, dtype=torch.float64)
+    x[:, ::4] = 0.0  # a quarter of the features exactly zero
+    t = torch.tensor([0, 1, 2, 0])
+    w = lin.weight.detach()[t]
+    G = w * x
+    m = NeFLAG()  # coordinates="scale", the default
+    assert m.n_forwards((256,)) == 120  # same cost as input coordinates
+    a = m(lin, x, t)
+    assert (a[:, ::4] == 0).all()
+    assert (m.last_info["n_negative"] == 20).all()
+    assert (m.last_info["flux"] < -0.9 * G.norm(dim=1, keepdim=True)).all()  # flux of G through the z-sphere
+    expect = G**2 / G.norm(dim=1, keepdim=True)
+    assert (F.cosine_similarity(a, expect, dim=1) > 0.99).all()
+    torch.testing.assert_close(a.sum(1), expect.sum(1), rtol=0.05, atol=0)
+    # the input-coordinate map is a different function: w², not (w x)²
+    assert (F.cosine_similarity(NeFLAG(coordinates="input")(lin, x, t), expect, dim=1) < 0.9).all()
+
+
+def test_scale_coordinates_move_each_nonzero_feature_relatively_and_leave_zeros():
+    # The points are x ⊙ (1 + ε·u) with u on the unit sphere of the non-zero features and
+    # ε = radius · √(their count): the relative change (x' − x)/x has norm radius·√k on the support
+    # and zero features stay exactly 0 (their attribution is 0).
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4)).double()
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    x[0, 0, :2] = 0.0
+    x[1, 0, :, 3] = 0.0
+    x[2] = 0.0  # nothing to scale: an all-zero map
+    t = torch.tensor([0, 1, 2])
+    rec = Recorder(inner)
+    m = NeFLAG(n_points=5, coordinates="scale", radius=0.2, batch_size=1000)
+    a = m(rec, x, t)
+    pts = torch.cat(rec.rows[1:]).reshape(-1, 3, 36)  # the probe row first; then (points, B, D) per call
+    assert pts.shape[0] == 5 * 6
+    flat = x.reshape(3, 36)
+    support = flat != 0
+    assert (pts[:, ~support] == 0).all()
+    rel = (pts[:, :2] - flat[:2]) / flat[:2].where(support[:2], torch.ones(()))
+    k = support[:2].sum(1).double()
+    torch.testing.assert_close(rel.norm(dim=2), (0.2 * k.sqrt()).expand(30, 2))
+    assert (a.reshape(3, 36)[~support] == 0).all()
+    assert (a.reshape(3, 36)[:2][support[:2]] != 0).any()
+    assert torch.equal(a[2], torch.zeros_like(a[2])) and m.last_info["n_negative"][2] == 0
+
+
+def test_coordinates_are_checked():
+    with pytest.raises(ValueError, match="coordinates"):
+        NeFLAG(coordinates="log")
