@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from explain_callbacks._internal.batching import resolve_batch_size
 from explain_callbacks._internal.masks import (
     fit_budget,
     make_substrate,
@@ -321,6 +322,7 @@ def test_chunks_and_forward_counts(make, batch_size):
 def test_budget_lowers_sample_counts_and_is_honoured():
     model = CountingModel(nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10)))
     x = torch.rand(2, 1, 32, 32)
+    resolve_batch_size("auto", model, x)  # the one-row probe of batch_size="auto", cached per model
     for method, expect in [
         (RISE(budget=300), 300),
         (HSIC(budget=200), 200),

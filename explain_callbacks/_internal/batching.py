@@ -1,8 +1,21 @@
-"""Chunked model calls: memory bounded by ``batch_size`` rows, not by n_steps x batch."""
+"""Chunked model calls: memory bounded by ``batch_size`` rows, not by n_steps x batch.
+
+``batch_size="auto"`` (the default everywhere) picks the rows per call from the model: on the GPU
+:data:`AUTO_ROWS_MAX` rows; on the CPU as many rows as fit :data:`CPU_ELEMENTS_PER_CALL` activation
+elements (what the model's leaf modules output for one row, measured once per model and row shape),
+between :data:`AUTO_ROWS_MIN` and :data:`AUTO_ROWS_MAX`. Why: on the CPU a call's activations
+should stay near the caches. Measured here (2 threads, Xeon with 4 MiB L2 per core, README "Chunk
+size"): a 3×64×64 input through a width-64 CNN (1.5 M activation elements per row) costs 2.2 ms per
+row in calls of 8 rows and 5.8 ms in calls of 256, while the 8×8 digits CNN (6 k per row) is fastest
+at 256 rows per call.
+"""
 
 from __future__ import annotations
 
+import numbers
+import weakref
 from collections.abc import Callable, Iterator
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -10,21 +23,138 @@ from torch import Tensor, nn
 from .checks import not_differentiable, require_graph
 from .outputs import pick_output
 
-__all__ = ["chunks", "forward_selected", "grad_selected", "map_chunks", "select_output"]
+__all__ = [
+    "AUTO_ROWS_MAX",
+    "AUTO_ROWS_MIN",
+    "CPU_ELEMENTS_PER_CALL",
+    "BatchSize",
+    "RowsPerCall",
+    "activation_elements",
+    "check_batch_size",
+    "chunks",
+    "forward_selected",
+    "grad_selected",
+    "map_chunks",
+    "resolve_batch_size",
+    "rows",
+    "select_output",
+]
+
+#: rows per model call: a positive int, ``"auto"`` (chosen from the model, see the module docstring),
+#: or None (everything in one call).
+BatchSize = Union[int, str, None]
+#: activation elements per model call aimed at on the CPU by ``batch_size="auto"`` (32 MiB of float32).
+CPU_ELEMENTS_PER_CALL = 1 << 23
+#: bounds of the rows per call that ``"auto"`` picks (the upper one is also its GPU choice).
+AUTO_ROWS_MIN, AUTO_ROWS_MAX = 8, 256
+
+# activation elements per row, per model, per (row shape, dtype): one probe forward each
+_activation_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
-def chunks(n: int, batch_size: int | None) -> Iterator[slice]:
+def check_batch_size(batch_size: BatchSize) -> BatchSize:
+    """``batch_size`` if it is a positive int, ``"auto"`` or None; otherwise a ValueError naming the fix."""
+    if batch_size is None or batch_size == "auto":
+        return batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ValueError(
+            f"batch_size (rows per model call) must be a positive int, 'auto' or None; got {batch_size!r}."
+        )
+    return int(batch_size)
+
+
+def rows(batch_size: BatchSize) -> int | None:
+    """Rows per call for a setting that could not be resolved against a model: ``"auto"`` reads as
+    :data:`AUTO_ROWS_MAX` (entry points resolve it with :func:`resolve_batch_size` first)."""
+    if batch_size == "auto":
+        return AUTO_ROWS_MAX
+    return None if not batch_size or batch_size <= 0 else int(batch_size)
+
+
+def activation_elements(model: nn.Module, row: Tensor) -> int:
+    """Elements output by the leaf modules of ``model`` for the one-row input ``row`` (1, ...).
+
+    One forward pass without grad, with every module in eval mode (no BatchNorm statistics move) and
+    the global RNG forked; modes and hooks are restored, so the model is left exactly as found.
+    """
+    total = [0]
+
+    def count(_m: nn.Module, _i: object, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                total[0] += t.numel()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = model(row)
+        if total[0] == 0 and isinstance(out, Tensor):  # a model without leaf modules (functional code)
+            total[0] = out.numel() + row.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return max(total[0], 1)
+
+
+def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> int | None:
+    """The rows per call for ``inputs`` (B, ...) through ``model``: ints and None as given; ``"auto"``
+    from the model's activation size on the CPU (see the module docstring), :data:`AUTO_ROWS_MAX` on
+    other devices or for models that are not ``nn.Module``s."""
+    check_batch_size(batch_size)
+    if batch_size != "auto":
+        return batch_size
+    if inputs.device.type != "cpu" or not isinstance(model, nn.Module) or inputs.shape[0] == 0:
+        return AUTO_ROWS_MAX
+    per_model = _activation_cache.setdefault(model, {})
+    key = (tuple(inputs.shape[1:]), inputs.dtype)
+    if key not in per_model:
+        try:
+            per_model[key] = activation_elements(model, inputs[:1].detach())
+        except Exception:
+            return AUTO_ROWS_MAX
+    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // per_model[key])))
+
+
+_UNRESOLVED = object()  # a batch_size setting not yet resolved against a model and input
+
+
+class RowsPerCall:
+    """Mixin for methods with a ``batch_size`` setting: the attribute reads as the setting resolved
+    by :meth:`_resolve_rows` for the current (last) call's model and input, so method code sees an
+    int or None, never ``"auto"``; assigning it sets (and validates) the setting."""
+
+    _batch_size: BatchSize = "auto"
+    _rows: int | object | None = _UNRESOLVED
+
+    @property
+    def batch_size(self) -> int | None:
+        return self._rows if self._rows is not _UNRESOLVED else rows(self._batch_size)
+
+    @batch_size.setter
+    def batch_size(self, value: BatchSize) -> None:
+        self._batch_size = check_batch_size(value)
+        self._rows = _UNRESOLVED
+
+    def _resolve_rows(self, model: object, inputs: Tensor) -> None:
+        self._rows = resolve_batch_size(self._batch_size, model, inputs)
+
+
+def chunks(n: int, batch_size: BatchSize) -> Iterator[slice]:
     """Slices ``[0, n)`` in pieces of at most ``batch_size`` (all at once if None)."""
-    step = n if not batch_size or batch_size <= 0 else int(batch_size)
-    step = max(step, 1)
+    step = max(rows(batch_size) or n, 1)
     for start in range(0, n, step):
         yield slice(start, min(start + step, n))
 
 
-def steps_per_call(batch_size: int | None, batch: int, n_steps: int) -> int:
+def steps_per_call(batch_size: BatchSize, batch: int, n_steps: int) -> int:
     """How many steps (noise draws, path points) of a ``batch``-row input fit in one call of at most
     ``batch_size`` rows (all ``n_steps`` when ``batch_size`` is None; at least one)."""
-    return max(1, (batch_size or batch * n_steps) // batch)
+    return max(1, (rows(batch_size) or batch * n_steps) // batch)
 
 
 def select_output(out: Tensor, target: Tensor | None) -> Tensor:
@@ -65,7 +195,7 @@ def forward_selected(
     model: nn.Module | Callable[[Tensor], Tensor],
     x: Tensor,
     target: Tensor | None,
-    batch_size: int | None = None,
+    batch_size: BatchSize = None,
 ) -> Tensor:
     """``select_output(model(x), target)`` computed in chunks; returns (N,)."""
     target = _expand_target(target, x.shape[0])
@@ -79,7 +209,7 @@ def grad_selected(
     model: nn.Module | Callable[[Tensor], Tensor],
     x: Tensor,
     target: Tensor | None,
-    batch_size: int | None = None,
+    batch_size: BatchSize = None,
     *,
     create_graph: bool = False,
     return_outputs: bool = False,
@@ -110,6 +240,6 @@ def grad_selected(
     return g
 
 
-def map_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int | None) -> Tensor:
+def map_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: BatchSize) -> Tensor:
     """Apply ``fn`` to row chunks of ``x`` and concatenate."""
     return torch.cat([fn(x[sl]) for sl in chunks(x.shape[0], batch_size)])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batching import chunks, select_output
+from .batching import BatchSize, chunks, select_output
 from .ops import gaussian_blur
 
 __all__ = [
@@ -352,7 +352,7 @@ def masked_scores(
     render: Callable[[slice], Tensor],
     substrate: Tensor | None = None,
     *,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     output: str = "logit",
     accumulate: Callable[[slice, slice, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
@@ -398,7 +398,7 @@ def base_scores(
     inputs: Tensor,
     target: Tensor | None,
     *,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     output: str = "logit",
 ) -> Tensor:
     """``f_c(x)`` for each sample (B,), chunked."""

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
 from .._internal.targets import as_target_tensor, check_target
 
@@ -29,11 +30,14 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
-class Attributor(ABC):
+class Attributor(RowsPerCall, ABC):
     """Base class of attribution methods.
 
     Args:
-        batch_size: rows per model call (memory bound); ``None`` sends everything at once.
+        batch_size: rows per model call (memory bound): ``"auto"`` (default) picks them from the
+            model's activation size on the CPU and 256 on the GPU (``_internal.batching``); an int
+            fixes them; ``None`` sends everything at once. Inside a call, ``self.batch_size`` reads
+            as the resolved int.
         seed: seed of the per-call generator (random methods only).
 
     Subclasses implement :meth:`attribute` on validated inputs. ``last_info`` holds per-sample side
@@ -46,9 +50,7 @@ class Attributor(ABC):
     #: whether the map has the input's shape (False: a documented lower resolution / other space).
     input_shaped: ClassVar[bool] = True
 
-    def __init__(self, batch_size: int | None = 256, seed: int = 0) -> None:
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}.")
+    def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
         self.batch_size = batch_size
         self.seed = seed
         self.last_info: dict[str, Tensor] = {}
@@ -73,6 +75,7 @@ class Attributor(ABC):
         """Checks shared by ``__call__`` and other public entry points (e.g. ``HSIC.interactions``):
         validates the inputs and the target range, resets ``last_info``, returns the target tensor."""
         check_inputs(inputs)
+        self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         if tgt is not None:
             with torch.no_grad():
@@ -95,11 +98,13 @@ class Attributor(ABC):
         return f"{type(self).__name__}({args})"
 
     def _repr_args(self) -> dict[str, Any]:
-        return {
-            k: v
+        args = {"batch_size": self._batch_size}
+        args.update(
+            (k, v)
             for k, v in vars(self).items()
             if not k.startswith("_") and k != "last_info" and not isinstance(v, Tensor)
-        }
+        )
+        return args
 
 
 def _n_outputs(model: nn.Module, x1: Tensor) -> int | None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._internal.batching import chunks, select_output
+from .._internal.batching import BatchSize, chunks, select_output
 from .._internal.ops import upsample_to
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
@@ -34,7 +34,7 @@ class GradCAM(Attributor):
         layer: str | nn.Module | None = None,
         relu: bool = True,
         upsample: bool = True,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
     ) -> None:
         super().__init__(batch_size=batch_size)
         self.layer = layer

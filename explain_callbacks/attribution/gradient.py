@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import grad_selected, steps_per_call
+from .._internal.batching import BatchSize, grad_selected, steps_per_call
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
 
@@ -22,7 +22,7 @@ class Saliency(Attributor):
 
     name = "saliency"
 
-    def __init__(self, abs: bool = False, batch_size: int | None = 256) -> None:
+    def __init__(self, abs: bool = False, batch_size: BatchSize = "auto") -> None:
         super().__init__(batch_size=batch_size)
         self.abs = abs
 
@@ -64,7 +64,7 @@ class SmoothGrad(Attributor):
         noise_level: float = 0.15,
         variant: str = "smoothgrad",
         stdev: float | None = None,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from .._internal.batching import select_output, steps_per_call
+from .._internal.batching import BatchSize, select_output, steps_per_call
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
 from .layers import _Stop, capture_output, captured, find_layer
@@ -47,7 +47,7 @@ class NeuronRegionIG(Attributor):
         n_steps: int = 32,
         rule: str = "gausslegendre",
         baseline: Baseline = "zeros",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
     ) -> None:
         super().__init__(batch_size=batch_size)
         self.layer = layer

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import forward_selected, grad_selected, steps_per_call
+from .._internal.batching import BatchSize, forward_selected, grad_selected, steps_per_call
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
@@ -115,7 +115,7 @@ class IntegratedGradients(Attributor):
         baseline: Baseline = "zeros",
         blur_sigma: float = 5.0,
         completeness: bool = True,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
@@ -200,7 +200,7 @@ class ExpectedGradients(Attributor):
     name = "expected_gradients"
 
     def __init__(
-        self, reference: Tensor | None = None, n_samples: int = 32, batch_size: int | None = 256, seed: int = 0
+        self, reference: Tensor | None = None, n_samples: int = 32, batch_size: BatchSize = "auto", seed: int = 0
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
         self.reference = reference

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .._internal.batch import BatchAdapter, InputSpec
+from .._internal.batching import BatchSize
 from .._internal.checks import finite_rows
 from .._internal.guard import detach_clone, model_guard
 from .._internal.outputs import OutputSpec, output_adapter
@@ -108,7 +109,7 @@ class ProbeCallback(Callback):
         label_key: InputSpec = None,
         mask_key: InputSpec = None,
         target: TargetPolicy = "label",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         model_attr: str | None = None,
         output_key: OutputSpec = None,
         strict: bool = False,

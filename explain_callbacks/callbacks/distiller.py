@@ -56,7 +56,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .._internal.batch import BatchAdapter, InputSpec
-from .._internal.batching import chunks
+from .._internal.batching import BatchSize, check_batch_size, chunks, resolve_batch_size
 from .._internal.checks import finite_rows
 from .._internal.guard import detach_clone, model_guard, rng_guard
 from .._internal.outputs import OutputSpec, output_adapter, pick_output
@@ -105,7 +105,7 @@ class Distiller(Callback):
             matches the input size).
         export: write the final students; ``export_dir`` defaults to ``<log_dir>/distill``.
         log_students: log the readable forms (text and images) to TensorBoard.
-        batch_size: rows per teacher call.
+        batch_size: rows per teacher call (``"auto"``: chosen from its activation size, see ``_internal.batching``).
         seed: seed of the per-batch subsample generator.
         strict: re-raise exceptions while fitting (default: warn and continue training).
     """
@@ -128,7 +128,7 @@ class Distiller(Callback):
         export: bool = True,
         export_dir: str | None = None,
         log_students: bool = True,
-        batch_size: int = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
         strict: bool = False,
     ) -> None:
@@ -162,7 +162,7 @@ class Distiller(Callback):
         self.export = export
         self.export_dir = export_dir
         self.log_students = log_students
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.seed = seed
         self.strict = strict
         self.history: list[dict[str, Any]] = []
@@ -400,8 +400,10 @@ class Distiller(Callback):
         try:
             with model_guard(pl_module), torch.no_grad():
                 device = pl_module.device
-                for sl in chunks(x.shape[0], self.batch_size):
-                    xc = detach_clone(x[sl], float_dtype(teacher) if x.is_floating_point() else None).to(device)
+                dtype = float_dtype(teacher) if x.is_floating_point() else None
+                per_call = resolve_batch_size(self.batch_size, teacher, detach_clone(x[:1], dtype).to(device))
+                for sl in chunks(x.shape[0], per_call):
+                    xc = detach_clone(x[sl], dtype).to(device)
                     o = pick_output(teacher(xc), self.output_key)
                     outs.append(o.detach().float().cpu())
                     if handle is not None:

@@ -81,8 +81,9 @@ class InteractionMonitor(ProbeCallback):
             name = getattr(method, "name", type(method).__name__)
             if name in self.methods:
                 name = f"{name}_{len(self.methods)}"
-            if getattr(method, "batch_size", None) is not None and self.batch_size is not None:
-                method.batch_size = max(method.batch_size, self.batch_size)
+            setting = getattr(method, "_batch_size", getattr(method, "batch_size", None))  # RowsPerCall or plain
+            if isinstance(self.batch_size, int) and setting is not None:  # the callback's explicit rows per call
+                method.batch_size = self.batch_size if setting == "auto" else max(setting, self.batch_size)
             self.methods[name] = method
         self.groups = to_plain(groups)
         if top_k < 1:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import chunks, select_output
+from .._internal.batching import BatchSize, chunks, select_output
 
 __all__ = ["trim_attribution"]
 
@@ -37,7 +37,7 @@ def trim_attribution(
     method: str = "saliency",
     use_residual: bool = True,
     create_graph: bool = False,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor | tuple[Tensor, ...]:
     """TRIM attributions of the coefficients ``transform(x)`` (a tensor or a tuple of tensors).
 

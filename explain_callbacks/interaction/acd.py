@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .cd import cd_scores
 
 __all__ = ["ACD", "ACDHierarchy", "draw_hierarchy"]
@@ -137,7 +138,7 @@ class ACD:
         num_iters: int = 5,
         use_abs: bool = True,
         max_tiles: int = 4096,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
     ) -> None:
         if tile < 1:
             raise ValueError(f"tile must be >= 1, got {tile}.")

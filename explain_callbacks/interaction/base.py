@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
 from .._internal.registry import INTERACTIONS
 from .._internal.targets import as_target_tensor, check_target
@@ -222,7 +223,7 @@ def pair_auc(scores: Tensor, truth: Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
-class InteractionMethod(ABC):
+class InteractionMethod(RowsPerCall, ABC):
     """Base class of pairwise interaction methods.
 
     Args:
@@ -239,9 +240,7 @@ class InteractionMethod(ABC):
     #: whether the method takes input gradients (callers must not disable grad mode)
     needs_grad: ClassVar[bool] = False
 
-    def __init__(self, batch_size: int | None = 256, seed: int = 0) -> None:
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}.")
+    def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
         self.batch_size = batch_size
         self.seed = seed
         self.last_info: dict[str, Any] = {}
@@ -255,6 +254,7 @@ class InteractionMethod(ABC):
         groups: GroupSpec = None,
     ) -> Tensor:
         check_inputs(inputs)
+        self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         if tgt is not None:
             with torch.no_grad():
@@ -278,11 +278,13 @@ class InteractionMethod(ABC):
         return g
 
     def __repr__(self) -> str:
-        args = ", ".join(
-            f"{k}={v!r}"
+        kept = {"batch_size": self._batch_size}
+        kept.update(
+            (k, v)
             for k, v in vars(self).items()
             if not k.startswith("_") and k != "last_info" and not isinstance(v, Tensor)
         )
+        args = ", ".join(f"{k}={v!r}" for k, v in kept.items())
         return f"{type(self).__name__}({args})"
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .._internal.masks import make_substrate, masked_scores, sobol_points
 from .._internal.registry import INTERACTIONS
 from ..attribution.blackbox.hsic import HSIC
@@ -52,7 +53,7 @@ class SobolInteraction(InteractionMethod):
         n_designs: int = 64,
         substrate: str | float | Tensor = "zeros",
         output: str = "logit",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
@@ -132,7 +133,7 @@ class HSICInteraction(InteractionMethod):
         self,
         n_designs: int = 1500,
         output: str = "logit",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
         **hsic_kwargs: Any,
     ) -> None:

@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .._internal.batching import BatchSize
+from .._internal.batching import rows as rows_per_call
 from .._internal.guard import rng_guard
 
 __all__ = [
@@ -1018,7 +1020,7 @@ def cd_batched(
     inputs: Tensor,
     masks: Tensor,
     *,
-    batch_size: int | None = None,
+    batch_size: BatchSize = None,
 ) -> tuple[Tensor, Tensor]:
     """CD of many feature groups in one batched pass.
 
@@ -1044,7 +1046,7 @@ def cd_batched(
         raise ValueError(f"per-sample masks have {masks.shape[0]} rows for a batch of {b}.")
     g = masks.shape[1] if per_sample else masks.shape[0]
     n = b * g
-    step = n if not batch_size else max(1, int(batch_size))
+    step = max(1, rows_per_call(batch_size) or n)
     if step >= n:  # one propagation: build the rows by broadcasting
         xg = inputs.unsqueeze(1)
         m = masks if per_sample else masks.unsqueeze(0)
@@ -1071,7 +1073,7 @@ def cd_scores(
     masks: Tensor,
     target: Tensor | None = None,
     *,
-    batch_size: int | None = None,
+    batch_size: BatchSize = None,
 ) -> Tensor:
     """β at the target output for each group: (B, G). ``target`` (B,) class indices, or None for a
     single-output model (the output is summed over trailing dimensions)."""

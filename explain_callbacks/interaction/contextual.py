@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .._internal.registry import ATTRIBUTIONS, INTERACTIONS
 from ..attribution.base import Attributor
 from .base import Groups, InteractionMethod, channels_first_sequences, make_groups, pair_index
@@ -32,7 +33,7 @@ class CDInteraction(InteractionMethod):
     name = "cd"
     differentiable = True
 
-    def __init__(self, batch_size: int | None = 256) -> None:
+    def __init__(self, batch_size: BatchSize = "auto") -> None:
         super().__init__(batch_size=batch_size)
 
     def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | None, groups: Groups) -> Tensor:
@@ -94,7 +95,9 @@ class ContextualDecomposition(Attributor):
     name = "cd"
     input_shaped = False
 
-    def __init__(self, patch_size: int | None = None, per_channel: bool = False, batch_size: int | None = 256) -> None:
+    def __init__(
+        self, patch_size: int | None = None, per_channel: bool = False, batch_size: BatchSize = "auto"
+    ) -> None:
         super().__init__(batch_size=batch_size)
         self.patch_size = patch_size
         self.per_channel = per_channel

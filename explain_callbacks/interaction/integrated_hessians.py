@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .._internal.batching import select_output
+from .._internal.batching import BatchSize, select_output
 from .._internal.checks import require_graph
 from .._internal.registry import INTERACTIONS
 from ..attribution.path import Baseline, make_baseline, quadrature
@@ -91,7 +91,7 @@ class IntegratedHessians(InteractionMethod):
         baseline: Baseline = "zeros",
         softplus_beta: float | None = 10.0,
         mode: str = "rev",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)

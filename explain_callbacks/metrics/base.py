@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from .._internal.batching import BatchSize, check_batch_size
+
 __all__ = ["CurveStates", "ExplainerMetric", "ExplanationMetric", "ScoreMetric"]
 
 
@@ -39,11 +41,9 @@ class ScoreMetric(Metric):
     higher_is_better: ClassVar[bool | None] = None
     full_state_update: ClassVar[bool] = False
 
-    def __init__(self, batch_size: int | None = 256, **kwargs: Any) -> None:
+    def __init__(self, batch_size: BatchSize = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if batch_size is not None and int(batch_size) <= 0:
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}.")
-        self.batch_size = None if batch_size is None else int(batch_size)
+        self.batch_size = check_batch_size(batch_size)  # "auto" is resolved per update by the functional
         self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.last_scores: Tensor | None = None

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .._internal.registry import METRICS
 from .base import CurveStates, ExplainerMetric
 from .functional import completeness_soundness, local_lipschitz, model_randomisation, sensitivity
@@ -31,7 +32,7 @@ class MaxSensitivity(ExplainerMetric):
         radius: float = 0.02,
         norm: float | str = "fro",
         seed: int = 0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
@@ -69,7 +70,7 @@ class LocalLipschitz(ExplainerMetric):
         noise_std: float = 0.1,
         norm: float | str = "fro",
         seed: int = 0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
@@ -106,7 +107,7 @@ class CompletenessSoundness(ExplainerMetric):
         substrate: Substrate = "zeros",
         n_steps: int = 16,
         features: str = "auto",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
@@ -163,7 +164,7 @@ class Randomisation(CurveStates, ExplainerMetric):
         abs: bool = True,
         layers: list[str] | None = None,
         seed: int = 0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .._internal.registry import METRICS
 from .base import ExplanationMetric
 from .functional import completeness_error, infidelity, mufidelity
@@ -35,7 +36,7 @@ class MuFidelity(ExplanationMetric):
         output: str = "logit",
         seed: int = 0,
         blur_sigma: float = 5.0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
@@ -73,7 +74,7 @@ class Infidelity(ExplanationMetric):
         output: str = "logit",
         seed: int = 0,
         blur_sigma: float = 5.0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
@@ -105,7 +106,7 @@ class CompletenessError(ExplanationMetric):
         output: str = "logit",
         relative: bool = True,
         blur_sigma: float = 5.0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)

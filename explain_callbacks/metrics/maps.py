@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .._internal.registry import METRICS
 from .base import ExplanationMetric
 from .functional import (
@@ -136,7 +137,7 @@ class DabkowskiSaliency(ExplanationMetric):
     short_name = "dabkowski"
     higher_is_better = False
 
-    def __init__(self, min_area: float = 0.05, batch_size: int | None = 256, **kwargs: Any) -> None:
+    def __init__(self, min_area: float = 0.05, batch_size: BatchSize = "auto", **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.min_area = min_area
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._internal.batching import BatchSize
 from .._internal.registry import METRICS
 from .base import CurveStates, ExplanationMetric
 from .functional import abc as abc_fn
@@ -34,7 +35,7 @@ class CurveMixin(CurveStates):
 
 
 class _CurveMetric(CurveMixin, ExplanationMetric):
-    def __init__(self, batch_size: int | None = 256, **kwargs: Any) -> None:
+    def __init__(self, batch_size: BatchSize = "auto", **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self._register_curve("main")
         self._reset_curve()
@@ -64,7 +65,7 @@ class Deletion(_CurveMetric):
         features: str = "auto",
         output: str = "probability",
         blur_sigma: float = 5.0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         ties: str = "random",
         seed: int = 0,
         **kwargs: Any,
@@ -123,7 +124,7 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
         features: str = "auto",
         output: str = "probability",
         blur_sigma: float = 5.0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         ties: str = "random",
         seed: int = 0,
         **kwargs: Any,
@@ -179,7 +180,7 @@ class ABC(_CurveMetric):
         step: int | float | None = None,
         features: str = "auto",
         blur_sigma: float = 5.0,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         ties: str = "random",
         seed: int = 0,
         **kwargs: Any,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks
+from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.masks import OUTPUTS, score_outputs
 from ..base import Attributor
@@ -36,7 +36,7 @@ class PerturbationAttributor(Attributor):
     differentiable: ClassVar[bool] = False
 
     def __init__(
-        self, output: str = "logit", budget: int | None = None, batch_size: int | None = 256, seed: int = 0
+        self, output: str = "logit", budget: int | None = None, batch_size: BatchSize = "auto", seed: int = 0
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
         if output not in OUTPUTS:

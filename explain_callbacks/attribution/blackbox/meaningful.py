@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks
+from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.masks import make_substrate, score_outputs
 from ..._internal.registry import ATTRIBUTIONS
@@ -86,7 +86,7 @@ class MeaningfulPerturbation(PerturbationAttributor):
         area: float = 0.1,
         area_weight: float = 300.0,
         output: str | None = None,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         if variant not in VARIANTS:

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import PerturbationAttributor, grad_scores
 
@@ -56,7 +57,7 @@ class NonlinearSaliency(PerturbationAttributor):
         stop_on_class_change: bool = True,
         map: str = "secant",
         output: str = "logit",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
     ) -> None:
         super().__init__(output=output, budget=None, batch_size=batch_size, seed=0)
         if map not in MAPS:

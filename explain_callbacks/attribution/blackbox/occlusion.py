@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize
 from ..._internal.masks import base_scores, make_substrate, masked_scores
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import PerturbationAttributor
@@ -47,7 +48,7 @@ class Occlusion(PerturbationAttributor):
         blur_sigma: float = 5.0,
         output: str = "logit",
         budget: int | None = None,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)

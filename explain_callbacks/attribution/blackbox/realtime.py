@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks
+from ..._internal.batching import BatchSize, chunks
 from ..._internal.masks import make_substrate
 from ..._internal.registry import ATTRIBUTIONS
 from ..base import Attributor
@@ -191,7 +191,7 @@ class RealTimeSaliency(Attributor):
     name = "realtime_saliency"
     differentiable = False
 
-    def __init__(self, masker: nn.Module | None = None, batch_size: int | None = 256) -> None:
+    def __init__(self, masker: nn.Module | None = None, batch_size: BatchSize = "auto") -> None:
         super().__init__(batch_size=batch_size)
         self.masker = masker
 

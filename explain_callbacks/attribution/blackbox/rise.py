@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks
+from ..._internal.batching import BatchSize, chunks
 from ..._internal.masks import (
     fit_budget,
     make_substrate,
@@ -68,7 +68,7 @@ class RISE(PerturbationAttributor):
         output: str = "auto",
         center: bool = False,
         budget: int | None = None,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)

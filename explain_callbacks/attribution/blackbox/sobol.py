@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize
 from ..._internal.masks import (
     MaskLayout,
     fit_budget,
@@ -64,7 +65,7 @@ class Sobol(PerturbationAttributor):
         map_upsample: str = "bicubic",
         output: str = "auto",
         budget: int | None = None,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)

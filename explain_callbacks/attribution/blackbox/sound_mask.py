@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks
+from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import require_graph
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import AdamState, PerturbationAttributor, mask_resolution, total_variation, upsample_mask
@@ -55,7 +55,7 @@ class SoundMask(PerturbationAttributor):
         tv: float = 0.01,
         mask_scale: int = 4,
         min_mask_size: int = 4,
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output="logit", budget=None, batch_size=batch_size, seed=seed)

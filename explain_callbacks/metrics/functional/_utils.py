@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks, select_output
+from ..._internal.batching import BatchSize, chunks, rows, select_output
 from ..._internal.checks import all_finite, check_inputs
 from ...attribution.base import make_generator
 
@@ -194,12 +194,12 @@ def output_scores(
         return select_output(out, target).detach()
 
 
-def row_blocks(n_runs: int, batch: int, batch_size: int | None) -> Iterator[tuple[slice, slice]]:
+def row_blocks(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple[slice, slice]]:
     """Blocks of (run, sample) rows, run-major, each holding at most ``batch_size`` rows.
 
     With ``batch_size >= batch`` a block holds whole runs; otherwise one run and a slice of samples.
     """
-    bs = batch_size if batch_size and batch_size > 0 else n_runs * batch
+    bs = rows(batch_size) or n_runs * batch
     if bs >= batch:
         per = max(1, bs // batch)
         for r in range(0, n_runs, per):
@@ -278,7 +278,7 @@ class RunDraws:
 
 
 def scores_chunked(
-    model: nn.Module, x: Tensor, target: Tensor | None, output: str = "probability", batch_size: int | None = 256
+    model: nn.Module, x: Tensor, target: Tensor | None, output: str = "probability", batch_size: BatchSize = "auto"
 ) -> Tensor:
     """:func:`output_scores` of every row of ``x`` (float64, (N,)), at most ``batch_size`` rows per call."""
     parts = [

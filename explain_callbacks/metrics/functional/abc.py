@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ._utils import Substrate, trapezoid
 from .deletion import perturbation_curve
 
@@ -30,7 +31,7 @@ def abc(
     step: int | float | None = None,
     features: str = "auto",
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     return_curve: bool = False,
     ties: str = "random",
     seed: int = 0,
@@ -39,6 +40,7 @@ def abc(
 
     Returns (B,), or ``(abc, curves (B, S), fractions (S,))`` with ``return_curve=True``.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode=mode, substrate=baseline, n_steps=n_steps, step=step,
         features=features, output="logit", blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ._utils import Substrate, make_substrate, scores_chunked, validate
 
 __all__ = ["completeness_error"]
@@ -25,13 +26,14 @@ def completeness_error(
     output: str = "logit",
     relative: bool = True,
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     eps: float = 1e-12,
 ) -> Tensor:
     """|Σ A − Δf| (/ |Δf| when ``relative``) per sample (B,), Δf = f(x) − f(baseline).
 
     The baseline must be the one the attribution used (IG's default: zeros).
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     validate(inputs, attributions, target)
     x = inputs.detach()
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import chunks
+from ..._internal.batching import BatchSize, chunks, resolve_batch_size
 from ._utils import Substrate, row_blocks, trapezoid, validate
 from .deletion import perturbation_curve
 
@@ -41,7 +41,7 @@ def completeness_soundness(
     substrate: Substrate = "zeros",
     n_steps: int = 16,
     features: str = "auto",
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> tuple[Tensor, Tensor]:
     """(completeness (B,), soundness (B,)).
 
@@ -53,6 +53,7 @@ def completeness_soundness(
         substrate: value of the removed features (zeros as in the definition).
         n_steps: points of the insertion curve (plus the empty one).
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     if target is None:
         raise ValueError("completeness/soundness need class targets (a classifier); got target=None.")
     validate(inputs, attributions, target)

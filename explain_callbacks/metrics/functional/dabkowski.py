@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ._utils import feature_relevance, scores_chunked, validate
 
 __all__ = ["dabkowski_saliency", "largest_component", "saliency_boxes"]
@@ -153,9 +154,10 @@ def dabkowski_saliency(
     target: Tensor,
     *,
     min_area: float = 0.05,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor:
     """s = log(max(a, min_area)) − log p per sample (B,); lower is better."""
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     validate(inputs, attributions, target)
     x = inputs.detach()
     boxes = saliency_boxes(attributions, x)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ._utils import (
     Substrate,
     expand_feature_mask,
@@ -47,7 +48,7 @@ def perturbation_curve(
     features: str = "auto",
     output: str = "probability",
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     ties: str = "random",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
@@ -67,6 +68,7 @@ def perturbation_curve(
         ties: order of equally relevant features: ``"random"`` (seeded by ``seed``; default) or
             ``"index"`` (raster order); see :func:`~explain_callbacks.metrics.functional._utils.rank_features`.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}.")
     validate(inputs, attributions, target)
@@ -103,7 +105,7 @@ def deletion(
     features: str = "auto",
     output: str = "probability",
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     return_curve: bool = False,
     ties: str = "random",
     seed: int = 0,
@@ -112,6 +114,7 @@ def deletion(
 
     Returns (B,), or ``(auc, curves (B, S), fractions (S,))`` with ``return_curve=True``.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode="deletion", substrate=substrate, n_steps=n_steps, step=step,
         features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
@@ -132,7 +135,7 @@ def insertion(
     features: str = "auto",
     output: str = "probability",
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     return_curve: bool = False,
     ties: str = "random",
     seed: int = 0,
@@ -140,6 +143,7 @@ def insertion(
     """Insertion AUC per sample (higher is better): the most relevant features are revealed first,
     starting from the substrate (``"auto"``: a blurred copy for images, as RISE; zeros otherwise). Returns as
     :func:`deletion`."""
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode="insertion", substrate=substrate, n_steps=n_steps, step=step,
         features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
@@ -161,11 +165,12 @@ def insertion_deletion(
     features: str = "auto",
     output: str = "probability",
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
     ties: str = "random",
     seed: int = 0,
 ) -> Tensor:
     """Insertion AUC − deletion AUC per sample (higher is better; NeFLAG's summary score)."""
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     kw = dict(n_steps=n_steps, step=step, features=features, output=output, blur_sigma=blur_sigma,
               batch_size=batch_size, ties=ties, seed=seed)  # fmt: skip
     ins = insertion(model, inputs, attributions, target, substrate=insertion_substrate, **kw)

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
 from ._utils import RunDraws, Substrate, broadcast_map, make_substrate, output_scores, row_blocks, validate
 
@@ -66,7 +67,7 @@ def infidelity(
     output: str = "logit",
     seed: int = 0,
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor:
     """Infidelity per sample (B,), mean over the perturbations of (IᵀA − Δf)².
 
@@ -79,6 +80,7 @@ def infidelity(
         normalize: optimal rescaling of A before the error.
         output: ``"logit"`` (Captum, Quantus) or ``"probability"``.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     validate(inputs, attributions, target)
     x = inputs.detach()
     a = broadcast_map(attributions.detach(), x)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.ops import pearson, spearman
 from ...attribution.base import make_generator
 from ._utils import (
@@ -169,7 +170,7 @@ def mufidelity(
     subsets: Tensor | None = None,
     seed: int = 0,
     blur_sigma: float = 5.0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor:
     """Correlation (B,) over random subsets between the summed attribution and the output drop.
 
@@ -185,6 +186,7 @@ def mufidelity(
         output: ``"logit"`` (Quantus, Xplique) or ``"probability"``.
         subsets: explicit subsets, indices (B, R, k) or booleans (B, R, n) over the features.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     if preset is not None:
         if preset not in MUFIDELITY_PRESETS:
             raise ValueError(f"preset must be one of {sorted(MUFIDELITY_PRESETS)}, got {preset!r}.")

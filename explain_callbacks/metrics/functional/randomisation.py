@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.ops import pearson, rankdata
 from ...attribution.base import make_generator
 from ._utils import row_blocks, validate
@@ -86,7 +87,7 @@ def model_randomisation(
     abs: bool = True,
     return_cascade: bool = False,
     seed: int = 0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor | tuple[list[str], Tensor]:
     """Spearman correlation of trained vs randomised maps.
 
@@ -100,6 +101,7 @@ def model_randomisation(
         layers: names of the layers to randomise (default: every module that owns parameters).
         abs: correlate |A| (the paper's default display) instead of signed maps.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
     validate(inputs, None, target)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
 from ._utils import RunDraws, row_blocks, validate
 
@@ -114,7 +115,7 @@ def sensitivity(
     norm: float | str = "fro",
     perturbations: Tensor | None = None,
     seed: int = 0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor:
     """Max (``reduction="max"``) or mean (``"mean"``) relative change of the map over the L∞ ball, (B,).
 
@@ -126,6 +127,7 @@ def sensitivity(
         norm: vector norm of the flattened maps (Frobenius by default).
         perturbations: explicit noise δ (B, R, *input_shape); y = x + δ.
     """
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     if reduction not in ("max", "mean"):
         raise ValueError(f"reduction must be 'max' or 'mean', got {reduction!r}.")
     r = _ratios(
@@ -163,9 +165,10 @@ def local_lipschitz(
     norm: float | str = "fro",
     perturbations: Tensor | None = None,
     seed: int = 0,
-    batch_size: int | None = 256,
+    batch_size: BatchSize = "auto",
 ) -> Tensor:
     """Local Lipschitz estimate max ‖A(x) − A(x')‖ / ‖x − x'‖, x' = x + N(0, σ²), per sample (B,)."""
+    batch_size = resolve_batch_size(batch_size, model, inputs)
     r = _ratios(
         model, inputs, target, method, attributions, n_samples=n_samples, kind="gaussian", scale=noise_std,
         lipschitz=True, perturbations=perturbations, norm=norm, seed=seed, batch_size=batch_size,

@@ -1,0 +1,128 @@
+"""``batch_size="auto"``: rows per model call chosen from the model's activation size on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from explain_callbacks._internal.batching import (
+    AUTO_ROWS_MAX,
+    AUTO_ROWS_MIN,
+    CPU_ELEMENTS_PER_CALL,
+    activation_elements,
+    check_batch_size,
+    resolve_batch_size,
+)
+from explain_callbacks.attribution import IntegratedGradients, Saliency
+from explain_callbacks.interaction import IntegratedHessians
+from explain_callbacks.metrics.functional import deletion, mufidelity
+
+
+class Counting(nn.Module):
+    """Records the rows of every call."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.inner(x)
+
+
+def wide_cnn(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+    )  # fmt: skip
+
+
+def test_activation_elements_counts_leaf_outputs():
+    net = wide_cnn(8)
+    # conv, BN, ReLU, dropout: 8x16x16 each; pool 8, flatten 8, linear 10
+    assert activation_elements(net, torch.rand(1, 3, 16, 16)) == 4 * 8 * 16 * 16 + 8 + 8 + 10
+
+
+def test_auto_rows_follow_activation_size_within_bounds():
+    small, big = wide_cnn(4), wide_cnn(64)
+    x_small, x_big = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 64, 64)
+    assert resolve_batch_size("auto", small, x_small) == AUTO_ROWS_MAX  # 1 k elements per row
+    per_row = activation_elements(big, x_big[:1])  # 4 x 64 x 64 x 64 ≈ 1 M elements per row
+    assert resolve_batch_size("auto", big, x_big) == max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // per_row)
+    mid = wide_cnn(16)
+    rows_mid = resolve_batch_size("auto", mid, torch.rand(2, 3, 32, 32))
+    assert AUTO_ROWS_MIN < rows_mid < AUTO_ROWS_MAX
+    assert rows_mid == CPU_ELEMENTS_PER_CALL // activation_elements(mid, torch.rand(1, 3, 32, 32))
+    # ints and None as given; callables that are not modules get the GPU/default choice
+    assert resolve_batch_size(7, big, x_big) == 7
+    assert resolve_batch_size(None, big, x_big) is None
+    assert resolve_batch_size("auto", lambda t: t.sum(1), x_big) == AUTO_ROWS_MAX
+
+
+def test_probe_leaves_the_model_exactly_as_found():
+    torch.manual_seed(0)
+    net = wide_cnn(6).train()
+    net[3].eval()  # a mixed mode must come back as it was
+    bn = net[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    x = torch.rand(3, 3, 16, 16)
+    rng = torch.get_rng_state()
+    modes = [m.training for m in net.modules()]
+    resolve_batch_size("auto", net, x)
+    assert [m.training for m in net.modules()] == modes
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])
+    assert all(not m._forward_hooks for m in net.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_probe_forks_the_rng_of_a_noisy_forward():
+    class Noisy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1) + torch.rand_like(x.flatten(1))
+
+    x = torch.rand(2, 4)
+    rng = torch.get_rng_state()
+    assert resolve_batch_size("auto", Noisy(), x) == AUTO_ROWS_MAX
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_methods_and_metrics_chunk_by_the_resolved_rows_and_agree_with_ints():
+    torch.manual_seed(0)
+    net = Counting(wide_cnn(64).eval())
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    rows = resolve_batch_size("auto", net, x)
+    assert AUTO_ROWS_MIN <= rows < 3 * 16  # IG's 16 steps x 3 samples do not fit one call
+    ig = IntegratedGradients(n_steps=16, completeness=False)
+    net.calls.clear()
+    a = ig(net, x, y)
+    assert ig.batch_size == rows  # inside (and after) a call the attribute reads as the resolved int
+    assert max(net.calls) <= rows and sum(net.calls) - 1 == 3 * 16  # the 1: the target-range check
+    assert "batch_size='auto'" in repr(ig)
+    ref = IntegratedGradients(n_steps=16, completeness=False, batch_size=256)(net, x, y)
+    torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+    sal = Saliency()(net, x, y)
+    net.calls.clear()
+    d = deletion(net, x, sal, y, step=64)
+    assert max(net.calls) <= rows
+    torch.testing.assert_close(d, deletion(net, x, sal, y, step=64, batch_size=256))
+    mu = mufidelity(net, x, sal, y, n_subsets=20, subset_size=30)
+    torch.testing.assert_close(mu, mufidelity(net, x, sal, y, n_subsets=20, subset_size=30, batch_size=7))
+
+
+def test_interaction_methods_resolve_too():
+    torch.manual_seed(0)
+    net = Counting(nn.Sequential(nn.Linear(6, 32), nn.Softplus(), nn.Linear(32, 1)))
+    ih = IntegratedHessians(n_steps=4)
+    ih(net, torch.rand(2, 6))
+    assert ih.batch_size == AUTO_ROWS_MAX  # a small MLP: the upper bound
+
+
+@pytest.mark.parametrize("bad", [0, -3, "big", 2.5, True])
+def test_bad_batch_size_is_named(bad):
+    with pytest.raises(ValueError, match="positive int, 'auto' or None"):
+        check_batch_size(bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        Saliency(batch_size=bad)
