@@ -21,10 +21,12 @@ Sections (Markdown tables on stdout; a JSON dump and a PNG plot in benchmarks/re
 2. Captum references: Occlusion with the same window/stride/baseline, KernelShap and Lime on an 8×8
    grid of superpixels (time per image and deletion AUC);
 3. deletion AUC against the number of forward passes for RISE, Sobol and HSIC (table + PNG);
-4. insertion − deletion for NeFLAG-1/10/20 (point search reconstructed; projected descent) against IG
-   and SmoothGrad, and NeFLAG-20 with uniform sampling (antithetic pairs: the previous default; and
-   independent points), scored as the metric sorts (ties in raster order) and with ties broken at
-   random, with an all-zero map as a reference;
+4. insertion − deletion for NeFLAG-1/10/20 (point search reconstructed; projected descent in scale
+   coordinates) against IG and SmoothGrad, NeFLAG-20 in input coordinates (the default before), with
+   uniform sampling in input coordinates (antithetic pairs, the default before that; and independent
+   points), and |gradient × input| (a one-pass diagnostic: the sign-less ranking that scale coordinates
+   tend to), scored as the metric sorts (ties in raster order) and with ties broken at random, with an
+   all-zero map as a reference;
 5. the real-time masker trained against the frozen CNN: deletion AUC and time per map.
 """
 
@@ -52,6 +54,7 @@ from explain_callbacks.attribution import (
     NonlinearSaliency,
     Occlusion,
     RealTimeSaliency,
+    Saliency,
     SmoothGrad,
     Sobol,
     SoundMask,
@@ -316,16 +319,27 @@ def neflag_vs_gradients(net, x, y) -> list[list]:
         ("NeFLAG-1", NeFLAG(n_points=1), NeFLAG(n_points=1).n_forwards(())),
         ("NeFLAG-10", NeFLAG(n_points=10), NeFLAG(n_points=10).n_forwards(())),
         ("NeFLAG-20", NeFLAG(n_points=20), NeFLAG(n_points=20).n_forwards(())),
+        ("NeFLAG-20, input coordinates (previous)", NeFLAG(n_points=20, coordinates="input"), 120),
         (
-            "NeFLAG-20, uniform antithetic pairs (previous)",
-            NeFLAG(n_points=20, n_iter=0, oversample=3, antithetic=True),
+            "NeFLAG-20, input coord., uniform antithetic pairs",
+            NeFLAG(n_points=20, n_iter=0, oversample=3, antithetic=True, coordinates="input"),
             60,
         ),
-        ("NeFLAG-20, uniform independent points", NeFLAG(n_points=20, n_iter=0, oversample=3), 60),
+        (
+            "NeFLAG-20, input coord., uniform independent points",
+            NeFLAG(n_points=20, n_iter=0, oversample=3, coordinates="input"),
+            60,
+        ),
+        ("abs(gradient × input) (diagnostic)", "abs_grad_x_input", 1),
         ("all-zero map (reference)", None, 0),
     ]:
         start = CLOCK()
-        a = torch.zeros_like(x) if m is None else m(net, x, y)
+        if m is None:
+            a = torch.zeros_like(x)
+        elif m == "abs_grad_x_input":
+            a = (Saliency()(net, x, y) * x).abs()
+        else:
+            a = m(net, x, y)
         sec = CLOCK() - start
         zero = int((m.last_info["n_negative"] == 0).sum()) if isinstance(m, NeFLAG) else "–"
         scores[name] = insertion_deletion(net, x, a, y, ties="index").double()

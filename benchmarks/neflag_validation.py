@@ -7,7 +7,7 @@ in a seeded random order), per image, paired against IG (32 steps, ``completenes
 variant runs with NeFLAG seeds 0, 1, 2; "pooled" averages the three seeds' paired differences per
 image, then takes the mean and its standard error over the 270 images.
 
-    python benchmarks/neflag_validation.py                      # the built-in list (about 6 minutes)
+    python benchmarks/neflag_validation.py                      # the built-in list (about 12 minutes: run it in parts)
     python benchmarks/neflag_validation.py --only scale,diag    # names starting with these
 
 Scores are cached in ``--cache`` (a JSON file keyed by variant and seed) so a long list can be run in

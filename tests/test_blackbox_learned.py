@@ -211,6 +211,7 @@ def test_hydra_configs_instantiate():
         assert isinstance(obj, cls), name
         assert isinstance(ATTRIBUTIONS.build(name), cls)
     assert instantiate(OmegaConf.load(conf / "neflag20.yaml")).n_points == 20
+    assert instantiate(OmegaConf.load(conf / "neflag20.yaml")).coordinates == "scale"
     assert instantiate(OmegaConf.load(conf / "extremal_perturbation.yaml")).variant == "extremal"
 
 
