@@ -9,7 +9,8 @@ Saliency. Where Quantus draws random subsets / noise with NumPy's global RNG, th
 the very subsets / noise our functions use (by patching ``np.random``), so the values must agree;
 MPRT re-initialises layers differently, so only its distribution is comparable. "bare" is the time of
 the model calls (or method calls, for explainer metrics) on the same number of rows, in the same
-chunks of ``batch_size`` rows, on precomputed inputs: the floor any implementation pays. Times are
+chunks of ``batch_size`` rows (``"auto"``: resolved for this model, as ours does), on precomputed
+inputs: the floor any implementation pays. Times are
 the best of ``--repeats`` runs after a warm-up (Quantus: one run); "ours / bare" is the median of the
 per-round ratios of ``--repeats`` interleaved back-to-back rounds of ours and its bare passes (a shared
 machine's load drifts between separately timed runs); "Quantus / bare" bounds the speed-up any
@@ -37,13 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import paired_times  # a sibling module: the benchmarks run as scripts
 
+from explain_callbacks._internal.batching import resolve_batch_size
 from explain_callbacks.attribution import Saliency
 from explain_callbacks.datasets.shapes import make_shapes
 from explain_callbacks.metrics import functional as MF
 from explain_callbacks.metrics.functional.randomisation import randomisable_layers
 from explain_callbacks.models.nets import SmallCNN
 
-BS = 256  # rows per model call, ours and bare
+BS = 256  # rows per model call of the bare passes: main() sets it to what ours resolves (OURS_BS)
+OURS_BS: int | str = "auto"  # the metrics' batch_size argument (--batch-size)
 SECTIONS = ("deletion", "insertion", "mufidelity", "infidelity", "maps", "completeness", "explainer")
 
 
@@ -164,7 +167,9 @@ def main() -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--width", type=int, default=16, help="SmallCNN width (16: the small default; 64: a larger CNN)")
     p.add_argument("--size", type=int, default=32, help="image side of the shapes data (32 or 64)")
+    p.add_argument("--batch-size", default="auto", help="rows per model call: 'auto' (the default) or an int")
     args = p.parse_args()
+    global BS, OURS_BS
     if args.threads:
         torch.set_num_threads(args.threads)
     import quantus
@@ -183,7 +188,9 @@ def main() -> None:
         prm.requires_grad_(False)
     data = make_shapes(b, size=args.size, seed=123)
     x, y, masks = data.x.to(device), data.y.to(device), data.mask.to(device)
-    sal = Saliency()
+    OURS_BS = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    BS = resolve_batch_size(OURS_BS, model, x)  # the bare passes use the chunks ours resolves to
+    sal = Saliency(batch_size=OURS_BS)
     a = sal(model, x, y).detach()
     a_pix = a.sum(1, keepdim=True)  # channel-summed map (B,1,H,W) for the localisation metrics
     xn, yn, an = x.cpu().numpy(), y.cpu().numpy(), a.cpu().numpy()
@@ -214,7 +221,7 @@ def main() -> None:
     # ---------------------------------------------------------------- deletion (pixel flipping)
     if "deletion" in sections:
         step = 64 if not args.quick else 256
-        kw = dict(substrate="min", step=step, features="element", output="probability", batch_size=BS)
+        kw = dict(substrate="min", step=step, features="element", output="probability", batch_size=OURS_BS)
         n_steps = n_el // step
         t, (_auc, curve, _), bare, ratio = paired(
             lambda: MF.deletion(model, x, a, y, return_curve=True, **kw),
@@ -233,19 +240,21 @@ def main() -> None:
     # ---------------------------------------------------------------- insertion, insertion - deletion, ABC
     if "insertion" in sections:
         t, v, bt, ratio = paired(
-            lambda: MF.insertion(model, x, a, y, n_steps=32, batch_size=BS),
+            lambda: MF.insertion(model, x, a, y, n_steps=32, batch_size=OURS_BS),
             bare_forward(model, 33 * b, shape, device),
             reps,
         )
         add("insertion", t, v, bt, ratio=ratio, note="32 steps, blur substrate")
         t, v, bt, ratio = paired(
-            lambda: MF.insertion_deletion(model, x, a, y, n_steps=32, batch_size=BS),
+            lambda: MF.insertion_deletion(model, x, a, y, n_steps=32, batch_size=OURS_BS),
             bare_forward(model, 66 * b, shape, device),
             reps,
         )
         add("insertion_deletion", t, v, bt, ratio=ratio, note="32 steps each")
         t, v, bt, ratio = paired(
-            lambda: MF.abc(model, x, a, y, n_steps=32, batch_size=BS), bare_forward(model, 33 * b, shape, device), reps
+            lambda: MF.abc(model, x, a, y, n_steps=32, batch_size=OURS_BS),
+            bare_forward(model, 33 * b, shape, device),
+            reps,
         )
         add("abc", t, v, bt, ratio=ratio, note="32 steps, logits")
 
@@ -256,13 +265,15 @@ def main() -> None:
         subsets = torch.stack(
             [torch.stack([torch.randperm(n_el, generator=g)[:k] for _ in range(runs)]) for _ in range(b)]
         )
-        kw_mu = dict(correlation="pearson", baseline="min", features="element", output="logit", batch_size=BS)
+        kw_mu = dict(correlation="pearson", baseline="min", features="element", output="logit", batch_size=OURS_BS)
         t, v, bt, ratio = paired(
             lambda: MF.mufidelity(model, x, a, y, subsets=subsets.to(device), **kw_mu),
             bare_forward(model, (runs + 1) * b, shape, device),
             reps,
         )
-        t_rand, _ = timed(lambda: MF.mufidelity(model, x, a, y, preset="quantus", n_subsets=runs, batch_size=BS), reps)
+        t_rand, _ = timed(
+            lambda: MF.mufidelity(model, x, a, y, preset="quantus", n_subsets=runs, batch_size=OURS_BS), reps
+        )
         qm = quantus.FaithfulnessCorrelation(nr_runs=runs, subset_size=k, perturb_baseline="black", abs=False,
                                              normalise=False, return_aggregate=False,
                                              disable_warnings=True)  # fmt: skip
@@ -275,7 +286,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- infidelity (patches)
     if "infidelity" in sections:
-        kw_inf = dict(perturbation="patch_sequence", patch_size=4, baseline="min", output="logit", batch_size=BS)
+        kw_inf = dict(perturbation="patch_sequence", patch_size=4, baseline="min", output="logit", batch_size=OURS_BS)
         n_blocks = (shape[1] // 4) * (shape[2] // 4)
         t, v, bt, ratio = paired(
             lambda: MF.infidelity(model, x, a, y, **kw_inf),
@@ -289,7 +300,7 @@ def main() -> None:
         add("infidelity (patch sequence)", t, v, bt, tq, qv, ratio=ratio,
             note=f"{n_blocks} cumulative 4x4 patches")  # fmt: skip
         t, v, bt, ratio = paired(
-            lambda: MF.infidelity(model, x, a, y, n_perturb=32, batch_size=BS),
+            lambda: MF.infidelity(model, x, a, y, n_perturb=32, batch_size=OURS_BS),
             bare_forward(model, 33 * b, shape, device),
             reps,
         )
@@ -322,13 +333,15 @@ def main() -> None:
     if "completeness" in sections:
         ig_like = a * x  # any map: the cost is two forward passes
         t, v, bt, ratio = paired(
-            lambda: MF.completeness_error(model, x, ig_like, y, batch_size=BS),
+            lambda: MF.completeness_error(model, x, ig_like, y, batch_size=OURS_BS),
             bare_forward(model, 2 * b, shape, device),
             reps,
         )
         add("completeness_error", t, v, bt, ratio=ratio)
         t, v, bt, ratio = paired(
-            lambda: MF.dabkowski_saliency(model, x, a, y, batch_size=BS), bare_forward(model, b, shape, device), reps
+            lambda: MF.dabkowski_saliency(model, x, a, y, batch_size=OURS_BS),
+            bare_forward(model, b, shape, device),
+            reps,
         )
         add("dabkowski", t, v, bt, ratio=ratio, note="includes connected components")
 
@@ -344,7 +357,7 @@ def main() -> None:
             ("local_lipschitz", MF.local_lipschitz, quantus.LocalLipschitzEstimate, noise_g, "normal"),
         ):
             t, v, bt, ratio = paired(lambda fn=fn, noise=noise: fn(model, x, y, sal, a, perturbations=noise.to(device),
-                                                                   batch_size=BS), bare_sens, reps)  # fmt: skip
+                                                                   batch_size=OURS_BS), bare_sens, reps)  # fmt: skip
             kwq = {"lower_bound": 0.02} if npname == "uniform" else {"perturb_std": 0.1}
             qm = qcls(nr_samples=n_s, normalise=False, abs=False, disable_warnings=True, **kwq)
             seq = iter([noise[:, r].reshape(b, -1).numpy() for r in range(n_s)])
@@ -354,16 +367,20 @@ def main() -> None:
             add(name, t, v, bt, tq, qv, ratio=ratio, note=f"{n_s} draws, same noise")
         bare_cs = [bare_method(sal, model, 2 * b, x, y), bare_forward(model, (3 * 17 + 1) * b, shape, device)]
         t, v, bt, ratio = paired(lambda: MF.completeness_soundness(model, x, y, sal, a, n_other=2, n_steps=16,
-                                                                   batch_size=BS)[1], bare_cs, reps)  # fmt: skip
+                                                                   batch_size=OURS_BS)[1], bare_cs, reps)  # fmt: skip
         add("completeness_soundness", t, v, bt, ratio=ratio, note="2 other labels, 16 steps; value: soundness")
         n_layers = len(randomisable_layers(model))
         t, v, bt, ratio = paired(
-            lambda: MF.model_randomisation(model, x, y, sal, a, batch_size=BS), bare_method(sal, model, b, x, y), reps
+            lambda: MF.model_randomisation(model, x, y, sal, a, batch_size=OURS_BS),
+            bare_method(sal, model, b, x, y),
+            reps,
         )
         add("randomisation (full)", t, v, bt, ratio=ratio, note="one method call")
         bare_casc = [bare_method(sal, model, b, x, y)] * n_layers  # one call per randomised model
         t, (_names, casc), bt, ratio = paired(
-            lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True, batch_size=BS), bare_casc, reps
+            lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True, batch_size=OURS_BS),
+            bare_casc,
+            reps,
         )
         qm = quantus.MPRT(return_last_correlation=True, disable_warnings=True)
         tq, qv = timed(lambda: quiet(lambda: qm(model=q_model, x_batch=xn, y_batch=yn, a_batch=an.copy(),
@@ -377,7 +394,7 @@ def main() -> None:
 
     print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {device}; torch {torch.__version__}, quantus {quantus.__version__}; batch {b} x {shape}, "
-          f"SmallCNN width {args.width}, Saliency maps, batch_size {BS}.\n")  # fmt: skip
+          f"SmallCNN width {args.width}, Saliency maps, batch_size {OURS_BS!r} ({BS} rows per call).\n")  # fmt: skip
     print("| metric | ours (s) | Quantus (s) | speed-up | ours value | Quantus value | max abs diff | "
           "bare passes (s) | ours / bare | Quantus / bare | notes |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")

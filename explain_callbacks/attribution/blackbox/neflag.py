@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..._internal.batching import BatchSize
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import PerturbationAttributor, grad_scores
 
@@ -113,7 +114,7 @@ class NeFLAG(PerturbationAttributor):
         n_iter: int = 5,
         step: float = 0.3,
         output: str = "logit",
-        batch_size: int | None = 256,
+        batch_size: BatchSize = "auto",
         seed: int = 0,
         oversample: int = 1,
         antithetic: bool = False,
