@@ -4,7 +4,7 @@
 :data:`AUTO_ROWS_MAX` rows; on the CPU as many rows as fit :data:`CPU_ELEMENTS_PER_CALL` activation
 elements (what the model's leaf modules output for one row, measured once per model and row shape),
 between :data:`AUTO_ROWS_MIN` and :data:`AUTO_ROWS_MAX`. Why: on the CPU a call's activations
-should stay near the caches. Measured here (2 threads, Xeon with 4 MiB L2 per core, README "Chunk
+should stay near the caches. Measured here (2 threads, Xeon with 2 MiB L2 per core, README "Chunk
 size"): a 3×64×64 input through a width-64 CNN (1.5 M activation elements per row) costs 2.2 ms per
 row in calls of 8 rows and 5.8 ms in calls of 256, while the 8×8 digits CNN (6 k per row) is fastest
 at 256 rows per call.
@@ -115,7 +115,7 @@ def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> 
     if key not in per_model:
         try:
             per_model[key] = activation_elements(model, inputs[:1].detach())
-        except Exception:
+        except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
             return AUTO_ROWS_MAX
     return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // per_model[key])))
 
