@@ -348,6 +348,33 @@ def test_rankdata_matches_scipy():
     torch.testing.assert_close(spearman(a, b), torch.tensor(ref, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+def test_rankdata_keyed_sort_matches_scipy():
+    """The CPU fast path (one int64 key per float: order-preserving bits above the index) against
+    scipy on tied and untied float32/float16/bfloat16 rows: negatives, -0.0 next to +0.0 (one tie), infinities,
+    subnormals, long zero runs; and the argsort path on the same values."""
+    stats = pytest.importorskip("scipy.stats")
+    from explain_callbacks._internal.ops import _sorted_keys_cpu, rankdata
+
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.0, -3.0, 0.0, -0.0])
+    rows = [
+        torch.randn(4, 3072, generator=g),
+        torch.randint(-3, 4, (5, 257), generator=g).float() * 0.5,
+        torch.cat([special, torch.randn(40, generator=g)]).view(2, 25),
+        torch.zeros(3, 64),
+        torch.randn(2, 3, 33, generator=g).abs(),
+    ]
+    for x in rows:
+        for xx in (x, x.half(), x.bfloat16(), -x.neg()):
+            assert _sorted_keys_cpu(xx) is not None
+            ref = torch.from_numpy(stats.rankdata(xx.float().numpy(), axis=-1)).double()
+            assert torch.equal(rankdata(xx), ref), (tuple(xx.shape), xx.dtype)
+            assert torch.equal(rankdata(xx.double()), ref)  # the argsort path
+    nan = torch.tensor([[1.0, float("nan"), 0.5]])
+    assert _sorted_keys_cpu(nan) is None  # NaNs: the argsort path, as before
+    assert torch.equal(rankdata(nan), rankdata(nan.double()))
+
+
 def test_soundness_catches_maps_that_create_evidence():
     """Gupta & Arora's soundness: keeping the top features of a map for a label the input does not
     support must not make the net predict it. On f = W x with label 0 reading features 0-3 and label 1

@@ -67,10 +67,37 @@ def _argsort_last(x: Tensor) -> Tensor:
     return x.argsort(dim=-1)
 
 
+_KEYABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _sorted_keys_cpu(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Sort a CPU float tensor along the last dim by sorting one int64 key per element: the float's
+    order-preserving 32-bit pattern (negative values' magnitude bits flipped, -0 made +0) above its
+    index. NumPy's SIMD sort of int64 values is about twice as fast as its argsort of the floats.
+    Returns (the order-preserving patterns in sorted order, the sorter), or None when the fast path does
+    not apply (other dtypes or devices, NaNs, more than 2^31 elements per row)."""
+    if x.device.type != "cpu" or x.dtype not in _KEYABLE or x.requires_grad or x.ndim < 1:
+        return None
+    n = x.shape[-1]
+    if n >= 2**31 or x.numel() == 0:
+        return None
+    f = x.detach().resolve_neg().float().numpy()
+    if np.isnan(f).any():
+        return None
+    bits = (f + np.float32(0.0)).view(np.int32)  # -0.0 + 0.0 = +0.0: one pattern for zero
+    okey = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64)  # signed order = float order
+    key = np.sort((okey << 32) | np.arange(n, dtype=np.int64), axis=-1)
+    return torch.from_numpy(key >> 32), torch.from_numpy(key & 0xFFFFFFFF)
+
+
 def rankdata(x: Tensor) -> Tensor:
-    """Average ranks along the last dim (ties get the mean rank, as scipy.stats.rankdata)."""
-    sorter = _argsort_last(x)
-    xs = x.gather(-1, sorter)
+    """Average ranks along the last dim (ties get the mean rank, as scipy.stats.rankdata), float64."""
+    keyed = _sorted_keys_cpu(x)
+    if keyed is None:
+        sorter = _argsort_last(x)
+        xs = x.gather(-1, sorter)
+    else:  # same ranks: equal floats have equal keys, and the order within a tie does not matter
+        xs, sorter = keyed
     n = x.shape[-1]
     rank = torch.arange(1, n + 1, device=x.device, dtype=torch.float64).expand(xs.shape).contiguous()
     if n > 1 and xs.numel():
