@@ -107,3 +107,46 @@ def test_randomise_layer_is_seeded_and_copy_shares_the_trainer():
     assert c.lin.weight.abs().max() <= 0.5  # U(±1/√fan_in), fan_in = 4
     randomise_layer(c.bn, torch.Generator().manual_seed(1))
     assert torch.equal(c.bn.running_mean, torch.zeros(2)) and float(m.bn.running_mean[0]) == 3.0
+
+
+def test_fast_copy_is_a_deep_copy_and_falls_back_when_unsure():
+    """copy_model's fast path (plain torch.nn trees) gives what copy.deepcopy gives: new modules, hook and
+    parameter dictionaries, cloned parameters and buffers (same values, types, requires_grad); modules it
+    cannot vouch for (custom attributes, registered hooks, tied weights) take copy.deepcopy."""
+    import copy
+
+    from explain_callbacks.metrics.functional.randomisation import _fast_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    model[0].weight.requires_grad_(False)
+    model[1].running_mean.add_(0.5)
+    c = _fast_copy(model)
+    ref = copy.deepcopy(model)
+    assert c is not None
+    for a, b, r in zip(c.modules(), model.modules(), ref.modules()):
+        assert type(a) is type(b) and a is not b and set(a.__dict__) == set(r.__dict__)
+        for k, v in a.__dict__.items():
+            if isinstance(v, (dict, set)):
+                assert v is not b.__dict__[k]
+    sd, sd0 = c.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+    for k in sd0:
+        assert torch.equal(sd[k], sd0[k]) and sd[k].data_ptr() != sd0[k].data_ptr(), k
+        assert type(sd[k]) is type(sd0[k]) and sd[k].requires_grad == sd0[k].requires_grad, k
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(c.eval()(x), ref.eval()(x))
+    with torch.no_grad():
+        c[4].weight.zero_()
+    assert model[4].weight.abs().sum() > 0  # the original is untouched
+
+    odd = nn.Sequential(nn.Linear(2, 2))
+    odd[0].extra = [1, 2]  # a custom attribute
+    assert _fast_copy(odd) is None and copy_model(odd)[0].extra == [1, 2]
+    hooked = nn.Sequential(nn.Linear(2, 2))
+    hooked[0].register_forward_hook(lambda *a: None)
+    assert _fast_copy(hooked) is None and len(copy_model(hooked)[0]._forward_hooks) == 1
+    tied = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    tied[1].weight = tied[0].weight
+    assert _fast_copy(tied) is None
+    t2 = copy_model(tied)
+    assert t2[1].weight is t2[0].weight and t2[0].weight is not tied[0].weight
