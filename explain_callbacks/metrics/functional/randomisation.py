@@ -135,7 +135,7 @@ def _maps(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Te
     with torch.enable_grad():
         for _, sl in row_blocks(1, x.shape[0], bs):
             parts.append(method(model, x[sl], None if target is None else target[sl]).detach())
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def model_randomisation(
