@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,70 +31,8 @@ __all__ = ["copy_model", "model_randomisation", "randomisable_layers", "randomis
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-_ATOMS = (bool, int, float, str, type(None), torch.dtype, torch.device)
-
-
-def _plain(v: object) -> bool:
-    return isinstance(v, _ATOMS) or (type(v) is tuple and all(isinstance(e, _ATOMS) for e in v))
-
-
-def _fast_copy(model: nn.Module) -> nn.Module | None:
-    """The deep copy of a tree of plain modules without ``copy.deepcopy``'s generic recursion: every
-    module of a class that keeps nn.Module's copy protocol, whose attributes are atoms, tuples of atoms,
-    sets of names, hook dictionaries, or the parameter/buffer/submodule dictionaries, is rebuilt with
-    copied dictionaries and cloned tensors (``Parameter.__deepcopy__``, as deepcopy). Anything else
-    (custom attributes, other copy protocols, shared tensors): None, and the caller deep-copies."""
-    memo: dict[int, object] = {}
-    seen_tensors: set[int] = set()
-    for m in model.modules():
-        cls = type(m)
-        if getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__:
-            return None
-        if cls.__getstate__ is not nn.Module.__getstate__ or any("__slots__" in vars(c) for c in cls.__mro__):
-            return None
-        if cls.__setstate__ is not nn.Module.__setstate__ and not cls.__module__.startswith("torch.nn."):
-            return None  # torch.nn's own __setstate__ only fill in attributes of old pickles
-        for k, v in m.__dict__.items():
-            if k in ("_parameters", "_buffers"):
-                for t in v.values():
-                    if t is not None:
-                        if type(t) not in (Tensor, nn.Parameter) or id(t) in seen_tensors:
-                            return None
-                        seen_tensors.add(id(t))
-            elif not (
-                k == "_modules"
-                or _plain(v)
-                or (type(v) is set and all(type(e) is str for e in v))  # non-persistent buffer names
-                or (type(v) in (dict, OrderedDict) and not v)  # no hooks (registered ones: deepcopy)
-            ):
-                return None
-
-    def clone(m: nn.Module) -> nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]  # type: ignore[return-value]
-        new = object.__new__(type(m))
-        memo[id(m)] = new
-        d = {}
-        for k, v in m.__dict__.items():
-            if k in ("_parameters", "_buffers"):
-                d[k] = type(v)((n, None if t is None else copy.deepcopy(t, memo)) for n, t in v.items())
-            elif k == "_modules":
-                d[k] = type(v)((n, None if c is None else clone(c)) for n, c in v.items())
-            elif type(v) in (dict, OrderedDict, set):
-                d[k] = type(v)(v)
-            else:
-                d[k] = v
-        new.__dict__ = d
-        return new
-
-    return clone(model)
-
-
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` that shares (does not copy) a Lightning trainer or Fabric it refers to."""
-    fast = _fast_copy(model)  # about half deepcopy's time on plain torch.nn trees
-    if fast is not None:
-        return fast
     memo: dict[int, object] = {}
     for m in model.modules():
         for attr in ("_trainer", "_fabric", "_fabric_optimizers", "_device_mesh"):
