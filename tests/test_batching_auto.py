@@ -17,19 +17,7 @@ from explain_callbacks._internal.batching import (
 from explain_callbacks.attribution import IntegratedGradients, Saliency
 from explain_callbacks.interaction import IntegratedHessians
 from explain_callbacks.metrics.functional import deletion, mufidelity
-
-
-class Counting(nn.Module):
-    """Records the rows of every call."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls: list[int] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(x.shape[0])
-        return self.inner(x)
+from tests.test_blackbox_core import CountingModel as Counting
 
 
 def wide_cnn(width: int) -> nn.Module:
