@@ -47,6 +47,10 @@ def test_auto_rows_follow_activation_size_within_bounds():
     assert resolve_batch_size(7, big, x_big) == 7
     assert resolve_batch_size(None, big, x_big) is None
     assert resolve_batch_size("auto", lambda t: t.sum(1), x_big) == AUTO_ROWS_MAX
+    # inputs the caller will reject: no probe, the caller's checks give the error
+    assert resolve_batch_size("auto", big, [[1.0]]) == AUTO_ROWS_MAX
+    with pytest.raises(TypeError, match="inputs must be a torch"):
+        deletion(big, [[1.0]], torch.rand(1, 1), None)
 
 
 def test_probe_leaves_the_model_exactly_as_found():

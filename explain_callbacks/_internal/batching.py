@@ -108,7 +108,9 @@ def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> 
     check_batch_size(batch_size)
     if batch_size != "auto":
         return batch_size
-    if inputs.device.type != "cpu" or not isinstance(model, nn.Module) or inputs.shape[0] == 0:
+    if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
+        return AUTO_ROWS_MAX  # the caller's input checks name the problem
+    if inputs.device.type != "cpu" or not isinstance(model, nn.Module):
         return AUTO_ROWS_MAX
     per_model = _activation_cache.setdefault(model, {})
     key = (tuple(inputs.shape[1:]), inputs.dtype)
