@@ -5,6 +5,29 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sync() -> None:
+    """Wait for queued CUDA work, so a timer sees it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Best of ``repeats`` wall times (after one warm-up call when repeats > 1) and the last result."""
+    times, out = [], None
+    if repeats > 1:
+        out = fn()
+        sync()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return min(times), out
 
 
 def paired_times(

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _timing import timed  # a sibling module: the benchmarks run as scripts
 
 from explain_callbacks._internal.batching import activation_elements, resolve_batch_size
 from explain_callbacks.models.nets import MLP, SmallCNN
@@ -59,13 +60,7 @@ def per_row_ms(net: nn.Module, x: torch.Tensor, rows: int, grad: bool, repeats: 
                 with torch.no_grad():
                     net(xc)
 
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return best / x.shape[0] * 1e3
+    return timed(run, repeats)[0] / x.shape[0] * 1e3
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import contextlib
 import math
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import paired_times  # a sibling module: the benchmarks run as scripts
+from _timing import paired_times, sync, timed  # a sibling module: the benchmarks run as scripts
 
 from explain_callbacks._internal.batching import resolve_batch_size
 from explain_callbacks.attribution import Saliency
@@ -48,25 +47,6 @@ from explain_callbacks.models.nets import SmallCNN
 BS = 256  # rows per model call of the bare passes: main() sets it to what ours resolves (OURS_BS)
 OURS_BS: int | str = "auto"  # the metrics' batch_size argument (--batch-size)
 SECTIONS = ("deletion", "insertion", "mufidelity", "infidelity", "maps", "completeness", "explainer")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Best of ``repeats`` wall times (after one warm-up call when repeats > 1) and the last result."""
-    times, out = [], None
-    if repeats > 1:
-        out = fn()
-        _sync()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def bare_forward(model: nn.Module, n_rows: int, shape: tuple[int, ...], device: torch.device) -> Callable[[], None]:
@@ -109,12 +89,12 @@ def paired(
 
     def run() -> None:
         result[0] = fn()
-        _sync()
+        sync()
 
     def run_bare() -> None:
         for f in bares:
             f()
-        _sync()
+        sync()
 
     run()
     run_bare()
