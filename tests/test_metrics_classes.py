@@ -225,6 +225,10 @@ def test_model_calls_hold_at_most_batch_size_rows():
     sizes.clear()
     MF.mufidelity(model, x, maps, y, n_subsets=20, batch_size=12)
     assert max(sizes) <= 12 and sum(sizes) == 5 * 21
+    for perturbation in ("gaussian", "square"):  # x and its 7 perturbed copies, full calls across runs
+        sizes.clear()
+        MF.infidelity(model, x, maps, y, n_perturb=7, perturbation=perturbation, batch_size=12)
+        assert sizes == [12, 12, 12, 4]
 
 
 def test_random_subsets_are_uniform_and_exact():

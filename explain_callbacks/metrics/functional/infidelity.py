@@ -18,13 +18,14 @@ INFD(A, f, x) = E_I[(Iᵀ A − (f(x) − f(x − I)))²], lower is better. Pert
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.batching import BatchSize, resolve_batch_size, rows
 from ...attribution.base import make_generator
-from ._utils import RunDraws, Substrate, broadcast_map, make_substrate, output_scores, row_blocks, validate
+from ._utils import Substrate, broadcast_map, make_substrate, output_scores, validate
 
 __all__ = ["PERTURBATIONS", "infidelity"]
 
@@ -50,6 +51,48 @@ def _block_index(spatial: tuple[int, ...], size: int, device: torch.device) -> t
     for d in range(len(spatial)):
         idx = idx * nb[d] + grids[d] // size
     return idx, int(math.prod(nb))
+
+
+def _scores_of_perturbed(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None,
+    output: str,
+    n_runs: int,
+    draw: Callable[[int], Tensor],
+    batch_size: BatchSize,
+    a_flat: Tensor,
+    a_dot: Tensor,
+) -> Tensor:
+    """Scores (float64, ((R + 1) · B,)) of the rows x, x − I₀, x − I₁, …, in that flat order, in calls of
+    ``batch_size`` rows that cut across runs (the same calls as the bare forward passes). Each run's
+    perturbations are drawn once, in run order (so the random stream does not depend on
+    ``batch_size``), and their IᵀA is written to ``a_dot[r]`` as they are drawn."""
+    b = x.shape[0]
+    n_rows = (n_runs + 1) * b
+    step = min(rows(batch_size) or n_rows, n_rows)
+    buf = torch.empty((step, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    tgt = None if target is None else target.repeat(n_runs + 1)
+    scores = torch.empty(n_rows, dtype=torch.float64, device=x.device)
+    pert, drawn = x, -1  # the perturbations of run `drawn`
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        k = start
+        while k < stop:  # the pieces of runs (run -1: x itself) inside this call
+            r, s = k // b - 1, k % b
+            e = min(stop, (r + 2) * b)
+            piece = buf[k - start : e - start]
+            if r < 0:
+                piece.copy_(x[s : s + e - k])
+            else:
+                if r != drawn:
+                    pert, drawn = draw(r), r
+                    a_dot[r] = torch.linalg.vecdot(pert.flatten(1), a_flat).double()
+                torch.sub(x[s : s + e - k], pert[s : s + e - k], out=piece)
+            k = e
+        t = None if tgt is None else tgt[start:stop]
+        scores[start:stop] = output_scores(model, buf[: stop - start], t, output).double()
+    return scores
 
 
 def infidelity(
@@ -87,6 +130,7 @@ def infidelity(
     b = x.shape[0]
     spatial = tuple(x.shape[2:])
     g = make_generator(x.device, seed)
+    # draw(r): the perturbations I (B, *input_shape) of run r, called once per run, in run order
     if isinstance(perturbation, Tensor):
         pert = perturbation.to(device=x.device, dtype=x.dtype)
         if pert.ndim != x.ndim + 1 or pert.shape[0] != b or tuple(pert.shape[2:]) != tuple(x.shape[1:]):
@@ -95,48 +139,41 @@ def infidelity(
                 f"{', '.join(map(str, x.shape[1:]))}), got {tuple(pert.shape)}."
             )
         n_runs = pert.shape[1]
-        draws = RunDraws(lambda r: pert[:, r])
+
+        def draw(r: int) -> Tensor:
+            return pert[:, r]
+
     elif perturbation == "gaussian":
         n_runs = n_perturb
-        draws = RunDraws(lambda r: torch.empty_like(x).normal_(0.0, noise_std, generator=g))  # = randn * std
+        noise = torch.empty_like(x)  # one buffer, redrawn in place per run
+
+        def draw(r: int) -> Tensor:
+            return noise.normal_(0.0, noise_std, generator=g)  # = randn * std
+
     elif perturbation in ("square", "patch_sequence"):
         if not spatial:
             raise ValueError(f"perturbation={perturbation!r} needs spatial inputs (B,C,...); use 'gaussian'.")
         delta = x - make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
         if perturbation == "square":
             n_runs = n_perturb
-            draws = RunDraws(lambda r: delta * _square_masks(b, spatial, patch_size, g, x.device).unsqueeze(1))
+
+            def draw(r: int) -> Tensor:
+                return delta * _square_masks(b, spatial, patch_size, g, x.device).unsqueeze(1)
+
         else:
             block, n_runs = _block_index(spatial, patch_size, x.device)
-            draws = RunDraws(lambda r: delta * (block <= r).view(1, 1, *spatial))
+
+            def draw(r: int) -> Tensor:
+                return delta * (block <= r).view(1, 1, *spatial)
+
     else:
         raise ValueError(f"perturbation must be one of {PERTURBATIONS} or a tensor, got {perturbation!r}.")
 
-    fx = output_scores(model, x, target, output).double()
-    a_dot = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
-    drops = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
     a_flat = a.flatten(1).to(x.dtype)
-    gaussian = isinstance(perturbation, str) and perturbation == "gaussian"
-    buf: Tensor | None = None
-    for rs, bs in row_blocks(n_runs, b, batch_size):
-        nr = rs.stop - rs.start
-        fused = gaussian and bs == slice(0, b)
-        if fused:
-            # whole runs per block: draw straight into one buffer (the same numbers, run by run, as
-            # RunDraws) and turn it into x − I in place, instead of stacking the draws and subtracting
-            if buf is None or buf.shape[0] < nr:
-                buf = torch.empty((nr, *x.shape), dtype=x.dtype, device=x.device)
-            pert_rb = buf[:nr]
-            for i in range(nr):
-                pert_rb[i].normal_(0.0, noise_std, generator=g)
-        else:
-            pert_rb = draws.get(rs)[:, bs]  # (nr, nb, *shape)
-        nb = pert_rb.shape[1]
-        a_dot[rs, bs] = torch.einsum("rbn,bn->rb", pert_rb.flatten(2), a_flat[bs]).double()
-        rows = pert_rb.neg_().add_(x) if fused else x[bs].unsqueeze(0) - pert_rb
-        tgt = None if target is None else target[bs].repeat(nr)
-        scores = output_scores(model, rows.flatten(0, 1), tgt, output).view(nr, nb).double()
-        drops[rs, bs] = fx[bs].unsqueeze(0) - scores
+    a_dot = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
+    scores = _scores_of_perturbed(model, x, target, output, n_runs, draw, batch_size, a_flat, a_dot)
+    fx = scores[:b]
+    drops = fx.unsqueeze(0) - scores[b:].view(n_runs, b)
     if normalize:
         beta = (a_dot * drops).sum(0) / (a_dot * a_dot).sum(0).clamp_min(1e-30)
         a_dot = a_dot * beta.unsqueeze(0)
