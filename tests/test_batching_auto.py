@@ -91,7 +91,7 @@ def test_methods_and_metrics_chunk_by_the_resolved_rows_and_agree_with_ints():
     net.calls.clear()
     a = ig(net, x, y)
     assert ig.batch_size == rows  # inside (and after) a call the attribute reads as the resolved int
-    assert max(net.calls) <= rows and sum(net.calls) - 1 == 3 * 16  # the 1: the target-range check
+    assert max(net.calls) <= rows and sum(net.calls) == 3 * 16  # the probe (output width) ran in resolve_batch_size
     assert "batch_size='auto'" in repr(ig)
     ref = IntegratedGradients(n_steps=16, completeness=False, batch_size=256)(net, x, y)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
@@ -118,3 +118,26 @@ def test_bad_batch_size_is_named(bad):
         check_batch_size(bad)
     with pytest.raises(ValueError, match="batch_size"):
         Saliency(batch_size=bad)
+
+
+def test_target_check_probes_once_in_eval_mode_and_follows_a_replaced_head():
+    """The output width behind the target check comes from one cached eval-mode probe: a training-mode
+    BatchNorm is updated by the method's own forward only (not by a one-row probe batch, which a
+    BatchNorm1d would refuse), later calls make no probe, and a replaced head is seen."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    model = Counting(net)
+    x, y = torch.randn(8, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ref = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    ref.load_state_dict(net.state_dict())
+    ref(x)  # what one training-mode forward of the batch does to the statistics
+    Saliency(batch_size=None)(model, x, y)
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean, rtol=0, atol=0)
+    assert int(net[1].num_batches_tracked) == 1 and net.training
+    Saliency(batch_size=None)(model, x, y)
+    assert model.calls == [1, 8, 8]  # one probe, then the method's calls only
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):
+        Saliency(batch_size=None)(model, x, y + 1)
+    net[3] = nn.Linear(6, 4)  # a new head: the structure changed, so it is probed again
+    Saliency(batch_size=None)(model, x, y + 1)
+    assert model.calls[3:] == [1, 8]

@@ -363,6 +363,7 @@ def test_rankdata_keyed_sort_matches_scipy():
         torch.cat([special, torch.randn(40, generator=g)]).view(2, 25),
         torch.zeros(3, 64),
         torch.randn(2, 3, 33, generator=g).abs(),
+        torch.tensor([[1.0, 2.0, 2.0], [2.0, 2.0, 3.0], [5.0, 5.0, 5.0], [4.0, 4.0, 1.0]]),  # runs at row ends
     ]
     for x in rows:
         for xx in (x, x.half(), x.bfloat16(), -x.neg()):

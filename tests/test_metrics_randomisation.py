@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from explain_callbacks._internal.ops import pearson, rankdata
 from explain_callbacks.attribution import Saliency
 from explain_callbacks.metrics import Randomisation
 from explain_callbacks.metrics import functional as MF
-from explain_callbacks.metrics.functional.randomisation import copy_model, randomisable_layers, randomise_layer
+from explain_callbacks.metrics.functional.randomisation import (
+    layer_generator,
+    randomisable_layers,
+    randomise_layer,
+    randomised_view,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,23 +95,113 @@ def test_independent_mode_and_layer_selection():
             MF.model_randomisation(model, x, y, Saliency(), attributions=wrong)
 
 
-def test_randomise_layer_is_seeded_and_copy_shares_the_trainer():
-    class Holder(nn.Module):
+def test_randomise_layer_is_seeded_and_leaves_the_model_untouched():
+    m = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
+    m[1].running_mean.fill_(3.0)
+    w0 = m[0].weight.clone()
+    with randomised_view(m) as randomise:
+        randomise(m[0], torch.Generator().manual_seed(1))
+        w1 = m[0].weight.clone()
+        randomise(m[0], torch.Generator().manual_seed(1))
+        assert torch.equal(w1, m[0].weight) and not torch.equal(w1, w0)
+        assert m[0].weight.abs().max() <= 0.5  # U(±1/√fan_in), fan_in = 4
+        randomise(m[1], torch.Generator().manual_seed(1))
+        assert torch.equal(m[1].running_mean, torch.zeros(2))
+    assert torch.equal(m[0].weight, w0) and float(m[1].running_mean[0]) == 3.0
+    assert [n for n, _ in randomisable_layers(m)] == ["0", "1"]
+
+
+class _TiedLSTM(nn.Module):
+    """Tied weights, an LSTM (its weights also listed in ``_flat_weights``), a parametrised layer and
+    a BatchNorm: the slots a swap must get right."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.norm = nn.BatchNorm1d(8)
+        self.mid = torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+        self.tied = nn.Linear(8, 8, bias=False)
+        self.tied.weight = self.mid.parametrizations.weight.original1  # one Parameter in two modules
+        self.out = nn.Linear(8, 6)
+
+    def forward(self, x):  # x (B, 5, 6)
+        h, _ = self.lstm(self.emb(x))
+        h = self.norm(h[:, -1])
+        return self.out(self.tied(torch.tanh(self.mid(h))))
+
+
+def _reference(model, x, y, method, a0, order_names, seed=0, independent=False):
+    """The check by the book: a deep copy, randomised in place, layer by layer."""
+    layers = randomisable_layers(model)
+    index = {n: i for i, (n, _) in enumerate(layers)}
+    dev = x.device
+    rank = lambda a: rankdata(a.abs().reshape(a.shape[0], -1))  # noqa: E731
+    r0 = rank(a0)
+    rows, copy_ = [], copy.deepcopy(model)
+    for n in order_names:
+        if independent:
+            copy_ = copy.deepcopy(model)
+        randomise_layer(dict(copy_.named_modules())[n], layer_generator(dev, seed, index[n]))
+        rows.append(pearson(r0, rank(method(copy_, x, y))))
+    return torch.stack(rows)
+
+
+def _raw_gradient(m, inp, t):
+    """A method that runs the model in whatever mode it is in (BatchNorm in training mode updates its
+    running statistics in place)."""
+    inp = inp.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(m(inp).gather(1, t[:, None]).sum(), inp)[0]
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("mode", ["cascading", "independent"])
+def test_swapped_tensors_match_a_deep_copy_and_nothing_of_the_model_moves(train_mode, mode):
+    torch.manual_seed(0)
+    model = _TiedLSTM().train(train_mode)
+    x, y = torch.randn(16, 5, 6), torch.randint(0, 6, (16,))
+    # a live graph through the trained weights: in-place randomisation would break its backward
+    live = model(x).square().sum()
+    a0 = _raw_gradient(copy.deepcopy(model), x, y)  # trained maps (on a copy: training mode moves BN statistics)
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    values = {n: t.clone() for n, t in tensors.items()}
+    versions = {n: t._version for n, t in tensors.items()}
+    modes = [m.training for m in model.modules()]
+    names, rows = MF.model_randomisation(model, x, y, _raw_gradient, a0, mode=mode, return_cascade=True)
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t is tensors[n] and t._version == versions[n] and torch.equal(t, values[n]), n
+    assert model.tied.weight is model.mid.parametrizations.weight.original1
+    assert model.lstm._flat_weights[0] is model.lstm.weight_ih_l0
+    assert [m.training for m in model.modules()] == modes
+    live.backward()  # still possible: nothing it saved was modified
+    assert model.emb.weight.grad is not None
+    ref = _reference(model, x, y, _raw_gradient, a0, names, independent=mode == "independent")
+    torch.testing.assert_close(rows, ref, rtol=0, atol=0)
+
+
+def test_a_model_that_cannot_be_deep_copied_is_checked_and_restored_after_an_error():
+    import threading
+
+    class Locked(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(4, 2)
-            self.bn = nn.BatchNorm1d(2)
-            self._trainer = object()  # stands for a Lightning trainer: must not be deep-copied
+            self.lin = nn.Linear(4, 3)
+            self.lock = threading.Lock()  # deepcopy raises TypeError on this
 
-    m = Holder()
-    m.bn.running_mean.fill_(3.0)
-    c = copy_model(m)
-    assert c._trainer is m._trainer and c.lin.weight is not m.lin.weight
-    assert [n for n, _ in randomisable_layers(c)] == ["lin", "bn"]
-    randomise_layer(c.lin, torch.Generator().manual_seed(1))
-    w1 = c.lin.weight.clone()
-    randomise_layer(c.lin, torch.Generator().manual_seed(1))
-    assert torch.equal(w1, c.lin.weight) and not torch.equal(w1, m.lin.weight)
-    assert c.lin.weight.abs().max() <= 0.5  # U(±1/√fan_in), fan_in = 4
-    randomise_layer(c.bn, torch.Generator().manual_seed(1))
-    assert torch.equal(c.bn.running_mean, torch.zeros(2)) and float(m.bn.running_mean[0]) == 3.0
+        def forward(self, x):
+            return self.lin(x)
+
+    model = Locked().eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    w = model.lin.weight
+    score = MF.model_randomisation(model, x, y, Saliency())
+    assert score.shape == (8,) and model.lin.weight is w
+
+    def failing(m, inp, t):
+        assert m.lin.weight is not w  # the randomised tensors are in place during the call
+        raise RuntimeError("method failed")
+
+    with pytest.raises(RuntimeError, match="method failed"):
+        MF.model_randomisation(model, x, y, failing, attributions=torch.rand(8, 4))
+    assert model.lin.weight is w and torch.equal(w, model.lin.weight)

@@ -35,6 +35,8 @@ __all__ = [
     "forward_selected",
     "grad_selected",
     "map_chunks",
+    "model_facts",
+    "output_width",
     "resolve_batch_size",
     "rows",
     "select_output",
@@ -48,8 +50,11 @@ CPU_ELEMENTS_PER_CALL = 1 << 23
 #: bounds of the rows per call that ``"auto"`` picks (the upper one is also its GPU choice).
 AUTO_ROWS_MIN, AUTO_ROWS_MAX = 8, 256
 
-# activation elements per row, per model, per (row shape, dtype): one probe forward each
-_activation_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+# (activation elements per row, output width) per model, per (structure, row shape, dtype, device):
+# one probe forward each
+_activation_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int | None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def check_batch_size(batch_size: BatchSize) -> BatchSize:
@@ -71,11 +76,13 @@ def rows(batch_size: BatchSize) -> int | None:
     return None if not batch_size or batch_size <= 0 else int(batch_size)
 
 
-def activation_elements(model: nn.Module, row: Tensor) -> int:
-    """Elements output by the leaf modules of ``model`` for the one-row input ``row`` (1, ...).
+def _probe(model: nn.Module, row: Tensor) -> tuple[int, int | None]:
+    """(Elements output by the leaf modules of ``model`` for the one-row input ``row`` (1, ...), the
+    width of the model's output: ``out.shape[1]``, or None for a 1-D or non-tensor output).
 
-    One forward pass without grad, with every module in eval mode (no BatchNorm statistics move) and
-    the global RNG forked; modes and hooks are restored, so the model is left exactly as found.
+    One forward pass without grad, with every module in eval mode (no BatchNorm statistics move, and a
+    BatchNorm1d takes one row) and the global RNG forked; modes and hooks are restored, so the model is
+    left exactly as found. The model's own errors (a wrong input shape) propagate.
     """
     total = [0]
 
@@ -89,7 +96,7 @@ def activation_elements(model: nn.Module, row: Tensor) -> int:
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[row.device] if row.device.type == "cuda" else []):
             out = model(row)
         if total[0] == 0 and isinstance(out, Tensor):  # a model without leaf modules (functional code)
             total[0] = out.numel() + row.numel()
@@ -98,7 +105,33 @@ def activation_elements(model: nn.Module, row: Tensor) -> int:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    return max(total[0], 1)
+    width = out.shape[1] if isinstance(out, Tensor) and out.ndim >= 2 else None
+    return max(total[0], 1), width
+
+
+def activation_elements(model: nn.Module, row: Tensor) -> int:
+    """Elements output by the leaf modules of ``model`` for the one-row input ``row`` (1, ...); see
+    :func:`model_facts` (this one is not cached)."""
+    return _probe(model, row)[0]
+
+
+def model_facts(model: nn.Module, inputs: Tensor) -> tuple[int, int | None]:
+    """:func:`_probe` of ``inputs[:1]``, cached per model, module structure (the identity of every
+    submodule: a replaced head is a new module) and row shape, dtype and device: one probe forward per
+    model and input kind, not one per call."""
+    per_model = _activation_cache.setdefault(model, {})
+    key = (tuple(map(id, model.modules())), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+    if key not in per_model:
+        if len(per_model) > 64:  # structures of the past (heads replaced again and again): start afresh
+            per_model.clear()
+        per_model[key] = _probe(model, inputs[:1].detach())
+    return per_model[key]
+
+
+def output_width(model: nn.Module, inputs: Tensor) -> int | None:
+    """The width of ``model``'s output (classes) for inputs like ``inputs`` (B, ...): ``out.shape[1]``,
+    None for a single-output model (1-D output) or a non-tensor output. Cached (:func:`model_facts`)."""
+    return model_facts(model, inputs)[1]
 
 
 def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> int | None:
@@ -112,14 +145,11 @@ def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> 
         return AUTO_ROWS_MAX  # the caller's input checks name the problem
     if inputs.device.type != "cpu" or not isinstance(model, nn.Module):
         return AUTO_ROWS_MAX
-    per_model = _activation_cache.setdefault(model, {})
-    key = (tuple(inputs.shape[1:]), inputs.dtype)
-    if key not in per_model:
-        try:
-            per_model[key] = activation_elements(model, inputs[:1].detach())
-        except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
-            return AUTO_ROWS_MAX
-    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // per_model[key])))
+    try:
+        elements = model_facts(model, inputs)[0]
+    except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
+        return AUTO_ROWS_MAX
+    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // elements)))
 
 
 _UNRESOLVED = object()  # a batch_size setting not yet resolved against a model and input

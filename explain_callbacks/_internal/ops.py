@@ -70,12 +70,13 @@ def _argsort_last(x: Tensor) -> Tensor:
 _KEYABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _sorted_keys_cpu(x: Tensor) -> tuple[Tensor, Tensor] | None:
+def _sorted_keys_cpu(x: Tensor) -> np.ndarray | None:
     """Sort a CPU float tensor along the last dim by sorting one int64 key per element: the float's
     order-preserving 32-bit pattern (negative values' magnitude bits flipped, -0 made +0) above its
     index. NumPy's SIMD sort of int64 values is about twice as fast as its argsort of the floats.
-    Returns (the order-preserving patterns in sorted order, the sorter), or None when the fast path does
-    not apply (other dtypes or devices, NaNs, more than 2^31 elements per row)."""
+    Returns the sorted keys (``key >> 32``: the patterns in sorted order, ``key & 0xFFFFFFFF``: the
+    sorter), or None when the fast path does not apply (other dtypes or devices, NaNs, more than 2^31
+    elements per row)."""
     if x.device.type != "cpu" or x.dtype not in _KEYABLE or x.requires_grad or x.ndim < 1:
         return None
     n = x.shape[-1]
@@ -85,25 +86,55 @@ def _sorted_keys_cpu(x: Tensor) -> tuple[Tensor, Tensor] | None:
     if np.isnan(f).any():
         return None
     bits = (f + np.float32(0.0)).view(np.int32)  # -0.0 + 0.0 = +0.0: one pattern for zero
-    okey = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64)  # signed order = float order
-    key = np.sort((okey << 32) | np.arange(n, dtype=np.int64), axis=-1)
-    return torch.from_numpy(key >> 32), torch.from_numpy(key & 0xFFFFFFFF)
+    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)  # negative floats: flip the magnitude bits (signed = float order)
+    key = bits.astype(np.int64)
+    key <<= 32
+    key |= np.arange(n, dtype=np.int64)
+    key.sort(axis=-1)
+    return key
+
+
+def _tie_means_cpu(tied: np.ndarray, rank: np.ndarray) -> None:
+    """Give each run of equal values its mean rank, in ``rank`` (B, n, float64, 1..n per row at sorted
+    positions) in place; ``tied`` (B, n - 1): is sorted element j equal to element j + 1. Only the tied
+    elements are visited: float maps have a few ties at most (a map with many exact zeros: one long run)."""
+    n = rank.shape[-1]
+    pairs = np.flatnonzero(tied)  # pair (j, j+1) of row r: index r*(n-1) + j
+    f = pairs + pairs // (n - 1)  # flat index of the pair's first element in (B, n)
+    new_run = np.empty(f.size, dtype=bool)
+    new_run[0] = True
+    new_run[1:] = f[1:] != f[:-1] + 1  # pairs of one run are consecutive (a row's last and the next row's
+    #                                    first element never pair: their flat indices differ by 2)
+    starts = np.flatnonzero(new_run)
+    first = f[starts]  # first element of each run
+    last = f[np.append(starts[1:] - 1, f.size - 1)] + 1  # last element of each run
+    mean = (first % n + last % n) * 0.5 + 1.0  # ranks are 1-based
+    run = np.cumsum(new_run) - 1
+    flat = rank.reshape(-1)
+    flat[f] = mean[run]
+    flat[f + 1] = mean[run]
 
 
 def rankdata(x: Tensor) -> Tensor:
     """Average ranks along the last dim (ties get the mean rank, as scipy.stats.rankdata), float64."""
-    keyed = _sorted_keys_cpu(x)
-    if keyed is None:
-        sorter = _argsort_last(x)
-        xs = x.gather(-1, sorter)
-    else:  # same ranks: equal floats have equal keys, and the order within a tie does not matter
-        xs, sorter = keyed
-    n = x.shape[-1]
+    n = x.shape[-1] if x.ndim else 1
+    key = _sorted_keys_cpu(x)
+    if key is not None:  # same ranks: equal floats have equal keys, and the order within a tie does not matter
+        rank = torch.arange(1, n + 1, dtype=torch.float64).expand(x.shape)
+        if n > 1:
+            vals = key >> 32
+            tied = vals[..., 1:] == vals[..., :-1]
+            if tied.any():
+                rank = rank.contiguous()
+                _tie_means_cpu(tied, rank.numpy())
+        sorter = torch.from_numpy(key & 0xFFFFFFFF)
+        return torch.empty(x.shape, dtype=torch.float64).scatter_(-1, sorter, rank)
+    sorter = _argsort_last(x)
+    xs = x.gather(-1, sorter)
     rank = torch.arange(1, n + 1, device=x.device, dtype=torch.float64).expand(xs.shape).contiguous()
     if n > 1 and xs.numel():
         # Ties: a run of equal values at sorted positions p..q gets (p + q) / 2. Only the tied elements are
-        # visited: float maps have a few ties at most (a map with many exact zeros: one long run), so the
-        # common case costs a comparison and a nonzero instead of two scans over every element.
+        # visited, as in _tie_means_cpu.
         differs = torch.ones(xs.shape, dtype=torch.bool, device=x.device)  # from the previous element
         differs[..., 1:] = xs[..., 1:] != xs[..., :-1]
         last = torch.ones_like(differs)  # the next element differs (or there is none)

@@ -8,12 +8,13 @@ returning the input's shape (or a documented lower resolution). Randomness comes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall
+from .._internal.batching import BatchSize, RowsPerCall, output_width
 from .._internal.checks import check_inputs
 from .._internal.targets import as_target_tensor, check_target
 
@@ -78,8 +79,9 @@ class Attributor(RowsPerCall, ABC):
         self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         if tgt is not None:
-            with torch.no_grad():
-                n_out = _n_outputs(model, inputs[:1])
+            # the output width from a cached one-row, eval-mode probe: no forward per call, and no
+            # BatchNorm statistics moved by a one-row batch when the model is in training mode
+            n_out = output_width(model, inputs) if isinstance(model, nn.Module) else _n_outputs(model, inputs[:1])
             check_target(tgt, n_out, inputs.shape[0])
         self.last_info = {}
         return tgt
@@ -107,7 +109,9 @@ class Attributor(RowsPerCall, ABC):
         return args
 
 
-def _n_outputs(model: nn.Module, x1: Tensor) -> int | None:
+@torch.no_grad()
+def _n_outputs(model: Callable[[Tensor], Any], x1: Tensor) -> int | None:
+    """The output width of a model that is a plain function (not an ``nn.Module``)."""
     out = model(x1)
     if isinstance(out, Tensor) and out.ndim >= 2:
         return out.shape[1]

@@ -147,7 +147,7 @@ class CompletenessSoundness(ExplainerMetric):
 @METRICS.register("randomisation", "randomization", "mprt")
 class Randomisation(CurveStates, ExplainerMetric):
     """Cascading model-parameter randomisation check (Adebayo et al. 2018): Spearman correlation of the
-    maps of the fully randomised model (a deep copy) with the trained model's; lower is better.
+    maps of the fully randomised model (the user's model is left untouched) with the trained model's; lower is better.
 
     With ``cascade=True`` every step of the cascade is computed (one method call per layer): ``curve``
     holds the mean correlation after each layer (top-down; over every process after ``compute`` under

@@ -6,40 +6,34 @@ and the per-sample Spearman rank correlation between the maps of the trained and
 model is reported (of |A| by default, as the paper's figures and Quantus' ``MPRT``). A method that
 depends on the learned weights falls towards 0; one that does not (an edge detector) stays high.
 
-The check works on a deep copy of the model (the user's model is never modified). Weights are drawn
-from a seeded ``torch.Generator`` per layer (PyTorch's default ``U(±1/√fan_in)`` for weights and biases
-of layers with a ≥2-D weight; normalisation layers are reset to their identity initialisation, as
+The user's model is never modified, and never copied: :func:`randomised_view` swaps fresh tensors
+into the parameter and buffer slots of the layers being randomised (and clones of every buffer, so a
+forward pass in training mode cannot move the trained running statistics), and puts the very same
+tensor objects back on exit. Their values, version counters, ``.grad`` and ``requires_grad`` are never
+touched, so an optimiser or a live autograd graph holding them is unaffected, and a LightningModule
+that cannot be deep-copied (a lock, a data loader, a logger handle) works too. Weights are drawn from a
+seeded ``torch.Generator`` per layer (PyTorch's default ``U(±1/√fan_in)`` for weights and biases of
+layers with a ≥2-D weight; normalisation layers are reset to their identity initialisation, as
 ``reset_parameters``), so the fully randomised model is the same however it was reached.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
-from ..._internal.ops import pearson, rankdata
+from ..._internal.ops import rankdata
 from ...attribution.base import make_generator
 from ._utils import row_blocks, validate
 
-__all__ = ["copy_model", "model_randomisation", "randomisable_layers", "randomise_layer"]
+__all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "randomise_layer", "randomised_view"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that shares (does not copy) a Lightning trainer or Fabric it refers to."""
-    memo: dict[int, object] = {}
-    for m in model.modules():
-        for attr in ("_trainer", "_fabric", "_fabric_optimizers", "_device_mesh"):
-            v = m.__dict__.get(attr)
-            if v is not None and not isinstance(v, (Tensor, nn.Module)):
-                memo[id(v)] = v
-    return copy.deepcopy(model, memo)
 
 
 def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -65,6 +59,57 @@ def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype))
             continue
         p.copy_((torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 2 - 1) * bound)
+
+
+@contextlib.contextmanager
+def randomised_view(model: nn.Module) -> Iterator[Callable[[nn.Module, torch.Generator], None]]:
+    """A context in which layers of ``model`` can be re-initialised without touching its tensors.
+
+    Yields ``randomise(module, generator)``: the module's parameters (in every slot that shares them,
+    so tied weights stay tied) and buffers are replaced by clones, which :func:`randomise_layer` then
+    re-draws in place. On entry every buffer of the model is replaced by a clone as well (a forward pass
+    in training mode updates BatchNorm statistics in place). On exit every slot gets its original tensor
+    object back (through ``setattr``, so modules that cache their weights, as ``nn.LSTM``, follow).
+    """
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id(original tensor) -> the slots holding it
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    slots.setdefault(id(t), []).append((m, name))
+    saved: list[tuple[nn.Module, str, Tensor]] = []  # (owner, name, original), in swap order
+
+    def swap(t: Tensor) -> None:
+        if id(t) not in slots:
+            return  # a clone of ours already (the originals stay alive in ``saved``: no id is reused)
+        with torch.no_grad():
+            new = nn.Parameter(t.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else t.clone()
+        for owner, name in slots.pop(id(t)):
+            saved.append((owner, name, t))
+            setattr(owner, name, new)
+
+    def randomise(module: nn.Module, generator: torch.Generator) -> None:
+        for store in (module._parameters, module._buffers):
+            for t in list(store.values()):
+                if t is not None:
+                    swap(t)
+        randomise_layer(module, generator)
+
+    try:
+        for m in model.modules():
+            for t in list(m._buffers.values()):
+                if t is not None:
+                    swap(t)
+        yield randomise
+    finally:
+        for owner, name, t in reversed(saved):
+            setattr(owner, name, t)
+
+
+def layer_generator(device: torch.device, seed: int, layer_index: int) -> torch.Generator:
+    """The generator that re-draws layer ``layer_index`` (of :func:`randomisable_layers`) for ``seed``."""
+    # mixed so that seed 0 does not replay torch.manual_seed(0) initialisation of the first layer
+    return make_generator(device, (seed + 1) * 1_000_003 + 7919 * (layer_index + 1))
 
 
 def _maps(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor | None, bs: int | None) -> Tensor:
@@ -110,6 +155,7 @@ def model_randomisation(
     a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach()
     all_layers = randomisable_layers(model)
     index = {n: i for i, (n, _) in enumerate(all_layers)}
+    mods = dict(all_layers)
     if layers is not None:
         missing = [n for n in layers if n not in index]
         if missing:
@@ -123,12 +169,14 @@ def model_randomisation(
     device = next(model.parameters()).device
 
     def gen(name: str) -> torch.Generator:
-        # mixed so that seed 0 does not replay torch.manual_seed(0) initialisation of the first layer
-        return make_generator(device, (seed + 1) * 1_000_003 + 7919 * (index[name] + 1))
+        return layer_generator(device, seed, index[name])
 
-    # Spearman = Pearson of ranks: the trained maps are ranked once for every step (each step's maps are
-    # ranked as they come, so memory stays at one step's maps whatever the depth)
-    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1))
+    # Spearman = Pearson of ranks. Average ranks have the mean (n + 1) / 2 whatever the ties, so the trained
+    # maps are ranked, centred and normed once for every step; each step's maps are ranked as they come
+    # (memory stays at one step's maps whatever the depth)
+    centre = (a0[0].numel() + 1) / 2
+    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_(centre)
+    ss0 = torch.linalg.vecdot(r0, r0)
 
     def corr(a: Tensor) -> Tensor:  # ranks in the maps' precision (same order), correlation in float64
         if a.shape != a0.shape:
@@ -137,22 +185,24 @@ def model_randomisation(
                 "the maps this method gives for the inputs (or attributions=None to compute them)."
             )
         q = a.reshape(b, -1).to(a0.dtype)
-        return pearson(r0, rankdata(q.abs() if abs else q))
+        r = rankdata(q.abs() if abs else q).sub_(centre)
+        den = (ss0 * torch.linalg.vecdot(r, r)).sqrt()  # 0 for a constant map: correlation 0, as pearson()
+        return torch.where(den > 0, torch.linalg.vecdot(r0, r) / den.clamp_min(1e-300), 0.0)
 
-    copy_ = copy_model(model)
-    mods = dict(copy_.named_modules())
+    def randomised_maps(randomise: Callable[[nn.Module, torch.Generator], None], names: Sequence[str]) -> Tensor:
+        for n in names:
+            randomise(mods[n], gen(n))
+        return corr(_maps(method, model, x, target, batch_size))
+
     if not return_cascade:
+        with randomised_view(model) as randomise:
+            return randomised_maps(randomise, order)
+    if mode == "independent":  # each layer alone, on the trained model
+        rows = []
         for n in order:
-            randomise_layer(mods[n], gen(n))
-        out = corr(_maps(method, copy_, x, target, batch_size))
-        del copy_
-        return out
-    rows = []
-    for i, n in enumerate(order):
-        if mode == "independent" and i > 0:
-            copy_ = copy_model(model)
-            mods = dict(copy_.named_modules())
-        randomise_layer(mods[n], gen(n))
-        rows.append(corr(_maps(method, copy_, x, target, batch_size)))
-    del copy_
+            with randomised_view(model) as randomise:
+                rows.append(randomised_maps(randomise, [n]))
+    else:
+        with randomised_view(model) as randomise:
+            rows = [randomised_maps(randomise, [n]) for n in order]
     return order, torch.stack(rows)
