@@ -16,7 +16,7 @@ from explain_callbacks._internal.batching import (
 )
 from explain_callbacks.attribution import IntegratedGradients, Saliency
 from explain_callbacks.interaction import IntegratedHessians
-from explain_callbacks.metrics.functional import deletion, mufidelity
+from explain_callbacks.metrics.functional import deletion, insertion, mufidelity
 from tests.test_blackbox_core import CountingModel as Counting
 
 
@@ -141,3 +141,18 @@ def test_target_check_probes_once_in_eval_mode_and_follows_a_replaced_head():
     net[3] = nn.Linear(6, 4)  # a new head: the structure changed, so it is probed again
     Saliency(batch_size=None)(model, x, y + 1)
     assert model.calls[3:] == [1, 8]
+
+
+def test_deletion_and_insertion_calls_cut_across_steps():
+    """The S x B perturbed rows go in calls of exactly batch_size rows (the last one shorter), a call
+    ending one step and starting the next, with the curves of one call for everything."""
+    torch.manual_seed(0)
+    model = Counting(wide_cnn(4).eval())
+    x, y = torch.rand(3, 3, 8, 8), torch.tensor([0, 4, 9])
+    a = torch.randn(3, 1, 8, 8)
+    for fn in (deletion, insertion):
+        _, whole, _ = fn(model, x, a, y, n_steps=4, batch_size=None, return_curve=True)
+        model.calls.clear()
+        _, cut, _ = fn(model, x, a, y, n_steps=4, batch_size=7, return_curve=True)
+        assert model.calls == [7, 7, 1]  # 5 points x 3 samples
+        torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-7)

@@ -23,11 +23,11 @@ from ._utils import (
     Substrate,
     expand_feature_mask,
     feature_relevance,
+    flat_calls,
     make_substrate,
     n_steps_of,
     output_scores,
     rank_features,
-    row_blocks,
     trapezoid,
     validate,
 )
@@ -56,7 +56,7 @@ def perturbation_curve(
 
     Point k holds ``min(k * step, n)`` removed (deletion) or revealed (insertion) features; point 0 is
     the intact input (deletion) or the substrate (insertion). The ``S * B`` perturbed copies are built
-    block by block, at most ``batch_size`` rows per model call.
+    call by call, ``batch_size`` rows per model call (a call may end one step and start the next).
 
     Args:
         mode: ``"deletion"`` or ``"insertion"``.
@@ -80,17 +80,21 @@ def perturbation_curve(
     fractions = counts.to(torch.float64) / n
     ranks = rank_features(rel, ties, seed)
     sub = make_substrate(substrate, x, blur_sigma=blur_sigma).to(x.dtype)
-    s_total = n_st + 1
-    scores = torch.empty(s_total, b, dtype=torch.float64, device=x.device)
-    for rs, bs in row_blocks(s_total, b, batch_size):
-        nr, nb = rs.stop - rs.start, bs.stop - bs.start
-        # (nr, nb, n): is the feature removed (deletion) / revealed (insertion) at this step?
-        m = expand_feature_mask(ranks[bs].unsqueeze(0) < counts[rs].view(nr, 1, 1), x.shape, fmode)
-        xs, ss = x[bs].unsqueeze(0), sub[bs].unsqueeze(0)
-        rows = (torch.where(m, ss, xs) if mode == "deletion" else torch.where(m, xs, ss)).flatten(0, 1)
-        tgt = None if target is None else target[bs].repeat(nr)
-        scores[rs, bs] = output_scores(model, rows, tgt, output).view(nr, nb).double()
-    return scores.T.contiguous(), fractions
+    # the step from which each feature is removed (deletion) / revealed (insertion): rank // step + 1
+    first_step = expand_feature_mask((ranks // step_ + 1).to(torch.int32), x.shape, fmode)
+    tgt = None if target is None else target.repeat(n_st + 1)
+    scores = torch.empty((n_st + 1) * b, dtype=torch.float64, device=x.device)
+    buf: Tensor | None = None
+    for call, pieces in flat_calls(n_st + 1, b, batch_size):
+        if buf is None:
+            buf = torch.empty((call.stop - call.start, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for step_k, sm, at in pieces:
+            gone = first_step[sm] <= step_k
+            kept, other = (x[sm], sub[sm]) if mode == "deletion" else (sub[sm], x[sm])
+            torch.where(gone, other, kept, out=buf[at])
+        t = None if tgt is None else tgt[call]
+        scores[call] = output_scores(model, buf[: call.stop - call.start], t, output).double()
+    return scores.view(n_st + 1, b).T.contiguous(), fractions
 
 
 def deletion(
