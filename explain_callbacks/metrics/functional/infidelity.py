@@ -18,14 +18,13 @@ INFD(A, f, x) = E_I[(Iᵀ A − (f(x) − f(x − I)))²], lower is better. Pert
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, resolve_batch_size, rows
+from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
-from ._utils import Substrate, broadcast_map, make_substrate, output_scores, validate
+from ._utils import Substrate, broadcast_map, flat_calls, make_substrate, output_scores, validate
 
 __all__ = ["PERTURBATIONS", "infidelity"]
 
@@ -51,48 +50,6 @@ def _block_index(spatial: tuple[int, ...], size: int, device: torch.device) -> t
     for d in range(len(spatial)):
         idx = idx * nb[d] + grids[d] // size
     return idx, int(math.prod(nb))
-
-
-def _scores_of_perturbed(
-    model: nn.Module,
-    x: Tensor,
-    target: Tensor | None,
-    output: str,
-    n_runs: int,
-    draw: Callable[[int], Tensor],
-    batch_size: BatchSize,
-    a_flat: Tensor,
-    a_dot: Tensor,
-) -> Tensor:
-    """Scores (float64, ((R + 1) · B,)) of the rows x, x − I₀, x − I₁, …, in that flat order, in calls of
-    ``batch_size`` rows that cut across runs (the same calls as the bare forward passes). Each run's
-    perturbations are drawn once, in run order (so the random stream does not depend on
-    ``batch_size``), and their IᵀA is written to ``a_dot[r]`` as they are drawn."""
-    b = x.shape[0]
-    n_rows = (n_runs + 1) * b
-    step = min(rows(batch_size) or n_rows, n_rows)
-    buf = torch.empty((step, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    tgt = None if target is None else target.repeat(n_runs + 1)
-    scores = torch.empty(n_rows, dtype=torch.float64, device=x.device)
-    pert, drawn = x, -1  # the perturbations of run `drawn`
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        k = start
-        while k < stop:  # the pieces of runs (run -1: x itself) inside this call
-            r, s = k // b - 1, k % b
-            e = min(stop, (r + 2) * b)
-            piece = buf[k - start : e - start]
-            if r < 0:
-                piece.copy_(x[s : s + e - k])
-            else:
-                if r != drawn:
-                    pert, drawn = draw(r), r
-                    a_dot[r] = torch.linalg.vecdot(pert.flatten(1), a_flat).double()
-                torch.sub(x[s : s + e - k], pert[s : s + e - k], out=piece)
-            k = e
-        t = None if tgt is None else tgt[start:stop]
-        scores[start:stop] = output_scores(model, buf[: stop - start], t, output).double()
-    return scores
 
 
 def infidelity(
@@ -171,7 +128,26 @@ def infidelity(
 
     a_flat = a.flatten(1).to(x.dtype)
     a_dot = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
-    scores = _scores_of_perturbed(model, x, target, output, n_runs, draw, batch_size, a_flat, a_dot)
+    # The rows x, x − I₀, x − I₁, … in run-major order, batch_size rows per call whatever the run
+    # boundaries (the calls of the bare passes); each run's I is drawn once, in run order, so the random
+    # stream does not depend on batch_size, and its IᵀA is taken when drawn.
+    tgt = None if target is None else target.repeat(n_runs + 1)
+    scores = torch.empty((n_runs + 1) * b, dtype=torch.float64, device=x.device)
+    buf: Tensor | None = None
+    cur, drawn = x, -1  # the perturbations I of run `drawn`
+    for call, pieces in flat_calls(n_runs + 1, b, batch_size):
+        if buf is None:
+            buf = torch.empty((call.stop - call.start, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for k, sm, at in pieces:  # k = 0: x itself; k > 0: x − I of run k − 1
+            if k == 0:
+                buf[at].copy_(x[sm])
+                continue
+            if k - 1 != drawn:
+                cur, drawn = draw(k - 1), k - 1
+                a_dot[drawn] = torch.linalg.vecdot(cur.flatten(1), a_flat).double()
+            torch.sub(x[sm], cur[sm], out=buf[at])
+        t = None if tgt is None else tgt[call]
+        scores[call] = output_scores(model, buf[: call.stop - call.start], t, output).double()
     fx = scores[:b]
     drops = fx.unsqueeze(0) - scores[b:].view(n_runs, b)
     if normalize:
