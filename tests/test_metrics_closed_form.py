@@ -144,7 +144,7 @@ def test_infidelity_vanishes_for_the_gradient_of_a_linear_model(perturbation):
 
 def test_gaussian_infidelity_equals_its_definition_whatever_the_chunking():
     """The Gaussian draws (run by run from the seeded generator) and (IᵀA − (f(x) − f(x − I)))² written
-    out directly; whole-run blocks (drawn in place) and sample-sliced blocks must give the same."""
+    out directly; whatever the calls (all rows, calls cut across runs, parts of a run) the same."""
     model = Linear()
     x, y = _batch(b=5)
     a = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
@@ -294,6 +294,47 @@ def test_dabkowski_metric_planted():
         ref = torch.nn.functional.interpolate(x[i : i + 1, :, y0 : y1 + 1, x0 : x1 + 1], size=(16, 16),
                                               mode="bilinear", align_corners=False)  # fmt: skip
         torch.testing.assert_close(crops[i : i + 1], ref, atol=1e-5, rtol=0)
+
+
+def test_saliency_boxes_backends_agree():
+    """The boxes computed in NumPy from the scipy labels equal those from the torch component masks:
+    random maps, equal values (components tied in size), constant maps (the whole image), thin images."""
+    pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(6)
+    for h, w in ((16, 16), (7, 11), (1, 9), (9, 1), (2, 2)):
+        a = torch.randn(24, 2, h, w, generator=g) * (torch.rand(24, 1, h, w, generator=g) < 0.4)
+        a[0] = 0.0
+        a[1] = 3.0
+        a[2:8] = (torch.rand(6, 1, h, w, generator=g) < 0.3).float()  # 0/1 maps: many equal-size components
+        ref = saliency_boxes(a, backend="torch")
+        boxes = saliency_boxes(a, backend="scipy")
+        assert boxes.dtype == ref.dtype == torch.int64
+        assert torch.equal(boxes, ref)
+        assert ref[:2].tolist() == [[0, 0, h - 1, w - 1]] * 2  # constant maps: the whole image
+    ties = torch.zeros(1, 1, 5, 9)
+    ties[0, 0, 3, 5:7] = 1.0  # two components of 2 pixels: the one starting first (row 1) wins
+    ties[0, 0, 1, 0:2] = 1.0
+    for backend in ("torch", "scipy"):
+        assert saliency_boxes(ties, backend=backend).tolist() == [[1, 0, 1, 1]]
+
+
+def test_crop_resize_equals_interpolate_of_each_crop():
+    """Random boxes: the batched matmuls equal cropping each sample and resizing it with F.interpolate
+    (float64: to rounding; float32: within 1e-6)."""
+    g = torch.Generator().manual_seed(8)
+    for h, w in ((16, 16), (7, 12), (1, 5), (13, 1)):
+        x = torch.rand(20, 3, h, w, generator=g, dtype=torch.float64)
+        y0 = torch.randint(0, h, (20,), generator=g)
+        x0 = torch.randint(0, w, (20,), generator=g)
+        y1 = y0 + (torch.rand(20, generator=g, dtype=torch.float64) * (h - y0)).long()
+        x1 = x0 + (torch.rand(20, generator=g, dtype=torch.float64) * (w - x0)).long()
+        boxes = torch.stack([y0, x0, y1, x1], 1)
+        crops = crop_resize(x, boxes)
+        for i, (a0, b0, a1, b1) in enumerate(boxes.tolist()):
+            ref = torch.nn.functional.interpolate(x[i : i + 1, :, a0 : a1 + 1, b0 : b1 + 1], size=(h, w),
+                                                  mode="bilinear", align_corners=False)  # fmt: skip
+            torch.testing.assert_close(crops[i : i + 1], ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(crop_resize(x.float(), boxes), crops.float(), atol=1e-6, rtol=0)
 
 
 def test_completeness_soundness_planted_region():

@@ -6,8 +6,9 @@ component (8-connectivity) is cropped and resized back to the input size; with a
 fraction and p the probability of the class on the resized crop,
 ``s = log(max(a, 0.05)) − log(p)``. Lower is better (a small box that keeps the class).
 All samples are processed together: the components in one call (``scipy.ndimage.label`` on the
-stack for CPU tensors, batched label propagation in torch otherwise), the boxes from the masks, the
-crops by one ``grid_sample``, the crops' probabilities in chunks of ``batch_size``.
+stack for CPU tensors, batched label propagation in torch otherwise), the boxes from the labels
+(NumPy) or the masks (torch), the crops by one ``grid_sample``, the crops' probabilities in chunks
+of ``batch_size``.
 """
 
 from __future__ import annotations
@@ -72,20 +73,29 @@ def _largest_component_torch(fg: Tensor) -> Tensor:
     return (lab == best).view(b, h, w) & fg
 
 
-def _largest_component_scipy(fg: Tensor) -> Tensor:
-    """The same on CPU with ``scipy.ndimage.label``: one call labels the whole (B, H, W) stack with a
-    structuring element that connects the 8 neighbours within a slice only (no sample loop)."""
+# 8-connectivity within each (H, W) slice of a (B, H, W) stack and none across slices: one
+# ``scipy.ndimage.label`` call labels every sample, with labels numbered in raster order over the stack
+_SLICE_8 = np.zeros((3, 3, 3), dtype=bool)
+_SLICE_8[1] = True
+
+
+def _largest_labels_scipy(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``scipy.ndimage.label`` of the (B, H, W) stack and each sample's largest label (0 if it has none;
+    ties: the label seen first in raster order, i.e. the component whose first pixel comes first)."""
     from scipy import ndimage
 
     b = fg.shape[0]
-    f = fg.numpy()
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = True
-    lab, _ = ndimage.label(f, structure=structure)  # raster order: first pixel of a component decides
+    lab, _ = ndimage.label(fg, structure=_SLICE_8)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    key = np.take(sizes, lab).reshape(b, -1)
-    best = lab.reshape(b, -1)[np.arange(b), key.argmax(1)]  # ties: the component seen first, as above
+    flat = lab.reshape(b, -1)
+    return lab, flat[np.arange(b), np.take(sizes, flat).argmax(1)]
+
+
+def _largest_component_scipy(fg: Tensor) -> Tensor:
+    """The same on CPU with ``scipy.ndimage.label`` on the whole stack (no sample loop)."""
+    f = fg.numpy()
+    lab, best = _largest_labels_scipy(f)
     return torch.from_numpy((lab == best[:, None, None]) & f)
 
 
@@ -109,22 +119,49 @@ def largest_component(fg: Tensor, backend: str = "auto") -> Tensor:
     return _largest_component_torch(fg)
 
 
-def saliency_boxes(attributions: Tensor, inputs: Tensor | None = None) -> Tensor:
-    """Boxes (B, 4) = (y0, x0, y1, x1), inclusive pixel indices, around the largest component of the
-    map thresholded at its mean (the whole image for a constant map)."""
+def _boxes_of(comp: Tensor) -> Tensor:
+    """First / last occupied row and column of (B, H, W) masks, (B, 4) = (y0, x0, y1, x1); an empty
+    mask has no occupied row: 0 and H − 1 (argmax returns the first maximum), the whole image."""
+    h, w = comp.shape[1], comp.shape[2]
+    rows, cols = comp.any(2).to(torch.uint8), comp.any(1).to(torch.uint8)
+    y0, y1 = rows.argmax(1), (h - 1) - rows.flip(1).argmax(1)
+    x0, x1 = cols.argmax(1), (w - 1) - cols.flip(1).argmax(1)
+    return torch.stack([y0, x0, y1, x1], 1)
+
+
+def _boxes_scipy(fg: np.ndarray) -> np.ndarray:
+    """:func:`_boxes_of` the largest components in NumPy, straight from the scipy labels. An empty map's
+    best label is 0, the background, which covers the whole image: the same box."""
+    h, w = fg.shape[1], fg.shape[2]
+    lab, best = _largest_labels_scipy(fg)
+    comp = lab == best[:, None, None]
+    rows, cols = comp.any(2), comp.any(1)
+    y0, y1 = rows.argmax(1), (h - 1) - rows[:, ::-1].argmax(1)
+    x0, x1 = cols.argmax(1), (w - 1) - cols[:, ::-1].argmax(1)
+    return np.stack([y0, x0, y1, x1], 1)
+
+
+def saliency_boxes(attributions: Tensor, inputs: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Boxes (B, 4) = (y0, x0, y1, x1), inclusive pixel indices (int64), around the largest component
+    of the map thresholded at its mean (the whole image for a constant map).
+
+    ``backend`` as in :func:`largest_component`; both give the same boxes (``"scipy"`` computes them in
+    NumPy from the labels, ``"torch"`` from the component mask).
+    """
+    if backend not in ("auto", "scipy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'scipy' or 'torch', got {backend!r}.")
     ref = inputs if inputs is not None else attributions
     if ref.ndim != 4:
         raise ValueError(f"the Dabkowski metric needs images (B,C,H,W), got shape {tuple(ref.shape)}.")
     rel, _ = feature_relevance(attributions, ref, "pixel")
     b, h, w = ref.shape[0], ref.shape[2], ref.shape[3]
     rel = rel.view(b, h, w).double()
-    comp = largest_component(rel > rel.mean((1, 2), keepdim=True))
-    # first / last occupied row and column (argmax returns the first maximum); an empty component
-    # (constant map) has no occupied row: 0 and h - 1, the whole image
-    rows, cols = comp.any(2).to(torch.uint8), comp.any(1).to(torch.uint8)
-    y0, y1 = rows.argmax(1), (h - 1) - rows.flip(1).argmax(1)
-    x0, x1 = cols.argmax(1), (w - 1) - cols.flip(1).argmax(1)
-    return torch.stack([y0, x0, y1, x1], 1)
+    fg = rel > rel.mean((1, 2), keepdim=True)
+    if backend == "auto":
+        backend = "scipy" if fg.device.type == "cpu" and _HAS_SCIPY else "torch"
+    if backend == "scipy" and fg.numel() > 0:
+        return torch.from_numpy(_boxes_scipy(fg.cpu().numpy())).to(device=fg.device, dtype=torch.long)
+    return _boxes_of(largest_component(fg, backend))
 
 
 def crop_resize(inputs: Tensor, boxes: Tensor) -> Tensor:
@@ -162,7 +199,7 @@ def dabkowski_saliency(
     x = inputs.detach()
     boxes = saliency_boxes(attributions, x)
     h, w = x.shape[2], x.shape[3]
-    area = ((boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)).double() / (h * w)
+    area = (boxes[:, 2:] - boxes[:, :2] + 1).prod(1).double() / (h * w)  # box height · width / image
     crops = crop_resize(x, boxes)
     p = scores_chunked(model, crops, target, "probability", batch_size)
     return area.clamp_min(min_area).log() - p.clamp_min(1e-30).log()
