@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks, rows, select_output
 from ..._internal.checks import all_finite, check_inputs
+from ..._internal.ops import descending_order
 from ...attribution.base import make_generator
 
 __all__ = [
@@ -133,15 +134,8 @@ def rank_features(relevance: Tensor, ties: str = "random", seed: int = 0) -> Ten
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
-    order = torch.argsort(relevance, dim=1, descending=True, stable=True)
-    if ties == "random" and relevance.shape[1] > 1:
-        srt = relevance.gather(1, order)
-        if bool((srt[:, 1:] == srt[:, :-1]).any()):
-            # a random permutation per sample, then a stable sort: equal values keep the permuted order
-            g = make_generator(relevance.device, seed)
-            key = torch.rand(relevance.shape, generator=g, device=g.device).to(relevance.device)
-            perm = key.argsort(dim=1)
-            order = perm.gather(1, torch.argsort(relevance.gather(1, perm), dim=1, descending=True, stable=True))
+    g = make_generator(relevance.device, seed) if ties == "random" else None
+    order = descending_order(relevance.detach(), ties, g)
     ranks = torch.empty_like(order)
     ar = torch.arange(relevance.shape[1], device=relevance.device).expand_as(order)
     return ranks.scatter_(1, order, ar)

@@ -47,18 +47,15 @@ def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
     if isinstance(module, _NORMS):
         module.reset_parameters()  # deterministic: weight 1, bias 0, running statistics reset
         return
-    params = dict(module.named_parameters(recurse=False))
-    big = [p for p in params.values() if p.ndim >= 2]
+    params = [p for p in module._parameters.values() if p is not None]
+    big = [p for p in params if p.ndim >= 2]
     fan_in = big[0][0].numel() if big else None
-    for p in params.values():
-        if p.ndim >= 2:
-            bound = 1.0 / math.sqrt(max(1, p[0].numel()))
-        elif fan_in is not None:
-            bound = 1.0 / math.sqrt(max(1, fan_in))
+    for p in params:
+        if p.ndim < 2 and fan_in is None:
+            p.normal_(generator=generator)
         else:
-            p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype))
-            continue
-        p.copy_((torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 2 - 1) * bound)
+            bound = 1.0 / math.sqrt(max(1, p[0].numel() if p.ndim >= 2 else fan_in))
+            p.uniform_(-bound, bound, generator=generator)
 
 
 @contextlib.contextmanager
