@@ -164,23 +164,26 @@ def saliency_boxes(attributions: Tensor, inputs: Tensor | None = None, backend: 
     return _boxes_of(largest_component(fg, backend))
 
 
+def _crop_axis(lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
+    """(B, n) normalised ``grid_sample`` coordinates (align_corners=False) along one axis: output pixel j
+    samples the crop [lo, hi] (inclusive) at lo + (j + ½)·size/n − ½, clamped to the crop, as
+    ``F.interpolate`` computes its source index."""
+    size = (hi - lo + 1).astype(np.float64)[:, None]
+    u = np.minimum(np.maximum((np.arange(n) + 0.5) * size / n - 0.5, 0.0), size - 1)
+    return (2 * (lo[:, None] + u) + 1) / n - 1
+
+
 def crop_resize(inputs: Tensor, boxes: Tensor) -> Tensor:
     """Crop each image to its box (inclusive pixel indices) and resize the crop back to the input size,
     bilinearly, exactly as ``F.interpolate(crop, size, mode="bilinear", align_corners=False)`` per sample
-    (samples never leave the crop), all samples in one ``grid_sample`` call."""
+    (samples never leave the crop), all samples in one ``grid_sample`` call. The (B, H) and (B, W)
+    sampling coordinates are a few operations on B boxes, done in NumPy on the host (no per-op
+    dispatch); only the grid is assembled on the inputs' device."""
     b, _, h, w = inputs.shape
-    dt, dev = inputs.dtype, inputs.device
-
-    def axis(lo: Tensor, hi: Tensor, n: int) -> Tensor:
-        size = (hi - lo + 1).to(dt).view(b, 1)
-        j = torch.arange(n, dtype=dt, device=dev).view(1, n)
-        u = ((j + 0.5) * size / n - 0.5).clamp_min(0.0)
-        u = torch.minimum(u, size - 1)
-        return (2 * (lo.to(dt).view(b, 1) + u) + 1) / n - 1  # normalised, align_corners=False
-
-    grid = torch.empty(b, h, w, 2, dtype=dt, device=dev)
-    grid[..., 0] = axis(boxes[:, 1], boxes[:, 3], w).view(b, 1, w)
-    grid[..., 1] = axis(boxes[:, 0], boxes[:, 2], h).view(b, h, 1)
+    bx = boxes.cpu().numpy()
+    grid = torch.empty(b, h, w, 2, dtype=inputs.dtype, device=inputs.device)
+    grid[..., 0] = torch.from_numpy(_crop_axis(bx[:, 1], bx[:, 3], w)).to(grid).view(b, 1, w)
+    grid[..., 1] = torch.from_numpy(_crop_axis(bx[:, 0], bx[:, 2], h)).to(grid).view(b, h, 1)
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
