@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explain_callbacks._internal.ops import descending_order
+from explain_callbacks._internal.ops import descending_order, sorted_last
 
 
 def _torch_order(x: torch.Tensor, ties: str, seed: int) -> torch.Tensor:
@@ -39,3 +39,15 @@ def test_descending_order_matches_stable_argsorts(ties):
     assert torch.equal(descending_order(distinct, "random", torch.Generator()), descending_order(distinct))
     with pytest.raises(ValueError, match="generator"):
         descending_order(distinct, "random")
+
+
+def test_sorted_last_equals_torch_sort():
+    g = torch.Generator().manual_seed(1)
+    for x in (
+        torch.randn(4, 3, 50, generator=g),
+        torch.tensor([[0.0, -0.0, float("inf"), -float("inf"), 1e-45, 2.0, 2.0, -1.0]]),
+        torch.randn(3, 7, generator=g).double(),
+        torch.randint(0, 5, (2, 9), generator=g),  # not a float: the torch path
+    ):
+        assert torch.equal(sorted_last(x), torch.sort(x, dim=-1).values)
+        assert torch.equal(sorted_last(x.flip(-1)), torch.sort(x, dim=-1).values)  # a non-contiguous view

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["descending_order", "gaussian_blur", "gaussian_kernel1d", "pearson", "rankdata", "spearman", "upsample_to"]
+__all__ = [
+    "descending_order",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "pearson",
+    "rankdata",
+    "sorted_last",
+    "spearman",
+    "upsample_to",
+]
 
 
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device, truncate: float = 4.0) -> Tensor:
@@ -114,6 +123,14 @@ def _tie_means_cpu(tied: np.ndarray, rank: np.ndarray) -> None:
     flat = rank.reshape(-1)
     flat[f] = mean[run]
     flat[f + 1] = mean[run]
+
+
+def sorted_last(x: Tensor) -> Tensor:
+    """The values of ``x`` sorted ascending along the last dim. CPU float rows go through NumPy's SIMD
+    sort (about 10x faster than ``torch.sort`` there; NaNs last in both)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.ndim >= 1:
+        return torch.from_numpy(np.sort(x.detach().resolve_neg().numpy(), axis=-1))
+    return x.sort(dim=-1).values
 
 
 def descending_order(x: Tensor, ties: str = "index", generator: torch.Generator | None = None) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._internal.ops import sorted_last
 from ._utils import check_finite_map
 
 __all__ = ["complexity", "sparseness"]
@@ -18,7 +19,7 @@ def sparseness(attributions: Tensor, eps: float = 1e-12) -> Tensor:
     check_finite_map(attributions)
     a = attributions.detach().reshape(attributions.shape[0], -1).abs()
     n = a.shape[1]
-    a_sorted = a.sort(dim=1).values.double()  # sort in the input's precision (same order), sum in float64
+    a_sorted = sorted_last(a).double()  # sort in the input's precision (same order), sum in float64
     k = torch.arange(1, n + 1, dtype=a.dtype, device=a.device)
     num = ((2 * k - n - 1) * a_sorted).sum(1)
     den = n * a_sorted.sum(1)
