@@ -96,7 +96,12 @@ def _probe(model: nn.Module, row: Tensor) -> tuple[int, int | None]:
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[row.device] if row.device.type == "cuda" else []):
+        cuda = (
+            [row.device.index if row.device.index is not None else torch.cuda.current_device()]
+            if (row.device.type == "cuda")
+            else []
+        )  # the CUDA generator of the input's device is forked too (documented use: device indices)
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             out = model(row)
         if total[0] == 0 and isinstance(out, Tensor):  # a model without leaf modules (functional code)
             total[0] = out.numel() + row.numel()
