@@ -156,3 +156,18 @@ def test_deletion_and_insertion_calls_cut_across_steps():
         _, cut, _ = fn(model, x, a, y, n_steps=4, batch_size=7, return_curve=True)
         assert model.calls == [7, 7, 1]  # 5 points x 3 samples
         torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_interaction_target_check_uses_the_cached_probe():
+    """As for attributions: no one-row forward per call in the model's own mode (a training-mode
+    BatchNorm1d refuses one row), targets out of range named."""
+    from explain_callbacks.interaction import HSICInteraction
+
+    torch.manual_seed(0)
+    model = Counting(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).train())
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    method = HSICInteraction(n_designs=16, batch_size=None)
+    scores = method(model, x, y)
+    assert scores.shape == (5, 4, 4) and model.calls[0] == 1 and 1 not in model.calls[1:]
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):
+        method(model, x, y + 1)

@@ -133,10 +133,15 @@ def model_facts(model: nn.Module, inputs: Tensor) -> tuple[int, int | None]:
     return per_model[key]
 
 
-def output_width(model: nn.Module, inputs: Tensor) -> int | None:
+def output_width(model: Callable[[Tensor], object], inputs: Tensor) -> int | None:
     """The width of ``model``'s output (classes) for inputs like ``inputs`` (B, ...): ``out.shape[1]``,
-    None for a single-output model (1-D output) or a non-tensor output. Cached (:func:`model_facts`)."""
-    return model_facts(model, inputs)[1]
+    None for a single-output model (1-D output) or a non-tensor output. Cached for modules
+    (:func:`model_facts`); a plain function is called on one row without grad."""
+    if isinstance(model, nn.Module):
+        return model_facts(model, inputs)[1]
+    with torch.no_grad():
+        out = model(inputs[:1])
+    return out.shape[1] if isinstance(out, Tensor) and out.ndim >= 2 else None
 
 
 def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> int | None:

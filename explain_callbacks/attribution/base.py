@@ -8,7 +8,6 @@ returning the input's shape (or a documented lower resolution). Randomness comes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -81,8 +80,7 @@ class Attributor(RowsPerCall, ABC):
         if tgt is not None:
             # the output width from a cached one-row, eval-mode probe: no forward per call, and no
             # BatchNorm statistics moved by a one-row batch when the model is in training mode
-            n_out = output_width(model, inputs) if isinstance(model, nn.Module) else _n_outputs(model, inputs[:1])
-            check_target(tgt, n_out, inputs.shape[0])
+            check_target(tgt, output_width(model, inputs), inputs.shape[0])
         self.last_info = {}
         return tgt
 
@@ -107,12 +105,3 @@ class Attributor(RowsPerCall, ABC):
             if not k.startswith("_") and k != "last_info" and not isinstance(v, Tensor)
         )
         return args
-
-
-@torch.no_grad()
-def _n_outputs(model: Callable[[Tensor], Any], x1: Tensor) -> int | None:
-    """The output width of a model that is a plain function (not an ``nn.Module``)."""
-    out = model(x1)
-    if isinstance(out, Tensor) and out.ndim >= 2:
-        return out.shape[1]
-    return None

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall
+from .._internal.batching import BatchSize, RowsPerCall, output_width
 from .._internal.checks import check_inputs
 from .._internal.registry import INTERACTIONS
 from .._internal.targets import as_target_tensor, check_target
@@ -256,10 +256,8 @@ class InteractionMethod(RowsPerCall, ABC):
         check_inputs(inputs)
         self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        if tgt is not None:
-            with torch.no_grad():
-                out = model(inputs[:1])
-            check_target(tgt, out.shape[1] if out.ndim >= 2 else None, inputs.shape[0])
+        if tgt is not None:  # the output width from a cached eval-mode probe (see Attributor._prepare)
+            check_target(tgt, output_width(model, inputs), inputs.shape[0])
         grp = make_groups(inputs, groups, channels_first=inputs.ndim == 3 and channels_first_sequences(model))
         self.last_info = {"groups": grp}
         scores = self.interactions(model, inputs, tgt, grp)
