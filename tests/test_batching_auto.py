@@ -171,3 +171,18 @@ def test_interaction_target_check_uses_the_cached_probe():
     assert scores.shape == (5, 4, 4) and model.calls[0] == 1 and 1 not in model.calls[1:]
     with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):
         method(model, x, y + 1)
+
+
+def test_scripted_and_traced_models_are_probed_without_hooks():
+    """ScriptModules refuse forward hooks: the probe falls back to the output size, leaves their modes
+    as found, and the target check and "auto" still work."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    for model in (torch.jit.script(net.train()), torch.jit.trace(net.eval(), x)):
+        training = [m.training for m in model.modules()]
+        assert resolve_batch_size("auto", model, x) == AUTO_ROWS_MAX  # 3 + 4 elements per row
+        assert Saliency()(model, x, y).shape == x.shape
+        assert [m.training for m in model.modules()] == training
+        with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):
+            Saliency()(model, x, y + 1)

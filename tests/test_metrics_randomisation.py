@@ -99,13 +99,14 @@ def test_randomise_layer_is_seeded_and_leaves_the_model_untouched():
     m = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
     m[1].running_mean.fill_(3.0)
     w0 = m[0].weight.clone()
-    with randomised_view(m) as randomise:
-        randomise(m[0], torch.Generator().manual_seed(1))
+    with randomised_view(m) as (view, randomise):
+        assert view is m  # no copy
+        randomise("0", torch.Generator().manual_seed(1))
         w1 = m[0].weight.clone()
-        randomise(m[0], torch.Generator().manual_seed(1))
+        randomise("0", torch.Generator().manual_seed(1))
         assert torch.equal(w1, m[0].weight) and not torch.equal(w1, w0)
         assert m[0].weight.abs().max() <= 0.5  # U(±1/√fan_in), fan_in = 4
-        randomise(m[1], torch.Generator().manual_seed(1))
+        randomise("1", torch.Generator().manual_seed(1))
         assert torch.equal(m[1].running_mean, torch.zeros(2))
     assert torch.equal(m[0].weight, w0) and float(m[1].running_mean[0]) == 3.0
     assert [n for n, _ in randomisable_layers(m)] == ["0", "1"]
@@ -205,3 +206,18 @@ def test_a_model_that_cannot_be_deep_copied_is_checked_and_restored_after_an_err
     with pytest.raises(RuntimeError, match="method failed"):
         MF.model_randomisation(model, x, y, failing, attributions=torch.rand(8, 4))
     assert model.lin.weight is w and torch.equal(w, model.lin.weight)
+
+
+def test_torchscript_models_are_randomised_on_a_copy():
+    """Compiled forwards do not see swapped attributes: scripted and traced models (and models holding
+    one) get the deep-copy path, with the eager model's results, and are left untouched."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    ref = MF.model_randomisation(net, x, y, Saliency(), return_cascade=True)[1]
+    holder = nn.Sequential(torch.jit.script(net))
+    for model in (torch.jit.script(net), torch.jit.trace(net, x), holder):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rows = MF.model_randomisation(model, x, y, Saliency(), return_cascade=True)[1]
+        torch.testing.assert_close(rows, ref, rtol=1e-6, atol=1e-6)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -93,7 +93,14 @@ def _probe(model: nn.Module, row: Tensor) -> tuple[int, int | None]:
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_hook(count) for m in leaves]
+    handles = []
+    try:
+        for m in leaves:
+            handles.append(m.register_forward_hook(count))
+    except RuntimeError:  # a ScriptModule takes no hooks: its output and input stand for the activations
+        for h in handles:
+            h.remove()
+        handles, total[0] = [], 0
     try:
         model.eval()
         cuda = (
@@ -103,7 +110,7 @@ def _probe(model: nn.Module, row: Tensor) -> tuple[int, int | None]:
         )  # the CUDA generator of the input's device is forked too (documented use: device indices)
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             out = model(row)
-        if total[0] == 0 and isinstance(out, Tensor):  # a model without leaf modules (functional code)
+        if total[0] == 0 and isinstance(out, Tensor):  # no leaf modules (functional code) or no hooks
             total[0] = out.numel() + row.numel()
     finally:
         for h in handles:

@@ -20,6 +20,7 @@ layers with a ≥2-D weight; normalisation layers are reset to their identity in
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -36,6 +37,18 @@ __all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "ran
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
+def _subclass_names(classes: tuple[type, ...]) -> frozenset[str]:
+    names, todo = set(), list(classes)
+    while todo:
+        c = todo.pop()
+        names.add(c.__name__)
+        todo.extend(c.__subclasses__())
+    return frozenset(names)
+
+
+_NORM_NAMES = _subclass_names(_NORMS)  # TorchScript modules keep their class name in ``original_name``
+
+
 def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules owning parameters directly, in registration (input-to-output) order."""
     return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
@@ -46,6 +59,12 @@ def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
     """Re-initialise the parameters the module owns, in place, from ``generator``."""
     if isinstance(module, _NORMS):
         module.reset_parameters()  # deterministic: weight 1, bias 0, running statistics reset
+        return
+    if getattr(module, "original_name", None) in _NORM_NAMES and isinstance(module, torch.jit.ScriptModule):
+        # a compiled norm layer has no Python reset_parameters: the same reset, by name
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                t.fill_(1 if name in ("weight", "running_var") else 0)
         return
     params = [p for p in module._parameters.values() if p is not None]
     big = [p for p in params if p.ndim >= 2]
@@ -58,16 +77,40 @@ def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
             p.uniform_(-bound, bound, generator=generator)
 
 
+Randomise = Callable[[str, torch.Generator], None]
+
+
+def _deepcopy_sharing_trainer(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares (does not copy) a Lightning trainer or Fabric it refers to."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for attr in ("_trainer", "_fabric", "_fabric_optimizers", "_device_mesh"):
+            v = m.__dict__.get(attr)
+            if v is not None and not isinstance(v, (Tensor, nn.Module)):
+                memo[id(v)] = v
+    return copy.deepcopy(model, memo)
+
+
 @contextlib.contextmanager
-def randomised_view(model: nn.Module) -> Iterator[Callable[[nn.Module, torch.Generator], None]]:
+def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     """A context in which layers of ``model`` can be re-initialised without touching its tensors.
 
-    Yields ``randomise(module, generator)``: the module's parameters (in every slot that shares them,
-    so tied weights stay tied) and buffers are replaced by clones, which :func:`randomise_layer` then
-    re-draws in place. On entry every buffer of the model is replaced by a clone as well (a forward pass
-    in training mode updates BatchNorm statistics in place). On exit every slot gets its original tensor
-    object back (through ``setattr``, so modules that cache their weights, as ``nn.LSTM``, follow).
+    Yields ``(view, randomise)``: run the method on ``view``; ``randomise(name, generator)`` re-draws the
+    layer ``name`` (of :func:`randomisable_layers`) with :func:`randomise_layer`. ``view`` is ``model``
+    itself: the layer's parameters (in every slot that shares them, so tied weights stay tied) and
+    buffers are replaced by clones, which are then re-drawn in place. On entry every buffer of the model
+    is replaced by a clone as well (a forward pass in training mode updates BatchNorm statistics in
+    place). On exit every slot gets its original tensor object back (through ``setattr``, so modules that
+    keep other references to their weights, as ``nn.LSTM``'s ``_flat_weights``, follow). TorchScript
+    modules run compiled code that does not see swapped attributes: a model containing one is deep-copied
+    instead, and ``view`` is the copy.
     """
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        copy_ = _deepcopy_sharing_trainer(model)
+        mods = dict(copy_.named_modules())
+        yield copy_, lambda name, generator: randomise_layer(mods[name], generator)
+        return
+    mods = dict(model.named_modules())
     slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id(original tensor) -> the slots holding it
     for m in model.modules():
         for store in (m._parameters, m._buffers):
@@ -85,7 +128,8 @@ def randomised_view(model: nn.Module) -> Iterator[Callable[[nn.Module, torch.Gen
             saved.append((owner, name, t))
             setattr(owner, name, new)
 
-    def randomise(module: nn.Module, generator: torch.Generator) -> None:
+    def randomise(name: str, generator: torch.Generator) -> None:
+        module = mods[name]
         for store in (module._parameters, module._buffers):
             for t in list(store.values()):
                 if t is not None:
@@ -97,7 +141,7 @@ def randomised_view(model: nn.Module) -> Iterator[Callable[[nn.Module, torch.Gen
             for t in list(m._buffers.values()):
                 if t is not None:
                     swap(t)
-        yield randomise
+        yield model, randomise
     finally:
         for owner, name, t in reversed(saved):
             setattr(owner, name, t)
@@ -152,7 +196,6 @@ def model_randomisation(
     a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach()
     all_layers = randomisable_layers(model)
     index = {n: i for i, (n, _) in enumerate(all_layers)}
-    mods = dict(all_layers)
     if layers is not None:
         missing = [n for n in layers if n not in index]
         if missing:
@@ -186,20 +229,20 @@ def model_randomisation(
         den = (ss0 * torch.linalg.vecdot(r, r)).sqrt()  # 0 for a constant map: correlation 0, as pearson()
         return torch.where(den > 0, torch.linalg.vecdot(r0, r) / den.clamp_min(1e-300), 0.0)
 
-    def randomised_maps(randomise: Callable[[nn.Module, torch.Generator], None], names: Sequence[str]) -> Tensor:
+    def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> Tensor:
         for n in names:
-            randomise(mods[n], gen(n))
-        return corr(_maps(method, model, x, target, batch_size))
+            view[1](n, gen(n))
+        return corr(_maps(method, view[0], x, target, batch_size))
 
     if not return_cascade:
-        with randomised_view(model) as randomise:
-            return randomised_maps(randomise, order)
+        with randomised_view(model) as view:
+            return randomised_maps(view, order)
     if mode == "independent":  # each layer alone, on the trained model
         rows = []
         for n in order:
-            with randomised_view(model) as randomise:
-                rows.append(randomised_maps(randomise, [n]))
+            with randomised_view(model) as view:
+                rows.append(randomised_maps(view, [n]))
     else:
-        with randomised_view(model) as randomise:
-            rows = [randomised_maps(randomise, [n]) for n in order]
+        with randomised_view(model) as view:
+            rows = [randomised_maps(view, [n]) for n in order]
     return order, torch.stack(rows)
