@@ -6,7 +6,8 @@ and the per-sample Spearman rank correlation between the maps of the trained and
 model is reported (of |A| by default, as the paper's figures and Quantus' ``MPRT``). A method that
 depends on the learned weights falls towards 0; one that does not (an edge detector) stays high.
 
-The user's model is never modified, and never copied: :func:`randomised_view` swaps fresh tensors
+The user's model is never modified, and never copied (unless it holds TorchScript modules, whose
+compiled code does not see swapped attributes): :func:`randomised_view` swaps fresh tensors
 into the parameter and buffer slots of the layers being randomised (and clones of every buffer, so a
 forward pass in training mode cannot move the trained running statistics), and puts the very same
 tensor objects back on exit. Their values, version counters, ``.grad`` and ``requires_grad`` are never
