@@ -138,9 +138,10 @@ def test_target_check_probes_once_in_eval_mode_and_follows_a_replaced_head():
     assert model.calls == [1, 8, 8]  # one probe, then the method's calls only
     with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):
         Saliency(batch_size=None)(model, x, y + 1)
+    assert model.calls[3:] == [1]  # a fresh probe before the error: a stale cache cannot reject
     net[3] = nn.Linear(6, 4)  # a new head: the structure changed, so it is probed again
     Saliency(batch_size=None)(model, x, y + 1)
-    assert model.calls[3:] == [1, 8]
+    assert model.calls[4:] == [1, 8]
 
 
 def test_deletion_and_insertion_calls_cut_across_steps():
@@ -186,3 +187,17 @@ def test_scripted_and_traced_models_are_probed_without_hooks():
         assert [m.training for m in model.modules()] == training
         with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):
             Saliency()(model, x, y + 1)
+
+
+def test_target_check_survives_replaced_heads():
+    """A freed head's id can be reused by its replacement: the cache key holds parameter shapes, and a
+    target found out of range is checked against a fresh probe before the error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 5))
+    x = torch.randn(4, 8)
+    for i in range(60):
+        width = 3 + (i * 7) % 11
+        model[2] = nn.Linear(8, width)
+        Saliency(batch_size=None)(model, x, width - 1)  # valid: never rejected by a stale width
+        with pytest.raises(ValueError, match="outputs"):
+            Saliency(batch_size=None)(model, x, width)

@@ -221,3 +221,29 @@ def test_torchscript_models_are_randomised_on_a_copy():
         rows = MF.model_randomisation(model, x, y, Saliency(), return_cascade=True)[1]
         torch.testing.assert_close(rows, ref, rtol=1e-6, atol=1e-6)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_old_style_weight_norm_and_parameters_in_buffer_slots_are_put_back():
+    """The deprecated weight_norm hook recomputes ``weight`` as a plain attribute from the swapped
+    parameters: it is put back too. A Parameter registered as a buffer elsewhere stays a buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3)).eval()
+    model[2].register_buffer("shared", model[0].weight_g)  # a Parameter in a buffer slot
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    names = sorted(dict(model.named_buffers()))
+    maps = Saliency()(model, x, y)
+    weight = model[0].weight  # what the hook computed last
+    score = MF.model_randomisation(model, x, y, Saliency(), maps)
+    assert score.shape == (8,)
+    assert model[0].weight is weight and sorted(dict(model.named_buffers())) == names
+    assert model[2]._buffers["shared"] is model[0].weight_g
+
+
+def test_explicit_perturbations_may_require_grad():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    x, t = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
+    pert = torch.randn(2, 5, 3, 2, 2, requires_grad=True)
+    a = torch.randn(2, 3, 2, 2)
+    ref = MF.infidelity(net, x, a, t, perturbation=pert.detach(), batch_size=3)
+    torch.testing.assert_close(MF.infidelity(net, x, a, t, perturbation=pert, batch_size=3), ref)

@@ -127,25 +127,32 @@ def activation_elements(model: nn.Module, row: Tensor) -> int:
     return _probe(model, row)[0]
 
 
-def model_facts(model: nn.Module, inputs: Tensor) -> tuple[int, int | None]:
+def model_facts(model: nn.Module, inputs: Tensor, *, refresh: bool = False) -> tuple[int, int | None]:
     """:func:`_probe` of ``inputs[:1]``, cached per model, module structure (the identity of every
-    submodule: a replaced head is a new module) and row shape, dtype and device: one probe forward per
-    model and input kind, not one per call."""
+    submodule and the shape of every parameter: a replaced head is a new module with new shapes) and row
+    shape, dtype and device: one probe forward per model and input kind, not one per call. ``refresh``
+    probes again (a freed module's id can be reused by its replacement)."""
+    key = (
+        tuple(map(id, model.modules())),
+        tuple(tuple(p.shape) for p in model.parameters()),
+        tuple(inputs.shape[1:]),
+        inputs.dtype,
+        inputs.device,
+    )
     per_model = _activation_cache.setdefault(model, {})
-    key = (tuple(map(id, model.modules())), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
-    if key not in per_model:
+    if refresh or key not in per_model:
         if len(per_model) > 64:  # structures of the past (heads replaced again and again): start afresh
             per_model.clear()
         per_model[key] = _probe(model, inputs[:1].detach())
     return per_model[key]
 
 
-def output_width(model: Callable[[Tensor], object], inputs: Tensor) -> int | None:
+def output_width(model: Callable[[Tensor], object], inputs: Tensor, *, refresh: bool = False) -> int | None:
     """The width of ``model``'s output (classes) for inputs like ``inputs`` (B, ...): ``out.shape[1]``,
     None for a single-output model (1-D output) or a non-tensor output. Cached for modules
-    (:func:`model_facts`); a plain function is called on one row without grad."""
+    (:func:`model_facts`; ``refresh`` probes again); a plain function is called on one row without grad."""
     if isinstance(model, nn.Module):
-        return model_facts(model, inputs)[1]
+        return model_facts(model, inputs, refresh=refresh)[1]
     with torch.no_grad():
         out = model(inputs[:1])
     return out.shape[1] if isinstance(out, Tensor) and out.ndim >= 2 else None

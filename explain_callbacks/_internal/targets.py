@@ -7,9 +7,9 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .batching import chunks
+from .batching import chunks, output_width
 
-__all__ = ["TargetPolicy", "check_target", "resolve_target"]
+__all__ = ["TargetPolicy", "check_model_target", "check_target", "resolve_target"]
 
 TargetPolicy = Union[str, int, None]
 
@@ -33,6 +33,20 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
                 f"target values must lie in [0, {n_outputs - 1}] (the model has {n_outputs} outputs), "
                 f"got values in [{lo}, {hi}]; check the labels or the target policy{hint}."
             )
+
+
+def check_model_target(model: object, target: Tensor | None, inputs: Tensor) -> None:
+    """:func:`check_target` against the output width of ``model`` for ``inputs``, read from the cached
+    eval-mode probe (:func:`~explain_callbacks._internal.batching.output_width`: no forward per call, and
+    none in the model's own mode, where a one-row batch moves BatchNorm statistics). A target found out
+    of range is checked again against a fresh probe before the error, so a stale cache cannot reject a
+    valid target."""
+    if target is None:
+        return
+    try:
+        check_target(target, output_width(model, inputs), inputs.shape[0])
+    except ValueError:
+        check_target(target, output_width(model, inputs, refresh=True), inputs.shape[0])
 
 
 def as_target_tensor(target: int | Tensor | None, batch: int, device: torch.device) -> Tensor | None:

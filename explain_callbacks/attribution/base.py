@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall, output_width
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
-from .._internal.targets import as_target_tensor, check_target
+from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = ["Attributor", "make_generator"]
 
@@ -77,10 +77,7 @@ class Attributor(RowsPerCall, ABC):
         check_inputs(inputs)
         self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        if tgt is not None:
-            # the output width from a cached one-row, eval-mode probe: no forward per call, and no
-            # BatchNorm statistics moved by a one-row batch when the model is in training mode
-            check_target(tgt, output_width(model, inputs), inputs.shape[0])
+        check_model_target(model, tgt, inputs)
         self.last_info = {}
         return tgt
 

@@ -17,10 +17,10 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall, output_width
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
 from .._internal.registry import INTERACTIONS
-from .._internal.targets import as_target_tensor, check_target
+from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = [
     "INTERACTIONS",
@@ -256,8 +256,7 @@ class InteractionMethod(RowsPerCall, ABC):
         check_inputs(inputs)
         self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        if tgt is not None:  # the output width from a cached eval-mode probe (see Attributor._prepare)
-            check_target(tgt, output_width(model, inputs), inputs.shape[0])
+        check_model_target(model, tgt, inputs)
         grp = make_groups(inputs, groups, channels_first=inputs.ndim == 3 and channels_first_sequences(model))
         self.last_info = {"groups": grp}
         scores = self.interactions(model, inputs, tgt, grp)

@@ -89,7 +89,7 @@ def infidelity(
     g = make_generator(x.device, seed)
     # draw(r): the perturbations I (B, *input_shape) of run r, called once per run, in run order
     if isinstance(perturbation, Tensor):
-        pert = perturbation.to(device=x.device, dtype=x.dtype)
+        pert = perturbation.detach().to(device=x.device, dtype=x.dtype)
         if pert.ndim != x.ndim + 1 or pert.shape[0] != b or tuple(pert.shape[2:]) != tuple(x.shape[1:]):
             raise ValueError(
                 f"explicit perturbations must have shape (B, R, *input_shape) = ({b}, R, "

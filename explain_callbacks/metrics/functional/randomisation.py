@@ -101,8 +101,10 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     itself: the layer's parameters (in every slot that shares them, so tied weights stay tied) and
     buffers are replaced by clones, which are then re-drawn in place. On entry every buffer of the model
     is replaced by a clone as well (a forward pass in training mode updates BatchNorm statistics in
-    place). On exit every slot gets its original tensor object back (through ``setattr``, so modules that
-    keep other references to their weights, as ``nn.LSTM``'s ``_flat_weights``, follow). TorchScript
+    place). On exit every slot gets its original tensor object back (parameters through ``setattr``, so
+    modules that keep other references to their weights, as ``nn.LSTM``'s ``_flat_weights``, follow), and
+    so does every plain tensor attribute (the old ``weight_norm`` hook recomputes ``weight`` there). A
+    weight kept only outside the module's slots (in a list, say) is not seen, hence not re-drawn. TorchScript
     modules run compiled code that does not see swapped attributes: a model containing one is deep-copied
     instead, and ``view`` is the copy.
     """
@@ -112,22 +114,32 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
         yield copy_, lambda name, generator: randomise_layer(mods[name], generator)
         return
     mods = dict(model.named_modules())
-    slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id(original tensor) -> the slots holding it
+    # id(original tensor) -> the slots holding it: (owner, name, is it a buffer slot)
+    slots: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     for m in model.modules():
-        for store in (m._parameters, m._buffers):
+        for store, is_buffer in ((m._parameters, False), (m._buffers, True)):
             for name, t in store.items():
                 if t is not None:
-                    slots.setdefault(id(t), []).append((m, name))
-    saved: list[tuple[nn.Module, str, Tensor]] = []  # (owner, name, original), in swap order
+                    slots.setdefault(id(t), []).append((m, name, is_buffer))
+    saved: list[tuple[nn.Module, str, bool, Tensor]] = []  # (owner, name, is_buffer, original), in swap order
+    # plain tensors modules keep in their __dict__ (the old weight_norm / spectral_norm hooks recompute
+    # ``weight`` there from the swapped parameters): put back as found
+    plain = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if isinstance(v, Tensor)]
+
+    def put(owner: nn.Module, name: str, is_buffer: bool, t: Tensor) -> None:
+        if is_buffer:  # straight into the buffer dict: setattr would turn a Parameter into a parameter slot
+            owner._buffers[name] = t
+        else:  # setattr: modules that keep other references to their weights (nn.LSTM) follow
+            setattr(owner, name, t)
 
     def swap(t: Tensor) -> None:
         if id(t) not in slots:
             return  # a clone of ours already (the originals stay alive in ``saved``: no id is reused)
         with torch.no_grad():
             new = nn.Parameter(t.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else t.clone()
-        for owner, name in slots.pop(id(t)):
-            saved.append((owner, name, t))
-            setattr(owner, name, new)
+        for owner, name, is_buffer in slots.pop(id(t)):
+            saved.append((owner, name, is_buffer, t))
+            put(owner, name, is_buffer, new)
 
     def randomise(name: str, generator: torch.Generator) -> None:
         module = mods[name]
@@ -144,8 +156,10 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
                     swap(t)
         yield model, randomise
     finally:
-        for owner, name, t in reversed(saved):
-            setattr(owner, name, t)
+        for owner, name, is_buffer, t in reversed(saved):
+            put(owner, name, is_buffer, t)
+        for m, k, v in plain:
+            m.__dict__[k] = v
 
 
 def layer_generator(device: torch.device, seed: int, layer_index: int) -> torch.Generator:
