@@ -247,3 +247,29 @@ def test_explicit_perturbations_may_require_grad():
     a = torch.randn(2, 3, 2, 2)
     ref = MF.infidelity(net, x, a, t, perturbation=pert.detach(), batch_size=3)
     torch.testing.assert_close(MF.infidelity(net, x, a, t, perturbation=pert, batch_size=3), ref)
+
+
+def test_randomisation_during_training_leaves_weights_bit_identical(tmp_path):
+    """The check swaps tensors in and out of the live training model every monitored epoch: the run's
+    weights, BatchNorm statistics and optimiser state must not notice (and a LightningModule holding a
+    lock, which a deep copy refuses, is checked)."""
+    import threading
+
+    from explain_callbacks.callbacks import AttributionMonitor
+    from tests.helpers_lightning import image_loaders, lit, trainer
+
+    def run(callbacks):
+        train, val = image_loaders()
+        model = lit()
+        model.lock = threading.Lock()
+        trainer(tmp_path / str(len(callbacks)), callbacks=callbacks, max_epochs=2, logger=False).fit(model, train, val)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    mon = AttributionMonitor(
+        methods=["saliency"], metrics=[{"name": "randomisation", "cascade": True}], num_samples=8, strict=True
+    )
+    with_check, without = run([mon]), run([])
+    assert with_check.keys() == without.keys()
+    for k in without:
+        assert torch.equal(with_check[k], without[k]), k
+    assert mon.last_scores["saliency"]["randomisation"] < 0.9
