@@ -16,6 +16,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def bare_pass(model: torch.nn.Module, x: torch.Tensor, grad: bool) -> None:
+    """One model call on ready-made rows: a forward without grad, or (``grad``) a forward and the
+    input-gradient backward of output 0 (what a gradient method's call costs)."""
+    if grad:
+        x = x.detach().requires_grad_(True)
+        torch.autograd.grad(model(x)[:, 0].sum(), x)
+    else:
+        with torch.no_grad():
+            model(x)
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Best of ``repeats`` wall times (after one warm-up call when repeats > 1) and the last result."""
     times, out = [], None

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import paired_times
+from _timing import bare_pass, paired_times
 from torch import nn
 
 from explain_callbacks._internal import model_guard
@@ -114,13 +114,7 @@ def replay(model: nn.Module, calls: list[tuple[int, bool]], pool: torch.Tensor) 
     """The bare model calls: the same rows per call, forward (and input-gradient backward where the
     method took one), on ready-made inputs."""
     for rows, grad in calls:
-        xb = pool[:rows]
-        if grad:
-            xb = xb.detach().requires_grad_(True)
-            torch.autograd.grad(model(xb)[:, 0].sum(), xb)
-        else:
-            with torch.no_grad():
-                model(xb)
+        bare_pass(model, pool[:rows], grad)
 
 
 def train_cnn(epochs: int, seed: int = 0) -> tuple[nn.Module, DigitsDataModule, float, float]:

@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import timed  # a sibling module: the benchmarks run as scripts
+from _timing import bare_pass, timed  # a sibling module: the benchmarks run as scripts
 
 from explain_callbacks._internal.batching import activation_elements, resolve_batch_size
 from explain_callbacks.models.nets import MLP, SmallCNN
@@ -52,13 +52,7 @@ def per_row_ms(net: nn.Module, x: torch.Tensor, rows: int, grad: bool, repeats: 
 
     def run() -> None:
         for s in range(0, x.shape[0], rows):
-            xc = x[s : s + rows]
-            if grad:
-                xc = xc.clone().requires_grad_(True)
-                torch.autograd.grad(net(xc)[:, 0].sum(), xc)
-            else:
-                with torch.no_grad():
-                    net(xc)
+            bare_pass(net, x[s : s + rows], grad)
 
     return timed(run, repeats)[0] / x.shape[0] * 1e3
 

@@ -143,7 +143,8 @@ def descending_order(x: Tensor, ties: str = "index", generator: torch.Generator 
     if ties not in ("index", "random") or (ties == "random" and generator is None):
         raise ValueError(f"ties must be 'index', or 'random' with a generator; got {ties!r}, {generator!r}.")
     n = x.shape[-1]
-    key = _sorted_keys_cpu(x.neg()) if x.ndim == 2 else None  # -x ascending = x descending
+    neg = x.neg() if x.ndim == 2 else None  # -x ascending = x descending
+    key = None if neg is None else _sorted_keys_cpu(neg)
     if key is None:
         order = torch.argsort(x, dim=-1, descending=True, stable=True)
         if ties == "random" and n > 1:
@@ -159,7 +160,7 @@ def descending_order(x: Tensor, ties: str = "index", generator: torch.Generator 
         rnd = torch.rand(x.shape, generator=generator, device=generator.device).cpu()
         perm = torch.from_numpy(_sorted_keys_cpu(rnd) & 0xFFFFFFFF)
         place = torch.empty_like(perm).scatter_(-1, perm, torch.arange(n).expand_as(perm))
-        return perm.gather(-1, torch.from_numpy(_sorted_keys_cpu(x.neg(), place.numpy()) & 0xFFFFFFFF))
+        return perm.gather(-1, torch.from_numpy(_sorted_keys_cpu(neg, place.numpy()) & 0xFFFFFFFF))
     return torch.from_numpy(key & 0xFFFFFFFF)
 
 
