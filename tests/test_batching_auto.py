@@ -201,3 +201,28 @@ def test_target_check_survives_replaced_heads():
         Saliency(batch_size=None)(model, x, width - 1)  # valid: never rejected by a stale width
         with pytest.raises(ValueError, match="outputs"):
             Saliency(batch_size=None)(model, x, width)
+
+
+def test_one_probe_cache_lookup_per_method_call(monkeypatch):
+    """A method call resolving ``"auto"`` rows and checking a target looks the probe cache up once (its
+    key walks every submodule and parameter); so does a call with fixed rows (for the target)."""
+    import explain_callbacks._internal.batching as batching
+
+    lookups = []
+    real = batching.model_facts
+
+    def counting(*args, **kwargs):
+        lookups.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "model_facts", counting)
+    model, x, y = wide_cnn(8).eval(), torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    Saliency()(model, x, y)
+    assert len(lookups) == 1
+    IntegratedHessians(n_steps=2)(model, x, y)
+    assert len(lookups) == 2
+    Saliency(batch_size=4)(model, x, y)
+    assert len(lookups) == 3
+    with pytest.raises(ValueError, match=r"lie in \[0, 9\]"):
+        Saliency()(model, x, y + 7)  # out of range: the cached width, then a fresh probe before the error
+    assert len(lookups) == 5

@@ -415,6 +415,35 @@ def test_rankdata_keyed_sort_matches_scipy():
     nan = torch.tensor([[1.0, float("nan"), 0.5]])
     assert _sorted_keys_cpu(nan) is None  # NaNs: the argsort path, as before
     assert torch.equal(rankdata(nan), rankdata(nan.double()))
+    # NaNs of either sign, any payload, in any row, are seen (checked on the sorted rows' ends)
+    neg_nan = torch.tensor([-1.0]).view(torch.int32).bitwise_or(0x7FC00001).view(torch.float32)
+    for v in (float("nan"), -float("nan"), float(neg_nan), float(-neg_nan)):
+        x = torch.tensor([[1.0, 2.0, float("inf")], [-float("inf"), v, 0.0]])
+        assert _sorted_keys_cpu(x) is None, v
+
+
+def test_spearman_to_matches_scipy():
+    """Correlation against pre-ranked reference rows (the randomisation check's path: only one side is
+    ranked, never scattered) equals scipy's spearmanr on both sort paths, with ties, constant rows, tied
+    rows next to untied ones, and signed values."""
+    stats = pytest.importorskip("scipy.stats")
+    from explain_callbacks._internal.ops import rankdata, spearman_to
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 500, generator=g)
+    b = torch.randn(6, 500, generator=g)
+    b[1, :200] = 0.0  # a long tie in one row only
+    b[2] = 3.0  # constant: correlation 0 (scipy: nan)
+    b[3] = a[3] * 2 + 1  # same order: 1
+    b[4] = torch.randint(0, 5, (500,), generator=g).float()  # many ties
+    ref = rankdata(a) - 250.5
+    ss = torch.linalg.vecdot(ref, ref)
+    with np.errstate(invalid="ignore"):
+        want = [stats.spearmanr(a[i].numpy(), b[i].numpy())[0] for i in range(6)]
+    want = torch.tensor(np.nan_to_num(want, nan=0.0), dtype=torch.float64)
+    for bb in (b, b.double(), b[[0, 5]]):  # keyed path, argsort path, no tie in any row
+        rows = [0, 5] if bb.shape[0] == 2 else list(range(6))
+        torch.testing.assert_close(spearman_to(ref[rows], ss[rows], bb), want[rows], atol=1e-12, rtol=0)
 
 
 def test_soundness_catches_maps_that_create_evidence():

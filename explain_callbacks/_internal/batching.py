@@ -30,6 +30,7 @@ __all__ = [
     "BatchSize",
     "RowsPerCall",
     "activation_elements",
+    "call_facts",
     "check_batch_size",
     "chunks",
     "forward_selected",
@@ -158,22 +159,50 @@ def output_width(model: Callable[[Tensor], object], inputs: Tensor, *, refresh: 
     return out.shape[1] if isinstance(out, Tensor) and out.ndim >= 2 else None
 
 
-def resolve_batch_size(batch_size: BatchSize, model: object, inputs: Tensor) -> int | None:
+def _auto_probes(model: object, inputs: Tensor) -> bool:
+    """Whether ``"auto"`` rows come from the model's probe (a CPU module and a non-empty batch)."""
+    return (
+        isinstance(inputs, Tensor)
+        and inputs.ndim > 0
+        and inputs.shape[0] > 0
+        and inputs.device.type == "cpu"
+        and isinstance(model, nn.Module)
+    )
+
+
+def resolve_batch_size(
+    batch_size: BatchSize, model: object, inputs: Tensor, facts: tuple[int, int | None] | None = None
+) -> int | None:
     """The rows per call for ``inputs`` (B, ...) through ``model``: ints and None as given; ``"auto"``
     from the model's activation size on the CPU (see the module docstring), :data:`AUTO_ROWS_MAX` on
-    other devices or for models that are not ``nn.Module``s."""
+    other devices or for models that are not ``nn.Module``s. ``facts``: :func:`model_facts` of this
+    model and input when the caller has them already (:func:`call_facts`)."""
     check_batch_size(batch_size)
     if batch_size != "auto":
         return batch_size
-    if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
-        return AUTO_ROWS_MAX  # the caller's input checks name the problem
-    if inputs.device.type != "cpu" or not isinstance(model, nn.Module):
-        return AUTO_ROWS_MAX
+    if not _auto_probes(model, inputs):
+        return AUTO_ROWS_MAX  # the caller's input checks name a bad input
+    if facts is None:
+        try:
+            facts = model_facts(model, inputs)  # type: ignore[arg-type]
+        except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
+            return AUTO_ROWS_MAX
+    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // facts[0])))
+
+
+def call_facts(
+    model: object, inputs: Tensor, batch_size: BatchSize, check_width: bool
+) -> tuple[int, int | None] | None:
+    """:func:`model_facts` looked up once for a method call that resolves ``batch_size`` and, when
+    ``check_width``, checks its target against the output width (the cache key walks every submodule
+    and parameter: one walk per call). None when the call needs neither, or the probe fails (each
+    consumer then falls back as without facts)."""
+    if not isinstance(model, nn.Module) or not (check_width or (batch_size == "auto" and _auto_probes(model, inputs))):
+        return None
     try:
-        elements = model_facts(model, inputs)[0]
-    except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
-        return AUTO_ROWS_MAX
-    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // elements)))
+        return model_facts(model, inputs)
+    except Exception:
+        return None
 
 
 _UNRESOLVED = object()  # a batch_size setting not yet resolved against a model and input
@@ -196,8 +225,8 @@ class RowsPerCall:
         self._batch_size = check_batch_size(value)
         self._rows = _UNRESOLVED
 
-    def _resolve_rows(self, model: object, inputs: Tensor) -> None:
-        self._rows = resolve_batch_size(self._batch_size, model, inputs)
+    def _resolve_rows(self, model: object, inputs: Tensor, facts: tuple[int, int | None] | None = None) -> None:
+        self._rows = resolve_batch_size(self._batch_size, model, inputs, facts)
 
 
 def chunks(n: int, batch_size: BatchSize) -> Iterator[slice]:

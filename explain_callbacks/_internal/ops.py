@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ __all__ = [
     "pearson",
     "rankdata",
     "sorted_last",
+    "sorted_ranks",
     "spearman",
+    "spearman_to",
     "upsample_to",
 ]
 
@@ -77,6 +80,7 @@ def _argsort_last(x: Tensor) -> Tensor:
 
 
 _KEYABLE = (torch.float32, torch.float16, torch.bfloat16)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _sorted_keys_cpu(x: Tensor, low: np.ndarray | None = None) -> np.ndarray | None:
@@ -93,14 +97,20 @@ def _sorted_keys_cpu(x: Tensor, low: np.ndarray | None = None) -> np.ndarray | N
     if n >= 2**31 or x.numel() == 0:
         return None
     f = x.detach().resolve_neg().float().numpy()
-    if np.isnan(f).any():
-        return None
     bits = (f + np.float32(0.0)).view(np.int32)  # -0.0 + 0.0 = +0.0: one pattern for zero
-    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)  # negative floats: flip the magnitude bits (signed = float order)
+    flip = bits >> 31
+    flip &= np.int32(0x7FFFFFFF)
+    bits ^= flip  # negative floats: magnitude bits flipped (signed int order = float order)
+    del flip
     key = bits.astype(np.int64)
+    del bits
     key <<= 32
     key |= np.arange(n, dtype=np.int64) if low is None else low
     key.sort(axis=-1)
+    # NaNs sort outside [-inf, +inf]: a negative NaN's pattern below -inf's (0x807FFFFF after the flip), a
+    # positive one above +inf's (0x7F800000). Checked on each row's ends, after the sort: no pass over x
+    if (key[..., 0] >> 32 < -0x7F800001).any() or (key[..., -1] >> 32 > 0x7F800000).any():
+        return None
     return key
 
 
@@ -164,20 +174,23 @@ def descending_order(x: Tensor, ties: str = "index", generator: torch.Generator 
     return torch.from_numpy(key & 0xFFFFFFFF)
 
 
-def rankdata(x: Tensor) -> Tensor:
-    """Average ranks along the last dim (ties get the mean rank, as scipy.stats.rankdata), float64."""
+def sorted_ranks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sorter, rank)`` along the last dim: ``x.gather(-1, sorter)`` is ascending and ``rank`` the average
+    ranks (ties: the mean rank, as scipy.stats.rankdata; float64, 1-based) at the sorted positions. When no
+    row has ties on the CPU fast path, ``rank`` is ``arange(1, n + 1)`` expanded (no memory).
+    :func:`rankdata` scatters it back; a correlation with known ranks can gather those by ``sorter``."""
     n = x.shape[-1] if x.ndim else 1
     key = _sorted_keys_cpu(x)
     if key is not None:  # same ranks: equal floats have equal keys, and the order within a tie does not matter
         rank = torch.arange(1, n + 1, dtype=torch.float64).expand(x.shape)
         if n > 1:
-            vals = key >> 32
+            vals = key.view(np.int32)[..., 1::2] if _LITTLE_ENDIAN else key >> 32  # the patterns, no copy
             tied = vals[..., 1:] == vals[..., :-1]
             if tied.any():
                 rank = rank.contiguous()
                 _tie_means_cpu(tied, rank.numpy())
-        sorter = torch.from_numpy(key & 0xFFFFFFFF)
-        return torch.empty(x.shape, dtype=torch.float64).scatter_(-1, sorter, rank)
+        key &= 0xFFFFFFFF  # the sorter, in place
+        return torch.from_numpy(key), rank
     sorter = _argsort_last(x)
     xs = x.gather(-1, sorter)
     rank = torch.arange(1, n + 1, device=x.device, dtype=torch.float64).expand(xs.shape).contiguous()
@@ -194,7 +207,33 @@ def rankdata(x: Tensor) -> Tensor:
             flat = rank.view(-1)
             run_mean = (flat[idx[first_of_run]] + flat[idx[last_of_run]]) * 0.5
             flat[idx] = run_mean[first_of_run.cumsum(0) - 1]
-    return torch.empty_like(rank).scatter_(-1, sorter, rank)
+    return sorter, rank
+
+
+def rankdata(x: Tensor) -> Tensor:
+    """Average ranks along the last dim (ties get the mean rank, as scipy.stats.rankdata), float64."""
+    sorter, rank = sorted_ranks(x)
+    return torch.empty(rank.shape, dtype=torch.float64, device=rank.device).scatter_(-1, sorter, rank)
+
+
+def spearman_to(ref: Tensor, ref_ss: Tensor, x: Tensor) -> Tensor:
+    """Spearman correlation of each row of ``x`` (B, n) with a reference whose average ranks are known:
+    ``ref`` = ranks − (n + 1) / 2 (centred), ``ref_ss`` = ``vecdot(ref, ref)``. Spearman is the Pearson
+    correlation of ranks, and average ranks always have the mean (n + 1) / 2, so only ``x`` is ranked and
+    its ranks are never scattered: Σ ref·(r − c) = Σ ref[sorter]·rank (Σ ref = 0). 0 where either side is
+    constant (as :func:`pearson`). float64."""
+    n = x.shape[-1]
+    sorter, rank = sorted_ranks(x)
+    g = ref.gather(-1, sorter)
+    if rank.ndim == 2 and rank.stride(0) == 0:  # no ties in any row: the expanded arange
+        dot = g @ rank[0]
+        ss = torch.full_like(dot, n * (n * n - 1) / 12)
+    else:
+        dot = torch.linalg.vecdot(g, rank)
+        centred = rank - (n + 1) / 2
+        ss = torch.linalg.vecdot(centred, centred)
+    den = (ref_ss * ss).sqrt()
+    return torch.where(den > 0, dot / den.clamp_min(1e-300), 0.0)
 
 
 def pearson(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:

@@ -35,16 +35,19 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
             )
 
 
-def check_model_target(model: object, target: Tensor | None, inputs: Tensor) -> None:
+def check_model_target(
+    model: object, target: Tensor | None, inputs: Tensor, facts: tuple[int, int | None] | None = None
+) -> None:
     """:func:`check_target` against the output width of ``model`` for ``inputs``, read from the cached
     eval-mode probe (:func:`~explain_callbacks._internal.batching.output_width`: no forward per call, and
-    none in the model's own mode, where a one-row batch moves BatchNorm statistics). A target found out
-    of range is checked again against a fresh probe before the error, so a stale cache cannot reject a
-    valid target."""
+    none in the model's own mode, where a one-row batch moves BatchNorm statistics; ``facts``: the
+    probe's facts when the caller has them, see :func:`~explain_callbacks._internal.batching.call_facts`).
+    A target found out of range is checked again against a fresh probe before the error, so a stale
+    cache cannot reject a valid target."""
     if target is None:
         return
     try:
-        check_target(target, output_width(model, inputs), inputs.shape[0])
+        check_target(target, output_width(model, inputs) if facts is None else facts[1], inputs.shape[0])
     except ValueError:
         check_target(target, output_width(model, inputs, refresh=True), inputs.shape[0])
 

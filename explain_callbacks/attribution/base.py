@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall
+from .._internal.batching import BatchSize, RowsPerCall, call_facts
 from .._internal.checks import check_inputs
 from .._internal.targets import as_target_tensor, check_model_target
 
@@ -75,9 +75,10 @@ class Attributor(RowsPerCall, ABC):
         """Checks shared by ``__call__`` and other public entry points (e.g. ``HSIC.interactions``):
         validates the inputs and the target range, resets ``last_info``, returns the target tensor."""
         check_inputs(inputs)
-        self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        check_model_target(model, tgt, inputs)
+        facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
+        self._resolve_rows(model, inputs, facts)
+        check_model_target(model, tgt, inputs, facts)
         self.last_info = {}
         return tgt
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall
+from .._internal.batching import BatchSize, RowsPerCall, call_facts
 from .._internal.checks import check_inputs
 from .._internal.registry import INTERACTIONS
 from .._internal.targets import as_target_tensor, check_model_target
@@ -254,9 +254,10 @@ class InteractionMethod(RowsPerCall, ABC):
         groups: GroupSpec = None,
     ) -> Tensor:
         check_inputs(inputs)
-        self._resolve_rows(model, inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        check_model_target(model, tgt, inputs)
+        facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
+        self._resolve_rows(model, inputs, facts)
+        check_model_target(model, tgt, inputs, facts)
         grp = make_groups(inputs, groups, channels_first=inputs.ndim == 3 and channels_first_sequences(model))
         self.last_info = {"groups": grp}
         scores = self.interactions(model, inputs, tgt, grp)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
-from ..._internal.ops import rankdata
+from ..._internal.ops import rankdata, spearman_to
 from ...attribution.base import make_generator
 from ._utils import row_blocks, validate
 
@@ -108,15 +108,15 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     modules run compiled code that does not see swapped attributes: a model containing one is deep-copied
     instead, and ``view`` is the copy.
     """
-    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+    mods = dict(model.named_modules())  # one walk of the module tree (the set model.modules() gives)
+    if any(isinstance(m, torch.jit.ScriptModule) for m in mods.values()):
         copy_ = _deepcopy_sharing_trainer(model)
-        mods = dict(copy_.named_modules())
-        yield copy_, lambda name, generator: randomise_layer(mods[name], generator)
+        copies = dict(copy_.named_modules())
+        yield copy_, lambda name, generator: randomise_layer(copies[name], generator)
         return
-    mods = dict(model.named_modules())
     # id(original tensor) -> the slots holding it: (owner, name, is it a buffer slot)
     slots: dict[int, list[tuple[nn.Module, str, bool]]] = {}
-    for m in model.modules():
+    for m in mods.values():
         for store, is_buffer in ((m._parameters, False), (m._buffers, True)):
             for name, t in store.items():
                 if t is not None:
@@ -124,7 +124,7 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     saved: list[tuple[nn.Module, str, bool, Tensor]] = []  # (owner, name, is_buffer, original), in swap order
     # plain tensors modules keep in their __dict__ (the old weight_norm / spectral_norm hooks recompute
     # ``weight`` there from the swapped parameters): put back as found
-    plain = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if isinstance(v, Tensor)]
+    plain = [(m, k, v) for m in mods.values() for k, v in vars(m).items() if isinstance(v, Tensor)]
 
     def put(owner: nn.Module, name: str, is_buffer: bool, t: Tensor) -> None:
         if is_buffer:  # straight into the buffer dict: setattr would turn a Parameter into a parameter slot
@@ -132,11 +132,11 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
         else:  # setattr: modules that keep other references to their weights (nn.LSTM) follow
             setattr(owner, name, t)
 
+    @torch.no_grad()
     def swap(t: Tensor) -> None:
         if id(t) not in slots:
             return  # a clone of ours already (the originals stay alive in ``saved``: no id is reused)
-        with torch.no_grad():
-            new = nn.Parameter(t.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else t.clone()
+        new = nn.Parameter(t.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else t.clone()
         for owner, name, is_buffer in slots.pop(id(t)):
             saved.append((owner, name, is_buffer, t))
             put(owner, name, is_buffer, new)
@@ -150,7 +150,7 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
         randomise_layer(module, generator)
 
     try:
-        for m in model.modules():
+        for m in mods.values():
             for t in list(m._buffers.values()):
                 if t is not None:
                     swap(t)
@@ -226,11 +226,9 @@ def model_randomisation(
     def gen(name: str) -> torch.Generator:
         return layer_generator(device, seed, index[name])
 
-    # Spearman = Pearson of ranks. Average ranks have the mean (n + 1) / 2 whatever the ties, so the trained
-    # maps are ranked, centred and normed once for every step; each step's maps are ranked as they come
-    # (memory stays at one step's maps whatever the depth)
-    centre = (a0[0].numel() + 1) / 2
-    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_(centre)
+    # the trained maps are ranked, centred and normed once for every step; each step's maps are ranked
+    # as they come and correlated against them (memory stays at one step's maps whatever the depth)
+    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_((a0[0].numel() + 1) / 2)
     ss0 = torch.linalg.vecdot(r0, r0)
 
     def corr(a: Tensor) -> Tensor:  # ranks in the maps' precision (same order), correlation in float64
@@ -240,9 +238,7 @@ def model_randomisation(
                 "the maps this method gives for the inputs (or attributions=None to compute them)."
             )
         q = a.reshape(b, -1).to(a0.dtype)
-        r = rankdata(q.abs() if abs else q).sub_(centre)
-        den = (ss0 * torch.linalg.vecdot(r, r)).sqrt()  # 0 for a constant map: correlation 0, as pearson()
-        return torch.where(den > 0, torch.linalg.vecdot(r0, r) / den.clamp_min(1e-300), 0.0)
+        return spearman_to(r0, ss0, q.abs() if abs else q)
 
     def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> Tensor:
         for n in names:
