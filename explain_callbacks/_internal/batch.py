@@ -7,18 +7,27 @@ from typing import Any, Union
 
 from torch import Tensor
 
-__all__ = ["BatchAdapter", "InputSpec"]
+__all__ = ["BatchAdapter", "InputSpec", "take"]
 
 InputSpec = Union[int, str, Callable[[Any], Any], None]
+
+
+def take(batch: Any, key: int | str) -> Any:
+    """``batch[key]``; for a string key on a batch that is not a mapping (a dataclass or other object
+    with tensor attributes), the attribute ``key``. Raises KeyError/IndexError/TypeError otherwise."""
+    if isinstance(key, str) and not isinstance(batch, (Mapping, Tensor)) and hasattr(batch, key):
+        return getattr(batch, key)
+    return batch[key]
 
 
 class BatchAdapter:
     """Extract inputs and labels from a batch.
 
     Args:
-        input_key: tuple index (int), dict key (str) or a function ``batch -> inputs``.
+        input_key: tuple index (int), dict key or attribute name (str) or a function ``batch -> inputs``.
             Default: ``batch[0]`` for sequences, ``batch["x"|"input"|"inputs"|"image"]`` for dicts,
-            the batch itself for a tensor.
+            the batch itself for a tensor. A string names an attribute of batch objects that are not
+            mappings (dataclasses, namedtuples).
         label_key: likewise for labels (default index 1 / keys ``y``, ``label``, ``labels``, ``target``);
             labels may be absent.
     """
@@ -36,7 +45,7 @@ class BatchAdapter:
             return key(batch)
         if key is not None:
             try:
-                return batch[key]
+                return take(batch, key)
             except (KeyError, IndexError, TypeError) as err:
                 raise KeyError(
                     f"Could not take {what} with key {key!r} from a batch of type {type(batch).__name__}; "

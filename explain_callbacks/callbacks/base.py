@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from .._internal.batch import BatchAdapter, InputSpec
+from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.batching import BatchSize
 from .._internal.checks import finite_rows
 from .._internal.guard import detach_clone, model_guard
@@ -22,17 +22,34 @@ from .._internal.outputs import OutputSpec, output_adapter
 from .._internal.targets import TargetPolicy, resolve_target
 from . import _logging
 
-__all__ = ["ProbeCallback", "check_forward", "float_dtype", "resolve_model"]
+__all__ = ["ProbeCallback", "check_forward", "compiled_children", "float_dtype", "resolve_model", "uncompiled"]
 
 
 def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module:
-    """The network a callback explains: the LightningModule itself, or its attribute ``model_attr``."""
+    """The network a callback explains: the LightningModule itself, or its attribute ``model_attr``
+    (the original module when that attribute is ``torch.compile``'d: see :func:`uncompiled`)."""
     if model_attr is None:
         return pl_module
     model = getattr(pl_module, model_attr, None)
     if not isinstance(model, nn.Module):
         raise AttributeError(f"pl_module has no nn.Module attribute {model_attr!r}; fix model_attr.")
+    return uncompiled(model)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, for a compiled module (the same parameters and buffers): the
+    methods' forward hooks (Grad-CAM, layer methods) do not fire inside compiled graphs, contextual
+    decomposition cannot trace them, double backward is not supported and every new probe shape
+    would recompile. Any other module is returned as is."""
+    orig = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(orig, nn.Module):
+        return orig
     return model
+
+
+def compiled_children(model: nn.Module) -> list[str]:
+    """Names of the ``torch.compile``'d submodules of ``model``."""
+    return [name for name, m in model.named_modules() if name and type(m).__name__ == "OptimizedModule"]
 
 
 def check_forward(model: nn.Module) -> None:
@@ -135,6 +152,8 @@ class ProbeCallback(Callback):
         self.probe_mask: Tensor | None = None
         self._frozen = False
         self._warned_nan = False
+        self._warned_capture = False
+        self._warned_compiled = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -195,18 +214,33 @@ class ProbeCallback(Callback):
         if callable(key):
             return key(batch)
         try:
-            m = batch[key]
+            m = take(batch, key)
         except (KeyError, IndexError, TypeError) as err:
             raise KeyError(f"Could not take masks with mask_key={key!r} from the batch; fix mask_key.") from err
         return m if isinstance(m, Tensor) else None
 
     def add_to_probe(self, batch: Any) -> None:
-        """Add samples of a batch to the probe set (until it is full)."""
+        """Add samples of a batch to the probe set (until it is full).
+
+        A batch the probe cannot be taken from (a wrong ``input_key``, multi-hot labels with ``per_class``)
+        is skipped with a warning, given once (``strict=True`` raises instead): like a failing method,
+        it must not stop training.
+        """
         if self._frozen or self.probe_size >= self.num_samples:
             return
-        # Validation runs under inference mode: every tensor kept must be a normal tensor.
-        with torch.inference_mode(False):
-            self._add(batch)
+        try:
+            # Validation runs under inference mode: every tensor kept must be a normal tensor.
+            with torch.inference_mode(False):
+                self._add(batch)
+        except Exception as err:
+            if self.strict:
+                raise
+            if not self._warned_capture:
+                self._warned_capture = True
+                rank_zero_warn(
+                    f"{type(self).__name__} could not take its probe set from a batch: {type(err).__name__}: {err} "
+                    "Such batches are skipped and training continues; pass strict=True to raise instead."
+                )
 
     def _add(self, batch: Any) -> None:
         x, y = self.adapter(batch)
@@ -282,6 +316,21 @@ class ProbeCallback(Callback):
             return
         self.run_explain(trainer, pl_module)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe_x is not None:
+            return
+        # a monitor that silently did nothing would look like a broken one
+        name = type(self).__name__
+        if self._warned_capture:
+            rank_zero_warn(f"{name} explained nothing: no validation batch gave it a probe set (warned above).")
+        else:
+            rank_zero_warn(
+                f"{name} explained nothing: it takes its probe set from validation batches and saw none (no "
+                "val_dataloader, limit_val_batches=0, or training stopped before the first validation, e.g. by "
+                "max_steps). Add validation data, or explain the trained model with trainer.validate(model, "
+                "loader) / trainer.test(model, loader) and this callback attached."
+            )
+
     # trainer.test(): explain the probe kept from validation, or one taken from the test data
     def on_test_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -308,6 +357,7 @@ class ProbeCallback(Callback):
                 try:
                     model = self.model(pl_module)
                     check_forward(model)
+                    self._warn_compiled(model)
                     with output_adapter(model, self.output_key):
                         dtype = float_dtype(model) if self.probe_x.is_floating_point() else None
                         x = detach_clone(self.probe_x, dtype).to(pl_module.device)
@@ -334,6 +384,19 @@ class ProbeCallback(Callback):
             rank_zero_warn(
                 f"{type(self).__name__} failed at epoch {trainer.current_epoch}: {type(err).__name__}: {err}. "
                 "Training continues; pass strict=True to raise instead."
+            )
+
+    def _warn_compiled(self, model: nn.Module) -> None:
+        if self._warned_compiled:
+            return
+        self._warned_compiled = True
+        names = compiled_children(model)
+        if names:
+            rank_zero_warn(
+                f"{type(self).__name__}: the explained network holds torch.compile'd modules {names[:3]}: forward "
+                "hooks (Grad-CAM, layer methods) do not fire inside them, CD cannot trace them and every new input "
+                f"shape recompiles. Pass model_attr={names[0]!r}: the callbacks explain the uncompiled original "
+                "(same weights)."
             )
 
     def run_agreed(

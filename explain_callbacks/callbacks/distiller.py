@@ -4,7 +4,8 @@ During training batches the callback copies (a subsample of) the inputs, or the 
 layer, into a bounded ring buffer; on monitored epochs it fits its students to the teacher's outputs
 on that buffer, and logs, per student, the fidelity to the teacher on validation data (agreement or
 R², ``explain/distill/<student>/fidelity``), the student's own accuracy or R² against the labels
-(``.../accuracy`` or ``.../r2``), its headline complexity (``.../nonzeros``, ``.../leaves``,
+(``.../accuracy`` or ``.../r2``; accuracy needs one class index per sample, integer or integral float,
+shape (N,) or (N, 1), and is left out for multi-hot labels), its headline complexity (``.../nonzeros``, ``.../leaves``,
 ``.../rules``, ...; all measures are in ``history`` and the text) and the student in readable form
 (a table, tree or rule list as text; a coefficient image or the learned wavelet filters as an image).
 At the end of training the final students are exported with what is needed to load them
@@ -70,6 +71,20 @@ from .base import float_dtype, resolve_model
 __all__ = ["Distiller"]
 
 StudentSpec = Any  # a registered name, {"name": ..., **kwargs}, or a Student instance
+
+
+def _class_indices(y: Tensor) -> Tensor | None:
+    """Labels as class indices (N,): integer or integral float labels of shape (N,) or (N, 1); None for
+    labels that are not one class per sample (multi-hot, one-hot, real-valued)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        return None
+    if y.is_floating_point():
+        if not bool((y == y.round()).all()):
+            return None
+        return y.long()
+    return y
 
 
 def _is_single_spec(spec: Any) -> bool:
@@ -527,8 +542,9 @@ class Distiller(Callback):
             if has_val:
                 pred = student.predict(VX)
                 m["fidelity"] = float(fidelity(pred, vout, task))
-                if vy is not None:
-                    m["accuracy" if task == "classification" else "r2"] = float(student_score(pred, vy, task))
+                labels = vy if task == "regression" or vy is None else _class_indices(vy)
+                if labels is not None:  # multi-label / one-hot labels: no accuracy to report
+                    m["accuracy" if task == "classification" else "r2"] = float(student_score(pred, labels, task))
             comp = {k: float(v) for k, v in student.complexity().items()}
             record[key] = {**m, **comp, "fit_seconds": fit_s}
             if log:

@@ -24,9 +24,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from .._internal.batch import BatchAdapter, InputSpec
+from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.outputs import OutputSpec, output_adapter
 from ..regularize.penalties import Penalty, build_penalty
+from .base import uncompiled
 
 __all__ = ["AttributionRegularizer"]
 
@@ -139,7 +140,7 @@ class AttributionRegularizer(Callback):
             m = spec(batch)
         else:
             try:
-                m = batch[spec]
+                m = take(batch, spec)
             except (KeyError, IndexError, TypeError) as err:
                 raise KeyError(
                     f"Could not take the mask with key {spec!r} from a batch of type {type(batch).__name__}; set "
@@ -153,7 +154,7 @@ class AttributionRegularizer(Callback):
         if self.model_attr is None:
             return pl_module
         try:
-            return operator.attrgetter(self.model_attr)(pl_module)
+            return uncompiled(operator.attrgetter(self.model_attr)(pl_module))  # double backward needs eager
         except AttributeError as err:
             raise AttributeError(
                 f"{type(pl_module).__name__} has no attribute {self.model_attr!r}; set model_attr to the submodule "

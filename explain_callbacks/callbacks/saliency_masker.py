@@ -12,9 +12,11 @@ from torch import Tensor, nn
 
 from .. import viz
 from .._internal.guard import detach_clone, model_guard, rng_guard
+from .._internal.outputs import output_adapter
+from .._internal.targets import resolve_target
 from ..attribution.base import make_generator
 from ..attribution.blackbox.realtime import MaskerObjective, MaskingNetwork, RealTimeSaliency, train_masker_step
-from .base import ProbeCallback
+from .base import ProbeCallback, check_forward, float_dtype
 
 __all__ = ["SaliencyMasker"]
 
@@ -46,7 +48,9 @@ class SaliencyMasker(ProbeCallback):
         objective: a :class:`MaskerObjective`, or a dict of its fields.
         seed: seed of the masker's initialisation and of its generator.
         max_images: masks drawn per logged grid.
-        **kwargs: :class:`ProbeCallback` arguments (num_samples, every_n_epochs, target, ...).
+        **kwargs: :class:`ProbeCallback` arguments (num_samples, every_n_epochs, target, ...). ``target``
+            also picks the classes the masker trains on: the batch's labels (``"label"``), the classifier's
+            predictions (``"prediction"``: multi-label or unlabelled data) or one class (an int).
 
     Images (B,C,H,W) only. Under DDP each rank trains its own copy of the masker on its shard.
     """
@@ -66,6 +70,11 @@ class SaliencyMasker(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
+        if self.target is None:
+            raise ValueError(
+                "SaliencyMasker trains and explains class-conditional masks: target must be 'label', "
+                "'prediction' or an int class, not None."
+            )
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
         if objective is None:
@@ -112,7 +121,7 @@ class SaliencyMasker(ProbeCallback):
             with rng_guard():  # a deterministic initialisation that leaves the global stream alone
                 torch.manual_seed(self.seed)
                 self.masker = MaskingNetwork(x.shape[1], self.num_classes, self.width)
-        self.masker.to(device)
+        self.masker.to(device=device, dtype=x.dtype)  # the classifier's dtype (x is cast to it)
         self.optimizer = torch.optim.Adam(self.masker.parameters(), lr=self.lr)
         self._generator = make_generator(device, self.seed)
         if self._pending is not None:
@@ -171,16 +180,26 @@ class SaliencyMasker(ProbeCallback):
 
     def _train_step(self, pl_module: pl.LightningModule, batch: Any) -> None:
         x, y = self.adapter(batch)
-        if y is None:
-            raise ValueError("SaliencyMasker trains on labelled batches; set label_key so labels can be found.")
-        with model_guard(pl_module):
-            x = detach_clone(x, torch.float32).to(pl_module.device)
-            y = detach_clone(y).to(pl_module.device).long().view(-1)
+        if y is None and self.target == "label":
+            raise ValueError(
+                "SaliencyMasker trains on labelled batches; set label_key so labels can be found, or "
+                "target='prediction' to train on the classifier's predictions."
+            )
+        model = self.model(pl_module)
+        check_forward(model)
+        # the classifier's own dtype (float64, bf16-true weights) and its scores (output_key, .logits)
+        with model_guard(pl_module), output_adapter(model, self.output_key):
+            x = detach_clone(x, float_dtype(model)).to(pl_module.device)
+            y = None if y is None else detach_clone(y).to(pl_module.device)
+            # the target policy: labels (one class per sample), the prediction, or a fixed class
+            target = resolve_target(self.target, model, x, y, self.batch_size)
+            if target is None:  # target='prediction' on a single-output model
+                raise ValueError("SaliencyMasker needs a classifier with at least two class outputs (B, K).")
             if self.masker is None or self.optimizer is None:
                 self._build(pl_module, x)
             assert self.masker is not None and self.optimizer is not None and self._generator is not None
             parts = train_masker_step(
-                self.model(pl_module), self.masker, self.optimizer, self.objective, x, y, self._generator,
+                model, self.masker, self.optimizer, self.objective, x, target, self._generator,
                 int(self.num_classes or 2),
             )  # fmt: skip
             self.masker.eval()
