@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from explain_callbacks.callbacks import (
     AttributionMonitor,
+    AttributionRegularizer,
     Distiller,
     InteractionMonitor,
     SaliencyMasker,
@@ -175,6 +176,25 @@ def test_distiller_accuracy_with_float_column_and_multi_hot_labels(tmp_path, lab
     _, tr = _fit(tmp_path, lambda: Lit(CNN(), loss), _loaders(x, ys), [dist], max_epochs=1)
     assert "explain/distill/tree/fidelity" in tr.callback_metrics
     assert ("explain/distill/tree/accuracy" in tr.callback_metrics) == (labels != "multi_hot")
+
+
+# --------------------------------------------------------------------------- regularizer labels
+def test_regularizer_takes_float_and_column_class_labels(tmp_path):
+    """EG and attribution penalties with float (B,) or (B, 1) class labels: was "needs targets; set
+    label_key" although the labels were there; now the same penalty and weights as integer labels, and
+    multi-hot labels name the problem."""
+    x, y = _data(n=32)
+    runs = []
+    for labels in (y, y.float(), y.view(-1, 1)):
+        reg = AttributionRegularizer("eg_mask", mask=lambda b: torch.ones_like(b[0]))
+        module, tr = _fit(tmp_path / str(len(runs)), lambda: Lit(CNN()), _loaders(x, labels), [reg], max_epochs=1)
+        runs.append((module, float(tr.callback_metrics["train/penalty/eg_mask"])))
+    for module, penalty in runs[1:]:
+        _assert_same_weights(runs[0][0], module)
+        assert penalty == runs[0][1]
+    reg = AttributionRegularizer("eg_mask", mask=lambda b: torch.ones_like(b[0]))
+    with pytest.raises(ValueError, match=r"labels of shape \(8, 3\) are not one class index per sample"):
+        _fit(tmp_path / "m", lambda: Lit(CNN(), "bce"), _loaders(x, _multi_hot(32)), [reg], max_epochs=1)
 
 
 # --------------------------------------------------------------------------- probe sets that cannot be taken

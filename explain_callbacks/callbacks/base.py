@@ -22,7 +22,15 @@ from .._internal.outputs import OutputSpec, output_adapter
 from .._internal.targets import TargetPolicy, resolve_target
 from . import _logging
 
-__all__ = ["ProbeCallback", "check_forward", "compiled_children", "float_dtype", "resolve_model", "uncompiled"]
+__all__ = [
+    "ProbeCallback",
+    "check_forward",
+    "class_indices",
+    "compiled_children",
+    "float_dtype",
+    "resolve_model",
+    "uncompiled",
+]
 
 
 def resolve_model(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module:
@@ -76,6 +84,22 @@ def check_forward(model: nn.Module) -> None:
             "to explain (the others fixed or derived from it) and point the callback at it with model_attr=... "
             "(input_key= says where that tensor is in the batch)."
         )
+
+
+def class_indices(y: Tensor) -> Tensor | None:
+    """Labels as class indices (N,): integer, boolean or integral float labels of shape (N,) or (N, 1);
+    None for labels that are not one class per sample (multi-hot, one-hot, real-valued)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        return None
+    if y.dtype == torch.bool:
+        return y.long()
+    if y.is_floating_point():
+        if not bool((y == y.round()).all()):
+            return None
+        return y.long()
+    return y
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:

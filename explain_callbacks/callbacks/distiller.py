@@ -66,25 +66,11 @@ from ..distill.base import Student, build_student, infer_task, save_student, stu
 from ..distill.buffer import RingBuffer, gather_rows
 from ..distill.fidelity import fidelity, student_score
 from . import _logging
-from .base import float_dtype, resolve_model
+from .base import class_indices, float_dtype, resolve_model
 
 __all__ = ["Distiller"]
 
 StudentSpec = Any  # a registered name, {"name": ..., **kwargs}, or a Student instance
-
-
-def _class_indices(y: Tensor) -> Tensor | None:
-    """Labels as class indices (N,): integer or integral float labels of shape (N,) or (N, 1); None for
-    labels that are not one class per sample (multi-hot, one-hot, real-valued)."""
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        return None
-    if y.is_floating_point():
-        if not bool((y == y.round()).all()):
-            return None
-        return y.long()
-    return y
 
 
 def _is_single_spec(spec: Any) -> bool:
@@ -542,7 +528,7 @@ class Distiller(Callback):
             if has_val:
                 pred = student.predict(VX)
                 m["fidelity"] = float(fidelity(pred, vout, task))
-                labels = vy if task == "regression" or vy is None else _class_indices(vy)
+                labels = vy if task == "regression" or vy is None else class_indices(vy)
                 if labels is not None:  # multi-label / one-hot labels: no accuracy to report
                     m["accuracy" if task == "classification" else "r2"] = float(student_score(pred, labels, task))
             comp = {k: float(v) for k, v in student.complexity().items()}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.outputs import OutputSpec, output_adapter
 from ..regularize.penalties import Penalty, build_penalty
-from .base import uncompiled
+from .base import class_indices, uncompiled
 
 __all__ = ["AttributionRegularizer"]
 
@@ -53,7 +53,8 @@ class AttributionRegularizer(Callback):
             of the batch, a fixed tensor (broadcast to the inputs), a callable ``batch -> mask``, or
             None (penalties without a mask: ``eg_tv``, ``eg_gini``).
         input_key, label_key: where inputs and labels are in the batch (defaults: index 0 / 1, or the
-            keys ``x``/``y``...); labels are the explained classes of EG and attribution penalties.
+            keys ``x``/``y``...); labels are the explained classes of EG and attribution penalties
+            (integer, boolean or integral float labels, shape (B,) or (B, 1)).
         model_attr: explain ``getattr(pl_module, model_attr)`` (e.g. ``"net"``) instead of the
             LightningModule's own ``forward``.
         output_key: where the class scores are when the network returns a tuple/dict/``ModelOutput``
@@ -164,10 +165,16 @@ class AttributionRegularizer(Callback):
     def compute(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, int]:
         """The penalty R on this batch (unweighted) and the batch size."""
         inputs, labels = self.adapter(batch)
-        if labels is not None and labels.ndim == 1 and not labels.is_floating_point():
-            targets: Tensor | None = labels
-        else:
+        # class indices from int, integral float or (B, 1) labels; None for real-valued or multi-hot ones
+        targets = None if labels is None else class_indices(labels)
+        if targets is not None and targets.shape[0] != inputs.shape[0]:
             targets = None
+        if labels is not None and targets is None and getattr(self.penalty, "needs_targets", False):
+            raise ValueError(
+                f"The {self.name} penalty explains the labelled class, but the labels of shape {tuple(labels.shape)} "
+                "are not one class index per sample (multi-hot or real-valued?); set label_key= a function of the "
+                "batch that gives class indices."
+            )
         mask = self.resolve_mask(batch, inputs)
         model = self.penalty_model(pl_module)
         trainer = pl_module.trainer
