@@ -178,6 +178,26 @@ def test_distiller_accuracy_with_float_column_and_multi_hot_labels(tmp_path, lab
     assert ("explain/distill/tree/accuracy" in tr.callback_metrics) == (labels != "multi_hot")
 
 
+# --------------------------------------------------------------------------- SpRAy labels
+def test_spray_groups_column_labels_like_flat_ones(tmp_path):
+    """(B, 1) labels selected along two dimensions of the maps: clusters of (8,) rows instead of (8, 8)
+    maps, silently; multi-hot labels with group_by="label" now name the fix."""
+    x, y = _data()
+    results = []
+    for labels in (y, y.view(-1, 1)):
+        spray = SpRAyMonitor(num_samples=24, per_class=None, min_per_class=4, strict=True)
+        spray.every_n_epochs = 1
+        _fit(tmp_path / str(labels.ndim), lambda: Lit(CNN()), _loaders(x, labels), [spray], max_epochs=1)
+        results.append(spray.last_result)
+    assert results[0].keys() == results[1].keys() == {0, 1, 2}
+    for c, res in results[1].items():
+        assert res.means.shape[1:] == (8, 8) and torch.equal(res.sizes, results[0][c].sizes)
+        assert torch.allclose(res.means, results[0][c].means)
+    spray = SpRAyMonitor(num_samples=24, per_class=None, min_per_class=4, target="prediction", strict=True)
+    with pytest.raises(ValueError, match="group_by='prediction'"):
+        _fit(tmp_path / "m", lambda: Lit(CNN(), "bce"), _loaders(x, _multi_hot()), [spray], max_epochs=1)
+
+
 # --------------------------------------------------------------------------- regularizer labels
 def test_regularizer_takes_float_and_column_class_labels(tmp_path):
     """EG and attribution penalties with float (B,) or (B, 1) class labels: was "needs targets; set

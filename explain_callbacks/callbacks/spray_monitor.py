@@ -23,7 +23,7 @@ from ..analysis.spray import SpectralClusters, spray
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
 from ._logging import markdown_table, tensorboard_writers
-from .base import ProbeCallback
+from .base import ProbeCallback, class_indices
 
 __all__ = ["SpRAyMonitor"]
 
@@ -93,6 +93,13 @@ class SpRAyMonitor(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
         model = self.model(pl_module)
+        labels = None if self.group_by == "prediction" or y is None else class_indices(y)
+        if labels is None and self.group_by == "label" and y is not None:  # every rank has such labels: no hang
+            raise ValueError(
+                f"SpRAyMonitor groups maps by label, but the labels have shape {tuple(y.shape)}, not one class index "
+                "per sample (multi-hot?); pass group_by='prediction', or label_key= a function of the batch that "
+                "gives class indices."
+            )
         done = self.run_agreed(  # the gathers below are collectives: every rank has maps, or none goes on
             trainer, f"method {self.method_name!r}", lambda: self.method(model, x, target),
             "produced NaN/Inf attributions (check the model for non-finite gradients)",
@@ -100,11 +107,11 @@ class SpRAyMonitor(ProbeCallback):
         if done is None:
             return
         maps = done[0]
-        if self.group_by == "prediction" or y is None:
+        if labels is None:
             with torch.no_grad():
                 groups = torch.cat([model(x[s : s + 256]).argmax(1) for s in range(0, x.shape[0], 256)])
         else:
-            groups = y
+            groups = labels  # (B,): (B, 1) labels would select along two dimensions of the maps
         maps, groups = self._gather(trainer, maps.float()), self._gather(trainer, groups.long())
         self.last_result = {}
         rows = []
