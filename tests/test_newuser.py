@@ -185,15 +185,14 @@ def test_spray_groups_column_labels_like_flat_ones(tmp_path):
     x, y = _data()
     results = []
     for labels in (y, y.view(-1, 1)):
-        spray = SpRAyMonitor(num_samples=24, per_class=None, min_per_class=4, strict=True)
-        spray.every_n_epochs = 1
+        spray = SpRAyMonitor(num_samples=24, per_class=None, min_per_class=4, every_n_epochs=1, strict=True)
         _fit(tmp_path / str(labels.ndim), lambda: Lit(CNN()), _loaders(x, labels), [spray], max_epochs=1)
         results.append(spray.last_result)
     assert results[0].keys() == results[1].keys() == {0, 1, 2}
     for c, res in results[1].items():
         assert res.means.shape[1:] == (8, 8) and torch.equal(res.sizes, results[0][c].sizes)
         assert torch.allclose(res.means, results[0][c].means)
-    spray = SpRAyMonitor(num_samples=24, per_class=None, min_per_class=4, target="prediction", strict=True)
+    spray = SpRAyMonitor(num_samples=24, per_class=None, every_n_epochs=1, target="prediction", strict=True)
     with pytest.raises(ValueError, match="group_by='prediction'"):
         _fit(tmp_path / "m", lambda: Lit(CNN(), "bce"), _loaders(x, _multi_hot()), [spray], max_epochs=1)
 
