@@ -263,6 +263,45 @@ def test_dataclass_batches_with_attribute_keys(tmp_path):
     assert "explain/saliency/sparseness" in tr.callback_metrics
 
 
+# --------------------------------------------------------------------------- forward(batch)
+class BatchForward(Lit):
+    """The Lightning habit: ``forward`` unpacks the whole batch."""
+
+    def forward(self, batch):
+        return self.backbone(batch[0])
+
+    def _loss(self, batch) -> torch.Tensor:
+        return F.cross_entropy(self(batch), batch[1])
+
+
+class TensorNamedBatch(Lit):
+    """A ``forward(batch)`` that takes a batch of inputs: it works, and must not be refused."""
+
+    def forward(self, batch):
+        return self.backbone(batch)
+
+
+@pytest.mark.parametrize("callback", ["monitor", "distiller", "masker"])
+def test_forward_taking_the_batch_names_model_attr(tmp_path, callback):
+    """Was: "expected 4D input (got 3D input)" once per method (forward took x[0] of the input tensor)."""
+    x, y = _data(n=32)
+    make = {
+        "monitor": lambda **kw: AttributionMonitor(methods=["saliency", "occlusion"], num_samples=4, **kw),
+        "distiller": lambda **kw: Distiller(students=["tree"], export=False, **kw),
+        "masker": lambda **kw: SaliencyMasker(num_samples=4, **kw),
+    }[callback]
+    with pytest.raises(TypeError, match=r"forward\(batch\) failed on the input tensor.*model_attr=.*\['backbone'\]"):
+        _fit(tmp_path / "a", lambda: BatchForward(CNN()), _loaders(x, y), [make(strict=True)], max_epochs=1)
+    _, tr = _fit(
+        tmp_path / "b", lambda: BatchForward(CNN()), _loaders(x, y), [make(strict=True, model_attr="backbone")]
+    )
+    _, tr2 = _fit(tmp_path / "c", lambda: TensorNamedBatch(CNN()), _loaders(x, y), [make(strict=True)])
+    tag = {"monitor": "explain/occlusion/sparseness", "distiller": "explain/distill/tree/fidelity"}.get(
+        callback, "explain/masker/area"
+    )
+    assert tag in tr.callback_metrics and tag in tr2.callback_metrics
+
+
 # --------------------------------------------------------------------------- torch.compile
 def test_compiled_network_is_explained_through_its_original(tmp_path):
     """A ``torch.compile``'d network: forward hooks (Grad-CAM) do not fire in its graphs, CD cannot trace

@@ -47,7 +47,9 @@ def check_floating(inputs: Tensor, name: str = "inputs") -> None:
     if not inputs.is_floating_point():
         raise TypeError(
             f"{name} must be floating point to take gradients or perturb them, got {inputs.dtype}: use .float() "
-            "for integer-coded images or features. Token ids (an nn.Embedding model) cannot be attributed "
+            "for integer-coded images or features (in a callback whose model converts uint8 images itself: "
+            "input_key= a function of the batch giving the float images, model_attr= the network taking them). "
+            "Token ids (an nn.Embedding model) cannot be attributed "
             "directly: explain the embedded sequence instead, with a module that takes the embeddings "
             "(B,T,D) (model_attr=...) and input_key= a function of the batch that embeds the tokens."
         )

@@ -60,11 +60,13 @@ def compiled_children(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if name and type(m).__name__ == "OptimizedModule"]
 
 
-def check_forward(model: nn.Module) -> None:
+def check_forward(model: nn.Module, inputs: Tensor | None = None) -> None:
     """Refuse, with the fix, a LightningModule without ``forward`` (its network lives in an attribute) and a
     network whose ``forward`` needs more than one input: the callbacks feed it one tensor (``input_key``),
     which would fail with "missing the required forward function" or "forward() missing 1 required
-    positional argument"."""
+    positional argument". Given ``inputs``, a ``forward(batch)`` (the Lightning habit of a forward that
+    unpacks the whole batch) is tried on one row of them, no grad: when it fails, the error names
+    ``model_attr`` instead of the network's "expected 4D input (got 3D input)" once per method."""
     if isinstance(model, pl.LightningModule) and type(model).forward is pl.LightningModule.forward:
         nets = [name for name, _ in model.named_children()]
         raise NotImplementedError(
@@ -84,6 +86,17 @@ def check_forward(model: nn.Module) -> None:
             "to explain (the others fixed or derived from it) and point the callback at it with model_attr=... "
             "(input_key= says where that tensor is in the batch)."
         )
+    if inputs is not None and required == ["batch"]:
+        try:
+            with torch.no_grad():
+                model(inputs[:1])
+        except Exception as err:
+            nets = [name for name, _ in model.named_children()]
+            raise TypeError(
+                f"{type(model).__name__}.forward(batch) failed on the input tensor ({type(err).__name__}: {err}). The "
+                "callbacks call forward with the input tensor alone (input_key= says where it is in the batch); if "
+                f"forward unpacks the whole batch, pass model_attr= the network it calls (submodules: {nets[:10]})."
+            ) from err
 
 
 def class_indices(y: Tensor) -> Tensor | None:
@@ -385,6 +398,7 @@ class ProbeCallback(Callback):
                     with output_adapter(model, self.output_key):
                         dtype = float_dtype(model) if self.probe_x.is_floating_point() else None
                         x = detach_clone(self.probe_x, dtype).to(pl_module.device)
+                        check_forward(model, x)
                         y = None if self.probe_y is None else self.probe_y.to(pl_module.device)
                         prepared = (model, x, y, resolve_target(self.target, model, x, y, self.batch_size))
                 except Exception as err:

@@ -66,7 +66,7 @@ from ..distill.base import Student, build_student, infer_task, save_student, stu
 from ..distill.buffer import RingBuffer, gather_rows
 from ..distill.fidelity import fidelity, student_score
 from . import _logging
-from .base import class_indices, float_dtype, resolve_model
+from .base import check_forward, class_indices, float_dtype, resolve_model
 
 __all__ = ["Distiller"]
 
@@ -402,7 +402,9 @@ class Distiller(Callback):
             with model_guard(pl_module), torch.no_grad():
                 device = pl_module.device
                 dtype = float_dtype(teacher) if x.is_floating_point() else None
-                per_call = resolve_batch_size(self.batch_size, teacher, detach_clone(x[:1], dtype).to(device))
+                first = detach_clone(x[:1], dtype).to(device)
+                check_forward(teacher, first)  # a forward(batch) teacher: the error names model_attr
+                per_call = resolve_batch_size(self.batch_size, teacher, first)
                 for sl in chunks(x.shape[0], per_call):
                     xc = detach_clone(x[sl], dtype).to(device)
                     o = pick_output(teacher(xc), self.output_key)

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .. import viz
+from .._internal.checks import check_floating
 from .._internal.guard import detach_clone, model_guard, rng_guard
 from .._internal.outputs import output_adapter
 from .._internal.targets import resolve_target
@@ -189,7 +190,9 @@ class SaliencyMasker(ProbeCallback):
         check_forward(model)
         # the classifier's own dtype (float64, bf16-true weights) and its scores (output_key, .logits)
         with model_guard(pl_module), output_adapter(model, self.output_key):
+            check_floating(x)  # uint8 images: the masker multiplies and blurs them
             x = detach_clone(x, float_dtype(model)).to(pl_module.device)
+            check_forward(model, x)
             y = None if y is None else detach_clone(y).to(pl_module.device)
             # the target policy: labels (one class per sample), the prediction, or a fixed class
             target = resolve_target(self.target, model, x, y, self.batch_size)
