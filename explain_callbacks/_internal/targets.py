@@ -28,7 +28,11 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
     if n_outputs is not None and target.numel():
         lo, hi = int(target.min()), int(target.max())
         if lo < 0 or hi >= n_outputs:
-            hint = " (a single-output regression model takes target=None)" if n_outputs == 1 else ""
+            hint = (
+                " (a single-output model, regression or a one-logit binary classifier, takes target=None)"
+                if n_outputs == 1
+                else ""
+            )
             raise ValueError(
                 f"target values must lie in [0, {n_outputs - 1}] (the model has {n_outputs} outputs), "
                 f"got values in [{lo}, {hi}]; check the labels or the target policy{hint}."
