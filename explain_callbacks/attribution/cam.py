@@ -10,6 +10,7 @@ from .._internal.batching import BatchSize, chunks, select_output
 from .._internal.ops import upsample_to
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
+from .double_backward import twice_differentiable
 from .layers import capture_output, captured, find_layer, last_conv_layer
 
 __all__ = ["GradCAM"]
@@ -56,7 +57,7 @@ class GradCAM(Attributor):
             xc = inputs[sl]
             if not xc.requires_grad:
                 xc = xc.detach().requires_grad_(True)  # makes activations part of a graph even if params are frozen
-            with capture_output(layer, store):
+            with capture_output(layer, store), twice_differentiable(create_graph):
                 y = select_output(model(xc), None if target is None else target[sl])
             act = captured(store, layer)
             if act.ndim != inputs.ndim:

@@ -121,10 +121,12 @@ class HSICInteraction(InteractionMethod):
     """Pairwise HSIC interactions ``HSIC_ij − HSIC_i − HSIC_j`` with the product kernel (Novello, Fel
     & Vigouroux 2022, arXiv:2206.06219), wrapping :meth:`HSIC.interactions` of the black-box package.
 
-    Groups are HSIC's layout: one per feature (tabular inputs, ``groups=None``) or a g×g grid of
-    patches (images, ``groups=g``; default 4). The diagonal holds the per-group HSIC_i. Other group
-    shapes raise a ValueError. Keyword arguments go to :class:`HSIC` (``n_designs``, ``sampler``,
-    ``width``, ``substrate``); ``output`` defaults to the raw ``logit`` (regression models too).
+    Groups are HSIC's layout: one per feature (tabular inputs, ``groups=None``), a g×g grid of
+    patches (images, ``groups=g``; default 4) or g windows along the last dimension of (B, C, L)
+    signals (models whose first layer is a ``Conv1d``: ``groups=None`` gives one per step). The
+    diagonal holds the per-group HSIC_i. Other group shapes raise a ValueError. Keyword arguments go
+    to :class:`HSIC` (``n_designs``, ``sampler``, ``width``, ``substrate``); ``output`` defaults
+    to the raw ``logit`` (regression models too).
     """
 
     name = "hsic"
@@ -149,11 +151,21 @@ class HSICInteraction(InteractionMethod):
             g = 1
         elif len(shape) == 3 and grid is not None and len(grid) == 2 and grid[0] == grid[1]:
             g = grid[0]
+        elif (
+            len(shape) == 2
+            and grid is not None
+            and len(grid) == 1
+            and groups.n == grid[0]
+            and tuple(groups.masks.shape[1:]) == (1, shape[1])
+        ):
+            g = grid[0]  # windows along the last dim, shared over channels: HSIC's 1-D mask layout
         else:
             raise ValueError(
                 "HSIC interactions use HSIC's own layout: one group per feature for tabular inputs "
-                "(groups=None) or a g x g grid of patches for images (groups=g); got groups "
-                f"{groups.n} with grid {grid} for inputs of shape {tuple(inputs.shape)}."
+                "(groups=None), a g x g grid of patches for images (groups=g), or g windows along the last "
+                "dimension of (B, C, L) signals read by a Conv1d; got groups "
+                f"{groups.n} with grid {grid} for inputs of shape {tuple(inputs.shape)}. For other groups "
+                "(e.g. time steps of (B, T, D) sequences) use 'sobol', 'cd' or 'integrated_hessians'."
             )
         hsic = HSIC(
             grid_size=g,

@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
+import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -657,11 +659,33 @@ def _where(node: fx.Node) -> str:
         if path is not None:
             where = f" in module {path!r} ({getattr(cls, '__name__', cls)})"
     trace = node.stack_trace or node.meta.get("stack_trace")
-    if trace:
-        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-        if lines:
-            where += f" at {' / '.join(lines[-2:])}"
+    frame = _user_frame(trace) if trace else None
+    if frame:
+        where += f" at {frame}"
     return where
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(trace: str) -> str | None:
+    """The innermost frame of an fx stack trace outside torch itself (``File ..., line n, in f / code``),
+    or None: the traces of recent torch versions end in torch.fx's own ``create_node``, which names no
+    user code."""
+    frames: list[list[str]] = []
+    for ln in trace.strip().splitlines():
+        ln = ln.strip()
+        if not ln:
+            continue
+        if ln.startswith("File ") or not frames:
+            frames.append([ln])
+        else:
+            frames[-1].append(ln)
+    for fr in reversed(frames):
+        m = re.match(r'File "([^"]+)"', fr[0])
+        if m is None or not os.path.abspath(m.group(1)).startswith(_TORCH_DIR + os.sep):
+            return " / ".join(fr)
+    return None  # torch's own frames only (e.g. nn.Sequential): the module path says where
 
 
 def _unsupported(node: fx.Node, what: str, hint: str = "") -> CDUnsupportedError:

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from .._internal.batching import BatchSize, select_output
 from .._internal.checks import require_graph
 from .._internal.registry import INTERACTIONS
+from ..attribution.double_backward import twice_differentiable
 from ..attribution.path import Baseline, make_baseline, quadrature
 from .base import Groups, InteractionMethod
 
@@ -135,7 +136,8 @@ class IntegratedHessians(InteractionMethod):
                 z = base[bi] + t[ki].view(bshape) * d
                 v = d * m[qi].view(d.shape)
                 tgt = None if target is None else target[bi]
-                g, hv = self._grad_hvp(model, z, v, tgt)
+                with twice_differentiable():  # H v through attention: the math SDPA kernel
+                    g, hv = self._grad_hvp(model, z, v, tgt)
                 md = d.reshape(d.shape[0], -1)
                 # Σ_{i∈p} d_i (H v_q)_i for every p: (R, P)
                 second = (hv.reshape(md.shape) * md) @ m.t()

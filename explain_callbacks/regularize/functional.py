@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._internal.checks import not_differentiable
+from ..attribution.double_backward import twice_differentiable
 
 __all__ = [
     "attribution_penalty",
@@ -214,17 +215,22 @@ def rrr_penalty(
     (here ``mask``, 1 on the forbidden features) and squared. ``reduction="mean"`` averages the
     per-sample sums over the batch (batch-size independent); ``"sum"`` sums them, as Ross et al.'s
     code does. The model's outputs are read as logits (``log_softmax`` is applied; a model that
-    already returns log-probabilities gives the same result, ``log_softmax`` being idempotent).
+    already returns log-probabilities gives the same result, ``log_softmax`` being idempotent); a
+    single output (B, 1) is one binary logit z, whose classes have log σ(z) and log σ(−z) (a
+    log-softmax over one column would be 0 and the penalty 0 for every model).
     Ross et al.'s extra L2 weight term is left to the optimiser's weight decay.
     """
     m = prepare_mask(mask, inputs, what="RRR penalty")
     x = _leaf(inputs)
-    with norm_stats_kept(model, keep_norm_stats):
+    with norm_stats_kept(model, keep_norm_stats), twice_differentiable():
         out = model(x)
-    if out.ndim < 2:
-        raise ValueError(f"RRR needs class scores of shape (B, K); the model returned shape {tuple(out.shape)}.")
-    logp = F.log_softmax(_up(out), dim=1)
-    (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True, allow_unused=True)
+        if out.ndim < 2:
+            raise ValueError(f"RRR needs class scores of shape (B, K); the model returned shape {tuple(out.shape)}.")
+        out = _up(out)
+        if out.shape[1] == 1:  # one binary logit z: the two classes' log-probabilities log σ(z), log σ(−z)
+            out = torch.cat([torch.zeros_like(out), out], 1)
+        logp = F.log_softmax(out, dim=1)
+        (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True, allow_unused=True)
     if g is None:  # the scores depend on the parameters only (no_grad/detach on the input path)
         raise not_differentiable()
     return _reduce(_per_sample_sum((m * g).pow(2)), reduction)
@@ -376,7 +382,7 @@ def attribution_penalty(
         )
     m = prepare_mask(mask, inputs, what="attribution penalty")
     tgt = None if targets is None else targets.to(inputs.device).long().view(-1)
-    with norm_stats_kept(model, keep_norm_stats):
+    with norm_stats_kept(model, keep_norm_stats), twice_differentiable():
         # ``attribute`` directly: ``__call__`` would add a forward pass just to check the target range.
         attr = attributor.attribute(model, inputs.detach(), tgt, create_graph=True)
     return _reduce(_per_sample_sum((m * _up(attr)).abs().pow(power)), reduction)

@@ -1,0 +1,198 @@
+"""The functional APIs on more model families an outside user would bring, called directly: a tiny vision
+transformer (Conv2d patch embedding, cls token, ``nn.TransformerEncoderLayer`` with batch_first, whose
+attention runs the fused SDPA kernel), 1-D CNNs on (B, C, L) signals, a binary classifier with one
+logit (B, 1), and networks with operations contextual decomposition has no rule for. Each case failed
+(or was silently wrong) before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from explain_callbacks.attribution import HSIC, GradCAM, IntegratedGradients, Saliency
+from explain_callbacks.interaction import CDUnsupportedError, IntegratedHessians, build_interaction, cd_logits
+from explain_callbacks.regularize import attribution_penalty, eg_mask_prior, rrr_penalty
+
+
+class TinyViT(nn.Module):
+    def __init__(self, c: int = 3, d: int = 16, p: int = 4, h: int = 8, k: int = 3) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(c, d, p, stride=p)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, (h // p) ** 2 + 1, d) * 0.1)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, activation="gelu", batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.norm(self.enc(t)[:, 0]))
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return TinyViT().eval(), torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+
+
+def _param_grads(model: nn.Module, value: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return [g for g in grads if g is not None]
+
+
+# ------------------------------------------------------------------ transformers: second derivatives
+
+
+@pytest.mark.parametrize("method", [Saliency(), IntegratedGradients(n_steps=4), GradCAM(layer="patch")])
+def test_vit_maps_with_create_graph_have_parameter_gradients(method):
+    """The fused CPU attention kernel has no double backward; maps for penalties use the math kernel."""
+    model, x, t = _vit()
+    plain = method(model, x, t)
+    m = method(model, x, t, create_graph=True)
+    torch.testing.assert_close(m.detach(), plain, rtol=1e-4, atol=1e-6)  # same values as the fused kernel
+    grads = _param_grads(model, m.pow(2).sum())
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_vit_penalties_are_differentiable():
+    model, x, t = _vit()
+    mask = torch.zeros_like(x)
+    mask[..., :4] = 1.0
+    for pen in (
+        rrr_penalty(model, x, mask),
+        eg_mask_prior(model, x, t, mask),
+        attribution_penalty(model, x, t, mask, Saliency()),
+    ):
+        assert pen.ndim == 0 and torch.isfinite(pen)
+        assert any(g.abs().sum() > 0 for g in _param_grads(model, pen))
+
+
+def test_vit_integrated_hessians_complete():
+    """Integrated Hessians (Janizek et al. 2021) through attention: rows sum to IG, IG to f(x) − f(x')."""
+    model, x, t = _vit()
+    ih = IntegratedHessians(n_steps=8, rule="gausslegendre")
+    s = ih(model, x, t, groups=2)
+    assert s.shape == (3, 4, 4) and torch.isfinite(s).all()
+    torch.testing.assert_close(s, s.transpose(1, 2))
+    ig_sum = ih.last_info["ig"].sum(1)
+    delta = ih.last_info["delta"]
+    assert (ig_sum - delta).abs().max() < 0.05 * delta.abs().max() + 1e-4
+
+
+# ------------------------------------------------------------------ binary classifiers with one logit
+
+
+def test_rrr_on_one_binary_logit_is_the_two_class_penalty():
+    """A (B, 1) logit z: log_softmax over one column is 0, so RRR was 0 for every model. It is the
+    penalty of the equivalent two-class model [0, z] (log σ(z), log σ(−z))."""
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    class Two(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = one(x)
+            return torch.cat([torch.zeros_like(z), z], 1)
+
+    x = torch.randn(5, 6)
+    mask = torch.zeros_like(x)
+    mask[:, :3] = 1.0
+    p1 = rrr_penalty(one, x, mask)
+    p2 = rrr_penalty(Two(), x, mask)
+    assert p1 > 0
+    torch.testing.assert_close(p1, p2)
+    assert any(g.abs().sum() > 0 for g in _param_grads(one, p1))
+
+
+# ------------------------------------------------------------------ 1-D signals
+
+
+def _signal_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    ).eval()
+
+
+def test_hsic_interactions_on_conv1d_signals():
+    """(B, C, L) signals: one group per step (or g windows), HSIC's 1-D mask layout; was a ValueError
+    about tabular inputs and images."""
+    model = _signal_cnn()
+    x, t = torch.randn(3, 2, 16), torch.tensor([0, 1, 2])
+    inter = build_interaction("hsic", n_designs=128)
+    s = inter(model, x, t)
+    assert s.shape == (3, 16, 16) and torch.isfinite(s).all()
+    h = HSIC(grid_size=16, n_designs=128, output="logit")(model, x, t)  # the same designs and cells
+    torch.testing.assert_close(s.diagonal(dim1=1, dim2=2), h[:, 0].to(s.dtype), rtol=1e-5, atol=1e-7)
+    assert inter(model, x, t, groups=4).shape == (3, 4, 4)
+
+
+def test_hsic_interactions_on_time_steps_of_bt_d_sequences_name_the_alternatives():
+    class LSTMNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 8, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    x, t = torch.randn(2, 12, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="'sobol', 'cd' or 'integrated_hessians'"):
+        build_interaction("hsic", n_designs=64)(LSTMNet().eval(), x, t)
+
+
+# ------------------------------------------------------------------ contextual decomposition errors
+
+
+class AbsHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h.abs()  # no CD rule
+
+
+def test_cd_unsupported_operation_names_the_users_line_not_torch_fx():
+    """The location was torch.fx's own ``proxy.py ... create_node`` frame."""
+    x = torch.randn(2, 10)
+    with pytest.raises(CDUnsupportedError) as err:
+        cd_logits(AbsHead(), x, torch.ones(10))
+    msg = str(err.value)
+    assert "test_unseen_models_more.py" in msg and "h.abs()" in msg
+    assert "proxy.py" not in msg
+    seq = nn.Sequential(nn.Linear(10, 12), nn.Softmax(dim=1), nn.Linear(12, 3))
+    with pytest.raises(CDUnsupportedError) as err:
+        cd_logits(seq, x, torch.ones(10))
+    msg = str(err.value)
+    assert "Softmax" in msg and "module '1'" in msg and "proxy.py" not in msg
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.SiLU(), nn.Softplus(), nn.ELU(), nn.LeakyReLU(0.2), nn.Hardswish(), nn.Sigmoid(), nn.Tanh(), nn.GELU()],
+    ids=lambda a: type(a).__name__,
+)
+def test_cd_streams_sum_to_every_activation(act):
+    """β + γ equals the true activation after each elementwise nonlinearity and at the logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), act, nn.Linear(12, 12), act, nn.Linear(12, 3)).eval()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    model = model.double()
+    mask = (torch.rand(10) > 0.5).double()
+    beta, gamma = cd_logits(model, x, mask)
+    torch.testing.assert_close(beta + gamma, model(x))
+    hidden = model[:2]
+    b1, g1 = cd_logits(hidden, x, mask)
+    torch.testing.assert_close(b1 + g1, hidden(x))
