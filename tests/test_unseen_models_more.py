@@ -196,3 +196,31 @@ def test_cd_streams_sum_to_every_activation(act):
     hidden = model[:2]
     b1, g1 = cd_logits(hidden, x, mask)
     torch.testing.assert_close(b1 + g1, hidden(x))
+
+
+# ------------------------------------------------------------------ float64 teachers in the students
+
+
+def test_students_that_run_the_teacher_accept_float64_networks():
+    """attribution_linear and AWD cast the inputs to float32 before calling the teacher: a float64
+    network failed with 'mat1 and mat2 must have the same dtype' / 'Input type (float) and bias type
+    (double)'."""
+    from explain_callbacks.distill import build_student
+
+    torch.manual_seed(0)
+    tab = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(64, 10, dtype=torch.float64)
+    with torch.no_grad():
+        out = tab(x)
+    s = build_student({"name": "attribution_linear", "k": 3, "method": {"name": "ig", "n_steps": 4}})
+    s.fit(x, out, teacher=tab)
+    assert s.predict(x).shape == (64,) and s.importance_.shape == (10,)
+
+    sig = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double().eval()
+    xs = torch.randn(24, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = sig(xs)
+    awd = build_student({"name": "awd", "epochs": 1})
+    awd.fit(xs, out, teacher=sig)
+    assert awd.predict(xs).shape == (24,)
+    assert all(p.grad is None for p in sig.parameters())

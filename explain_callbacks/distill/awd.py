@@ -219,7 +219,8 @@ class AWDStudent(Student):
 
     def _fit(self, x: Tensor, teacher_out: Tensor, teacher: Any) -> None:
         device = _device_of(teacher, x)
-        wt = self._new_transform(device)
+        dtype = _dtype_of(teacher, x)  # a float64 teacher is trained through in float64
+        wt = self._new_transform(device).to(dtype)
         if self.task_ == "classification":
             target_all = teacher_out.argmax(1)
         else:
@@ -237,7 +238,7 @@ class AWDStudent(Student):
                 n_batches = 0
                 for start in range(0, n, self.batch_size):
                     idx = perm[start : start + self.batch_size]
-                    xb = x[idx].to(device=device, dtype=torch.float32)
+                    xb = x[idx].to(device=device, dtype=dtype)
                     tb = None if target_all is None else target_all[idx].to(device)
                     loss, terms = awd_loss(wt, xb, teacher, tb, attr_method=self.attr_method, **self.lams)
                     (g,) = torch.autograd.grad(loss, [wt.h])  # never .backward(): the teacher's .grad stays
@@ -271,7 +272,9 @@ class AWDStudent(Student):
         with torch.inference_mode(False), single_thread():
             out = [
                 max_coefficient_features(
-                    self.transform_(x[sl].detach().float().cpu()), self.n_coefficients, self.signed_features
+                    self.transform_(x[sl].detach().to(device="cpu", dtype=self.transform_.h.dtype)),
+                    self.n_coefficients,
+                    self.signed_features,
                 )
                 for sl in chunks(x.shape[0], batch_size)
             ]
@@ -339,6 +342,15 @@ class AWDStudent(Student):
             self.transform_.h.copy_(state["h"])
         self.head_ = student_from_dict(state["head"])  # type: ignore[assignment]
         self.history_ = list(state.get("history", []))
+
+
+def _dtype_of(teacher: Any, x: Tensor) -> torch.dtype:
+    """The teacher's floating dtype (its first floating parameter), else the inputs', else float32."""
+    if isinstance(teacher, nn.Module):
+        for p in teacher.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return x.dtype if x.is_floating_point() else torch.float32
 
 
 def _device_of(teacher: Any, x: Tensor) -> torch.device:
