@@ -224,3 +224,39 @@ def test_students_that_run_the_teacher_accept_float64_networks():
     awd.fit(xs, out, teacher=sig)
     assert awd.predict(xs).shape == (24,)
     assert all(p.grad is None for p in sig.parameters())
+
+
+# ------------------------------------------------------------------ decoders: transposed convolutions
+
+
+class UpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1)
+        self.up2 = nn.ConvTranspose2d(4, 4, 2, stride=1, dilation=2)
+        self.resize = nn.Upsample(size=(8, 8), mode="bilinear")
+        self.head = nn.Linear(4 * 64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.down(x))
+        h = torch.relu(self.up(h, output_size=[8, 8]))
+        h = torch.tanh(self.up2(h))
+        return self.head(self.resize(h).flatten(1))
+
+
+def test_cd_through_transposed_convolutions():
+    """ConvTranspose (linear, with a bias) had no CD rule; the linear rule applies, output_size too."""
+    from explain_callbacks.attribution import build_attributor
+
+    torch.manual_seed(0)
+    model = UpNet().double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    mask = (torch.rand(1, 8, 8) > 0.5).double()
+    beta, gamma = cd_logits(model, x, mask)
+    torch.testing.assert_close(beta + gamma, model(x))
+    b_all, g_all = cd_logits(model, x, torch.ones(1, 8, 8))
+    torch.testing.assert_close(b_all + g_all, model(x))
+    assert (b_all - model(x)).abs().max() < (beta - model(x)).abs().max()  # the whole input explains more
+    m = build_attributor("cd")(model, x, torch.tensor([0, 1, 2]))
+    assert m.shape == (3, 1, 8, 8) and torch.isfinite(m).all()

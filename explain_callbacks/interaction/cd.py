@@ -10,7 +10,7 @@ activation at every layer. At the input ``β₀ = M ⊙ x`` and ``γ₀ = (1 −
 The propagation rules are those of the authors' reference code (``acd/scores/cd_propagate.py``),
 not the Shapley average of the paper's appendix:
 
-- Linear / Conv: ``b = layer(0)``, ``r = layer(β) − b``, ``i = layer(γ) − b``; the bias is split in
+- Linear / Conv / ConvTranspose: ``b = layer(0)``, ``r = layer(β) − b``, ``i = layer(γ) − b``; the bias is split in
   proportion to ``|r| + 1e-20`` and ``|i| + 1e-20``: ``β' = r + b·p``, ``γ' = i + b·(1 − p)``.
 - ReLU and every other elementwise activation σ: ``β' = σ(β)``, ``γ' = σ(β + γ) − σ(β)``.
 - Max-pool: the arg-max of ``β + γ``; both streams are gathered there.
@@ -489,6 +489,7 @@ def supported_operations() -> dict[str, list[str]]:
         "Conv1d",
         "Conv2d",
         "Conv3d",
+        "ConvTranspose1d/2d/3d",
         "BatchNorm1d/2d/3d",
         "LayerNorm",
         "MaxPool1d/2d/3d",
@@ -692,7 +693,8 @@ def _unsupported(node: fx.Node, what: str, hint: str = "") -> CDUnsupportedError
     msg = (
         f"Contextual decomposition has no rule for {what} (fx node {node.name!r}){_where(node)}. "
         + (hint + ". " if hint else "")
-        + "Supported: Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, elementwise activations, max/avg pooling, "
+        + "Supported: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm, LayerNorm, elementwise activations, "
+        "max/avg pooling, "
         "dropout, flatten/view/reshape/permute/slicing, cat/stack, residual add, LSTM; see "
         "explain_callbacks.interaction.cd.supported_operations()."
     )
@@ -780,6 +782,8 @@ def _call_module(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> An
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         bias = None if mod.bias is None else mod.bias.view(1, -1, *([1] * (x.rel.ndim - 2)))
         return _affine(x, lambda t: mod._conv_forward(t, mod.weight, None), bias)
+    if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return _conv_transpose(x, mod, args[1] if len(args) > 1 else kwargs.get("output_size"))
     if type(mod) is nn.ReLU:
         return _relu(x)
     if isinstance(mod, _ELEMENTWISE_MODULES):
@@ -815,6 +819,27 @@ def _call_module(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> An
     if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
         hint = _NOT_DECOMPOSABLE_HINT["softmax"]
     raise _unsupported(node, f"module {node.target!r} of type {type(mod).__name__}", hint)
+
+
+def _conv_transpose(x: Decomposition, mod: nn.modules.conv._ConvTransposeNd, output_size: Any) -> Decomposition:
+    """Transposed convolution: linear, so the linear/conv rule (bias split) applies."""
+    nd = x.rel.ndim - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d}.get(nd, F.conv_transpose3d)
+    out_pad = mod._output_padding(
+        x.rel,
+        output_size,
+        list(mod.stride),
+        list(mod.padding),
+        list(mod.kernel_size),
+        nd,
+        list(mod.dilation),
+    )
+    bias = None if mod.bias is None else mod.bias.view(1, -1, *([1] * nd))
+    return _affine(
+        x,
+        lambda t: fn(t, mod.weight, None, mod.stride, mod.padding, out_pad, mod.groups, mod.dilation),
+        bias,
+    )
 
 
 def _call_not_inplace(mod: nn.Module, t: Tensor) -> Tensor:
