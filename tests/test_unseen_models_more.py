@@ -260,3 +260,49 @@ def test_cd_through_transposed_convolutions():
     assert (b_all - model(x)).abs().max() < (beta - model(x)).abs().max()  # the whole input explains more
     m = build_attributor("cd")(model, x, torch.tensor([0, 1, 2]))
     assert m.shape == (3, 1, 8, 8) and torch.isfinite(m).all()
+
+
+# ------------------------------------------------------------------ input layouts and inputs that require grad
+
+
+def _dwsep() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.Conv2d(4, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+
+
+def test_occlusion_on_channels_last_and_non_contiguous_inputs():
+    """The accumulator was ``zeros_like(inputs)`` (channels_last strides) then ``.view``: a RuntimeError."""
+    from explain_callbacks.attribution import build_attributor
+
+    occ = build_attributor("occlusion")
+    model, x, t = _dwsep(), torch.randn(2, 4, 8, 8), torch.tensor([0, 2])
+    ref = occ(model, x, t)
+    torch.testing.assert_close(occ(model, x.to(memory_format=torch.channels_last), t), ref)
+    sig, s = _signal_cnn(), torch.randn(2, 16, 2).transpose(1, 2)  # (B, C, L) view of a (B, L, C) tensor
+    torch.testing.assert_close(occ(sig, s, t), occ(sig, s.contiguous(), t))
+
+
+@pytest.mark.parametrize("name", ["input_x_gradient", "ig", "expected_gradients", "gradcam"])
+def test_maps_of_inputs_that_require_grad_carry_no_graph(name):
+    """x ⊙ g with x requiring grad kept a graph to x (Grad-CAM: the whole forward pass) although
+    create_graph=False; a backward through it would differentiate x alone, not g."""
+    from explain_callbacks.attribution import build_attributor
+
+    method = build_attributor(name)
+    model, x, t = _dwsep(), torch.randn(2, 4, 8, 8), torch.tensor([0, 2])
+    xr = x.clone().requires_grad_(True)
+    m = method(model, xr, t)
+    assert not m.requires_grad and m.grad_fn is None
+    assert xr.grad is None
+    torch.testing.assert_close(m, method(model, x, t))
+    assert method(model, xr, t, create_graph=True).requires_grad  # penalties keep theirs

@@ -73,5 +73,5 @@ class GradCAM(Attributor):
                 cam = F.relu(cam)
             if self.upsample:
                 cam = upsample_to(cam, tuple(inputs.shape[2:]))
-            maps.append(cam)
+            maps.append(cam if create_graph else cam.detach())  # no forward graph kept past the call
         return torch.cat(maps)

@@ -43,7 +43,8 @@ class InputXGradient(Attributor):
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
-        return inputs * _grad2(model, inputs, target, self.batch_size, create_graph=create_graph)
+        attr = inputs * _grad2(model, inputs, target, self.batch_size, create_graph=create_graph)
+        return attr if create_graph else attr.detach()  # inputs that require grad: no graph of x ⊙ g
 
 
 @ATTRIBUTIONS.register("smoothgrad")

@@ -136,6 +136,8 @@ class IntegratedGradients(Attributor):
             model, inputs, base, target, alphas, weights, self.batch_size, create_graph=create_graph
         )
         attr = (inputs - base) * avg_grad
+        if not create_graph:
+            attr = attr.detach()  # inputs that require grad: no graph of (x − x') ⊙ ḡ
         if self.completeness:
             self.last_info.update(completeness_info(model, inputs, base, target, attr, self.batch_size))
         return attr
@@ -231,4 +233,4 @@ class ExpectedGradients(Attributor):
             pts = (base + a * diff).reshape(kk * b, *inputs.shape[1:])
             g = _grad2(model, pts, target, self.batch_size, create_graph=create_graph).view(kk, *inputs.shape)
             total = total + (diff * g).sum(0)
-        return total / k
+        return total / k if create_graph else (total / k).detach()

@@ -126,7 +126,7 @@ class Occlusion(PerturbationAttributor):
             return m
 
         fx = base_scores(model, inputs, target, batch_size=self.batch_size, output=self.output)
-        total = torch.zeros_like(inputs)
+        total = torch.zeros(inputs.shape, device=dev, dtype=dt)  # contiguous whatever the input's layout
         flat_total = total.view(inputs.shape[0], -1)
 
         def accumulate(ssl: slice, msl: slice, keep: Tensor, sc: Tensor) -> None:
