@@ -306,3 +306,40 @@ def test_maps_of_inputs_that_require_grad_carry_no_graph(name):
     assert xr.grad is None
     torch.testing.assert_close(m, method(model, x, t))
     assert method(model, xr, t, create_graph=True).requires_grad  # penalties keep theirs
+
+
+# ------------------------------------------------------------------ recurrent networks: no forward-mode AD
+
+
+class LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 8, batch_first=True)
+        self.mid = nn.Linear(8, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.mid(self.rnn(x)[0][:, -1])))
+
+
+def test_neuron_region_ig_past_an_lstm():
+    """nn.LSTM has no forward-mode derivative on CPU ('Trying to use forward AD with mkldnn_rnn_layer'):
+    the layer JVP falls back to two reverse passes; neuron IGs still sum to IG (Lundstrom et al. 2022)."""
+    from explain_callbacks.attribution import NeuronRegionIG
+
+    torch.manual_seed(0)
+    model = LSTMHead().eval()
+    x, t = torch.randn(3, 12, 3), torch.tensor([0, 1, 2])
+    nrig = NeuronRegionIG(layer="mid", n_steps=16)
+    a = nrig(model, x, t)
+    assert a.shape == (3, 6) and torch.isfinite(a).all()
+    ig = IntegratedGradients(n_steps=16)(model, x, t)
+    torch.testing.assert_close(a.sum(1), ig.flatten(1).sum(1), rtol=1e-4, atol=1e-6)
+    pen = nrig(model, x, t, create_graph=True).pow(2).sum()
+    assert any(g.abs().sum() > 0 for g in _param_grads(model, pen))
+    # the fallback equals forward-mode AD where both exist
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4), nn.Softplus(), nn.Linear(4, 2)).double()
+    z, v = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    fwd = NeuronRegionIG._layer_jvp(mlp, mlp[2], z, v)
+    rev = NeuronRegionIG._layer_jvp_double_vjp(mlp, mlp[2], z, v, keep_graph=False)
+    torch.testing.assert_close(rev, fwd)

@@ -95,13 +95,39 @@ class NeuronRegionIG(Attributor):
         """J_h(x)·v by forward-mode AD. With ``keep_graph`` the tangent stays a function of the
         parameters (reverse-over-forward), so penalties on the map get a parameter gradient."""
         store: list[Tensor] = []
-        with fwAD.dual_level():
-            dual = fwAD.make_dual(x if keep_graph else x.detach(), v if keep_graph else v.detach())
-            with capture_output(layer, store, stop=True), contextlib.suppress(_Stop):
-                model(dual)
-            if not store:
-                raise RuntimeError("The chosen layer was not called in the forward pass; pick a layer on the path.")
-            tangent = fwAD.unpack_dual(store[-1]).tangent
+        try:
+            with fwAD.dual_level():
+                dual = fwAD.make_dual(x if keep_graph else x.detach(), v if keep_graph else v.detach())
+                with capture_output(layer, store, stop=True), contextlib.suppress(_Stop):
+                    model(dual)
+                if not store:
+                    raise RuntimeError("The chosen layer was not called in the forward pass; pick a layer on the path.")
+                tangent = fwAD.unpack_dual(store[-1]).tangent
+        except NotImplementedError:  # an operation without forward-mode AD (e.g. nn.LSTM/GRU on CPU)
+            return NeuronRegionIG._layer_jvp_double_vjp(model, layer, x, v, keep_graph)
         if tangent is None:
             return torch.zeros_like(store[-1])
         return tangent if keep_graph else tangent.detach()
+
+    @staticmethod
+    def _layer_jvp_double_vjp(model: nn.Module, layer: nn.Module, x: Tensor, v: Tensor, keep_graph: bool) -> Tensor:
+        """J_h(x)·v as ∂/∂u ⟨Jᵀu, v⟩ (two reverse passes), for layers whose operations have no
+        forward-mode derivative; the same value as the forward-mode JVP."""
+        store: list[Tensor] = []
+        xg = x if keep_graph and x.requires_grad else x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with capture_output(layer, store, stop=True), contextlib.suppress(_Stop):
+                model(xg)
+            if not store:
+                raise RuntimeError("The chosen layer was not called in the forward pass; pick a layer on the path.")
+            h = store[-1]
+            if not h.requires_grad:
+                return torch.zeros_like(h)
+            u = torch.zeros_like(h, requires_grad=True)
+            (g,) = torch.autograd.grad(h, xg, u, create_graph=True, allow_unused=True)
+            if g is None or not g.requires_grad:
+                return torch.zeros_like(h)
+            (jv,) = torch.autograd.grad(g, u, v, create_graph=keep_graph, allow_unused=True)
+        if jv is None:
+            return torch.zeros_like(h)
+        return jv if keep_graph else jv.detach()
