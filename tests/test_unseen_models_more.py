@@ -343,3 +343,15 @@ def test_neuron_region_ig_past_an_lstm():
     fwd = NeuronRegionIG._layer_jvp(mlp, mlp[2], z, v)
     rev = NeuronRegionIG._layer_jvp_double_vjp(mlp, mlp[2], z, v, keep_graph=False)
     torch.testing.assert_close(rev, fwd)
+
+
+def test_eg_tv_prior_on_signals_is_the_1d_total_variation_of_the_channel_sum():
+    """(B, C, L) EG maps were read as (H, W) images: differences between neighbouring channels counted."""
+    from explain_callbacks.regularize import eg_tv_prior, expected_gradients_k
+
+    model = _signal_cnn()
+    x, t = torch.randn(4, 2, 16), torch.tensor([0, 1, 2, 0])
+    pen = eg_tv_prior(model, x, t, seed=3)
+    a = expected_gradients_k(model, x, t, seed=3).sum(1)
+    torch.testing.assert_close(pen, (a[:, 1:] - a[:, :-1]).abs().sum(1).mean())
+    assert any(g.abs().sum() > 0 for g in _param_grads(model, pen))

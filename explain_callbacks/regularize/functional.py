@@ -300,10 +300,20 @@ def eg_tv_prior(
     reduction: str = "mean",
     keep_norm_stats: bool = True,
 ) -> Tensor:
-    """Pixel smoothness prior of Erion et al. (2021): total variation of the EG map (channel-summed)."""
+    """Pixel smoothness prior of Erion et al. (2021): total variation of the EG map (channel-summed).
+
+    Images (B, C, H, W): the anisotropic 2-D total variation of the channel-summed map. Signals
+    (B, C, L) (the package's sequence layout): the 1-D total variation along L of the channel-summed
+    map, Σ_t |A_{t+1} − A_t| (a 3-D map read as one (H, W) image would add differences between
+    neighbouring channels).
+    """
     with norm_stats_kept(model, keep_norm_stats):
         attr = expected_gradients_k(model, inputs, targets, reference=reference, n_samples=n_samples, seed=seed)
-    return _reduce(total_variation(_up(attr)), reduction)
+    attr = _up(attr)
+    if attr.ndim == 3:
+        a = attr.sum(1)
+        return _reduce(_per_sample_sum((a[:, 1:] - a[:, :-1]).abs()), reduction)
+    return _reduce(total_variation(attr), reduction)
 
 
 def eg_sparsity_prior(
