@@ -355,3 +355,22 @@ def test_eg_tv_prior_on_signals_is_the_1d_total_variation_of_the_channel_sum():
     a = expected_gradients_k(model, x, t, seed=3).sum(1)
     torch.testing.assert_close(pen, (a[:, 1:] - a[:, :-1]).abs().sum(1).mean())
     assert any(g.abs().sum() > 0 for g in _param_grads(model, pen))
+
+
+def test_cd_on_a_transformer_names_attention_and_the_alternatives():
+    """Traced: the encoder layer is named with no way out; untraceable (len(x)): a torch.fx error with a
+    hint about data-dependent control flow. Both now say CD has no rule for attention and what to use."""
+    model, x, _ = _vit()
+    with pytest.raises(CDUnsupportedError, match="TransformerEncoderLayer") as err:
+        cd_logits(model, x, torch.ones(1, 8, 8))
+    assert "no rule for attention" in str(err.value) and "integrated_hessians" in str(err.value)
+
+    class LenViT(TinyViT):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            t = torch.cat([self.cls.expand(len(x), -1, -1), t], 1) + self.pos
+            return self.head(self.norm(self.enc(t)[:, 0]))
+
+    with pytest.raises(CDUnsupportedError, match="holds attention \\('enc'") as err:
+        cd_logits(LenViT().eval(), x, torch.ones(1, 8, 8))
+    assert "no rule for attention" in str(err.value) and "integrated_hessians" in str(err.value)

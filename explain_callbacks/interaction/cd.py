@@ -643,6 +643,15 @@ def _trace(model: nn.Module, example: Tensor) -> fx.Graph:
         with rng_guard():
             graph = _ConcreteTracer(example[:2].detach()).trace(model)
     except Exception as err:
+        attn = next((n for n, m in model.named_modules() if isinstance(m, _ATTENTION_MODULES)), None)
+        if attn is not None:
+            raise CDUnsupportedError(
+                f"Contextual decomposition could not trace {type(model).__name__}.forward, which holds attention "
+                f"({attn!r}"
+                f"{type(model).__name__}; tracing also failed: {type(first_err).__name__}: {first_err}). "
+                + _ATTENTION_HINT
+                + "."
+            ) from err
         raise CDUnsupportedError(
             f"Contextual decomposition could not trace {type(model).__name__}.forward with torch.fx: "
             f"{type(first_err).__name__}: {first_err}. Data-dependent control flow (if/for on tensor values) "
@@ -818,6 +827,8 @@ def _call_module(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> An
     hint = ""
     if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
         hint = _NOT_DECOMPOSABLE_HINT["softmax"]
+    elif isinstance(mod, _ATTENTION_MODULES):
+        hint = _ATTENTION_HINT
     raise _unsupported(node, f"module {node.target!r} of type {type(mod).__name__}", hint)
 
 
@@ -840,6 +851,20 @@ def _conv_transpose(x: Decomposition, mod: nn.modules.conv._ConvTransposeNd, out
         lambda t: fn(t, mod.weight, None, mod.stride, mod.padding, out_pad, mod.groups, mod.dilation),
         bias,
     )
+
+
+_ATTENTION_MODULES = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+_ATTENTION_HINT = (
+    "CD has no rule for attention; for transformers use a gradient or path method (saliency, ig) or a "
+    "black-box one (occlusion, rise, sobol, hsic), and 'integrated_hessians', 'sobol' or 'hsic' for interactions"
+)
 
 
 def _call_not_inplace(mod: nn.Module, t: Tensor) -> Tensor:
