@@ -647,10 +647,7 @@ def _trace(model: nn.Module, example: Tensor) -> fx.Graph:
         if attn is not None:
             raise CDUnsupportedError(
                 f"Contextual decomposition could not trace {type(model).__name__}.forward, which holds attention "
-                f"({attn!r}"
-                f"{type(model).__name__}; tracing also failed: {type(first_err).__name__}: {first_err}). "
-                + _ATTENTION_HINT
-                + "."
+                f"({attn!r}; torch.fx: {type(first_err).__name__}: {first_err}). " + _ATTENTION_HINT + "."
             ) from err
         raise CDUnsupportedError(
             f"Contextual decomposition could not trace {type(model).__name__}.forward with torch.fx: "
