@@ -374,3 +374,30 @@ def test_layernorm_gelu_concat_residual():
     x = torch.randn(5, 6)
     beta, gamma = cd_logits(net, x, torch.tensor([1, 1, 0, 0, 1, 0.0]))
     torch.testing.assert_close(beta + gamma, net(x))
+
+
+def test_dict_output_with_logits_is_decomposed_like_the_logits():
+    """A network returning ``{"logits": ..., "features": ...}`` (the Hugging Face habit, read by the
+    monitors through ``pick_output``) is decomposed at its logits, as the same network returning them."""
+
+    class Net(nn.Module):
+        def __init__(self, as_dict: bool) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+            self.head = nn.Linear(8, 3)
+            self.as_dict = as_dict
+
+        def forward(self, x: torch.Tensor):
+            h = self.body(x)
+            z = self.head(h)
+            return {"logits": z, "features": h} if self.as_dict else z
+
+    torch.manual_seed(0)
+    plain, wrapped = Net(False), Net(True)
+    wrapped.load_state_dict(plain.state_dict())
+    x, mask = torch.randn(4, 6), (torch.arange(6) < 3).float()
+    rel_p, irr_p = cd_logits(plain, x, mask)
+    rel_w, irr_w = cd_logits(wrapped, x, mask)
+    torch.testing.assert_close(rel_w, rel_p, rtol=0, atol=0)
+    torch.testing.assert_close(irr_w, irr_p, rtol=0, atol=0)
+    torch.testing.assert_close(rel_w + irr_w, plain(x), rtol=1e-5, atol=1e-6)

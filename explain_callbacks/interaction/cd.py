@@ -59,7 +59,7 @@ import operator
 import os
 import re
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1050,6 +1050,8 @@ def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
             raise _unsupported(node, f"fx op {op}")
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Decomposition):
         out = out[0]
+    elif isinstance(out, Mapping) and isinstance(out.get("logits"), Decomposition):
+        out = out["logits"]  # {"logits": ...} outputs, as pick_output reads them
     if not isinstance(out, Decomposition):
         raise CDUnsupportedError(
             f"{type(model).__name__}.forward returns {type(out).__name__}, not a tensor computed from the "
