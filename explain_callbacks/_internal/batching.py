@@ -12,6 +12,7 @@ at 256 rows per call.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import weakref
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_batch_size",
     "rows",
     "select_output",
+    "twice_differentiable",
 ]
 
 #: rows per model call: a positive int, ``"auto"`` (chosen from the model, see the module docstring),
@@ -290,6 +292,27 @@ def forward_selected(
     return torch.cat(outs) if outs else x.new_zeros(0)
 
 
+@contextlib.contextmanager
+def twice_differentiable(enabled: bool = True) -> Iterator[None]:
+    """Attention whose graph can be differentiated twice, while ``enabled``: the math kernel of
+    ``F.scaled_dot_product_attention`` (used by ``nn.MultiheadAttention`` and the transformer layers).
+    Its fused flash / memory-efficient kernels have a backward without a derivative, so a map built with
+    ``create_graph=True`` (penalties, EG priors, RRR) or a Hessian-vector product (integrated Hessians)
+    through a transformer fails with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented". Same values to rounding; the previous kernel choice is restored on exit. A no-op
+    when not ``enabled`` or on PyTorch < 2.3 (``torch.backends.cuda.sdp_kernel`` covers CUDA only)."""
+    if not enabled:
+        yield
+        return
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def grad_selected(
     model: nn.Module | Callable[[Tensor], Tensor],
     x: Tensor,
@@ -304,21 +327,24 @@ def grad_selected(
     Rows must be independent (eval-mode BatchNorm), so the gradient of the sum over a chunk is the
     per-row gradient. ``torch.autograd.grad(..., inputs=...)`` leaves parameter ``.grad`` untouched.
     ``target`` may have B rows for an input of k*B rows (repeated blocks, as built by path methods).
+    With ``create_graph`` the forward runs under :func:`twice_differentiable` (the gradient's graph is
+    differentiated again, through attention layers too).
     """
     target = _expand_target(target, x.shape[0])
     grads, outs = [], []
-    for sl in chunks(x.shape[0], batch_size):
-        xc = x[sl]
-        if not xc.requires_grad:
-            xc = xc.detach().requires_grad_(True)
-        y = select_output(model(xc), None if target is None else target[sl])
-        require_graph(y)
-        (g,) = torch.autograd.grad(y.sum(), xc, create_graph=create_graph, allow_unused=True)
-        if g is None:  # the output depends on the parameters only (no_grad/detach on the input path)
-            raise not_differentiable()
-        grads.append(g)
-        if return_outputs:
-            outs.append(y if create_graph else y.detach())
+    with twice_differentiable(create_graph):
+        for sl in chunks(x.shape[0], batch_size):
+            xc = x[sl]
+            if not xc.requires_grad:
+                xc = xc.detach().requires_grad_(True)
+            y = select_output(model(xc), None if target is None else target[sl])
+            require_graph(y)
+            (g,) = torch.autograd.grad(y.sum(), xc, create_graph=create_graph, allow_unused=True)
+            if g is None:  # the output depends on the parameters only (no_grad/detach on the input path)
+                raise not_differentiable()
+            grads.append(g)
+            if return_outputs:
+                outs.append(y if create_graph else y.detach())
     g = torch.cat(grads) if grads else torch.zeros_like(x)
     if return_outputs:
         return g, torch.cat(outs)

@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, chunks, select_output
+from .._internal.batching import BatchSize, chunks, select_output, twice_differentiable
 from .._internal.ops import upsample_to
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
-from .double_backward import twice_differentiable
 from .layers import capture_output, captured, find_layer, last_conv_layer
 
 __all__ = ["GradCAM"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, steps_per_call
+from .._internal.batching import BatchSize, grad_selected, steps_per_call
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
-from .double_backward import grad_selected_twice as _grad2
 
 __all__ = ["InputXGradient", "Saliency", "SmoothGrad"]
 
@@ -30,7 +29,7 @@ class Saliency(Attributor):
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
-        g = _grad2(model, inputs, target, self.batch_size, create_graph=create_graph)
+        g = grad_selected(model, inputs, target, self.batch_size, create_graph=create_graph)
         return g.abs() if self.abs else g
 
 
@@ -43,7 +42,7 @@ class InputXGradient(Attributor):
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
-        attr = inputs * _grad2(model, inputs, target, self.batch_size, create_graph=create_graph)
+        attr = inputs * grad_selected(model, inputs, target, self.batch_size, create_graph=create_graph)
         return attr if create_graph else attr.detach()  # inputs that require grad: no graph of x ⊙ g
 
 
@@ -100,7 +99,7 @@ class SmoothGrad(Attributor):
             k = min(per_call, self.n_samples - done)
             noise = torch.randn((k, *inputs.shape), generator=gen, device=inputs.device, dtype=inputs.dtype)
             noisy = (inputs.unsqueeze(0) + sigma.unsqueeze(0) * noise).reshape(k * b, *inputs.shape[1:])
-            g = _grad2(model, noisy, target, self.batch_size, create_graph=create_graph).view(k, *inputs.shape)
+            g = grad_selected(model, noisy, target, self.batch_size, create_graph=create_graph).view(k, *inputs.shape)
             s1 = s1 + g.sum(0)
             if self.variant != "smoothgrad":
                 s2 = s2 + g.pow(2).sum(0)

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, forward_selected, steps_per_call
+from .._internal.batching import BatchSize, forward_selected, grad_selected, steps_per_call
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
-from .double_backward import grad_selected_twice as _grad2
 
 __all__ = ["RULES", "ExpectedGradients", "IntegratedGradients", "make_baseline", "quadrature"]
 
@@ -165,7 +164,7 @@ def integrate_path(
     for s in range(0, alphas.numel(), per_call):
         a = alphas[s : s + per_call]
         pts = (base.unsqueeze(0) + a.view(shape) * diff.unsqueeze(0)).reshape(a.numel() * b, *inputs.shape[1:])
-        g = _grad2(model, pts, target, batch_size, create_graph=create_graph).view(a.numel(), *inputs.shape)
+        g = grad_selected(model, pts, target, batch_size, create_graph=create_graph).view(a.numel(), *inputs.shape)
         total = total + (weights[s : s + per_call].view(shape) * g).sum(0)
     return total
 
@@ -231,6 +230,6 @@ class ExpectedGradients(Attributor):
             diff = inputs.unsqueeze(0) - base
             a = alpha[s : s + kk].view((kk, b, *shape[2:]))
             pts = (base + a * diff).reshape(kk * b, *inputs.shape[1:])
-            g = _grad2(model, pts, target, self.batch_size, create_graph=create_graph).view(kk, *inputs.shape)
+            g = grad_selected(model, pts, target, self.batch_size, create_graph=create_graph).view(kk, *inputs.shape)
             total = total + (diff * g).sum(0)
         return total / k if create_graph else (total / k).detach()

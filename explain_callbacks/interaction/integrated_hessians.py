@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .._internal.batching import BatchSize, select_output
+from .._internal.batching import BatchSize, select_output, twice_differentiable
 from .._internal.checks import require_graph
 from .._internal.registry import INTERACTIONS
-from ..attribution.double_backward import twice_differentiable
 from ..attribution.path import Baseline, make_baseline, quadrature
 from .base import Groups, InteractionMethod
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._internal.batching import twice_differentiable
 from .._internal.checks import not_differentiable
-from ..attribution.double_backward import twice_differentiable
 
 __all__ = [
     "attribution_penalty",
