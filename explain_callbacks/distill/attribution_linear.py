@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.registry import STUDENTS
-from .base import Student, student_from_dict
+from .base import Student, student_from_dict, teacher_device, teacher_dtype
 from .linear import SparseLinearStudent, SparseLogisticStudent
 
 __all__ = ["AttributionLinearStudent", "mean_abs_attribution"]
@@ -96,8 +96,8 @@ class AttributionLinearStudent(Student):
 
     def _fit(self, x: Tensor, teacher_out: Tensor, teacher: Any) -> None:
         n = min(self.max_samples, x.shape[0])
-        device = _device_of(teacher, x)
-        xs = x[:n].to(device=device, dtype=_dtype_of(teacher, x))
+        device = teacher_device(teacher, x)
+        xs = x[:n].to(device=device, dtype=teacher_dtype(teacher, x))
         target = teacher_out[:n].argmax(1).to(device) if self.task_ == "classification" else None
         with torch.enable_grad():
             self.importance_ = mean_abs_attribution(teacher, xs, target, self.method, self.batch_size)
@@ -163,20 +163,3 @@ class AttributionLinearStudent(Student):
         self.features_ = state["features"]
         self.importance_ = state["importance"]
         self.inner_ = student_from_dict(state["inner"])  # type: ignore[assignment]
-
-
-def _dtype_of(teacher: Any, x: Tensor) -> torch.dtype:
-    """The teacher's floating dtype (its first floating parameter; float64 networks stay float64), else
-    the inputs' own floating dtype, else float32."""
-    if isinstance(teacher, nn.Module):
-        for p in teacher.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return x.dtype if x.is_floating_point() else torch.float32
-
-
-def _device_of(teacher: Any, x: Tensor) -> torch.device:
-    if isinstance(teacher, nn.Module):
-        for p in teacher.parameters():
-            return p.device
-    return x.device

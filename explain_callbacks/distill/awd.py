@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .._internal.batching import chunks
 from .._internal.registry import STUDENTS
-from .base import Student, single_thread, student_from_dict
+from .base import Student, single_thread, student_from_dict, teacher_device, teacher_dtype
 from .linear import SparseLinearStudent, SparseLogisticStudent
 from .trim import trim_attribution
 from .wavelets import AdaptiveWavelet, low_to_high
@@ -218,8 +218,8 @@ class AWDStudent(Student):
         ).to(device)
 
     def _fit(self, x: Tensor, teacher_out: Tensor, teacher: Any) -> None:
-        device = _device_of(teacher, x)
-        dtype = _dtype_of(teacher, x)  # a float64 teacher is trained through in float64
+        device = teacher_device(teacher, x)
+        dtype = teacher_dtype(teacher, x)  # a float64 teacher is trained through in float64
         wt = self._new_transform(device).to(dtype)
         if self.task_ == "classification":
             target_all = teacher_out.argmax(1)
@@ -342,19 +342,3 @@ class AWDStudent(Student):
             self.transform_.h.copy_(state["h"])
         self.head_ = student_from_dict(state["head"])  # type: ignore[assignment]
         self.history_ = list(state.get("history", []))
-
-
-def _dtype_of(teacher: Any, x: Tensor) -> torch.dtype:
-    """The teacher's floating dtype (its first floating parameter), else the inputs', else float32."""
-    if isinstance(teacher, nn.Module):
-        for p in teacher.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return x.dtype if x.is_floating_point() else torch.float32
-
-
-def _device_of(teacher: Any, x: Tensor) -> torch.device:
-    if isinstance(teacher, nn.Module):
-        for p in teacher.parameters():
-            return p.device
-    return x.device

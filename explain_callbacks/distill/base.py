@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._internal.registry import STUDENTS
 
@@ -38,6 +38,8 @@ __all__ = [
     "single_thread",
     "soft_targets",
     "student_from_dict",
+    "teacher_device",
+    "teacher_dtype",
     "teacher_labels",
 ]
 
@@ -70,6 +72,24 @@ def regression_targets(teacher_out: Tensor) -> Tensor:
     """(N,) for a single output, (N, D) otherwise, float64."""
     t = teacher_out.detach().double().reshape(teacher_out.shape[0], -1)
     return t[:, 0] if t.shape[1] == 1 else t
+
+
+def teacher_device(teacher: Any, x: Tensor) -> torch.device:
+    """Where a teacher network computes: its first parameter's device, else the inputs'."""
+    if isinstance(teacher, nn.Module):
+        for p in teacher.parameters():
+            return p.device
+    return x.device
+
+
+def teacher_dtype(teacher: Any, x: Tensor) -> torch.dtype:
+    """The dtype a teacher network computes in: its first floating parameter's (float64 networks stay
+    float64), else the inputs' floating dtype, else float32."""
+    if isinstance(teacher, nn.Module):
+        for p in teacher.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return x.dtype if x.is_floating_point() else torch.float32
 
 
 def require_sklearn(what: str) -> Any:
