@@ -25,6 +25,7 @@ __all__ = [
     "check_masks",
     "expand_feature_mask",
     "feature_relevance",
+    "flat_call_scores",
     "flat_calls",
     "make_substrate",
     "output_scores",
@@ -224,6 +225,32 @@ def flat_calls(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple
             pieces.append((r, slice(s, s + e - k), slice(k - start, e - start)))
             k = e
         yield slice(start, stop), pieces
+
+
+def flat_call_scores(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None,
+    n_runs: int,
+    output: str,
+    batch_size: BatchSize,
+    fill: Callable[[int, slice, Tensor], None],
+) -> Tensor:
+    """Scores (``n_runs * B``,) float64, run-major, of ``n_runs`` perturbed copies of ``x`` (B, ...) sent in
+    the calls of :func:`flat_calls`: ``fill(run, samples, out)`` writes run ``run``'s copies of
+    ``x[samples]`` into ``out``, in run order; one buffer of ``batch_size`` rows is reused."""
+    b = x.shape[0]
+    tgt = None if target is None else target.repeat(n_runs)
+    scores = torch.empty(n_runs * b, dtype=torch.float64, device=x.device)
+    buf: Tensor | None = None
+    for call, pieces in flat_calls(n_runs, b, batch_size):
+        n = call.stop - call.start
+        if buf is None:
+            buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for run, samples, at in pieces:
+            fill(run, samples, buf[at])
+        scores[call] = output_scores(model, buf[:n], None if tgt is None else tgt[call], output).double()
+    return scores
 
 
 def check_masks(masks: Tensor, inputs: Tensor) -> Tensor:

@@ -23,10 +23,9 @@ from ._utils import (
     Substrate,
     expand_feature_mask,
     feature_relevance,
-    flat_calls,
+    flat_call_scores,
     make_substrate,
     n_steps_of,
-    output_scores,
     rank_features,
     trapezoid,
     validate,
@@ -82,18 +81,12 @@ def perturbation_curve(
     sub = make_substrate(substrate, x, blur_sigma=blur_sigma).to(x.dtype)
     # the step from which each feature is removed (deletion) / revealed (insertion): rank // step + 1
     first_step = expand_feature_mask((ranks // step_ + 1).to(torch.int32), x.shape, fmode)
-    tgt = None if target is None else target.repeat(n_st + 1)
-    scores = torch.empty((n_st + 1) * b, dtype=torch.float64, device=x.device)
-    buf: Tensor | None = None
-    for call, pieces in flat_calls(n_st + 1, b, batch_size):
-        if buf is None:
-            buf = torch.empty((call.stop - call.start, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        for step_k, sm, at in pieces:
-            gone = first_step[sm] <= step_k
-            kept, other = (x[sm], sub[sm]) if mode == "deletion" else (sub[sm], x[sm])
-            torch.where(gone, other, kept, out=buf[at])
-        t = None if tgt is None else tgt[call]
-        scores[call] = output_scores(model, buf[: call.stop - call.start], t, output).double()
+    kept, other = (x, sub) if mode == "deletion" else (sub, x)
+
+    def fill(step_k: int, sm: slice, out: Tensor) -> None:
+        torch.where(first_step[sm] <= step_k, other[sm], kept[sm], out=out)
+
+    scores = flat_call_scores(model, x, target, n_st + 1, output, batch_size, fill)
     return scores.view(n_st + 1, b).T.contiguous(), fractions
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
-from ._utils import Substrate, broadcast_map, flat_calls, make_substrate, output_scores, validate
+from ._utils import Substrate, broadcast_map, flat_call_scores, make_substrate, validate
 
 __all__ = ["PERTURBATIONS", "infidelity"]
 
@@ -131,23 +131,19 @@ def infidelity(
     # The rows x, x − I₀, x − I₁, … in run-major order, batch_size rows per call whatever the run
     # boundaries (the calls of the bare passes); each run's I is drawn once, in run order, so the random
     # stream does not depend on batch_size, and its IᵀA is taken when drawn.
-    tgt = None if target is None else target.repeat(n_runs + 1)
-    scores = torch.empty((n_runs + 1) * b, dtype=torch.float64, device=x.device)
-    buf: Tensor | None = None
     cur, drawn = x, -1  # the perturbations I of run `drawn`
-    for call, pieces in flat_calls(n_runs + 1, b, batch_size):
-        if buf is None:
-            buf = torch.empty((call.stop - call.start, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        for k, sm, at in pieces:  # k = 0: x itself; k > 0: x − I of run k − 1
-            if k == 0:
-                buf[at].copy_(x[sm])
-                continue
-            if k - 1 != drawn:
-                cur, drawn = draw(k - 1), k - 1
-                a_dot[drawn] = torch.linalg.vecdot(cur.flatten(1), a_flat).double()
-            torch.sub(x[sm], cur[sm], out=buf[at])
-        t = None if tgt is None else tgt[call]
-        scores[call] = output_scores(model, buf[: call.stop - call.start], t, output).double()
+
+    def fill(k: int, sm: slice, out: Tensor) -> None:  # k = 0: x itself; k > 0: x − I of run k − 1
+        nonlocal cur, drawn
+        if k == 0:
+            out.copy_(x[sm])
+            return
+        if k - 1 != drawn:
+            cur, drawn = draw(k - 1), k - 1
+            a_dot[drawn] = torch.linalg.vecdot(cur.flatten(1), a_flat).double()
+        torch.sub(x[sm], cur[sm], out=out)
+
+    scores = flat_call_scores(model, x, target, n_runs + 1, output, batch_size, fill)
     fx = scores[:b]
     drops = fx.unsqueeze(0) - scores[b:].view(n_runs, b)
     if normalize:
