@@ -224,7 +224,7 @@ def test_conv1d_signals_are_grouped_by_time_step_over_channels():
     """(B, C, L) inputs of a model whose first layer is a Conv1d: default groups are the L steps shared
     over channels (the same as passing those ids), CD attribution paints (B, 1, L); a recurrent model
     keeps (B, T, D) steps. A linear read-out of one step must put CD's whole main effect on that step."""
-    from explain_callbacks.interaction.base import channels_first_sequences
+    from explain_callbacks._internal.layout import reads_channels_first
 
     c, n = 3, 10
     conv = nn.Sequential(nn.Conv1d(c, c, 1, bias=False), nn.Flatten(), nn.Linear(c * n, 2, bias=False)).double()
@@ -234,7 +234,7 @@ def test_conv1d_signals_are_grouped_by_time_step_over_channels():
         conv[2].weight.view(2, c, n)[0, :, 4] = 1.0  # class 0 reads step 4 of every channel
     x = torch.randn(4, c, n, dtype=torch.float64)
     y = torch.zeros(4, dtype=torch.long)
-    assert channels_first_sequences(conv)
+    assert reads_channels_first(conv, x)
     for name in ("cd", "integrated_hessians", "sobol"):
         m = INTERACTIONS.build(name)
         got = m(conv, x, y)
@@ -245,4 +245,5 @@ def test_conv1d_signals_are_grouped_by_time_step_over_channels():
     torch.testing.assert_close(cd[:, 0, 4], x[:, :, 4].sum(1))
     assert cd[:, 0, torch.arange(n) != 4].abs().max() < 1e-12
     gru = nn.GRU(c, 4, batch_first=True)
-    assert not channels_first_sequences(gru) and not channels_first_sequences(nn.Sequential(nn.Linear(3, 2)))
+    assert not reads_channels_first(gru, x.transpose(1, 2))
+    assert not reads_channels_first(nn.Sequential(nn.Linear(3, 2)), torch.randn(2, 5, 3))

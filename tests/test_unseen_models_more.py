@@ -136,21 +136,6 @@ def test_hsic_interactions_on_conv1d_signals():
     assert inter(model, x, t, groups=4).shape == (3, 4, 4)
 
 
-def test_hsic_interactions_on_time_steps_of_bt_d_sequences_name_the_alternatives():
-    class LSTMNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.LSTM(3, 8, batch_first=True)
-            self.fc = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x)[0][:, -1])
-
-    x, t = torch.randn(2, 12, 3), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="'sobol', 'cd' or 'integrated_hessians'"):
-        build_interaction("hsic", n_designs=64)(LSTMNet().eval(), x, t)
-
-
 # ------------------------------------------------------------------ contextual decomposition errors
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._internal.batching import BatchSize
+from .._internal.layout import check_channels_first, reads_channels_first
 from .cd import cd_scores
 
 __all__ = ["ACD", "ACDHierarchy", "draw_hierarchy"]
@@ -129,6 +130,9 @@ class ACD:
         use_abs: rank tiles by |score| (the reference default) instead of the signed score.
         max_tiles: refuse tilings with more tiles than this (CD of every tile is computed).
         batch_size: decomposed rows per CD propagation.
+        channels_first: how 3-D inputs are tiled: True (B, C, L) signals, tiles of L steps shared over
+            channels; False (B, T, D) sequences, tiles of T steps; None (default) decided from the
+            model's first layer (a ``Conv1d`` reads signals).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class ACD:
         use_abs: bool = True,
         max_tiles: int = 4096,
         batch_size: BatchSize = "auto",
+        channels_first: bool | None = None,
     ) -> None:
         if tile < 1:
             raise ValueError(f"tile must be >= 1, got {tile}.")
@@ -150,9 +155,11 @@ class ACD:
         self.use_abs = use_abs
         self.max_tiles = max_tiles
         self.batch_size = batch_size
+        self.channels_first = check_channels_first(channels_first)
 
-    def _layout(self, inputs: Tensor) -> tuple[tuple[int, ...], tuple[int, ...], Tensor]:
-        """(grid, input_size, tile masks (n_tiles, *mask_shape))."""
+    def _layout(self, inputs: Tensor, channels_first: bool = False) -> tuple[tuple[int, ...], tuple[int, ...], Tensor]:
+        """(grid, input_size, tile masks (n_tiles, *mask_shape)); ``channels_first``: 3-D inputs are
+        (B, C, L) signals, tiled along L."""
         shape = tuple(inputs.shape[1:])
         t = self.tile
         if len(shape) == 3:
@@ -162,18 +169,18 @@ class ACD:
             masks = (ids.view(1, 1, h, w) == torch.arange(gh * gw).view(-1, 1, 1, 1)).float()
             return (gh, gw), (h, w), masks
         if len(shape) in (1, 2):
-            n = shape[0]
+            n = shape[-1] if len(shape) == 2 and channels_first else shape[0]
             g = math.ceil(n / t)
             ids = torch.arange(n) // t
             masks = (ids.view(1, n) == torch.arange(g).view(-1, 1)).float()
             if len(shape) == 2:
-                masks = masks.unsqueeze(-1)
+                masks = masks.unsqueeze(1 if channels_first else -1)
             return (g,), (n,), masks
-        raise ValueError(f"ACD supports (B,D), (B,T,D) and (B,C,H,W) inputs, got {tuple(inputs.shape)}.")
+        raise ValueError(f"ACD supports (B,D), (B,T,D), (B,C,L) and (B,C,H,W) inputs, got {tuple(inputs.shape)}.")
 
     def __call__(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None) -> list[ACDHierarchy]:
         """One hierarchy per sample of ``inputs``."""
-        grid, size, tiles = self._layout(inputs)
+        grid, size, tiles = self._layout(inputs, reads_channels_first(model, inputs, self.channels_first))
         n_tiles = tiles.shape[0]
         if n_tiles > self.max_tiles:
             raise ValueError(

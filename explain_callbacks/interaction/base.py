@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._internal.batching import BatchSize, RowsPerCall, call_facts
 from .._internal.checks import check_inputs
+from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.registry import INTERACTIONS
 from .._internal.targets import as_target_tensor, check_model_target
 
@@ -28,7 +29,6 @@ __all__ = [
     "Groups",
     "InteractionMethod",
     "build_interaction",
-    "channels_first_sequences",
     "make_groups",
     "pair_auc",
     "top_pairs",
@@ -71,15 +71,6 @@ def _grid_ids(size: int, g: int) -> Tensor:
     """Cell index along one axis for ``g`` near-equal cells."""
     g = max(1, min(g, size))
     return (torch.arange(size) * g) // size
-
-
-def channels_first_sequences(model: nn.Module) -> bool:
-    """Whether the model reads 3-D inputs as (B, C, L) signals: its first module owning parameters is a
-    ``Conv1d`` (recurrent, attention and linear models read (B, T, D))."""
-    for m in model.modules():
-        if next(m.parameters(recurse=False), None) is not None:
-            return isinstance(m, nn.Conv1d)
-    return False
 
 
 def make_groups(inputs: Tensor, groups: GroupSpec = None, *, channels_first: bool = False) -> Groups:
@@ -229,6 +220,10 @@ class InteractionMethod(RowsPerCall, ABC):
     Args:
         batch_size: rows per model call (memory bound); ``None``: everything at once.
         seed: seed of the per-call generator (random methods only).
+        channels_first: how 3-D inputs are read by the default groups: True (B, C, L) signals, one
+            group per step of L shared over channels; False (B, T, D) sequences, one per step of T;
+            None (default) decided from the model's first layer
+            (:func:`~explain_callbacks._internal.layout.reads_channels_first`).
 
     Subclasses implement :meth:`interactions`. ``last_info`` holds side results of the last call
     (always ``groups``; methods add e.g. ``main_effects``).
@@ -240,9 +235,10 @@ class InteractionMethod(RowsPerCall, ABC):
     #: whether the method takes input gradients (callers must not disable grad mode)
     needs_grad: ClassVar[bool] = False
 
-    def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
+    def __init__(self, batch_size: BatchSize = "auto", seed: int = 0, channels_first: bool | None = None) -> None:
         self.batch_size = batch_size
         self.seed = seed
+        self.channels_first = check_channels_first(channels_first)
         self.last_info: dict[str, Any] = {}
 
     def __call__(
@@ -258,7 +254,7 @@ class InteractionMethod(RowsPerCall, ABC):
         facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
         self._resolve_rows(model, inputs, facts)
         check_model_target(model, tgt, inputs, facts)
-        grp = make_groups(inputs, groups, channels_first=inputs.ndim == 3 and channels_first_sequences(model))
+        grp = make_groups(inputs, groups, channels_first=reads_channels_first(model, inputs, self.channels_first))
         self.last_info = {"groups": grp}
         scores = self.interactions(model, inputs, tgt, grp)
         return scores

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.batching import BatchSize
+from .._internal.layout import StepsLast
 from .._internal.masks import make_substrate, masked_scores, sobol_points
 from .._internal.registry import INTERACTIONS
 from ..attribution.blackbox.hsic import HSIC
@@ -55,8 +56,9 @@ class SobolInteraction(InteractionMethod):
         output: str = "logit",
         batch_size: BatchSize = "auto",
         seed: int = 0,
+        channels_first: bool | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(batch_size=batch_size, seed=seed, channels_first=channels_first)
         if n_designs < 2:
             raise ValueError(f"n_designs must be >= 2, got {n_designs}.")
         self.n_designs = n_designs
@@ -122,8 +124,8 @@ class HSICInteraction(InteractionMethod):
     & Vigouroux 2022, arXiv:2206.06219), wrapping :meth:`HSIC.interactions` of the black-box package.
 
     Groups are HSIC's layout: one per feature (tabular inputs, ``groups=None``), a g×g grid of
-    patches (images, ``groups=g``; default 4) or g windows along the last dimension of (B, C, L)
-    signals (models whose first layer is a ``Conv1d``: ``groups=None`` gives one per step). The
+    patches (images, ``groups=g``; default 4) or g windows along the steps of (B, C, L) signals or
+    (B, T, D) sequences (``channels_first``; ``groups=None`` gives one per step). The
     diagonal holds the per-group HSIC_i. Other group shapes raise a ValueError. Keyword arguments go
     to :class:`HSIC` (``n_designs``, ``sampler``, ``width``, ``substrate``); ``output`` defaults
     to the raw ``logit`` (regression models too).
@@ -137,9 +139,10 @@ class HSICInteraction(InteractionMethod):
         output: str = "logit",
         batch_size: BatchSize = "auto",
         seed: int = 0,
+        channels_first: bool | None = None,
         **hsic_kwargs: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(batch_size=batch_size, seed=seed, channels_first=channels_first)
         self.n_designs = n_designs
         self.output = output
         self.hsic_kwargs = hsic_kwargs
@@ -147,25 +150,23 @@ class HSICInteraction(InteractionMethod):
     def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | None, groups: Groups) -> Tensor:
         shape = tuple(inputs.shape[1:])
         grid = groups.grid
+        windows = len(shape) == 2 and grid is not None and len(grid) == 1 and groups.n == grid[0]
+        steps_first = False
         if len(shape) == 1 and grid == (shape[0],) and groups.n == shape[0]:
             g = 1
         elif len(shape) == 3 and grid is not None and len(grid) == 2 and grid[0] == grid[1]:
             g = grid[0]
-        elif (
-            len(shape) == 2
-            and grid is not None
-            and len(grid) == 1
-            and groups.n == grid[0]
-            and tuple(groups.masks.shape[1:]) == (1, shape[1])
-        ):
+        elif windows and tuple(groups.masks.shape[1:]) == (1, shape[1]):
             g = grid[0]  # windows along the last dim, shared over channels: HSIC's 1-D mask layout
+        elif windows and tuple(groups.masks.shape[1:]) == (shape[0], 1):
+            g, steps_first = grid[0], True  # windows over the T steps of (B, T, D): the same, transposed
         else:
             raise ValueError(
                 "HSIC interactions use HSIC's own layout: one group per feature for tabular inputs "
-                "(groups=None), a g x g grid of patches for images (groups=g), or g windows along the last "
-                "dimension of (B, C, L) signals read by a Conv1d; got groups "
+                "(groups=None), a g x g grid of patches for images (groups=g), or g windows along the steps "
+                "of (B, C, L) signals or (B, T, D) sequences (groups=None or g); got groups "
                 f"{groups.n} with grid {grid} for inputs of shape {tuple(inputs.shape)}. For other groups "
-                "(e.g. time steps of (B, T, D) sequences) use 'sobol', 'cd' or 'integrated_hessians'."
+                "use 'sobol', 'cd' or 'integrated_hessians'."
             )
         hsic = HSIC(
             grid_size=g,
@@ -175,6 +176,9 @@ class HSICInteraction(InteractionMethod):
             seed=self.seed,
             **self.hsic_kwargs,
         )
+        if steps_first:  # HSIC masks the last dim: explain the model through a (B, D, T) view
+            hsic = hsic._steps_last_view(inputs)
+            model, inputs = StepsLast(model), inputs.transpose(1, 2)
         out = hsic.interactions(model, inputs, target)
         main = hsic.last_info["hsic"].reshape(inputs.shape[0], -1)
         out = out + torch.diag_embed(main)

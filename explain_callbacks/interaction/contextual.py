@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.batching import BatchSize
+from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.registry import ATTRIBUTIONS, INTERACTIONS
 from ..attribution.base import Attributor
-from .base import Groups, InteractionMethod, channels_first_sequences, make_groups, pair_index
+from .base import Groups, InteractionMethod, make_groups, pair_index
 from .cd import cd_scores
 
 __all__ = ["CDInteraction", "ContextualDecomposition", "patch_groups"]
@@ -33,8 +34,8 @@ class CDInteraction(InteractionMethod):
     name = "cd"
     differentiable = True
 
-    def __init__(self, batch_size: BatchSize = "auto") -> None:
-        super().__init__(batch_size=batch_size)
+    def __init__(self, batch_size: BatchSize = "auto", channels_first: bool | None = None) -> None:
+        super().__init__(batch_size=batch_size, channels_first=channels_first)
 
     def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | None, groups: Groups) -> Tensor:
         m = groups.masks.to(device=inputs.device, dtype=inputs.dtype)
@@ -85,27 +86,33 @@ class ContextualDecomposition(Attributor):
             pixel shared over channels (images); an int: square patches / windows of that size.
         per_channel: images: one group per (channel, pixel) instead of per pixel.
         batch_size: decomposed rows per propagation.
+        channels_first: how 3-D inputs are read: True (B, C, L) signals, False (B, T, D) sequences, None
+            (default) decided from the model's first layer (a ``Conv1d`` reads signals).
 
-    Returns (B, D) for tabular inputs, (B, T, 1) for sequences (B, T, D), (B, 1, L) for signals (B, C, L)
-    of a model whose first layer is a ``Conv1d``, and (B, 1, H, W) for images (every
-    position of a group carries the group's score; broadcast over channels), or the input's shape
-    with ``per_channel=True``. Differentiable with respect to the parameters.
+    Returns (B, D) for tabular inputs, (B, T, 1) for sequences (B, T, D), (B, 1, L) for signals (B, C, L),
+    and (B, 1, H, W) for images (every position of a group carries the group's score; broadcast over
+    channels), or the input's shape with ``per_channel=True``. Differentiable with respect to the parameters.
     """
 
     name = "cd"
     input_shaped = False
 
     def __init__(
-        self, patch_size: int | None = None, per_channel: bool = False, batch_size: BatchSize = "auto"
+        self,
+        patch_size: int | None = None,
+        per_channel: bool = False,
+        batch_size: BatchSize = "auto",
+        channels_first: bool | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size)
         self.patch_size = patch_size
         self.per_channel = per_channel
+        self.channels_first = check_channels_first(channels_first)
 
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
-        cf = inputs.ndim == 3 and channels_first_sequences(model)
+        cf = reads_channels_first(model, inputs, self.channels_first)
         groups = patch_groups(inputs, self.patch_size, self.per_channel, channels_first=cf)
         sc = cd_scores(model, inputs, groups.masks.to(inputs.dtype), target, batch_size=self.batch_size)
         if not create_graph:

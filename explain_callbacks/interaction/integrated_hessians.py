@@ -93,8 +93,9 @@ class IntegratedHessians(InteractionMethod):
         mode: str = "rev",
         batch_size: BatchSize = "auto",
         seed: int = 0,
+        channels_first: bool | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(batch_size=batch_size, seed=seed, channels_first=channels_first)
         quadrature(n_steps, rule)
         if mode not in ("fwd", "rev"):
             raise ValueError(f"mode must be 'fwd' or 'rev', got {mode!r}.")

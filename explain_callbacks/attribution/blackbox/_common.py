@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import functools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
+from ..._internal.layout import StepsLast, reads_channels_first
 from ..._internal.masks import OUTPUTS, score_outputs
 from ..base import Attributor
 
@@ -34,6 +36,14 @@ class PerturbationAttributor(Attributor):
     """
 
     differentiable: ClassVar[bool] = False
+    #: whether the method masks the steps of (B, C, L) signals along the last dim. Such methods explain
+    #: a (B, T, D) sequence model (:func:`~explain_callbacks._internal.layout.reads_channels_first`)
+    #: through :class:`~explain_callbacks._internal.layout.StepsLast`: masks over its T steps, shared
+    #: over the D features, and a (B, T, 1) map.
+    step_masks: ClassVar[bool] = False
+    #: how 3-D inputs are read by ``step_masks`` methods (their ``channels_first`` argument): True
+    #: (B, C, L), False (B, T, D), None decided from the model's first layer.
+    channels_first: bool | None = None
 
     def __init__(
         self, output: str = "logit", budget: int | None = None, batch_size: BatchSize = "auto", seed: int = 0
@@ -45,6 +55,35 @@ class PerturbationAttributor(Attributor):
             raise ValueError(f"budget must be a positive number of forward passes per sample or None, got {budget}.")
         self.output = output
         self.budget = budget
+
+    def __call__(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None, *, create_graph: bool = False
+    ) -> Tensor:
+        steps_first = self.step_masks and inputs.ndim == 3 and not create_graph  # (create_graph raises below)
+        if not steps_first or reads_channels_first(model, inputs, self.channels_first):
+            return super().__call__(model, inputs, target, create_graph=create_graph)
+        tgt = self._prepare(model, inputs, target)
+        view = self._steps_last_view(inputs)
+        try:
+            steps = view.attribute(StepsLast(model), inputs.transpose(1, 2), tgt)
+        finally:
+            self.last_info = view.last_info
+        return steps.transpose(1, 2).contiguous()
+
+    def _steps_last_view(self, inputs: Tensor) -> Any:
+        """A shallow copy of this method for (B, D, T) inputs: settings shaped like the inputs (a tensor
+        ``substrate``) are transposed with them."""
+        view = copy.copy(self)
+        view.last_info = {}
+        sub = getattr(self, "substrate", None)
+        if isinstance(sub, Tensor):
+            try:
+                view.substrate = torch.broadcast_to(sub, inputs.shape).transpose(1, 2)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"substrate of shape {tuple(sub.shape)} does not broadcast to inputs {tuple(inputs.shape)}."
+                ) from err
+        return view
 
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
         """Forward passes (model rows) this method spends per explained sample of ``input_shape``

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize
+from ..._internal.layout import check_channels_first
 from ..._internal.masks import (
     MaskLayout,
     fit_budget,
@@ -48,7 +49,7 @@ class HSIC(PerturbationAttributor):
       idempotent this equals ``(2/p²) · (H x_i)ᵀ L (H x_i)``, computed for all cells at once.
 
     The map is the g×g scores resized bicubically: (B,1,H,W) for images (broadcast over channels),
-    (B,1,T) for sequences, (B,D) for tabular inputs (one cell per feature).
+    (B,1,T) for (B,C,T) signals, (B,T,1) for (B,T,D) sequences, (B,D) for tabular inputs (one cell per feature).
     :meth:`interactions` gives pairwise scores with the product kernel.
 
     Args:
@@ -60,11 +61,15 @@ class HSIC(PerturbationAttributor):
             or ``logit`` (the raw output: the reference code explains whatever the model returns).
         width: the output kernel's width, see above.
         budget: forward passes per sample; p is lowered to fit.
+        channels_first: how 3-D inputs are read: True (B, C, L) signals, masks along L; False (B, T, D)
+            sequences, masks over the T steps and a (B, T, 1) map; None (default) decided from the
+            model's first layer (``_internal.layout.reads_channels_first``).
 
     Cost: p forward passes per sample (1500 by default), plus O(p²·d) per sample for the estimator.
     """
 
     name = "hsic"
+    step_masks = True
 
     def __init__(
         self,
@@ -78,10 +83,12 @@ class HSIC(PerturbationAttributor):
         map_upsample: str = "bicubic",
         output: str = "auto",
         budget: int | None = None,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)
+        self.channels_first = check_channels_first(channels_first)
         if n_designs < 4:
             raise ValueError(f"n_designs must be >= 4, got {n_designs}.")
         if isinstance(width, str) and width not in WIDTHS:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
+from ..._internal.layout import check_channels_first
 from ..._internal.masks import make_substrate, score_outputs
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import AdamState, PerturbationAttributor, _interp_matrix, mask_resolution
@@ -59,7 +60,9 @@ class MeaningfulPerturbation(PerturbationAttributor):
     above). The map is ``A = m`` (the preserved region). Their smooth-max mask parametrisation is
     replaced by bilinear upsampling.
 
-    Images give (B,1,H,W) maps; sequences (B,C,T) work with a 1-D mask and blur; tabular inputs (B,D)
+    Images give (B,1,H,W) maps; signals (B,C,T) work with a 1-D mask and blur
+    along T (B,1,T), and so do (B,T,D) sequences ((B,T,1); ``channels_first=None`` reads the layout from
+    the model's first layer, True/False fix it); tabular inputs (B,D)
     get one mask value per feature, with ``substrate="mean"`` or a tensor (no blur, no TV).
 
     Cost: ``n_steps`` forward and backward passes per sample (300), samples optimised in chunks of
@@ -69,6 +72,7 @@ class MeaningfulPerturbation(PerturbationAttributor):
     """
 
     name = "meaningful_perturbation"
+    step_masks = True
 
     def __init__(
         self,
@@ -86,6 +90,7 @@ class MeaningfulPerturbation(PerturbationAttributor):
         area: float = 0.1,
         area_weight: float = 300.0,
         output: str | None = None,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
@@ -93,6 +98,7 @@ class MeaningfulPerturbation(PerturbationAttributor):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
         out = output or ("auto" if variant == "deletion" else "logit")
         super().__init__(output=out, budget=None, batch_size=batch_size, seed=seed)
+        self.channels_first = check_channels_first(channels_first)
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}.")
         if not 0 < area < 1:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
+from ..._internal.layout import check_channels_first
 from ..._internal.masks import (
     fit_budget,
     make_substrate,
@@ -44,16 +45,20 @@ class RISE(PerturbationAttributor):
         center: subtract the mean score over the masks, ``1/(N·p) Σ_i (f_i − f̄) M_i`` (a covariance
             map whose level outside the evidence is ~0 instead of ~E f). Default False: the paper's map.
         budget: a forward-pass budget per sample; N is lowered to fit.
+        channels_first: how 3-D inputs are read: True (B, C, L) signals, masks along L; False (B, T, D)
+            sequences, masks over the T steps and a (B, T, 1) map; None (default) decided from the
+            model's first layer (``_internal.layout.reads_channels_first``).
 
-    Images give a (B,1,H,W) map (masks are spatial and broadcast over channels); sequences (B,C,T)
-    give (B,1,T) with a 1-D grid; tabular (B,D) masks each feature independently (no upsampling) and
-    gives (B,D).
+    Images give a (B,1,H,W) map (masks are spatial and broadcast over channels); signals (B,C,T)
+    give (B,1,T) with a 1-D grid, (B,T,D) sequences (B,T,1) (``channels_first``); tabular (B,D) masks
+    each feature independently (no upsampling) and gives (B,D).
 
     Cost: N forward passes per sample (default 4000 as in methods.md; pass ``n_masks=1000`` or a
     ``budget`` for a per-epoch monitor: on a 32×32 digits CNN 1000 masks already give stable maps).
     """
 
     name = "rise"
+    step_masks = True
 
     def __init__(
         self,
@@ -68,10 +73,12 @@ class RISE(PerturbationAttributor):
         output: str = "auto",
         center: bool = False,
         budget: int | None = None,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)
+        self.channels_first = check_channels_first(channels_first)
         if n_masks < 1:
             raise ValueError(f"n_masks must be >= 1, got {n_masks}.")
         if not 0 < p <= 1:

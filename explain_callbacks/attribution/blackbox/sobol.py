@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize
+from ..._internal.layout import check_channels_first
 from ..._internal.masks import (
     MaskLayout,
     fit_budget,
@@ -39,7 +40,8 @@ class Sobol(PerturbationAttributor):
 
     ``ST_i − S_i`` is the share of cell i's variance that lives in interactions. The map is the g×g
     total indices resized bicubically to the input: (B,1,H,W) for images (broadcast over channels),
-    (B,1,T) for sequences, (B,D) for tabular inputs (one variable per feature, no resizing).
+    (B,1,T) for (B,C,T) signals, (B,T,1) for (B,T,D) sequences, (B,D) for tabular inputs (one variable per
+    feature, no resizing).
 
     Args:
         grid_size: g (8). n_designs: N (32; use a power of two for the balance of the sequence).
@@ -49,11 +51,15 @@ class Sobol(PerturbationAttributor):
             reference code explains whatever the model returns). On the digits CNN the probability gives
             the better deletion AUC (0.117 vs 0.203 at the default 2112 passes, benchmarks/bench_blackbox.py).
         budget: forward passes per sample; N is lowered to the largest power of two that fits.
+        channels_first: how 3-D inputs are read: True (B, C, L) signals, masks along L; False (B, T, D)
+            sequences, masks over the T steps and a (B, T, 1) map; None (default) decided from the
+            model's first layer (``_internal.layout.reads_channels_first``).
 
     Cost: N·(d+2) forward passes per sample, 32·66 = 2112 with the defaults on images.
     """
 
     name = "sobol"
+    step_masks = True
 
     def __init__(
         self,
@@ -65,10 +71,12 @@ class Sobol(PerturbationAttributor):
         map_upsample: str = "bicubic",
         output: str = "auto",
         budget: int | None = None,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)
+        self.channels_first = check_channels_first(channels_first)
         if n_designs < 2:
             raise ValueError(f"n_designs must be >= 2 (a variance needs two points), got {n_designs}.")
         self.grid_size = grid_size

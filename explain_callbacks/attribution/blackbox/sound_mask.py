@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import require_graph
+from ..._internal.layout import check_channels_first
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import AdamState, PerturbationAttributor, mask_resolution, total_variation, upsample_mask
 
@@ -29,7 +30,8 @@ class SoundMask(PerturbationAttributor):
     with TV₂ the sum of squared neighbour differences of the low-resolution mask. The paper's area
     term 2e-5·Σm is a sum over 224×224 pixels; it is written here as ``area · mean(m)`` with
     ``area = 2e-5 · 224² ≈ 1.0`` so that it carries over to other image sizes. The map is ``A = m``
-    (the kept evidence), (B,1,H,W) for images, (B,1,T) for sequences, (B,D) for tabular inputs.
+    (the kept evidence), (B,1,H,W) for images, (B,1,T) for (B,C,T) signals,
+    (B,T,1) for (B,T,D) sequences, (B,D) for tabular inputs.
 
     Soundness (methods.md section 4) needs masks for several labels, wrong ones included:
     :meth:`attribute_labels` learns one mask per label column.
@@ -38,12 +40,16 @@ class SoundMask(PerturbationAttributor):
         reference: the fill images, a tensor (N, *input_shape) of data samples. ``None`` draws the fills
             from the other samples of the batch being explained (needs B ≥ 2).
         n_steps: optimisation steps (100). n_fills: fills per step (10, as the paper's ~10).
+        channels_first: how 3-D inputs are read: True (B, C, L) signals, masks along L; False (B, T, D)
+            sequences, masks over the T steps and a (B, T, 1) map; None (default) decided from the
+            model's first layer (``_internal.layout.reads_channels_first``).
 
     Cost: ``n_steps · n_fills`` forward and backward passes per sample (1000 by default); samples are
     optimised in chunks of ``batch_size // n_fills``.
     """
 
     name = "sound_mask"
+    step_masks = True
 
     def __init__(
         self,
@@ -55,10 +61,12 @@ class SoundMask(PerturbationAttributor):
         tv: float = 0.01,
         mask_scale: int = 4,
         min_mask_size: int = 4,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output="logit", budget=None, batch_size=batch_size, seed=seed)
+        self.channels_first = check_channels_first(channels_first)
         if n_steps < 1 or n_fills < 1:
             raise ValueError(f"n_steps and n_fills must be >= 1, got {n_steps}, {n_fills}.")
         self.reference = reference
@@ -140,6 +148,12 @@ class SoundMask(PerturbationAttributor):
                 (g,) = torch.autograd.grad(loss.sum(), w)
                 opt.step(g)
         return upsample_mask(torch.sigmoid(w.detach()), size)
+
+    def _steps_last_view(self, inputs: Tensor) -> SoundMask:
+        view = super()._steps_last_view(inputs)
+        if isinstance(self.reference, Tensor) and self.reference.ndim == 3:  # (N, T, D) samples, read as the inputs
+            view.reference = self.reference.transpose(1, 2)
+        return view
 
     def attribute_labels(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
         """Masks for several labels per sample: ``labels`` (B, L) gives (B, L, *map_shape[1:])."""
