@@ -147,3 +147,15 @@ def test_hsic_interactions_on_the_steps_of_a_sequence_model():
     torch.testing.assert_close(s.diagonal(dim1=1, dim2=2), h[:, :, 0].to(s.dtype), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="'sobol', 'cd' or 'integrated_hessians'"):
         INTERACTIONS.build("hsic", n_designs=64)(model, x, t, groups=torch.arange(T * D).view(T, D) % 3)
+
+
+def test_sobol_interaction_blurs_along_the_steps_of_a_sequence():
+    """The blur substrate of Sobol interactions runs along T for (B, T, D) inputs: the same as the
+    transposed signal model with channels_first=True."""
+    model = GRUNet().eval()
+    x, t = _inputs(2), torch.tensor([0, 1])
+    got = INTERACTIONS.build("sobol", n_designs=16, substrate="blur")(model, x, t)
+    ref = INTERACTIONS.build("sobol", n_designs=16, substrate="blur", channels_first=True)(
+        StepsLast(model), x.transpose(1, 2), t
+    )
+    torch.testing.assert_close(got, ref)

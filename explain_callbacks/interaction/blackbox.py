@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.batching import BatchSize
-from .._internal.layout import StepsLast
+from .._internal.layout import StepsLast, reads_channels_first
 from .._internal.masks import make_substrate, masked_scores, sobol_points
 from .._internal.registry import INTERACTIONS
 from ..attribution.blackbox.hsic import HSIC
@@ -98,7 +98,15 @@ class SobolInteraction(InteractionMethod):
 
         sub = None
         if not (isinstance(self.substrate, str) and self.substrate == "zeros"):
-            sub = make_substrate(x, self.substrate)
+            if (
+                isinstance(self.substrate, str)
+                and x.ndim == 3
+                and not reads_channels_first(model, x, self.channels_first)
+            ):
+                # (B, T, D): blur and mean run along the T steps, as for the mask methods
+                sub = make_substrate(x.transpose(1, 2), self.substrate).transpose(1, 2)
+            else:
+                sub = make_substrate(x, self.substrate)
         y = masked_scores(
             model, x, target, n_rows, render, sub, batch_size=self.batch_size, output=self.output
         ).double()
