@@ -267,3 +267,27 @@ def test_rule_student_uses_imodels_when_installed(monkeypatch):
     assert s.complexity() == {"rules": 3}
     assert "rule: x0 > thr" in s.describe()
     assert s.predict(X).dtype == torch.long
+
+
+def test_one_logit_binary_teacher_with_task_classification():
+    """A one-logit binary classifier's z, (N,) or (N, 1), with task='classification' is the two logits
+    [0, z]: the sparse logistic student recovers the same coefficients as from the two-column logits,
+    trees and the online student predict classes z > 0, and the fidelity reads z > 0 (auto: regression)."""
+    X = _design()
+    z = X @ BETA + 0.3
+    two = torch.stack([torch.zeros_like(z), z], 1)
+    ref = SparseLogisticStudent(ridge=0.0).fit(X, two)
+    for shaped in (z, z.unsqueeze(1)):
+        s = SparseLogisticStudent(ridge=0.0, task="classification").fit(X, shaped)
+        assert s.task_ == "classification" and s.n_outputs_ == 2
+        torch.testing.assert_close(s.coef_, ref.coef_)
+        assert float(fidelity(s.predict(X), shaped, "classification")) == 1.0
+    tree = TreeStudent(max_depth=8, task="classification").fit(X, z.unsqueeze(1))
+    assert set(tree.predict(X).tolist()) == {0, 1}
+    assert float(fidelity(tree.predict(X), z.unsqueeze(1), "classification")) > 0.9
+    online = OnlineStudent(task="classification", seed=0)
+    online.partial_fit(X.float(), z.unsqueeze(1).float())
+    assert online.task_ == "classification" and online.n_outputs_ == 2
+    assert SparseLinearStudent().fit(X, z.unsqueeze(1)).task_ == "regression"  # auto: one output is a regression
+    with pytest.raises(ValueError, match=r"one-logit binary classifier's \(N,\) / \(N, 1\), got \(200, 2, 2\)"):
+        SparseLogisticStudent(task="classification").fit(X, torch.zeros(200, 2, 2, dtype=torch.float64))

@@ -9,7 +9,8 @@ A student is fitted to a teacher's outputs on a set of inputs (or features of a 
     student.image()           # (3, H, W) in [0, 1] or None (coefficient image, wavelet filters)
 
 Teacher outputs of shape (N, K ≥ 2) are logits of a classifier (task ``classification``); (N,) or
-(N, 1) (or any shape with ``task="regression"``) are regression outputs.
+(N, 1) (or any shape with ``task="regression"``) are regression outputs, unless ``task="classification"``
+says they are the logit of a one-logit binary classifier (read as the two logits [0, z]).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "TASKS",
     "Student",
     "build_student",
+    "class_logits",
     "infer_task",
     "load_student",
     "require_sklearn",
@@ -54,6 +56,20 @@ def infer_task(teacher_out: Tensor, task: str = "auto") -> str:
     if task != "auto":
         raise ValueError(f"task must be 'auto', 'classification' or 'regression', got {task!r}.")
     return "classification" if teacher_out.ndim == 2 and teacher_out.shape[1] >= 2 else "regression"
+
+
+def class_logits(teacher_out: Tensor) -> Tensor:
+    """Classifier logits (N, K ≥ 2): as given, or a one-logit binary classifier's logit z, (N,) or
+    (N, 1), as the two logits [0, z] (softmax [1 − σ(z), σ(z)], the class σ(z) > 1/2)."""
+    if teacher_out.ndim == 2 and teacher_out.shape[1] >= 2:
+        return teacher_out
+    z = teacher_out.reshape(teacher_out.shape[0], -1)
+    if z.shape[1] != 1:
+        raise ValueError(
+            f"Classifier outputs must be (N, K) logits or a one-logit binary classifier's (N,) / (N, 1), got "
+            f"{tuple(teacher_out.shape)}; use task='regression' for other outputs."
+        )
+    return torch.cat([torch.zeros_like(z), z], 1)
 
 
 def teacher_labels(teacher_out: Tensor) -> Tensor:
@@ -177,6 +193,8 @@ class Student(ABC):
         if self.needs_teacher and teacher is None:
             raise ValueError(f"{type(self).__name__} needs the teacher model: call fit(x, outputs, teacher=model).")
         self.task_ = infer_task(teacher_out, self.task)
+        if self.task_ == "classification":
+            teacher_out = class_logits(teacher_out)
         self.input_shape_ = tuple(int(s) for s in x.shape[1:])
         self.n_outputs_ = int(teacher_out.shape[1]) if teacher_out.ndim == 2 else 1
         n_feat = int(torch.tensor(self.input_shape_).prod()) if self.input_shape_ else 1

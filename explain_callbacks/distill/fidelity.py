@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import class_logits
+
 __all__ = [
     "agreement",
     "fidelity",
@@ -71,6 +73,8 @@ def fidelity_stats(student: Tensor, teacher: Tensor, task: str) -> Tensor:
     Classification: ``[n_agree, n]``; regression: ``[Σ res² (D), Σ y (D), Σ y² (D), n]``.
     """
     if task == "classification":
+        if teacher.is_floating_point():  # logits; a one-logit binary teacher's z reads as [0, z]
+            teacher = class_logits(teacher)
         s, t = to_labels(student).cpu(), to_labels(teacher).cpu()
         return torch.tensor([float((s == t).sum()), float(t.numel())], dtype=torch.float64)
     if task == "regression":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._internal.registry import STUDENTS
-from .base import Student, regression_targets, single_thread
+from .base import Student, class_logits, infer_task, regression_targets, single_thread
 
 __all__ = ["OnlineStudent", "distillation_loss"]
 
@@ -109,8 +109,6 @@ class OnlineStudent(Student):
 
     def _ensure(self, x: Tensor, teacher_out: Tensor) -> None:
         if self.task_ is None:
-            from .base import infer_task
-
             self.task_ = infer_task(teacher_out, self.task)
             self.input_shape_ = tuple(int(s) for s in x.shape[1:])
             self.n_outputs_ = int(teacher_out.shape[1]) if teacher_out.ndim == 2 else 1
@@ -130,6 +128,8 @@ class OnlineStudent(Student):
     def partial_fit(self, x: Tensor, teacher_out: Tensor) -> OnlineStudent:
         """``steps_per_batch`` optimiser steps on one batch of (inputs, teacher outputs)."""
         x, teacher_out = x.detach(), teacher_out.detach()
+        if infer_task(teacher_out, self.task if self.task_ is None else self.task_) == "classification":
+            teacher_out = class_logits(teacher_out)  # a one-logit binary teacher as two logits
         self._ensure(x, teacher_out)
         assert self.net_ is not None and self.opt_ is not None
         dev = next(self.net_.parameters()).device
