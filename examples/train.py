@@ -3,21 +3,100 @@
 python examples/train.py                                   # digits CNN, default callbacks
 python examples/train.py callbacks.attribution.methods=[ig,smoothgrad] trainer.max_epochs=5
 python examples/train.py data=breast_cancer model=mlp
+python examples/train.py data=shapes                       # the example nets take their sizes from the data
+python examples/train.py '~model' +model._target_=my_pkg.MyModule   # your own LightningModule
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+# The repository's conf/; a copy of this script outside the repository uses the configs installed with the package.
+_REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = str(_REPO_CONF) if (_REPO_CONF / "train.yaml").is_file() else "pkg://explain_callbacks.conf"
+
+# Hydra flags that take no value: argparse rejects them between overrides ("train.py experiment=x -m seed=0,1"
+# gives "unrecognized arguments: seed=0,1"), so they are moved in front of the overrides.
+_FLAGS = ("-m", "--multirun", "-r", "--run", "--resolve")
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's value-less flags (``-m``, ``--multirun``, ...) moved before the overrides."""
+    flags = [a for a in argv[1:] if a in _FLAGS]
+    return argv[:1] + flags + [a for a in argv[1:] if a not in _FLAGS]
+
+
+def _hydra_config() -> DictConfig | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _overridden(key: str) -> bool:
+    """Whether ``key`` was set on the command line (``model.net.in_channels=3``, ``+key=...``, ``++key=...``)."""
+    hc = _hydra_config()
+    if hc is None:
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in hc.overrides.task)
+
+
+def fit_net_to_data(model_cfg: DictConfig, datamodule: Any) -> list[str]:
+    """Set the example nets' input size and class count (``model.net.in_channels`` / ``in_features`` /
+    ``num_classes``) from the data module's ``input_shape`` and ``num_classes``, so ``data=shapes`` (3 channels,
+    4 classes) runs on ``model=cnn`` (written for 1-channel digits). Keys set on the command line are kept.
+    Returns the settings changed, as overrides."""
+    net = model_cfg.get("net") if isinstance(model_cfg, DictConfig) else None
+    shape = getattr(datamodule, "input_shape", None)
+    classes = getattr(datamodule, "num_classes", None)
+    if not isinstance(net, DictConfig) or shape is None:
+        return []
+    want: dict[str, int] = {}
+    if "in_channels" in net and len(shape) >= 2:
+        want["in_channels"] = int(shape[0])
+    if "in_features" in net:
+        want["in_features"] = math.prod(int(s) for s in shape)
+    if "num_classes" in net and classes is not None and int(classes) > 1:
+        want["num_classes"] = int(classes)
+    changed = []
+    for key, value in want.items():
+        if net[key] != value and not _overridden(f"model.net.{key}"):
+            net[key] = value
+            changed.append(f"model.net.{key}={value}")
+    return changed
+
+
+def instantiate_part(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``instantiate(cfg[key])``; a class that does not take a key of the config gets an error naming the fix
+    (replacing only ``_target_`` keeps the other keys of the shipped config)."""
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if not (isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)):
+            raise
+        node = cfg[key]
+        target = node.get("_target_", "?")
+        keys = [k for k in node if not str(k).startswith("_")]
+        hc = _hydra_config()
+        choice = hc.runtime.choices.get(key) if hc is not None else None
+        shipped = f" (from conf/{key}/{choice}.yaml)" if choice else ""
+        raise ValueError(
+            f"{key}: {cause}. The {key} config passes {keys}{shipped} to {target}. Setting only "
+            f"{key}._target_ keeps the other keys of the shipped config: start from an empty one instead, "
+            f"\"'~{key}' +{key}._target_={target} +{key}.<argument>=<value>\", or select your own config file "
+            f"with --config-dir (README, 'Configure with Hydra')."
+        ) from None
 
 
 def build_list(group: DictConfig | None) -> list:
@@ -27,10 +106,20 @@ def build_list(group: DictConfig | None) -> list:
     return [instantiate(cfg) for cfg in group.values() if isinstance(cfg, DictConfig) and "_target_" in cfg]
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the directory the command was started in (Hydra may have changed into the run's)."""
+    hc = _hydra_config()
+    start = hc.runtime.cwd if hc is not None else os.getcwd()
+    return os.path.relpath(os.path.join(os.getcwd(), path), start)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = instantiate_part(cfg, "data")
+    changed = fit_net_to_data(cfg.model, datamodule)
+    if changed:
+        print(f"Example net fitted to the data: {' '.join(changed)}")
+    model = instantiate_part(cfg, "model")
     callbacks = build_list(cfg.get("callbacks"))
     loggers = build_list(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -41,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
             if log_dir:
-                log_dir = os.path.relpath(log_dir)
+                log_dir = _shown_path(log_dir)
                 print(f"\nTensorBoard logs written to: {log_dir}")
                 print(f"Open them with:  tensorboard --logdir {log_dir}   (then browse http://localhost:6006)")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -52,10 +141,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = flags_first(sys.argv)
     sys.exit(main())
