@@ -126,7 +126,7 @@ class ShapesDataModule(pl.LightningDataModule):
         noise: pixel noise.
         batch_size, val_batch_size, num_workers, seed: loader settings (shuffling uses its own generator).
 
-    With the attribution callbacks set ``mask_key=2`` so the probe set keeps the masks.
+    The monitors take the masks from the batches' third item by themselves (``mask_key=2`` says so explicitly).
     """
 
     def __init__(
