@@ -13,7 +13,11 @@ Two kinds, as Xplique separates them:
   inputs) are reused when given.
 
 ``update`` runs the model as given (the caller chooses eval mode; the monitor's guard does); the
-metric's own forward passes run without gradients, methods re-run with gradients enabled.
+metric's own forward passes run without gradients, methods re-run with gradients enabled. A model left
+in training mode is not changed and the scores are deterministic (BatchNorm statistics move on clones,
+dropout draws from a seeded global RNG that is restored afterwards; see
+:mod:`explain_callbacks.metrics.functional._guard`). ``target``: class indices (B,), an int (one class for
+every sample), a sequence, or None for a single-output model; checked against the model's outputs.
 ``last_scores`` holds the per-sample scores of the last update.
 """
 

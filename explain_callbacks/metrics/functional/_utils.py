@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks, rows, select_output
 from ..._internal.checks import all_finite, check_inputs
 from ..._internal.ops import descending_order
+from ..._internal.targets import as_target_tensor, check_model_target, check_target
 from ...attribution.base import make_generator
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "OUTPUTS",
     "RunDraws",
     "Substrate",
+    "Target",
     "broadcast_map",
     "check_finite_map",
     "check_masks",
@@ -29,6 +31,7 @@ __all__ = [
     "flat_calls",
     "make_substrate",
     "output_scores",
+    "prepare_target",
     "rank_features",
     "row_blocks",
     "scores_chunked",
@@ -36,10 +39,12 @@ __all__ = [
 ]
 
 Substrate = Union[str, float, Tensor]
+#: what a metric takes as the explained output: class indices (B,), one class for all, or None (one output)
+Target = Union[Tensor, int, Sequence[int], None]
 FEATURES = ("auto", "pixel", "element")
 #: a piece of a model call: (run, its samples, its rows within the call)
 Piece = tuple[int, slice, slice]
-OUTPUTS = ("probability", "logit")
+OUTPUTS = ("probability", "logit", "sigmoid")
 
 
 def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor | None = None) -> None:
@@ -64,24 +69,54 @@ def check_finite_map(attributions: Tensor) -> None:
         )
 
 
+def prepare_target(model: object, inputs: Tensor, target: Target) -> Tensor | None:
+    """The target as the attribution methods take it, checked against the model: an int (that class for
+    every sample), a sequence or tensor of B class indices, or None (a single-output model). Returns a
+    long tensor (B,) on the inputs' device or None; a float target, a wrong shape, or a class outside the
+    model's outputs raises an error that names the fix (instead of an index error inside ``gather``)."""
+    check_inputs(inputs)
+    tgt = as_target_tensor(target, inputs.shape[0], inputs.device)  # type: ignore[arg-type]
+    if tgt is None:
+        return None
+    check_target(tgt, None, inputs.shape[0])  # shape and dtype first: the probe below needs neither
+    if model is not None:
+        check_model_target(model, tgt, inputs)  # the range, from the cached eval-mode probe of the model
+    return tgt
+
+
+def _one_channel_view(attributions: Tensor, inputs: Tensor) -> Tensor:
+    """(B,*spatial) maps of images or volumes (B,C,*spatial) as (B,1,*spatial); other maps unchanged."""
+    if (
+        inputs.ndim >= 4
+        and attributions.ndim == inputs.ndim - 1
+        and attributions.shape[0] == inputs.shape[0]
+        and attributions.shape[1:] == inputs.shape[2:]
+    ):
+        return attributions.unsqueeze(1)
+    return attributions
+
+
 def broadcast_map(attributions: Tensor, inputs: Tensor) -> Tensor:
-    """The map expanded to the input's shape: (B,1,*S) maps (Grad-CAM) broadcast over channels."""
+    """The map expanded to the input's shape. Besides input-shaped maps: maps with a size-1 dim where the
+    input has several that broadcast over it ((B,1,*S) Grad-CAM and mask maps of images and signals; (B,T,1)
+    mask maps of (B,T,D) sequences), and (B,*S) maps of images and volumes (B,C,*S) (read as (B,1,*S))."""
     if attributions.shape == inputs.shape:
         return attributions
+    a = _one_channel_view(attributions, inputs)
     ok = (
-        attributions.ndim == inputs.ndim
-        and attributions.shape[0] == inputs.shape[0]
-        and attributions.ndim >= 3
-        and attributions.shape[1] == 1
-        and attributions.shape[2:] == inputs.shape[2:]
+        a.ndim == inputs.ndim
+        and a.shape[0] == inputs.shape[0]
+        and a.ndim >= 3
+        and all(s in (1, t) for s, t in zip(a.shape[1:], inputs.shape[1:]))
     )
     if not ok:
         raise ValueError(
             f"attributions of shape {tuple(attributions.shape)} do not match inputs {tuple(inputs.shape)}; "
-            "metrics need input-shaped maps or one-channel maps (B,1,*spatial) that broadcast over channels "
+            "metrics need input-shaped maps, maps with size-1 dims that broadcast over the input ((B,1,*spatial) "
+            "over channels, (B,T,1) over the features of a sequence) or (B,*spatial) maps of images "
             "(upsample lower-resolution maps first)."
         )
-    return attributions.expand_as(inputs)
+    return a.expand_as(inputs)
 
 
 def _resolve_features(features: str, inputs: Tensor) -> str:
@@ -102,13 +137,12 @@ def feature_relevance(attributions: Tensor, inputs: Tensor, features: str = "aut
     Returns the relevance and the resolved feature mode.
     """
     mode = _resolve_features(features, inputs)
-    a = attributions.detach()
+    a = _one_channel_view(attributions.detach(), inputs)
     b = inputs.shape[0]
     if mode == "pixel":
-        if a.shape[1] != 1:
-            a = broadcast_map(a, inputs).sum(1, keepdim=True)
-        else:
-            broadcast_map(a, inputs)  # shape check only
+        full = broadcast_map(a, inputs)
+        # a one-channel map is the position's relevance itself (not C times it); others are channel-summed
+        a = full[:, :1] if a.ndim == inputs.ndim and a.shape[1] == 1 else full.sum(1, keepdim=True)
         return a.reshape(b, -1), mode
     return broadcast_map(a, inputs).reshape(b, -1), mode
 
@@ -179,9 +213,11 @@ def output_scores(
     target: Tensor | None,
     output: str = "probability",
 ) -> Tensor:
-    """The scored output per row, without gradients: softmax probability or raw output at ``target``.
+    """The scored output per row, without gradients, at ``target``: the softmax probability
+    (``"probability"``), the raw output (``"logit"``), or the sigmoid of the raw output (``"sigmoid"``: the
+    probability of a label of a multi-label model, or of a one-logit binary classifier).
 
-    Single-output models (regression) are scored by their raw output whatever ``output`` says.
+    Single-output models (regression) are scored by their raw output under ``"probability"``.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
@@ -189,6 +225,8 @@ def output_scores(
         out = model(rows)
         if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
             out = out.softmax(1)
+        elif output == "sigmoid" and isinstance(out, Tensor):
+            out = out.sigmoid()
         return select_output(out, target).detach()
 
 

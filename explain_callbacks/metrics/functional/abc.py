@@ -13,17 +13,19 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
-from ._utils import Substrate, trapezoid
+from ._guard import model_left_as_found
+from ._utils import Substrate, Target, trapezoid
 from .deletion import perturbation_curve
 
 __all__ = ["abc"]
 
 
+@model_left_as_found
 def abc(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None = None,
+    target: Target = None,
     *,
     mode: str = "insertion",
     baseline: Substrate = "zeros",

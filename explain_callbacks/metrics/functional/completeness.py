@@ -11,16 +11,18 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
-from ._utils import Substrate, make_substrate, scores_chunked, validate
+from ._guard import model_left_as_found
+from ._utils import Substrate, Target, make_substrate, prepare_target, scores_chunked, validate
 
 __all__ = ["completeness_error"]
 
 
+@model_left_as_found
 def completeness_error(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     baseline: Substrate = "zeros",
     output: str = "logit",
@@ -34,6 +36,7 @@ def completeness_error(
     The baseline must be the one the attribution used (IG's default: zeros).
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
+    target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     x = inputs.detach()
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)

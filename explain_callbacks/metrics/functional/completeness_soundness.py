@@ -24,16 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks, resolve_batch_size
-from ._utils import Substrate, row_blocks, trapezoid, validate
+from ._guard import model_left_as_found
+from ._utils import Substrate, Target, prepare_target, row_blocks, trapezoid, validate
 from .deletion import perturbation_curve
 
 __all__ = ["completeness_soundness"]
 
 
+@model_left_as_found
 def completeness_soundness(
     model: nn.Module,
     inputs: Tensor,
-    target: Tensor,
+    target: Target,
     method: Callable[..., Tensor],
     attributions: Tensor | None = None,
     *,
@@ -55,6 +57,9 @@ def completeness_soundness(
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if target is None:
+        raise ValueError("completeness/soundness need class targets (a classifier); got target=None.")
+    target = prepare_target(model, inputs, target)
+    if target is None:  # an int or a sequence of None is not a class either
         raise ValueError("completeness/soundness need class targets (a classifier); got target=None.")
     validate(inputs, attributions, target)
     x = inputs.detach()

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
-from ._utils import feature_relevance, scores_chunked, validate
+from ._guard import model_left_as_found
+from ._utils import Target, feature_relevance, prepare_target, scores_chunked, validate
 
 __all__ = ["dabkowski_saliency", "largest_component", "saliency_boxes"]
 
@@ -187,17 +188,19 @@ def crop_resize(inputs: Tensor, boxes: Tensor) -> Tensor:
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+@model_left_as_found
 def dabkowski_saliency(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor,
+    target: Target,
     *,
     min_area: float = 0.05,
     batch_size: BatchSize = "auto",
 ) -> Tensor:
     """s = log(max(a, min_area)) − log p per sample (B,); lower is better."""
     batch_size = resolve_batch_size(batch_size, model, inputs)
+    target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     x = inputs.detach()
     boxes = saliency_boxes(attributions, x)

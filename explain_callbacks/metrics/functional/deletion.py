@@ -19,13 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
+from ._guard import model_left_as_found
 from ._utils import (
     Substrate,
+    Target,
     expand_feature_mask,
     feature_relevance,
     flat_call_scores,
     make_substrate,
     n_steps_of,
+    prepare_target,
     rank_features,
     trapezoid,
     validate,
@@ -34,11 +37,12 @@ from ._utils import (
 __all__ = ["deletion", "insertion", "insertion_deletion", "perturbation_curve"]
 
 
+@model_left_as_found
 def perturbation_curve(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     mode: str = "deletion",
     substrate: Substrate = "zeros",
@@ -63,13 +67,15 @@ def perturbation_curve(
         n_steps: number of steps (ignored when ``step`` is given).
         step: features per step (int) or a fraction of the features (float in (0, 1]).
         features: ``"pixel"`` (channel-summed, images' default), ``"element"`` or ``"auto"``.
-        output: ``"probability"`` (softmax at the target, RISE) or ``"logit"``.
+        output: ``"probability"`` (softmax at the target, RISE), ``"logit"``, or ``"sigmoid"`` (multi-label
+            models and one-logit binary classifiers: the label's own probability).
         ties: order of equally relevant features: ``"random"`` (seeded by ``seed``; default) or
             ``"index"`` (raster order); see :func:`~explain_callbacks.metrics.functional._utils.rank_features`.
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}.")
+    target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     x = inputs.detach()
     rel, fmode = feature_relevance(attributions, x, features)
@@ -90,11 +96,12 @@ def perturbation_curve(
     return scores.view(n_st + 1, b).T.contiguous(), fractions
 
 
+@model_left_as_found
 def deletion(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     substrate: Substrate = "zeros",
     n_steps: int = 32,
@@ -120,11 +127,12 @@ def deletion(
     return (auc, curve, xs) if return_curve else auc
 
 
+@model_left_as_found
 def insertion(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     substrate: Substrate = "auto",
     n_steps: int = 32,
@@ -149,11 +157,12 @@ def insertion(
     return (auc, curve, xs) if return_curve else auc
 
 
+@model_left_as_found
 def insertion_deletion(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     deletion_substrate: Substrate = "zeros",
     insertion_substrate: Substrate = "auto",

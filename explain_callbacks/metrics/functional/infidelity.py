@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
-from ._utils import Substrate, broadcast_map, flat_call_scores, make_substrate, validate
+from ._guard import model_left_as_found
+from ._utils import Substrate, Target, broadcast_map, flat_call_scores, make_substrate, prepare_target, validate
 
 __all__ = ["PERTURBATIONS", "infidelity"]
 
@@ -52,11 +53,12 @@ def _block_index(spatial: tuple[int, ...], size: int, device: torch.device) -> t
     return idx, int(math.prod(nb))
 
 
+@model_left_as_found
 def infidelity(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     perturbation: str | Tensor = "gaussian",
     n_perturb: int = 32,
@@ -78,10 +80,13 @@ def infidelity(
         patch_size: side of the squares / blocks.
         baseline: what squares and blocks are set to (substrate spec; Quantus' default is ``"min"``).
         normalize: optimal rescaling of A before the error.
-        output: ``"logit"`` (Captum, Quantus) or ``"probability"``.
+        output: ``"logit"`` (Captum, Quantus), ``"probability"`` or ``"sigmoid"`` (multi-label).
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
+    target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
+    if not isinstance(perturbation, Tensor) and (n_perturb < 1 or patch_size < 1):
+        raise ValueError(f"n_perturb and patch_size must be >= 1, got {n_perturb} and {patch_size}.")
     x = inputs.detach()
     a = broadcast_map(attributions.detach(), x)
     b = x.shape[0]
@@ -96,6 +101,8 @@ def infidelity(
                 f"{', '.join(map(str, x.shape[1:]))}), got {tuple(pert.shape)}."
             )
         n_runs = pert.shape[1]
+        if n_runs < 1:
+            raise ValueError("explicit perturbations hold no draw (R = 0); pass at least one per sample.")
 
         def draw(r: int) -> Tensor:
             return pert[:, r]

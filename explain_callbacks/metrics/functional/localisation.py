@@ -25,6 +25,11 @@ __all__ = ["energy_pointing_game", "pointing_game"]
 def _relevance_map(attributions: Tensor, masks: Tensor, inputs: Tensor | None) -> tuple[Tensor, Tensor]:
     """Channel-summed relevance (B, *spatial) or (B, D) and boolean masks of the same shape."""
     check_finite_map(attributions)
+    if inputs is None and attributions.ndim == 3 and tuple(masks.shape) == tuple(attributions.shape):
+        # a (B,H,W) map with masks of its very shape is a 2-D map (read as (B,C,L) it was collapsed to
+        # columns: a maximum in the mask's column but rows away counted as a hit); pass the inputs for
+        # (B,C,L) signal maps
+        attributions = attributions.unsqueeze(1)
     ref = inputs if inputs is not None else attributions
     m = check_masks(masks, ref)
     if ref.ndim >= 3:
@@ -49,7 +54,8 @@ def pointing_game(
     """1.0 for a hit, 0.0 for a miss, NaN for an empty mask, per sample (B,).
 
     Args:
-        attributions: (B,C,H,W), (B,1,H,W), (B,C,L) or (B,D) maps (channels are summed).
+        attributions: (B,C,H,W), (B,1,H,W), (B,H,W), (B,C,L) or (B,D) maps (channels are summed). Without
+            ``inputs``, a 3-D map with masks of the same shape is read as (B,H,W), otherwise as (B,C,L).
         masks: ground truth, (B,H,W), (B,1,H,W) or (B,C,H,W) (and (B,D) for tabular maps).
         inputs: the inputs, only to check shapes (a one-channel map fits a C-channel input).
         tolerance: pixels (Euclidean) around the mask that still count. ``None`` scales the paper's 15 px

@@ -25,12 +25,15 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.ops import pearson, spearman
 from ...attribution.base import make_generator
+from ._guard import model_left_as_found
 from ._utils import (
     Substrate,
+    Target,
     expand_feature_mask,
     feature_relevance,
     make_substrate,
     output_scores,
+    prepare_target,
     resize_nearest,
     row_blocks,
     validate,
@@ -106,8 +109,8 @@ def random_subsets(
         u = torch.rand((n_subsets * batch, *cells), generator=generator, device=device)
         return (resize_nearest((u < drop_prob).float(), spatial) > 0.5).view(n_subsets, batch, n_features)
     k = round(subset_size * n_features) if isinstance(subset_size, float) else int(subset_size)
-    if not 1 <= k <= n_features:
-        raise ValueError(f"subset_size must give between 1 and {n_features} features, got {subset_size}.")
+    if not 1 <= k < n_features:  # all n features in every subset: identical subsets, no correlation
+        raise ValueError(f"subset_size must give between 1 and {n_features - 1} features, got {subset_size}.")
     complement = k > n_features // 2  # draw the smaller side
     out = sample_without_replacement(
         n_features, n_features - k if complement else k, (n_subsets, batch), generator=generator, device=device
@@ -152,11 +155,12 @@ def _as_subset_masks(subsets: Tensor, batch: int, n: int) -> Tensor:
     return m.transpose(0, 1)
 
 
+@model_left_as_found
 def mufidelity(
     model: nn.Module,
     inputs: Tensor,
     attributions: Tensor,
-    target: Tensor | None,
+    target: Target,
     *,
     preset: str | None = None,
     correlation: str = "pearson",
@@ -183,7 +187,7 @@ def mufidelity(
         grid_size: use grid-cell subsets instead (cells dropped with ``drop_prob``).
         baseline: value of the features in S (a substrate spec: zeros, min, mean, blur, a float...).
         features: ``"element"`` (every input entry) or ``"pixel"`` (positions, channel-summed map).
-        output: ``"logit"`` (Quantus, Xplique) or ``"probability"``.
+        output: ``"logit"`` (Quantus, Xplique), ``"probability"`` or ``"sigmoid"`` (multi-label).
         subsets: explicit subsets, indices (B, R, k) or booleans (B, R, n) over the features.
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
@@ -200,6 +204,9 @@ def mufidelity(
         features, output = given["features"], given["output"]
     if correlation not in ("pearson", "spearman"):
         raise ValueError(f"correlation must be 'pearson' or 'spearman', got {correlation!r}.")
+    if subsets is None and grid_size is not None and (grid_size < 1 or not 0 < drop_prob < 1):
+        raise ValueError(f"grid subsets need grid_size >= 1 and drop_prob in (0, 1), got {grid_size} and {drop_prob}.")
+    target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     x = inputs.detach()
     if grid_size is not None and features == "auto":
@@ -215,6 +222,8 @@ def mufidelity(
             generator=make_generator(x.device, seed), device=x.device,
         )  # fmt: skip
     r_total = masks.shape[0]
+    if r_total < 2:
+        raise ValueError(f"µ-fidelity correlates over subsets: it needs at least 2 (n_subsets), got {r_total}.")
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
     fx = output_scores(model, x, target, output).double()
     drops = torch.empty(r_total, b, dtype=torch.float64, device=x.device)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.ops import rankdata, spearman_to
 from ...attribution.base import make_generator
-from ._utils import row_blocks, validate
+from ._guard import model_left_as_found
+from ._utils import Target, check_finite_map, prepare_target, row_blocks, validate
 
 __all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "randomise_layer", "randomised_view"]
 
@@ -71,11 +72,15 @@ def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
     big = [p for p in params if p.ndim >= 2]
     fan_in = big[0][0].numel() if big else None
     for p in params:
+        # drawn in a fresh contiguous tensor, then copied: in-place draws fill memory order, so a
+        # channels_last weight would get other values at each index than the same weight stored contiguously
+        fresh = torch.empty(p.shape, dtype=p.dtype, device=p.device)
         if p.ndim < 2 and fan_in is None:
-            p.normal_(generator=generator)
+            fresh.normal_(generator=generator)
         else:
             bound = 1.0 / math.sqrt(max(1, p[0].numel() if p.ndim >= 2 else fan_in))
-            p.uniform_(-bound, bound, generator=generator)
+            fresh.uniform_(-bound, bound, generator=generator)
+        p.copy_(fresh)
 
 
 Randomise = Callable[[str, torch.Generator], None]
@@ -176,10 +181,11 @@ def _maps(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Te
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@model_left_as_found
 def model_randomisation(
     model: nn.Module,
     inputs: Tensor,
-    target: Tensor | None,
+    target: Target,
     method: Callable[..., Tensor],
     attributions: Tensor | None = None,
     *,
@@ -205,10 +211,12 @@ def model_randomisation(
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
+    target = prepare_target(model, inputs, target)
     validate(inputs, None, target)
     x = inputs.detach()
     b = x.shape[0]
     a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach()
+    check_finite_map(a0)  # NaN ranks would correlate as numbers
     all_layers = randomisable_layers(model)
     index = {n: i for i, (n, _) in enumerate(all_layers)}
     if layers is not None:

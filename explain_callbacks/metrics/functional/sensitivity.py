@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
-from ._utils import RunDraws, row_blocks, validate
+from ._guard import model_left_as_found
+from ._utils import RunDraws, Target, check_finite_map, prepare_target, row_blocks, validate
 
 __all__ = ["avg_sensitivity", "local_lipschitz", "max_sensitivity", "sensitivity"]
 
@@ -32,6 +33,8 @@ def _explain(method: Method, model: nn.Module, x: Tensor, target: Tensor | None)
 
 
 def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | None, seed: int) -> tuple[RunDraws, int]:
+    if perturbations is None and n < 1:
+        raise ValueError(f"n_samples must be >= 1 (draws per sample), got {n}.")
     if perturbations is not None:
         p = perturbations.to(device=x.device, dtype=x.dtype)
         if p.ndim != x.ndim + 1 or p.shape[0] != x.shape[0] or tuple(p.shape[2:]) != tuple(x.shape[1:]):
@@ -39,6 +42,8 @@ def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | N
                 f"perturbations must have shape (B, R, *input_shape) with B={x.shape[0]} and input_shape="
                 f"{tuple(x.shape[1:])}, got {tuple(p.shape)}."
             )
+        if p.shape[1] < 1:
+            raise ValueError("perturbations hold no draw (R = 0); pass at least one per sample.")
         return RunDraws(lambda r: p[:, r]), p.shape[1]
     g = make_generator(x.device, seed)
     if kind == "uniform":
@@ -49,7 +54,7 @@ def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | N
 def _ratios(
     model: nn.Module,
     inputs: Tensor,
-    target: Tensor | None,
+    target: Target,
     method: Method,
     attributions: Tensor | None,
     *,
@@ -63,12 +68,14 @@ def _ratios(
     batch_size: int | None,
 ) -> Tensor:
     """(R, B) ratios ‖A(y) − A(x)‖ / ‖A(x)‖ (or / ‖y − x‖ when ``lipschitz``)."""
+    target = prepare_target(model, inputs, target)
     validate(inputs, None, target)
     x = inputs.detach()
     b = x.shape[0]
     a0 = _explain(method, model, x, target) if attributions is None else attributions.detach()
     if a0.shape[0] != b:
         raise ValueError(f"attributions have {a0.shape[0]} samples, inputs {b}.")
+    check_finite_map(a0)  # a NaN map has no distance to anything: every ratio would be NaN
     a0f = a0.reshape(b, -1).double()
     draws, n_runs = _draws(x, n_samples, kind, scale, perturbations, seed)
     out = torch.empty(n_runs, b, dtype=torch.float64, device=x.device)
@@ -102,10 +109,11 @@ def _ord(norm: float | str) -> float:
     return float(norm)
 
 
+@model_left_as_found
 def sensitivity(
     model: nn.Module,
     inputs: Tensor,
-    target: Tensor | None,
+    target: Target,
     method: Method,
     attributions: Tensor | None = None,
     *,
@@ -138,7 +146,7 @@ def sensitivity(
 
 
 def max_sensitivity(
-    model: nn.Module, inputs: Tensor, target: Tensor | None, method: Method, attributions: Tensor | None = None,
+    model: nn.Module, inputs: Tensor, target: Target, method: Method, attributions: Tensor | None = None,
     **kwargs,
 ) -> Tensor:  # fmt: skip
     """Max-sensitivity (Yeh et al. 2019) per sample (B,); see :func:`sensitivity`."""
@@ -146,17 +154,18 @@ def max_sensitivity(
 
 
 def avg_sensitivity(
-    model: nn.Module, inputs: Tensor, target: Tensor | None, method: Method, attributions: Tensor | None = None,
+    model: nn.Module, inputs: Tensor, target: Target, method: Method, attributions: Tensor | None = None,
     **kwargs,
 ) -> Tensor:  # fmt: skip
     """Avg-sensitivity (Yeh et al. 2019) per sample (B,); see :func:`sensitivity`."""
     return sensitivity(model, inputs, target, method, attributions, reduction="mean", **kwargs)
 
 
+@model_left_as_found
 def local_lipschitz(
     model: nn.Module,
     inputs: Tensor,
-    target: Tensor | None,
+    target: Target,
     method: Method,
     attributions: Tensor | None = None,
     *,
