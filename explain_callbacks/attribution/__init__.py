@@ -6,6 +6,7 @@ from .base import Attributor, make_generator
 from .blackbox import *  # noqa: F403
 from .cam import GradCAM
 from .captum_adapter import CaptumAttributor
+from .embedding import EmbeddingView, find_embedding
 from .gradient import InputXGradient, Saliency, SmoothGrad
 from .neuron_region import NeuronRegionIG
 from .path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
@@ -14,6 +15,7 @@ __all__ = [
     "ATTRIBUTIONS",
     "Attributor",
     "CaptumAttributor",
+    "EmbeddingView",
     "ExpectedGradients",
     "GradCAM",
     "InputXGradient",
@@ -22,6 +24,7 @@ __all__ = [
     "Saliency",
     "SmoothGrad",
     "build_attributor",
+    "find_embedding",
     "make_baseline",
     "make_generator",
     "quadrature",
