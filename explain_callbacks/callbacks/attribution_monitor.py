@@ -16,7 +16,7 @@ from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
 from ._logging import markdown_table, tensorboard_writers
-from .base import ProbeCallback
+from .base import ProbeCallback, non_default_settings
 
 __all__ = ["AttributionMonitor"]
 
@@ -66,6 +66,7 @@ class AttributionMonitor(ProbeCallback):
         if not methods:
             raise ValueError("AttributionMonitor needs at least one method, e.g. methods=['saliency', 'ig'].")
         self.methods: dict[str, Attributor] = {}
+        self._method_settings: dict[str, Any] = {}  # {name: kwargs} of methods given as mappings (state key)
         for spec in methods:
             method = self._build_method(spec)
             name = str(getattr(method, "name", type(method).__name__.lower()))
@@ -73,6 +74,8 @@ class AttributionMonitor(ProbeCallback):
             while name in self.methods:
                 name, i = f"{base}_{i}", i + 1
             self.methods[name] = method
+            if isinstance(spec, Mapping):
+                self._method_settings[name] = {k: v for k, v in spec.items() if k != "name"}
         self.metric_specs = []
         self.metric_names: list[str] = []  # the tag of each selected metric, unique: 'randomisation', 'randomisation_2'
         for spec in list(to_plain(metrics) or []):
@@ -146,6 +149,11 @@ class AttributionMonitor(ProbeCallback):
         metrics = [m if isinstance(m, (str, Mapping)) else self._metric_name(m) for m in self.metric_specs]
         return {**super().key_fields(), "methods": sorted(self.methods), "metrics": metrics}
 
+    def setting_fields(self) -> dict[str, Any]:
+        # two monitors of {"name": "ig", "n_steps": 8} and {"name": "ig", "n_steps": 64} are two states
+        settings = non_default_settings(self, method_settings=dict(sorted(self._method_settings.items())) or None)
+        return {**super().setting_fields(), **settings}
+
     # ------------------------------------------------------------------ the work
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
@@ -190,7 +198,10 @@ class AttributionMonitor(ProbeCallback):
                     # compute() is a collective under DDP: every rank enters it or none does
                     if not self._all_ranks_ok(trainer, updated):
                         if problem != "another rank failed" or updated:
-                            rank_zero_warn(f"AttributionMonitor: metric {mname!r} on {name!r} {problem}. Skipped.")
+                            self.warn_failure(
+                                ("metric", mname, name, problem),
+                                f"AttributionMonitor: metric {mname!r} on {name!r} {problem}. Skipped.",
+                            )
                         continue
                     value = float(metric.compute())
                     scores[mname] = value

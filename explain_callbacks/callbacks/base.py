@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +30,7 @@ __all__ = [
     "class_indices",
     "compiled_children",
     "float_dtype",
+    "non_default_settings",
     "resolve_model",
     "uncompiled",
 ]
@@ -124,6 +127,49 @@ def float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def non_default_settings(callback: Callback, **values: Any) -> dict[str, Any]:
+    """Those of ``values`` that differ from the defaults of the callback's ``__init__`` (or a base's), as plain
+    values for a checkpoint state key: numbers, strings, None and lists/dicts of them, a tensor by shape and
+    checksum; anything else (functions, modules) is left out."""
+    defaults: dict[str, Any] = {}
+    for cls in reversed(type(callback).__mro__):  # a subclass's default wins; **kwargs reach the base's
+        try:
+            params = inspect.signature(cls.__init__).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        defaults.update({p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+    out = {}
+    for name, value in values.items():
+        default = defaults.get(name, inspect.Parameter.empty)
+        plain = _plain(value)
+        if default is inspect.Parameter.empty:
+            default = None  # a setting without a default in the signature: None stands for "not set"
+        if plain is _NOT_PLAIN or _plain(default) == plain:
+            continue
+        out[name] = plain
+    return out
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous()
+        return f"tensor{tuple(data.shape)}:{zlib.crc32(data.numpy().tobytes()) if data.numel() else 0}"
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, Mapping):
+        pairs = {str(k): _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in pairs.values()) else pairs
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    return _NOT_PLAIN
+
+
 class ProbeCallback(Callback):
     """Captures a fixed probe set from validation data and explains it on due validation epochs.
 
@@ -191,6 +237,7 @@ class ProbeCallback(Callback):
         self._warned_nan = False
         self._warned_capture = False
         self._warned_compiled = False
+        self._warned_failures: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ state
     @property
@@ -198,8 +245,14 @@ class ProbeCallback(Callback):
         # Lightning asks for it at every hook call; the settings it is made of do not change.
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = self._state_key = self._generate_state_key(**self.key_fields())
+            key = self._state_key = self._generate_state_key(**self.key_fields(), **self.setting_fields())
         return key
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key before :meth:`setting_fields` took part: Lightning looks a state up under it when the
+        checkpoint has none under :attr:`state_key`, so checkpoints written before still restore."""
+        return self._generate_state_key(**self.key_fields())
 
     def key_fields(self) -> dict[str, Any]:
         """The settings that tell two instances apart in a checkpoint (extend in subclasses)."""
@@ -207,6 +260,13 @@ class ProbeCallback(Callback):
         optional = {"per_class": self.per_class, "model_attr": self.model_attr}
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
+
+    def setting_fields(self) -> dict[str, Any]:
+        """Further settings in the state key, where they differ from their defaults (extend in subclasses;
+        see :func:`non_default_settings`): two callbacks of one type that differ only there (the grids of two
+        ``InteractionMonitor``s) had one key, and Lightning refused them together ("Found more than one
+        stateful callback of type ...")."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -363,9 +423,9 @@ class ProbeCallback(Callback):
         else:
             rank_zero_warn(
                 f"{name} explained nothing: it takes its probe set from validation batches and saw none (no "
-                "val_dataloader, limit_val_batches=0, or training stopped before the first validation, e.g. by "
-                "max_steps). Add validation data, or explain the trained model with trainer.validate(model, "
-                "loader) / trainer.test(model, loader) and this callback attached."
+                "val_dataloader or validation_step, limit_val_batches=0, or training stopped before the first "
+                "validation, e.g. by max_steps). Add validation data, or explain the trained model with "
+                "trainer.validate(model, loader) / trainer.test(model, loader) and this callback attached."
             )
 
     # trainer.test(): explain the probe kept from validation, or one taken from the test data
@@ -408,8 +468,9 @@ class ProbeCallback(Callback):
                 # explain() runs collectives under DDP: every rank enters it, or none does
                 if not self._all_ranks_ok(trainer, prepared is not None):
                     what = f"{type(problem).__name__}: {problem}" if problem is not None else "another rank failed"
-                    rank_zero_warn(
-                        f"{type(self).__name__} skipped epoch {trainer.current_epoch} ({what}). Training continues."
+                    self.warn_failure(
+                        ("prepare", what),
+                        f"{type(self).__name__} skipped epoch {trainer.current_epoch} ({what}). Training continues.",
                     )
                     return
                 assert prepared is not None
@@ -419,9 +480,10 @@ class ProbeCallback(Callback):
         except Exception as err:
             if self.strict:
                 raise
-            rank_zero_warn(
+            self.warn_failure(
+                ("explain", type(err).__name__, str(err)),
                 f"{type(self).__name__} failed at epoch {trainer.current_epoch}: {type(err).__name__}: {err}. "
-                "Training continues; pass strict=True to raise instead."
+                "Training continues; pass strict=True to raise instead.",
             )
 
     def _warn_compiled(self, model: nn.Module) -> None:
@@ -436,6 +498,15 @@ class ProbeCallback(Callback):
                 f"shape recompiles. Pass model_attr={names[0]!r}: the callbacks explain the uncompiled original "
                 "(same weights)."
             )
+
+    def warn_failure(self, key: tuple[str, ...], message: str) -> None:
+        """Warn about a failure once: the same failure (``key``: what failed and the error) in later epochs
+        is skipped silently, so a method that cannot explain this model does not warn at every epoch."""
+        warned: set[tuple[str, ...]] = self.__dict__.setdefault("_warned_failures", set())
+        if key in warned:
+            return
+        warned.add(key)
+        rank_zero_warn(message + " Later epochs with the same failure are not reported again.")
 
     def run_agreed(
         self, trainer: pl.Trainer, what: str, fn: Callable[[], Tensor], nonfinite: str
@@ -455,7 +526,10 @@ class ProbeCallback(Callback):
                 raise
             problem = f"failed: {type(err).__name__}: {err}"
         if not self._all_ranks_ok(trainer, out is not None):
-            rank_zero_warn(f"{type(self).__name__}: {what} {problem} at epoch {trainer.current_epoch}. Skipped.")
+            self.warn_failure(
+                ("run", what, problem),
+                f"{type(self).__name__}: {what} {problem} at epoch {trainer.current_epoch}. Skipped.",
+            )
             return None
         assert out is not None
         return out, seconds

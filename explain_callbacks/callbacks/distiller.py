@@ -66,7 +66,7 @@ from ..distill.base import Student, build_student, infer_task, save_student, stu
 from ..distill.buffer import RingBuffer, gather_rows
 from ..distill.fidelity import fidelity, student_score
 from . import _logging
-from .base import check_forward, class_indices, float_dtype, resolve_model
+from .base import check_forward, class_indices, float_dtype, non_default_settings, resolve_model
 
 __all__ = ["Distiller"]
 
@@ -180,6 +180,7 @@ class Distiller(Callback):
         self._rows_this_epoch = 0
         self._rows_per_epoch: int | None = None
         self._captures = self.captures  # looked up at every training step
+        self._warned_failures: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -207,8 +208,21 @@ class Distiller(Callback):
     @property
     def state_key(self) -> str:
         if self._state_key is None:  # Lightning asks for it at every hook call
-            self._state_key = self._generate_state_key(students=tuple(self.students), layer=self.layer)
+            settings = non_default_settings(
+                self, buffer_size=self.buffer.capacity, per_batch=self.per_batch, teacher_outputs=self.teacher_outputs,
+                every_n_epochs=self.every_n_epochs, val_size=self.val.capacity, task=self.task,
+                model_attr=self.model_attr, seed=self.seed,
+            )  # fmt: skip
+            # two Distillers differing in those settings (a small buffer every epoch, a large one every 5) are two
+            # states; Lightning refused them together ("Found more than one stateful callback")
+            self._state_key = self._generate_state_key(students=tuple(self.students), layer=self.layer, **settings)
         return self._state_key
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key before the settings took part: checkpoints written before still restore (Lightning looks
+        a state up under it when there is none under :attr:`state_key`)."""
+        return self._generate_state_key(students=tuple(self.students), layer=self.layer)
 
     @property
     def has_online(self) -> bool:
@@ -299,10 +313,10 @@ class Distiller(Callback):
         first_epoch = self._rows_per_epoch is None
         if not (self._collecting or first_epoch) or not self._fitting(trainer):
             return
-        if not self._collecting:  # first epoch, buffering stopped by the estimate: count its rows only
-            self._rows_this_epoch += self._kept(int(self.adapter(batch)[0].shape[0]))
-            return
         try:
+            if not self._collecting:  # first epoch, buffering stopped by the estimate: count its rows only
+                self._rows_this_epoch += self._kept(int(self.adapter.inputs(batch).shape[0]))
+                return
             self._collect(trainer, pl_module, batch, cap)
         except Exception as err:
             self._fail(trainer, "collecting a training batch", err)
@@ -375,6 +389,12 @@ class Distiller(Callback):
     ) -> None:  # fmt: skip
         if self._val_frozen or dataloader_idx != 0 or not self._fitting(trainer) or len(self.val) >= self.val.capacity:
             return
+        try:  # a validation batch the rows cannot be taken from must not stop training either
+            self._add_val(batch)
+        except Exception as err:
+            self._fail(trainer, "taking validation rows from a batch", err)
+
+    def _add_val(self, batch: Any) -> None:
         x, y = self.adapter(batch)
         keep = finite_rows(x) if x.is_floating_point() else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         idx = keep.nonzero().flatten()[: self.val.capacity - len(self.val)]
@@ -468,7 +488,9 @@ class Distiller(Callback):
             with output_adapter(self.teacher(pl_module), self.output_key):
                 self._fit_and_log(trainer, pl_module, log)
         except Exception as err:
-            self._fail(trainer, f"fitting the students at epoch {trainer.current_epoch}", err)
+            self._fail(
+                trainer, f"fitting the students at epoch {trainer.current_epoch}", err, key="fitting the students"
+            )
         finally:
             self._fitted_step = trainer.global_step
 
@@ -587,12 +609,19 @@ class Distiller(Callback):
             _logging.log_text(trainer, "explain/distill/exported", "Exported students:\n\n" + "\n".join(lines))
 
     # ------------------------------------------------------------------ errors and state
-    def _fail(self, trainer: pl.Trainer, what: str, err: Exception) -> None:
+    def _fail(self, trainer: pl.Trainer, what: str, err: Exception, key: str | None = None) -> None:
+        """Raise under ``strict``; otherwise warn, once per failure (``key``, default ``what``, and the error):
+        a batch format the Distiller cannot read fails at every step, a student at every epoch."""
         if self.strict:
             raise err
+        seen = (key or what, type(err).__name__, str(err))
+        warned: set[tuple[str, ...]] = self.__dict__.setdefault("_warned_failures", set())
+        if seen in warned:
+            return
+        warned.add(seen)
         rank_zero_warn(
-            f"Distiller failed while {what}: {type(err).__name__}: {err}. Training continues; pass strict=True "
-            "to raise instead."
+            f"Distiller failed while {what}: {type(err).__name__}: {err}. Training continues (the same failure is not "
+            "reported again); pass strict=True to raise instead."
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
@@ -15,7 +14,7 @@ from .._internal.config import to_plain
 from ..interaction import ACD, Groups, InteractionMethod, build_interaction, draw_hierarchy, top_pairs
 from ..interaction.base import GroupSpec, pair_index
 from ._logging import markdown_table
-from .base import ProbeCallback
+from .base import ProbeCallback, non_default_settings
 
 __all__ = ["InteractionMonitor"]
 
@@ -99,6 +98,10 @@ class InteractionMonitor(ProbeCallback):
 
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "methods": sorted(self.methods)}
+
+    def setting_fields(self) -> dict[str, Any]:
+        # two monitors over different grids (groups=2 and groups=4) are two states
+        return {**super().setting_fields(), **non_default_settings(self, groups=self.groups)}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.feature_names is None and trainer.datamodule is not None:
@@ -219,7 +222,9 @@ class InteractionMonitor(ProbeCallback):
         except Exception as err:  # e.g. an architecture CD cannot decompose
             if self.strict:
                 raise
-            rank_zero_warn(f"InteractionMonitor: ACD skipped: {type(err).__name__}: {err}")
+            self.warn_failure(
+                ("acd", type(err).__name__, str(err)), f"InteractionMonitor: ACD skipped: {type(err).__name__}: {err}."
+            )
             return
         pics = [
             viz.label_image(draw_hierarchy(h, x[s].detach().cpu() if x.ndim == 4 else None), f"sample {s}")

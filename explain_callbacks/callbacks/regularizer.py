@@ -272,8 +272,10 @@ def _regularized_step(
             f"got {type(out).__name__}."
         )
     batch = args[0] if args else kwargs.get("batch")
-    batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
     trainer = pl_module.trainer
+    batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx")
+    if not isinstance(batch_idx, int):  # a training_step(self, batch): Lightning passes no index (warm-up by epochs)
+        batch_idx = int(getattr(getattr(trainer, "fit_loop", None), "batch_idx", 0))
     regs: list[AttributionRegularizer] = pl_module.__dict__.get(_REGS, [])
     total = loss
     if regs:

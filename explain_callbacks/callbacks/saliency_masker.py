@@ -17,7 +17,7 @@ from .._internal.outputs import output_adapter
 from .._internal.targets import resolve_target
 from ..attribution.base import make_generator
 from ..attribution.blackbox.realtime import MaskerObjective, MaskingNetwork, RealTimeSaliency, train_masker_step
-from .base import ProbeCallback, check_forward, float_dtype
+from .base import ProbeCallback, check_forward, float_dtype, non_default_settings
 
 __all__ = ["SaliencyMasker"]
 
@@ -100,9 +100,24 @@ class SaliencyMasker(ProbeCallback):
         self._count = 0
         self._disabled = False
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(num_samples=self.num_samples, seed=self.seed)
+    def key_fields(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "seed": self.seed}
+
+    def setting_fields(self) -> dict[str, Any]:
+        # two maskers compared side by side (another width, objective or start) are two states
+        return non_default_settings(
+            self, width=self.width, lr=self.lr, every_n_steps=self.every_n_steps, start_epoch=self.start_epoch,
+            objective=self._objective_changes(), target=self.target, every_n_epochs=self.every_n_epochs,
+            model_attr=self.model_attr,
+        )  # fmt: skip
+
+    def _objective_changes(self) -> dict[str, Any] | None:
+        """The objective's fields that differ from :class:`MaskerObjective`'s defaults (None: none do)."""
+        default = MaskerObjective()
+        changed = {
+            f: getattr(self.objective, f) for f in vars(default) if getattr(self.objective, f) != getattr(default, f)
+        }
+        return changed or None
 
     # ------------------------------------------------------------------ building
     def _build(self, pl_module: pl.LightningModule, x: Tensor) -> None:

@@ -78,10 +78,7 @@ class RegularizerMixin:
         do_log = log and hasattr(self, "log") and getattr(self, "_trainer", None) is not None
         if do_log:
             self.log("train/task_loss", task_loss.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])
-        step = None
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None:
-            step = int(trainer.global_step)
+        step = _draw_step(getattr(self, "_trainer", None))
         for key, (pen, weight, attr) in self.__dict__.get("_explain_penalties", {}).items():
             if weight == 0:
                 continue
@@ -94,3 +91,19 @@ class RegularizerMixin:
             if do_log:
                 self.log(f"train/penalty/{key}", r.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])
         return total
+
+
+def _draw_step(trainer: Any) -> int | None:
+    """The ``step`` that seeds the random penalties' draws: one per training batch and rank, as the callback's.
+
+    ``trainer.global_step`` counts optimizer steps, so with ``accumulate_grad_batches`` > 1 the batches of one
+    step drew the same references and interpolation points, and under DDP every rank drew the same ones. The
+    running batch index (restored on resume) times the world size plus the rank gives each batch of each rank
+    its own draws; outside training (a validation penalty) the global step, as before. None without a trainer.
+    """
+    if trainer is None:
+        return None
+    loop = getattr(trainer, "fit_loop", None)
+    if getattr(trainer, "training", False) and loop is not None:
+        return int(loop.total_batch_idx) * max(1, int(trainer.world_size)) + int(trainer.global_rank)
+    return int(trainer.global_step)
