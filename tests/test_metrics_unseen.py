@@ -333,3 +333,42 @@ def test_infidelity_of_step_maps_and_regressions_equals_captum():
         ref = captum_metrics.infidelity(model, perturb, x, a_full, target=y, n_perturb_samples=r)
         ours = MF.infidelity(model, x, a, y, perturbation=noise, output="logit", batch_size=3)
         torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_maps_and_masks_on_another_device_than_the_inputs():
+    """Maps (and masks) computed on the CPU for a model on the GPU score as maps on the GPU."""
+    torch.manual_seed(0)
+    model = _cnn().cuda()
+    x, y = _images()
+    x, y = x.cuda(), y.cuda()
+    a = Saliency()(model, x, y)
+    masks = torch.rand(3, 7, 9, device="cuda") > 0.5
+    for name, fn in WITH_MODEL.items():
+        torch.testing.assert_close(fn(model, x, a.cpu(), y), fn(model, x, a, y), msg=name)
+    for fn in (MF.pointing_game, MF.energy_pointing_game):
+        torch.testing.assert_close(fn(a.cpu(), masks, x), fn(a, masks, x), equal_nan=True)
+        torch.testing.assert_close(fn(a, masks.cpu(), x), fn(a, masks, x), equal_nan=True)
+
+
+def test_a_model_returning_a_dict_gets_the_methods_wrap_it_error():
+    """The methods name the fix (output_key, a wrapper); the metrics raised AttributeError ('dict'
+    object has no attribute 'ndim' / 'softmax')."""
+
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _cnn()
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"scores": self.net(x)}
+
+    torch.manual_seed(0)
+    model = DictOut().eval()
+    x, y = _images()
+    a = Saliency()(model.net, x, y)
+    for name, fn in WITH_MODEL.items():
+        if name in ("max_sensitivity", "local_lipschitz", "randomisation"):
+            continue  # these call the model only through the method
+        with pytest.raises(TypeError, match=r"wrap it|not a tensor of scores"):
+            fn(model, x, a, y)

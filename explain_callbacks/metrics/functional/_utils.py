@@ -137,7 +137,7 @@ def feature_relevance(attributions: Tensor, inputs: Tensor, features: str = "aut
     Returns the relevance and the resolved feature mode.
     """
     mode = _resolve_features(features, inputs)
-    a = _one_channel_view(attributions.detach(), inputs)
+    a = _one_channel_view(attributions.detach().to(inputs.device), inputs)  # maps may live elsewhere
     b = inputs.shape[0]
     if mode == "pixel":
         full = broadcast_map(a, inputs)
@@ -223,9 +223,11 @@ def output_scores(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
     with torch.no_grad():
         out = model(rows)
+        if not isinstance(out, Tensor):
+            select_output(out, target)  # raises the error that names the fix (a wrapper returning the scores)
         if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
             out = out.softmax(1)
-        elif output == "sigmoid" and isinstance(out, Tensor):
+        elif output == "sigmoid":
             out = out.sigmoid()
         return select_output(out, target).detach()
 

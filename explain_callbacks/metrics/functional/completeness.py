@@ -45,5 +45,5 @@ def completeness_error(
     tgt = None if target is None else torch.cat([target, target])
     scores = scores_chunked(model, both, tgt, output, batch_size)
     delta = scores[:b] - scores[b:]
-    gap = (attributions.detach().reshape(b, -1).double().sum(1) - delta).abs()
+    gap = (attributions.detach().to(x.device).reshape(b, -1).double().sum(1) - delta).abs()
     return gap / delta.abs().clamp_min(eps) if relative else gap

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, chunks, resolve_batch_size
+from ..._internal.batching import BatchSize, chunks, resolve_batch_size, select_output
 from ._guard import model_left_as_found
 from ._utils import Substrate, Target, prepare_target, row_blocks, trapezoid, validate
 from .deletion import perturbation_curve
@@ -65,7 +65,10 @@ def completeness_soundness(
     x = inputs.detach()
     b = x.shape[0]
     with torch.no_grad():
-        probs = torch.cat([model(x[sl]).softmax(1) for sl in chunks(b, batch_size)]).double()
+        outs = [model(x[sl]) for sl in chunks(b, batch_size)]
+    if not isinstance(outs[0], Tensor):
+        select_output(outs[0], target[:1])  # raises the error that names the fix (a wrapper returning the scores)
+    probs = torch.cat(outs).softmax(1).double() if outs[0].ndim >= 2 else torch.cat(outs).new_ones(b, 1)
     k = probs.shape[1]
     if k < 2:
         raise ValueError("completeness/soundness need a model with at least 2 classes.")
@@ -75,7 +78,7 @@ def completeness_soundness(
     first = 1 if attributions is not None else 0
     maps = []
     if attributions is not None:
-        maps.append(attributions.detach().unsqueeze(0).expand(1, *attributions.shape))
+        maps.append(attributions.detach().to(x.device).unsqueeze(0).expand(1, *attributions.shape))
     n_runs = labels.shape[0] - first
     for rs, bs in row_blocks(n_runs, b, batch_size):
         nr = rs.stop - rs.start

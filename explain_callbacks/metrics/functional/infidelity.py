@@ -88,7 +88,7 @@ def infidelity(
     if not isinstance(perturbation, Tensor) and (n_perturb < 1 or patch_size < 1):
         raise ValueError(f"n_perturb and patch_size must be >= 1, got {n_perturb} and {patch_size}.")
     x = inputs.detach()
-    a = broadcast_map(attributions.detach(), x)
+    a = broadcast_map(attributions.detach().to(x.device), x)
     b = x.shape[0]
     spatial = tuple(x.shape[2:])
     g = make_generator(x.device, seed)

@@ -31,11 +31,11 @@ def _relevance_map(attributions: Tensor, masks: Tensor, inputs: Tensor | None) -
         # (B,C,L) signal maps
         attributions = attributions.unsqueeze(1)
     ref = inputs if inputs is not None else attributions
-    m = check_masks(masks, ref)
+    m = check_masks(masks, ref).to(ref.device)  # masks, maps and inputs may live on different devices
     if ref.ndim >= 3:
         rel, _ = feature_relevance(attributions, ref if inputs is not None else attributions, "pixel")
         return rel.view(m.shape), m
-    return attributions.detach().reshape(m.shape), m
+    return attributions.detach().to(ref.device).reshape(m.shape), m
 
 
 def _disk(radius: int, ndim: int, device: torch.device) -> Tensor:

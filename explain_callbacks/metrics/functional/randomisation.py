@@ -215,7 +215,7 @@ def model_randomisation(
     validate(inputs, None, target)
     x = inputs.detach()
     b = x.shape[0]
-    a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach()
+    a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach().to(x.device)
     check_finite_map(a0)  # NaN ranks would correlate as numbers
     all_layers = randomisable_layers(model)
     index = {n: i for i, (n, _) in enumerate(all_layers)}

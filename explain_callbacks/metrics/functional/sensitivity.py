@@ -72,7 +72,7 @@ def _ratios(
     validate(inputs, None, target)
     x = inputs.detach()
     b = x.shape[0]
-    a0 = _explain(method, model, x, target) if attributions is None else attributions.detach()
+    a0 = _explain(method, model, x, target) if attributions is None else attributions.detach().to(x.device)
     if a0.shape[0] != b:
         raise ValueError(f"attributions have {a0.shape[0]} samples, inputs {b}.")
     check_finite_map(a0)  # a NaN map has no distance to anything: every ratio would be NaN
