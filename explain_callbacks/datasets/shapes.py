@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from .tabular_images import seeded_loader
+
 __all__ = ["SHAPES", "ShapesData", "ShapesDataModule", "make_shapes"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -171,12 +173,11 @@ class ShapesDataModule(pl.LightningDataModule):
             self.test_set = self._split(self.n_test, 2, self.val_watermark)
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
-                          num_workers=self.num_workers)  # fmt: skip
+        return seeded_loader(self.train_set, self.batch_size, self.seed, shuffle=True, num_workers=self.num_workers,
+                             module=self)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return seeded_loader(self.val_set, self.val_batch_size, self.seed, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return seeded_loader(self.test_set, self.val_batch_size, self.seed, num_workers=self.num_workers)

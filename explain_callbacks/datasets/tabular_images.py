@@ -16,6 +16,7 @@ __all__ = [
     "TensorDataModule",
     "load_breast_cancer_tensors",
     "load_digits_tensors",
+    "seeded_loader",
     "split_indices",
 ]  # fmt: skip
 
@@ -46,13 +47,37 @@ def load_breast_cancer_tensors() -> tuple[Tensor, Tensor, list[str]]:
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A deterministic shuffled split into train/val/test index sets."""
+    """A deterministic shuffled split into train/val/test index sets (``fractions``: train, val, test shares
+    summing to 1; the training split takes what validation and test leave after rounding)."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"fractions are (train, val, test) shares: non-negative, a positive training share, summing to 1; "
+            f"got {tuple(fractions)}."
+        )
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     n_val = round(fractions[1] * n)
     n_test = round(fractions[2] * n)
     n_train = n - n_val - n_test
     return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+
+
+def seeded_loader(
+    dataset: Any, batch_size: int, seed: int, *, shuffle: bool = False, num_workers: int = 0,
+    module: pl.LightningDataModule | None = None,
+) -> DataLoader:  # fmt: skip
+    """A ``DataLoader`` that never reads the global RNG.
+
+    Shuffling and the base seed every iterator draws (for worker seeds) come from a generator seeded with
+    ``seed``: without a generator PyTorch draws that base seed from the global RNG at every pass over an
+    evaluation loader too, so the validation schedule would move the training's dropout masks. A loader
+    rebuilt in a later epoch (``reload_dataloaders_every_n_epochs``, read from ``module.trainer``) gets that
+    epoch's seed, so it does not repeat the first epoch's order.
+    """
+    trainer = getattr(module, "trainer", None) if module is not None else None
+    epoch = int(getattr(trainer, "current_epoch", 0) or 0) if trainer is not None else 0
+    g = torch.Generator().manual_seed(int(seed) + 1_000_003 * epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers)
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -91,15 +116,14 @@ class TensorDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(*(t[te] for t in tensors))
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)  # own generator: shuffling never reads the global RNG
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
-                          num_workers=self.num_workers)  # fmt: skip
+        return seeded_loader(self.train_set, self.batch_size, self.seed, shuffle=True, num_workers=self.num_workers,
+                             module=self)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return seeded_loader(self.val_set, self.val_batch_size, self.seed, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return seeded_loader(self.test_set, self.val_batch_size, self.seed, num_workers=self.num_workers)
 
 
 class DigitsDataModule(TensorDataModule):
