@@ -310,6 +310,40 @@ def test_mixin_draws_per_batch_under_gradient_accumulation(tmp_path):
     assert pen.seeds == list(range(8))
 
 
+class Counting(AttributionMonitor):
+    def __init__(self, **kw) -> None:
+        super().__init__(methods=["saliency"], num_samples=4, **kw)
+        self.calls: list[int] = []
+
+    def explain(self, trainer, pl_module, x, y, target):
+        self.calls.append(trainer.current_epoch)
+
+
+def test_every_n_epochs_with_check_val_every_n_epoch(tmp_path):
+    """Validation every 3 epochs and explanations due every 5: was (epoch + 1) % 5 == 0 on validation epochs,
+    which 2, 5, 8 never meet (nothing explained in 9 epochs, silently). Now the first validation at or after
+    each multiple of 5; with validation every epoch the schedule is unchanged."""
+    every5 = Counting(every_n_epochs=5)
+    _fit(tmp_path / "a", [every5], max_epochs=9, check_val_every_n_epoch=3, num_sanity_val_steps=0)
+    assert every5.calls == [5]
+    every2 = Counting(every_n_epochs=2)
+    _fit(tmp_path / "b", [every2], max_epochs=6, check_val_every_n_epoch=1)
+    assert every2.calls == [1, 3, 5]
+    never = Counting(every_n_epochs=5)  # 3 epochs never reach epoch 5: now said at the end of fit
+    with pytest.warns(UserWarning, match="explained nothing during fit: every_n_epochs=5 was not reached in 3 epochs"):
+        _fit(tmp_path / "c", [never], max_epochs=3)
+    assert never.calls == [] and never.probe_size == 4
+
+
+def test_fast_dev_run_writes_no_distiller_files(tmp_path, monkeypatch):
+    """Was: the students exported to ``<cwd>/distill`` by a debugging run (Lightning writes nothing then)."""
+    monkeypatch.chdir(tmp_path)
+    dist = Distiller(students=["tree"], strict=True)  # export=True, export_dir from the (disabled) logger
+    _fit(tmp_path, [dist], fast_dev_run=True)
+    assert dist.exported == {} and [h["epoch"] for h in dist.history] == [0]
+    assert list(tmp_path.rglob("*")) == []
+
+
 # --------------------------------------------------------------------------- regression guards (no fix needed)
 SETTINGS = {
     "bf16_mixed": {"precision": "bf16-mixed"},

@@ -238,6 +238,8 @@ class ProbeCallback(Callback):
         self._warned_capture = False
         self._warned_compiled = False
         self._warned_failures: set[tuple[str, ...]] = set()
+        self._fit_validations = 0  # validation epochs and explanations of the current fit
+        self._fit_explanations = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -403,18 +405,38 @@ class ProbeCallback(Callback):
             return False
         if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate()/test(): always explain
             return True
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        # The first validation at or after each multiple of every_n_epochs: a multiple of n among the epochs
+        # since the previous validation, c = check_val_every_n_epoch epochs ago ((epoch + 1) % n == 0 for c = 1).
+        # Was (epoch + 1) % n == 0 alone, which validation epochs may never meet: n = 5 with c = 3 explained at
+        # epoch 14 only, and never in 10 epochs.
+        n, done = self.every_n_epochs, trainer.current_epoch + 1
+        c = trainer.check_val_every_n_epoch or 1
+        return done // n > max(done - c, 0) // n
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_validations = self._fit_explanations = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self._frozen = self.probe_x is not None
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self._fit_validations += 1
         if self.probe_x is None or not self.is_due(trainer):
             return
+        if fitting:
+            self._fit_explanations += 1
         self.run_explain(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_x is not None:
+            if self._fit_validations and not self._fit_explanations:
+                rank_zero_warn(
+                    f"{type(self).__name__} explained nothing during fit: every_n_epochs={self.every_n_epochs} was "
+                    f"not reached in {trainer.current_epoch} epochs. Lower every_n_epochs, or explain the trained "
+                    "model with trainer.validate(model, loader) and this callback attached."
+                )
             return
         # a monitor that silently did nothing would look like a broken one
         name = type(self).__name__

@@ -104,7 +104,8 @@ class Distiller(Callback):
             index, key, or a function of the output); ``.logits`` is found without it.
         feature_names: names of the input features (default: ``datamodule.feature_names`` when it
             matches the input size).
-        export: write the final students; ``export_dir`` defaults to ``<log_dir>/distill``.
+        export: write the final students; ``export_dir`` defaults to ``<log_dir>/distill``. Not under
+            ``fast_dev_run``, which writes no files.
         log_students: log the readable forms (text and images) to TensorBoard.
         batch_size: rows per teacher call (``"auto"``: chosen from its activation size, see ``_internal.batching``).
         seed: seed of the per-batch subsample generator.
@@ -461,7 +462,9 @@ class Distiller(Callback):
             return
         if self._fitted_step != trainer.global_step:
             self._run(trainer, pl_module, log=False)
-        if self.export:
+        # fast_dev_run writes nothing (Lightning turns logging and checkpoints off): the students stay in memory
+        # (was: <cwd>/distill written by a debugging run)
+        if self.export and not trainer.fast_dev_run:
             try:
                 folder = self.export_path(trainer)  # trainer.log_dir is a collective under DDP: every rank
                 self._export(trainer, folder)
