@@ -113,6 +113,20 @@ def _shown_path(path: str) -> str:
     return os.path.relpath(os.path.join(os.getcwd(), path), start)
 
 
+def can_test(model: pl.LightningModule, datamodule: Any) -> str | None:
+    """``None`` when ``trainer.test`` can run, else why not (a module without ``test_step``, data without a
+    ``test_dataloader``: the run then ends after ``fit`` instead of failing there)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("test_step", model, pl.LightningModule):
+        return f"{type(model).__name__} has no test_step"
+    if isinstance(datamodule, pl.LightningDataModule) and not is_overridden(
+        "test_dataloader", datamodule, pl.LightningDataModule
+    ):
+        return f"{type(datamodule).__name__} has no test_dataloader"
+    return None
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_part(cfg, "data")
@@ -125,7 +139,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(model, datamodule=datamodule)
     if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule)
+        reason = can_test(model, datamodule)
+        if reason is None:
+            trainer.test(model, datamodule=datamodule)
+        elif trainer.is_global_zero:
+            print(f"Test skipped: {reason} (test=false turns the test off).")
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)

@@ -90,6 +90,16 @@ class MyData(pl.LightningDataModule):
     val_dataloader = test_dataloader = train_dataloader
 
 
+class MyTrainOnly(MyModule):
+    """A module with training and validation steps only (many are)."""
+
+    test_step = pl.LightningModule.test_step
+
+
+class MyTrainValData(MyData):
+    test_dataloader = pl.LightningDataModule.test_dataloader
+
+
 # ---------------------------------------------------------------- helpers
 @pytest.fixture
 def clean_process():
@@ -218,6 +228,16 @@ def test_own_modules_by_target(tmp_path, clean_process):
     metrics = _run(["~model", f"+model._target_={__name__}.MyModule", "+model.lr=0.01",
                     "~data", f"+data._target_={__name__}.MyData", "+data.batch_size=8"], tmp_path)  # fmt: skip
     assert "explain/saliency/sparseness" in metrics and "test/loss" in metrics
+
+
+@pytest.mark.parametrize("model,data", [("MyTrainOnly", "MyData"), ("MyModule", "MyTrainValData")])
+def test_own_modules_without_test_step_or_test_data(model, data, tmp_path, clean_process, capsys):
+    """test=true (the default) ran trainer.test after fit and failed there: 'No test_step() method defined'."""
+    metrics = _run(["~model", f"+model._target_={__name__}.{model}", "~data", f"+data._target_={__name__}.{data}",
+                    "callbacks.attribution.every_n_epochs=1"], tmp_path)  # fmt: skip
+    assert "explain/saliency/sparseness" in metrics and "test/loss" not in metrics
+    out = capsys.readouterr().out
+    assert "Test skipped" in out and "TensorBoard logs written to" in out
 
 
 def test_replacing_only_target_names_the_fix(clean_process):
