@@ -237,15 +237,19 @@ class Boom:
 
 
 def test_a_method_failing_every_epoch_warns_once(tmp_path):
-    """Was: one warning per method and metric at every epoch ("... at epoch 0/1/2 ..."), a screenful per run."""
+    """Was: one warning per method and metric at every epoch ("... at epoch 0/1/2 ..."), and the Distiller's per
+    batch and per epoch: a screenful per run."""
     bad_metric = {"name": "deletion", "n_steps": 4, "substrate": "no_such_substrate"}
     mon = AttributionMonitor(methods=[Boom(), "saliency"], num_samples=4, metrics=[bad_metric])
+    dist = Distiller(students=["tree"], input_key="image", export=False)  # tuple batches: nothing to buffer
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        _fit(tmp_path, [mon], max_epochs=3)
+        _fit(tmp_path, [mon, dist], max_epochs=3)
     messages = _explain_warnings(record)
     assert sum("method 'boom' failed: RuntimeError: kaput" in m for m in messages) == 1, messages
     assert sum("metric 'deletion' on 'saliency' failed" in m for m in messages) == 1, messages
+    assert sum("Distiller failed while collecting a training batch" in m for m in messages) == 1, messages
+    assert sum("fewer than 2 buffered training rows" in m for m in messages) == 1, messages
     assert all("not reported again" in m for m in messages if "failed" in m)
     assert "saliency" in mon.last_scores  # the working method goes on every epoch
 

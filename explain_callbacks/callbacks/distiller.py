@@ -507,7 +507,10 @@ class Distiller(Callback):
             if not bool(ok.all()):
                 rows = {k: v[ok] for k, v in rows.items()}
         if not rows or rows["x"].shape[0] < 2:
-            rank_zero_warn("Distiller: fewer than 2 buffered training rows; nothing to fit yet.")
+            warned: set[tuple[str, ...]] = self.__dict__.setdefault("_warned_failures", set())
+            if ("no rows",) not in warned:  # once: with batches it cannot read, the buffer stays empty every epoch
+                warned.add(("no rows",))
+                rank_zero_warn("Distiller: fewer than 2 buffered training rows; nothing to fit yet.")
             return
         x = rows["x"]
         has_val = bool(val) and val["x"].shape[0] > 0

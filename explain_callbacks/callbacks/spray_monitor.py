@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
@@ -124,7 +123,10 @@ class SpRAyMonitor(ProbeCallback):
             except Exception as err:  # one class's degenerate maps must not hide the others
                 if self.strict:
                     raise
-                rank_zero_warn(f"SpRAyMonitor: class {c} skipped: {type(err).__name__}: {err}")
+                self.warn_failure(
+                    ("class", str(c), type(err).__name__, str(err)),
+                    f"SpRAyMonitor: class {c} skipped: {type(err).__name__}: {err}.",
+                )
                 continue
             self.last_result[int(c)] = res
             share = float(res.sizes[0]) / float(res.sizes.sum())
