@@ -372,3 +372,30 @@ def test_a_model_returning_a_dict_gets_the_methods_wrap_it_error():
             continue  # these call the model only through the method
         with pytest.raises(TypeError, match=r"wrap it|not a tensor of scores"):
             fn(model, x, a, y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metrics_in_a_lightning_test_step_under_inference_mode(name):
+    """Lightning's validate/test steps run under torch.inference_mode, where explainer metrics failed
+    ('Setting requires_grad=True on inference tensor', 'Inference tensors cannot be saved for backward'
+    from the randomised weights, or the method's 'does not depend differentiably')."""
+    torch.manual_seed(0)
+    model = _cnn()
+    x0, y0 = _images(b=4, h=8, w=8)
+    a0 = Saliency()(model, x0, y0)
+    ref = METRICS.build(name, **FAST.get(name, {}))
+    with torch.inference_mode():
+        x, y, a = x0.clone(), y0.clone(), a0.clone()  # inference tensors, as in a test_step
+        masks = torch.zeros(4, 8, 8)
+        masks[:, 2:5, 2:5] = 1
+        metric = METRICS.build(name, **FAST.get(name, {}))
+        if metric.kind == "explainer":
+            metric.update(model, x, y, Saliency(), masks=masks)
+        else:
+            metric.update(model, x, a, y, masks=masks)
+        value = metric.compute()
+    if ref.kind == "explainer":
+        ref.update(model, x0, y0, Saliency(), masks=masks.clone())
+    else:
+        ref.update(model, x0, a0, y0, masks=masks.clone())
+    torch.testing.assert_close(value, ref.compute())

@@ -13,9 +13,10 @@ from the global RNG. :func:`left_as_found` runs a metric so that neither happens
   untouched), and the global RNG is seeded with 0 inside, so dropout draws the same masks on every
   call: the metric is deterministic.
 
-Parameters, their ``.grad`` and ``requires_grad`` flags and module modes are not touched by the
-metrics themselves (their forward passes run under ``no_grad``; explainer metrics' methods take
-gradients with respect to the inputs).
+Metrics run outside ``torch.inference_mode`` (Lightning's ``validate``/``test`` steps run in it), so
+explainer metrics can re-run gradient methods there. Parameters, their ``.grad`` and ``requires_grad``
+flags and module modes are not touched by the metrics themselves (their forward passes run under
+``no_grad``; explainer metrics' methods take gradients with respect to the inputs).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def left_as_found(model: Any) -> Iterator[Any]:
     """Yield the model to run a metric on (itself, or a buffer-cloned view of it in training mode); on
     exit the model's buffers and the global RNG are as found."""
-    with rng_guard():
+    # out of inference mode (Lightning's validate/test steps run in it): explainer metrics re-run methods
+    # that take gradients, and tensors made inside (randomised weights, perturbed inputs) must be normal ones
+    with torch.inference_mode(False), rng_guard():
         if not isinstance(model, nn.Module) or not any(m.training for m in model.modules()):
             yield model
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Union
@@ -30,6 +31,8 @@ __all__ = [
     "flat_call_scores",
     "flat_calls",
     "make_substrate",
+    "method_grad",
+    "method_inputs",
     "output_scores",
     "prepare_target",
     "rank_features",
@@ -60,6 +63,22 @@ def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor 
         )
 
 
+def method_inputs(inputs: Tensor) -> Tensor:
+    """``inputs`` detached, as a normal tensor: an inference tensor (made under ``torch.inference_mode``, as
+    in Lightning's ``validate``/``test`` steps) is cloned, since a method cannot take gradients of it."""
+    if inputs.is_inference():
+        with torch.inference_mode(False):
+            return inputs.detach().clone()
+    return inputs.detach()
+
+
+@contextlib.contextmanager
+def method_grad() -> Iterator[None]:
+    """Gradients on for a method re-run by an explainer metric, also under ``torch.inference_mode``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def check_finite_map(attributions: Tensor) -> None:
     """Raise if a map holds NaN or Inf (one reduction first; the element test only when it is not finite)."""
     if not all_finite(attributions):
@@ -78,6 +97,8 @@ def prepare_target(model: object, inputs: Tensor, target: Target) -> Tensor | No
     tgt = as_target_tensor(target, inputs.shape[0], inputs.device)  # type: ignore[arg-type]
     if tgt is None:
         return None
+    if tgt.is_inference():  # made under torch.inference_mode: a method's gather could not save it for backward
+        tgt = method_inputs(tgt)
     check_target(tgt, None, inputs.shape[0])  # shape and dtype first: the probe below needs neither
     if model is not None:
         check_model_target(model, tgt, inputs)  # the range, from the cached eval-mode probe of the model

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks, resolve_batch_size, select_output
 from ._guard import model_left_as_found
-from ._utils import Substrate, Target, prepare_target, row_blocks, trapezoid, validate
+from ._utils import Substrate, Target, method_grad, method_inputs, prepare_target, row_blocks, trapezoid, validate
 from .deletion import perturbation_curve
 
 __all__ = ["completeness_soundness"]
@@ -62,7 +62,7 @@ def completeness_soundness(
     if target is None:  # an int or a sequence of None is not a class either
         raise ValueError("completeness/soundness need class targets (a classifier); got target=None.")
     validate(inputs, attributions, target)
-    x = inputs.detach()
+    x = method_inputs(inputs)
     b = x.shape[0]
     with torch.no_grad():
         outs = [model(x[sl]) for sl in chunks(b, batch_size)]
@@ -84,7 +84,7 @@ def completeness_soundness(
         nr = rs.stop - rs.start
         rows = x[bs].repeat(nr, *([1] * (x.ndim - 1)))
         tgt = labels[first + rs.start : first + rs.stop, bs].reshape(-1)
-        with torch.enable_grad():
+        with method_grad():
             a = method(model, rows, tgt).detach()
         if attributions is not None and a.shape[1:] != attributions.shape[1:]:
             raise ValueError(

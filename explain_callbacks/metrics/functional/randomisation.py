@@ -32,7 +32,7 @@ from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.ops import rankdata, spearman_to
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import Target, check_finite_map, prepare_target, row_blocks, validate
+from ._utils import Target, check_finite_map, method_grad, method_inputs, prepare_target, row_blocks, validate
 
 __all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "randomise_layer", "randomised_view"]
 
@@ -175,7 +175,7 @@ def layer_generator(device: torch.device, seed: int, layer_index: int) -> torch.
 
 def _maps(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor | None, bs: int | None) -> Tensor:
     parts = []
-    with torch.enable_grad():
+    with method_grad():
         for _, sl in row_blocks(1, x.shape[0], bs):
             parts.append(method(model, x[sl], None if target is None else target[sl]).detach())
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -213,7 +213,7 @@ def model_randomisation(
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
     target = prepare_target(model, inputs, target)
     validate(inputs, None, target)
-    x = inputs.detach()
+    x = method_inputs(inputs)
     b = x.shape[0]
     a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach().to(x.device)
     check_finite_map(a0)  # NaN ranks would correlate as numbers

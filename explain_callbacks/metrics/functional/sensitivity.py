@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import RunDraws, Target, check_finite_map, prepare_target, row_blocks, validate
+from ._utils import RunDraws, Target, check_finite_map, method_grad, method_inputs, prepare_target, row_blocks, validate
 
 __all__ = ["avg_sensitivity", "local_lipschitz", "max_sensitivity", "sensitivity"]
 
@@ -28,7 +28,7 @@ Method = Callable[..., Tensor]
 
 
 def _explain(method: Method, model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
-    with torch.enable_grad():
+    with method_grad():
         return method(model, x, target).detach()
 
 
@@ -70,7 +70,7 @@ def _ratios(
     """(R, B) ratios ‖A(y) − A(x)‖ / ‖A(x)‖ (or / ‖y − x‖ when ``lipschitz``)."""
     target = prepare_target(model, inputs, target)
     validate(inputs, None, target)
-    x = inputs.detach()
+    x = method_inputs(inputs)
     b = x.shape[0]
     a0 = _explain(method, model, x, target) if attributions is None else attributions.detach().to(x.device)
     if a0.shape[0] != b:
