@@ -348,6 +348,18 @@ def test_fast_dev_run_writes_no_distiller_files(tmp_path, monkeypatch):
     assert list(tmp_path.rglob("*")) == []
 
 
+def test_spray_with_too_few_maps_per_class_says_so(tmp_path):
+    """Many classes or a small probe (here 12 maps over 3 classes, min_per_class=12): every class was skipped
+    and nothing logged, silently. Now one warning names the counts and the fix."""
+    spray = SpRAyMonitor(num_samples=12, per_class=None, min_per_class=12, every_n_epochs=1, strict=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, [spray], max_epochs=2)
+    messages = [m for m in _explain_warnings(record) if "SpRAyMonitor analysed no class" in m]
+    assert len(messages) == 1 and "fewer than min_per_class=12" in messages[0] and "Raise num_samples" in messages[0]
+    assert spray.last_result == {}
+
+
 # --------------------------------------------------------------------------- regression guards (no fix needed)
 SETTINGS = {
     "bf16_mixed": {"precision": "bf16-mixed"},

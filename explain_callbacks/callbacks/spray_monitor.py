@@ -114,7 +114,18 @@ class SpRAyMonitor(ProbeCallback):
         maps, groups = self._gather(trainer, maps.float()), self._gather(trainer, groups.long())
         self.last_result = {}
         rows = []
-        for c in torch.unique(groups).tolist():
+        classes, counts = torch.unique(groups, return_counts=True)
+        if int(counts.max()) < self.min_per_class:  # was silent: nothing logged, no word why
+            shown = ", ".join(f"{int(c)}: {int(n)}" for c, n in zip(classes[:10], counts[:10]))
+            self.warn_failure(
+                ("too few", str(int(counts.max()))),
+                f"SpRAyMonitor analysed no class: the probe holds at most {int(counts.max())} maps of a class "
+                f"({shown}{', ...' if classes.numel() > 10 else ''}), fewer than min_per_class={self.min_per_class}. "
+                "Raise num_samples (and per_class) or the validation batches it is taken from, or lower "
+                "min_per_class.",
+            )
+            return
+        for c in classes.tolist():
             sel = groups == c
             if int(sel.sum()) < self.min_per_class:
                 continue
