@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 # The repository's conf/; a copy of this script outside the repository uses the configs installed with the package.
@@ -131,7 +132,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_part(cfg, "data")
     changed = fit_net_to_data(cfg.model, datamodule)
-    if changed:
+    if changed and rank_zero_only.rank == 0:
         print(f"Example net fitted to the data: {' '.join(changed)}")
     model = instantiate_part(cfg, "model")
     callbacks = build_list(cfg.get("callbacks"))
