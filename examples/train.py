@@ -62,8 +62,13 @@ def fit_net_to_data(model_cfg: DictConfig, datamodule: Any) -> list[str]:
     classes = getattr(datamodule, "num_classes", None)
     if not isinstance(net, DictConfig) or shape is None:
         return []
+    if "in_channels" in net and len(shape) < 2:
+        raise ValueError(
+            f"model.net ({net.get('_target_', '?')}) takes inputs with a channel axis, but the data module gives "
+            f"flat {tuple(shape)} features: choose a network for tabular data, e.g. model=mlp."
+        )
     want: dict[str, int] = {}
-    if "in_channels" in net and len(shape) >= 2:
+    if "in_channels" in net:
         want["in_channels"] = int(shape[0])
     if "in_features" in net:
         want["in_features"] = math.prod(int(s) for s in shape)

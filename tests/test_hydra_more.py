@@ -145,11 +145,22 @@ def test_every_data_config_trains_with_the_default_monitor(overrides, tmp_path, 
     """data=shapes / color_digits (3 channels) and data=digits model=mlp crashed on the example nets' sizes;
     data=nid skipped every map with target=label (now experiment=nid)."""
     # strict: a method or metric that fails raises instead of skipping the epoch with a warning
-    metrics = _run([*overrides, "callbacks.attribution.metrics=[deletion]", "callbacks.attribution.strict=true"],
-                   tmp_path)  # fmt: skip
+    shapes = "data=shapes" in overrides  # masks in the batches: the localisation metrics run too
+    metrics = ["deletion", "pointing_game"] if shapes else ["deletion"]
+    metrics = _run([*overrides, f"callbacks.attribution.metrics=[{','.join(metrics)}]",
+                    "callbacks.attribution.strict=true"], tmp_path)  # fmt: skip
     assert "explain/saliency/deletion" in metrics and "explain/ig/sparseness" in metrics
+    assert ("explain/ig/pointing_game" in metrics) == shapes
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "TensorBoard logs written to" in capsys.readouterr().out
+
+
+def test_runs_repeat_exactly_with_a_seed(tmp_path, clean_process):
+    """Same seed, same numbers (losses and every explanation score); timings excluded."""
+    over = ["data=shapes", "data.n_train=128", "callbacks.attribution.every_n_epochs=1"]
+    a, b = (_run(over, tmp_path / str(i)) for i in range(2))
+    keep = [k for k in a if not k.endswith("/seconds")]
+    assert keep and {k: a[k] for k in keep} == {k: b[k] for k in keep}
 
 
 def test_example_nets_fitted_to_the_data_but_explicit_values_kept(clean_process):
@@ -159,6 +170,9 @@ def test_example_nets_fitted_to_the_data_but_explicit_values_kept(clean_process)
     assert cfg.model.net.in_channels == 3 and cfg.model.net.num_classes == 6
     cfg = _compose(["data=breast_cancer", "model=mlp"])
     assert TRAIN.fit_net_to_data(cfg.model, instantiate(cfg.data)) == []  # already right: nothing printed
+    cfg = _compose(["data=breast_cancer"])  # the CNN on 30 features: conv2d's shape error deep in fit before
+    with pytest.raises(ValueError, match="model=mlp"):
+        TRAIN.fit_net_to_data(cfg.model, instantiate(cfg.data))
 
 
 @pytest.mark.parametrize(
