@@ -159,3 +159,28 @@ def test_sobol_interaction_blurs_along_the_steps_of_a_sequence():
         StepsLast(model), x.transpose(1, 2), t
     )
     torch.testing.assert_close(got, ref)
+
+
+def test_monitor_scores_the_step_maps_of_a_sequence_model(tmp_path):
+    """In training, RISE and Sobol maps (B, T, 1) of a GRU on (B, T, D) are scored by every metric, and
+    the weights are those of a run without the monitor."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from explain_callbacks.callbacks import AttributionMonitor
+    from tests.test_generality import GRUClassifier, _assert_same, _fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 12, 3, generator=g)
+    y = (x[:, 5, 0] > 0).long()
+    loaders = (
+        DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8),
+        DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8),
+    )
+    w0 = _fit(tmp_path / "a", GRUClassifier, loaders, logger=False)
+    methods = [{"name": "rise", "n_masks": 64}, {"name": "sobol", "n_designs": 8}]
+    mon = AttributionMonitor(methods=methods, metrics=["deletion", "mufidelity"], num_samples=4, strict=True)
+    w1 = _fit(tmp_path / "b", GRUClassifier, loaders, callbacks=[mon])
+    _assert_same(w0, w1)
+    for name in ("rise", "sobol"):
+        for metric in ("deletion", "mufidelity"):
+            assert torch.isfinite(torch.as_tensor(mon.last_scores[name][metric])), (name, metric)

@@ -15,6 +15,7 @@ from .._internal.config import to_plain
 from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
+from ..metrics.functional._utils import broadcast_map
 from ._logging import markdown_table, tensorboard_writers
 from .base import ProbeCallback, non_default_settings
 
@@ -225,12 +226,13 @@ class AttributionMonitor(ProbeCallback):
 
     @staticmethod
     def _scorable(maps: Tensor, x: Tensor) -> bool:
-        """Whether metrics apply: input-shaped maps, or one channel broadcast over the input's channels
-        (Grad-CAM, RISE; CD per pixel or patch, although CD is not input-shaped in general)."""
-        if maps.shape == x.shape:
-            return True
-        one_channel = maps.ndim == x.ndim >= 3 and maps.shape[1] == 1 and maps.shape[2:] == x.shape[2:]
-        return maps.shape[0] == x.shape[0] and one_channel
+        """Whether metrics apply: maps the metrics broadcast to the input (input-shaped; one channel
+        (B,1,*S) of Grad-CAM, RISE and CD on images or signals; (B,T,1) of mask methods on sequences)."""
+        try:
+            broadcast_map(maps, x)
+        except ValueError:
+            return False
+        return True
 
     def _update_metric(
         self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
