@@ -399,3 +399,68 @@ def test_metrics_in_a_lightning_test_step_under_inference_mode(name):
     else:
         ref.update(model, x0, a0, y0, masks=masks.clone())
     torch.testing.assert_close(value, ref.compute())
+
+
+# --------------------------------------------------------------------------- (B,T,D) sequences: positions
+class _StepGRU(nn.Module):
+    """(B, T, D) sequences read by a GRU (steps along dim 1)."""
+
+    def __init__(self, d: int = 3, k: int = 4) -> None:
+        super().__init__()
+        self.gru = nn.GRU(d, 6, batch_first=True)
+        self.head = nn.Linear(6, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+class _SignalOf(nn.Module):
+    """The same network taking (B, D, T) signals (a Conv1d-style layout)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner(z.transpose(1, 2))
+
+
+def test_settings_along_positions_run_along_the_steps_of_sequences():
+    """Blur/mean substrates, position features, grid cells, squares and blocks ran along the D features of
+    (B,T,D) sequences (blurring or averaging different features together, grids over features). They now
+    run along the T steps, as the mask methods do: equal to the same network fed (B,D,T) signals."""
+    torch.manual_seed(0)
+    seq = _StepGRU().eval()
+    sig = _SignalOf(seq).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, 10, 3, generator=g), torch.tensor([0, 1, 3])
+    a = torch.randn(3, 10, 3, generator=g)
+    steps = torch.randn(3, 10, 1, generator=g)  # a (B,T,1) map of a mask method
+    z, az, sz = x.transpose(1, 2), a.transpose(1, 2), steps.transpose(1, 2)
+    cases = [
+        lambda m, x, a: MF.deletion(m, x, a, y, substrate="mean", n_steps=4),
+        lambda m, x, a: MF.deletion(m, x, a, y, features="pixel", n_steps=4),
+        lambda m, x, a: MF.insertion(m, x, a, y, substrate="blur", blur_sigma=2.0, n_steps=4),
+        lambda m, x, a: MF.insertion_deletion(
+            m, x, a, y, insertion_substrate="blur", deletion_substrate="mean", n_steps=4
+        ),
+        lambda m, x, a: MF.abc(m, x, a, y, baseline="mean", n_steps=4),
+        lambda m, x, a: MF.mufidelity(m, x, a, y, preset="xplique", grid_size=4, n_subsets=8),
+        lambda m, x, a: MF.mufidelity(m, x, a, y, baseline="mean", n_subsets=8),
+        lambda m, x, a: MF.infidelity(m, x, a, y, perturbation="square", patch_size=3, n_perturb=4),
+        lambda m, x, a: MF.infidelity(m, x, a, y, perturbation="patch_sequence", patch_size=3, baseline="mean"),
+    ]
+    for i, fn in enumerate(cases):
+        torch.testing.assert_close(fn(seq, x, a), fn(sig, z, az), msg=f"case {i}")
+        torch.testing.assert_close(fn(seq, x, steps), fn(sig, z, sz), msg=f"case {i}, (B,T,1) map")
+    # channels_first=True keeps the (B,C,L) reading: a plain function of the inputs has no layer to tell
+    for kw in ({"substrate": "mean"}, {"features": "pixel"}):
+        torch.testing.assert_close(
+            MF.deletion(seq, x, a, y, n_steps=4, channels_first=True, **kw),
+            MF.deletion(lambda t: seq(t), x, a, y, n_steps=4, **kw),
+        )
+    metric = METRICS.build({"name": "mufidelity", "preset": "xplique", "n_subsets": 8, "channels_first": False})
+    metric.update(sig.inner, x, a, y)
+    torch.testing.assert_close(metric.last_scores, MF.mufidelity(sig, z, az, y, preset="xplique", n_subsets=8))
+    # the default settings do not depend on the layout, and are unchanged
+    torch.testing.assert_close(MF.deletion(seq, x, a, y, n_steps=4), MF.deletion(lambda t: seq(t), x, a, y, n_steps=4))

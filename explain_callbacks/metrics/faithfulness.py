@@ -37,9 +37,11 @@ class MuFidelity(ExplanationMetric):
         seed: int = 0,
         blur_sigma: float = 5.0,
         batch_size: BatchSize = "auto",
+        channels_first: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
+        self.channels_first = channels_first
         self.preset, self.correlation, self.n_subsets, self.subset_size = preset, correlation, n_subsets, subset_size
         self.grid_size, self.drop_prob, self.baseline, self.features = grid_size, drop_prob, baseline, features
         self.output, self.seed, self.blur_sigma = output, seed, blur_sigma
@@ -51,7 +53,7 @@ class MuFidelity(ExplanationMetric):
             model, inputs, attributions, target, preset=self.preset, correlation=self.correlation,
             n_subsets=self.n_subsets, subset_size=self.subset_size, grid_size=self.grid_size,
             drop_prob=self.drop_prob, baseline=self.baseline, features=self.features, output=self.output,
-            seed=self.seed, blur_sigma=self.blur_sigma, batch_size=self.batch_size,
+            seed=self.seed, blur_sigma=self.blur_sigma, batch_size=self.batch_size, channels_first=self.channels_first,
         )  # fmt: skip
 
 
@@ -75,9 +77,11 @@ class Infidelity(ExplanationMetric):
         seed: int = 0,
         blur_sigma: float = 5.0,
         batch_size: BatchSize = "auto",
+        channels_first: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
+        self.channels_first = channels_first
         self.perturbation, self.n_perturb, self.noise_std = perturbation, n_perturb, noise_std
         self.patch_size, self.baseline, self.normalize = patch_size, baseline, normalize
         self.output, self.seed, self.blur_sigma = output, seed, blur_sigma
@@ -89,6 +93,7 @@ class Infidelity(ExplanationMetric):
             model, inputs, attributions, target, perturbation=self.perturbation, n_perturb=self.n_perturb,
             noise_std=self.noise_std, patch_size=self.patch_size, baseline=self.baseline, normalize=self.normalize,
             output=self.output, seed=self.seed, blur_sigma=self.blur_sigma, batch_size=self.batch_size,
+            channels_first=self.channels_first,
         )  # fmt: skip
 
 

@@ -68,17 +68,18 @@ class Deletion(_CurveMetric):
         batch_size: BatchSize = "auto",
         ties: str = "random",
         seed: int = 0,
+        channels_first: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.substrate, self.n_steps, self.step = substrate, n_steps, step
         self.features, self.output, self.blur_sigma = features, output, blur_sigma
-        self.ties, self.seed = ties, seed
+        self.ties, self.seed, self.channels_first = ties, seed, channels_first
 
     def _kw(self) -> dict[str, Any]:
         return dict(substrate=self.substrate, n_steps=self.n_steps, step=self.step, features=self.features,
                     output=self.output, blur_sigma=self.blur_sigma, batch_size=self.batch_size, ties=self.ties,
-                    seed=self.seed)  # fmt: skip
+                    seed=self.seed, channels_first=self.channels_first)  # fmt: skip
 
     def _scores(
         self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
@@ -127,9 +128,11 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
         batch_size: BatchSize = "auto",
         ties: str = "random",
         seed: int = 0,
+        channels_first: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
+        self.channels_first = channels_first
         self.deletion_substrate, self.insertion_substrate = deletion_substrate, insertion_substrate
         self.n_steps, self.step, self.features, self.output = n_steps, step, features, output
         self.blur_sigma, self.ties, self.seed = blur_sigma, ties, seed
@@ -154,7 +157,7 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
     ) -> Tensor:
         kw = dict(n_steps=self.n_steps, step=self.step, features=self.features, output=self.output,
                   blur_sigma=self.blur_sigma, batch_size=self.batch_size, return_curve=True, ties=self.ties,
-                  seed=self.seed)  # fmt: skip
+                  seed=self.seed, channels_first=self.channels_first)  # fmt: skip
         d, dc, xs = deletion_fn(model, inputs, attributions, target, substrate=self.deletion_substrate, **kw)
         i, ic, _ = insertion_fn(model, inputs, attributions, target, substrate=self.insertion_substrate, **kw)
         self._add_curve_states("deletion", dc)
@@ -183,10 +186,11 @@ class ABC(_CurveMetric):
         batch_size: BatchSize = "auto",
         ties: str = "random",
         seed: int = 0,
+        channels_first: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
-        self.ties, self.seed = ties, seed
+        self.ties, self.seed, self.channels_first = ties, seed, channels_first
         if mode not in ("insertion", "deletion"):
             raise ValueError(f"mode must be 'insertion' or 'deletion', got {mode!r}.")
         self.mode, self.baseline, self.n_steps, self.step = mode, baseline, n_steps, step
@@ -198,7 +202,7 @@ class ABC(_CurveMetric):
         score, curve, xs = abc_fn(
             model, inputs, attributions, target, mode=self.mode, baseline=self.baseline, n_steps=self.n_steps,
             step=self.step, features=self.features, blur_sigma=self.blur_sigma, batch_size=self.batch_size,
-            return_curve=True, ties=self.ties, seed=self.seed,
+            return_curve=True, ties=self.ties, seed=self.seed, channels_first=self.channels_first,
         )  # fmt: skip
         self._add_curve(curve, xs)
         return score

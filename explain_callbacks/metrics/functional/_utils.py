@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks, rows, select_output
 from ..._internal.checks import all_finite, check_inputs
+from ..._internal.layout import check_channels_first, reads_channels_first
 from ..._internal.ops import descending_order
 from ..._internal.targets import as_target_tensor, check_model_target, check_target
 from ...attribution.base import make_generator
@@ -30,6 +31,7 @@ __all__ = [
     "feature_relevance",
     "flat_call_scores",
     "flat_calls",
+    "is_layout_substrate",
     "make_substrate",
     "method_grad",
     "method_inputs",
@@ -38,6 +40,8 @@ __all__ = [
     "rank_features",
     "row_blocks",
     "scores_chunked",
+    "steps_last",
+    "transposed_sequence",
     "validate",
 ]
 
@@ -195,6 +199,34 @@ def rank_features(relevance: Tensor, ties: str = "random", seed: int = 0) -> Ten
     ranks = torch.empty_like(order)
     ar = torch.arange(relevance.shape[1], device=relevance.device).expand_as(order)
     return ranks.scatter_(1, order, ar)
+
+
+#: substrates computed along the positions of the input (the rest are the same in any layout)
+LAYOUT_SUBSTRATES = ("blur", "mean")
+
+
+def steps_last(model: object, inputs: Tensor, channels_first: bool | None, layout_dependent: bool) -> bool:
+    """Whether a metric should run on the transposed view of (B,T,D) sequences: only when a setting depends
+    on which dim holds the positions (``layout_dependent``: blur or mean substrates, position features,
+    grid cells, squares and blocks) and the model reads (B,T,D) (:func:`reads_channels_first`, or
+    ``channels_first=False``). The metric then scores ``StepsLast(model)`` on (B,D,T) inputs and maps, so
+    those settings run along the T steps (shared over the D features), as the mask methods do; the
+    per-sample scores are those of the original model and inputs."""
+    check_channels_first(channels_first)
+    return layout_dependent and inputs.ndim == 3 and not reads_channels_first(model, inputs, channels_first)
+
+
+def transposed_sequence(t: Tensor | None, inputs: Tensor) -> Tensor | None:
+    """A (B,T,D)-shaped (or broadcastable) tensor as (B,D,T): maps (B,T,1) become one-channel maps (B,1,T)."""
+    if t is None:
+        return None
+    if t.ndim == inputs.ndim:
+        return t.transpose(1, 2)
+    return t.expand_as(inputs).transpose(1, 2)  # broadcastable substrates: (D,), (T, D), ...
+
+
+def is_layout_substrate(spec: Substrate) -> bool:
+    return isinstance(spec, str) and spec in LAYOUT_SUBSTRATES
 
 
 def make_substrate(

@@ -37,6 +37,7 @@ def abc(
     return_curve: bool = False,
     ties: str = "random",
     seed: int = 0,
+    channels_first: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """ABC per sample (B,) for the ``mode`` test (``"insertion"`` or ``"deletion"``) from ``baseline`` c.
 
@@ -46,6 +47,7 @@ def abc(
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode=mode, substrate=baseline, n_steps=n_steps, step=step,
         features=features, output="logit", blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
+        channels_first=channels_first,
     )  # fmt: skip
     t = xs.to(curve.dtype).unsqueeze(0)
     start, end = curve[:, :1], curve[:, -1:]

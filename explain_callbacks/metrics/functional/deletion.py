@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.layout import StepsLast
 from ._guard import model_left_as_found
 from ._utils import (
     Substrate,
@@ -26,10 +27,13 @@ from ._utils import (
     expand_feature_mask,
     feature_relevance,
     flat_call_scores,
+    is_layout_substrate,
     make_substrate,
     n_steps_of,
     prepare_target,
     rank_features,
+    steps_last,
+    transposed_sequence,
     trapezoid,
     validate,
 )
@@ -54,6 +58,7 @@ def perturbation_curve(
     batch_size: BatchSize = "auto",
     ties: str = "random",
     seed: int = 0,
+    channels_first: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Deletion or insertion curves, (B, S) with S = steps + 1, and the fractions (S,) in [0, 1].
 
@@ -71,10 +76,21 @@ def perturbation_curve(
             models and one-logit binary classifiers: the label's own probability).
         ties: order of equally relevant features: ``"random"`` (seeded by ``seed``; default) or
             ``"index"`` (raster order); see :func:`~explain_callbacks.metrics.functional._utils.rank_features`.
+        channels_first: how 3-D inputs are read when a setting runs along positions (blur or mean substrates,
+            ``features="pixel"``): None decides from the model's first layer (a recurrent, attention or
+            linear layer reads (B,T,D) sequences: positions are the T steps), True (B,C,L), False (B,T,D).
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}.")
+    validate(inputs, attributions)
+    if steps_last(model, inputs, channels_first, is_layout_substrate(substrate) or features == "pixel"):
+        return perturbation_curve(
+            StepsLast(model), inputs.transpose(1, 2), transposed_sequence(attributions, inputs), target, mode=mode,
+            substrate=transposed_sequence(substrate, inputs) if isinstance(substrate, Tensor) else substrate,
+            n_steps=n_steps, step=step, features=features, output=output, blur_sigma=blur_sigma,
+            batch_size=batch_size, ties=ties, seed=seed, channels_first=True,
+        )  # fmt: skip
     target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     x = inputs.detach()
@@ -113,6 +129,7 @@ def deletion(
     return_curve: bool = False,
     ties: str = "random",
     seed: int = 0,
+    channels_first: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Deletion AUC per sample (lower is better): the most relevant features are removed first.
 
@@ -122,6 +139,7 @@ def deletion(
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode="deletion", substrate=substrate, n_steps=n_steps, step=step,
         features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
+        channels_first=channels_first,
     )  # fmt: skip
     auc = trapezoid(curve, xs)
     return (auc, curve, xs) if return_curve else auc
@@ -144,6 +162,7 @@ def insertion(
     return_curve: bool = False,
     ties: str = "random",
     seed: int = 0,
+    channels_first: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Insertion AUC per sample (higher is better): the most relevant features are revealed first,
     starting from the substrate (``"auto"``: a blurred copy for images, as RISE; zeros otherwise). Returns as
@@ -152,6 +171,7 @@ def insertion(
     curve, xs = perturbation_curve(
         model, inputs, attributions, target, mode="insertion", substrate=substrate, n_steps=n_steps, step=step,
         features=features, output=output, blur_sigma=blur_sigma, batch_size=batch_size, ties=ties, seed=seed,
+        channels_first=channels_first,
     )  # fmt: skip
     auc = trapezoid(curve, xs)
     return (auc, curve, xs) if return_curve else auc
@@ -174,11 +194,12 @@ def insertion_deletion(
     batch_size: BatchSize = "auto",
     ties: str = "random",
     seed: int = 0,
+    channels_first: bool | None = None,
 ) -> Tensor:
     """Insertion AUC − deletion AUC per sample (higher is better; NeFLAG's summary score)."""
     batch_size = resolve_batch_size(batch_size, model, inputs)
     kw = dict(n_steps=n_steps, step=step, features=features, output=output, blur_sigma=blur_sigma,
-              batch_size=batch_size, ties=ties, seed=seed)  # fmt: skip
+              batch_size=batch_size, ties=ties, seed=seed, channels_first=channels_first)  # fmt: skip
     ins = insertion(model, inputs, attributions, target, substrate=insertion_substrate, **kw)
     dele = deletion(model, inputs, attributions, target, substrate=deletion_substrate, **kw)
     return ins - dele

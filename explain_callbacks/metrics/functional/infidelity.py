@@ -23,9 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.layout import StepsLast
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import Substrate, Target, broadcast_map, flat_call_scores, make_substrate, prepare_target, validate
+from ._utils import (
+    Substrate,
+    Target,
+    broadcast_map,
+    flat_call_scores,
+    make_substrate,
+    prepare_target,
+    steps_last,
+    transposed_sequence,
+    validate,
+)
 
 __all__ = ["PERTURBATIONS", "infidelity"]
 
@@ -70,6 +81,7 @@ def infidelity(
     seed: int = 0,
     blur_sigma: float = 5.0,
     batch_size: BatchSize = "auto",
+    channels_first: bool | None = None,
 ) -> Tensor:
     """Infidelity per sample (B,), mean over the perturbations of (IᵀA − Δf)².
 
@@ -81,8 +93,21 @@ def infidelity(
         baseline: what squares and blocks are set to (substrate spec; Quantus' default is ``"min"``).
         normalize: optimal rescaling of A before the error.
         output: ``"logit"`` (Captum, Quantus), ``"probability"`` or ``"sigmoid"`` (multi-label).
+        channels_first: how 3-D inputs are read by squares and blocks: None decides from the model's first
+            layer (a recurrent, attention or linear layer reads (B,T,D) sequences: windows of T steps
+            over all D features), True (B,C,L), False (B,T,D).
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
+    validate(inputs, attributions)
+    layout = isinstance(perturbation, str) and perturbation in ("square", "patch_sequence")
+    if steps_last(model, inputs, channels_first, layout):
+        return infidelity(
+            StepsLast(model), inputs.transpose(1, 2), transposed_sequence(attributions, inputs), target,
+            perturbation=perturbation, n_perturb=n_perturb, noise_std=noise_std, patch_size=patch_size,
+            baseline=transposed_sequence(baseline, inputs) if isinstance(baseline, Tensor) else baseline,
+            normalize=normalize, output=output, seed=seed, blur_sigma=blur_sigma, batch_size=batch_size,
+            channels_first=True,
+        )  # fmt: skip
     target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     if not isinstance(perturbation, Tensor) and (n_perturb < 1 or patch_size < 1):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.layout import StepsLast
 from ..._internal.ops import pearson, spearman
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
@@ -31,11 +32,14 @@ from ._utils import (
     Target,
     expand_feature_mask,
     feature_relevance,
+    is_layout_substrate,
     make_substrate,
     output_scores,
     prepare_target,
     resize_nearest,
     row_blocks,
+    steps_last,
+    transposed_sequence,
     validate,
 )
 
@@ -175,6 +179,7 @@ def mufidelity(
     seed: int = 0,
     blur_sigma: float = 5.0,
     batch_size: BatchSize = "auto",
+    channels_first: bool | None = None,
 ) -> Tensor:
     """Correlation (B,) over random subsets between the summed attribution and the output drop.
 
@@ -188,7 +193,12 @@ def mufidelity(
         baseline: value of the features in S (a substrate spec: zeros, min, mean, blur, a float...).
         features: ``"element"`` (every input entry) or ``"pixel"`` (positions, channel-summed map).
         output: ``"logit"`` (Quantus, Xplique), ``"probability"`` or ``"sigmoid"`` (multi-label).
-        subsets: explicit subsets, indices (B, R, k) or booleans (B, R, n) over the features.
+        subsets: explicit subsets, indices (B, R, k) or booleans (B, R, n) over the features (of the inputs
+            as given, in any layout).
+        channels_first: how 3-D inputs are read when a setting runs along positions (blur or mean baselines,
+            ``features="pixel"``, grid cells): None decides from the model's first layer (a recurrent,
+            attention or linear layer reads (B,T,D) sequences: positions are the T steps), True (B,C,L),
+            False (B,T,D).
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if preset is not None:
@@ -206,11 +216,21 @@ def mufidelity(
         raise ValueError(f"correlation must be 'pearson' or 'spearman', got {correlation!r}.")
     if subsets is None and grid_size is not None and (grid_size < 1 or not 0 < drop_prob < 1):
         raise ValueError(f"grid subsets need grid_size >= 1 and drop_prob in (0, 1), got {grid_size} and {drop_prob}.")
+    if grid_size is not None and features == "auto":
+        features = "pixel"
+    validate(inputs, attributions)
+    layout = is_layout_substrate(baseline) or features == "pixel"
+    if subsets is None and steps_last(model, inputs, channels_first, layout):
+        return mufidelity(
+            StepsLast(model), inputs.transpose(1, 2), transposed_sequence(attributions, inputs), target,
+            correlation=correlation, n_subsets=n_subsets, subset_size=subset_size, grid_size=grid_size,
+            drop_prob=drop_prob, features=features, output=output, seed=seed, blur_sigma=blur_sigma,
+            baseline=transposed_sequence(baseline, inputs) if isinstance(baseline, Tensor) else baseline,
+            batch_size=batch_size, channels_first=True,
+        )  # fmt: skip
     target = prepare_target(model, inputs, target)
     validate(inputs, attributions, target)
     x = inputs.detach()
-    if grid_size is not None and features == "auto":
-        features = "pixel"
     rel, fmode = feature_relevance(attributions, x, features)
     b, n = rel.shape
     if subsets is not None:
