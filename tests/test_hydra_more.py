@@ -5,6 +5,7 @@ data sets (deterministic by seed, shapes masks matching the images)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import shlex
@@ -412,3 +413,33 @@ def test_split_fractions_checked(fractions):
     [0.5,0.3,0.3] silently trained on 40 %."""
     with pytest.raises(ValueError, match="fractions"):
         DigitsDataModule(fractions=fractions).setup("fit")
+
+
+@pytest.mark.parametrize("limits", [{"max_epochs": 3}, {"max_epochs": -1, "max_steps": 12}, {"max_steps": 12}])
+def test_cosine_schedule_anneals_once_over_the_run(limits):
+    """trainer.max_steps=12 trainer.max_epochs=-1 (or null) gave T_max=1 epoch: the rate swung between lr and 0."""
+    from explain_callbacks.models import MLP, LitClassifier
+
+    model = LitClassifier(MLP(4, 2, hidden=[8]), lr=1.0, lr_schedule="cosine")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **limits)
+    model.trainer = trainer
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    periods = limits.get("max_epochs", -1) if limits.get("max_epochs", -1) > 0 else limits["max_steps"]
+    assert conf["lr_scheduler"]["interval"] == ("epoch" if "max_steps" not in limits else "step")
+    rates = []
+    for _ in range(periods):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == 1.0 and all(a > b for a, b in itertools.pairwise(rates))  # one monotone decay over the run
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule_refuses_an_unbounded_run():
+    from explain_callbacks.models import MLP, LitClassifier
+
+    model = LitClassifier(MLP(4, 2, hidden=[8]), lr_schedule="cosine")
+    model.trainer = pl.Trainer(logger=False, max_epochs=-1, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="max_steps"):
+        model.configure_optimizers()

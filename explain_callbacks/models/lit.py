@@ -79,5 +79,14 @@ class LitClassifier(pl.LightningModule):
         if self.lr_schedule is None:
             return opt
         # cosine annealing to zero over the run: the last epochs settle instead of ending on an Adam spike
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(self.trainer.max_epochs or 1)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs > 0:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(max_epochs))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        # epochs unbounded (max_epochs=-1, or None with max_steps): anneal over the optimizer steps instead of
+        # a one-epoch period, whose cosine would swing the rate between lr and 0 every epoch
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 1:
+            raise ValueError("lr_schedule='cosine' needs a bounded run: set trainer.max_epochs or trainer.max_steps.")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
