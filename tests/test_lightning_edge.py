@@ -360,6 +360,29 @@ def test_spray_with_too_few_maps_per_class_says_so(tmp_path):
     assert spray.last_result == {}
 
 
+def test_lightning_module_compiled_whole(tmp_path):
+    """``trainer.fit(torch.compile(module))``: Lightning keeps the module and swaps in a compiled ``forward``. Was:
+    Grad-CAM "Layer Conv2d was not called by the model's forward pass" (hooks do not fire in compiled graphs),
+    gradient methods failing, and the regularizer stopping training ("compiled with non-empty donated buffers
+    which requires create_graph=False"). The callbacks now run the original forward; ``aot_eager`` compiles
+    through AOTAutograd as the default backend does, without generating code."""
+
+    def fit(folder, callbacks):
+        torch.manual_seed(0)
+        module = Lit()
+        _trainer(folder, callbacks).fit(torch.compile(module, backend="aot_eager"), *_loaders())
+        return module
+
+    base = fit(tmp_path / "a", [])
+    mon = AttributionMonitor(methods=["gradcam", "saliency"], num_samples=4, strict=True)
+    module = fit(tmp_path / "b", [mon, SaliencyMasker(num_samples=4, strict=True)])
+    _same_weights(base, module)
+    assert set(mon.last_scores) == {"gradcam", "saliency"}
+    assert module.forward is not module._compiler_ctx["original_forward"]  # the compiled forward is back
+    reg = AttributionRegularizer("rrr", weight=0.1, mask=lambda b: torch.ones_like(b[0]))
+    fit(tmp_path / "c", [reg])
+
+
 # --------------------------------------------------------------------------- regression guards (no fix needed)
 SETTINGS = {
     "bf16_mixed": {"precision": "bf16-mixed"},

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +30,7 @@ __all__ = [
     "check_forward",
     "class_indices",
     "compiled_children",
+    "eager_forward",
     "float_dtype",
     "non_default_settings",
     "resolve_model",
@@ -56,6 +58,32 @@ def uncompiled(model: nn.Module) -> nn.Module:
     if type(model).__name__ == "OptimizedModule" and isinstance(orig, nn.Module):
         return orig
     return model
+
+
+@contextlib.contextmanager
+def eager_forward(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a LightningModule that Lightning compiled (``trainer.fit(torch.compile(module))``) through its original
+    ``forward`` inside the block, and restore the compiled one after it.
+
+    Lightning's ``from_compiled`` keeps the module and replaces its ``forward`` (and steps) by compiled ones: the
+    methods' forward hooks did not fire inside them (Grad-CAM: "Layer Conv2d was not called by the model's
+    forward pass"), and penalties need double backward. Other modules are left alone.
+    """
+    ctx = getattr(module, "_compiler_ctx", None)
+    original = ctx.get("original_forward") if isinstance(ctx, dict) else None
+    if original is None:
+        yield module
+        return
+    missing = object()
+    saved = module.__dict__.get("forward", missing)
+    module.__dict__["forward"] = original
+    try:
+        yield module
+    finally:
+        if saved is missing:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = saved
 
 
 def compiled_children(model: nn.Module) -> list[str]:
@@ -470,7 +498,7 @@ class ProbeCallback(Callback):
         """Explain the probe set inside the guard, with the error policy applied."""
         assert self.probe_x is not None
         try:
-            with model_guard(pl_module):
+            with model_guard(pl_module), eager_forward(pl_module):
                 prepared: tuple[nn.Module, Tensor, Tensor | None, Tensor | None] | None = None
                 problem: Exception | None = None
                 try:

@@ -66,7 +66,7 @@ from ..distill.base import Student, build_student, infer_task, save_student, stu
 from ..distill.buffer import RingBuffer, gather_rows
 from ..distill.fidelity import fidelity, student_score
 from . import _logging
-from .base import check_forward, class_indices, float_dtype, non_default_settings, resolve_model
+from .base import check_forward, class_indices, eager_forward, float_dtype, non_default_settings, resolve_model
 
 __all__ = ["Distiller"]
 
@@ -420,7 +420,7 @@ class Distiller(Callback):
         )
         outs, feats = [], []
         try:
-            with model_guard(pl_module), torch.no_grad():
+            with model_guard(pl_module), eager_forward(pl_module), torch.no_grad():
                 device = pl_module.device
                 dtype = float_dtype(teacher) if x.is_floating_point() else None
                 first = detach_clone(x[:1], dtype).to(device)
@@ -548,7 +548,8 @@ class Distiller(Callback):
                 if not student.fitted:
                     continue
             elif student.needs_teacher:
-                with model_guard(pl_module):  # attributions/AWD use the teacher: guarded, grads enabled
+                # attributions/AWD use the teacher: guarded, grads enabled
+                with model_guard(pl_module), eager_forward(pl_module):
                     student.fit(X, out, teacher=teacher, feature_names=names)
             else:
                 with rng_guard():  # students use their own generators; the global RNG is restored regardless

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.outputs import OutputSpec, output_adapter
 from ..regularize.penalties import Penalty, build_penalty
-from .base import class_indices, uncompiled
+from .base import class_indices, eager_forward, uncompiled
 
 __all__ = ["AttributionRegularizer"]
 
@@ -180,7 +180,9 @@ class AttributionRegularizer(Callback):
         trainer = pl_module.trainer
         step = self._calls * max(1, trainer.world_size) + trainer.global_rank  # distinct draws per rank
         self._calls += 1
-        with output_adapter(model, self.output_key):  # the penalty's model calls see the scores
+        # the penalty's model calls see the scores, through the original forward of a LightningModule Lightning
+        # compiled (double backward does not go through compiled graphs)
+        with eager_forward(pl_module), output_adapter(model, self.output_key):
             if isinstance(self.penalty, Penalty):
                 r = self.penalty(model, inputs, targets, mask, step=step)
             else:

@@ -17,7 +17,7 @@ from .._internal.outputs import output_adapter
 from .._internal.targets import resolve_target
 from ..attribution.base import make_generator
 from ..attribution.blackbox.realtime import MaskerObjective, MaskingNetwork, RealTimeSaliency, train_masker_step
-from .base import ProbeCallback, check_forward, float_dtype, non_default_settings
+from .base import ProbeCallback, check_forward, eager_forward, float_dtype, non_default_settings
 
 __all__ = ["SaliencyMasker"]
 
@@ -204,7 +204,7 @@ class SaliencyMasker(ProbeCallback):
         model = self.model(pl_module)
         check_forward(model)
         # the classifier's own dtype (float64, bf16-true weights) and its scores (output_key, .logits)
-        with model_guard(pl_module), output_adapter(model, self.output_key):
+        with model_guard(pl_module), eager_forward(pl_module), output_adapter(model, self.output_key):
             check_floating(x)  # uint8 images: the masker multiplies and blurs them
             x = detach_clone(x, float_dtype(model)).to(pl_module.device)
             check_forward(model, x)
