@@ -295,6 +295,23 @@ def test_attribution_and_metric_group_configs_in_the_lists(clean_process):
     assert list(mon.methods) == ["rise", "hsic"] and mon.methods["rise"].n_masks == 50
 
 
+@pytest.mark.parametrize("group", ["attribution", "metric"])
+def test_every_attribution_and_metric_config_in_one_tiny_run(group, tmp_path, clean_process):
+    """Each conf/attribution and conf/metric config, as the README puts it in the monitor's lists, on 2 probes."""
+    names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    key = "methods" if group == "attribution" else "metrics"
+    listed = ",".join("${g_" + n + "}" for n in names)
+    over = [f"+{group}@g_{n}={n}" for n in names]
+    over += [f"callbacks.attribution.{key}=[{listed}]", "callbacks.attribution.num_samples=2", "data=shapes",
+             "callbacks.attribution.strict=true"]  # fmt: skip
+    metrics = _run(over, tmp_path)
+    if group == "attribution":
+        assert {k.split("/")[1] for k in metrics if k.endswith("/seconds")} >= set(names) - {"neflag"}
+    else:  # the monitor logs completeness_error, drift and sparseness itself (the configs are dropped with a warning)
+        done = {k.split("/")[2] for k in metrics if k.startswith("explain/saliency/")}
+        assert set(names) - {"completeness_error", "drift"} <= done
+
+
 def test_flags_first():
     assert TRAIN.flags_first(["t.py", "experiment=x", "-m", "seed=0,1"]) == ["t.py", "-m", "experiment=x", "seed=0,1"]
     assert TRAIN.flags_first(["t.py", "a=1"]) == ["t.py", "a=1"]
