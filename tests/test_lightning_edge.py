@@ -383,6 +383,23 @@ def test_lightning_module_compiled_whole(tmp_path):
     fit(tmp_path / "c", [reg])
 
 
+def test_interaction_pictures_and_acd_only_for_tensorboard(tmp_path, monkeypatch):
+    """Was: ACD hierarchies (and the matrix pictures) computed at every epoch under logger=False or CSVLogger,
+    where nothing takes them."""
+    from explain_callbacks.callbacks import interaction_monitor
+
+    calls, original = [], interaction_monitor.ACD.__call__
+    monkeypatch.setattr(
+        interaction_monitor.ACD, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    for logger in (False, CSVLogger(str(tmp_path / "csv")), TensorBoardLogger(str(tmp_path / "tb"))):
+        calls.clear()
+        mon = InteractionMonitor(num_samples=4, acd=True, strict=True)
+        _, tr = _fit(tmp_path, [mon], max_epochs=2, logger=logger)
+        assert "explain/cd/top_pair" in tr.callback_metrics
+        assert len(calls) == (2 if isinstance(logger, TensorBoardLogger) else 0)
+
+
 # --------------------------------------------------------------------------- regression guards (no fix needed)
 SETTINGS = {
     "bf16_mixed": {"precision": "bf16-mixed"},

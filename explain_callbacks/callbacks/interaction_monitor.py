@@ -13,7 +13,7 @@ from .. import viz
 from .._internal.config import to_plain
 from ..interaction import ACD, Groups, InteractionMethod, build_interaction, draw_hierarchy, top_pairs
 from ..interaction.base import GroupSpec, pair_index
-from ._logging import markdown_table
+from ._logging import markdown_table, tensorboard_writers
 from .base import ProbeCallback, non_default_settings
 
 __all__ = ["InteractionMonitor"]
@@ -115,6 +115,9 @@ class InteractionMonitor(ProbeCallback):
     ) -> None:
         model = self.model(pl_module)
         self.last_scores = {}
+        # text and pictures only where a TensorBoard writer takes them (rank zero): ACD hierarchies and the
+        # pictures were computed for nothing under CSVLogger or logger=False
+        draw = bool(tensorboard_writers(trainer))
         for name, method in self.methods.items():
 
             def run(method: InteractionMethod = method) -> Tensor:
@@ -134,11 +137,11 @@ class InteractionMonitor(ProbeCallback):
             self.log_scalar(pl_module, f"explain/{name}/seconds", seconds)
             for key in ("mean_abs", "top_pair", "consistency"):
                 self.log_scalar(pl_module, f"explain/{name}/{key}", summary[key])
-            if trainer.is_global_zero:
+            if draw:
                 self.log_text(trainer, f"explain/{name}/top_pairs", self.pair_table(summary, groups))
                 if self.log_images:
                     self._log_pictures(trainer, name, x, scores, summary, groups)
-        if self.acd_kwargs is not None and trainer.is_global_zero and self.log_images and x.ndim in (3, 4):
+        if self.acd_kwargs is not None and draw and self.log_images and x.ndim in (3, 4):
             self._log_acd(trainer, model, x, target)
 
     def summarise(self, scores: Tensor, groups: Groups) -> dict[str, Any]:
