@@ -67,12 +67,20 @@ def fit_net_to_data(model_cfg: DictConfig, datamodule: Any) -> list[str]:
             f"model.net ({net.get('_target_', '?')}) takes inputs with a channel axis, but the data module gives "
             f"flat {tuple(shape)} features: choose a network for tabular data, e.g. model=mlp."
         )
+    task = model_cfg.get("task")
+    if task is None and str(model_cfg.get("_target_", "")).endswith("LitClassifier"):
+        task = "classification"  # LitClassifier's default
+    if classes is not None and int(classes) == 1 and task is not None and task != "regression":
+        raise ValueError(
+            f"The data module has one real-valued target (a regression), but the model's task is {task!r}: add "
+            "++model.task=regression, or use model=nid_mlp."
+        )
     want: dict[str, int] = {}
     if "in_channels" in net:
         want["in_channels"] = int(shape[0])
     if "in_features" in net:
         want["in_features"] = math.prod(int(s) for s in shape)
-    if "num_classes" in net and classes is not None and int(classes) > 1:
+    if "num_classes" in net and classes is not None and int(classes) >= 1:
         want["num_classes"] = int(classes)
     changed = []
     for key, value in want.items():

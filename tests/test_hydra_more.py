@@ -171,6 +171,12 @@ def test_example_nets_fitted_to_the_data_but_explicit_values_kept(clean_process)
     assert cfg.model.net.in_channels == 3 and cfg.model.net.num_classes == 6
     cfg = _compose(["data=breast_cancer", "model=mlp"])
     assert TRAIN.fit_net_to_data(cfg.model, instantiate(cfg.data)) == []  # already right: nothing printed
+    cfg = _compose(["data=nid", "model=mlp"])  # a classifier on regression targets: cross-entropy's dtype error
+    with pytest.raises(ValueError, match=r"\+\+model\.task=regression"):
+        TRAIN.fit_net_to_data(cfg.model, instantiate(cfg.data))
+    cfg = _compose(["data=nid", "model=mlp", "++model.task=regression"])
+    changed = TRAIN.fit_net_to_data(cfg.model, instantiate(cfg.data))
+    assert changed == ["model.net.in_features=10", "model.net.num_classes=1"]
     cfg = _compose(["data=breast_cancer"])  # the CNN on 30 features: conv2d's shape error deep in fit before
     with pytest.raises(ValueError, match="model=mlp"):
         TRAIN.fit_net_to_data(cfg.model, instantiate(cfg.data))
