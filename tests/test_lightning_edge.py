@@ -444,7 +444,8 @@ def test_validate_test_predict_without_fit_and_fit_twice(tmp_path):
     module = Lit()
     train, val = _loaders()
     tr = _trainer(tmp_path, cbs)
-    (out,) = tr.validate(module, val)
+    with pytest.warns(UserWarning, match="SaliencyMasker has no trained masker"):  # was silent
+        (out,) = tr.validate(module, val)
     assert "explain/ig/deletion" in out and "explain/cd/top_pair" in out
     (out,) = tr.test(module, val)
     assert "explain/ig/drift" in out and out["explain/ig/drift"] == pytest.approx(1.0)  # same weights, same maps

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -248,8 +249,15 @@ class SaliencyMasker(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
         if self.masker is None:
-            if self._pending is None:
-                return  # not trained yet (e.g. before start_epoch)
+            if self._pending is None:  # not trained yet (before start_epoch, or validate()/test() without a fit)
+                if trainer.state.fn != TrainerFn.FITTING:  # was silent: nothing logged, no word why
+                    self.warn_failure(
+                        ("untrained",),
+                        "SaliencyMasker has no trained masker to explain with: it trains during trainer.fit (from "
+                        f"start_epoch={self.start_epoch}); fit with it attached, or resume from a checkpoint that "
+                        "holds its state.",
+                    )
+                return
             self._build(pl_module, x)
         if target is None:
             raise ValueError("SaliencyMasker needs class targets for the probe set (target='label' or 'prediction').")
