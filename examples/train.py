@@ -121,10 +121,13 @@ def build_list(group: DictConfig | None) -> list:
 
 
 def _shown_path(path: str) -> str:
-    """``path`` relative to the directory the command was started in (Hydra may have changed into the run's)."""
+    """``path`` relative to the directory the command was started in (Hydra may have changed into the run's),
+    or absolute when it lies outside that directory (``hydra.run.dir=/elsewhere``)."""
     hc = _hydra_config()
     start = hc.runtime.cwd if hc is not None else os.getcwd()
-    return os.path.relpath(os.path.join(os.getcwd(), path), start)
+    full = os.path.abspath(os.path.join(os.getcwd(), path))
+    shown = os.path.relpath(full, start)
+    return full if shown.startswith(os.pardir) else shown
 
 
 def can_test(model: pl.LightningModule, datamodule: Any) -> str | None:

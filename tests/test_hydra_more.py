@@ -338,6 +338,15 @@ def test_sweep_written_as_in_the_readme_from_another_directory(tmp_path):
         assert list((tmp_path / path).glob("events.out.tfevents.*")), path
 
 
+def test_shown_log_directory(tmp_path, monkeypatch, clean_process):
+    cfg = _compose([])
+    start = Path(cfg.hydra.runtime.cwd)
+    assert TRAIN._shown_path(str(start / "logs" / "x")) == os.path.join("logs", "x")
+    monkeypatch.chdir(tmp_path)  # hydra.job.chdir=true: the process runs in the run directory
+    assert TRAIN._shown_path("tensorboard") == str(tmp_path / "tensorboard")  # outside the start: absolute
+    assert Path(start, TRAIN._shown_path(str(tmp_path / "tb"))).resolve() == (tmp_path / "tb").resolve()
+
+
 def test_copied_script_uses_the_packaged_configs(tmp_path):
     shutil.copy(ROOT / "examples" / "train.py", tmp_path / "train.py")
     out = subprocess.run([sys.executable, "train.py", "data=shapes", "--cfg", "job"], capture_output=True, text=True,
