@@ -310,8 +310,12 @@ def test_mixin_draws_per_batch_under_gradient_accumulation(tmp_path):
     """Was: ``step=trainer.global_step``, so the two batches of an accumulated step drew the same random points
     (seeds 0, 0, 1, 1, ...); now one per batch, as the callback's (and resumable: the batch count is restored)."""
     module, _ = _fit(tmp_path, make=MixinModule, max_epochs=2, accumulate_grad_batches=2, logger=False)
-    pen = module.penalties["steps"][0]
-    assert pen.seeds == list(range(8))
+    assert module.penalties["steps"][0].seeds == list(range(8))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path / "a", [ckpt], make=MixinModule, max_epochs=1, accumulate_grad_batches=2)
+    resumed, _ = _fit(tmp_path / "b", make=MixinModule, max_epochs=2, accumulate_grad_batches=2,
+                      fit_kw={"ckpt_path": str(tmp_path / "ckpt" / "last.ckpt")})  # fmt: skip
+    assert resumed.penalties["steps"][0].seeds == list(range(4, 8))  # the draws of the uninterrupted run
 
 
 class Counting(AttributionMonitor):
