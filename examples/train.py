@@ -1,7 +1,7 @@
 """Main job: train an example model with explaining callbacks, configured by Hydra, logged to TensorBoard.
 
 python examples/train.py                                   # digits CNN, default callbacks
-python examples/train.py callbacks.attribution.methods=[ig,smoothgrad] trainer.max_epochs=5
+python examples/train.py 'callbacks.attribution.methods=[ig,smoothgrad]' trainer.max_epochs=5
 python examples/train.py data=breast_cancer model=mlp
 python examples/train.py data=shapes                       # the example nets take their sizes from the data
 python examples/train.py '~model' +model._target_=my_pkg.MyModule   # your own LightningModule
