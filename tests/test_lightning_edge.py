@@ -337,6 +337,9 @@ def test_every_n_epochs_with_check_val_every_n_epoch(tmp_path):
     every2 = Counting(every_n_epochs=2)
     _fit(tmp_path / "b", [every2], max_epochs=6, check_val_every_n_epoch=1)
     assert every2.calls == [1, 3, 5]
+    smoke = Counting(every_n_epochs=5)  # fast_dev_run tries every code path: it explains (was skipped)
+    _fit(tmp_path / "d", [smoke], fast_dev_run=True)
+    assert smoke.calls == [0]
     never = Counting(every_n_epochs=5)  # 3 epochs never reach epoch 5: now said at the end of fit
     with pytest.warns(UserWarning, match="explained nothing during fit: every_n_epochs=5 was not reached in 3 epochs"):
         _fit(tmp_path / "c", [never], max_epochs=3)

@@ -431,7 +431,9 @@ class ProbeCallback(Callback):
     def is_due(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate()/test(): always explain
+        if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
+            # trainer.validate()/test() always explain; so does fast_dev_run, a smoke test of every code path
+            # (was: every_n_epochs=5, the configs' default, skipped the explanation it should try)
             return True
         # The first validation at or after each multiple of every_n_epochs: a multiple of n among the epochs
         # since the previous validation, c = check_val_every_n_epoch epochs ago ((epoch + 1) % n == 0 for c = 1).
