@@ -349,9 +349,10 @@ def test_every_n_epochs_with_check_val_every_n_epoch(tmp_path):
 def test_fast_dev_run_writes_no_distiller_files(tmp_path, monkeypatch):
     """Was: the students exported to ``<cwd>/distill`` by a debugging run (Lightning writes nothing then)."""
     monkeypatch.chdir(tmp_path)
-    dist = Distiller(students=["tree"], strict=True)  # export=True, export_dir from the (disabled) logger
-    _fit(tmp_path, [dist], fast_dev_run=True)
+    dist = Distiller(students=["tree"], every_n_epochs=5, strict=True)  # export=True, dir from the disabled logger
+    _, tr = _fit(tmp_path, [dist], fast_dev_run=True)
     assert dist.exported == {} and [h["epoch"] for h in dist.history] == [0]
+    assert "explain/distill/tree/fidelity" in tr.callback_metrics  # logged although every_n_epochs=5 (smoke test)
     assert list(tmp_path.rglob("*")) == []
 
 

@@ -440,7 +440,8 @@ class Distiller(Callback):
 
     # ------------------------------------------------------------------ fitting
     def is_due(self, trainer: pl.Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        # fast_dev_run tries every code path, the logging of a fit included, whatever every_n_epochs
+        return bool(trainer.fast_dev_run) or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._fitting(trainer):
