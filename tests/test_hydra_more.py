@@ -482,3 +482,20 @@ def test_cosine_schedule_refuses_an_unbounded_run():
     model.trainer = pl.Trainer(logger=False, max_epochs=-1, enable_progress_bar=False)
     with pytest.raises(ValueError, match="max_steps"):
         model.configure_optimizers()
+
+
+def test_validation_schedule_does_not_move_training(clean_process):
+    """Evaluation loaders drew their iterator seed from the global RNG, so validating every epoch or every second
+    one gave different dropout masks and different weights."""
+    from explain_callbacks.models import LitClassifier, SmallCNN
+
+    def weights(every: int) -> torch.Tensor:
+        pl.seed_everything(0, verbose=False)
+        dm = DigitsDataModule(seed=0, batch_size=32)
+        model = LitClassifier(SmallCNN(width=4, dropout=0.5))
+        pl.Trainer(max_epochs=2, check_val_every_n_epoch=every, limit_train_batches=2, limit_val_batches=1,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0).fit(model, dm)  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(weights(1), weights(2))
