@@ -21,6 +21,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -281,6 +282,26 @@ def test_regularizer_warmup_by_epochs_without_batch_idx(tmp_path):
         _fit(tmp_path / make.__name__, [reg], make=make, max_epochs=2)
         weights[make] = reg.seen
     assert weights[BatchOnly] == weights[Lit] == pytest.approx([i / 8 for i in range(1, 9)])
+
+
+def test_regularizer_warmup_by_epochs_on_a_stream_names_warmup_steps(tmp_path):
+    """An IterableDataset without length: was a warm-up "over 2 epochs" finished after 2 batches
+    (num_training_batches is inf, read as 1 batch per epoch). Now a clear error; warmup_steps works."""
+    x, y = _data()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x[:32], y[:32]))
+
+    def loaders():
+        return DataLoader(Stream(), batch_size=8), _loaders()[1]
+
+    reg = AttributionRegularizer("eg_mask", warmup_epochs=2, mask=lambda b: torch.ones_like(b[0]))
+    with pytest.raises(MisconfigurationException, match=r"warmup_epochs=2\.0 needs the number of training batches"):
+        _fit(tmp_path / "a", [reg], loaders=loaders)
+    reg = Recording("eg_mask", warmup_steps=8, mask=lambda b: torch.ones_like(b[0]))
+    _fit(tmp_path / "b", [reg], loaders=loaders)
+    assert reg.seen == pytest.approx([i / 8 for i in range(1, 9)])
 
 
 class StepRecorder(Penalty):

@@ -205,6 +205,16 @@ class AttributionRegularizer(Callback):
         _install(pl_module, self)
         self._installed_on = pl_module
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = trainer.num_training_batches
+        if self.warmup_epochs and not (isinstance(n, int) and n > 0):
+            # was: progress = epoch + (batch_idx + 1) / 1, so "warmup_epochs=2" ended after 2 batches
+            raise MisconfigurationException(
+                f"AttributionRegularizer {self.name!r}: warmup_epochs={self.warmup_epochs} needs the number of "
+                f"training batches per epoch, and the training loader has none ({n}: an IterableDataset without "
+                "__len__?). Warm up by optimizer steps instead: warmup_steps=..."
+            )
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._uninstall()
