@@ -164,10 +164,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-            if log_dir:
-                log_dir = _shown_path(log_dir)
+            if not log_dir:
+                continue
+            log_dir = _shown_path(log_dir)
+            if isinstance(logger, pl.loggers.TensorBoardLogger):
                 print(f"\nTensorBoard logs written to: {log_dir}")
                 print(f"Open them with:  tensorboard --logdir {log_dir}   (then browse http://localhost:6006)")
+            else:  # CSVLogger, ...: not for TensorBoard
+                print(f"\n{type(logger).__name__} logs written to: {log_dir}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     # Under DDP Lightning leaves the process group alive; gloo torn down at interpreter exit can abort
     # the process after a finished run ("terminate called without an active exception").

@@ -354,6 +354,13 @@ def test_shown_log_directory(tmp_path, monkeypatch, clean_process):
     assert Path(start, TRAIN._shown_path(str(tmp_path / "tb"))).resolve() == (tmp_path / "tb").resolve()
 
 
+def test_other_loggers_are_not_announced_as_tensorboard(tmp_path, clean_process, capsys):
+    _run(["+logger.csv._target_=lightning.pytorch.loggers.CSVLogger", f"+logger.csv.save_dir={tmp_path}/csv"], tmp_path)
+    out = capsys.readouterr().out
+    assert "TensorBoard logs written to" in out and "CSVLogger logs written to" in out
+    assert not re.search(r"TensorBoard logs written to: \S*csv", out)
+
+
 def test_copied_script_uses_the_packaged_configs(tmp_path):
     shutil.copy(ROOT / "examples" / "train.py", tmp_path / "train.py")
     out = subprocess.run([sys.executable, "train.py", "data=shapes", "--cfg", "job"], capture_output=True, text=True,
