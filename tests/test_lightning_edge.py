@@ -2,13 +2,17 @@
 
 Broke before: a validation batch the Distiller cannot read stopped training (strict=False); two callbacks of one
 type with different settings (InteractionMonitor grids, Distiller buffers, SaliencyMasker widths, IG step
-counts) could not be given to one Trainer ("Found more than one stateful callback"); a method or metric that
-fails on every epoch warned on every epoch; the regularizer's warm-up by epochs stalled for a
-``training_step(self, batch)``; the RegularizerMixin's random penalties drew the same points for the batches of
-one accumulated step. Checked without a fix needed (regression guards, bit-identical weights with and without
-the callbacks): bf16 mixed precision, several validation loaders, two optimisers, EarlyStopping with
-ModelCheckpoint, TensorBoard with CSV, validation by steps across epochs, no validation_step,
-validate/test/predict without fit and fit twice, and the drift after a resume equal to that of the run
+counts) could not be given to one Trainer ("Found more than one stateful callback"); a method, metric or
+Distiller step that fails on every epoch warned on every epoch (or batch); the regularizer's warm-up by epochs
+stalled for a ``training_step(self, batch)`` and ended after ``warmup_epochs`` batches on a loader without
+length; the RegularizerMixin's random penalties drew the same points for the batches of one accumulated step;
+``every_n_epochs`` with ``check_val_every_n_epoch`` could never be due; fast_dev_run skipped due-later
+explanations and wrote the Distiller's export; ``trainer.fit(torch.compile(module))`` broke Grad-CAM and the
+penalties; ACD ran without a TensorBoard logger to take it; SpRAy with too few maps per class and a masker
+without training said nothing. Checked without a fix needed (regression guards, bit-identical weights with
+and without the callbacks): bf16 mixed precision, several validation loaders, two optimisers, EarlyStopping
+with ModelCheckpoint, TensorBoard with CSV, validation by steps across epochs, no validation_step,
+validate/test/predict without fit and fit twice, and the scores after a resume equal to those of the run
 without interruption.
 """
 
