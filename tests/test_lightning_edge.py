@@ -214,24 +214,34 @@ def test_two_callbacks_of_one_type_with_different_settings_checkpoint_and_resume
         assert [p.shape for p in after.masker.parameters()] == [p.shape for p in before.masker.parameters()]
 
 
-def test_a_checkpoint_with_the_former_state_key_still_restores(tmp_path):
-    """Checkpoints written before the settings joined the key hold the state under the former key
-    (``_legacy_state_key``): Lightning looks it up there."""
-    mon = InteractionMonitor(num_samples=4, groups=2, strict=True)
-    assert mon.state_key != mon._legacy_state_key
+def test_a_checkpoint_with_the_former_state_keys_still_restores(tmp_path):
+    """Checkpoints written before the settings joined the keys hold the states under the former keys
+    (``_legacy_state_key``): Lightning looks them up there. The configs' defaults (IG as a mapping, a Distiller
+    every 5 epochs) have new keys, so their earlier checkpoints take this path."""
+
+    def callbacks():
+        return [
+            InteractionMonitor(num_samples=4, groups=2, strict=True),
+            AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
+            Distiller(students=["tree"], every_n_epochs=5, export=False, strict=True),
+            SaliencyMasker(num_samples=4, width=4, strict=True),
+        ]
+
+    first = callbacks()
+    assert all(cb.state_key != cb._legacy_state_key for cb in first)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _fit(tmp_path / "a", [mon, ckpt], max_epochs=1)
+    _fit(tmp_path / "a", [*first, ckpt], max_epochs=1)
     path = tmp_path / "ckpt" / "last.ckpt"
     state = torch.load(path, weights_only=False)
-    state["callbacks"] = {
-        (mon._legacy_state_key if k == mon.state_key else k): v for k, v in state["callbacks"].items()
-    }  # as an older version wrote it
+    legacy = {cb.state_key: cb._legacy_state_key for cb in first}
+    state["callbacks"] = {legacy.get(k, k): v for k, v in state["callbacks"].items()}  # as an older version wrote it
     torch.save(state, path)
-    again = InteractionMonitor(num_samples=4, groups=2, strict=True)
+    again = callbacks()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning notes the keys it found no callback for (the former one too)
-        _fit(tmp_path / "b", [again], max_epochs=2, fit_kw={"ckpt_path": str(path)})
-    assert torch.equal(again.probe_x, mon.probe_x)
+        warnings.simplefilter("ignore")  # Lightning notes the keys it found no callback for (the former ones too)
+        _fit(tmp_path / "b", again, max_epochs=2, fit_kw={"ckpt_path": str(path)})
+    assert torch.equal(again[0].probe_x, first[0].probe_x) and torch.equal(again[1].probe_x, first[1].probe_x)
+    assert len(again[2].buffer) == 64 and again[3]._steps == 8  # 32 rows and 4 steps restored, as many added
 
 
 class Boom:
