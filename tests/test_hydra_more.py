@@ -91,6 +91,25 @@ class MyData(pl.LightningDataModule):
     val_dataloader = test_dataloader = train_dataloader
 
 
+class MyDictImages(pl.LightningDataModule):
+    """Dict batches {"image", "label"} (as from Hugging Face data sets), declaring input_shape and num_classes."""
+
+    input_shape = (3, 16, 16)
+    num_classes = 5
+
+    def __init__(self, n: int = 40) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.rand(n, *self.input_shape, generator=g)
+        self.y = torch.randint(0, self.num_classes, (n,), generator=g)
+
+    def train_dataloader(self):
+        rows = [{"image": x, "label": y} for x, y in zip(self.x, self.y, strict=True)]
+        return DataLoader(rows, batch_size=8)
+
+    val_dataloader = test_dataloader = train_dataloader
+
+
 class MyTrainOnly(MyModule):
     """A module with training and validation steps only (many are)."""
 
@@ -266,6 +285,14 @@ def test_own_modules_without_test_step_or_test_data(model, data, tmp_path, clean
     assert "explain/saliency/sparseness" in metrics and "test/loss" not in metrics
     out = capsys.readouterr().out
     assert "Test skipped" in out and "TensorBoard logs written to" in out
+
+
+def test_own_dict_batch_data_on_the_example_cnn(tmp_path, clean_process, capsys):
+    """LitClassifier read dict batches only as {'x', 'y'}: KeyError 'x' on {'image', 'label'} batches."""
+    metrics = _run(["~data", f"+data._target_={__name__}.MyDictImages", "callbacks.attribution.strict=true",
+                    "callbacks.attribution.every_n_epochs=1"], tmp_path)  # fmt: skip
+    assert "explain/ig/sparseness" in metrics and "test/acc" in metrics
+    assert "model.net.in_channels=3 model.net.num_classes=5" in capsys.readouterr().out
 
 
 def test_replacing_only_target_names_the_fix(clean_process):

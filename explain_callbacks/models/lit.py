@@ -9,12 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._internal.batch import BatchAdapter
+
 __all__ = ["LitClassifier"]
+
+_BATCH = BatchAdapter()
 
 
 class LitClassifier(pl.LightningModule):
     """Wraps ``net``; batches are tuples/lists whose first two items are inputs and labels (more items,
-    e.g. masks, are ignored) or dicts with keys ``x`` and ``y``.
+    e.g. masks, are ignored) or dicts with keys such as ``x``/``image`` and ``y``/``label``.
 
     Logs ``train/loss``, ``val/loss``, ``val/acc`` (classification) and the test counterparts.
     ``lr_schedule="cosine"`` anneals the learning rate to zero over ``trainer.max_epochs``.
@@ -45,9 +49,16 @@ class LitClassifier(pl.LightningModule):
 
     @staticmethod
     def unpack(batch: Any) -> tuple[Tensor, Tensor]:
-        if isinstance(batch, dict):
-            return batch["x"], batch["y"]
-        return batch[0], batch[1]
+        """Inputs and labels, found as the monitors find them: items 0 and 1 of a tuple/list, or the dict keys
+        ``x``/``input``/``image``/... and ``y``/``label``/``target``/... (a dict batch from a user's data module
+        needed exactly ``x`` and ``y`` before)."""
+        x, y = _BATCH(batch)
+        if y is None:
+            raise KeyError(
+                f"LitClassifier found no labels in a batch of type {type(batch).__name__}: give (x, y, ...) tuples "
+                f"or dicts with one of the keys {', '.join(BatchAdapter._LABEL_KEYS)}."
+            )
+        return x, y
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         if self.task == "regression":
