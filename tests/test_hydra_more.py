@@ -352,6 +352,18 @@ def test_every_attribution_and_metric_config_in_one_tiny_run(group, tmp_path, cl
         assert set(names) - {"completeness_error", "drift"} <= done
 
 
+@pytest.mark.parametrize("name", ["attribution", "interaction", "spray", "saliency_masker", "distiller", "rrr"])
+def test_batch_and_model_keys_settable_without_plus(name, clean_process):
+    """The README's input_key / label_key / mask_key / model_attr / output_key needed '+callbacks...' (the
+    configs did not list them: 'Key mask_key is not in struct')."""
+    keys = {"input_key": 0, "label_key": 1, "model_attr": "net", "output_key": 0}
+    if name not in ("distiller", "rrr"):
+        keys["mask_key"] = 2
+    cfg = _compose([f"callbacks={name}", *(f"callbacks.{name}.{k}={v}" for k, v in keys.items())])
+    (cb,) = TRAIN.build_list(cfg.callbacks)
+    assert cb.model_attr == "net"
+
+
 def test_flags_first():
     assert TRAIN.flags_first(["t.py", "experiment=x", "-m", "seed=0,1"]) == ["t.py", "-m", "experiment=x", "seed=0,1"]
     assert TRAIN.flags_first(["t.py", "a=1"]) == ["t.py", "a=1"]
