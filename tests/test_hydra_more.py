@@ -327,6 +327,13 @@ def test_typos_in_short_names_list_the_valid_ones(overrides, match, clean_proces
         TRAIN.build_list(cfg.callbacks)
 
 
+def test_one_metric_without_brackets(clean_process):
+    """callbacks.attribution.metrics=deletion (a string) was split into letters: "Unknown metric 'd'"."""
+    cfg = _compose(["callbacks.attribution.metrics=deletion", "callbacks.attribution.methods=ig"])
+    (mon,) = TRAIN.build_list(cfg.callbacks)
+    assert mon.metric_names == ["deletion"] and list(mon.methods) == ["ig"]
+
+
 def test_attribution_and_metric_group_configs_in_the_lists(clean_process):
     cfg = _compose(["+attribution@rise=rise", "+attribution@hsic=hsic", "rise.n_masks=50",
                     "callbacks.attribution.methods=[${rise},${hsic}]", "+metric=deletion", "metric.n_steps=8",

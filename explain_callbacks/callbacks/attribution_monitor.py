@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
-from .._internal.config import to_plain
+from .._internal.config import spec_list, to_plain
 from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
@@ -79,7 +79,7 @@ class AttributionMonitor(ProbeCallback):
                 self._method_settings[name] = {k: v for k, v in spec.items() if k != "name"}
         self.metric_specs = []
         self.metric_names: list[str] = []  # the tag of each selected metric, unique: 'randomisation', 'randomisation_2'
-        for spec in list(to_plain(metrics) or []):
+        for spec in spec_list(metrics):
             name = self._metric_name(self._build_metric(spec))  # fails fast on unknown names
             if name in self.BUILTIN_SCORES:
                 rank_zero_warn(f"AttributionMonitor logs '{name}' for every method already; metric {name!r} dropped.")
