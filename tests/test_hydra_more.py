@@ -313,6 +313,18 @@ def test_own_config_dir(tmp_path, clean_process):
     assert isinstance(instantiate(cfg.model), MyModule) and isinstance(instantiate(cfg.data), MyData)
 
 
+def test_own_hydra_project_with_the_packaged_configs(tmp_path):
+    """The README's snippet: a primary config of one's own, the package's groups through the search path."""
+    (tmp_path / "config.yaml").write_text(
+        "defaults:\n  - data: digits\n  - model: cnn\n  - callbacks: default\n  - _self_\nseed: 0\n"
+        "hydra:\n  searchpath:\n    - pkg://explain_callbacks.conf\n"
+    )
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("config", overrides=["data=shapes", "callbacks.attribution.metrics=[pointing_game]"])
+    assert instantiate(cfg.data).input_shape == (3, 32, 32)
+    assert instantiate(cfg.callbacks.attribution).metric_names == ["pointing_game"]
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
