@@ -354,17 +354,29 @@ def test_attribution_and_metric_group_configs_in_the_lists(clean_process):
     assert list(mon.methods) == ["rise", "hsic"] and mon.methods["rise"].n_masks == 50
 
 
-@pytest.mark.parametrize("group", ["attribution", "metric"])
+@pytest.mark.parametrize("group", ["attribution", "metric", "interaction"])
 def test_every_attribution_and_metric_config_in_one_tiny_run(group, tmp_path, clean_process):
-    """Each conf/attribution and conf/metric config, as the README puts it in the monitor's lists, on 2 probes."""
-    names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    key = "methods" if group == "attribution" else "metrics"
+    """Each conf/attribution, conf/metric and conf/interaction config, as the README puts them in the monitors'
+    lists, on 2 probes."""
+    names = sorted(p.stem for p in (CONF / group).glob("*.yaml") if p.stem != "acd")
+    key = "methods" if group != "metric" else "metrics"
+    cb = "interaction" if group == "interaction" else "attribution"
     listed = ",".join("${g_" + n + "}" for n in names)
     over = [f"+{group}@g_{n}={n}" for n in names]
-    over += [f"callbacks.attribution.{key}=[{listed}]", "callbacks.attribution.num_samples=2", "data=shapes",
-             "callbacks.attribution.strict=true"]  # fmt: skip
+    over += [f"callbacks.{cb}.{key}=[{listed}]", f"callbacks.{cb}.num_samples=2", "data=shapes",
+             f"callbacks.{cb}.strict=true"]  # fmt: skip
+    if group == "interaction":  # budgets cut: 15 s to 50 s at the configs' settings on 3-channel images
+        over = [o.replace("data=shapes", "data=digits") for o in over]
+        over += ["callbacks=interaction", "callbacks.interaction.every_n_epochs=5", "g_integrated_hessians.n_steps=2",
+                 "g_sobol.n_designs=8", "g_hsic.n_designs=64"]  # fmt: skip
     metrics = _run(over, tmp_path)
-    if group == "attribution":
+    if group == "interaction":
+        assert {k.split("/")[1] for k in metrics if k.endswith("/seconds")} == set(names)
+        # ACD settings as the config's comment writes them (composed only: ACD takes ~20 s per sample here)
+        cfg = _compose(["callbacks=interaction", "callbacks.interaction.acd={tile:1,percentile:99}"])
+        (mon,) = TRAIN.build_list(cfg.callbacks)
+        assert mon.acd_kwargs == {"tile": 1, "percentile": 99}
+    elif group == "attribution":
         assert {k.split("/")[1] for k in metrics if k.endswith("/seconds")} >= set(names) - {"neflag"}
     else:  # the monitor logs completeness_error, drift and sparseness itself (the configs are dropped with a warning)
         done = {k.split("/")[2] for k in metrics if k.startswith("explain/saliency/")}
