@@ -126,7 +126,10 @@ def _shown_path(path: str) -> str:
     hc = _hydra_config()
     start = hc.runtime.cwd if hc is not None else os.getcwd()
     full = os.path.abspath(os.path.join(os.getcwd(), path))
-    shown = os.path.relpath(full, start)
+    try:
+        shown = os.path.relpath(full, start)
+    except ValueError:  # another drive (Windows)
+        return full
     return full if shown.startswith(os.pardir) else shown
 
 
