@@ -158,6 +158,7 @@ def _run(overrides, tmp_path: Path) -> dict[str, float]:
         ["data=color_digits"],
         ["data=shapes"],
         ["experiment=nid", "data.n_samples=300"],
+        ["data=signals", "model=mlp", "data.n_samples=300"],
     ],
     ids=lambda o: " ".join(o) or "default",
 )
