@@ -59,7 +59,8 @@ class PerturbationAttributor(Attributor):
     def __call__(
         self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None, *, create_graph: bool = False
     ) -> Tensor:
-        steps_first = self.step_masks and inputs.ndim == 3 and not create_graph  # (create_graph raises below)
+        # create_graph and non-tensor inputs take the usual path, which raises the usual errors
+        steps_first = self.step_masks and isinstance(inputs, Tensor) and inputs.ndim == 3 and not create_graph
         if not steps_first or reads_channels_first(model, inputs, self.channels_first):
             return super().__call__(model, inputs, target, create_graph=create_graph)
         tgt = self._prepare(model, inputs, target)
