@@ -173,8 +173,9 @@ def test_maxpool_gathers_at_argmax_of_sum_and_bn_rule():
     rel, irr = lin_rule(m * x, (1 - m) * x, lambda t: F.conv2d(t, conv.weight), conv.bias.view(1, -1, 1, 1))
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
     shift = bn.bias.view(1, -1, 1, 1) - bn.running_mean.view(1, -1, 1, 1) * scale
-    r, i = rel * scale, irr * scale
-    new_rel = r + shift * (r.abs() + 1e-20) / (r.abs() + i.abs() + 2e-20)
+    r, i = (rel * scale + shift) - shift, (irr * scale + shift) - shift  # bn(β) − bn(0), as the reference
+    share = r.abs() / (r.abs() + i.abs())
+    new_rel = r + shift * share.nan_to_num(nan=0.0)  # no ε: 0/0 gives β nothing
     irr = bn(rel + irr) - new_rel
     rel = new_rel
     rel, irr = F.relu(rel), F.relu(rel + irr) - F.relu(rel)

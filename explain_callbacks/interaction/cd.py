@@ -16,7 +16,13 @@ not the Shapley average of the paper's appendix:
 - Max-pool: the arg-max of ``β + γ``; both streams are gathered there.
 - Avg-pool, adaptive avg-pool, dropout (eval), flatten / view / reshape / permute, slicing,
   concatenation, sums and means: each stream alone (linear, bias-free maps).
-- BatchNorm (eval): bias split like a linear layer for β, then ``γ' = bn(β + γ) − β'``.
+- BatchNorm (eval, ``propagate_batchnorm2d``): ``y = s·x + t``; ``r = bn(β) − bn(0)``, ``i = bn(γ) − bn(0)``,
+  ``β' = r + t·|r|/(|r| + |i|)``, ``γ' = bn(β + γ) − β'``. Unlike the linear rule the share has no
+  ``+1e-20``: where both streams vanish (after a ReLU, where the ~1e-20 leftovers of the linear rule's ε
+  round away in ``bn(β) − bn(0)``) β gets nothing and the whole shift t goes to γ. We follow this
+  exactly (checked against the ``acd`` package); one consequence is that S = everything leaves
+  ``γ = t`` at the units a ReLU zeroed before a BatchNorm, so ``γ_L = 0`` there holds only for
+  networks without that pattern.
 - LSTM: the gate linearisation of Murdoch et al. 2018 (the reference ``cd_text``): each gate
   pre-activation is split into (relevant, irrelevant, bias) parts and the sigmoid/tanh is split by
   the two-ordering Shapley average of ``propagate_three``; the cell keeps ``β_c·(rf + bf)`` and the
@@ -26,9 +32,15 @@ Extensions beyond the reference code (documented as ours):
 
 - Residual additions of two decomposed tensors add the streams; adding a constant (a tensor that
   does not depend on the input) splits it like a bias.
-- LayerNorm: mean and standard deviation are those of the true activation ``β + γ``; each stream is
-  centred by its own mean and scaled by that deviation (exact, linear given the statistics), and
-  the affine bias is split like a linear layer's.
+- LayerNorm, GroupNorm, InstanceNorm (per-sample statistics; modules and ``F.layer_norm``,
+  ``F.group_norm``, ``F.instance_norm``): the reference BatchNorm rule with the statistics of the true
+  activation. The deviation σ is that of ``β + γ`` over each normalised group; the mean, a linear
+  function of the input, is taken from each stream separately, ``r = (β − mean β)·w/σ``,
+  ``i = (γ − mean γ)·w/σ`` (exact: centring is linear); the affine bias, the only constant, is split
+  as the BatchNorm rule splits its shift (0/0 gives β nothing), and ``γ' = norm(β + γ) − β'``. So
+  β + γ is the true activation, S = everything gives γ = 0 after these layers even behind a ReLU,
+  and S = nothing gives β = 0. InstanceNorm with running statistics in eval mode is the BatchNorm
+  rule itself; running statistics are never updated.
 - A product of two decomposed tensors keeps ``β₁ ⊙ β₂`` in β; every cross term goes to γ.
 - LSTM bias-by-bias term ``b_i ⊙ b_g``: the reference code gives it to β when the word at step t
   belongs to the phrase. Here the layer input at step t may be only partly in S, so the term is
@@ -191,8 +203,31 @@ def _maxpool(x: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tenso
     return _gather_pool(x, idx)
 
 
+def _split_shift(r: Tensor, i: Tensor, shift: Tensor | None, out: Tensor) -> Decomposition:
+    """The reference ``propagate_batchnorm2d`` split of a normalisation's constant shift t.
+
+    With ``r``, ``i`` the streams through the normalisation's linear part: ``r̃ = (r + t) − t`` (the
+    reference's ``bn(β) − bn(0)``), ``ĩ`` likewise, ``β' = r̃ + t·|r̃|/(|r̃| + |ĩ|)`` and ``γ' = out − β'``
+    (``out`` the true activation, so β + γ is exact). Unlike the linear rule there is no ``+1e-20``:
+    where both streams vanish the share of β is 0 (the reference replaces 0/0 = NaN by 0) and the whole
+    shift goes to γ. After a ReLU both streams hold only the ~1e-20 leftovers of the linear rule's ε
+    there, which ``(r + t) − t`` rounds to exactly 0, as in the reference. The division is guarded so
+    that autograd sees no 0/0 either.
+    """
+    if shift is None:
+        return Decomposition(r, out - r)
+    r = (r + shift) - shift
+    i = (i + shift) - shift
+    ar = r.abs()
+    den = ar + i.abs()
+    pos = den > 0
+    p = torch.where(pos, ar / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(den))
+    rel = r + shift * p
+    return Decomposition(rel, out - rel)
+
+
 def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decomposition:
-    """BatchNorm as an affine map ``y = s·x + t`` (eval: running statistics)."""
+    """BatchNorm as an affine map ``y = s·x + t`` (eval: running statistics), the reference rule."""
     use_batch_stats = bn.training or bn.running_mean is None
     total = x.total
     shape = [1, -1] + [1] * (total.ndim - 2)
@@ -202,31 +237,87 @@ def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decompo
         var = total.var(dims, unbiased=False)
     else:
         mean, var = bn.running_mean, bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
+    return _affine_norm(x, mean, var, bn.weight, bn.bias, bn.eps, shape)
+
+
+def _affine_norm(
+    x: Decomposition, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, shape: list
+) -> Decomposition:
+    """A normalisation with fixed per-channel statistics, ``y = s·x + t``: ``r = s·β``, ``i = s·γ``, the
+    shift ``t`` split by :func:`_split_shift` (the reference BatchNorm rule)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
     shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    if bias is not None:
+        shift = shift + bias
     scale, shift = scale.view(shape), shift.view(shape)
-    r, i = x.rel * scale, x.irr * scale
-    ar = r.abs() + _EPS
-    rel = r + shift * (ar / (ar + i.abs() + _EPS))
-    return Decomposition(rel, total * scale + shift - rel)
+    total = x.total
+    return _split_shift(x.rel * scale, x.irr * scale, shift, total * scale + shift)
+
+
+def _centred_norm(
+    x: Decomposition,
+    flat: Callable[[Tensor], Tensor],
+    out: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    channel_shape: list | None,
+) -> Decomposition:
+    """LayerNorm / GroupNorm / InstanceNorm with per-sample statistics (our rule, after the reference
+    BatchNorm rule): the deviation σ is that of the true activation β + γ; the mean, a linear function of
+    the input, is taken from each stream separately (``r = (β − mean β)·w/σ``, ``i = (γ − mean γ)·w/σ``,
+    exact since the centring is linear), and the affine bias, the only constant, is split by
+    :func:`_split_shift`; ``γ' = norm(β + γ) − β'``. ``flat(t)`` views t as (..., normalised group)."""
+    ft = flat(x.total)
+    inv = torch.rsqrt(ft.var(-1, unbiased=False, keepdim=True) + eps)
+    fr, fi = flat(x.rel), flat(x.irr)
+    r = ((fr - fr.mean(-1, keepdim=True)) * inv).reshape(x.rel.shape)
+    i = ((fi - fi.mean(-1, keepdim=True)) * inv).reshape(x.irr.shape)
+    if weight is not None:
+        w = weight if channel_shape is None else weight.view(channel_shape)
+        r, i = r * w, i * w
+    b = bias if bias is None or channel_shape is None else bias.view(channel_shape)
+    return _split_shift(r, i, b, out)
 
 
 def _layernorm(
     x: Decomposition, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Decomposition:
     """LayerNorm with the statistics of ``β + γ``; each stream centred by its own mean (our rule)."""
-    dims = tuple(range(-len(normalized_shape), 0))
+    n = len(normalized_shape)
+    out = F.layer_norm(x.total, tuple(normalized_shape), weight, bias, eps)
+    return _centred_norm(x, lambda t: t.flatten(-n), out, weight, bias, eps, None)
+
+
+def _groupnorm(
+    x: Decomposition, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Decomposition:
+    """GroupNorm: :func:`_centred_norm` over each sample's channel groups (our rule)."""
     total = x.total
-    inv = torch.rsqrt(total.var(dims, unbiased=False, keepdim=True) + eps)
-    r = (x.rel - x.rel.mean(dims, keepdim=True)) * inv
-    i = (x.irr - x.irr.mean(dims, keepdim=True)) * inv
-    if weight is not None:
-        r, i = r * weight, i * weight
-    return _split_bias(r, i, bias)
+    n, c = total.shape[:2]
+    out = F.group_norm(total, num_groups, weight, bias, eps)
+    shape = [1, c] + [1] * (total.ndim - 2)
+    return _centred_norm(x, lambda t: t.reshape(n, num_groups, -1), out, weight, bias, eps, shape)
+
+
+def _instancenorm(
+    x: Decomposition,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_input_stats: bool,
+    eps: float,
+) -> Decomposition:
+    """InstanceNorm: per-sample statistics are GroupNorm with one channel per group (our rule); with
+    running statistics (eval, ``track_running_stats``) it is the reference BatchNorm rule. Running
+    statistics are never updated."""
+    total = x.total
+    if use_input_stats or running_mean is None:
+        return _groupnorm(x, total.shape[1], weight, bias, eps)
+    return _affine_norm(x, running_mean, running_var, weight, bias, eps, [1, -1] + [1] * (total.ndim - 2))
 
 
 def _dropout(x: Decomposition, p: float, training: bool) -> Decomposition:
@@ -492,6 +583,8 @@ def supported_operations() -> dict[str, list[str]]:
         "ConvTranspose1d/2d/3d",
         "BatchNorm1d/2d/3d",
         "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d/2d/3d",
         "MaxPool1d/2d/3d",
         "AdaptiveMaxPool1d/2d/3d",
         "LSTM",
@@ -500,7 +593,7 @@ def supported_operations() -> dict[str, list[str]]:
     funcs = sorted(
         {getattr(f, "__name__", str(f)) for f in _ELEMENTWISE_FUNCS | _EACH_FUNCS | set(_MAXPOOL_FUNCS)}
         | {"add", "sub", "mul", "truediv", "cat", "stack", "linear", "conv1d/2d/3d", "matmul", "getitem", "pad"}
-        | {"batch_norm", "layer_norm", "dropout"}
+        | {"batch_norm", "layer_norm", "group_norm", "instance_norm", "dropout"}
     )
     return {"modules": sorted(mods), "functions": funcs, "methods": sorted(_EACH_METHODS | _ELEMENTWISE_METHODS)}
 
@@ -699,7 +792,8 @@ def _unsupported(node: fx.Node, what: str, hint: str = "") -> CDUnsupportedError
     msg = (
         f"Contextual decomposition has no rule for {what} (fx node {node.name!r}){_where(node)}. "
         + (hint + ". " if hint else "")
-        + "Supported: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm, LayerNorm, elementwise activations, "
+        + "Supported: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, "
+        "elementwise activations, "
         "max/avg pooling, "
         "dropout, flatten/view/reshape/permute/slicing, cat/stack, residual add, LSTM; see "
         "explain_callbacks.interaction.cd.supported_operations()."
@@ -814,6 +908,13 @@ def _call_module(node: fx.Node, mod: nn.Module, args: tuple, kwargs: dict) -> An
         return _batchnorm(x, mod)
     if isinstance(mod, nn.LayerNorm):
         return _layernorm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+    if isinstance(mod, nn.GroupNorm):
+        return _groupnorm(x, mod.num_groups, mod.weight, mod.bias, mod.eps)
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+        if x.rel.ndim == mod._get_no_batch_dim():
+            raise _unsupported(node, f"{type(mod).__name__} on an unbatched input")
+        use_input = mod.training or not mod.track_running_stats
+        return _instancenorm(x, mod.running_mean, mod.running_var, mod.weight, mod.bias, use_input, mod.eps)
     if isinstance(mod, _DROPOUT_MODULES):
         return _dropout(x, mod.p, mod.training)
     if isinstance(mod, _EACH_MODULES):
@@ -948,6 +1049,22 @@ def _call_function(node: fx.Node, fn: Any, args: tuple, kwargs: dict) -> Any:
         b = args[3] if len(args) > 3 else kwargs.get("bias")
         eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
         return _layernorm(x, shape, w, b, eps)
+    if fn is F.group_norm:
+        x, groups = args[0], args[1] if len(args) > 1 else kwargs["num_groups"]
+        w = args[2] if len(args) > 2 else kwargs.get("weight")
+        b = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        if not isinstance(x, Decomposition) or _has_dec((w, b)):
+            raise _unsupported(node, "F.group_norm with a decomposed weight")
+        return _groupnorm(x, int(groups), w, b, eps)
+    if fn is F.instance_norm:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+        defaults = {"running_mean": None, "running_var": None, "weight": None, "bias": None}
+        a = {**defaults, "use_input_stats": True, "eps": 1e-5, **dict(zip(names, args)), **kwargs}
+        if not isinstance(a["input"], Decomposition) or _has_dec(tuple(a[k] for k in defaults)):
+            raise _unsupported(node, "F.instance_norm with a decomposed weight or statistic")
+        stats = (a["running_mean"], a["running_var"], a["weight"], a["bias"])
+        return _instancenorm(a["input"], *stats, bool(a["use_input_stats"]), a["eps"])
     if fn in _EACH_FUNCS:
         x = args[0]
         if not isinstance(x, Decomposition) or _has_dec(args[1:]) or _has_dec(kwargs):
