@@ -187,8 +187,9 @@ def test_tabular_and_sequence_inputs():
     assert MeaningfulPerturbation(n_steps=3, substrate="mean")(tab, xt, t).shape == xt.shape
     assert MeaningfulPerturbation(n_steps=3)(seq, xs, t).shape == (3, 1, 16)
     assert SoundMask(n_steps=2, n_fills=2)(seq, xs, t).shape == (3, 1, 16)
+    assert MeaningfulPerturbation(n_steps=3)(tab, xt, t).shape == xt.shape  # default: zeros for tables
     with pytest.raises(ValueError, match="tabular"):
-        MeaningfulPerturbation(n_steps=3)(tab, xt, t)  # blur substrate on tabular data
+        MeaningfulPerturbation(n_steps=3, substrate="blur")(tab, xt, t)  # blur needs positions
 
 
 def test_hydra_configs_instantiate():

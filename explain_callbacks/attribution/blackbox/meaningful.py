@@ -62,8 +62,17 @@ class MeaningfulPerturbation(PerturbationAttributor):
 
     Images give (B,1,H,W) maps; signals (B,C,T) work with a 1-D mask and blur
     along T (B,1,T), and so do (B,T,D) sequences ((B,T,1); ``channels_first=None`` reads the layout from
-    the model's first layer, True/False fix it); tabular inputs (B,D)
-    get one mask value per feature, with ``substrate="mean"`` or a tensor (no blur, no TV).
+    the model's first layer, True/False fix it); tabular inputs (B,D) get one mask value per feature
+    (no TV, no jitter).
+
+    Substrate (``substrate="auto"``, the default): the blur of the paper where the input has positions
+    (images, signals, sequences), zeros for tabular inputs. Fong & Vedaldi (§3.2) name three ways to
+    delete evidence, a constant, noise and blur; blur assumes neighbouring positions, which the
+    features of a table do not have, so tabular inputs get the paper's constant perturbation with the
+    constant 0: the mean of standardised features, the same for every sample whatever else is in the
+    batch (a batch mean would make a sample's map depend on its batch-mates and delete nothing for a
+    batch of one). Pass ``substrate=<tensor>`` (e.g. the training-set mean) for unstandardised data,
+    or ``"zeros"``, ``"mean"``, ``"blur"``, a float.
 
     Cost: ``n_steps`` forward and backward passes per sample (300), samples optimised in chunks of
     ``batch_size`` (each sample's optimisation is independent). Only the model's backward pass goes
@@ -84,7 +93,7 @@ class MeaningfulPerturbation(PerturbationAttributor):
         tv_beta: float = 3.0,
         mask_scale: int = 8,
         min_mask_size: int = 7,
-        substrate: str | float | Tensor = "blur",
+        substrate: str | float | Tensor = "auto",
         blur_sigma: float = 5.0,
         jitter: int = 2,
         area: float = 0.1,
@@ -128,7 +137,10 @@ class MeaningfulPerturbation(PerturbationAttributor):
         x = inputs.detach()
         size = tuple(x.shape[2:]) if x.ndim > 2 else (x.shape[1],)
         low = mask_resolution(size, self.mask_scale, self.min_mask_size) if x.ndim > 2 else size
-        sub = make_substrate(x, self.substrate, sigma=self.blur_sigma)
+        spec = self.substrate
+        if isinstance(spec, str) and spec == "auto":  # blur needs positions; a table's features have none
+            spec = "blur" if x.ndim > 2 else "zeros"
+        sub = make_substrate(x, spec, sigma=self.blur_sigma)
         gen = self.generator(x.device)
         j = self.jitter if x.ndim > 2 else 0
         shifts = torch.randint(-j, j + 1, (self.n_steps, 2), generator=gen, device=gen.device).tolist()

@@ -29,21 +29,26 @@ class Occlusion(PerturbationAttributor):
     Args:
         window: window size. An int (capped at the size of shorter dims), a tuple over the spatial
             dims (the window then spans all channels), or a tuple over every per-sample dim, channels included (Captum's
-            ``sliding_window_shapes``). Tabular (B,D) inputs: a window of features.
-        stride: likewise; must not exceed the window where the window is smaller than the input.
+            ``sliding_window_shapes``). ``None`` (default): 4 for inputs with positions (images, signals),
+            1 for tabular (B,D) inputs: a table's features have no order, so a wider window would credit
+            each feature with the effect of its neighbours in column order (on a linear model reading
+            only x0, a window of 4 gave x1 as much as x0). An explicit int on tabular inputs is a
+            window of that many consecutive features.
+        stride: likewise; ``None`` (default): 2 for inputs with positions, 1 for tabular inputs; must
+            not exceed the window where the window is smaller than the input.
         baseline: fill of the window: ``zeros``, ``mean``, ``blur``, a float or a tensor.
         output: ``logit`` (default, as Captum on a logit model), ``softmax``, ...
 
     Cost: Π_d (ceil((L_d − w_d)/s_d) + 1) + 1 forward passes per sample: 226 for a 32×32 image with
-    the defaults (window 4, stride 2), in chunks of ``batch_size`` rows.
+    the defaults (window 4, stride 2), D + 1 for D tabular features, in chunks of ``batch_size`` rows.
     """
 
     name = "occlusion"
 
     def __init__(
         self,
-        window: WindowSpec = 4,
-        stride: WindowSpec = 2,
+        window: WindowSpec | None = None,
+        stride: WindowSpec | None = None,
         baseline: str | float | Tensor = "zeros",
         blur_sigma: float = 5.0,
         output: str = "logit",
@@ -71,10 +76,13 @@ class Occlusion(PerturbationAttributor):
         )
 
     def _geometry(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        win = self._full(self.window, shape, "window")
-        if isinstance(self.window, int):  # one size for every dim: a short dim is occluded whole
+        tabular = len(shape) == 1
+        window = (1 if tabular else 4) if self.window is None else self.window
+        stride_spec = (1 if tabular else 2) if self.stride is None else self.stride
+        win = self._full(window, shape, "window")
+        if isinstance(window, int):  # one size for every dim: a short dim is occluded whole
             win = tuple(min(w, L) for w, L in zip(win, shape))
-        stride = self._full(self.stride, shape, "stride")
+        stride = self._full(stride_spec, shape, "stride")
         counts = []
         for L, w, s in zip(shape, win, stride):
             if w > L or w < 1:
