@@ -97,10 +97,11 @@ def test_render_shift_and_layouts():
     assert off.shape == (5, 2) and int(off.max()) < 5  # cell = ceil(32/7) = 5
     m = render_masks(d, lay, "bilinear", off)
     assert m.shape == (5, 1, 32, 32) and m.min() >= 0 and m.max() <= 1
-    # Zero offset equals the top-left crop of the (g+1)*cell upsampled grid.
+    # Zero offset equals the top-left crop of the (g+1)*cell upsampled grid, away from the mirrored border
+    # (the first 3 px: cell coordinate (o + 0.5)·7/40 − 0.5 < 0; tests/test_rise_reference.py checks the border).
     big = torch.nn.functional.interpolate(d.view(5, 1, 7, 7), size=(40, 40), mode="bilinear", align_corners=False)
     m0 = render_masks(d, lay, "bilinear", torch.zeros_like(off))
-    torch.testing.assert_close(m0, big[:, :, :32, :32])
+    torch.testing.assert_close(m0[..., 3:, 3:], big[:, :, 3:32, 3:32])
     m3 = render_masks(d, lay, "bilinear", torch.full_like(off, 3))
     torch.testing.assert_close(m3, big[:, :, 3:35, 3:35])
     seq = mask_layout(torch.zeros(2, 4, 50), 10)

@@ -29,15 +29,19 @@ class RISE(PerturbationAttributor):
     """``A(λ) = 1/(N·p) Σ_i f_c(x ⊙ M_i) · M_i(λ)`` over N random masks.
 
     Each mask is a binary s×s grid with keep-probability p, upsampled bilinearly to (s+1)·cell
-    (cell = ceil(H/s)), shifted by a random offset of up to one cell and cropped to the input
-    (the authors' ``generate_masks``). ``f`` is the softmax probability of the target by default.
+    (cell = ceil(H/s)) with mirrored borders, shifted by a random offset of up to one cell and cropped
+    to the input: the authors' ``generate_masks`` (github.com/eclique/RISE, ``explanations.py``:
+    ``skimage.transform.resize(grid, up_size, order=1, mode="reflect")``), which
+    ``tests/test_rise_reference.py`` checks mask by mask with the same random draws. ``f`` is the
+    softmax probability of the target by default.
 
     Args:
         n_masks: N (the paper: 4000 for ImageNet; the authors' notebooks 2000-6000).
         grid_size: s (7).
         p: keep probability (0.5).
         sampler: ``bernoulli`` (the paper), ``sobol`` or ``lhs`` for the binary grids.
-        upsample: ``bilinear`` (the paper), ``nearest`` or ``bicubic``.
+        upsample: ``bilinear`` (the paper; mirrored borders as the authors' code), ``nearest`` or
+            ``bicubic`` (edge-clamped borders, clipped to [0, 1]).
         shift: the random shifts (True in the paper).
         substrate: the fill where M = 0: ``zeros`` (the paper's x ⊙ M), ``mean``, ``blur``, float, tensor.
         output: ``auto`` (default: ``softmax`` as in the paper for classifiers, the raw output for
