@@ -60,7 +60,7 @@ class NeuronRegionIG(Attributor):
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
         layer = find_layer(model, self.layer)
-        base = make_baseline(self.baseline, inputs)
+        base = make_baseline(self.baseline, inputs, model=model)  # mean/blur along the positions
         mask = (
             torch.ones_like(inputs)
             if self.region is None

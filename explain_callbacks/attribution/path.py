@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.batching import BatchSize, forward_selected, grad_selected, steps_per_call
+from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
@@ -58,11 +59,31 @@ def quadrature(n_steps: int, rule: str = "gausslegendre") -> tuple[Tensor, Tenso
 
 
 def make_baseline(
-    spec: Baseline, inputs: Tensor, *, sigma: float = 5.0, generator: torch.Generator | None = None
+    spec: Baseline,
+    inputs: Tensor,
+    *,
+    sigma: float = 5.0,
+    generator: torch.Generator | None = None,
+    model: object = None,
+    channels_first: bool | None = None,
 ) -> Tensor:
-    """Baseline x' for ``inputs``: ``"zeros"``, ``"blur"`` (Gaussian, ``sigma`` px), ``"mean"``
-    (per-sample, per-channel mean), ``"uniform"`` (uniform noise in the sample's [min, max]),
-    a float, or a tensor broadcastable to the inputs."""
+    """Baseline x' for ``inputs``: ``"zeros"``, ``"blur"`` (Gaussian, ``sigma`` px, along the positions),
+    ``"mean"`` (per-sample mean over the positions, per channel; per sample over the features for
+    tabular (B, D) inputs), ``"uniform"`` (uniform noise in the sample's [min, max]), a float, or a
+    tensor broadcastable to the inputs.
+
+    The positions of 3-D inputs are the last dim of (B, C, L) signals and dim 1 of (B, T, D)
+    sequences, as :func:`~explain_callbacks._internal.layout.reads_channels_first` decides from
+    ``model`` (or ``channels_first`` True/False); without either, (B, C, L). So a sequence's mean
+    baseline is each feature's mean over time, the metrics' ``"mean"`` substrate.
+    """
+    if (
+        isinstance(spec, str)
+        and spec in ("mean", "blur")
+        and inputs.ndim == 3
+        and not reads_channels_first(model, inputs, channels_first)
+    ):  # (B, T, D): run along T on the (B, D, T) view
+        return make_baseline(spec, inputs.transpose(1, 2), sigma=sigma).transpose(1, 2).contiguous()
     if isinstance(spec, Tensor):
         try:
             return spec.to(device=inputs.device, dtype=inputs.dtype).expand_as(inputs)
@@ -98,7 +119,11 @@ class IntegratedGradients(Attributor):
     Args:
         n_steps: quadrature nodes (32).
         rule: ``gausslegendre`` (default) or ``riemann_{left,right,middle,trapezoid}``.
-        baseline: ``zeros`` | ``blur`` | ``mean`` | ``uniform`` | float | tensor.
+        baseline: ``zeros`` | ``blur`` | ``mean`` | ``uniform`` | float | tensor (:func:`make_baseline`;
+            ``mean`` and ``blur`` run along the positions: a (B, T, D) sequence's mean baseline is
+            each feature's mean over time, as the metrics' ``"mean"`` substrate).
+        channels_first: how 3-D inputs are read for ``mean``/``blur``: True (B, C, L), False (B, T, D),
+            None (default) decided from the model's first layer.
         completeness: also compute the relative completeness error
             ``|Σ IG − (f(x) − f(x'))| / |f(x) − f(x')|`` (two extra forward passes), stored in
             ``last_info["completeness_error"]`` with ``last_info["delta"]`` the signed gap.
@@ -115,11 +140,13 @@ class IntegratedGradients(Attributor):
         baseline: Baseline = "zeros",
         blur_sigma: float = 5.0,
         completeness: bool = True,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
         quadrature(n_steps, rule)  # validate early
+        self.channels_first = check_channels_first(channels_first)
         self.n_steps = n_steps
         self.rule = rule
         self.baseline = baseline
@@ -129,7 +156,14 @@ class IntegratedGradients(Attributor):
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
-        base = make_baseline(self.baseline, inputs, sigma=self.blur_sigma, generator=self.generator(inputs.device))
+        base = make_baseline(
+            self.baseline,
+            inputs,
+            sigma=self.blur_sigma,
+            generator=self.generator(inputs.device),
+            model=model,
+            channels_first=self.channels_first,
+        )
         alphas, weights = quadrature(self.n_steps, self.rule)
         avg_grad = integrate_path(
             model, inputs, base, target, alphas, weights, self.batch_size, create_graph=create_graph

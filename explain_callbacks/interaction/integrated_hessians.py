@@ -108,7 +108,7 @@ class IntegratedHessians(InteractionMethod):
     def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | None, groups: Groups) -> Tensor:
         x = inputs.detach()
         b = x.shape[0]
-        base = make_baseline(self.baseline, x, generator=self.generator(x.device)).detach()
+        base = make_baseline(self.baseline, x, generator=self.generator(x.device), model=model).detach()
         diff = x - base
         a, w = quadrature(self.n_steps, self.rule)
         t = (a.view(-1, 1) * a.view(1, -1)).flatten().to(x.device, x.dtype)  # αβ
