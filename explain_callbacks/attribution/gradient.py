@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.batching import BatchSize, grad_selected, steps_per_call
+from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
 
@@ -16,20 +17,51 @@ __all__ = ["InputXGradient", "Saliency", "SmoothGrad"]
 class Saliency(Attributor):
     """Vanilla gradient ∂f_c/∂x (Simonyan, Vedaldi & Zisserman 2013, arXiv:1312.6034).
 
+    The paper's saliency map (§3.1) is ``M_ij = max_c |∂f_c/∂x_{c,i,j}|``, one value per position:
+    ``reduce="max"``.
+
     Args:
-        abs: return |∂f_c/∂x| (the paper's map; Captum's default). Default False keeps the sign.
+        abs: return |∂f_c/∂x| per input element (Captum's ``Saliency`` default). Default False keeps
+            the sign.
+        reduce: ``None`` (default): the gradient at the input's shape. ``"max"``: the paper's map,
+            the maximum over channels of |∂f_c/∂x| (whatever ``abs``), returned like the other
+            lower-resolution maps (Grad-CAM, RISE) with one channel that broadcasts over the input's:
+            (B, 1, H, W) for images, (B, 1, L) for (B, C, L) signals, (B, T, 1) for (B, T, D)
+            sequences (the max over the D features of each step); tabular (B, D) inputs have no
+            channels and give |∂f_c/∂x| (B, D).
+        channels_first: how 3-D inputs are read for ``reduce="max"``: True (B, C, L), False (B, T, D),
+            None (default) decided from the model's first layer.
     """
 
     name = "saliency"
+    REDUCTIONS = (None, "max")
 
-    def __init__(self, abs: bool = False, batch_size: BatchSize = "auto") -> None:
+    def __init__(
+        self,
+        abs: bool = False,
+        reduce: str | None = None,
+        channels_first: bool | None = None,
+        batch_size: BatchSize = "auto",
+    ) -> None:
         super().__init__(batch_size=batch_size)
+        if reduce not in self.REDUCTIONS:
+            raise ValueError(
+                f"reduce must be None (the gradient) or 'max' (Simonyan et al.'s max over channels of |grad|), "
+                f"got {reduce!r}."
+            )
         self.abs = abs
+        self.reduce = reduce
+        self.channels_first = check_channels_first(channels_first)
 
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
         g = grad_selected(model, inputs, target, self.batch_size, create_graph=create_graph)
+        if self.reduce == "max":
+            if g.ndim == 2:  # tabular: no channels to reduce
+                return g.abs()
+            dim = 1 if g.ndim != 3 or reads_channels_first(model, inputs, self.channels_first) else 2
+            return g.abs().amax(dim, keepdim=True)
         return g.abs() if self.abs else g
 
 
