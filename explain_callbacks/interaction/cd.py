@@ -216,6 +216,12 @@ def _split_shift(r: Tensor, i: Tensor, shift: Tensor | None, out: Tensor) -> Dec
     """
     if shift is None:
         return Decomposition(r, out - r)
+    if not torch.is_grad_enabled():  # same arithmetic in place (0/0 = NaN -> 0, as the reference)
+        r = (r + shift).sub_(shift)
+        ar = r.abs()
+        den = (i + shift).sub_(shift).abs_().add_(ar)
+        rel = ar.div_(den).nan_to_num_(nan=0.0).mul_(shift).add_(r)
+        return Decomposition(rel, torch.sub(out, rel))
     r = (r + shift) - shift
     i = (i + shift) - shift
     ar = r.abs()
@@ -252,8 +258,9 @@ def _affine_norm(
     if bias is not None:
         shift = shift + bias
     scale, shift = scale.view(shape), shift.view(shape)
-    total = x.total
-    return _split_shift(x.rel * scale, x.irr * scale, shift, total * scale + shift)
+    z = x.stacked * scale  # both streams in one operation
+    n = x.rel.shape[0]
+    return _split_shift(z[:n], z[n:], shift, torch.addcmul(shift, x.total, scale))
 
 
 def _centred_norm(
