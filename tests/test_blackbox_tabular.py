@@ -64,3 +64,31 @@ def test_the_default_substrate_is_blur_where_the_input_has_positions():
     default = MeaningfulPerturbation(n_steps=4, jitter=0)(model, img, t)
     blur = MeaningfulPerturbation(n_steps=4, jitter=0, substrate="blur")(model, img, t)
     assert torch.equal(default, blur)
+
+
+class _StepModel(nn.Module):
+    """A (B, T, D) model (its Linear reads the last dim) that uses only feature 0 of every step."""
+
+    def __init__(self, d: int = 5) -> None:
+        super().__init__()
+        self.lin = _one_feature_model(1, d)
+
+    def forward(self, x):
+        return self.lin(x).sum(1)
+
+
+def test_occlusion_of_a_sequence_slides_over_steps_one_feature_at_a_time():
+    model = _StepModel()
+    x = torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(1))
+    a = Occlusion()(model, x, None)
+    assert (a[..., 1:] == 0).all()  # features the model never reads get nothing
+    assert (a[..., 0] != 0).all()
+    torch.testing.assert_close(a, Occlusion(window=(4, 1), stride=(2, 1))(model, x, None))
+    assert Occlusion(channels_first=False).n_forwards((12, 5)) == 5 * 5 + 1
+    # mean baseline: each feature's mean over time, as the mask methods and metrics
+    mean = Occlusion(baseline="mean")(model, x, None)
+    torch.testing.assert_close(mean, Occlusion(baseline=x.mean(1, keepdim=True))(model, x, None))
+    # (B, C, L) signals keep windows of 4 along L spanning the channels
+    conv = nn.Sequential(nn.Conv1d(5, 2, 3), nn.Flatten(), nn.Linear(2 * 10, 1)).eval()
+    xs = x.transpose(1, 2).contiguous()
+    torch.testing.assert_close(Occlusion()(conv, xs, None), Occlusion(window=4, stride=2)(conv, xs, None))

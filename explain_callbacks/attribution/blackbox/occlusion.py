@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize
+from ..._internal.layout import check_channels_first, reads_channels_first
 from ..._internal.masks import base_scores, make_substrate, masked_scores
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import PerturbationAttributor
@@ -34,13 +35,21 @@ class Occlusion(PerturbationAttributor):
             each feature with the effect of its neighbours in column order (on a linear model reading
             only x0, a window of 4 gave x1 as much as x0). An explicit int on tabular inputs is a
             window of that many consecutive features.
-        stride: likewise; ``None`` (default): 2 for inputs with positions, 1 for tabular inputs; must
-            not exceed the window where the window is smaller than the input.
-        baseline: fill of the window: ``zeros``, ``mean``, ``blur``, a float or a tensor.
+            (B,T,D) sequences (a model that reads the last dim as features, see ``channels_first``)
+            get windows of 4 steps and 1 feature, ``(4, 1)``: the steps are ordered, the features not.
+        stride: likewise; ``None`` (default): 2 for inputs with positions, 1 for tabular inputs,
+            ``(2, 1)`` for (B,T,D) sequences; must not exceed the window where the window is smaller
+            than the input.
+        baseline: fill of the window: ``zeros``, ``mean``, ``blur``, a float or a tensor (``mean`` and
+            ``blur`` run along the positions: over T for (B,T,D) sequences).
         output: ``logit`` (default, as Captum on a logit model), ``softmax``, ...
+        channels_first: how 3-D inputs are read: True (B,C,L) signals (windows along L spanning the
+            channels), False (B,T,D) sequences, None (default) decided from the model's first layer.
+            :meth:`n_forwards`, which sees no model, counts (B,C,L) windows unless this is False.
 
     Cost: Π_d (ceil((L_d − w_d)/s_d) + 1) + 1 forward passes per sample: 226 for a 32×32 image with
-    the defaults (window 4, stride 2), D + 1 for D tabular features, in chunks of ``batch_size`` rows.
+    the defaults (window 4, stride 2), D + 1 for D tabular features, (ceil((T − 4)/2) + 1)·D + 1 for a
+    (T, D) sequence, in chunks of ``batch_size`` rows.
     """
 
     name = "occlusion"
@@ -53,10 +62,12 @@ class Occlusion(PerturbationAttributor):
         blur_sigma: float = 5.0,
         output: str = "logit",
         budget: int | None = None,
+        channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(output=output, budget=budget, batch_size=batch_size, seed=seed)
+        self.channels_first = check_channels_first(channels_first)
         self.window = window
         self.stride = stride
         self.baseline = baseline
@@ -75,10 +86,17 @@ class Occlusion(PerturbationAttributor):
             f"dim ({len(spatial)}), or one value per dim including channels ({len(shape)})."
         )
 
-    def _geometry(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    def _geometry(
+        self, shape: tuple[int, ...], sequence: bool = False
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Window, stride and window counts per per-sample dim; ``sequence``: (T, D) read as steps."""
         tabular = len(shape) == 1
-        window = (1 if tabular else 4) if self.window is None else self.window
-        stride_spec = (1 if tabular else 2) if self.stride is None else self.stride
+        if sequence:  # ordered steps, unordered features: 4 steps of one feature
+            default_window, default_stride = (min(4, shape[0]), 1), (2, 1)
+        else:
+            default_window, default_stride = (1 if tabular else 4), (1 if tabular else 2)
+        window = default_window if self.window is None else self.window
+        stride_spec = default_stride if self.stride is None else self.stride
         win = self._full(window, shape, "window")
         if isinstance(window, int):  # one size for every dim: a short dim is occluded whole
             win = tuple(min(w, L) for w, L in zip(win, shape))
@@ -98,14 +116,15 @@ class Occlusion(PerturbationAttributor):
         return win, stride, tuple(counts)
 
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
-        _, _, counts = self._geometry(tuple(input_shape))
+        _, _, counts = self._geometry(tuple(input_shape), len(input_shape) == 2 and self.channels_first is False)
         return math.prod(counts) + 1
 
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
         shape = tuple(inputs.shape[1:])
-        win, stride, counts = self._geometry(shape)
+        sequence = inputs.ndim == 3 and not reads_channels_first(model, inputs, self.channels_first)
+        win, stride, counts = self._geometry(shape, sequence)
         n_win = math.prod(counts)
         if self.budget is not None and n_win + 1 > self.budget:
             raise ValueError(
@@ -141,7 +160,10 @@ class Occlusion(PerturbationAttributor):
             occ = (1 - keep).reshape(keep.shape[0], -1)
             flat_total[ssl] += (fx[ssl].unsqueeze(1) - sc) @ occ
 
-        base = make_substrate(inputs, self.baseline, sigma=self.blur_sigma)
+        if sequence and isinstance(self.baseline, str):  # mean / blur along T: on the (B, D, T) view
+            base = make_substrate(inputs.transpose(1, 2), self.baseline, sigma=self.blur_sigma).transpose(1, 2)
+        else:
+            base = make_substrate(inputs, self.baseline, sigma=self.blur_sigma)
         masked_scores(
             model,
             inputs,
