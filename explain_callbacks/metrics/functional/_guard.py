@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..._internal.guard import rng_guard
+from ..._internal.outputs import model_errors
 
 __all__ = ["left_as_found", "model_left_as_found"]
 
@@ -60,7 +61,8 @@ def model_left_as_found(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with left_as_found(model) as view:
+        # errors of the model's forward say the input shape given (not the chunk or probe row it failed on)
+        with left_as_found(model) as view, model_errors(view, args[0] if args else kwargs.get("inputs")):
             return fn(view, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
