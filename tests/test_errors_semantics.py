@@ -189,6 +189,29 @@ def test_rise_and_rrr_read_tuple_and_dict_outputs(wrapper):
             eg_mask_prior(model, x, y, mask)
 
 
+def test_penalty_objects_and_the_mixin_take_output_key():
+    from explain_callbacks.models import LitClassifier
+    from explain_callbacks.regularize import RegularizerMixin, build_penalty
+
+    net = _cnn()
+    x, y = _images(b=2)
+    mask = torch.zeros(8, 8)
+    mask[:3] = 1
+    pen = build_penalty("rrr")
+    ref = pen(net, x, y, mask, step=0)
+    torch.testing.assert_close(pen(TupleOut(net), x, y, mask, step=0, output_key=0), ref)
+    with pytest.raises(TypeError, match="output_key"):
+        pen(TupleOut(net), x, y, mask, step=0)
+
+    class Lit(RegularizerMixin, LitClassifier):
+        pass
+
+    m = Lit(TupleOut(net))
+    m.add_penalty("rrr", weight=2.0, model_attr="net", output_key=0)
+    task = torch.tensor(1.0)
+    torch.testing.assert_close(m.penalized_loss(task, x, y, mask, log=False), task + 2.0 * ref)
+
+
 @pytest.mark.parametrize("name", ["saliency", "ig", "rise", "occlusion", "sobol", "smoothgrad"])
 def test_a_scores_dict_without_logits_names_output_key_in_every_method(name):
     model = DictOut(_cnn(), key="scores")
