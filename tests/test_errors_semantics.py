@@ -222,6 +222,31 @@ def test_a_scores_dict_without_logits_names_output_key_in_every_method(name):
     torch.testing.assert_close(method(model, x, y, output_key="scores"), method(model.net, x, y))
 
 
+@pytest.mark.parametrize("name", ["deletion", "infidelity", "mufidelity", "completeness_soundness", "max_sensitivity"])
+def test_metrics_take_output_key(name):
+    net = _cnn()
+    x, y = _images(b=2)
+    a = build_attributor("saliency")(net, x, y)
+    kw = {
+        "deletion": {"n_steps": 3}, "infidelity": {"n_perturb": 3}, "mufidelity": {"n_subsets": 4},
+        "completeness_soundness": {"n_other": 1, "n_steps": 3}, "max_sensitivity": {"n_samples": 2},
+    }[name]  # fmt: skip
+    scores = {}
+    for model, key in ((net, None), (TupleOut(net), 0)):
+        metric = METRICS.build(name, output_key=key, **kw)
+        if metric.kind == "explainer":
+            metric.update(model, x, y, build_attributor("saliency"), attributions=a)
+        else:
+            metric.update(model, x, a, y)
+        scores[key] = metric.compute()
+    torch.testing.assert_close(scores[0], scores[None])
+    fn = {"deletion": MF.deletion, "infidelity": MF.infidelity, "mufidelity": MF.mufidelity}.get(name)
+    if fn is not None:
+        torch.testing.assert_close(fn(TupleOut(net), x, a, y, output_key=0, **kw), fn(net, x, a, y, **kw))
+        with pytest.raises(TypeError, match="output_key"):
+            fn(TupleOut(net), x, a, y, **kw)
+
+
 def test_a_plain_function_model_takes_output_key_too():
     net = _cnn()
     x, y = _images(b=2)

@@ -21,7 +21,8 @@ in training mode is not changed and the scores are deterministic (BatchNorm stat
 dropout draws from a seeded global RNG that is restored afterwards; see
 :mod:`explain_callbacks.metrics.functional._guard`). ``target``: class indices (B,), an int (one class for
 every sample), a sequence, or None for a single-output model; checked against the model's outputs.
-``last_scores`` holds the per-sample scores of the last update.
+``last_scores`` holds the per-sample scores of the last update. ``output_key`` (every metric takes it)
+reads the scores of a model that returns a tuple/dict, as the methods' ``output_key`` does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from .._internal.batching import BatchSize, check_batch_size
+from .._internal.outputs import OutputSpec, keyed_output
 
 __all__ = ["CurveStates", "ExplainerMetric", "ExplanationMetric", "ScoreMetric"]
 
@@ -49,9 +51,11 @@ class ScoreMetric(Metric):
     higher_is_better: ClassVar[bool | None] = None
     full_state_update: ClassVar[bool] = False
 
-    def __init__(self, batch_size: BatchSize = "auto", **kwargs: Any) -> None:
+    def __init__(self, batch_size: BatchSize = "auto", output_key: OutputSpec = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batch_size = check_batch_size(batch_size)  # "auto" is resolved per update by the functional
+        #: where the scores are when the model returns a tuple/dict (a tuple index, a key, or a function)
+        self.output_key = output_key
         self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         # samples whose score was NaN/Inf, left out of the mean (summed across processes like count)
@@ -116,7 +120,9 @@ class ExplanationMetric(ScoreMetric):
         target: Tensor | None = None,
         masks: Tensor | None = None,
     ) -> None:
-        self._accumulate(self._scores(model, inputs, attributions, target, masks))
+        with keyed_output(model, self.output_key) as called:
+            scores = self._scores(called, inputs, attributions, target, masks)
+        self._accumulate(scores)
 
     def _scores(
         self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
@@ -143,8 +149,8 @@ class ExplainerMetric(ScoreMetric):
                 f"{type(self).__name__} re-runs the attribution method: pass a callable "
                 f"method(model, inputs, target), got {type(method).__name__}."
             )
-        with torch.enable_grad():  # torchmetrics runs update under no_grad
-            scores = self._scores(model, inputs, target, method, attributions, masks)
+        with torch.enable_grad(), keyed_output(model, self.output_key) as called:  # torchmetrics updates under no_grad
+            scores = self._scores(called, inputs, target, method, attributions, masks)
         self._accumulate(scores)
 
     def _scores(
