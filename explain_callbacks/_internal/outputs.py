@@ -64,7 +64,7 @@ def pick_output(out: Any, key: OutputSpec = None) -> Tensor:
         raise TypeError(
             f"The model returned a {type(out).__name__}, not a tensor of scores; set output_key "
             "(e.g. output_key=0 for (logits, aux) tuples, 'logits' for dicts, or a function output -> scores; "
-            "the callbacks, the attribution methods and the penalties take it) or model_attr to explain "
+            "the callbacks, attribution methods, metrics and penalties take it) or model_attr to explain "
             "a submodule that returns the scores."
         )
     if not isinstance(picked, Tensor):
