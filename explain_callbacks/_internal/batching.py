@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import not_differentiable, require_graph
-from .outputs import pick_output
+from .outputs import model_errors, read_scores
 
 __all__ = [
     "AUTO_ROWS_MAX",
@@ -79,14 +79,17 @@ def rows(batch_size: BatchSize) -> int | None:
     return None if not batch_size or batch_size <= 0 else int(batch_size)
 
 
-def _probe(model: nn.Module, row: Tensor) -> tuple[int, int | None]:
+def _probe(model: nn.Module, row: Tensor, full: Tensor | None = None) -> tuple[int, int | None]:
     """(Elements output by the leaf modules of ``model`` for the one-row input ``row`` (1, ...), the
     width of the model's output: ``out.shape[1]``, or None for a 1-D or non-tensor output).
 
     One forward pass without grad, with every module in eval mode (no BatchNorm statistics move, and a
     BatchNorm1d takes one row) and the global RNG forked; modes and hooks are restored, so the model is
-    left exactly as found. The model's own errors (a wrong input shape) propagate.
+    left exactly as found. The model's own errors (a wrong input shape) are re-raised saying the shape
+    of ``full`` (the batch ``row`` was taken from; default ``row``) and what the failing layer takes
+    (:func:`~explain_callbacks._internal.outputs.model_errors`).
     """
+    full = row if full is None else full
     total = [0]
 
     def count(_m: nn.Module, _i: object, out: object) -> None:
@@ -111,7 +114,8 @@ def _probe(model: nn.Module, row: Tensor) -> tuple[int, int | None]:
             if (row.device.type == "cuda")
             else []
         )  # the CUDA generator of the input's device is forked too (documented use: device indices)
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        # the model's own error quotes this one row: say what the caller gave (``full``) instead
+        with model_errors(model, full, probe=True), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             out = model(row)
         if total[0] == 0 and isinstance(out, Tensor):  # no leaf modules (functional code) or no hooks
             total[0] = out.numel() + row.numel()
@@ -146,7 +150,7 @@ def model_facts(model: nn.Module, inputs: Tensor, *, refresh: bool = False) -> t
     if refresh or key not in per_model:
         if len(per_model) > 64:  # structures of the past (heads replaced again and again): start afresh
             per_model.clear()
-        per_model[key] = _probe(model, inputs[:1].detach())
+        per_model[key] = _probe(model, inputs[:1].detach(), inputs)
     return per_model[key]
 
 
@@ -156,7 +160,7 @@ def output_width(model: Callable[[Tensor], object], inputs: Tensor, *, refresh: 
     (:func:`model_facts`; ``refresh`` probes again); a plain function is called on one row without grad."""
     if isinstance(model, nn.Module):
         return model_facts(model, inputs, refresh=refresh)[1]
-    with torch.no_grad():
+    with model_errors(model, inputs, probe=True), torch.no_grad():
         out = model(inputs[:1])
     return out.shape[1] if isinstance(out, Tensor) and out.ndim >= 2 else None
 
@@ -250,12 +254,7 @@ def select_output(out: Tensor, target: Tensor | None) -> Tensor:
     ``out`` of shape (N,) or (N, 1) is a regression output (target ignored); (N, K) is gathered at
     ``target`` (N,). Extra trailing dimensions are summed after gathering (e.g. segmentation).
     """
-    if not isinstance(out, Tensor):
-        pick_output(out)  # raises the error that names the fix, or ...
-        raise TypeError(
-            f"The model returned a {type(out).__name__} with scores inside; wrap it so that it returns "
-            "the scores (callbacks do this with output_key=...)."
-        )
+    out = read_scores(out)  # a tuple/dict output: the error naming output_key
     if out.ndim == 1:
         return out
     if target is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelState", "detach_clone", "model_guard", "rng_guard"]
+__all__ = ["ModelState", "detach_clone", "grad_enabled", "model_guard", "normal_tensor", "rng_guard"]
 
 
 @dataclass
@@ -119,3 +119,23 @@ def detach_clone(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         if dtype is not None and y.is_floating_point():
             y = y.to(dtype)
         return y
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Grad mode on and inference mode off, whatever the caller's context: a method's own passes
+    take input gradients (or optimise a mask) even when it is called inside ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (a user's evaluation loop, Lightning's validation and test steps).
+    Tensors made in inference mode must still be copied before they enter the graph
+    (:func:`normal_tensor`)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal_tensor(x: object) -> object:
+    """``x`` itself, or a normal copy when it is an inference tensor (made under
+    ``torch.inference_mode``: such tensors cannot be saved for backward). Anything else is returned
+    as is; a tensor that requires grad is never an inference tensor, so its graph is kept."""
+    if isinstance(x, Tensor) and x.is_inference():
+        return detach_clone(x)
+    return x

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .batching import chunks, output_width
+from .outputs import read_scores
 
 __all__ = ["TargetPolicy", "check_model_target", "check_target", "resolve_target"]
 
@@ -105,7 +106,7 @@ def resolve_target(
     if policy == "prediction":
         preds = []
         for sl in chunks(b, batch_size):
-            out = model(inputs[sl])
+            out = read_scores(model(inputs[sl]))
             if out.ndim == 1 or out.shape[1] == 1:
                 return None  # regression: a single output, no class to pick
             preds.append(out.argmax(1))

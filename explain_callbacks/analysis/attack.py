@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .._internal.guard import model_guard
 from .._internal.ops import spearman
+from .._internal.outputs import read_scores
 from .._internal.targets import as_target_tensor
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
@@ -114,7 +115,7 @@ def fragility_attack(
     with model_guard(model):
         x = inputs.detach()
         with torch.no_grad():
-            label = model(x).argmax(1)
+            label = read_scores(model(x)).argmax(1)
         tgt = label if target is None else as_target_tensor(target, x.shape[0], x.device)
         imp0 = _importance(attributor(model, x, tgt).detach())
         n_feat = imp0[0].numel()
@@ -128,7 +129,7 @@ def fragility_attack(
             rho = spearman(imp0.flatten(1), imp.flatten(1))
             shift = (_centre(imp) - centre0).norm(dim=1)
             with torch.no_grad():
-                kept = model(xa).argmax(1) == label
+                kept = read_scores(model(xa)).argmax(1) == label
             return inter, rho, shift, kept
 
         def project(xa: Tensor) -> Tensor:

@@ -7,7 +7,9 @@ returning the input's shape (or a documented lower resolution). Randomness comes
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +17,8 @@ from torch import Tensor, nn
 
 from .._internal.batching import BatchSize, RowsPerCall, call_facts
 from .._internal.checks import check_inputs
+from .._internal.guard import grad_enabled, normal_tensor
+from .._internal.outputs import OutputSpec, keyed_output, model_errors
 from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = ["Attributor", "make_generator"]
@@ -42,6 +46,13 @@ class Attributor(RowsPerCall, ABC):
 
     Subclasses implement :meth:`attribute` on validated inputs. ``last_info`` holds per-sample side
     results of the last call (e.g. ``completeness_error`` for path methods).
+
+    Calls run with grad enabled and outside inference mode, whatever the caller's context (a method
+    called inside ``torch.no_grad()`` or ``torch.inference_mode()`` gives the same map as outside:
+    inference-mode inputs and targets are copied to normal tensors). ``output_key`` reads the scores
+    of a model that returns a tuple, dict or ``ModelOutput`` (a tuple index, a key or attribute name,
+    or a function output -> scores; ``logits`` entries are read without it). An error raised inside
+    the model's forward is re-raised saying the shape given and what the failing layer takes.
     """
 
     name: ClassVar[str] = "attributor"
@@ -62,12 +73,30 @@ class Attributor(RowsPerCall, ABC):
         target: Tensor | int | None = None,
         *,
         create_graph: bool = False,
+        output_key: OutputSpec = None,
     ) -> Tensor:
         if create_graph and not self.differentiable:
             raise ValueError(
                 f"{type(self).__name__} is a black-box method and cannot build a differentiable map; "
                 "use a gradient method (saliency, input_x_gradient, ig, expected_gradients) for penalties."
             )
+        with self._entry(model, inputs, target, output_key) as (model, inputs, target):
+            return self._call(model, inputs, target, create_graph=create_graph)
+
+    @contextlib.contextmanager
+    def _entry(
+        self, model: Any, inputs: Tensor, target: Any, output_key: OutputSpec = None
+    ) -> Iterator[tuple[Any, Tensor, Any]]:
+        """The context of every public entry point (``__call__``, ``HSIC.interactions``, ...): grad on
+        and inference mode off (:func:`~explain_callbacks._internal.guard.grad_enabled`), inference
+        tensors copied, the scores read at ``output_key``, and errors of the model's forward re-raised
+        with the shape given (:func:`~explain_callbacks._internal.outputs.model_errors`). Yields
+        (the model to call, inputs, target)."""
+        with model_errors(model, inputs), grad_enabled(), keyed_output(model, output_key) as called:
+            yield called, normal_tensor(inputs), normal_tensor(target)
+
+    def _call(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool) -> Tensor:
+        """``__call__`` inside :meth:`_entry`: validate, then :meth:`attribute`."""
         tgt = self._prepare(model, inputs, target)
         return self.attribute(model, inputs, tgt, create_graph=create_graph)
 

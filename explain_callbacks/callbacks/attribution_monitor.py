@@ -127,6 +127,8 @@ class AttributionMonitor(ProbeCallback):
         if key not in self._metrics:
             self._metrics[key] = self._build_metric(spec) if isinstance(spec, (str, Mapping)) else spec.clone()
         metric = self._metrics[key]
+        if hasattr(metric, "warn_dropped"):
+            metric.warn_dropped = False  # the monitor reports dropped samples itself, naming the method
         if hasattr(metric, "to"):
             metric = metric.to(device)
             self._metrics[key] = metric
@@ -205,6 +207,8 @@ class AttributionMonitor(ProbeCallback):
                             )
                         continue
                     value = float(metric.compute())
+                    if not self._report_dropped(metric, mname, name, value):
+                        continue  # no sample scored: nothing to log (the same on every rank: states are synced)
                     scores[mname] = value
                     self.log_scalar(pl_module, f"explain/{name}/{mname}", value, sync=False)
                     curve = getattr(metric, "curve", None)
@@ -223,6 +227,26 @@ class AttributionMonitor(ProbeCallback):
                 self.log_image(trainer, f"explain/curves/{mname}", img)
             if self.last_scores:
                 self.log_text(trainer, "explain/ranking", self.ranking_table())
+
+    def _report_dropped(self, metric: Any, mname: str, method: str, value: float) -> bool:
+        """Warn once per (metric, method) when samples of the probe set got a NaN/Inf score and were left
+        out of the mean (how many, over every rank), and whether ``value`` is finite (to be logged)."""
+        scored, dropped = getattr(metric, "last_counts", (0, 0))
+        finite = bool(torch.isfinite(torch.tensor(value)))
+        if dropped or not finite:
+            total = scored + dropped
+            what = (
+                f"all {total} samples of the probe set got" if not finite or not scored
+                else f"{dropped} of {total} samples of the probe set got"
+            )  # fmt: skip
+            self.warn_failure(
+                ("dropped", mname, method),
+                f"AttributionMonitor: metric {mname!r} on {method!r}: {what} a NaN/Inf score and "
+                + ("nothing is logged" if not finite else f"are left out of the logged mean (of {scored})")
+                + " (non-finite maps or model outputs there, or a score undefined for them, such as an empty "
+                "mask).",
+            )
+        return finite
 
     @staticmethod
     def _scorable(maps: Tensor, x: Tensor) -> bool:

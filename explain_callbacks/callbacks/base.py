@@ -573,6 +573,10 @@ class ProbeCallback(Callback):
             seconds = time.perf_counter() - start
             if not torch.isfinite(out).all():
                 out, problem = None, nonfinite
+                if self.strict:  # the README's promise: strict raises on NaN/Inf maps, not only on errors
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: {what} {problem} at epoch {trainer.current_epoch} (strict=True)."
+                    )
         except Exception as err:
             if self.strict:
                 raise

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from .._internal.batching import BatchSize, RowsPerCall, call_facts
 from .._internal.checks import check_inputs
+from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.layout import check_channels_first, reads_channels_first
+from .._internal.outputs import model_errors
 from .._internal.registry import INTERACTIONS
 from .._internal.targets import as_target_tensor, check_model_target
 
@@ -249,15 +251,18 @@ class InteractionMethod(RowsPerCall, ABC):
         *,
         groups: GroupSpec = None,
     ) -> Tensor:
-        check_inputs(inputs)
-        tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
-        self._resolve_rows(model, inputs, facts)
-        check_model_target(model, tgt, inputs, facts)
-        grp = make_groups(inputs, groups, channels_first=reads_channels_first(model, inputs, self.channels_first))
-        self.last_info = {"groups": grp}
-        scores = self.interactions(model, inputs, tgt, grp)
-        return scores
+        # as the attribution methods: grad on whatever the caller's context (inference tensors copied), and
+        # errors of the model's forward re-raised with the input shape given
+        with model_errors(model, inputs), grad_enabled():
+            inputs, target = normal_tensor(inputs), normal_tensor(target)
+            check_inputs(inputs)
+            tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
+            facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
+            self._resolve_rows(model, inputs, facts)
+            check_model_target(model, tgt, inputs, facts)
+            grp = make_groups(inputs, groups, channels_first=reads_channels_first(model, inputs, self.channels_first))
+            self.last_info = {"groups": grp}
+            return self.interactions(model, inputs, tgt, grp)
 
     @abstractmethod
     def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | None, groups: Groups) -> Tensor:

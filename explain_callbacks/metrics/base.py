@@ -2,7 +2,10 @@
 
 The math lives in :mod:`explain_callbacks.metrics.functional`; a class only holds the arguments and
 the state: ``score_sum`` and ``count`` (both reduced by sum across processes, so the DDP mean is
-exact). Non-finite scores (e.g. the pointing game on an empty mask) are left out of both.
+exact). Non-finite scores (e.g. the pointing game on an empty mask) are left out of both, counted in a
+third state, ``dropped``, and warned about once per metric object, saying how many samples were left
+out (``warn_dropped=False`` silences it, for callers that warn themselves, as the monitor does);
+``compute`` stores the synchronised counts in ``last_counts``.
 
 Two kinds, as Xplique separates them:
 
@@ -18,11 +21,13 @@ in training mode is not changed and the scores are deterministic (BatchNorm stat
 dropout draws from a seeded global RNG that is restored afterwards; see
 :mod:`explain_callbacks.metrics.functional._guard`). ``target``: class indices (B,), an int (one class for
 every sample), a sequence, or None for a single-output model; checked against the model's outputs.
-``last_scores`` holds the per-sample scores of the last update.
+``last_scores`` holds the per-sample scores of the last update. ``output_key`` (every metric takes it)
+reads the scores of a model that returns a tuple/dict, as the methods' ``output_key`` does.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +36,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from .._internal.batching import BatchSize, check_batch_size
+from .._internal.outputs import OutputSpec, keyed_output
 
 __all__ = ["CurveStates", "ExplainerMetric", "ExplanationMetric", "ScoreMetric"]
 
@@ -45,21 +51,49 @@ class ScoreMetric(Metric):
     higher_is_better: ClassVar[bool | None] = None
     full_state_update: ClassVar[bool] = False
 
-    def __init__(self, batch_size: BatchSize = "auto", **kwargs: Any) -> None:
+    def __init__(self, batch_size: BatchSize = "auto", output_key: OutputSpec = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.batch_size = check_batch_size(batch_size)  # "auto" is resolved per update by the functional
+        #: where the scores are when the model returns a tuple/dict (a tuple index, a key, or a function)
+        self.output_key = output_key
         self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        # samples whose score was NaN/Inf, left out of the mean (summed across processes like count)
+        self.add_state("dropped", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.last_scores: Tensor | None = None
+        #: (samples scored, samples dropped) over every process at the last ``compute``
+        self.last_counts: tuple[int, int] = (0, 0)
+        #: warn (once per object) when samples are dropped; False when the caller reports them itself
+        self.warn_dropped = True
+        self._warned_dropped = False
+        #: set by ``_scores`` when this update's scores are undefined by design (Drift's first period):
+        #: left out of the mean, but neither counted as dropped nor warned about
+        self._undefined_by_design = False
 
     def _accumulate(self, scores: Tensor) -> None:
         s = scores.detach().reshape(-1).to(device=self.score_sum.device, dtype=torch.float64)
         ok = torch.isfinite(s)
+        n_ok = int(ok.sum())
         self.score_sum += torch.where(ok, s, torch.zeros_like(s)).sum()
-        self.count += ok.sum().to(torch.float64)
+        self.count += float(n_ok)
         self.last_scores = s
+        if self._undefined_by_design:
+            self._undefined_by_design = False
+            return
+        self.dropped += float(s.numel() - n_ok)
+        if n_ok < s.numel() and self.warn_dropped and not self._warned_dropped:
+            self._warned_dropped = True
+            warnings.warn(
+                f"{type(self).__name__} ({self.short_name}): {s.numel() - n_ok} of {s.numel()} samples gave a NaN/Inf "
+                "score and are left out of the mean"
+                + (" (the value is NaN: no sample scored)" if n_ok == 0 and self.count == 0 else "")
+                + "; the maps or the model's outputs there are not finite, or the score is undefined for them "
+                "(e.g. an empty mask). Reported once per metric object.",
+                stacklevel=3,
+            )
 
     def compute(self) -> Tensor:
+        self.last_counts = (int(self.count), int(self.dropped))  # states are synchronised inside compute
         if self.count == 0:
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.score_sum.device)
         return self.score_sum / self.count
@@ -86,7 +120,9 @@ class ExplanationMetric(ScoreMetric):
         target: Tensor | None = None,
         masks: Tensor | None = None,
     ) -> None:
-        self._accumulate(self._scores(model, inputs, attributions, target, masks))
+        with keyed_output(model, self.output_key) as called:
+            scores = self._scores(called, inputs, attributions, target, masks)
+        self._accumulate(scores)
 
     def _scores(
         self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
@@ -113,8 +149,8 @@ class ExplainerMetric(ScoreMetric):
                 f"{type(self).__name__} re-runs the attribution method: pass a callable "
                 f"method(model, inputs, target), got {type(method).__name__}."
             )
-        with torch.enable_grad():  # torchmetrics runs update under no_grad
-            scores = self._scores(model, inputs, target, method, attributions, masks)
+        with torch.enable_grad(), keyed_output(model, self.output_key) as called:  # torchmetrics updates under no_grad
+            scores = self._scores(called, inputs, target, method, attributions, masks)
         self._accumulate(scores)
 
     def _scores(

@@ -109,6 +109,7 @@ class Drift(ExplanationMetric):
         self._current.append(cur.cpu())
         if i < len(self.previous) and self.previous[i].shape == cur.shape:
             return explanation_drift(self.previous[i].to(cur.device), cur)
+        self._undefined_by_design = True  # no previous maps yet: NaN by definition, not a dropped sample
         return torch.full((cur.shape[0],), float("nan"), dtype=torch.float64, device=cur.device)
 
     def reset(self) -> None:

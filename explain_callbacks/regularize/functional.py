@@ -20,23 +20,35 @@ References:
     Attribution priors: Erion, Janizek, Sturmfels, Lundberg & Lee, "Improving performance of deep
     learning models with axiomatic attribution priors and expected gradients", Nature Machine
     Intelligence 2021 (arXiv:1906.10670).
+
+Every penalty (the functions and the objects of :mod:`.penalties`) checks its batch first: inputs
+holding NaN or Inf raise a ValueError naming the samples (a penalty taken there is NaN, and a NaN added
+to the loss silently turns every weight into NaN at the next step: the data needs cleaning, and no
+penalty value is right for such a sample); an empty batch gives a zero penalty that is still a function
+of the parameters (its gradient is zero), so ``loss = task + λ·R`` backpropagates as usual. The
+penalties that run the model's forward take ``output_key`` (where the scores are in a tuple/dict
+output) and re-raise errors of the model's forward with the input shape given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._internal.batching import twice_differentiable
-from .._internal.checks import not_differentiable
+from .._internal.checks import all_finite, not_differentiable
+from .._internal.outputs import OutputSpec, keyed_output, model_errors, read_scores
 
 __all__ = [
     "attribution_penalty",
     "cdep_penalty",
+    "check_penalty_inputs",
     "eg_mask_prior",
     "eg_sparsity_prior",
     "eg_tv_prior",
@@ -46,9 +58,62 @@ __all__ = [
     "prepare_mask",
     "rrr_penalty",
     "total_variation",
+    "zero_penalty",
 ]
 
 REDUCTIONS = ("mean", "sum")
+_F = TypeVar("_F", bound=Callable[..., Tensor])
+
+
+def zero_penalty(model: Any, inputs: Tensor) -> Tensor:
+    """A zero penalty that is a function of the trainable parameters (gradient zero), on the inputs'
+    device: what an empty batch contributes to ``loss = task + λ·R`` (a constant 0 would have no
+    gradient, and ``torch.autograd.grad(R, params)`` would fail)."""
+    dtype = torch.promote_types(inputs.dtype, torch.float32) if inputs.is_floating_point() else torch.float32
+    zero = torch.zeros((), device=inputs.device, dtype=dtype)
+    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
+    if not params or not torch.is_grad_enabled():
+        return zero.requires_grad_(torch.is_grad_enabled())
+    # 0 · Σ p (not Σ 0 · p): one multiply; a finite Σ keeps the value exactly 0
+    return zero + sum((p.sum() for p in params), zero).to(dtype) * 0.0  # + 0: never -0
+
+
+def check_penalty_inputs(inputs: Tensor, what: str = "penalty") -> None:
+    """Refuse inputs with NaN or Inf (naming the samples and the fix). Why an error and not a value: the
+    penalty of such a sample is NaN, which added to the loss makes every weight NaN after one step,
+    silently; dropping the sample instead would hide that the task loss of the same batch is NaN too."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}.")
+    if inputs.is_floating_point() and inputs.numel() and not all_finite(inputs):
+        bad = (~torch.isfinite(inputs.detach().reshape(inputs.shape[0], -1))).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"The {what} got inputs with NaN or Inf in samples {bad[:10]}"
+            f"{' (and more)' if len(bad) > 10 else ''} of {inputs.shape[0]}: the penalty there is NaN and would "
+            "turn the weights into NaN at the next step. Clean the data (torch.nan_to_num, or drop those rows "
+            "in the data module)."
+        )
+
+
+def _penalty(what: str, *, output_key: bool = True) -> Callable[[_F], _F]:
+    """Decorate a penalty ``fn(model, inputs, ...)``: :func:`check_penalty_inputs`, a
+    :func:`zero_penalty` for an empty batch, errors of the model's forward re-raised with the input
+    shape (:func:`~explain_callbacks._internal.outputs.model_errors`) and, with ``output_key``, the
+    keyword ``output_key=`` reading the scores of a tuple/dict output
+    (:func:`~explain_callbacks._internal.outputs.output_adapter`)."""
+
+    def deco(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(model: Any, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            key: OutputSpec = kwargs.pop("output_key", None) if output_key else None
+            check_penalty_inputs(inputs, what)
+            if inputs.ndim > 0 and inputs.shape[0] == 0:
+                return zero_penalty(model, inputs)
+            with model_errors(model, inputs), keyed_output(model, key) as called:
+                return fn(called, inputs, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
 
 
 # --------------------------------------------------------------------------- helpers
@@ -150,6 +215,7 @@ def _leaf(inputs: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- CDEP
+@_penalty("CDEP penalty", output_key=False)  # CD reads the traced graph: tuples' first entry and "logits"
 def cdep_penalty(
     model: nn.Module,
     inputs: Tensor,
@@ -201,6 +267,7 @@ def cdep_penalty(
 
 
 # --------------------------------------------------------------------------- RRR
+@_penalty("RRR penalty")
 def rrr_penalty(
     model: nn.Module,
     inputs: Tensor,
@@ -218,12 +285,14 @@ def rrr_penalty(
     already returns log-probabilities gives the same result, ``log_softmax`` being idempotent); a
     single output (B, 1) is one binary logit z, whose classes have log σ(z) and log σ(−z) (a
     log-softmax over one column would be 0 and the penalty 0 for every model).
-    Ross et al.'s extra L2 weight term is left to the optimiser's weight decay.
+    Ross et al.'s extra L2 weight term is left to the optimiser's weight decay. ``output_key=``
+    reads the scores of a model returning a tuple/dict; NaN/Inf inputs raise, an empty batch gives a
+    zero penalty (see the module docstring).
     """
     m = prepare_mask(mask, inputs, what="RRR penalty")
     x = _leaf(inputs)
     with norm_stats_kept(model, keep_norm_stats), twice_differentiable():
-        out = model(x)
+        out = read_scores(model(x))  # a tuple/dict output: the error naming output_key
         if out.ndim < 2:
             raise ValueError(f"RRR needs class scores of shape (B, K); the model returned shape {tuple(out.shape)}.")
         out = _up(out)
@@ -289,6 +358,7 @@ def gini(values: Tensor, eps: float = 1e-12) -> Tensor:
     return ((2 * i - n - 1) * v).sum(-1) / (n * v.sum(-1) + eps)
 
 
+@_penalty("EG smoothness prior")
 def eg_tv_prior(
     model: nn.Module,
     inputs: Tensor,
@@ -316,6 +386,7 @@ def eg_tv_prior(
     return _reduce(total_variation(attr), reduction)
 
 
+@_penalty("EG sparsity prior")
 def eg_sparsity_prior(
     model: nn.Module,
     inputs: Tensor,
@@ -342,6 +413,7 @@ def eg_sparsity_prior(
     return -gini(glob)
 
 
+@_penalty("EG region prior")
 def eg_mask_prior(
     model: nn.Module,
     inputs: Tensor,
@@ -364,6 +436,7 @@ def eg_mask_prior(
 
 
 # --------------------------------------------------------------------------- generic
+@_penalty("attribution penalty")
 def attribution_penalty(
     model: nn.Module,
     inputs: Tensor,

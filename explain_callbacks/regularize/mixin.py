@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._internal.outputs import OutputSpec, keyed_output
 from .penalties import Penalty, build_penalty
 
 __all__ = ["RegularizerMixin"]
@@ -39,11 +40,18 @@ class RegularizerMixin:
     """
 
     def add_penalty(
-        self, penalty: Any, weight: float = 1.0, name: str | None = None, model_attr: str | None = None
+        self,
+        penalty: Any,
+        weight: float = 1.0,
+        name: str | None = None,
+        model_attr: str | None = None,
+        output_key: OutputSpec = None,
     ) -> None:
         """Register a penalty (a name, mapping, Penalty or callable) with its weight λ.
 
-        ``model_attr`` names the submodule the penalty explains (default: the module itself).
+        ``model_attr`` names the submodule the penalty explains (default: the module itself);
+        ``output_key`` where its scores are when it returns a tuple/dict (a tuple index, a key, or a
+        function output -> scores).
         """
         regs = self.__dict__.setdefault("_explain_penalties", {})
         pen = build_penalty(penalty)
@@ -51,6 +59,8 @@ class RegularizerMixin:
         if key in regs:
             raise KeyError(f"A penalty named {key!r} is already registered; pass name= to add a second one.")
         regs[key] = (pen, float(weight), model_attr)
+        if output_key is not None:
+            self.__dict__.setdefault("_explain_penalty_keys", {})[key] = output_key
 
     @property
     def penalties(self) -> dict[str, tuple[Any, float, str | None]]:
@@ -83,10 +93,11 @@ class RegularizerMixin:
             if weight == 0:
                 continue
             model: nn.Module = self if attr is None else getattr(self, attr)  # type: ignore[assignment]
-            if isinstance(pen, Penalty):
-                r = pen(model, inputs, targets, mask, step=step)
-            else:
-                r = pen(model, inputs, targets, mask)
+            with keyed_output(model, self.__dict__.get("_explain_penalty_keys", {}).get(key)) as called:
+                if isinstance(pen, Penalty):
+                    r = pen(called, inputs, targets, mask, step=step)
+                else:
+                    r = pen(called, inputs, targets, mask)
             total = total + weight * r
             if do_log:
                 self.log(f"train/penalty/{key}", r.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])

@@ -1,6 +1,7 @@
 """Registered penalty objects: thin, configurable wrappers of the functions in :mod:`.functional`.
 
-Every penalty is called as ``penalty(model, inputs, targets, mask, *, step=None) -> scalar Tensor``
+Every penalty is called as ``penalty(model, inputs, targets, mask, *, step=None, output_key=None) -> scalar
+Tensor`` (``output_key``: where the scores are when the model returns a tuple/dict)
 and registered in ``PENALTIES`` under a short name, so configs and the
 :class:`~explain_callbacks.callbacks.regularizer.AttributionRegularizer` accept ``"cdep"``,
 ``{"name": "eg_tv", "n_samples": 1}`` or an instance. ``step`` seeds the random penalties (Expected
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from .._internal.checks import check_floating
+from .._internal.outputs import OutputSpec, keyed_output
 from .._internal.registry import PENALTIES
 from . import functional as RF
 
@@ -55,6 +57,7 @@ class Penalty(ABC):
         mask: Tensor | None = None,
         *,
         step: int | None = None,
+        output_key: OutputSpec = None,
     ) -> Tensor:
         if self.needs_mask and mask is None:
             raise ValueError(
@@ -70,7 +73,8 @@ class Penalty(ABC):
         if step is None:
             step = self._calls
         self._calls += 1
-        return self.compute(model, inputs, targets, mask, seed=self.seed + int(step))
+        with keyed_output(model, output_key) as called:
+            return self.compute(called, inputs, targets, mask, seed=self.seed + int(step))
 
     @abstractmethod
     def compute(

@@ -14,6 +14,7 @@ from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.layout import StepsLast, reads_channels_first
 from ..._internal.masks import OUTPUTS, score_outputs
+from ..._internal.outputs import read_scores
 from ..base import Attributor
 
 __all__ = ["AdamState", "PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
@@ -56,13 +57,13 @@ class PerturbationAttributor(Attributor):
         self.output = output
         self.budget = budget
 
-    def __call__(
-        self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None, *, create_graph: bool = False
+    def _call(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool = False
     ) -> Tensor:
         # create_graph and non-tensor inputs take the usual path, which raises the usual errors
         steps_first = self.step_masks and isinstance(inputs, Tensor) and inputs.ndim == 3 and not create_graph
         if not steps_first or reads_channels_first(model, inputs, self.channels_first):
-            return super().__call__(model, inputs, target, create_graph=create_graph)
+            return super()._call(model, inputs, target, create_graph=create_graph)
         tgt = self._prepare(model, inputs, target)
         view = self._steps_last_view(inputs)
         try:
@@ -114,7 +115,7 @@ def grad_scores(
     with torch.enable_grad():
         for sl in chunks(x.shape[0], batch_size):
             xc = x[sl].detach().requires_grad_(True)
-            raw = model(xc)
+            raw = read_scores(model(xc))
             y = score_outputs(raw, None if target is None else target[sl], output)
             require_graph(y)
             (g,) = torch.autograd.grad(y.sum(), xc, allow_unused=True)

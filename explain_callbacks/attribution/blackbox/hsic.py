@@ -18,6 +18,7 @@ from ..._internal.masks import (
     resize_map,
     sample_designs,
 )
+from ..._internal.outputs import OutputSpec
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import PerturbationAttributor
 
@@ -161,7 +162,9 @@ class HSIC(PerturbationAttributor):
         return torch.cat(out)
 
     @torch.no_grad()
-    def interactions(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None) -> Tensor:
+    def interactions(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None, *, output_key: OutputSpec = None
+    ) -> Tensor:
         """Pairwise interactions ``HSIC_ij − HSIC_i − HSIC_j`` between grid cells, shape (B, d, d), float64.
 
         ``HSIC_ij`` uses the product kernel of the reference code, ``(1 + K_i)(1 + K_j)`` with K the
@@ -174,8 +177,9 @@ class HSIC(PerturbationAttributor):
         numbered row-major over the grid (d = g² for images). Costs the same p forward passes as the
         attribution, plus O(p²·d²) per sample. ``last_info["hsic"]`` holds HSIC_i (B, *grid).
         """
-        tgt = self._prepare(model, inputs, target)
-        layout, x, y = self._scores(model, inputs, tgt)
+        with self._entry(model, inputs, target, output_key) as (model, inputs, target):
+            tgt = self._prepare(model, inputs, target)
+            layout, x, y = self._scores(model, inputs, tgt)
         x, y = x.double(), y.double()  # the expansion subtracts large terms: keep float64
         p, d = x.shape
         xc = x - x.mean(0, keepdim=True)

@@ -17,6 +17,7 @@ from ..._internal.masks import (
     resize_map,
     sobol_points,
 )
+from ..._internal.outputs import OutputSpec
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import PerturbationAttributor
 
@@ -154,11 +155,14 @@ class Sobol(PerturbationAttributor):
         return {"first_order": first, "total": total}
 
     @torch.no_grad()
-    def indices(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None) -> dict[str, Tensor]:
+    def indices(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None, *, output_key: OutputSpec = None
+    ) -> dict[str, Tensor]:
         """First-order and total indices per grid cell: ``dict(first_order=(B,*grid), total=(B,*grid))``
         (grid = (g, g) for images, (g,) for sequences, (D,) for tabular inputs), float64."""
-        tgt = self._prepare(model, inputs, target)
-        layout, fa, fb, fc, _ = self._scores(model, inputs, tgt)
+        with self._entry(model, inputs, target, output_key) as (model, inputs, target):
+            tgt = self._prepare(model, inputs, target)
+            layout, fa, fb, fc, _ = self._scores(model, inputs, tgt)
         est = self.estimate(fa, fb, fc)
         b = inputs.shape[0]
         return {k: v.reshape(b, *layout.grid) for k, v in est.items()}

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import require_graph
 from ..._internal.layout import check_channels_first
+from ..._internal.outputs import read_scores
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import AdamState, PerturbationAttributor, mask_resolution, total_variation, upsample_mask
 
@@ -141,7 +142,7 @@ class SoundMask(PerturbationAttributor):
                 up = upsample_mask(m, size)
                 fills = ref[idx[t, :, sl]]  # (k, nb, ...)
                 rows = (fills + (xb.unsqueeze(0) - fills) * up.unsqueeze(0)).reshape(k * nb, *x.shape[1:])
-                ce = F.cross_entropy(model(rows), tb.repeat(k), reduction="none").view(k, nb).mean(0)
+                ce = F.cross_entropy(read_scores(model(rows)), tb.repeat(k), reduction="none").view(k, nb).mean(0)
                 require_graph(ce)  # else the mask would follow its regularisers only, silently
                 smooth = self.tv * total_variation(m, 2.0) if m.ndim > 2 else 0.0
                 loss = ce + self.area * up.flatten(1).mean(1) + smooth

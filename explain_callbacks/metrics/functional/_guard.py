@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..._internal.guard import rng_guard
+from ..._internal.outputs import OutputSpec, keyed_output, model_errors
 
 __all__ = ["left_as_found", "model_left_as_found"]
 
@@ -56,11 +57,16 @@ def left_as_found(model: Any) -> Iterator[Any]:
 
 
 def model_left_as_found(fn: F) -> F:
-    """Decorate a functional metric ``fn(model, ...)`` so that it runs under :func:`left_as_found`."""
+    """Decorate a functional metric ``fn(model, ...)`` so that it runs under :func:`left_as_found`, takes
+    ``output_key=`` (where the scores are when the model returns a tuple/dict) and re-raises errors of
+    the model's forward with the input shape given
+    (:func:`~explain_callbacks._internal.outputs.model_errors`)."""
 
     @functools.wraps(fn)
-    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with left_as_found(model) as view:
+    def wrapper(model: Any, *args: Any, output_key: OutputSpec = None, **kwargs: Any) -> Any:
+        # errors of the model's forward say the input shape given (not the chunk or probe row it failed on)
+        inputs = args[0] if args else kwargs.get("inputs")
+        with keyed_output(model, output_key) as called, left_as_found(called) as view, model_errors(view, inputs):
             return fn(view, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -15,6 +15,7 @@ from ..._internal.batching import BatchSize, chunks, rows, select_output
 from ..._internal.checks import all_finite, check_inputs
 from ..._internal.layout import check_channels_first, reads_channels_first
 from ..._internal.ops import descending_order
+from ..._internal.outputs import read_scores
 from ..._internal.targets import as_target_tensor, check_model_target, check_target
 from ...attribution.base import make_generator
 
@@ -275,9 +276,7 @@ def output_scores(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
     with torch.no_grad():
-        out = model(rows)
-        if not isinstance(out, Tensor):
-            select_output(out, target)  # raises the error that names the fix (a wrapper returning the scores)
+        out = read_scores(model(rows))  # a tuple/dict output: the error naming output_key
         if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
             out = out.softmax(1)
         elif output == "sigmoid":

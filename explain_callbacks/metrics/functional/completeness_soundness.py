@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, chunks, resolve_batch_size, select_output
+from ..._internal.batching import BatchSize, chunks, resolve_batch_size
+from ..._internal.outputs import read_scores
 from ._guard import model_left_as_found
 from ._utils import Substrate, Target, method_grad, method_inputs, prepare_target, row_blocks, trapezoid, validate
 from .deletion import perturbation_curve
@@ -65,9 +66,7 @@ def completeness_soundness(
     x = method_inputs(inputs)
     b = x.shape[0]
     with torch.no_grad():
-        outs = [model(x[sl]) for sl in chunks(b, batch_size)]
-    if not isinstance(outs[0], Tensor):
-        select_output(outs[0], target[:1])  # raises the error that names the fix (a wrapper returning the scores)
+        outs = [read_scores(model(x[sl])) for sl in chunks(b, batch_size)]  # tuple/dict: the error naming output_key
     probs = torch.cat(outs).softmax(1).double() if outs[0].ndim >= 2 else torch.cat(outs).new_ones(b, 1)
     k = probs.shape[1]
     if k < 2:

@@ -134,7 +134,10 @@ def infidelity(
 
     elif perturbation == "gaussian":
         n_runs = n_perturb
-        noise = torch.empty_like(x)  # one buffer, redrawn in place per run
+        # one contiguous buffer, redrawn in place per run: an in-place draw fills memory order, so a buffer
+        # shaped like a channels_last or transposed x (empty_like keeps strides) would put other values at
+        # each index than for the same x stored contiguously (as the other metrics, draw in logical order)
+        noise = torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
         def draw(r: int) -> Tensor:
             return noise.normal_(0.0, noise_std, generator=g)  # = randn * std
