@@ -187,7 +187,9 @@ def _pairs() -> list:
         AttributionMonitor(methods=[{"name": "ig", "n_steps": 8}], num_samples=4, strict=True),
         # rows in the checkpoint (checkpoint_buffer=True; left out by default): each buffer restores its own
         Distiller(students=["tree"], buffer_size=16, export=False, strict=True, checkpoint_buffer=True),
-        Distiller(students=["tree"], buffer_size=64, every_n_epochs=2, export=False, strict=True, checkpoint_buffer=True),
+        Distiller(
+            students=["tree"], buffer_size=64, every_n_epochs=2, export=False, strict=True, checkpoint_buffer=True
+        ),
         SaliencyMasker(num_samples=4, width=4, strict=True),
         SaliencyMasker(num_samples=4, width=8, strict=True),
     ]

@@ -838,9 +838,10 @@ class Distiller(RankStateCallback, Callback):
             self._gen.set_state(state_dict["generator"])
 
     def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
-        """Another world size: the saved rows of all ranks (concatenated in rank order) are dealt out round-robin,
-        so no row is lost and none is duplicated; the generator and online students come from rank
-        ``rank % saved ranks``, the history (the same on every rank) from rank zero."""
+        """Another world size: the saved rows of all ranks are dealt out round-robin, oldest first, so none is
+        duplicated and none is lost while they fit the buffers (a rank dealt more than its buffer holds keeps the
+        most recent of every rank); the generator and online students come from rank ``rank % saved ranks``, the
+        history (the same on every rank) from rank zero."""
         state = {k: v for k, v in states[rank % len(states)].items() if k not in ("buffer", "val", "val_frozen")}
         state["history"] = states[0].get("history", [])
         for name in ("buffer", "val"):
@@ -848,7 +849,12 @@ class Distiller(RankStateCallback, Callback):
             if not parts:
                 continue
             rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            idx = torch.arange(rank, next(iter(rows.values())).shape[0], world)
+            # oldest first across ranks (a row's age is its place from the end of its rank's buffer; ties in rank
+            # order), so that a rank holding fewer rows than it is dealt keeps the most recent of every rank
+            sizes = [int(next(iter(p.values())).shape[0]) for p in parts]
+            age = torch.cat([torch.arange(-n, 0) for n in sizes])
+            order = torch.sort(age, stable=True).indices
+            idx = order[rank::world]
             state[name] = {"rows": {k: v[idx] for k, v in rows.items()}, "seen": int(idx.numel())}
             if name == "val":
                 state["val_frozen"] = any(bool(s.get("val_frozen")) for s in states)
@@ -857,8 +863,8 @@ class Distiller(RankStateCallback, Callback):
     def reshard_note(self, saved_world: int, world: int) -> str:
         return (
             f"the buffered rows of the {saved_world} saved rank(s) are dealt out to the {world} ranks round-robin "
-            "(none lost; empty buffers when they were not checkpointed), generators and online students come from "
-            f"rank r mod {saved_world}"
+            "(each keeps the most recent rows its buffer holds; empty buffers when they were not checkpointed), "
+            f"generators and online students come from rank r mod {saved_world}"
         )
 
 
