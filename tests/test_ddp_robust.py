@@ -117,3 +117,41 @@ def test_per_rank_state_survives_a_ddp_resume_and_a_world_size_change(tmp_path):
         assert seen[name]["x"].shape == union["x"].shape  # every row once
         key = lambda rows: sorted(zip(rows["x"].flatten(1).tolist(), rows["y"].tolist()))  # noqa: E731
         assert key(seen[name]) == key(union), name
+
+
+def _agree_worker(rank: int, store: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from explain_callbacks._internal.distributed import agree, gather_objects
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        out = {}
+        ok = agree(True)
+        out["all_ok"] = (ok.ok, ok.failures, ok.reports)
+        long = "é" * 400 + "tail"  # longer than the carried text: cut, still valid UTF-8
+        a = agree(rank == 0, None if rank == 0 else ValueError(f"rank one's own error {long}"))
+        out["one"] = (a.ok, a.local_ok, a.failures, a.why, a.reports)
+        b = agree(False, f"reason {rank}")
+        out["both"] = (b.ok, b.why, b.reports)
+        out["objects"] = gather_objects({"rank": rank, "t": torch.full((rank + 1,), float(rank))})
+        torch.save(out, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_agree_carries_each_failing_ranks_error_in_one_fixed_size_gather(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}", weights_only=False) for r in (0, 1))
+    assert r0["all_ok"] == r1["all_ok"] == (True, {}, False)
+    for r, res in ((0, r0), (1, r1)):
+        ok, local_ok, failures, why, reports = res["one"]
+        assert not ok and local_ok == (r == 0) and set(failures) == {1}
+        assert failures[1].startswith("ValueError: rank one's own error éé") and failures[1].endswith("é…")
+        assert len(failures[1].encode()) <= 480 and why == f"rank 1 failed: {failures[1]}"
+        assert reports  # rank 0 names the failing rank; the failing rank says it too
+        assert res["both"] == (False, "rank 0 failed: reason 0; rank 1 failed: reason 1", True)
+        assert [o["rank"] for o in res["objects"]] == [0, 1] and res["objects"][1]["t"].tolist() == [1.0, 1.0]

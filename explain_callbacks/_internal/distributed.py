@@ -111,7 +111,9 @@ class _Rank:
 
 
 def _encode(ok: bool, text: str) -> torch.Tensor:
-    data = text.encode("utf-8", "replace")[:_TEXT_BYTES]
+    data = text.encode("utf-8", "replace")
+    if len(data) > _TEXT_BYTES:  # cut on a character boundary, and say so
+        data = data[: _TEXT_BYTES - 3].decode("utf-8", "ignore").encode("utf-8") + "…".encode()
     out = torch.zeros(2 + _TEXT_BYTES, dtype=torch.int32)
     out[0] = int(ok)
     out[1] = len(data)

@@ -570,12 +570,12 @@ class ProbeCallback(RankStateCallback, Callback):
                         y = None if self.probe_y is None else self.probe_y.to(pl_module.device)
                         prepared = (model, x, y, resolve_target(self.target, model, x, y, self.batch_size))
                 except Exception as err:
-                    if self.strict:
-                        raise
-                    problem = err
+                    problem = err  # raised below under strict, after the agreement: no rank is left waiting
                 # explain() runs collectives under DDP: every rank enters it, or none does
                 agreement = self.agree(trainer, prepared is not None, problem)
                 if not agreement.ok:
+                    if self.strict:
+                        raise problem if problem is not None else RuntimeError(agreement.why)
                     self.report_failure(
                         agreement,
                         ("prepare",),
@@ -634,7 +634,7 @@ class ProbeCallback(RankStateCallback, Callback):
         """``fn()`` (detached) and its seconds, under the error policy, or None on every rank when it
         failed or gave NaN/Inf on any rank (warned once as ``"<what> <problem>"``): the collectives that
         follow its logging are then entered by all ranks or by none."""
-        out, seconds, problem = None, 0.0, None
+        out, seconds, problem, error = None, 0.0, None, None
         try:
             start = time.perf_counter()
             out = fn().detach()
@@ -642,10 +642,11 @@ class ProbeCallback(RankStateCallback, Callback):
             if not torch.isfinite(out).all():
                 out, problem = None, nonfinite
         except Exception as err:
-            if self.strict:
-                raise
-            problem = f"failed: {type(err).__name__}: {err}"
+            error, problem = err, f"failed: {type(err).__name__}: {err}"
         agreement = self.agree(trainer, out is not None, problem)
+        # strict: an exception on any rank raises on every rank (after the agreement: no rank left waiting)
+        if self.strict and any(t.startswith("failed: ") for t in agreement.failures.values()):
+            raise error if error is not None else RuntimeError(f"{what} {agreement.why}")
         if not agreement.ok:
             self.report_failure(
                 agreement,
