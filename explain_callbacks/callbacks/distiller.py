@@ -515,20 +515,31 @@ class Distiller(RankStateCallback, Callback):
             return
         if len(self.val):
             self._val_frozen = True
-        if self.is_due(trainer):
+        if self._due_everywhere(trainer, self.is_due(trainer)):
             self._run(trainer, pl_module, log=True)
+
+    def _due_everywhere(self, trainer: pl.Trainer, due: bool) -> bool:
+        """Whether every rank fits now (agreed: the fit gathers rows, a collective every rank must reach; the
+        schedule is the same on every rank, so ranks that disagree point at a bug and are said once)."""
+        agreement = agree(due, "not due", trainer)
+        if not agreement.ok and len(agreement.failures) < agreement.world:
+            agreement.warn(lambda why: f"Distiller: the ranks disagree on fitting now ({why}); skipped.",
+                           self.__dict__.setdefault("_warned_failures", set()), ("due",))  # fmt: skip
+        return agreement.ok
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._rows_this_epoch and (self._collecting or self._rows_per_epoch is None):
             self._rows_per_epoch = self._rows_this_epoch
         # Epochs without validation (check_val_every_n_epoch, limit_val_batches=0) fit here.
-        if self._fitting(trainer) and self.is_due(trainer) and self._fitted_step != trainer.global_step:
+        if self._fitting(trainer) and self._due_everywhere(
+            trainer, self.is_due(trainer) and self._fitted_step != trainer.global_step
+        ):
             self._run(trainer, pl_module, log=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        if self._fitted_step != trainer.global_step:
+        if self._due_everywhere(trainer, self._fitted_step != trainer.global_step):
             self._run(trainer, pl_module, log=False)
         # fast_dev_run writes nothing (Lightning turns logging and checkpoints off): the students stay in memory
         # (was: <cwd>/distill written by a debugging run)
