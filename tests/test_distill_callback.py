@@ -129,11 +129,16 @@ def test_breast_cancer_students_agree_with_the_teacher_and_are_exported(tmp_path
     tags = event_tags(tmp_path)
     assert "explain/distill/logistic/nonzeros" in tags["scalars"]
     assert any("explain/distill/tree/student" in t for t in tags["text"])
-    # checkpoint state round trip
+    # checkpoint state round trip: the rows are left out by default, kept with checkpoint_buffer=True
+    state = dist.state_dict()
+    assert "buffer" not in state and "val" not in state
     other = Distiller(students="tree")
+    other.load_state_dict(state)
+    assert len(other.buffer) == 0 and other.history == dist.history
+    dist.checkpoint_buffer = True
     other.load_state_dict(dist.state_dict())
     assert torch.equal(other.buffer.get()["x"], dist.buffer.get()["x"])
-    assert other.history == dist.history
+    assert torch.equal(other.val.get()["x"], dist.val.get()["x"]) and other._val_frozen
 
 
 def test_bad_arguments_fail_early_with_clear_messages():

@@ -185,8 +185,11 @@ def _pairs() -> list:
         InteractionMonitor(num_samples=4, groups=4, strict=True),
         AttributionMonitor(methods=[{"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
         AttributionMonitor(methods=[{"name": "ig", "n_steps": 8}], num_samples=4, strict=True),
-        Distiller(students=["tree"], buffer_size=16, export=False, strict=True),
-        Distiller(students=["tree"], buffer_size=64, every_n_epochs=2, export=False, strict=True),
+        # rows in the checkpoint (checkpoint_buffer=True; left out by default): each buffer restores its own
+        Distiller(students=["tree"], buffer_size=16, export=False, strict=True, checkpoint_buffer=True),
+        Distiller(
+            students=["tree"], buffer_size=64, every_n_epochs=2, export=False, strict=True, checkpoint_buffer=True
+        ),
         SaliencyMasker(num_samples=4, width=4, strict=True),
         SaliencyMasker(num_samples=4, width=8, strict=True),
     ]
@@ -223,7 +226,7 @@ def test_a_checkpoint_with_the_former_state_keys_still_restores(tmp_path):
         return [
             InteractionMonitor(num_samples=4, groups=2, strict=True),
             AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
-            Distiller(students=["tree"], every_n_epochs=5, export=False, strict=True),
+            Distiller(students=["tree"], every_n_epochs=5, export=False, strict=True, checkpoint_buffer=True),
             SaliencyMasker(num_samples=4, width=4, strict=True),
         ]
 

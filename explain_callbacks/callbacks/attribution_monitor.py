@@ -141,6 +141,8 @@ class AttributionMonitor(ProbeCallback):
                 self.feature_names = list(names)
 
     # ------------------------------------------------------------------ state
+    probe_bound_state = ("previous",)  # maps of the probe set: dropped when it is re-captured
+
     def extra_state(self) -> dict[str, Any]:
         return {"previous": {k: v.cpu() for k, v in self.previous.items()}}
 
@@ -191,20 +193,23 @@ class AttributionMonitor(ProbeCallback):
                 for spec, mname in zip(self.metric_specs, self.metric_names):
                     metric = self._metric_for(name, spec, x.device, mname)
                     self._higher[mname] = getattr(metric, "higher_is_better", None)
-                    updated, problem = False, "another rank failed"
+                    updated, problem = False, "did not apply"
                     try:
                         updated = self._update_metric(metric, model, x, maps, target, method, masks)
                     except Exception as err:
                         if self.strict:
                             raise
                         problem = f"failed: {type(err).__name__}: {err}"
-                    # compute() is a collective under DDP: every rank enters it or none does
-                    if not self._all_ranks_ok(trainer, updated):
-                        if problem != "another rank failed" or updated:
-                            self.warn_failure(
-                                ("metric", mname, name, problem),
-                                f"AttributionMonitor: metric {mname!r} on {name!r} {problem}. Skipped.",
-                            )
+                    # compute() is a collective under DDP: every rank enters it or none does (agreed, with the
+                    # failing rank's error in the warning); silent when the metric applies on no rank
+                    agreement = self.agree(trainer, updated, problem)
+                    if not agreement.ok:
+                        if len(agreement.failures) < agreement.world or problem != "did not apply":
+                            self.report_failure(
+                                agreement, ("metric", mname, name),
+                                lambda why, mname=mname, name=name: f"AttributionMonitor: metric {mname!r} on {name!r} "
+                                f"{why}. Skipped.",
+                            )  # fmt: skip
                         continue
                     value = float(metric.compute())
                     if not self._report_dropped(metric, mname, name, value):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.batching import BatchSize
 from .._internal.checks import finite_rows
+from .._internal.distributed import Agreement, RankStateCallback, agree, warn_rank
 from .._internal.guard import detach_clone, model_guard
 from .._internal.outputs import OutputSpec, output_adapter
 from .._internal.targets import TargetPolicy, resolve_target
@@ -198,13 +199,20 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(RankStateCallback, Callback):
     """Captures a fixed probe set from validation data and explains it on due validation epochs.
 
     The probe set is the first ``num_samples`` finite samples of the first validation dataloader
     (at most ``per_class`` per label if given), captured during the first validation epoch (the
     sanity check is skipped), moved to CPU and kept in this callback's ``state_dict`` so maps stay
     comparable across epochs and after resuming. Under DDP each rank explains its own shard.
+
+    Distributed: every local outcome (has a probe set, prepared, each method's result) is agreed
+    across ranks (:func:`~explain_callbacks._internal.distributed.agree`) before any collective, so
+    a failure on one rank skips the step on every rank instead of hanging, and the warning names the
+    failing rank's error. Each rank's probe set (and extra state) is gathered into the checkpoint and
+    handed back to its rank on resume; under another world size the probe sets are re-captured from
+    the validation data (each rank's shard changed), with a warning.
 
     Subclasses implement :meth:`explain`, which runs inside :func:`model_guard`: gradients enabled
     even under ``inference_mode``, every module in eval mode, autocast off, parameters frozen; modes,
@@ -264,8 +272,9 @@ class ProbeCallback(Callback):
         self._frozen = False
         self._warned_nan = False
         self._warned_capture = False
+        self._capture_error: str | None = None  # the last reason a batch gave no probe rows (for the agreement)
         self._warned_compiled = False
-        self._warned_failures: set[tuple[str, ...]] = set()
+        self._warned_failures: set[Any] = set()
         self._fit_validations = 0  # validation epochs and explanations of the current fit
         self._fit_explanations = 0
 
@@ -298,7 +307,11 @@ class ProbeCallback(Callback):
         stateful callback of type ...")."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
+    #: keys of :meth:`extra_state` that belong to the probe set (maps of it): dropped when the probe set is
+    #: re-captured on a resume under another world size (override)
+    probe_bound_state: tuple[str, ...] = ()
+
+    def local_state_dict(self) -> dict[str, Any]:
         return {
             "probe_x": self.probe_x,
             "probe_y": self.probe_y,
@@ -307,12 +320,23 @@ class ProbeCallback(Callback):
             **self.extra_state(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_local_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_x = state_dict.get("probe_x")
         self.probe_y = state_dict.get("probe_y")
         self.probe_mask = state_dict.get("probe_mask")
         self._frozen = bool(state_dict.get("frozen", self.probe_x is not None))
         self.load_extra_state(state_dict)
+
+    def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """Another world size shards the validation data differently: the probe set is re-captured from this
+        rank's shard at the next validation (deterministic for an unshuffled validation loader); the rest of
+        the state (e.g. a trained masker, the same on every rank) is taken from rank ``rank % saved ranks``."""
+        state = {k: v for k, v in states[rank % len(states)].items() if k not in self.probe_bound_state}
+        state.update(probe_x=None, probe_y=None, probe_mask=None, frozen=False)
+        return state
+
+    def reshard_note(self, saved_world: int, world: int) -> str:
+        return "each rank re-captures its probe set from its validation shard at the next validation"
 
     def extra_state(self) -> dict[str, Any]:
         """Subclass state to checkpoint besides the probe (override)."""
@@ -362,9 +386,11 @@ class ProbeCallback(Callback):
         except Exception as err:
             if self.strict:
                 raise
+            self._capture_error = f"{type(err).__name__}: {err}"
             if not self._warned_capture:
                 self._warned_capture = True
-                rank_zero_warn(
+                # on this rank, whichever it is: a rank that alone cannot take its probe must say so
+                warn_rank(
                     f"{type(self).__name__} could not take its probe set from a batch: {type(err).__name__}: {err} "
                     "Such batches are skipped and training continues; pass strict=True to raise instead."
                 )
@@ -377,7 +403,7 @@ class ProbeCallback(Callback):
         masks = None if masks is None else masks.detach().cpu().clone()
         keep = finite_rows(x) if x.is_floating_point() else torch.ones(x.shape[0], dtype=torch.bool)
         if not bool(keep.all()) and not self._warned_nan:
-            rank_zero_warn(
+            warn_rank(
                 f"{type(self).__name__}: {int((~keep).sum())} validation samples contain NaN/Inf and are "
                 "skipped from the probe set; clean the data to explain them."
             )
@@ -453,11 +479,41 @@ class ProbeCallback(Callback):
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self._fit_validations += 1
-        if self.probe_x is None or not self.is_due(trainer):
-            return
-        if fitting:
+        due = self.is_due(trainer)
+        if fitting and due:  # due epochs (explained, or skipped with a warning saying why)
             self._fit_explanations += 1
+        # Agreed before run_explain's collectives: a rank without a probe set (its shard all NaN, a batch it
+        # could not read) skips the epoch on every rank. Was: it returned here while the others waited in
+        # run_explain's all-gather forever.
+        if not self._agree_on_probe(trainer, due):
+            return
         self.run_explain(trainer, pl_module)
+
+    def _agree_on_probe(self, trainer: pl.Trainer, due: bool = True) -> bool:
+        """Whether every rank is due and holds a probe set (one agreement; a rank without one is named with
+        its reason; "not due" on every rank is the schedule, not a failure, and is not reported)."""
+        has = self.probe_x is not None
+        reason = "not due" if not due else (None if has else self._no_probe_reason())
+        agreement = self.agree(trainer, due and has, reason)
+        if agreement.ok:
+            return True
+        # said when some ranks have a probe set and others not; a probe set missing everywhere is said at the end
+        # of fit ("explained nothing"), as in one process
+        if len(agreement.failures) < agreement.world:
+            self.report_failure(
+                agreement,
+                ("probe",),
+                lambda why: f"{type(self).__name__} skipped epoch {trainer.current_epoch}: not every rank has a "
+                f"probe set ({why}). Training continues.",
+            )
+        return False
+
+    def _no_probe_reason(self) -> str:
+        if self._capture_error is not None:
+            return f"no probe set: its batches could not be read ({self._capture_error})"
+        if self._warned_nan:
+            return "no probe set: every validation sample it saw holds NaN/Inf"
+        return "no probe set: it saw no validation batch"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_x is not None:
@@ -470,8 +526,8 @@ class ProbeCallback(Callback):
             return
         # a monitor that silently did nothing would look like a broken one
         name = type(self).__name__
-        if self._warned_capture:
-            rank_zero_warn(f"{name} explained nothing: no validation batch gave it a probe set (warned above).")
+        if self._warned_capture or self._warned_nan:  # a local cause: said on the rank where it happened
+            warn_rank(f"{name} explained nothing: no validation batch gave it a probe set (warned above).")
         else:
             rank_zero_warn(
                 f"{name} explained nothing: it takes its probe set from validation batches and saw none (no "
@@ -490,7 +546,7 @@ class ProbeCallback(Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._frozen = self.probe_x is not None
-        if self.probe_x is not None:
+        if self._agree_on_probe(trainer):
             self.run_explain(trainer, pl_module)
 
     def model(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -514,15 +570,17 @@ class ProbeCallback(Callback):
                         y = None if self.probe_y is None else self.probe_y.to(pl_module.device)
                         prepared = (model, x, y, resolve_target(self.target, model, x, y, self.batch_size))
                 except Exception as err:
-                    if self.strict:
-                        raise
-                    problem = err
+                    problem = err  # raised below under strict, after the agreement: no rank is left waiting
                 # explain() runs collectives under DDP: every rank enters it, or none does
-                if not self._all_ranks_ok(trainer, prepared is not None):
-                    what = f"{type(problem).__name__}: {problem}" if problem is not None else "another rank failed"
-                    self.warn_failure(
-                        ("prepare", what),
-                        f"{type(self).__name__} skipped epoch {trainer.current_epoch} ({what}). Training continues.",
+                agreement = self.agree(trainer, prepared is not None, problem)
+                if not agreement.ok:
+                    if self.strict:
+                        raise problem if problem is not None else RuntimeError(agreement.why)
+                    self.report_failure(
+                        agreement,
+                        ("prepare",),
+                        lambda why: f"{type(self).__name__} skipped epoch {trainer.current_epoch} ({why}). "
+                        "Training continues.",
                     )
                     return
                 assert prepared is not None
@@ -554,11 +612,21 @@ class ProbeCallback(Callback):
     def warn_failure(self, key: tuple[str, ...], message: str) -> None:
         """Warn about a failure once: the same failure (``key``: what failed and the error) in later epochs
         is skipped silently, so a method that cannot explain this model does not warn at every epoch."""
-        warned: set[tuple[str, ...]] = self.__dict__.setdefault("_warned_failures", set())
+        warned: set[Any] = self.__dict__.setdefault("_warned_failures", set())
         if key in warned:
             return
         warned.add(key)
-        rank_zero_warn(message + " Later epochs with the same failure are not reported again.")
+        # on this rank (named under DDP): a failure on rank 1 alone was hidden by rank_zero_warn
+        warn_rank(message + " Later epochs with the same failure are not reported again.")
+
+    def report_failure(self, agreement: Agreement, key: tuple[str, ...], message: Callable[[str], str]) -> None:
+        """Warn about an agreed failure, once per ``key`` and failure text: rank zero names every failing rank
+        with its error (``rank 1 failed: ...``), each failing rank warns too, the other ranks stay quiet."""
+        agreement.warn(
+            lambda why: message(why) + " Later epochs with the same failure are not reported again.",
+            self.__dict__.setdefault("_warned_failures", set()),
+            key,
+        )
 
     def run_agreed(
         self, trainer: pl.Trainer, what: str, fn: Callable[[], Tensor], nonfinite: str
@@ -566,7 +634,7 @@ class ProbeCallback(Callback):
         """``fn()`` (detached) and its seconds, under the error policy, or None on every rank when it
         failed or gave NaN/Inf on any rank (warned once as ``"<what> <problem>"``): the collectives that
         follow its logging are then entered by all ranks or by none."""
-        out, seconds, problem = None, 0.0, "another rank failed"
+        out, seconds, problem, error = None, 0.0, None, None
         try:
             start = time.perf_counter()
             out = fn().detach()
@@ -578,26 +646,32 @@ class ProbeCallback(Callback):
                         f"{type(self).__name__}: {what} {problem} at epoch {trainer.current_epoch} (strict=True)."
                     )
         except Exception as err:
-            if self.strict:
-                raise
-            problem = f"failed: {type(err).__name__}: {err}"
-        if not self._all_ranks_ok(trainer, out is not None):
-            self.warn_failure(
-                ("run", what, problem),
-                f"{type(self).__name__}: {what} {problem} at epoch {trainer.current_epoch}. Skipped.",
+            error, problem = err, f"failed: {type(err).__name__}: {err}"
+        agreement = self.agree(trainer, out is not None, problem)
+        # strict: an exception on any rank raises on every rank (after the agreement: no rank left waiting)
+        if self.strict and any(t.startswith("failed: ") for t in agreement.failures.values()):
+            raise error if error is not None else RuntimeError(f"{what} {agreement.why}")
+        if not agreement.ok:
+            self.report_failure(
+                agreement,
+                ("run", what),
+                lambda why: f"{type(self).__name__}: {what} {why} at epoch {trainer.current_epoch}. Skipped.",
             )
             return None
         assert out is not None
         return out, seconds
 
     @staticmethod
+    def agree(trainer: pl.Trainer, ok: bool, error: str | BaseException | None = None) -> Agreement:
+        """Agree on a local outcome across ranks before the collectives that follow it (``sync_dist`` logging,
+        torchmetrics' ``compute``, gathers): every rank takes the same branch, and the :class:`Agreement` names
+        each failing rank's ``error`` (see :func:`~explain_callbacks._internal.distributed.agree`)."""
+        return agree(ok, error, trainer)
+
+    @staticmethod
     def _all_ranks_ok(trainer: pl.Trainer, ok: bool) -> bool:
-        """Whether ``ok`` holds on every rank, so that the collectives that follow (``sync_dist`` logging,
-        torchmetrics' ``compute``) are entered by all ranks or by none: no hang when one rank fails."""
-        if trainer.world_size <= 1:
-            return ok
-        flag = torch.tensor([1.0 if ok else 0.0], device=trainer.strategy.root_device)
-        return bool(trainer.strategy.all_gather(flag).min() > 0)
+        """Whether ``ok`` holds on every rank (:meth:`agree` without an error text)."""
+        return agree(ok, None, trainer).ok
 
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None

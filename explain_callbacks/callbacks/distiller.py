@@ -36,14 +36,35 @@ RNG restored); students draw randomness from their own seeded generators; the pe
 uses the callback's own generator. A run with the Distiller gives bit-identical weights to a run
 without it (tested).
 
+Failures: a teacher whose outputs hold NaN/Inf (a diverged network) skips the fit with one warning
+(``strict`` raises): no student is fitted on it, no fidelity is logged and nothing is exported from it.
+Students fail independently: one student's exception skips that student only, which is restored to
+the state it had before the fit (an unfitted student stays unfitted) and is not exported while its
+latest fit failed.
+
+Memory and checkpoints: each buffer holds at most ``buffer_size`` (``val_size``) rows and, together,
+at most ``max_buffer_mb`` MB per rank (fewer rows when rows are large; said once). The rows are *not*
+saved in checkpoints unless ``checkpoint_buffer=True`` (they are raw training inputs: ~38 MB per
+checkpoint at 3×32×32 with the defaults). A run resumed without them starts with empty buffers: the
+training buffer refills from the batches after the resume, so the first fit after it sees only those
+rows, and the validation rows are taken again from the first validation batches (the same rows when
+the validation loader is not shuffled). History, the subsample generator and online students are
+always saved.
+
 DDP: each rank buffers its own batches; at fit time buffers and validation rows are all-gathered
 (variable sizes allowed), so every rank fits the same students on the same data (identical
-scalars; exports from rank zero). Online students train on their rank's batches; rank zero's is
-exported.
+scalars; exports from rank zero). Every outcome a collective depends on (the teacher pass, each
+student's fit) is agreed across ranks first, so a failure on one rank skips that step everywhere
+instead of hanging, and the warning carries the failing rank's error. Each rank's state (buffers
+when checkpointed, generator, online students) is gathered into the checkpoint and handed back to
+its rank on resume; under another world size the saved rows of all ranks are dealt out again
+round-robin (none lost). Online students train on their rank's batches; rank zero's is exported.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,6 +80,7 @@ from torch import Tensor, nn
 from .._internal.batch import BatchAdapter, InputSpec
 from .._internal.batching import BatchSize, check_batch_size, chunks, resolve_batch_size
 from .._internal.checks import finite_rows
+from .._internal.distributed import Agreement, RankStateCallback, agree, warn_rank
 from .._internal.guard import detach_clone, model_guard, rng_guard
 from .._internal.outputs import OutputSpec, output_adapter, pick_output
 from .._internal.registry import STUDENTS
@@ -73,21 +95,38 @@ __all__ = ["Distiller"]
 StudentSpec = Any  # a registered name, {"name": ..., **kwargs}, or a Student instance
 
 
+_KEY = re.compile(r"[\w-]+")
+
+
+def check_student_key(key: str) -> str:
+    """A student key names its export file and its TensorBoard tags: letters, digits, ``_`` and ``-`` only.
+
+    Keys such as ``"../../x"``, ``"/tmp/x"`` or ``"a/b"`` wrote outside the export folder (or into another
+    folder); a dot would be taken for the file suffix (``"a.b"`` exported as ``a.pt``).
+    """
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(
+            f"Student key {key!r} cannot name an export file: use letters, digits, '_' and '-' only (no path "
+            "separators, dots or spaces), e.g. {'deep_tree': {'name': 'tree', 'max_depth': 6}}."
+        )
+    return key
+
+
 def _is_single_spec(spec: Any) -> bool:
     return isinstance(spec, (str, Student)) or (
         isinstance(spec, Mapping) and isinstance(spec.get("name"), str) and spec["name"] in STUDENTS
     )
 
 
-class Distiller(Callback):
+class Distiller(RankStateCallback, Callback):
     """Distil the training network into simple students and track their fidelity.
 
     Args:
         students: one or several students: registered names (``tree``, ``sparse_logistic``,
             ``sparse_linear``, ``rules``, ``attribution_linear``, ``online``, ``awd``),
             ``{"name": ..., **kwargs}`` mappings, Student instances, or a mapping ``key -> spec``
-            (the key names the student in tags and export files).
-        buffer_size: rows kept (the most recent ones); memory is bounded by this.
+            (the key names the student in tags and export files: letters, digits, ``_`` and ``-``).
+        buffer_size: rows kept (the most recent ones); memory is bounded by this and ``max_buffer_mb``.
         per_batch: rows buffered per training batch (a random subsample drawn with the callback's own
             generator); None keeps whole batches.
         layer: name of a submodule (``dict(model.named_modules())``) whose flattened output replaces
@@ -104,12 +143,18 @@ class Distiller(Callback):
             index, key, or a function of the output); ``.logits`` is found without it.
         feature_names: names of the input features (default: ``datamodule.feature_names`` when it
             matches the input size).
-        export: write the final students; ``export_dir`` defaults to ``<log_dir>/distill``. Not under
-            ``fast_dev_run``, which writes no files.
+        export: write the final students under ``export_dir``, by default ``<log_dir>/distill`` (the first
+            logger's directory). Without a logger (``logger=False``) and without ``export_dir`` nothing is
+            written (one warning; the students stay in :attr:`students`): never the working directory.
+            Not under ``fast_dev_run``, which writes no files.
         log_students: log the readable forms (text and images) to TensorBoard.
         batch_size: rows per teacher call (``"auto"``: chosen from its activation size, see ``_internal.batching``).
         seed: seed of the per-batch subsample generator.
         strict: re-raise exceptions while fitting (default: warn and continue training).
+        checkpoint_buffer: save the buffered rows (training and validation) in checkpoints, for an exact
+            resume; by default they are left out (see the module docstring for what a resume does then).
+        max_buffer_mb: bound of the two buffers together, in MB per rank (split between them in proportion
+            to ``buffer_size`` and ``val_size``); None: rows only.
     """
 
     def __init__(
@@ -133,6 +178,8 @@ class Distiller(Callback):
         batch_size: BatchSize = "auto",
         seed: int = 0,
         strict: bool = False,
+        checkpoint_buffer: bool = False,
+        max_buffer_mb: float | None = 512.0,
     ) -> None:
         if teacher_outputs not in ("refresh", "captured"):
             raise ValueError(f"teacher_outputs must be 'refresh' or 'captured', got {teacher_outputs!r}.")
@@ -142,6 +189,8 @@ class Distiller(Callback):
             raise ValueError(f"per_batch must be >= 1 or None, got {per_batch}.")
         if task not in ("auto", "classification", "regression"):
             raise ValueError(f"task must be 'auto', 'classification' or 'regression', got {task!r}.")
+        if max_buffer_mb is not None and not max_buffer_mb > 0:
+            raise ValueError(f"max_buffer_mb must be > 0 or None, got {max_buffer_mb}.")
         self.students: dict[str, Student] = self._build_students(students)
         if layer is not None:
             bad = [k for k, s in self.students.items() if s.needs_teacher]
@@ -150,8 +199,12 @@ class Distiller(Callback):
                     f"Students {bad} need the teacher in the input space (attributions, AWD) and cannot use "
                     f"layer={layer!r} features; use layer=None or drop them."
                 )
-        self.buffer = RingBuffer(buffer_size)
-        self.val = RingBuffer(val_size)
+        self.max_buffer_mb = max_buffer_mb
+        self.checkpoint_buffer = checkpoint_buffer
+        budget = None if max_buffer_mb is None else float(max_buffer_mb) * 2**20
+        share = buffer_size / max(buffer_size + val_size, 1)  # the budget split in proportion to the rows
+        self.buffer = RingBuffer(buffer_size, None if budget is None else max(1, int(budget * share)))
+        self.val = RingBuffer(val_size, None if budget is None else max(1, int(budget * (1 - share))))
         self.per_batch = per_batch
         self.layer = layer
         self.teacher_outputs = teacher_outputs
@@ -181,7 +234,8 @@ class Distiller(Callback):
         self._rows_this_epoch = 0
         self._rows_per_epoch: int | None = None
         self._captures = self.captures  # looked up at every training step
-        self._warned_failures: set[tuple[str, ...]] = set()
+        self._warned_failures: set[Any] = set()
+        self._failed: set[str] = set()  # students whose latest fit failed: not exported
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -197,7 +251,7 @@ class Distiller(Callback):
         out: dict[str, Student] = {}
         for key, s in items:
             st = build_student(dict(s) if isinstance(s, Mapping) else s)
-            k = key or st.name
+            k = check_student_key(key or st.name)
             base, i = k, 2
             while k in out:
                 k, i = f"{base}_{i}", i + 1
@@ -292,7 +346,7 @@ class Distiller(Callback):
         rows_per_epoch = rows_per_epoch or self._rows_per_epoch
         if self.has_online or self.every_n_epochs == 1 or rows_per_epoch is None:
             return True
-        need = -(-self.buffer.capacity // max(rows_per_epoch, 1))
+        need = -(-self.buffer.limit // max(rows_per_epoch, 1))
         epoch = trainer.current_epoch
         to_due = (self.every_n_epochs - (epoch + 1) % self.every_n_epochs) % self.every_n_epochs
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
@@ -362,7 +416,7 @@ class Distiller(Callback):
         if y is not None and y.shape[:1] == x.shape[:1]:
             rows["y"] = y[idx]
         if not self._captures:
-            self.buffer.add(rows)
+            self._add_rows(rows)
             return
         out = cap.get("out")
         feat = cap.get("feat")
@@ -382,13 +436,24 @@ class Distiller(Callback):
             if s.online:
                 src = feat.reshape(feat.shape[0], -1) if (self.layer is not None and feat is not None) else x[idx]
                 s.partial_fit(src.detach(), out.detach())
+        self._add_rows(rows)
+
+    def _add_rows(self, rows: dict[str, Tensor | None]) -> None:
+        first = not self.buffer.names
         self.buffer.add(rows)
+        if first and self.buffer.limit < self.buffer.capacity:  # said once: the byte bound cut the rows
+            kept = {k: v for k, v in rows.items() if v is not None}
+            rank_zero_warn(
+                f"Distiller: rows of {self.buffer.row_bytes(kept) / 1024:.0f} KB: max_buffer_mb={self.max_buffer_mb} "
+                f"holds {self.buffer.limit} training rows of buffer_size={self.buffer.capacity} (and the validation "
+                "rows in proportion). Raise max_buffer_mb, or buffer features of a layer (layer=...)."
+            )
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        if self._val_frozen or dataloader_idx != 0 or not self._fitting(trainer) or len(self.val) >= self.val.capacity:
+        if self._val_frozen or dataloader_idx != 0 or not self._fitting(trainer) or len(self.val) >= self.val.limit:
             return
         try:  # a validation batch the rows cannot be taken from must not stop training either
             self._add_val(batch)
@@ -398,7 +463,9 @@ class Distiller(Callback):
     def _add_val(self, batch: Any) -> None:
         x, y = self.adapter(batch)
         keep = finite_rows(x) if x.is_floating_point() else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        idx = keep.nonzero().flatten()[: self.val.capacity - len(self.val)]
+        shapes = {"x": x[:0]} if y is None or y.shape[:1] != x.shape[:1] else {"x": x[:0], "y": y[:0]}
+        limit = self.val.limit if self.val.names else self.val.rows_for(shapes)  # the first rows, within the bound
+        idx = keep.nonzero().flatten()[: limit - len(self.val)]
         if idx.numel() == 0:
             return
         with torch.inference_mode(False):
@@ -448,27 +515,46 @@ class Distiller(Callback):
             return
         if len(self.val):
             self._val_frozen = True
-        if self.is_due(trainer):
+        if self._due_everywhere(trainer, self.is_due(trainer)):
             self._run(trainer, pl_module, log=True)
+
+    def _due_everywhere(self, trainer: pl.Trainer, due: bool) -> bool:
+        """Whether every rank fits now (agreed: the fit gathers rows, a collective every rank must reach; the
+        schedule is the same on every rank, so ranks that disagree point at a bug and are said once)."""
+        agreement = agree(due, "not due", trainer)
+        if not agreement.ok and len(agreement.failures) < agreement.world:
+            agreement.warn(lambda why: f"Distiller: the ranks disagree on fitting now ({why}); skipped.",
+                           self.__dict__.setdefault("_warned_failures", set()), ("due",))  # fmt: skip
+        return agreement.ok
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._rows_this_epoch and (self._collecting or self._rows_per_epoch is None):
             self._rows_per_epoch = self._rows_this_epoch
         # Epochs without validation (check_val_every_n_epoch, limit_val_batches=0) fit here.
-        if self._fitting(trainer) and self.is_due(trainer) and self._fitted_step != trainer.global_step:
+        if self._fitting(trainer) and self._due_everywhere(
+            trainer, self.is_due(trainer) and self._fitted_step != trainer.global_step
+        ):
             self._run(trainer, pl_module, log=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        if self._fitted_step != trainer.global_step:
+        if self._due_everywhere(trainer, self._fitted_step != trainer.global_step):
             self._run(trainer, pl_module, log=False)
         # fast_dev_run writes nothing (Lightning turns logging and checkpoints off): the students stay in memory
         # (was: <cwd>/distill written by a debugging run)
         if self.export and not trainer.fast_dev_run:
             try:
                 folder = self.export_path(trainer)  # trainer.log_dir is a collective under DDP: every rank
-                self._export(trainer, folder)
+                if folder is None:
+                    if any(s.fitted for s in self.students.values()):
+                        rank_zero_warn(
+                            "Distiller: no log directory (logger=False) and no export_dir, so the students were not "
+                            "written (they are in Distiller.students; save_student() writes one). Pass "
+                            "export_dir=... to export them, or export=False to silence this."
+                        )
+                else:
+                    self._export(trainer, folder)
             except Exception as err:
                 self._fail(trainer, "exporting the students", err)
 
@@ -498,40 +584,70 @@ class Distiller(Callback):
         finally:
             self._fitted_step = trainer.global_step
 
+    def _teacher_pass(
+        self, pl_module: pl.LightningModule, x: Tensor, rows: dict[str, Tensor], val: dict[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Teacher outputs (and layer features) on the buffer and on the validation rows: one chunked pass
+        over the rows that need them (the buffer in ``refresh`` mode, the validation rows always)."""
+        refresh = self.teacher_outputs == "refresh" or "out" not in rows
+        parts = ([x] if refresh else []) + ([val["x"].to(x.dtype)] if val is not None else [])
+        o_all, f_all = (
+            self._forward(pl_module, torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else (None, None)
+        )
+        vout = vfeat = None
+        if refresh:
+            assert o_all is not None
+            n = x.shape[0]
+            out, feat = o_all[:n], (f_all[:n] if f_all is not None else None)
+            if val is not None:
+                vout, vfeat = o_all[n:], (f_all[n:] if f_all is not None else None)
+        else:
+            out, feat = rows["out"], rows.get("feat")
+            if val is not None:
+                assert o_all is not None
+                vout, vfeat = o_all, f_all
+        return out, feat, vout, vfeat
+
     def _fit_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
+        # collectives: every rank is here (the fit points are the same epochs on every rank)
         rows = gather_rows(self.buffer.get())
         val = gather_rows(self.val.get())
-        if rows and rows["x"].is_floating_point():  # rows with NaN/Inf inputs (or captured outputs) are dropped
+        if rows and rows["x"].is_floating_point():  # rows with NaN/Inf inputs are dropped
             ok = finite_rows(rows["x"])
-            if "out" in rows:
-                ok &= finite_rows(rows["out"])
             if not bool(ok.all()):
                 rows = {k: v[ok] for k, v in rows.items()}
         if not rows or rows["x"].shape[0] < 2:
-            warned: set[tuple[str, ...]] = self.__dict__.setdefault("_warned_failures", set())
+            warned: set[Any] = self.__dict__.setdefault("_warned_failures", set())
             if ("no rows",) not in warned:  # once: with batches it cannot read, the buffer stays empty every epoch
                 warned.add(("no rows",))
                 rank_zero_warn("Distiller: fewer than 2 buffered training rows; nothing to fit yet.")
             return
         x = rows["x"]
         has_val = bool(val) and val["x"].shape[0] > 0
-        refresh = self.teacher_outputs == "refresh" or "out" not in rows
-        # one chunked teacher pass over the rows that need outputs: the buffer (refresh) and the validation rows
-        parts = ([x] if refresh else []) + ([val["x"].to(x.dtype)] if has_val else [])
-        o_all, f_all = (
-            self._forward(pl_module, torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else (None, None)
-        )
-        if refresh:
-            assert o_all is not None
-            n = x.shape[0]
-            out, feat = o_all[:n], (f_all[:n] if f_all is not None else None)
-            if has_val:
-                vout, vfeat = o_all[n:], (f_all[n:] if f_all is not None else None)
-        else:
-            out, feat = rows["out"], rows.get("feat")
-            if has_val:
-                assert o_all is not None
-                vout, vfeat = o_all, f_all
+        # at on_train_end the epoch counter has already moved past the last epoch
+        epoch = int(trainer.current_epoch) - (0 if log else 1)
+        # the teacher pass, agreed: a rank where it failed or gave NaN/Inf skips the fit on every rank
+        problem: Exception | None = None
+        try:
+            out, feat, vout, vfeat = self._teacher_pass(pl_module, x, rows, val if has_val else None)
+            outs = [out] + ([vout] if vout is not None else [])
+            bad = sum(int((~finite_rows(o)).sum()) for o in outs)
+            if bad:
+                # a diverged network: every student would agree with its NaN (fidelity 1.0 was logged and exported)
+                problem = FloatingPointError(
+                    f"the teacher's outputs hold NaN/Inf on {bad} of {sum(o.shape[0] for o in outs)} rows"
+                )
+        except Exception as err:
+            problem = err
+        agreement = agree(problem is None, problem, trainer)
+        if not agreement.ok:
+            self._failed = set(self.students)  # nothing fitted on it is exported
+            self._agreed_failure(
+                agreement, ("teacher",), problem,
+                lambda why: f"Distiller skipped the fit at epoch {epoch} ({why}): no student fitted, no fidelity "
+                "logged.",
+            )  # fmt: skip
+            return
         X = feat if self.layer is not None else x
         assert X is not None
         task = infer_task(out, self.task)
@@ -539,38 +655,70 @@ class Distiller(Callback):
             VX = vfeat if self.layer is not None else val["x"]
             vy = val.get("y")
         names = self._feature_names(trainer, int(X[0].numel()))
-        # at on_train_end the epoch counter has already moved past the last epoch
-        epoch = int(trainer.current_epoch) - (0 if log else 1)
         record: dict[str, Any] = {"epoch": epoch, "step": int(trainer.global_step), "final": not log}
         teacher = self.teacher(pl_module)
         for key, student in self.students.items():
+            # Students fail independently, and a failed one is restored to its state before the fit (an unfitted
+            # one stays unfitted): was, one exception ended the loop for every student, and the failed student
+            # (marked fitted by fit() before the solve) was exported and failed on predict.
+            backup = None if student.online else _snapshot(student)
+            result: dict[str, float] | None = None
+            error: Exception | str | None = None
             t0 = time.perf_counter()
-            if student.online:
-                if not student.fitted:
-                    continue
-            elif student.needs_teacher:
-                # attributions/AWD use the teacher: guarded, grads enabled
-                with model_guard(pl_module), eager_forward(pl_module):
-                    student.fit(X, out, teacher=teacher, feature_names=names)
-            else:
-                with rng_guard():  # students use their own generators; the global RNG is restored regardless
-                    student.fit(X, out, feature_names=names)
-            fit_s = time.perf_counter() - t0
-            m: dict[str, float] = {"train_fidelity": float(fidelity(student.predict(X), out, task))}
-            if has_val:
-                pred = student.predict(VX)
-                m["fidelity"] = float(fidelity(pred, vout, task))
-                labels = vy if task == "regression" or vy is None else class_indices(vy)
-                if labels is not None:  # multi-label / one-hot labels: no accuracy to report
-                    m["accuracy" if task == "classification" else "r2"] = float(student_score(pred, labels, task))
-            comp = {k: float(v) for k, v in student.complexity().items()}
-            record[key] = {**m, **comp, "fit_seconds": fit_s}
+            try:
+                if student.online:
+                    if not student.fitted:
+                        error = "not trained yet"
+                elif student.needs_teacher:
+                    # attributions/AWD use the teacher: guarded, grads enabled
+                    with model_guard(pl_module), eager_forward(pl_module):
+                        student.fit(X, out, teacher=teacher, feature_names=names)
+                else:
+                    with rng_guard():  # students use their own generators; the global RNG is restored regardless
+                        student.fit(X, out, feature_names=names)
+                if error is None:
+                    fit_s = time.perf_counter() - t0
+                    m: dict[str, float] = {"train_fidelity": float(fidelity(student.predict(X), out, task))}
+                    if has_val:
+                        pred = student.predict(VX)
+                        m["fidelity"] = float(fidelity(pred, vout, task))
+                        labels = vy if task == "regression" or vy is None else class_indices(vy)
+                        if labels is not None:  # multi-label / one-hot labels: no accuracy to report
+                            m["accuracy" if task == "classification" else "r2"] = float(
+                                student_score(pred, labels, task)
+                            )
+                    comp = {k: float(v) for k, v in student.complexity().items()}
+                    result = {**m, **comp, "fit_seconds": fit_s}
+            except Exception as err:
+                error = err
+            # logging below is a collective: every rank logs this student, or none does (the same students
+            # on the same gathered rows, but a fit can still fail on one rank alone, e.g. out of memory)
+            agreement = agree(result is not None, error, trainer)
+            if not agreement.ok:
+                if backup is not None:  # on every rank: the students stay identical across ranks
+                    _restore(student, backup)
+                self._failed.add(key)
+                if set(agreement.failures.values()) != {"not trained yet"}:
+                    self._agreed_failure(
+                        agreement, ("student", key), error if isinstance(error, Exception) else None,
+                        lambda why, key=key: f"Distiller: student {key!r} failed at epoch {epoch} ({why}); the other "
+                        "students go on, this one keeps its previous fit and is not exported while its latest fit "
+                        "failed.",
+                    )  # fmt: skip
+                continue
+            assert result is not None
+            self._failed.discard(key)
+            record[key] = result
             if log:
                 # scalars: fidelity, own score and the headline complexity (the rest is in the text and history);
                 # the in-sample fidelity only when there is no validation data
-                head = next(iter(comp))
-                scalars = {k: v for k, v in m.items() if k != "train_fidelity" or not has_val}
-                scalars[head] = comp[head]
+                comp_keys = list(student.complexity())
+                head = comp_keys[0] if comp_keys else None
+                scalars = {
+                    k: v for k, v in result.items() if k in ("fidelity", "accuracy", "r2") or k == head
+                }
+                if not has_val:
+                    scalars["train_fidelity"] = result["train_fidelity"]
                 for k, v in scalars.items():
                     pl_module.log(
                         f"explain/distill/{key}/{k}",
@@ -588,11 +736,16 @@ class Distiller(Callback):
         self.history.append(record)
 
     # ------------------------------------------------------------------ export
-    def export_path(self, trainer: pl.Trainer) -> Path:
+    def export_path(self, trainer: pl.Trainer) -> Path | None:
+        """Where the students are written: ``export_dir``, else ``<log_dir>/distill`` of the first logger; None
+        without either (``logger=False``): Lightning's log_dir is then the working directory, where a run's
+        files do not belong."""
         if self.export_dir is not None:
             return Path(self.export_dir)
-        base = trainer.log_dir or trainer.default_root_dir
-        return Path(base) / "distill"
+        if not trainer.loggers:
+            return None
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank is here (the same loggers on every rank)
+        return None if log_dir is None else Path(log_dir) / "distill"
 
     def _export(self, trainer: pl.Trainer, folder: Path) -> None:
         if trainer.global_rank != 0:
@@ -602,54 +755,141 @@ class Distiller(Callback):
         for key, student in self.students.items():
             if not student.fitted:
                 continue
-            meta = {
-                "epochs_trained": int(trainer.current_epoch),
-                "global_step": int(trainer.global_step),
-                "layer": self.layer,
-                "input_key": self.adapter.input_key if isinstance(self.adapter.input_key, (int, str)) else None,
-                "teacher": type(self.teacher(trainer.lightning_module)).__name__,
-                "metrics": {k: v for k, v in (last.get(key) or {}).items() if isinstance(v, float)},
-            }
-            path = save_student(student, folder / key, meta)
+            if key in self._failed:
+                rank_zero_warn(f"Distiller: student {key!r} is not exported: its latest fit failed (warned above).")
+                continue
+            try:  # one student's export failing must not stop the others
+                path = self._export_one(trainer, folder, key, student, last)
+            except Exception as err:
+                self._fail(trainer, f"exporting student {key!r}", err)
+                continue
             self.exported[key] = str(path)
             lines.append(f"- {key}: `{path}`")
         if lines:
             _logging.log_text(trainer, "explain/distill/exported", "Exported students:\n\n" + "\n".join(lines))
 
+    def _export_one(self, trainer: pl.Trainer, folder: Path, key: str, student: Student, last: dict) -> Path:
+        check_student_key(key)  # again: ``students`` is a public dict, a key may have been added after __init__
+        target = folder / key
+        if target.resolve().parent != folder.resolve():
+            raise ValueError(f"Student key {key!r} would be written outside {folder}.")
+        meta = {
+            "epochs_trained": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "layer": self.layer,
+            "input_key": self.adapter.input_key if isinstance(self.adapter.input_key, (int, str)) else None,
+            "teacher": type(self.teacher(trainer.lightning_module)).__name__,
+            "metrics": {k: v for k, v in (last.get(key) or {}).items() if isinstance(v, float)},
+        }
+        return save_student(student, target, meta)
+
     # ------------------------------------------------------------------ errors and state
     def _fail(self, trainer: pl.Trainer, what: str, err: Exception, key: str | None = None) -> None:
-        """Raise under ``strict``; otherwise warn, once per failure (``key``, default ``what``, and the error):
-        a batch format the Distiller cannot read fails at every step, a student at every epoch."""
+        """Raise under ``strict``; otherwise warn on this rank (named under DDP), once per failure (``key``,
+        default ``what``, and the error): a batch format the Distiller cannot read fails at every step."""
         if self.strict:
             raise err
         seen = (key or what, type(err).__name__, str(err))
-        warned: set[tuple[str, ...]] = self.__dict__.setdefault("_warned_failures", set())
+        warned: set[Any] = self.__dict__.setdefault("_warned_failures", set())
         if seen in warned:
             return
         warned.add(seen)
-        rank_zero_warn(
+        warn_rank(
             f"Distiller failed while {what}: {type(err).__name__}: {err}. Training continues (the same failure is not "
-            "reported again); pass strict=True to raise instead."
+            "reported again); pass strict=True to raise instead.",
+            trainer,
         )
 
-    def state_dict(self) -> dict[str, Any]:
+    def _agreed_failure(
+        self, agreement: Agreement, key: tuple[str, ...], err: Exception | None, message: Any
+    ) -> None:
+        """An agreed failure: under ``strict`` every rank raises (the failing one its own error, the others a
+        RuntimeError naming it: no rank is left waiting); otherwise rank zero warns naming each failing rank's
+        error, and each failing rank warns too, once per failure."""
+        if self.strict:
+            if err is not None and not agreement.local_ok:
+                raise err
+            raise RuntimeError(message(agreement.why))
+        agreement.warn(
+            lambda why: message(why) + " Training continues (the same failure is not reported again); pass "
+            "strict=True to raise instead.",
+            self.__dict__.setdefault("_warned_failures", set()),
+            key,
+        )
+
+    def local_state_dict(self) -> dict[str, Any]:
         online = {k: s.to_dict() for k, s in self.students.items() if s.online and s.fitted}
-        return {
-            "buffer": self.buffer.state_dict(),
-            "val": self.val.state_dict(),
-            "val_frozen": self._val_frozen,
+        state: dict[str, Any] = {
             "history": self.history,
             "online": online,
             "generator": self._gen.get_state(),
         }
+        if self.checkpoint_buffer:  # raw inputs: left out by default (~38 MB per checkpoint at 3x32x32)
+            state.update(buffer=self.buffer.state_dict(), val=self.val.state_dict(), val_frozen=self._val_frozen)
+        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state_dict.get("buffer", {}))
-        self.val.load_state_dict(state_dict.get("val", {}))
-        self._val_frozen = bool(state_dict.get("val_frozen", False))
+    def load_local_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # without saved rows (checkpoint_buffer=False) the buffers start empty: the training rows refill from the
+        # batches after the resume, the validation rows are taken again at the next validation
+        if state_dict.get("buffer"):
+            self.buffer.load_state_dict(state_dict["buffer"])
+        else:
+            self.buffer.clear()
+        if state_dict.get("val"):
+            self.val.load_state_dict(state_dict["val"])
+            self._val_frozen = bool(state_dict.get("val_frozen", False))
+        else:
+            self.val.clear()
+            self._val_frozen = False
         self.history = list(state_dict.get("history", []))
         for k, d in (state_dict.get("online") or {}).items():
             if k in self.students:
                 self.students[k] = student_from_dict(d)
         if "generator" in state_dict:
             self._gen.set_state(state_dict["generator"])
+
+    def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """Another world size: the saved rows of all ranks are dealt out round-robin, oldest first, so none is
+        duplicated and none is lost while they fit the buffers (a rank dealt more than its buffer holds keeps the
+        most recent of every rank); the generator and online students come from rank ``rank % saved ranks``, the
+        history (the same on every rank) from rank zero."""
+        state = {k: v for k, v in states[rank % len(states)].items() if k not in ("buffer", "val", "val_frozen")}
+        state["history"] = states[0].get("history", [])
+        for name in ("buffer", "val"):
+            parts = [s[name]["rows"] for s in states if s.get(name) and s[name].get("rows")]
+            if not parts:
+                continue
+            rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            # oldest first across ranks (a row's age is its place from the end of its rank's buffer; ties in rank
+            # order), so that a rank holding fewer rows than it is dealt keeps the most recent of every rank
+            sizes = [int(next(iter(p.values())).shape[0]) for p in parts]
+            age = torch.cat([torch.arange(-n, 0) for n in sizes])
+            order = torch.sort(age, stable=True).indices
+            idx = order[rank::world]
+            state[name] = {"rows": {k: v[idx] for k, v in rows.items()}, "seen": int(idx.numel())}
+            if name == "val":
+                state["val_frozen"] = any(bool(s.get("val_frozen")) for s in states)
+        return state
+
+    def reshard_note(self, saved_world: int, world: int) -> str:
+        return (
+            f"the buffered rows of the {saved_world} saved rank(s) are dealt out to the {world} ranks round-robin "
+            "(each keeps the most recent rows its buffer holds; empty buffers when they were not checkpointed), "
+            f"generators and online students come from rank r mod {saved_world}"
+        )
+
+
+def _snapshot(student: Student) -> dict[str, Any] | None:
+    """A copy of a student's attributes before a fit, to restore when the fit fails (None: not copyable)."""
+    try:
+        return copy.deepcopy(student.__dict__)
+    except Exception:  # an attribute that cannot be copied: a failed fit then clears the student instead
+        return None
+
+
+def _restore(student: Student, backup: dict[str, Any] | None) -> None:
+    if backup is None:
+        student.task_ = None  # fitted is "task_ is not None": a half-fitted student is not taken for a fitted one
+        return
+    student.__dict__.clear()
+    student.__dict__.update(backup)

@@ -13,22 +13,50 @@ __all__ = ["RingBuffer", "gather_rows"]
 
 
 class RingBuffer:
-    """Keeps the most recent ``capacity`` rows of named tensors (preallocated on first use, on CPU).
+    """Keeps the most recent rows of named tensors, at most ``capacity`` rows and ``max_bytes`` bytes
+    (preallocated on first use, on CPU).
 
     Every :meth:`add` must give the same names with the same row count; rows are copied (detached,
     moved to CPU, cast to the dtype of the first batch seen for that name) straight into storage
-    allocated once. :meth:`get` returns the
-    rows oldest first. Memory is ``capacity`` rows per name whatever the number of additions.
+    allocated once. :meth:`get` returns the rows oldest first. Memory is :attr:`limit` rows per name
+    whatever the number of additions: ``capacity`` rows, fewer when a row is so large that ``capacity``
+    of them would exceed ``max_bytes`` (at 3×224×224 float32 a row is 602 KB: 2,048 rows were 1.2 GB).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"The buffer capacity must be >= 1, got {capacity}.")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"The buffer's max_bytes must be >= 1 or None, got {max_bytes}.")
         self.capacity = int(capacity)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._data: dict[str, Tensor] = {}
+        self._limit = self.capacity  # rows held at most, set from the row size at the first add
         self._next = 0  # write position
         self._size = 0
         self.seen = 0  # rows ever added
+
+    @staticmethod
+    def row_bytes(rows: Mapping[str, Tensor]) -> int:
+        """Bytes of one row of ``rows`` (every name together)."""
+        return sum(int(v.shape[1:].numel()) * v.element_size() for v in rows.values())
+
+    def rows_for(self, rows: Mapping[str, Tensor]) -> int:
+        """The rows this buffer holds at most for rows shaped like ``rows``: ``capacity``, bounded by
+        ``max_bytes`` (at least one row)."""
+        if self.max_bytes is None:
+            return self.capacity
+        return max(1, min(self.capacity, self.max_bytes // max(self.row_bytes(rows), 1)))
+
+    @property
+    def limit(self) -> int:
+        """The rows held at most (``capacity`` until the first add has set the row size)."""
+        return self._limit
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the allocated storage."""
+        return sum(v.numel() * v.element_size() for v in self._data.values())
 
     def __len__(self) -> int:
         return self._size
@@ -60,37 +88,39 @@ class RingBuffer:
         if n == 0:
             return
         if not data:
+            self._limit = self.rows_for(rows)
             for k, v in rows.items():
-                data[k] = torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype)
-        if n >= self.capacity:  # only the last `capacity` rows survive
+                data[k] = torch.empty((self._limit, *v.shape[1:]), dtype=v.dtype)
+        cap = self._limit
+        if n >= cap:  # only the last `cap` rows survive
             for k, v in rows.items():
-                data[k].copy_(v[n - self.capacity :].detach())
-            self._next, self._size = 0, self.capacity
+                data[k].copy_(v[n - cap :].detach())
+            self._next, self._size = 0, cap
         else:
             start = self._next
-            first = min(n, self.capacity - start)
+            first = min(n, cap - start)
             for k, v in rows.items():
                 v = v.detach()
                 buf = data[k]
                 buf[start : start + first].copy_(v[:first])
                 if first < n:
                     buf[: n - first].copy_(v[first:])
-            self._next = (start + n) % self.capacity
-            self._size = min(self.capacity, self._size + n)
+            self._next = (start + n) % cap
+            self._size = min(cap, self._size + n)
         self.seen += n
 
     def get(self) -> dict[str, Tensor]:
         """The stored rows, oldest first (copies)."""
-        if self._size < self.capacity:
+        if self._size < self._limit:
             return {k: v[: self._size].clone() for k, v in self._data.items()}
-        order = torch.cat([torch.arange(self._next, self.capacity), torch.arange(0, self._next)])
+        order = torch.cat([torch.arange(self._next, self._limit), torch.arange(0, self._next)])
         return {k: v[order] for k, v in self._data.items()}
 
     def clear(self) -> None:
-        self._data, self._next, self._size = {}, 0, 0
+        self._data, self._next, self._size, self._limit = {}, 0, 0, self.capacity
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.get(), "seen": self.seen, "capacity": self.capacity}
+        return {"rows": self.get(), "seen": self.seen, "capacity": self.capacity, "max_bytes": self.max_bytes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.clear()
