@@ -265,8 +265,10 @@ class _L1Student(Student):
                 # a refit on new data (the Distiller's next epoch): one solve from the previous solution, whose
                 # support the strong rule keeps; the KKT check adds any feature the new data needs
                 theta = self._solve(Za, T, grad, warm[0].clone(), lam, lam)
-            elif lam > 0:  # walk down to the target penalty with warm starts (glmnet's strategy)
-                steps = max(2, min(self.n_lambdas, math.ceil(5 * math.log10(1.0 / self.alpha)) + 2))
+            elif lam > 0:  # walk down to the target penalty with warm starts (glmnet's strategy), on a coarse
+                # path (λ divided by at most 5 per step; the working sets keep each solve small): on 2,048 digits
+                # rows x 576 pixels, 10 classes, two solves took half the time of eight (the same optimum to the solver tolerance)
+                steps = max(2, min(self.n_lambdas, math.ceil(math.log(1.0 / self.alpha) / math.log(5.0)) + 1))
                 lams = torch.logspace(0, math.log10(self.alpha), steps, dtype=torch.float64) * lam_max
                 prev = lam_max
                 for lam_k in lams[1:].tolist():
@@ -429,31 +431,50 @@ class _L1Student(Student):
     def _solve_screened(
         self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta: Tensor, lam: float, prev_lam: float
     ) -> Tensor:
-        """Solve at ``lam`` from the solution at ``prev_lam``, on the features kept by the sequential strong
-        rule (Tibshirani et al. 2012, JRSS-B 74(2)), adding back any that violate the KKT conditions.
+        """Solve at ``lam`` from the solution at ``prev_lam`` on a working set of features, growing it until
+        the KKT conditions hold on every feature (an exact solution of the full problem, up to ``tol``).
 
-        Working on the few active columns is also better conditioned (collinear features are left out),
-        so FISTA needs far fewer iterations.
+        The working set starts from the features that are non-zero, plus those the sequential strong rule
+        (Tibshirani et al. 2012, JRSS-B 74(2)) keeps, |∇_j| ≥ 2λ − λ_prev, at most as many as are already
+        active (and at least 10, the largest first): on correlated inputs (pixels) the strong rule keeps
+        most features while the solution uses few. Each round adds the features that violate
+        |∇_j| ≤ λ, again the largest violations first, and solves again from the last solution.
+        Working on the few active columns is also better conditioned (collinear features are left
+        out), so the solver needs far fewer iterations.
         """
         d = Za.shape[1] - 1
+        active = (theta[:d] != 0).any(1)
+
+        def grow(keep: Tensor, score: Tensor, cand: Tensor) -> Tensor:
+            cand = cand & ~keep
+            room = max(10, int(keep.sum()))
+            if int(cand.sum()) > room:  # the largest scores only
+                cand = cand & (score >= score[cand].topk(room).values[-1])
+            return keep | cand
+
         score = grad(theta)[:d].abs().amax(1)
-        keep = (score >= 2 * lam - prev_lam) | (theta[:d] != 0).any(1)
+        keep = grow(active, score, score >= 2 * lam - prev_lam)
         for _ in range(d + 1):
             cols = torch.cat([keep.nonzero().flatten(), torch.tensor([d])])
             if cols.numel() * theta.shape[1] <= self.newton_max_size:  # few kept features: proximal Newton
                 sub = self._prox_newton(Za[:, cols], T, theta[cols], lam, rel_tol=self._path_tol())
             else:
-                sub_grad, lip = self._problem(Za[:, cols], T, gram=self._sub_gram(Za, cols), fast=self.refit)
-                mask = torch.ones(cols.numel(), 1, dtype=Za.dtype)
-                mask[-1] = 0.0
-                sub, _ = fista(sub_grad, theta[cols], 1.0 / max(lip(), 1e-12), lam * mask, self.max_iter, self.tol)
+                sub = self._first_order(Za[:, cols], T, theta[cols], lam, self._sub_gram(Za, cols))
             theta = torch.zeros_like(theta)
             theta[cols] = sub
-            viol = (~keep) & (grad(theta)[:d].abs().amax(1) > lam * (1 + 1e-6) + 1e-12)
+            score = grad(theta)[:d].abs().amax(1)
+            viol = (~keep) & (score > lam * (1 + 1e-6) + 1e-12)
             if not bool(viol.any()):
                 break
-            keep = keep | viol
+            keep = grow(keep, score, viol)
         return theta
+
+    def _first_order(self, Za: Tensor, T: Tensor, theta: Tensor, lam: float, gram: Tensor) -> Tensor:
+        """FISTA on a screened sub-problem (intercept row unpenalised), step 1/L from the global bound."""
+        sub_grad, lip = self._problem(Za, T, gram=gram, fast=self.refit)
+        mask = torch.ones(Za.shape[1], 1, dtype=Za.dtype)
+        mask[-1] = 0.0
+        return fista(sub_grad, theta, 1.0 / max(lip(), 1e-12), lam * mask, self.max_iter, self.tol)[0]
 
     # -- using ----------------------------------------------------------------------------
     def decision_function(self, x: Tensor) -> Tensor:
@@ -669,6 +690,58 @@ class SparseLogisticStudent(_L1Student):
             return lam * (0.25 if self._binary() else 0.5)
 
         return grad, lipschitz
+
+    def _first_order(self, Za: Tensor, T: Tensor, theta: Tensor, lam: float, gram: Tensor) -> Tensor:
+        """FISTA with backtracking (Beck & Teboulle 2009, Sec. 4) and adaptive restart, for the logistic loss.
+
+        The global bound on the curvature (1/2 λ_max(ZaᵀZa/n) for softmax, Böhning 1992) is reached only
+        where the student is uncertain between two classes; a confident teacher's soft targets leave the
+        loss far flatter, so the step starts at 8/L_bound and halves only when the sufficient-decrease
+        test fails (never below 1/L_bound, where the test holds by the bound). The logits of the
+        extrapolated point are the same combination of the iterates' logits, so each iteration costs the
+        two matrix products of a plain FISTA step (float32 when ``refit`` keeps only the support).
+        """
+        n = Za.shape[0]
+        fast = self.refit
+        Zf = Za.float() if fast else Za
+        Ztf = (Za.T / n).contiguous().float() if fast else (Za.T / n).contiguous()
+        Tf = T.to(Zf.dtype)
+        L_max = float(torch.linalg.eigvalsh(gram)[-1]) * (0.25 if self._binary() else 0.5)
+        L_max = max(L_max, 1e-12)
+        L = L_max / 8
+        pen = torch.full_like(theta, lam)
+        pen[-1] = 0.0
+
+        def loss(logits: Tensor) -> float:
+            return float(self._loss(logits.double(), T))
+
+        x = theta.to(Zf.dtype)
+        pen = pen.to(Zf.dtype)
+        Lx = Zf @ x
+        y, Ly = x, Lx
+        t = 1.0
+        for it in range(1, self.max_iter + 1):
+            g = Ztf @ (self._probs(Ly) - Tf)
+            fy = loss(Ly)
+            while True:
+                step = 1.0 / L
+                new = soft_threshold(y - step * g, pen * step)
+                Lnew = Zf @ new
+                D = new - y
+                if L_max <= L or loss(Lnew) <= fy + float((g * D).sum()) + 0.5 * L * float((D * D).sum()):
+                    break
+                L = min(2.0 * L, L_max)
+            delta = new - x
+            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+            if float(((y - new) * delta).sum()) > 0:  # adaptive restart: momentum pointing uphill
+                t_new, y, Ly = 1.0, new, Lnew
+            else:
+                beta = (t - 1.0) / t_new
+                y, Ly = new + beta * delta, Lnew + beta * (Lnew - Lx)
+            x, Lx, t = new, Lnew, t_new
+            if it % 5 == 0 and float(delta.abs().max()) <= self.tol * max(1.0, float(x.abs().max())):
+                break
+        return x.to(theta.dtype)
 
     def _path_guess(
         self, Za: Tensor, T: Tensor, ratios: Tensor, k_max: int, theta0: Tensor
