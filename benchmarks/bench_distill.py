@@ -274,6 +274,18 @@ SCALING_STUDENTS = {
 }
 
 
+# The same section run on the code before the solver rework (commit 5d0d380, best of 1, 2-core VM shared with
+# other jobs, 2026-12-07): (features, student) -> fit (s), fit / tree, refit (s), refit / tree, non-zeros, agreement.
+SCALING_BEFORE = {
+    ("144", "tree (max_depth=3)"): (0.2588, 1.0, 0.103, 1.0, "leaves 8", 0.5049),
+    ("144", "sparse_logistic (default: alpha=0.05)"): (2.468, 9.5, 2.989, 29.0, "nonzeros 180", 0.9072),
+    ("144", "sparse_logistic (max_nonzeros=10, as conf/student)"): (0.1253, 0.5, 0.2013, 2.0, "nonzeros 0", 0.125),
+    ("576", "tree (max_depth=3)"): (0.7007, 1.0, 0.6734, 1.0, "leaves 8", 0.5156),
+    ("576", "sparse_logistic (default: alpha=0.05)"): (63.98, 91.3, 11.17, 16.6, "nonzeros 302", 0.8809),
+    ("576", "sparse_logistic (max_nonzeros=10, as conf/student)"): (0.5676, 0.8, 0.4519, 0.7, "nonzeros 0", 0.1396),
+}
+
+
 def scaling(repeats: int) -> None:
     rows = []
     for size in (12, 24):
@@ -296,12 +308,16 @@ def scaling(repeats: int) -> None:
             comp = ", ".join(f"{k} {v}" for k, v in s.complexity().items())
             c, w = min(cold[name]), min(warm[name])
             agree = float(agreement(s.predict(xt), ot))
-            rows.append([f"{size * size}", name, c, f"{c / tree_cold:.1f}x", w, f"{w / tree_warm:.1f}x", comp, agree])
+            b = SCALING_BEFORE.get((f"{size * size}", name))
+            before = f"{b[0]:.3g} s ({b[1]:.1f}x), {b[4]}, {b[5]:.3f}" if b else ""
+            rows.append([f"{size * size}", name, c, f"{c / tree_cold:.1f}x", w, f"{w / tree_warm:.1f}x", comp, agree,
+                         before])  # fmt: skip
     print(f"\n### 4. Students on a 2,048-row buffer of digits images, 10 classes (SmallCNN teacher; "
           f"best of {repeats})\n")  # fmt: skip
     heads = ["features", "student", "fit (s)", "/ tree", "refit next epoch (s)", "/ tree", "complexity",
-             "agreement with teacher (1,024 other rows)"]  # fmt: skip
+             "agreement with teacher (1,024 other rows)", "before (5d0d380): fit (/ tree), complexity, agreement"]
     print(markdown_table(heads, rows))
+    print("\nBefore: recorded on the same machine with the code of commit 5d0d380 (SCALING_BEFORE in this file).")
 
 
 def main() -> None:
