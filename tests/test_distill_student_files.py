@@ -4,7 +4,6 @@ tree students predict from their arrays exactly as scikit-learn does, and pickle
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
 
@@ -162,13 +161,13 @@ def test_tree_student_predicts_from_its_arrays_without_sklearn_estimator(tmp_pat
 
 # ---------------------------------------------------------------------------- refusing unsafe files
 class _Payload:
-    """A pickle that creates a file when unpickled."""
+    """A pickle that creates a file when unpickled (``open(target, "w")``)."""
 
     def __init__(self, target: Path) -> None:
         self.target = str(target)
 
     def __reduce__(self):
-        return (os.makedirs, (self.target,))
+        return (open, (self.target, "w"))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -190,8 +189,8 @@ def test_pickles_are_refused_without_running_them(tmp_path):
         load_student(disguised)
     assert not target.exists()
     # the demonstration is real: unpickling creates the file
-    pickle.loads(pickle.dumps(_Payload(target)))
-    assert target.exists()
+    pickle.loads(pickle.dumps(_Payload(target))).close()
+    assert target.is_file()
 
 
 def test_unknown_formats_and_foreign_files_are_refused(tmp_path):
