@@ -12,6 +12,13 @@
 2. Students on breast cancer: complexity and agreement with the teacher on the held-out test set.
 3. AWD on the procedural 1-D signals: fidelity (R² to the teacher) of fixed Daubechies wavelets versus
    learned ones, next to a lasso and a tree on the raw signal.
+4. Scaling of the students to a Distiller's buffer of images (``--sections scaling``, about 1 minute):
+   2,048 buffered rows of digits at 12x12 (144 features) and 24x24 (576 features), 10 classes, the
+   teacher a SmallCNN trained 3 epochs; fit time of the tree and of ``sparse_logistic`` (the Python
+   default, alpha=0.05, and the configs' max_nonzeros=10), best of ``--repeats`` interleaved runs on one
+   thread, the ratio to the tree, the agreement with the teacher on 1,024 other rows, and the refit
+   after one more teacher epoch with half the buffer replaced (warm: the same student object, as the
+   Distiller refits it; cold: a new one).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from explain_callbacks.datasets.signals import SignalDataModule
 from explain_callbacks.distill import (
     AWDStudent,
     SparseLinearStudent,
+    SparseLogisticStudent,
     TreeStudent,
     agreement,
     fidelity,
@@ -220,11 +228,104 @@ def awd(tmp: Path, epochs: int, awd_epochs: int) -> None:
     print(markdown_table(["student", "fidelity R² (test)", "own R² (test)", "constraint terms", "fit time (s)"], rows))
 
 
+def _digits_buffers(size: int, n: int = 2048, n_test: int = 1024, seed: int = 0):
+    """A SmallCNN trained 3 epochs on digits (size x size): ``n`` buffered rows (digits with noise) and their
+    logits; the buffer after one more epoch with its first half replaced; ``n_test`` other rows and the
+    logits of the teacher of that epoch."""
+    from explain_callbacks.datasets.tabular_images import load_digits_tensors
+    from explain_callbacks.models import SmallCNN
+
+    x, y = load_digits_tensors(size)[:2]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = SmallCNN(1, 10)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+
+    def epoch() -> None:
+        net.train()
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 64):
+            b = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[b]), y[b]).backward()
+            opt.step()
+        net.eval()
+
+    def rows(k: int) -> torch.Tensor:
+        idx = torch.randint(0, x.shape[0], (k,), generator=g)
+        return x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)
+
+    for _ in range(3):
+        epoch()
+    xb, xt = rows(n), rows(n_test)
+    with torch.no_grad():
+        ob = net(xb)
+    epoch()
+    xb2 = torch.cat([rows(n // 2), xb[n // 2 :]])
+    with torch.no_grad():
+        ob2, ot = net(xb2), net(xt)
+    return (xb, ob), (xb2, ob2), (xt, ot)
+
+
+SCALING_STUDENTS = {
+    "tree (max_depth=3)": lambda: TreeStudent(),
+    "sparse_logistic (default: alpha=0.05)": lambda: SparseLogisticStudent(),
+    "sparse_logistic (max_nonzeros=10, as conf/student)": lambda: SparseLogisticStudent(max_nonzeros=10),
+}
+
+
+# The same section run on the code before the solver rework (commit 5d0d380, best of 1, 2-core VM shared with
+# other jobs, 2026-12-07): (features, student) -> fit (s), fit / tree, refit (s), refit / tree, non-zeros, agreement.
+SCALING_BEFORE = {
+    ("144", "tree (max_depth=3)"): (0.2588, 1.0, 0.103, 1.0, "leaves 8", 0.5049),
+    ("144", "sparse_logistic (default: alpha=0.05)"): (2.468, 9.5, 2.989, 29.0, "nonzeros 180", 0.9072),
+    ("144", "sparse_logistic (max_nonzeros=10, as conf/student)"): (0.1253, 0.5, 0.2013, 2.0, "nonzeros 0", 0.125),
+    ("576", "tree (max_depth=3)"): (0.7007, 1.0, 0.6734, 1.0, "leaves 8", 0.5156),
+    ("576", "sparse_logistic (default: alpha=0.05)"): (63.98, 91.3, 11.17, 16.6, "nonzeros 302", 0.8809),
+    ("576", "sparse_logistic (max_nonzeros=10, as conf/student)"): (0.5676, 0.8, 0.4519, 0.7, "nonzeros 0", 0.1396),
+}
+
+
+def scaling(repeats: int) -> None:
+    rows = []
+    for size in (12, 24):
+        (xb, ob), (xb2, ob2), (xt, ot) = _digits_buffers(size)
+        cold: dict[str, list[float]] = {k: [] for k in SCALING_STUDENTS}
+        warm: dict[str, list[float]] = {k: [] for k in SCALING_STUDENTS}
+        fitted = {}
+        for _ in range(repeats):  # interleaved: every student sees the same machine load
+            for name, make in SCALING_STUDENTS.items():
+                s = make()
+                t0 = time.perf_counter()
+                s.fit(xb, ob)
+                cold[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                s.fit(xb2, ob2)  # the Distiller's next refit of the same student
+                warm[name].append(time.perf_counter() - t0)
+                fitted[name] = s
+        tree_cold, tree_warm = min(cold["tree (max_depth=3)"]), min(warm["tree (max_depth=3)"])
+        for name, s in fitted.items():
+            comp = ", ".join(f"{k} {v}" for k, v in s.complexity().items())
+            c, w = min(cold[name]), min(warm[name])
+            agree = float(agreement(s.predict(xt), ot))
+            b = SCALING_BEFORE.get((f"{size * size}", name))
+            before = f"{b[0]:.3g} s ({b[1]:.1f}x), {b[4]}, {b[5]:.3f}" if b else ""
+            rows.append([f"{size * size}", name, c, f"{c / tree_cold:.1f}x", w, f"{w / tree_warm:.1f}x", comp, agree,
+                         before])  # fmt: skip
+    print(f"\n### 4. Students on a 2,048-row buffer of digits images, 10 classes (SmallCNN teacher; "
+          f"best of {repeats})\n")  # fmt: skip
+    heads = ["features", "student", "fit (s)", "/ tree", "refit next epoch (s)", "/ tree", "complexity",
+             "agreement with teacher (1,024 other rows)", "before (5d0d380): fit (/ tree), complexity, agreement"]
+    print(markdown_table(heads, rows))
+    print("\nBefore: recorded on the same machine with the code of commit 5d0d380 (SCALING_BEFORE in this file).")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats and epochs")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: tiny nets)")
-    p.add_argument("--sections", default="overhead,students,awd", help="comma list of overhead, students, awd")
+    p.add_argument("--sections", default="overhead,students,awd,scaling",
+                   help="comma list of overhead, students, awd, scaling")  # fmt: skip
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats of the overhead runs (default 7)")
     args = p.parse_args()
     sections = set(args.sections.split(","))
@@ -243,6 +344,8 @@ def main() -> None:
             students_quality(tmp, epochs=30)
         if "awd" in sections:
             awd(tmp, epochs=30, awd_epochs=5 if args.quick else 20)
+        if "scaling" in sections:
+            scaling(repeats=args.repeats or (1 if args.quick else 3))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_distiller_under_ddp(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "DDP_OK" in out.stdout
     assert len(list(tmp_path.rglob("events.out.tfevents.*"))) == 1  # only rank zero writes
-    assert sorted(p.name for p in tmp_path.rglob("distill/*")) == ["sparse_logistic.pt", "tree.pkl"]
+    assert sorted(p.name for p in tmp_path.rglob("distill/*")) == ["sparse_logistic.pt", "tree.pt"]
 
 
 if __name__ == "__main__":

@@ -202,9 +202,8 @@ def test_every_student_exports_and_loads(tmp_path):
     X, students = _fitted_students()
     for s in students:
         path = save_student(s, tmp_path / s.name, {"epoch": 3})
-        assert path.suffix == (".pkl" if s.backend == "sklearn" else ".pt")
-        if path.suffix == ".pt":
-            torch.load(path, weights_only=True)  # loadable without unpickling code
+        assert path.suffix == ".pt"
+        torch.load(path, weights_only=True)  # loadable without unpickling code
         loaded = load_student(path)
         assert type(loaded) is type(s)
         assert torch.equal(loaded.predict(X), s.predict(X))
@@ -239,7 +238,7 @@ def test_clear_errors():
         RuleListStudent(backend="imodels").fit(X, logits)
 
 
-def test_rule_student_uses_imodels_when_installed(monkeypatch):
+def test_rule_student_uses_imodels_when_installed(monkeypatch, tmp_path):
     class FakeRuleFit:
         def __init__(self, **kw):
             self.kw = kw
@@ -261,12 +260,16 @@ def test_rule_student_uses_imodels_when_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "imodels", fake)
     X = _design(60, 3)
     logits = torch.stack([torch.zeros(60, dtype=torch.float64), X[:, 0]], 1)
-    s = RuleListStudent(imodels_kwargs={"max_rules": 5}).fit(X, logits)
+    assert RuleListStudent().fit(X, logits).used_backend_ == "sklearn"  # the default does not follow what is installed
+    s = RuleListStudent(backend="auto", imodels_kwargs={"max_rules": 5}).fit(X, logits)
     assert s.used_backend_ == "imodels" and s.estimator_.kw == {"max_rules": 5}
     assert s.estimator_.names == ["x0", "x1", "x2"]
     assert s.complexity() == {"rules": 3}
     assert "rule: x0 > thr" in s.describe()
     assert s.predict(X).dtype == torch.long
+    with pytest.raises(TypeError, match="backend='sklearn'"):  # an imodels estimator is stored only by pickle
+        save_student(s, tmp_path / "rules")
+    assert not list(tmp_path.iterdir())
 
 
 def test_one_logit_binary_teacher_with_task_classification():

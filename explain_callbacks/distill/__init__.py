@@ -2,7 +2,8 @@
 
 Students (registered in ``STUDENTS`` under short names): ``sparse_linear``, ``sparse_logistic``,
 ``tree``, ``rules``, ``attribution_linear``, ``online``, ``awd``. Fidelity: agreement
-(classification) or R² (regression) with the teacher.
+(classification) or R² (regression) with the teacher. Exported students (``save_student``) are tensors and
+plain values that ``load_student`` reads with ``torch.load(weights_only=True)``: loading never runs code.
 """
 
 from .._internal.registry import STUDENTS
@@ -22,7 +23,7 @@ from .buffer import RingBuffer, gather_rows
 from .fidelity import agreement, fidelity, fidelity_from_stats, fidelity_stats, r2_score, student_score
 from .linear import SparseLinearStudent, SparseLogisticStudent, fista, soft_threshold
 from .online import OnlineStudent, distillation_loss
-from .trees import RuleListStudent, TreeStudent, tree_rules
+from .trees import RuleListStudent, TreeArrays, TreeStudent, tree_rules, tree_text
 from .trim import trim_attribution
 from .wavelets import (
     DAUBECHIES,
@@ -50,6 +51,7 @@ __all__ = [
     "SparseLinearStudent",
     "SparseLogisticStudent",
     "Student",
+    "TreeArrays",
     "TreeStudent",
     "agreement",
     "awd_loss",
@@ -79,6 +81,7 @@ __all__ = [
     "student_score",
     "teacher_labels",
     "tree_rules",
+    "tree_text",
     "trim_attribution",
     "wavedec",
     "wavelet_constraint_losses",

@@ -30,6 +30,7 @@ from .._internal.registry import STUDENTS
 
 __all__ = [
     "TASKS",
+    "check_plain",
     "Student",
     "build_student",
     "class_logits",
@@ -47,6 +48,10 @@ __all__ = [
 
 TASKS = ("classification", "regression")
 FORMAT = "explain_callbacks.student/1"
+#: the one file format of students: ``torch.save`` of plain data, read with ``torch.load(weights_only=True)``.
+SUFFIX = ".pt"
+#: suffixes of pickle files (written by earlier versions for tree and rule students), refused unopened.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav", ".dill")
 
 
 def infer_task(teacher_out: Tensor, task: str = "auto") -> str:
@@ -147,6 +152,30 @@ def _plain(v: Any) -> Any:
     return repr(v)
 
 
+def check_plain(v: Any, where: str = "value") -> None:
+    """Raise TypeError unless ``v`` is made of tensors and plain values only (None, bool, int, float, str;
+    lists, tuples and str-keyed dicts of them): what ``torch.load(weights_only=True)`` accepts, naming
+    the first offending entry."""
+    # exact types: subclasses such as numpy.float64 (a float) pickle as themselves and would not load
+    if v is None or type(v) in (bool, int, float, str, Tensor, nn.Parameter):
+        return
+    if isinstance(v, dict) and type(v) is dict:
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a key {k!r} of type {type(k).__name__}; student states use str keys.")
+            check_plain(x, f"{where}[{k!r}]")
+        return
+    if type(v) in (list, tuple):
+        for i, x in enumerate(v):
+            check_plain(x, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(v).__module__}.{type(v).__qualname__}: a student's state must hold only tensors and "
+        "plain values (so that its file loads with torch.load(weights_only=True), without running code). Convert "
+        "it (e.g. numpy arrays with torch.from_numpy, estimators to their fitted arrays) in get_state/set_state."
+    )
+
+
 class Student(ABC):
     """Base class of students.
 
@@ -163,7 +192,8 @@ class Student(ABC):
     needs_teacher: ClassVar[bool] = False
     #: trained at every training step through :meth:`partial_fit`.
     online: ClassVar[bool] = False
-    #: ``torch`` students export with torch.save (.pt), ``sklearn`` ones with pickle (.pkl).
+    #: the library that fits the student (``torch`` or ``sklearn``); every student exports the same way
+    #: (tensors and plain values, :func:`save_student`).
     backend: ClassVar[str] = "torch"
 
     def __init__(self, task: str = "auto", seed: int = 0) -> None:
@@ -260,14 +290,23 @@ class Student(ABC):
 
     @abstractmethod
     def get_state(self) -> dict[str, Any]:
-        """Fitted parameters (tensors and plain values; sklearn estimators for sklearn students)."""
+        """Fitted parameters: tensors and plain values only (None, bool, int, float, str, and lists, tuples and
+        str-keyed dicts of them), what ``torch.load(weights_only=True)`` reads back without running code. Never
+        an estimator or other object: :meth:`to_dict` refuses them."""
 
     @abstractmethod
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`get_state` returned."""
 
     def to_dict(self, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The fitted student as plain data (files of :func:`save_student`, the Distiller's checkpoints).
+
+        Raises TypeError when :meth:`get_state` holds anything but tensors and plain values, which
+        ``torch.load(weights_only=True)`` could not read back (and a pickle would run code to rebuild).
+        """
         self._check_fitted()
+        state = self.get_state()
+        check_plain(state, f"{type(self).__name__}.get_state()")
         return {
             "format": FORMAT,
             "name": self.name,
@@ -279,7 +318,7 @@ class Student(ABC):
                 "n_outputs": self.n_outputs_,
                 "feature_names": self.feature_names_,
             },
-            "state": self.get_state(),
+            "state": state,
             "metadata": _plain(dict(metadata or {})),
         }
 
@@ -297,33 +336,50 @@ def build_student(spec: str | Mapping[str, Any] | Student, **overrides: Any) -> 
 
 
 def save_student(student: Student, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Export a fitted student with what is needed to load it.
+    """Export a fitted student with what is needed to load it: ``torch.save`` of tensors and plain values
+    (trees and rule lists as arrays and text), suffix ``.pt`` (appended unless ``path`` ends with it).
 
-    Torch students are written with ``torch.save`` (suffix ``.pt``, loadable with
-    ``weights_only=True``); scikit-learn students with ``pickle`` (suffix ``.pkl``). The suffix is
-    set from the backend. Returns the path written.
+    The file loads with ``torch.load(weights_only=True)``, which runs no code from the file; see
+    :func:`load_student`. Returns the path written.
     """
     path = Path(path)
-    suffix = ".pkl" if student.backend == "sklearn" else ".pt"
-    path = path.with_suffix(suffix)
+    if path.suffix != SUFFIX:
+        path = path.with_name(path.name + SUFFIX)
+    payload = student.to_dict(metadata)  # before creating anything: a student that cannot be stored raises
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = student.to_dict(metadata)
-    if suffix == ".pkl":
-        with open(path, "wb") as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-    else:
-        torch.save(payload, path)
+    torch.save(payload, path)
     return path
 
 
 def load_student(path: str | Path) -> Student:
-    """Load a student written by :func:`save_student` (``.pkl`` files are pickles: load only trusted files)."""
+    """Load a student written by :func:`save_student`, without running code from the file.
+
+    Only ``.pt`` files are read, with ``torch.load(weights_only=True)`` (tensors and plain values); the
+    class is looked up in the ``STUDENTS`` registry, never imported from a name in the file. Pickle
+    files (``.pkl``, written by earlier versions for tree and rule students) and other formats are
+    refused without being opened.
+    """
     path = Path(path)
-    if path.suffix == ".pkl":
-        with open(path, "rb") as f:
-            payload = pickle.load(f)  # trusted files only (documented)
-    else:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} is a pickle file, which can run arbitrary code when loaded, so load_student refuses it without "
+            "opening it. Student files are now .pt files of tensors and plain values: re-export the student with "
+            "this version of explain_callbacks (fit it again, e.g. rerun training with the Distiller, or, only if "
+            "you trust the file, unpickle it yourself and rebuild the student)."
+        )
+    if path.suffix != SUFFIX:
+        raise ValueError(
+            f"{path}: unknown student file format {path.suffix or '(no suffix)'!r}; load_student reads the {SUFFIX} "
+            "files written by explain_callbacks.distill.save_student."
+        )
+    try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a student file that loads safely (torch.load(weights_only=True) refused it: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}). Re-export the student with "
+            "explain_callbacks.distill.save_student."
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a student exported by explain_callbacks.distill.save_student.")
     return student_from_dict(payload)

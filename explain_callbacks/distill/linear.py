@@ -7,12 +7,20 @@ Tibshirani 2010, J. Stat. Softw. 33(1)):
 - logistic: ``1/n Σ_i CE(p_i, softmax(Z_i W + b)) + λ ‖W‖₁`` with soft targets
   ``p = softmax(teacher logits / T)``; two classes use one logit (sigmoid).
 
-Solved by FISTA (Beck & Teboulle 2009) with adaptive restart (O'Donoghue & Candès 2015). The
-penalty is given relative to λ_max (the smallest λ whose solution is all zeros), so ``alpha`` is
-scale-free. ``max_nonzeros`` instead walks a geometric λ path with warm starts and keeps the
-densest solution with at most that many non-zero weights. ``refit`` (the relaxed lasso,
-Meinshausen 2007) re-fits the selected support without penalty, which removes the L1 shrinkage: a
-sparse linear teacher is then recovered exactly.
+Solved on working sets of features grown until the KKT conditions hold on all of them (started from
+the sequential strong rule, Tibshirani et al. 2012): by proximal Newton with exact L1-QP steps (Lee,
+Sun & Saunders 2014) when the working set is small, otherwise by FISTA (Beck & Teboulle 2009) with
+backtracking and adaptive restart (O'Donoghue & Candès 2015). The penalty is given relative to λ_max
+(the smallest λ whose solution is all zeros), so ``alpha`` is scale-free; it is reached along a
+coarse λ path with warm starts, and a refit on new data (the Distiller's next epoch) starts from the
+previous solution. ``max_nonzeros`` instead walks a geometric λ path with warm starts, bisecting
+between grid points, and keeps the densest solution with at most that many non-zero weights.
+``refit`` (the relaxed lasso, Meinshausen 2007) re-fits the selected support without penalty (Newton,
+or truncated Newton with Hessian-vector products on large supports), which removes the L1 shrinkage:
+a sparse linear teacher is then recovered exactly.
+
+Cost (``benchmarks/bench_distill.py --sections scaling``): 2,048 rows x 576 features, 10 classes,
+about twice a depth-3 tree's fit.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from torch import Tensor
 from .._internal.registry import STUDENTS
 from .base import Student, regression_targets, single_thread, soft_targets, teacher_labels
 
-__all__ = ["SparseLinearStudent", "SparseLogisticStudent", "fista", "soft_threshold"]
+__all__ = ["SparseLinearStudent", "SparseLogisticStudent", "fista", "soft_threshold", "softmax_hessian"]
 
 
 def soft_threshold(v: Tensor, t: float | Tensor) -> Tensor:
@@ -67,6 +75,26 @@ def fista(
         if it % check_every == 0 and float(delta.abs().max()) <= tol * max(1.0, float(theta.abs().max())):
             break
     return theta, it
+
+
+def softmax_hessian(Za: Tensor, P: Tensor, idx: Tensor | None = None) -> Tensor:
+    """Hessian of the mean cross-entropy of ``softmax(Za θ)`` (or of ``sigmoid`` for one column) in θ,
+    over row-major vec(θ) (entry ``a·m + c`` is θ[a, c]), restricted to the entries ``idx`` when given.
+
+    ``H = 1/n Σ_i z_i z_iᵀ ⊗ (diag p_i − p_i p_iᵀ)`` (for one sigmoid column ``p_i(1 − p_i) z_i z_iᵀ``, the
+    same formula with m = 1), built with two matrix products: with ``U[i, (a, c)] = z_ia p_ic``,
+    ``H = D − UᵀU/n`` where ``D[(a,c),(b,d)] = δ_cd (UᵀZa)[(a,c), b]/n``. About ``2 n (qm)²`` flops,
+    where an einsum over the four indices materialises n·(qm)² terms.
+    """
+    n, q = Za.shape
+    m = P.shape[1]
+    U = (Za.unsqueeze(2) * P.unsqueeze(1)).reshape(n, q * m)
+    if idx is None:
+        idx = torch.arange(q * m)
+    U = U[:, idx]
+    feat, cls = idx // m, idx % m
+    D = (U.T @ Za)[:, feat] * (cls.unsqueeze(1) == cls.unsqueeze(0))
+    return (D - U.T @ U) / n
 
 
 def _lipschitz_gram(Z: Tensor) -> float:
@@ -172,6 +200,7 @@ class _L1Student(Student):
         self.tol = tol
         self.warm_start = warm_start
         self._warm: tuple[Tensor, int] | None = None  # last (standardised θ, grid index) of the λ path
+        self._gram: Tensor | None = None  # ZaᵀZa/n of the fit in progress (see _sub_gram)
         # fitted: coefficients in input units, x -> x @ coef + intercept
         self.coef_: Tensor | None = None  # (d, m)
         self.intercept_: Tensor | None = None  # (m,)
@@ -196,9 +225,19 @@ class _L1Student(Student):
     def _targets(self, teacher_out: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _problem(self, Za: Tensor, T: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
-        """Gradient of the smooth part in θ = [W; b] (``Za = [Z, 1]``) and its Lipschitz constant."""
+    def _problem(
+        self, Za: Tensor, T: Tensor, gram: Tensor | None = None, fast: bool = False
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[], float]]:
+        """Gradient of the smooth part in θ = [W; b] (``Za = [Z, 1]``) and a function giving its Lipschitz
+        constant (computed only when asked; ``gram`` = ZaᵀZa/n when the caller has it). ``fast``: the
+        gradient's matrix products may run in float32 (for path solves whose support alone is kept)."""
         raise NotImplementedError
+
+    def _sub_gram(self, Za: Tensor, cols: Tensor) -> Tensor:
+        """ZaᵀZa/n restricted to ``cols``, from the full Gram matrix computed once per fit."""
+        if self._gram is None or self._gram.shape[0] != Za.shape[1]:
+            self._gram = Za.T @ Za / Za.shape[0]
+        return self._gram[cols][:, cols]
 
     def _init_intercept(self, T: Tensor) -> Tensor:
         raise NotImplementedError
@@ -222,25 +261,37 @@ class _L1Student(Student):
         d = Z.shape[1]
         Za = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype)], 1)  # last row of θ: intercept
         grad, _ = self._problem(Za, T)
+        self._gram = None
         theta = torch.zeros(d + 1, m, dtype=Z.dtype)
         theta[d] = self._init_intercept(T)
         g0 = grad(theta)[:d]
         lam_max = float(g0.abs().max()) if g0.numel() else 0.0
         if self.max_nonzeros is None:
             lam = self.alpha * lam_max
-            if lam > 0:  # walk down to the target penalty with warm starts (glmnet's strategy)
-                steps = max(2, min(self.n_lambdas, math.ceil(5 * math.log10(1.0 / self.alpha)) + 2))
+            warm = self._warm if self.warm_start else None
+            if lam > 0 and warm is not None and warm[1] < 0 and tuple(warm[0].shape) == tuple(theta.shape):
+                # a refit on new data (the Distiller's next epoch): one solve from the previous solution, whose
+                # support the strong rule keeps; the KKT check adds any feature the new data needs
+                theta = self._solve(Za, T, grad, warm[0].clone(), lam, lam)
+            elif lam > 0:  # walk down to the target penalty with warm starts (glmnet's strategy), on a coarse
+                # path (λ divided by at most 5 per step; the working sets keep each solve small): on 2,048 digits
+                # rows x 576 pixels, 10 classes, two solves took half the time of eight (the same optimum to the
+                # solver tolerance)
+                steps = max(2, min(self.n_lambdas, math.ceil(math.log(1.0 / self.alpha) / math.log(5.0)) + 1))
                 lams = torch.logspace(0, math.log10(self.alpha), steps, dtype=torch.float64) * lam_max
                 prev = lam_max
                 for lam_k in lams[1:].tolist():
                     theta = self._solve(Za, T, grad, theta, lam_k, prev)
                     prev = lam_k
+            if lam > 0:
+                self._warm = (theta.clone(), -1)  # grid index -1: the alpha penalty's solution
             elif self.refit:  # alpha = 0 with refit: the unpenalised fit on every feature
                 theta[:d] = 1.0
             else:
                 theta = self._solve(Za, T, grad, theta, 0.0, 0.0)
         else:
             theta, lam = self._budget_path(Za, T, grad, theta, lam_max)
+        self._gram = None
         W, b = theta[:d], theta[d]
         if self.refit and bool((W != 0).any()):
             W, b = self._refit(Z, T, W, b)
@@ -250,10 +301,18 @@ class _L1Student(Student):
         self.coef_ = coef
         self.intercept_ = b - mu @ coef
 
+    #: bisection steps (in log λ) between the last grid penalty within the budget and the first beyond it.
+    refine_steps: ClassVar[int] = 8
+
     def _budget_path(
         self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta0: Tensor, lam_max: float
     ) -> tuple[Tensor, float]:
-        """The densest solution on a geometric λ grid with at most ``max_nonzeros`` non-zero weights.
+        """The densest solution with at most ``max_nonzeros`` non-zero weights on a geometric λ path.
+
+        The path walks a grid from λ_max down until the budget is exceeded, then bisects (in log λ)
+        between the last penalty within the budget and the first beyond it: with several outputs a
+        whole grid step can add many weights at once (ten classes: from 0 to 12 non-zeros), which
+        would otherwise leave the student far below its budget, or empty.
 
         With ``warm_start``, a refit on new data (the Distiller refits every few epochs while the
         teacher changes slowly) starts at the previous choice on the grid and its coefficients, and
@@ -268,30 +327,47 @@ class _L1Student(Student):
             return int((th[:d] != 0).sum())
 
         best_theta, best_k = theta0.clone(), 0
+        beyond: int | None = None  # first grid index whose solution exceeds the budget
         start, theta = 1, theta0
         warm = self._warm if self.warm_start else None
-        if warm is None:
+        if warm is None or warm[1] < 0:
             warm = self._path_guess(Za, T, ratios, k_max, theta0)
+        walk_down = True
         if warm is not None and tuple(warm[0].shape) == tuple(theta0.shape) and warm[1] >= 1:
             start, theta = warm[1], warm[0].clone()
             theta = self._solve(Za, T, grad, theta, grid[start], grid[start - 1])
             if nnz(theta) > k_max:  # the teacher needs fewer features now: walk up
+                walk_down, beyond = False, start
                 for k in range(start - 1, 0, -1):
                     theta = self._solve(Za, T, grad, theta, grid[k], grid[k + 1])
                     if nnz(theta) <= k_max:
                         best_theta, best_k = theta.clone(), k
                         break
-                self._warm = (best_theta.clone(), best_k)
-                return best_theta, grid[best_k]
-            best_theta, best_k = theta.clone(), start
-            start += 1
-        for k in range(start, len(grid)):
-            theta = self._solve(Za, T, grad, theta, grid[k], grid[k - 1])
-            if nnz(theta) > k_max:
-                break
-            best_theta, best_k = theta.clone(), k
+                    beyond = k
+            else:
+                best_theta, best_k = theta.clone(), start
+                start += 1
+        if walk_down:
+            for k in range(start, len(grid)):
+                theta = self._solve(Za, T, grad, theta, grid[k], grid[k - 1])
+                if nnz(theta) > k_max:
+                    beyond = k
+                    break
+                best_theta, best_k = theta.clone(), k
+        lam_best = grid[best_k]
+        if beyond is not None:
+            lo, hi = grid[best_k], grid[beyond]
+            for _ in range(self.refine_steps):
+                if nnz(best_theta) >= k_max:
+                    break
+                mid = math.sqrt(lo * hi)
+                theta = self._solve(Za, T, grad, best_theta.clone(), mid, lo)
+                if nnz(theta) <= k_max:
+                    best_theta, lam_best, lo = theta, mid, mid
+                else:
+                    hi = mid
         self._warm = (best_theta.clone(), best_k)
-        return best_theta, grid[best_k]
+        return best_theta, lam_best
 
     def _path_guess(
         self, Za: Tensor, T: Tensor, ratios: Tensor, k_max: int, theta0: Tensor
@@ -313,10 +389,13 @@ class _L1Student(Student):
         self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta: Tensor, lam: float, prev_lam: float
     ) -> Tensor:
         if theta.numel() <= self.newton_max_size:
-            # With ``refit`` only the support of a path solution is kept (the refit sets the weights), so the
-            # path is solved to ``tol``; without it, to ``tol / 100``.
-            return self._prox_newton(Za, T, theta, lam, rel_tol=self.tol if self.refit else 1e-2 * self.tol)
+            return self._prox_newton(Za, T, theta, lam, rel_tol=self._path_tol())
         return self._solve_screened(Za, T, grad, theta, lam, prev_lam)
+
+    def _path_tol(self) -> float:
+        """With ``refit`` only the support of a path solution is kept (the refit sets the weights), so the
+        path is solved to ``tol``; without it, to ``tol / 100``."""
+        return self.tol if self.refit else 1e-2 * self.tol
 
     def _prox_newton(
         self, Za: Tensor, T: Tensor, theta: Tensor, lam: float, max_outer: int = 50, rel_tol: float | None = None
@@ -361,28 +440,50 @@ class _L1Student(Student):
     def _solve_screened(
         self, Za: Tensor, T: Tensor, grad: Callable[[Tensor], Tensor], theta: Tensor, lam: float, prev_lam: float
     ) -> Tensor:
-        """Solve at ``lam`` from the solution at ``prev_lam``, on the features kept by the sequential strong
-        rule (Tibshirani et al. 2012, JRSS-B 74(2)), adding back any that violate the KKT conditions.
+        """Solve at ``lam`` from the solution at ``prev_lam`` on a working set of features, growing it until
+        the KKT conditions hold on every feature (an exact solution of the full problem, up to ``tol``).
 
-        Working on the few active columns is also better conditioned (collinear features are left out),
-        so FISTA needs far fewer iterations.
+        The working set starts from the features that are non-zero, plus those the sequential strong rule
+        (Tibshirani et al. 2012, JRSS-B 74(2)) keeps, |∇_j| ≥ 2λ − λ_prev, at most as many as are already
+        active (and at least 10, the largest first): on correlated inputs (pixels) the strong rule keeps
+        most features while the solution uses few. Each round adds the features that violate
+        |∇_j| ≤ λ, again the largest violations first, and solves again from the last solution.
+        Working on the few active columns is also better conditioned (collinear features are left
+        out), so the solver needs far fewer iterations.
         """
         d = Za.shape[1] - 1
+        active = (theta[:d] != 0).any(1)
+
+        def grow(keep: Tensor, score: Tensor, cand: Tensor) -> Tensor:
+            cand = cand & ~keep
+            room = max(10, int(keep.sum()))
+            if int(cand.sum()) > room:  # the largest scores only
+                cand = cand & (score >= score[cand].topk(room).values[-1])
+            return keep | cand
+
         score = grad(theta)[:d].abs().amax(1)
-        keep = (score >= 2 * lam - prev_lam) | (theta[:d] != 0).any(1)
+        keep = grow(active, score, score >= 2 * lam - prev_lam)
         for _ in range(d + 1):
             cols = torch.cat([keep.nonzero().flatten(), torch.tensor([d])])
-            sub_grad, lip = self._problem(Za[:, cols], T)
-            mask = torch.ones(cols.numel(), 1, dtype=Za.dtype)
-            mask[-1] = 0.0
-            sub, _ = fista(sub_grad, theta[cols], 1.0 / max(lip, 1e-12), lam * mask, self.max_iter, self.tol)
+            if cols.numel() * theta.shape[1] <= self.newton_max_size:  # few kept features: proximal Newton
+                sub = self._prox_newton(Za[:, cols], T, theta[cols], lam, rel_tol=self._path_tol())
+            else:
+                sub = self._first_order(Za[:, cols], T, theta[cols], lam, self._sub_gram(Za, cols))
             theta = torch.zeros_like(theta)
             theta[cols] = sub
-            viol = (~keep) & (grad(theta)[:d].abs().amax(1) > lam * (1 + 1e-6) + 1e-12)
+            score = grad(theta)[:d].abs().amax(1)
+            viol = (~keep) & (score > lam * (1 + 1e-6) + 1e-12)
             if not bool(viol.any()):
                 break
-            keep = keep | viol
+            keep = grow(keep, score, viol)
         return theta
+
+    def _first_order(self, Za: Tensor, T: Tensor, theta: Tensor, lam: float, gram: Tensor) -> Tensor:
+        """FISTA on a screened sub-problem (intercept row unpenalised), step 1/L from the global bound."""
+        sub_grad, lip = self._problem(Za, T, gram=gram, fast=self.refit)
+        mask = torch.ones(Za.shape[1], 1, dtype=Za.dtype)
+        mask[-1] = 0.0
+        return fista(sub_grad, theta, 1.0 / max(lip(), 1e-12), lam * mask, self.max_iter, self.tol)[0]
 
     # -- using ----------------------------------------------------------------------------
     def decision_function(self, x: Tensor) -> Tensor:
@@ -466,15 +567,17 @@ class SparseLinearStudent(_L1Student):
         t = regression_targets(teacher_out)
         return t.unsqueeze(1) if t.ndim == 1 else t
 
-    def _problem(self, Za: Tensor, T: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
+    def _problem(
+        self, Za: Tensor, T: Tensor, gram: Tensor | None = None, fast: bool = False
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[], float]]:
         n = Za.shape[0]
-        gram = Za.T @ Za / n
+        G = Za.T @ Za / n if gram is None else gram
         corr = Za.T @ T / n
 
         def grad(theta: Tensor) -> Tensor:
-            return gram @ theta - corr
+            return G @ theta - corr
 
-        return grad, float(torch.linalg.eigvalsh(gram)[-1])
+        return grad, lambda: float(torch.linalg.eigvalsh(G)[-1])
 
     def _smooth_grad_hess(self, Za: Tensor, T: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n = Za.shape[0]
@@ -568,17 +671,86 @@ class SparseLogisticStudent(_L1Student):
         return self.classes_ == 2
 
     def _probs(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits) if self._binary() else torch.softmax(logits, 1)
+        if self._binary():
+            return torch.sigmoid(logits)
+        # softmax over a few columns, written out: torch.softmax(dim=1) is ~3x slower on (n, 10) float64
+        e = (logits - logits.amax(1, keepdim=True)).exp_()
+        return e.div_(e.sum(1, keepdim=True))
 
-    def _problem(self, Za: Tensor, T: Tensor) -> tuple[Callable[[Tensor], Tensor], float]:
+    def _problem(
+        self, Za: Tensor, T: Tensor, gram: Tensor | None = None, fast: bool = False
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[], float]]:
         n = Za.shape[0]
-        Zt = (Za.T / n).contiguous()
+        if fast:  # float32 products (twice as fast); the path then keeps only the support
+            Zf, Ztf, Tf = Za.float(), (Za.T / n).float().contiguous(), T.float()
 
-        def grad(theta: Tensor) -> Tensor:
-            return Zt @ (self._probs(Za @ theta) - T)
+            def grad(theta: Tensor) -> Tensor:
+                return (Ztf @ (self._probs(Zf @ theta.float()) - Tf)).double()
 
-        # Hessian bound: 1/4 (sigmoid) or 1/2 (softmax) times the largest eigenvalue of ZaᵀZa/n.
-        return grad, _lipschitz_gram(Za) * (0.25 if self._binary() else 0.5)
+        else:
+            Zt = (Za.T / n).contiguous()
+
+            def grad(theta: Tensor) -> Tensor:
+                return Zt @ (self._probs(Za @ theta) - T)
+
+        def lipschitz() -> float:
+            # Hessian bound: 1/4 (sigmoid) or 1/2 (softmax, Böhning 1992) times the largest eigenvalue of ZaᵀZa/n.
+            lam = float(torch.linalg.eigvalsh(gram)[-1]) if gram is not None else _lipschitz_gram(Za)
+            return lam * (0.25 if self._binary() else 0.5)
+
+        return grad, lipschitz
+
+    def _first_order(self, Za: Tensor, T: Tensor, theta: Tensor, lam: float, gram: Tensor) -> Tensor:
+        """FISTA with backtracking (Beck & Teboulle 2009, Sec. 4) and adaptive restart, for the logistic loss.
+
+        The global bound on the curvature (1/2 λ_max(ZaᵀZa/n) for softmax, Böhning 1992) is reached only
+        where the student is uncertain between two classes; a confident teacher's soft targets leave the
+        loss far flatter, so the step starts at 8/L_bound and halves only when the sufficient-decrease
+        test fails (never below 1/L_bound, where the test holds by the bound). The logits of the
+        extrapolated point are the same combination of the iterates' logits, so each iteration costs the
+        two matrix products of a plain FISTA step (float32 when ``refit`` keeps only the support).
+        """
+        n = Za.shape[0]
+        fast = self.refit
+        Zf = Za.float() if fast else Za
+        Ztf = (Za.T / n).contiguous().float() if fast else (Za.T / n).contiguous()
+        Tf = T.to(Zf.dtype)
+        L_max = float(torch.linalg.eigvalsh(gram)[-1]) * (0.25 if self._binary() else 0.5)
+        L_max = max(L_max, 1e-12)
+        L = L_max / 8
+        pen = torch.full_like(theta, lam)
+        pen[-1] = 0.0
+
+        def loss(logits: Tensor) -> float:
+            return float(self._loss(logits.double(), T))
+
+        x = theta.to(Zf.dtype)
+        pen = pen.to(Zf.dtype)
+        Lx = Zf @ x
+        y, Ly = x, Lx
+        t = 1.0
+        for it in range(1, self.max_iter + 1):
+            g = Ztf @ (self._probs(Ly) - Tf)
+            fy = loss(Ly)
+            while True:
+                step = 1.0 / L
+                new = soft_threshold(y - step * g, pen * step)
+                Lnew = Zf @ new
+                D = new - y
+                if L_max <= L or loss(Lnew) <= fy + float((g * D).sum()) + 0.5 * L * float((D * D).sum()):
+                    break
+                L = min(2.0 * L, L_max)
+            delta = new - x
+            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+            if float(((y - new) * delta).sum()) > 0:  # adaptive restart: momentum pointing uphill
+                t_new, y, Ly = 1.0, new, Lnew
+            else:
+                beta = (t - 1.0) / t_new
+                y, Ly = new + beta * delta, Lnew + beta * (Lnew - Lx)
+            x, Lx, t = new, Lnew, t_new
+            if it % 5 == 0 and float(delta.abs().max()) <= self.tol * max(1.0, float(x.abs().max())):
+                break
+        return x.to(theta.dtype)
 
     def _path_guess(
         self, Za: Tensor, T: Tensor, ratios: Tensor, k_max: int, theta0: Tensor
@@ -608,16 +780,11 @@ class SparseLogisticStudent(_L1Student):
         return (start.clone(), guess) if guess >= 1 else None
 
     def _smooth_grad_hess(self, Za: Tensor, T: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        n, q = Za.shape
-        m = theta.shape[1]
+        n = Za.shape[0]
         logits = Za @ theta
         P = self._probs(logits)
         g = Za.T @ (P - T) / n
-        if self._binary():
-            H = (Za * (P * (1 - P))).T @ Za / n
-        else:  # Σ_i z_i z_iᵀ ⊗ (diag p_i − p_i p_iᵀ), row-major vec(θ)
-            S = torch.diag_embed(P) - P.unsqueeze(2) * P.unsqueeze(1)
-            H = torch.einsum("ia,ib,icd->acbd", Za, Za, S).reshape(q * m, q * m) / n
+        H = (Za * (P * (1 - P))).T @ Za / n if self._binary() else softmax_hessian(Za, P)
         return self._loss(logits, T), g, H
 
     def _init_intercept(self, T: Tensor) -> Tensor:
@@ -627,11 +794,17 @@ class SparseLogisticStudent(_L1Student):
     def _loss(self, logits: Tensor, T: Tensor) -> Tensor:
         if self._binary():
             return torch.nn.functional.binary_cross_entropy_with_logits(logits, T, reduction="mean")
-        return -(T * torch.log_softmax(logits, 1)).sum(1).mean()
+        top = logits.amax(1, keepdim=True)
+        lse = (logits - top).exp_().sum(1).log_() + top[:, 0]  # log Σ exp, as _probs (faster than log_softmax)
+        return (T.sum(1) * lse - (T * logits).sum(1)).mean()
+
+    #: largest number of free coefficients refitted by Newton with the full Hessian; Newton-CG beyond.
+    newton_refit_max: ClassVar[int] = 400
 
     def _refit(self, Z: Tensor, T: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """Unpenalised (up to ``ridge``) logistic fit of the non-zero weights and the intercepts (zeros stay
-        zero, so the complexity does not grow): damped Newton when the Hessian is small, FISTA otherwise."""
+        zero, so the complexity does not grow): damped Newton with the Hessian of the free entries when
+        there are few, truncated Newton (Newton-CG, Hessian-vector products only) otherwise."""
         s = (W != 0).any(1).nonzero().flatten()
         Za = torch.cat([Z[:, s], torch.ones(Z.shape[0], 1, dtype=Z.dtype)], 1)
         theta = torch.cat([W[s], b.unsqueeze(0)], 0)
@@ -639,41 +812,31 @@ class SparseLogisticStudent(_L1Student):
         q = theta.shape[0]
         ridge = torch.full((q, 1), self.ridge, dtype=Z.dtype)
         ridge[-1] = 0.0
-        if int(free.sum()) <= 1500:
+        if int(free.sum()) <= self.newton_refit_max:
             theta = self._newton(Za, T, theta, ridge, free)
         else:
-            grad0, lip = self._problem(Za, T)
-            fm = free.to(Z.dtype)
-
-            def grad(th: Tensor) -> Tensor:
-                return (grad0(th) + ridge * th) * fm
-
-            theta, _ = fista(grad, theta, 1.0 / (lip + self.ridge), torch.zeros_like(ridge), 20 * self.max_iter, 1e-9)
+            theta = self._newton_cg(Za, T, theta, ridge, free)
         Wn = torch.zeros_like(W)
         Wn[s] = theta[:-1]
         return Wn, theta[-1]
 
+    def _objective(self, Za: Tensor, T: Tensor, theta: Tensor, ridge: Tensor) -> tuple[Tensor, Tensor]:
+        """Smooth loss with the ridge term, and the probabilities."""
+        logits = Za @ theta
+        return self._loss(logits, T) + 0.5 * (ridge * theta**2).sum(), self._probs(logits)
+
     def _newton(self, Za: Tensor, T: Tensor, theta: Tensor, ridge: Tensor, free: Tensor, max_iter: int = 100) -> Tensor:
-        """Damped Newton on the entries ``free`` of θ (Armijo backtracking)."""
+        """Damped Newton on the entries ``free`` of θ (Armijo backtracking); exact up to rounding."""
         n, q = Za.shape
         m = theta.shape[1]
         idx = free.reshape(-1).nonzero().flatten()
         jitter = 1e-10 * torch.eye(idx.numel(), dtype=Za.dtype)
         rdiag = ridge.expand(q, m).reshape(-1)[idx]
-
-        def objective(th: Tensor) -> Tensor:
-            return self._loss(Za @ th, T) + 0.5 * (ridge * th**2).sum()
-
-        f = objective(theta)
+        f, P = self._objective(Za, T, theta, ridge)
         for _ in range(max_iter):
-            P = self._probs(Za @ theta)
             g = (Za.T @ (P - T) / n + ridge * theta).reshape(-1)[idx]
-            if self._binary():
-                H = (Za * (P * (1 - P))).T @ Za / n
-            else:  # Σ_i z_i z_iᵀ ⊗ (diag p_i − p_i p_iᵀ)
-                S = torch.diag_embed(P) - P.unsqueeze(2) * P.unsqueeze(1)
-                H = torch.einsum("ia,ib,icd->acbd", Za, Za, S).reshape(q * m, q * m) / n
-            H = H[idx][:, idx] + torch.diag(rdiag) + jitter
+            H = (Za * (P * (1 - P))).T @ Za / n if self._binary() else softmax_hessian(Za, P, idx)
+            H = H + torch.diag(rdiag) + jitter
             step = torch.zeros(q * m, dtype=Za.dtype)
             step[idx] = torch.linalg.solve(H, g)
             step = step.reshape(q, m)
@@ -683,12 +846,80 @@ class SparseLogisticStudent(_L1Student):
             t = 1.0
             while True:  # backtracking (Armijo)
                 cand = theta - t * step
-                f_new = objective(cand)
+                f_new, P_new = self._objective(Za, T, cand, ridge)
                 if float(f_new) <= float(f) - 0.25 * t * dec or t < 1e-8:
                     break
                 t *= 0.5
-            theta, f = cand, f_new
+            theta, f, P = cand, f_new, P_new
             if 0.5 * dec <= 1e-14:
+                break
+        return theta
+
+    def _newton_cg(
+        self, Za: Tensor, T: Tensor, theta: Tensor, ridge: Tensor, free: Tensor, max_iter: int = 50, max_cg: int = 250
+    ) -> Tensor:
+        """Truncated Newton (Nocedal & Wright 2006, Alg. 7.1) on the entries ``free`` of θ: each step solves
+        the Newton system by conjugate gradients (Jacobi-preconditioned) with Hessian-vector products, two
+        matrix products with ``Za`` in float32 (the direction needs no more; gradients, objective and
+        line search stay float64), never the (qm)² Hessian, to a relative residual ``min(1/2, √‖g‖)``;
+        then an Armijo line search.
+
+        Stops after a full step whose squared Newton decrement ``gᵀH⁻¹g`` was below ``tol·max(1, |F|)``:
+        Newton converges quadratically there, so the objective is then within about ``tol²`` (relative)
+        of its minimum (on a 2,048 x 455-feature, 10-class refit: 1e-7, with the same predictions as
+        the exact minimiser on every row).
+        """
+        n = Za.shape[0]
+        fm = free.to(Za.dtype)
+        Zt = Za.T.contiguous()
+        Z32, Zt32, fm32, ridge32 = Za.float(), Za.T.float().contiguous(), fm.float(), ridge.float()
+        Z2t = (Za * Za).T.contiguous()
+        binary = self._binary()
+        f, P = self._objective(Za, T, theta, ridge)
+        for _ in range(max_iter):
+            g = (Zt @ (P - T) / n + ridge * theta) * fm
+            w = P * (1 - P)
+            diag = torch.where(free, Z2t @ w / n + ridge, torch.ones_like(theta)).clamp_min(1e-12)
+            P32, w32 = P.float(), w.float()
+
+            def hv(v: Tensor, P32: Tensor = P32, w32: Tensor = w32) -> Tensor:
+                u = Z32 @ v.float()
+                su = w32 * u if binary else P32 * u - P32 * (P32 * u).sum(1, keepdim=True)
+                return ((Zt32 @ su / n + ridge32 * v.float()) * fm32).double()
+
+            d = torch.zeros_like(theta)
+            r = -g
+            z = r / diag
+            pdir = z
+            rz = float((r * z).sum())
+            r0 = float(r.norm())
+            eta = min(0.5, math.sqrt(r0))
+            for _ in range(max_cg):
+                hp = hv(pdir)
+                php = float((pdir * hp).sum())
+                if php <= 0:
+                    break
+                a = rz / php
+                d = d + a * pdir
+                r = r - a * hp
+                if float(r.norm()) <= eta * r0:
+                    break
+                z = r / diag
+                rz_new = float((r * z).sum())
+                pdir = z + (rz_new / rz) * pdir
+                rz = rz_new
+            dec = -float((g * d).sum())  # squared Newton decrement (d ≈ −H⁻¹g)
+            if dec <= 1e-14 * max(1.0, abs(float(f))):
+                break
+            t = 1.0
+            while True:  # backtracking (Armijo)
+                cand = theta + t * d
+                f_new, P_new = self._objective(Za, T, cand, ridge)
+                if float(f_new) <= float(f) - 1e-4 * t * dec or t < 1e-8:
+                    break
+                t *= 0.5
+            theta, f, P = cand, f_new, P_new
+            if t == 1.0 and dec <= self.tol * max(1.0, abs(float(f))):
                 break
         return theta
 
