@@ -26,5 +26,5 @@ def test_monitor_under_ddp(tmp_path):
     event_files = list(tmp_path.rglob("events.out.tfevents.*"))
     assert len(event_files) == 1, event_files  # only rank zero writes
     tags = event_tags(tmp_path)
-    assert "explain/ig/overlay" in tags["images"]
-    assert "explain/ig/sparseness" in tags["scalars"]
+    assert "maps/attributions" in tags["images"]
+    assert "maps/sparseness/ig" in tags["scalars"]

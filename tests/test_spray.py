@@ -137,5 +137,5 @@ def test_callback_finds_the_watermark_subgroup(tmp_path):
     assert res.eigengap_clusters == 2
     assert _same_partition(res.labels, marked[:64].long())
     tags = event_tags(tmp_path)
-    assert "explain/spray/0/cluster_means" in tags["images"]
-    assert "explain/spray/0/strategies" in tags["scalars"]
+    assert "concepts/cluster_means/class_0" in tags["images"]
+    assert "concepts/strategies/class_0" in tags["scalars"]
