@@ -271,7 +271,7 @@ def test_trainer_test_explains_the_validation_probe_or_a_test_probe(tmp_path):
     fresh = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", strict=True)
     trainer(tmp_path / "b", callbacks=[fresh]).test(module, val)
     assert fresh.probe_size == 4 and "saliency" in fresh.last_scores
-    assert "maps/attributions" in event_tags(tmp_path / "b")["images"]
+    assert "test/maps/attributions" in event_tags(tmp_path / "b")["images"]  # test values under test/
 
 
 @pytest.mark.parametrize("style", ["tuple", "object"])
