@@ -28,3 +28,9 @@ def test_monitor_under_ddp(tmp_path):
     tags = event_tags(tmp_path)
     assert "maps/attributions" in tags["images"]
     assert "maps/sparseness/ig" in tags["scalars"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_files[0]), size_guidance={"images": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Images("maps/attributions")]
+    assert steps and len(steps) == len(set(steps))  # one figure per explanation, written once

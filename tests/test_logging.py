@@ -266,3 +266,38 @@ def test_no_other_rank_writes_media(tmp_path, monkeypatch):
     logger.experiment.flush()
     tags = _events(tmp_path).Tags()
     assert not tags["images"] and not tags["tensors"]
+
+
+def test_captions_name_true_class_prediction_and_probability():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from explain_callbacks.callbacks.attribution_monitor import find_class_names
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :3] * 10  # logits: the first three inputs
+
+    mon = AttributionMonitor(methods=["saliency"], class_names=["cat", "dog", "cow"])
+    x = torch.tensor([[1.0, 0.0, 0.0, 5.0], [0.0, 0.0, 1.0, 5.0]])
+    captions, wrong = mon._captions(Fixed(), x, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    p = float(torch.softmax(torch.tensor([0.0, 0.0, 10.0]), 0)[2])
+    assert captions == ["true cat · pred cat (1.00)", f"true dog · pred cow ({p:.2f})"] and wrong == [False, True]
+    # one output with class targets: sigmoid; regression (no target): the value
+    one = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        one.weight.zero_()
+        one.bias.fill_(2.0)
+    captions, wrong = mon._captions(one, x, torch.tensor([1, 0]), torch.tensor([0, 0]))
+    assert captions[0] == "true dog · pred dog (0.88)" and wrong == [False, True]
+    regression = AttributionMonitor(methods=["saliency"], target=None)
+    captions, _ = regression._captions(one, x, torch.tensor([1.5, 2.0]), None)
+    assert captions == ["y 1.5 · ŷ 2", "y 2 · ŷ 2"]
+    # class names found on the data module, else on the validation dataset (or the one a Subset wraps)
+    assert find_class_names(SimpleNamespace(datamodule=SimpleNamespace(class_names=["a", "b"]))) == ["a", "b"]
+    ds = TensorDataset(torch.zeros(2, 1))
+    ds.classes = ["x", "y"]
+    loader = DataLoader(torch.utils.data.Subset(ds, [0]))
+    assert find_class_names(SimpleNamespace(datamodule=None, val_dataloaders=loader)) == ["x", "y"]
+    assert find_class_names(SimpleNamespace(datamodule=None, val_dataloaders=None)) is None

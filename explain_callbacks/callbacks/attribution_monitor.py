@@ -325,7 +325,8 @@ class AttributionMonitor(ProbeCallback):
         n = min(self.max_images, x.shape[0])
         captions, wrong = self._captions(model, x[:n], y, target)
         signed = {k: bool((m < 0).any()) for k, m in drawn.items()}
-        title = f"attributions · epoch {trainer.current_epoch} · step {global_step(trainer)}"
+        when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
+        title = f"attributions · {when} · step {global_step(trainer)}"
         xs = x[:n].detach().float().cpu()
         if x.ndim == 4 and all(m.ndim == 4 for m in drawn.values()):
             maps = {k: viz.map_to_2d(m) for k, m in drawn.items()}
@@ -386,8 +387,9 @@ class AttributionMonitor(ProbeCallback):
         metric = next((v for (m, k), v in self._metrics.items() if k == mname), None)
         output = getattr(metric, "output", "probability")
         verb = "inserted" if "insertion" in mname else "deleted"
+        when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
         fig = viz.curves_figure(
-            by_method, x=cx, title=f"{mname} curve, epoch {trainer.current_epoch}",
+            by_method, x=cx, title=f"{mname} curve · {when}",
             xlabel=f"fraction of features {verb} (most relevant first)",
             ylabel=f"target-class {output}" if isinstance(output, str) else "model output",
             scores=scores, score_name=mname,
