@@ -15,8 +15,9 @@ and one colour bar, and one outlying pixel does not wash the rest out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,19 @@ def _style() -> Iterator[None]:
         yield
 
 
+def _styled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Build the figure inside :func:`_style`: fonts and image settings are read when artists are made."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not has_matplotlib():
+            return fn(*args, **kwargs)
+        with _style():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -152,6 +166,7 @@ def _hide_ticks(ax: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- attribution maps
+@_styled
 def attribution_figure(
     inputs: Tensor,
     maps: Mapping[str, Tensor],
@@ -167,7 +182,8 @@ def attribution_figure(
         maps: ``{method: (N, H, W)}`` maps (channels already reduced; another resolution than the
             input is drawn stretched over the same tile, e.g. Grad-CAM's).
         signed: per method, whether its maps are signed (default: any value < 0).
-        captions: one per sample (true class, prediction and probability), drawn above its input.
+        captions: one per sample (true class, prediction and probability), drawn above its input; a
+            caption wider than the tile is broken at " · " onto lines.
         wrong: per sample, whether the prediction is wrong (caption drawn in red).
         title: the figure's title.
 
@@ -193,7 +209,8 @@ def attribution_figure(
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
         _hide_ticks(ax)
         if captions is not None:
-            ax.set_title(captions[i], color="#c0392b" if wrong is not None and wrong[i] else "black", fontsize=7)
+            ax.set_title(_wrap(captions[i]), color="#c0392b" if wrong is not None and wrong[i] else "black",
+                         fontsize=7)  # fmt: skip
         if i == n - 1:
             ax.set_xlabel("input")
     for j, k in enumerate(names, start=1):
@@ -210,6 +227,13 @@ def attribution_figure(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _wrap(caption: str, width: int = 24) -> str:
+    """Break a caption at " · " where it would be wider than a tile (about ``width`` characters)."""
+    if len(caption) <= width:
+        return caption
+    return caption.replace(" · ", "\n")
 
 
 def _colorbar(fig: Any, im: Any, axes: list[Any], label: str, location: str = "bottom") -> Any:
@@ -242,6 +266,7 @@ def _colorize_range(m: Tensor, lo: float, hi: float, signed: bool) -> Tensor:
     return apply_cmap(v, "heat").permute(0, 3, 1, 2).contiguous()
 
 
+@_styled
 def tabular_figure(
     maps: Mapping[str, Tensor],
     feature_names: Sequence[str] | None = None,
@@ -294,6 +319,7 @@ def tabular_figure(
     return fig
 
 
+@_styled
 def sequence_figure(
     inputs: Tensor,
     maps: Mapping[str, Tensor],
@@ -359,6 +385,11 @@ def sequence_figure(
                            extent=(-0.5, steps - 0.5, m.shape[0] - 0.5, -0.5))  # fmt: skip
             if m.shape[0] == 1:
                 ax.set_yticks([])
+            else:  # one row per channel / feature, named like the input's legend
+                rows = range(m.shape[0])
+                names = [feature_names[r] if feature_names is not None and r < len(feature_names) else f"ch {r}"
+                         for r in rows]  # fmt: skip
+                ax.set_yticks(list(rows), names if m.shape[0] <= 16 else [""] * m.shape[0], fontsize=6)
             if i == 0:
                 ax.set_title(k, fontweight="bold")
             if i < n - 1:
@@ -377,6 +408,7 @@ def _rows(maps: Tensor, max_rows: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ curves and matrices
+@_styled
 def curves_figure(
     curves: Mapping[str, Tensor],
     x: Tensor | None = None,
@@ -409,13 +441,14 @@ def curves_figure(
     return fig
 
 
+@_styled
 def matrix_figure(
     panels: Sequence[tuple[str, Tensor, bool]],
     labels: Sequence[str] | None = None,
     title: str | None = None,
     axis_label: str = "feature",
     shared: bool = True,
-    ncols: int = 4,
+    ncols: int = 5,
 ) -> Any:
     """Square matrices (interaction scores) as heatmaps with axis labels and colour bars.
 
@@ -477,6 +510,7 @@ def matrix_figure(
 
 
 # ------------------------------------------------------------------------------------------ tiles
+@_styled
 def tiles_figure(
     tiles: Sequence[Tensor],
     titles: Sequence[str] | None = None,
@@ -526,6 +560,7 @@ def tiles_figure(
     return fig
 
 
+@_styled
 def hierarchy_figure(
     levels: Sequence[tuple[Tensor, str]], image: Tensor | None = None, title: str | None = None
 ) -> Any:
