@@ -372,8 +372,22 @@ def sequence_figure(
         return make_grid(tiles.reshape(-1, 3, hmax, wmax), nrow=len(cols))
     x = inputs.detach().float().cpu()
     nfeat = int(x.shape[1])
-    fig = _figure(2.6 * (1 + len(names)) + 0.4, 1.25 * n + 1.0 + (0.3 if title else 0))
-    axes = fig.subplots(n, 1 + len(names), squeeze=False)
+    # a fixed grid in inches (a layout solver took seconds for 16 rows); room for tick labels left of each panel
+    panel_w, panel_h, head, gap, left = 2.3, 0.85, 0.3, 0.55, 0.5
+    top, bottom = (0.45 if title else 0.15), 0.95
+    ncol = 1 + len(names)
+    width = left + ncol * panel_w + (ncol - 1) * gap + 0.15
+    height = top + n * (head + panel_h) + bottom
+    fig = _figure(width, height, constrained=False)
+
+    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
+        return [x0 / width, y0 / height, w / width, h / height]
+
+    axes = np.empty((n, ncol), dtype=object)
+    for i in range(n):
+        for j in range(ncol):
+            y0 = height - top - (i + 1) * (head + panel_h)
+            axes[i, j] = fig.add_axes(box(left + j * (panel_w + gap), y0, panel_w, panel_h))
     steps = int(x.shape[-1])
     for i in range(n):
         ax = axes[i, 0]
@@ -414,9 +428,10 @@ def sequence_figure(
                 ax.set_xticklabels([])
             else:
                 ax.set_xlabel("time step")
-        _colorbar(fig, im, list(axes[:, j]), "signed (0 = white)" if signed[k] else "unsigned (≥ 0)")
+        cax = fig.add_axes(box(left + j * (panel_w + gap) + 0.2, bottom - 0.55, panel_w - 0.4, 0.1))
+        _colorbar(fig, im, [], "signed (0 = white)" if signed[k] else "unsigned (≥ 0)", cax=cax)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1 - 0.12 / height, va="top")
     return fig
 
 
