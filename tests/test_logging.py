@@ -96,21 +96,26 @@ def test_custom_scalars_layout_one_chart_per_metric_every_method_a_line(tmp_path
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.util import tensor_util
 
+    from explain_callbacks.callbacks import AttributionRegularizer
+
     inter = InteractionMonitor(methods=["cd"], num_samples=4, strict=True)
-    _fit(_tb(tmp_path), [_monitor(), inter], max_epochs=1, test=True)
+    reg = AttributionRegularizer("rrr", weight=0.1, mask=lambda b: torch.ones_like(b[0]))
+    _fit(_tb(tmp_path), [_monitor(), inter, reg], max_epochs=1, test=True)
     acc = _events(tmp_path)
     (event, *_) = acc.Tensors("custom_scalars__config__")[::-1]  # TensorBoard shows the latest layout
     layout = layout_pb2.Layout()
     layout.ParseFromString(tensor_util.make_ndarray(event.tensor_proto).item())
     cats = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in layout.category}
-    assert list(cats) == ["maps", "faithfulness", "sanity", "interactions", "cost"]  # both callbacks, in order
+    assert list(cats) == ["maps", "faithfulness", "sanity", "interactions", "regularizers", "cost"]  # all, in order
+    assert cats["regularizers"] == {"penalty": ["^regularizers/penalty/[^/]+_step$"],
+                                    "task_loss": ["^regularizers/task_loss_step$"]}  # fmt: skip
     assert set(cats["faithfulness"]) == {"deletion"} and set(cats["maps"]) == {"sparseness"}  # no drift in 1 epoch
     assert set(cats["interactions"]) == {"mean_abs", "top_pair", "consistency"}
     scalars = acc.Tags()["scalars"]
     for charts in cats.values():
         for chart, (regex,) in charts.items():
             matched = {t for t in scalars if re.search(regex, t)}
-            assert matched and all(t.split("/")[1] == chart for t in matched), (chart, matched)
+            assert matched and all(t.split("/")[1].removesuffix("_step") == chart for t in matched), (chart, matched)
             assert not any(t.startswith("test/") for t in matched)
     (deletion,) = cats["faithfulness"]["deletion"]
     assert {t for t in scalars if re.search(deletion, t)} == {

@@ -392,7 +392,7 @@ class AttributionMonitor(ProbeCallback):
             by_method, x=cx, title=f"{mname} curve · {when}",
             xlabel=f"fraction of features {verb} (most relevant first)",
             ylabel=f"target-class {output}" if isinstance(output, str) else "model output",
-            scores=scores, score_name=mname,
+            scores=scores, score_name="AUC" if mname in ("deletion", "insertion") else mname,
         )  # fmt: skip
         section = self._sections.get(mname, metric_section(mname))
         if fig is not None:
