@@ -126,6 +126,7 @@ class SpRAyMonitor(ProbeCallback):
                 "min_per_class.",
             )
             return
+        skipped: list[tuple[int, Exception]] = []
         for c in classes.tolist():
             sel = groups == c
             if int(sel.sum()) < self.min_per_class:
@@ -135,10 +136,7 @@ class SpRAyMonitor(ProbeCallback):
             except Exception as err:  # one class's degenerate maps must not hide the others
                 if self.strict:
                     raise
-                self.warn_failure(
-                    ("class", str(c), type(err).__name__, str(err)),
-                    f"SpRAyMonitor: class {c} skipped: {type(err).__name__}: {err}.",
-                )
+                skipped.append((int(c), err))
                 continue
             self.last_result[int(c)] = res
             share = float(res.sizes[0]) / float(res.sizes.sum())
@@ -146,6 +144,12 @@ class SpRAyMonitor(ProbeCallback):
             self.log_scalar(pl_module, f"concepts/largest_share/class_{c}", share, sync=False)
             gaps = ", ".join(f"{v:.3f}" for v in res.eigenvalues[: res.n_clusters + 2].tolist())
             rows.append((c, res.eigengap_clusters, " / ".join(str(int(s)) for s in res.sizes), gaps))
+        if skipped:  # one warning for all skipped classes (was one per class: ten on digits)
+            kinds = sorted({f"{type(e).__name__}: {str(e).rstrip('.')}" for _, e in skipped})
+            self.warn_failure(
+                ("classes", *kinds),
+                f"SpRAyMonitor: classes {[c for c, _ in skipped]} skipped: " + "; ".join(kinds) + ".",
+            )
         if not trainer.is_global_zero or not self.last_result:
             return
         self.log_table(
