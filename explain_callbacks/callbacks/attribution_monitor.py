@@ -388,8 +388,10 @@ class AttributionMonitor(ProbeCallback):
         output = getattr(metric, "output", "probability")
         verb = "inserted" if "insertion" in mname else "deleted"
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
+        hib = getattr(metric, "higher_is_better", None)
+        better = "" if hib is None else f" · {'higher' if hib else 'lower'} is better"
         fig = viz.curves_figure(
-            by_method, x=cx, title=f"{mname} curve · {when}",
+            by_method, x=cx, title=f"{mname} curve · {when}{better}",
             xlabel=f"fraction of features {verb} (most relevant first)",
             ylabel=f"target-class {output}" if isinstance(output, str) else "model output",
             scores=scores, score_name="AUC" if mname in ("deletion", "insertion") else mname,
