@@ -99,4 +99,4 @@ def test_saliency_masker_on_gpu_keeps_classifier_bit_identical(tmp_path, monkeyp
     for (k, a), (_, b) in zip(plain.state_dict().items(), with_cb.state_dict().items()):
         assert torch.equal(a, b), k
     assert next(cb.masker.parameters()).is_cuda
-    assert "explain/masker/saliency_metric" in trainer.callback_metrics
+    assert "faithfulness/saliency_metric/masker" in trainer.callback_metrics

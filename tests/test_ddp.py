@@ -26,5 +26,11 @@ def test_monitor_under_ddp(tmp_path):
     event_files = list(tmp_path.rglob("events.out.tfevents.*"))
     assert len(event_files) == 1, event_files  # only rank zero writes
     tags = event_tags(tmp_path)
-    assert "explain/ig/overlay" in tags["images"]
-    assert "explain/ig/sparseness" in tags["scalars"]
+    assert "maps/attributions" in tags["images"]
+    assert "maps/sparseness/ig" in tags["scalars"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_files[0]), size_guidance={"images": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Images("maps/attributions")]
+    assert steps and len(steps) == len(set(steps))  # one figure per explanation, written once

@@ -123,12 +123,12 @@ def test_breast_cancer_students_agree_with_the_teacher_and_are_exported(tmp_path
     assert dist.students["tree"].feature_names_[0] == "mean radius"  # taken from the data module
     metrics = tr.callback_metrics
     for key in ("tree", "logistic"):
-        assert 0.5 <= float(metrics[f"explain/distill/{key}/fidelity"]) <= 1.0
-        assert f"explain/distill/{key}/accuracy" in metrics
-    assert float(metrics["explain/distill/tree/leaves"]) <= 8
+        assert 0.5 <= float(metrics[f"distillation/fidelity/{key}"]) <= 1.0
+        assert f"distillation/accuracy/{key}" in metrics
+    assert float(metrics["distillation/leaves/tree"]) <= 8
     tags = event_tags(tmp_path)
-    assert "explain/distill/logistic/nonzeros" in tags["scalars"]
-    assert any("explain/distill/tree/student" in t for t in tags["text"])
+    assert "distillation/nonzeros/logistic" in tags["scalars"]
+    assert any("distillation/student/tree" in t for t in tags["text"])
     # checkpoint state round trip: the rows are left out by default, kept with checkpoint_buffer=True
     state = dist.state_dict()
     assert "buffer" not in state and "val" not in state

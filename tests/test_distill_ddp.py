@@ -51,7 +51,7 @@ def main(out_dir: str) -> None:
     xt = dm.test_set.tensors[0]
     preds = tr.strategy.all_gather(dist.students["sparse_logistic"].predict(xt))
     tree_preds = tr.strategy.all_gather(dist.students["tree"].predict(xt))
-    fid = tr.strategy.all_gather(tr.callback_metrics["explain/distill/tree/fidelity"].reshape(1))
+    fid = tr.strategy.all_gather(tr.callback_metrics["distillation/fidelity/tree"].reshape(1))
     if tr.is_global_zero:
         assert not torch.equal(firsts[0], firsts[1]), "ranks should buffer different shards"
         assert torch.equal(preds[0], preds[1]) and torch.equal(tree_preds[0], tree_preds[1])

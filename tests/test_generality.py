@@ -151,7 +151,7 @@ def test_dict_batches_tuple_outputs_nonsquare_rgb(tmp_path, style):
     for method in ("saliency", "ig", "gradcam", "occlusion", "rise"):
         for metric in ("deletion", "insertion", "mufidelity", "infidelity", "max_sensitivity", "complexity"):
             assert torch.isfinite(torch.as_tensor(scores[method][metric])), (method, metric)
-    assert "explain/gradcam/overlay" in event_tags(tmp_path / "b")["images"]
+    assert "maps/attributions" in event_tags(tmp_path / "b")["images"]
 
 
 def test_tuple_output_without_output_key_names_the_fix(tmp_path):
@@ -271,7 +271,7 @@ def test_trainer_test_explains_the_validation_probe_or_a_test_probe(tmp_path):
     fresh = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", strict=True)
     trainer(tmp_path / "b", callbacks=[fresh]).test(module, val)
     assert fresh.probe_size == 4 and "saliency" in fresh.last_scores
-    assert "explain/saliency/overlay" in event_tags(tmp_path / "b")["images"]
+    assert "test/maps/attributions" in event_tags(tmp_path / "b")["images"]  # test values under test/
 
 
 @pytest.mark.parametrize("style", ["tuple", "object"])
@@ -307,7 +307,7 @@ def test_regularizer_on_a_network_returning_a_tuple(tmp_path):
     module = make()
     tr = trainer(tmp_path / "b", callbacks=[reg], max_epochs=2, logger=False)
     tr.fit(module, *_loaders(x, y))
-    penalty = tr.callback_metrics["train/penalty/rrr"]
+    penalty = tr.callback_metrics["regularizers/penalty/rrr"]
     assert torch.isfinite(penalty) and penalty > 0
     assert not all(torch.equal(v, w0[k]) for k, v in module.state_dict().items())  # the penalty trained
     no_key = AttributionRegularizer("rrr", mask=mask, model_attr="net")

@@ -147,6 +147,11 @@ def _run(overrides, tmp_path: Path) -> dict[str, float]:
     return TRAIN.run(cfg)
 
 
+def _tags(metrics: dict[str, float]) -> set[str]:
+    """The explanation tags of a run, whether from fit or from trainer.test (which logs them under test/)."""
+    return {k.removeprefix("test/") for k in metrics}
+
+
 # ---------------------------------------------------------------- every data and callback config, one tiny epoch
 @pytest.mark.parametrize(
     "overrides",
@@ -170,8 +175,8 @@ def test_every_data_config_trains_with_the_default_monitor(overrides, tmp_path, 
     metrics = ["deletion", "pointing_game"] if shapes else ["deletion"]
     metrics = _run([*overrides, f"callbacks.attribution.metrics=[{','.join(metrics)}]",
                     "callbacks.attribution.strict=true"], tmp_path)  # fmt: skip
-    assert "explain/saliency/deletion" in metrics and "explain/ig/sparseness" in metrics
-    assert ("explain/ig/pointing_game" in metrics) == shapes
+    assert "faithfulness/deletion/saliency" in _tags(metrics) and "maps/sparseness/ig" in _tags(metrics)
+    assert ("localisation/pointing_game/ig" in _tags(metrics)) == shapes
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "TensorBoard logs written to" in capsys.readouterr().out
 
@@ -180,7 +185,7 @@ def test_runs_repeat_exactly_with_a_seed(tmp_path, clean_process):
     """Same seed, same numbers (losses and every explanation score); timings excluded."""
     over = ["data=shapes", "data.n_train=128", "callbacks.attribution.every_n_epochs=1"]
     a, b = (_run(over, tmp_path / str(i)) for i in range(2))
-    keep = [k for k in a if not k.endswith("/seconds")]
+    keep = [k for k in a if "cost/seconds/" not in k]
     assert keep and {k: a[k] for k in keep} == {k: b[k] for k in keep}
 
 
@@ -275,7 +280,7 @@ def test_own_modules_by_target(tmp_path, clean_process):
     """As the README writes it: start from empty model and data configs."""
     metrics = _run(["~model", f"+model._target_={__name__}.MyModule", "+model.lr=0.01",
                     "~data", f"+data._target_={__name__}.MyData", "+data.batch_size=8"], tmp_path)  # fmt: skip
-    assert "explain/saliency/sparseness" in metrics and "test/loss" in metrics
+    assert "maps/sparseness/saliency" in _tags(metrics) and "test/loss" in metrics
 
 
 @pytest.mark.parametrize("model,data", [("MyTrainOnly", "MyData"), ("MyModule", "MyTrainValData")])
@@ -283,7 +288,7 @@ def test_own_modules_without_test_step_or_test_data(model, data, tmp_path, clean
     """test=true (the default) ran trainer.test after fit and failed there: 'No test_step() method defined'."""
     metrics = _run(["~model", f"+model._target_={__name__}.{model}", "~data", f"+data._target_={__name__}.{data}",
                     "callbacks.attribution.every_n_epochs=1"], tmp_path)  # fmt: skip
-    assert "explain/saliency/sparseness" in metrics and "test/loss" not in metrics
+    assert "maps/sparseness/saliency" in metrics and "test/loss" not in metrics
     out = capsys.readouterr().out
     assert "Test skipped" in out and "TensorBoard logs written to" in out
 
@@ -292,7 +297,7 @@ def test_own_dict_batch_data_on_the_example_cnn(tmp_path, clean_process, capsys)
     """LitClassifier read dict batches only as {'x', 'y'}: KeyError 'x' on {'image', 'label'} batches."""
     metrics = _run(["~data", f"+data._target_={__name__}.MyDictImages", "callbacks.attribution.strict=true",
                     "callbacks.attribution.every_n_epochs=1"], tmp_path)  # fmt: skip
-    assert "explain/ig/sparseness" in metrics and "test/acc" in metrics
+    assert "maps/sparseness/ig" in _tags(metrics) and "test/acc" in metrics
     assert "model.net.in_channels=3 model.net.num_classes=5" in capsys.readouterr().out
 
 
@@ -372,15 +377,15 @@ def test_every_attribution_and_metric_config_in_one_tiny_run(group, tmp_path, cl
                  "g_sobol.n_designs=8", "g_hsic.n_designs=64"]  # fmt: skip
     metrics = _run(over, tmp_path)
     if group == "interaction":
-        assert {k.split("/")[1] for k in metrics if k.endswith("/seconds")} == set(names)
+        assert {k.split("/")[2] for k in _tags(metrics) if k.startswith("cost/seconds/")} == set(names)
         # ACD settings as the config's comment writes them (composed only: ACD takes ~20 s per sample here)
         cfg = _compose(["callbacks=interaction", "callbacks.interaction.acd={tile:1,percentile:99}"])
         (mon,) = TRAIN.build_list(cfg.callbacks)
         assert mon.acd_kwargs == {"tile": 1, "percentile": 99}
     elif group == "attribution":
-        assert {k.split("/")[1] for k in metrics if k.endswith("/seconds")} >= set(names) - {"neflag"}
+        assert {k.split("/")[2] for k in _tags(metrics) if k.startswith("cost/seconds/")} >= set(names) - {"neflag"}
     else:  # the monitor logs completeness_error, drift and sparseness itself (the configs are dropped with a warning)
-        done = {k.split("/")[2] for k in metrics if k.startswith("explain/saliency/")}
+        done = {k.split("/")[1] for k in _tags(metrics) if k.endswith("/saliency") and k.count("/") == 2}
         assert set(names) - {"completeness_error", "drift"} <= done
 
 

@@ -42,9 +42,11 @@ def test_images_no_side_effects_and_logging(tmp_path):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k  # BatchNorm buffers and RNG untouched
     tags = event_tags(tmp_path / "b")
-    assert {"explain/cd/matrix", "explain/cd/top_pairs", "explain/integrated_hessians/matrix"} <= tags["images"]
-    assert "explain/acd/hierarchy" in tags["images"]
-    assert {"explain/cd/mean_abs", "explain/cd/top_pair", "explain/integrated_hessians/consistency"} <= tags["scalars"]
+    images = {"interactions/matrix/cd", "interactions/top_pairs/cd", "interactions/matrix/integrated_hessians"}
+    assert images <= tags["images"]
+    assert "interactions/acd_hierarchy/sample_0" in tags["images"]
+    scalars = {"interactions/mean_abs/cd", "interactions/top_pair/cd", "interactions/consistency/integrated_hessians"}
+    assert scalars <= tags["scalars"]
     summary = mon.last_scores["cd"]
     assert summary["matrix"].shape == (4, 4)
     assert len(summary["pairs"]) == 5 and len(summary["per_sample"]) == 6

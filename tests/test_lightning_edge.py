@@ -172,7 +172,7 @@ def test_distiller_skips_validation_batches_it_cannot_read(tmp_path):
     messages = _explain_warnings(record)
     assert sum("taking validation rows from a batch" in m for m in messages) == 1, messages  # once, not per batch
     assert [h["epoch"] for h in dist.history] == [0, 1, 2]  # fitted on the training rows, in-sample fidelity
-    assert "explain/distill/tree/train_fidelity" in tr.callback_metrics
+    assert "distillation/train_fidelity/tree" in tr.callback_metrics
     with pytest.raises(TypeError):
         strict = Distiller(students=["tree"], input_key=lambda b: b["image"], export=False, strict=True)
         _fit(tmp_path / "c", [strict], loaders=loaders, max_epochs=1)
@@ -390,7 +390,7 @@ def test_fast_dev_run_writes_no_distiller_files(tmp_path, monkeypatch):
     dist = Distiller(students=["tree"], every_n_epochs=5, strict=True)  # export=True, dir from the disabled logger
     _, tr = _fit(tmp_path, [dist], fast_dev_run=True)
     assert dist.exported == {} and [h["epoch"] for h in dist.history] == [0]
-    assert "explain/distill/tree/fidelity" in tr.callback_metrics  # logged although every_n_epochs=5 (smoke test)
+    assert "distillation/fidelity/tree" in tr.callback_metrics  # logged although every_n_epochs=5 (smoke test)
     assert list(tmp_path.rglob("*")) == []
 
 
@@ -429,9 +429,9 @@ def test_lightning_module_compiled_whole(tmp_path):
     fit(tmp_path / "c", [reg])
 
 
-def test_interaction_pictures_and_acd_only_for_tensorboard(tmp_path, monkeypatch):
-    """Was: ACD hierarchies (and the matrix pictures) computed at every epoch under logger=False or CSVLogger,
-    where nothing takes them."""
+def test_interaction_pictures_and_acd_only_where_a_logger_takes_them(tmp_path, monkeypatch):
+    """Was: ACD hierarchies (and the matrix pictures) computed at every epoch under logger=False, where nothing
+    takes them. CSVLogger takes them now (PNG files beside metrics.csv)."""
     from explain_callbacks.callbacks import interaction_monitor
 
     calls, original = [], interaction_monitor.ACD.__call__
@@ -442,8 +442,8 @@ def test_interaction_pictures_and_acd_only_for_tensorboard(tmp_path, monkeypatch
         calls.clear()
         mon = InteractionMonitor(num_samples=4, acd=True, strict=True)
         _, tr = _fit(tmp_path, [mon], max_epochs=2, logger=logger)
-        assert "explain/cd/top_pair" in tr.callback_metrics
-        assert len(calls) == (2 if isinstance(logger, TensorBoardLogger) else 0)
+        assert "interactions/top_pair/cd" in tr.callback_metrics
+        assert len(calls) == (0 if logger is False else 2)
 
 
 # --------------------------------------------------------------------------- regression guards (no fix needed)
@@ -472,7 +472,8 @@ def test_lightning_settings_bit_identical(tmp_path, setting):
     cbs = _monitors()
     module, tr = run(tmp_path / "b", cbs)
     _same_weights(base, module)
-    for tag in ("explain/ig/deletion", "explain/ig/drift", "explain/cd/top_pair", "explain/distill/online/fidelity"):
+    tags = ("faithfulness/deletion/ig", "maps/drift/ig", "interactions/top_pair/cd", "distillation/fidelity/online")
+    for tag in tags:
         assert tag in tr.callback_metrics, tag
 
 
@@ -492,9 +493,11 @@ def test_validate_test_predict_without_fit_and_fit_twice(tmp_path):
     tr = _trainer(tmp_path, cbs)
     with pytest.warns(UserWarning, match="SaliencyMasker has no trained masker"):  # was silent
         (out,) = tr.validate(module, val)
-    assert "explain/ig/deletion" in out and "explain/cd/top_pair" in out
+    assert "faithfulness/deletion/ig" in out and "interactions/top_pair/cd" in out
     (out,) = tr.test(module, val)
-    assert "explain/ig/drift" in out and out["explain/ig/drift"] == pytest.approx(1.0)  # same weights, same maps
+    # under test/, never in the validation curves; no drift (it compared the same weights: always 1.0)
+    assert "test/faithfulness/deletion/ig" in out and "test/interactions/top_pair/cd" in out
+    assert not any("drift" in k for k in out)
     assert len(tr.predict(module, val)) == 4
     tr.fit(module, train, val)
     tr.fit(module, *_loaders())  # max_epochs reached: nothing to do, nothing breaks

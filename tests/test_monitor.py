@@ -38,9 +38,9 @@ def test_logs_images_histograms_scalars_and_ranking(tmp_path):
     tr = trainer(tmp_path, callbacks=[mon], max_epochs=2)
     tr.fit(lit(), train, val)
     tags = event_tags(tmp_path)
-    assert {"explain/saliency/overlay", "explain/ig/overlay", "explain/probe/inputs"} <= tags["images"]
-    assert {"explain/ig/completeness_error", "explain/ig/sparseness", "explain/ig/drift"} <= tags["scalars"]
-    assert "explain/saliency/values" in tags["histograms"]
+    assert "maps/attributions" in tags["images"]
+    assert {"sanity/completeness_error/ig", "maps/sparseness/ig", "maps/drift/ig"} <= tags["scalars"]
+    assert "maps/values/saliency" in tags["histograms"]
     assert mon.probe_size == 6
     assert "| method |" in mon.ranking_table()
 
@@ -80,7 +80,7 @@ def test_works_inside_validate_inference_mode(tmp_path):
     _, val = image_loaders()
     mon = AttributionMonitor(methods=["ig", "saliency"], num_samples=4, strict=True)
     out = trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
-    assert "explain/ig/sparseness" in out[0]
+    assert "maps/sparseness/ig" in out[0]
     assert mon.last_scores["ig"]["completeness_error"] < 1.0
 
 
@@ -152,14 +152,16 @@ def test_tabular_and_sequence_inputs(tmp_path):
     mon = AttributionMonitor(methods=["ig"], feature_names=list("abcde"), num_samples=8, strict=True)
     tr = trainer(tmp_path / "tab", callbacks=[mon])
     tr.validate(tab, DataLoader(TensorDataset(x, y), batch_size=10))
-    assert "explain/ig/features" in event_tags(tmp_path / "tab")["images"]
-    assert "rank | feature" in mon._top_features(mon.previous["ig"])
+    tags = event_tags(tmp_path / "tab")
+    assert "maps/attributions" in tags["images"] and "maps/top_features/ig/text_summary" in tags["text"]
+    headers, rows = mon._top_features(mon.previous["ig"])
+    assert headers[:2] == ["rank", "feature"] and {r[1] for r in rows} == set("abcde")
 
     seq = LitClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)))
     xs = torch.randn(20, 4, 3)
     mon2 = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
     trainer(tmp_path / "seq", callbacks=[mon2]).validate(seq, DataLoader(TensorDataset(xs, y[:20]), batch_size=10))
-    assert "explain/saliency/sequence" in event_tags(tmp_path / "seq")["images"]
+    assert "maps/attributions" in event_tags(tmp_path / "seq")["images"]
 
 
 def test_per_class_probe(tmp_path):
@@ -196,8 +198,8 @@ def test_metrics_on_shapes_with_masks(tmp_path):
         assert 0.0 <= mon.last_scores[m]["deletion"] <= 1.0
         assert 0.0 <= mon.last_scores[m]["pointing_game"] <= 1.0
     tags = event_tags(tmp_path)
-    assert "explain/curves/deletion" in tags["images"]
-    assert "explain/gradcam/pointing_game" in tags["scalars"]
+    assert "faithfulness/deletion_curve" in tags["images"]
+    assert "localisation/pointing_game/gradcam" in tags["scalars"]
     assert "best on **deletion**" in mon.ranking_table()
 
 
@@ -238,5 +240,5 @@ def test_other_loggers_get_the_scalars(tmp_path):
     (path,) = tmp_path.rglob("metrics.csv")
     with open(path) as f:
         columns = set(next(csv.reader(f)))
-    assert {"explain/ig/deletion", "explain/saliency/sparseness", "explain/ig/completeness_error"} <= columns
+    assert {"faithfulness/deletion/ig", "maps/sparseness/saliency", "sanity/completeness_error/ig"} <= columns
     assert not list(tmp_path.rglob("events.out.tfevents.*"))

@@ -141,7 +141,7 @@ def test_masker_on_multilabel_data_trains_on_the_predictions(tmp_path):
     masker = SaliencyMasker(num_samples=4, target="prediction", strict=True)
     module, tr = _fit(tmp_path / "b", lambda: Lit(CNN(), "bce"), loaders, [masker])
     _assert_same_weights(base, module)
-    assert masker._steps == 8 and "explain/masker/saliency_metric" in tr.callback_metrics
+    assert masker._steps == 8 and "faithfulness/saliency_metric/masker" in tr.callback_metrics
     masker = SaliencyMasker(num_samples=4, strict=True)  # the default target="label" names the fix
     with pytest.raises(ValueError, match="target='prediction'"):
         _fit(tmp_path / "c", lambda: Lit(CNN(), "bce"), loaders, [masker])
@@ -159,7 +159,7 @@ def test_masker_on_float64_and_dict_output_networks(tmp_path, kind):
     masker = SaliencyMasker(num_samples=4, strict=True)
     module, tr = _fit(tmp_path / "b", make, _loaders(x, y), [masker])
     _assert_same_weights(base, module)
-    assert masker._steps == 8 and torch.isfinite(tr.callback_metrics["explain/masker/saliency_metric"])
+    assert masker._steps == 8 and torch.isfinite(tr.callback_metrics["faithfulness/saliency_metric/masker"])
     assert next(masker.masker.parameters()).dtype == (torch.float64 if kind == "float64" else torch.float32)
 
 
@@ -174,8 +174,8 @@ def test_distiller_accuracy_with_float_column_and_multi_hot_labels(tmp_path, lab
     loss = "bce" if labels == "multi_hot" else "ce"
     dist = Distiller(students=["tree"], export=False, strict=True)
     _, tr = _fit(tmp_path, lambda: Lit(CNN(), loss), _loaders(x, ys), [dist], max_epochs=1)
-    assert "explain/distill/tree/fidelity" in tr.callback_metrics
-    assert ("explain/distill/tree/accuracy" in tr.callback_metrics) == (labels != "multi_hot")
+    assert "distillation/fidelity/tree" in tr.callback_metrics
+    assert ("distillation/accuracy/tree" in tr.callback_metrics) == (labels != "multi_hot")
 
 
 # --------------------------------------------------------------------------- SpRAy labels
@@ -207,7 +207,7 @@ def test_regularizer_takes_float_and_column_class_labels(tmp_path):
     for labels in (y, y.float(), y.view(-1, 1)):
         reg = AttributionRegularizer("eg_mask", mask=lambda b: torch.ones_like(b[0]))
         module, tr = _fit(tmp_path / str(len(runs)), lambda: Lit(CNN()), _loaders(x, labels), [reg], max_epochs=1)
-        runs.append((module, float(tr.callback_metrics["train/penalty/eg_mask"])))
+        runs.append((module, float(tr.callback_metrics["regularizers/penalty/eg_mask"])))
     for module, penalty in runs[1:]:
         _assert_same_weights(runs[0][0], module)
         assert penalty == runs[0][1]
@@ -260,7 +260,7 @@ def test_dataclass_batches_with_attribute_keys(tmp_path):
                              strict=True)  # fmt: skip
     _, tr = _fit(tmp_path, lambda: Lit(CNN()), loaders, [mon], max_epochs=1)
     assert mon.probe_x.shape == (4, 1, 8, 8) and torch.equal(mon.probe_y, y[32:36])
-    assert "explain/saliency/sparseness" in tr.callback_metrics
+    assert "maps/sparseness/saliency" in tr.callback_metrics
 
 
 # --------------------------------------------------------------------------- forward(batch)
@@ -296,8 +296,8 @@ def test_forward_taking_the_batch_names_model_attr(tmp_path, callback):
         tmp_path / "b", lambda: BatchForward(CNN()), _loaders(x, y), [make(strict=True, model_attr="backbone")]
     )
     _, tr2 = _fit(tmp_path / "c", lambda: TensorNamedBatch(CNN()), _loaders(x, y), [make(strict=True)])
-    tag = {"monitor": "explain/occlusion/sparseness", "distiller": "explain/distill/tree/fidelity"}.get(
-        callback, "explain/masker/area"
+    tag = {"monitor": "maps/sparseness/occlusion", "distiller": "distillation/fidelity/tree"}.get(
+        callback, "maps/area/masker"
     )
     assert tag in tr.callback_metrics and tag in tr2.callback_metrics
 
@@ -319,7 +319,7 @@ def test_compiled_network_is_explained_through_its_original(tmp_path):
     with pytest.warns(UserWarning, match="torch.compile'd modules \\['backbone'\\].*model_attr='backbone'"):
         module, tr = _fit(tmp_path, make, _loaders(x, y), [mon, plain], max_epochs=1)
     assert mon.model(module) is module.backbone._orig_mod
-    assert "explain/saliency/sparseness" in tr.callback_metrics
+    assert "maps/sparseness/saliency" in tr.callback_metrics
 
 
 # --------------------------------------------------------------------------- Lightning settings
@@ -355,7 +355,8 @@ def test_lightning_settings_leave_training_bit_identical(tmp_path, kw):
     cbs = _all_callbacks()
     module, tr = _fit(tmp_path / "b", lambda: Lit(CNN(), manual=manual), _loaders(x, y), cbs, **kw)
     _assert_same_weights(base, module)
-    for tag in ("explain/ig/deletion", "explain/cd/top_pair", "explain/masker/area", "explain/distill/tree/fidelity"):
+    tags = ("faithfulness/deletion/ig", "interactions/top_pair/cd", "maps/area/masker", "distillation/fidelity/tree")
+    for tag in tags:
         assert tag in tr.callback_metrics, tag
 
 

@@ -156,7 +156,7 @@ def test_two_regularizers_logging_and_restoration():
     ]
     t = trainer(cbs, limit_train_batches=1)
     t.fit(model, DataLoader(ds, batch_size=16))
-    for key in ("train/task_loss", "train/penalty/rrr", "train/penalty/cdep_l1"):
+    for key in ("regularizers/task_loss", "regularizers/penalty/rrr", "regularizers/penalty/cdep_l1"):
         assert key in t.callback_metrics
     rrr, cdep = build_penalty("rrr"), build_penalty({"name": "cdep", "form": "l1"})
     m = init.train()

@@ -107,7 +107,7 @@ def test_callback_leaves_the_classifier_bit_identical_and_logs(tmp_path):
         assert torch.equal(a, b), k  # weights, BatchNorm statistics and counters
     assert cb.masker is not None and cb._steps == 8  # 4 batches x 2 epochs
     m = trainer.callback_metrics
-    for key in ("explain/masker/saliency_metric", "explain/masker/area", "explain/masker/train_loss"):
+    for key in ("faithfulness/saliency_metric/masker", "maps/area/masker", "masker/train_loss/loss"):
         assert key in m and torch.isfinite(m[key]), key
     assert any((tmp_path / "b").rglob("events.out.tfevents*"))
     # The checkpointed state rebuilds the same masker.

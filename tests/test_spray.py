@@ -137,5 +137,28 @@ def test_callback_finds_the_watermark_subgroup(tmp_path):
     assert res.eigengap_clusters == 2
     assert _same_partition(res.labels, marked[:64].long())
     tags = event_tags(tmp_path)
-    assert "explain/spray/0/cluster_means" in tags["images"]
-    assert "explain/spray/0/strategies" in tags["scalars"]
+    assert "concepts/cluster_means/class_0" in tags["images"]
+    assert "concepts/strategies/class_0" in tags["scalars"]
+
+
+def test_degenerate_classes_skipped_with_one_warning(tmp_path):
+    """Classes SpRAy cannot analyse (fewer than 3 maps) warned one by one (ten warnings on digits); now once."""
+    import warnings
+
+    class Lit5(Lit):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 5))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(28, 1, 32, 32, generator=g)
+    y = torch.tensor([0] * 20 + [1, 2, 3, 4] * 2)  # classes 1-4: two maps each
+    loaders = (DataLoader(TensorDataset(x, y), batch_size=28), DataLoader(TensorDataset(x, y), batch_size=28))
+    mon = SpRAyMonitor(method="saliency", num_samples=28, per_class=None, min_per_class=1, every_n_epochs=1)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks=[mon], max_epochs=2).fit(Lit5(), *loaders)
+    ours = [str(w.message) for w in caught if "SpRAyMonitor" in str(w.message)]
+    assert len(ours) == 1, ours  # two epochs, four classes: one warning
+    assert "classes [1, 2, 3, 4] skipped" in ours[0] and "at least 3 maps" in ours[0]

@@ -12,27 +12,59 @@ from torch import Tensor
 
 from .. import viz
 from .._internal.config import spec_list, to_plain
+from .._internal.layout import reads_channels_first
 from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
-from ._logging import markdown_table, tensorboard_writers
-from .base import ProbeCallback, non_default_settings
+from ._logging import global_step, markdown_table, media_loggers, metric_section, phase_prefix
+from .base import ProbeCallback, class_indices, non_default_settings
 
-__all__ = ["AttributionMonitor"]
+__all__ = ["AttributionMonitor", "class_labels", "find_class_names"]
 
 MethodSpec = str | Mapping[str, Any] | Attributor
+
+
+def find_class_names(trainer: pl.Trainer) -> list[str] | None:
+    """Class names for captions: ``class_names`` or ``classes`` of the data module, else of the first
+    validation dataset (or the dataset a ``Subset`` wraps), when it is a sequence of names."""
+    candidates: list[Any] = [getattr(trainer, "datamodule", None)]
+    try:
+        loaders = trainer.val_dataloaders
+    except Exception:  # not available at setup in every Lightning version
+        loaders = None
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    ds = getattr(loader, "dataset", None)
+    candidates += [ds, getattr(ds, "dataset", None)]
+    for obj in candidates:
+        for attr in ("class_names", "classes"):
+            names = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(names, (list, tuple)) and names and all(isinstance(c, (str, int)) for c in names):
+                return [str(c) for c in names]
+    return None
+
+
+def class_labels(y: Tensor) -> Tensor | None:
+    """Labels as class indices (N,) (integer or integral labels, or one-hot rows), None otherwise."""
+    if y.ndim == 2 and y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    return class_indices(y)
 
 
 class AttributionMonitor(ProbeCallback):
     """Watch how attribution maps of a fixed probe set evolve while the model trains.
 
-    On every due validation epoch, for each method: the maps of the probe set, logged as a grid of
-    heatmap overlays (images), a feature-by-sample heatmap (tabular) or per-sample time-by-feature
-    heatmaps (sequences); a histogram of values; scalars ``explain/<method>/<what>``: ``seconds``,
-    ``sparseness`` (Gini), ``drift`` (mean per-sample Spearman correlation with the previous map),
-    ``completeness_error`` (path methods), and every selected metric; curves of curve metrics
-    (deletion, insertion) as images; a ranking table of the methods as text.
+    On every due validation epoch, for each method: scalars ``<section>/<score>/<method>`` (one chart per
+    score with a line per method in TensorBoard's custom-scalars tab): ``cost/seconds``,
+    ``maps/sparseness`` (Gini), ``maps/drift`` (mean per-sample Spearman correlation with the previous
+    map), ``sanity/completeness_error`` (path methods), and every selected metric under its family
+    (``faithfulness/deletion/<method>``, ``sanity/randomisation/<method>``, ``robustness/...``,
+    ``localisation/...``); a histogram ``maps/values/<method>``. Pictures: ``maps/attributions``, one row
+    per probe sample (input, then one map per method with one colour bar per method; true class,
+    prediction and probability above the input), a feature × sample heatmap per method for tabular data,
+    time on the x-axis for sequences; ``<section>/<metric>_curve`` for curve metrics (deletion,
+    insertion: one line per method); the table ``faithfulness/ranking`` of the methods on every score.
+    Inside ``trainer.test`` every tag starts with ``test/``.
 
     Args:
         methods: short names (``"saliency"``, ``"ig"``, ...), ``{"name": ..., **kwargs}`` mappings,
@@ -40,7 +72,10 @@ class AttributionMonitor(ProbeCallback):
         metrics: metric short names / mappings / instances from ``explain_callbacks.metrics``; each is
             computed on the same maps (nothing is computed twice).
         max_images: samples drawn in the overlay grid.
-        feature_names: names of tabular features (for the top-feature table).
+        feature_names: names of tabular features (figure axes and the top-feature table); taken from the
+            data module's ``feature_names`` when not given.
+        class_names: names of the classes for the captions; taken from the data module's (or the
+            validation dataset's) ``class_names`` / ``classes`` when not given.
         log_images / log_histograms: turn image and histogram logging off (scalars stay).
         **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
             input_key, label_key, mask_key, batch_size, model_attr, strict).
@@ -56,6 +91,7 @@ class AttributionMonitor(ProbeCallback):
         num_samples: int = 16,
         max_images: int = 16,
         feature_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
         log_images: bool = True,
         log_histograms: bool = True,
         **kwargs: Any,
@@ -90,9 +126,11 @@ class AttributionMonitor(ProbeCallback):
             self.metric_specs.append(spec)
             self.metric_names.append(name)
         self._higher: dict[str, bool | None] = {}
+        self._sections: dict[str, str] = {}  # metric tag -> its section
         self._metrics: dict[tuple[str, str], Any] = {}
         self.max_images = max_images
         self.feature_names = list(feature_names) if feature_names is not None else None
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
         self.log_images = log_images
         self.log_histograms = log_histograms
         self.previous: dict[str, Tensor] = {}
@@ -139,6 +177,8 @@ class AttributionMonitor(ProbeCallback):
             names = getattr(getattr(trainer, "datamodule", None), "feature_names", None)
             if names:
                 self.feature_names = list(names)
+        if self.class_names is None:
+            self.class_names = find_class_names(trainer)
 
     # ------------------------------------------------------------------ state
     probe_bound_state = ("previous",)  # maps of the probe set: dropped when it is re-captured
@@ -168,11 +208,8 @@ class AttributionMonitor(ProbeCallback):
         curves: dict[str, dict[str, Tensor]] = {}
         curve_x: dict[str, Tensor] = {}
         self.last_scores = {}
-        draw = bool(tensorboard_writers(trainer))  # pictures only where a TensorBoard writer takes them
-        if draw and self.log_images and x.ndim == 4 and not self.previous:
-            self.log_image(
-                trainer, "explain/probe/inputs", viz.make_grid(viz.upscale(viz.to_rgb(x[: self.max_images])))
-            )
+        draw = bool(media_loggers(trainer))  # pictures only where a logger takes them (rank zero)
+        drawn: dict[str, Tensor] = {}
         for name, method in self.methods.items():
             done = self.run_agreed(
                 trainer, f"method {name!r}", lambda method=method: method(model, x, target),
@@ -215,7 +252,8 @@ class AttributionMonitor(ProbeCallback):
                     if not self._report_dropped(metric, mname, name, value):
                         continue  # no sample scored: nothing to log (the same on every rank: states are synced)
                     scores[mname] = value
-                    self.log_scalar(pl_module, f"explain/{name}/{mname}", value, sync=False)
+                    self.log_scalar(pl_module, f"{metric_section(mname, metric)}/{mname}/{name}", value, sync=False)
+                    self._sections[mname] = metric_section(mname, metric)
                     curve = getattr(metric, "curve", None)
                     if isinstance(curve, Tensor) and curve.numel() > 1:
                         curves.setdefault(mname, {})[name] = curve.detach().cpu()
@@ -224,14 +262,20 @@ class AttributionMonitor(ProbeCallback):
                             curve_x[mname] = cx.detach().cpu()
             self.last_scores[name] = scores
             if draw:
-                self._log_pictures(trainer, name, x, maps)
-            self.previous[name] = maps.cpu()
-        if draw:
-            for mname, by_method in curves.items():
-                img = viz.plot_curves(by_method, x=curve_x.get(mname), title=f"{mname} epoch {trainer.current_epoch}")
-                self.log_image(trainer, f"explain/curves/{mname}", img)
-            if self.last_scores:
-                self.log_text(trainer, "explain/ranking", self.ranking_table())
+                if self.log_histograms:
+                    self.log_histogram(trainer, f"maps/values/{name}", maps)
+                drawn[name] = maps[: self.max_images].detach().cpu()
+            if not phase_prefix(trainer):  # test maps do not become the reference of the next validation
+                self.previous[name] = maps.cpu()
+        if not draw:
+            return
+        if drawn and self.log_images:
+            self._log_pictures(trainer, model, x, y, target, drawn)
+        for mname, by_method in curves.items():
+            self._log_curves(trainer, mname, by_method, curve_x.get(mname))
+        if self.last_scores:
+            table, note = self.ranking_rows()
+            self.log_table(trainer, "faithfulness/ranking", table[0], table[1], note)
 
     def _report_dropped(self, metric: Any, mname: str, method: str, value: float) -> bool:
         """Warn once per (metric, method) when samples of the probe set got a NaN/Inf score and were left
@@ -282,60 +326,134 @@ class AttributionMonitor(ProbeCallback):
         self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float
     ) -> dict[str, float]:
         scores: dict[str, float] = {"seconds": seconds}
-        self.log_scalar(pl_module, f"explain/{name}/seconds", seconds)
+        self.log_scalar(pl_module, f"cost/seconds/{name}", seconds)
         sp = float(sparseness(maps).mean())
         scores["sparseness"] = sp
-        self.log_scalar(pl_module, f"explain/{name}/sparseness", sp)
+        self.log_scalar(pl_module, f"maps/sparseness/{name}", sp)
         info = getattr(method, "last_info", {}) or {}
         if "completeness_error" in info:
             ce = info["completeness_error"].detach()
             ce = ce[torch.isfinite(ce)]
             if ce.numel():
                 scores["completeness_error"] = float(ce.mean())
-                self.log_scalar(pl_module, f"explain/{name}/completeness_error", scores["completeness_error"])
+                self.log_scalar(pl_module, f"sanity/completeness_error/{name}", scores["completeness_error"])
         prev = self.previous.get(name)
-        if prev is not None and prev.shape == maps.shape:
+        # drift compares successive validation maps: inside trainer.test it would compare the same model
+        # (1.0) or other samples, so it is not logged there
+        if prev is not None and prev.shape == maps.shape and not phase_prefix(pl_module.trainer):
             drift = float(explanation_drift(prev.to(maps.device), maps).mean())
             scores["drift"] = drift
-            self.log_scalar(pl_module, f"explain/{name}/drift", drift)
+            self.log_scalar(pl_module, f"maps/drift/{name}", drift)
         return scores
 
-    def _log_pictures(self, trainer: pl.Trainer, name: str, x: Tensor, maps: Tensor) -> None:
-        if self.log_histograms:
-            self.log_histogram(trainer, f"explain/{name}/values", maps)
-        if not self.log_images:
+    def _log_pictures(
+        self, trainer: pl.Trainer, model: torch.nn.Module, x: Tensor, y: Tensor | None, target: Tensor | None,
+        drawn: dict[str, Tensor],
+    ) -> None:  # fmt: skip
+        """One figure of every method's maps (see the class docstring); a feature table for tabular maps."""
+        n = min(self.max_images, x.shape[0])
+        captions, wrong = self._captions(model, x[:n], y, target)
+        signed = {k: bool((m < 0).any()) for k, m in drawn.items()}
+        when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
+        title = f"attributions · {when} · step {global_step(trainer)}"
+        xs = x[:n].detach().float().cpu()
+        if x.ndim == 4 and all(m.ndim == 4 for m in drawn.values()):
+            maps = {k: viz.map_to_2d(m) for k, m in drawn.items()}
+            fig = viz.attribution_figure(xs, maps, signed, captions, wrong, title=title)
+        elif all(m.ndim == 2 for m in drawn.values()) and x.ndim == 2:
+            labels = [f"{i}: {c}" for i, c in enumerate(captions)] if captions else None
+            fig = viz.tabular_figure(drawn, self.feature_names, labels, signed, title=title)
+            for k, m in drawn.items():
+                self.log_table(trainer, f"maps/top_features/{k}", *self._top_features(m))
+        elif x.ndim == 3 and all(m.ndim == 3 for m in drawn.values()):
+            steps_last = reads_channels_first(model, x)  # (B, C, L): time last; (B, T, D): time second
+            seq = xs if steps_last else xs.transpose(1, 2)
+            maps = {k: (m if steps_last else m.transpose(1, 2)) for k, m in drawn.items()}
+            fig = viz.sequence_figure(seq, maps, signed, captions, wrong, self.feature_names, title=title)
+        else:  # maps of another shape than the input (e.g. a layer's): no common picture
             return
-        n = min(self.max_images, maps.shape[0])
-        signed = bool((maps < 0).any())
-        cmap = "diverging" if signed else "heat"
-        if maps.ndim == 4 and x.ndim == 4:
-            pic = viz.overlay(x[:n], viz.map_to_2d(maps[:n]), signed=signed)
-            self.log_image(trainer, f"explain/{name}/overlay", viz.make_grid(viz.upscale(pic)))
-        elif maps.ndim == 2:
-            cell = max(2, min(12, 480 // max(maps.shape[1], 1)))
-            self.log_image(trainer, f"explain/{name}/features", viz.matrix_image(maps[:n], cmap, cell=cell))
-            self.log_text(trainer, f"explain/{name}/top_features", self._top_features(maps))
-        elif maps.ndim == 3:
-            # (B,T,D) sequences or (B,C,L) signals: one time-by-feature heatmap per sample.
-            per = viz.colorize(maps[:n].transpose(1, 2), cmap, symmetric=signed)
-            self.log_image(trainer, f"explain/{name}/sequence", viz.make_grid(viz.upscale(per, 48), nrow=4))
+        self.log_image(trainer, "maps/attributions", fig)
 
-    def _top_features(self, maps: Tensor, k: int = 10) -> str:
+    def _captions(
+        self, model: torch.nn.Module, x: Tensor, y: Tensor | None, target: Tensor | None
+    ) -> tuple[list[str], list[bool]]:
+        """Per sample "true <label> · pred <class> (p)" from one no-grad forward pass, and whether it is wrong.
+
+        Classifiers (K > 1 outputs): softmax probability of the predicted class; one output with class
+        targets: sigmoid; regression (no target): the output value."""
+        with torch.no_grad():
+            out = model(x)
+        if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != x.shape[0]:
+            return [f"sample {i}" for i in range(x.shape[0])], [False] * x.shape[0]
+        out = out.detach().float().reshape(x.shape[0], -1).cpu()
+        labels = None if y is None else class_labels(y[: x.shape[0]].cpu())
+        captions, wrong = [], []
+        for i in range(x.shape[0]):
+            if out.shape[1] > 1:
+                p = torch.softmax(out[i], 0)
+                k = int(p.argmax())
+                pred, prob = k, float(p[k])
+            elif target is not None:
+                p1 = float(torch.sigmoid(out[i, 0]))
+                pred, prob = int(p1 > 0.5), max(p1, 1 - p1)
+            else:
+                truth = "" if y is None or y[i].numel() != 1 else f"y {float(y[i]):.3g} · "
+                captions.append(f"{truth}ŷ {float(out[i, 0]):.3g}")
+                wrong.append(False)
+                continue
+            truth = "" if labels is None else f"true {self._class_name(int(labels[i]))} · "
+            captions.append(f"{truth}pred {self._class_name(pred)} ({prob:.2f})")
+            wrong.append(labels is not None and int(labels[i]) != pred)
+        return captions, wrong
+
+    def _class_name(self, k: int) -> str:
+        names = self.class_names
+        return str(names[k]) if names is not None and 0 <= k < len(names) else str(k)
+
+    def _log_curves(self, trainer: pl.Trainer, mname: str, by_method: dict[str, Tensor], cx: Tensor | None) -> None:
+        """One line per method on shared axes (deletion / insertion curves), with each method's score."""
+        scores = {m: s[mname] for m, s in self.last_scores.items() if mname in s}
+        metric = next((v for (m, k), v in self._metrics.items() if k == mname), None)
+        output = getattr(metric, "output", "probability")
+        verb = "inserted" if "insertion" in mname else "deleted"
+        when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
+        hib = getattr(metric, "higher_is_better", None)
+        better = "" if hib is None else f" · {'higher' if hib else 'lower'} is better"
+        fig = viz.curves_figure(
+            by_method, x=cx, title=f"{mname} curve · {when}{better}",
+            xlabel=f"fraction of features {verb} (most relevant first)",
+            ylabel=f"target-class {output}" if isinstance(output, str) else "model output",
+            scores=scores, score_name="AUC" if mname in ("deletion", "insertion") else mname,
+        )  # fmt: skip
+        section = self._sections.get(mname, metric_section(mname))
+        if fig is not None:
+            self.log_image(trainer, f"{section}/{mname}_curve", fig)
+        else:  # no matplotlib: the curve's values as a table
+            length = min(c.numel() for c in by_method.values())
+            xs = cx.flatten().tolist() if cx is not None else [i / max(length - 1, 1) for i in range(length)]
+            rows = [[xs[i], *[float(c.flatten()[i]) for c in by_method.values()]] for i in range(length)]
+            self.log_table(trainer, f"{section}/{mname}_curve", ["fraction", *by_method], rows)
+
+    def _top_features(self, maps: Tensor, k: int = 10) -> tuple[list[str], list[list[Any]]]:
         mean_abs = maps.abs().mean(0)
         mean_signed = maps.mean(0)
         order = mean_abs.argsort(descending=True)[:k].tolist()
         names = self.feature_names or [f"x{i}" for i in range(maps.shape[1])]
         rows = [[i + 1, names[j] if j < len(names) else f"x{j}", float(mean_abs[j]), float(mean_signed[j])]
                 for i, j in enumerate(order)]  # fmt: skip
-        return markdown_table(["rank", "feature", "mean abs", "mean"], rows)
+        return ["rank", "feature", "mean abs", "mean"], rows
 
     def ranking_table(self) -> str:
         """Methods ranked by each score: a Markdown table (higher-is-better taken from the metric)."""
+        (headers, rows), note = self.ranking_rows()
+        return markdown_table(headers, rows) + ("\n\n" + note if note else "")
+
+    def ranking_rows(self) -> tuple[tuple[list[str], list[list[Any]]], str]:
+        """The ranking as (headers, rows) and a Markdown note naming the best method on each score."""
         columns = sorted({k for s in self.last_scores.values() for k in s})
         rows = []
         for name, s in self.last_scores.items():
             rows.append([name, *[s.get(c, float("nan")) for c in columns]])
-        table = markdown_table(["method", *columns], rows)
         best = []
         for c in columns:
             vals = {m: s[c] for m, s in self.last_scores.items() if c in s}
@@ -346,7 +464,7 @@ class AttributionMonitor(ProbeCallback):
                 continue
             pick = max(vals, key=vals.get) if hib else min(vals, key=vals.get)
             best.append(f"- best on **{c}** ({'higher' if hib else 'lower'} is better): `{pick}`")
-        return table + ("\n\n" + "\n".join(best) if best else "")
+        return (["method", *columns], rows), "\n".join(best)
 
     def _higher_is_better(self, score: str) -> bool | None:
         fixed = {"completeness_error": False, "drift": None, "sparseness": None}

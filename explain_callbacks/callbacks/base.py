@@ -682,12 +682,16 @@ class ProbeCallback(RankStateCallback, Callback):
     # ------------------------------------------------------------------ logging helpers
     @staticmethod
     def log_scalar(pl_module: pl.LightningModule, tag: str, value: float | Tensor, sync: bool = True) -> None:
-        value = torch.as_tensor(value, dtype=torch.float32, device=pl_module.device)
-        pl_module.log(tag, value, on_step=False, on_epoch=True, sync_dist=sync, add_dataloader_idx=False)
+        _logging.log_scalar(pl_module, tag, value, sync)
 
     @staticmethod
-    def log_image(trainer: pl.Trainer, tag: str, image: Tensor) -> None:
-        _logging.log_image(trainer, tag, image)
+    def log_image(trainer: pl.Trainer, tag: str, image: Any) -> None:
+        """A matplotlib Figure or a (3,H,W) image, to every logger that takes pictures (see ``_logging``)."""
+        _logging.log_figure(trainer, tag, image)
+
+    @staticmethod
+    def log_table(trainer: pl.Trainer, tag: str, headers: Any, rows: Any, note: str = "") -> None:
+        _logging.log_table(trainer, tag, headers, rows, note)
 
     @staticmethod
     def log_text(trainer: pl.Trainer, tag: str, text: str) -> None:

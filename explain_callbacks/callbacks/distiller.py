@@ -3,10 +3,11 @@
 During training batches the callback copies (a subsample of) the inputs, or the features of a named
 layer, into a bounded ring buffer; on monitored epochs it fits its students to the teacher's outputs
 on that buffer, and logs, per student, the fidelity to the teacher on validation data (agreement or
-R², ``explain/distill/<student>/fidelity``), the student's own accuracy or R² against the labels
-(``.../accuracy`` or ``.../r2``; accuracy needs one class index per sample, integer or integral float,
-shape (N,) or (N, 1), and is left out for multi-hot labels), its headline complexity (``.../nonzeros``, ``.../leaves``,
-``.../rules``, ...; all measures are in ``history`` and the text) and the student in readable form
+R², ``distillation/fidelity/<student>``), the student's own accuracy or R² against the labels
+(``distillation/accuracy/<student>`` or ``distillation/r2/<student>``; accuracy needs one class index
+per sample, integer or integral float, shape (N,) or (N, 1), and is left out for multi-hot labels), its
+headline complexity (``distillation/nonzeros/<student>``, ``.../leaves/...``, ``.../rules/...``; all
+measures are in ``history`` and the text) and the student in readable form
 (a table, tree or rule list as text; a coefficient image or the learned wavelet filters as an image).
 At the end of training the final students are exported with what is needed to load them
 (:func:`explain_callbacks.distill.load_student`).
@@ -720,19 +721,12 @@ class Distiller(RankStateCallback, Callback):
                 if not has_val:
                     scalars["train_fidelity"] = result["train_fidelity"]
                 for k, v in scalars.items():
-                    pl_module.log(
-                        f"explain/distill/{key}/{k}",
-                        torch.tensor(v, dtype=torch.float32, device=pl_module.device),
-                        on_step=False,
-                        on_epoch=True,
-                        sync_dist=True,
-                        add_dataloader_idx=False,
-                    )
+                    _logging.log_scalar(pl_module, f"distillation/{k}/{key}", v, True)
                 if self.log_students:
-                    _logging.log_text(trainer, f"explain/distill/{key}/student", student.describe())
+                    _logging.log_text(trainer, f"distillation/student/{key}", student.describe())
                     img = student.image()
                     if img is not None:
-                        _logging.log_image(trainer, f"explain/distill/{key}/image", img)
+                        _logging.log_figure(trainer, f"distillation/figure/{key}", img)
         self.history.append(record)
 
     # ------------------------------------------------------------------ export
@@ -766,7 +760,7 @@ class Distiller(RankStateCallback, Callback):
             self.exported[key] = str(path)
             lines.append(f"- {key}: `{path}`")
         if lines:
-            _logging.log_text(trainer, "explain/distill/exported", "Exported students:\n\n" + "\n".join(lines))
+            _logging.log_text(trainer, "distillation/exported", "Exported students:\n\n" + "\n".join(lines))
 
     def _export_one(self, trainer: pl.Trainer, folder: Path, key: str, student: Student, last: dict) -> Path:
         check_student_key(key)  # again: ``students`` is a public dict, a key may have been added after __init__

@@ -11,9 +11,10 @@ from torch import Tensor
 
 from .. import viz
 from .._internal.config import to_plain
-from ..interaction import ACD, Groups, InteractionMethod, build_interaction, draw_hierarchy, top_pairs
+from ..interaction import ACD, Groups, InteractionMethod, build_interaction, top_pairs
+from ..interaction.acd import hierarchy_levels
 from ..interaction.base import GroupSpec, pair_index
-from ._logging import markdown_table, tensorboard_writers
+from ._logging import markdown_table, media_loggers
 from .base import ProbeCallback, non_default_settings
 
 __all__ = ["InteractionMonitor"]
@@ -28,17 +29,21 @@ class InteractionMonitor(ProbeCallback):
     :class:`~explain_callbacks.interaction.InteractionMethod`), the (B, P, P) matrices of the probe
     set over the feature groups (features for tabular data, patches for images) give:
 
-    - scalars ``explain/<method>/seconds``, ``mean_abs`` (mean |off-diagonal score|), ``top_pair``
-      (|score| of the strongest aggregated pair), ``consistency`` (fraction of samples whose own
-      strongest pair is that pair);
-    - images ``explain/<method>/matrix`` (the probe-mean |score| matrix as a heatmap, then the signed
-      matrices of the first samples), and for image inputs ``explain/<method>/top_pairs`` (each
-      sample with its strongest pair of patches coloured);
-    - text ``explain/<method>/top_pairs``: the top-k pairs aggregated over the probe (mean |score|,
-      mean signed score, share of samples ranking the pair in their own top-k) and per sample.
+    - scalars ``interactions/<score>/<method>`` (one chart per score, a line per method):
+      ``mean_abs`` (mean |off-diagonal score|), ``top_pair`` (|score| of the strongest aggregated
+      pair), ``consistency`` (fraction of samples whose own strongest pair is that pair); and
+      ``cost/seconds/<method>``;
+    - figures ``interactions/matrix/<method>`` (the probe-mean |score| matrix, then the signed
+      matrices of the first samples on one shared scale centred at zero, groups named on the axes),
+      and for image inputs ``interactions/top_pairs/<method>`` (each sample with its strongest pair
+      of patches coloured);
+    - tables ``interactions/pairs/<method>`` (the top-k pairs aggregated over the probe: mean |score|,
+      mean signed score, share of samples ranking the pair in their own top-k) and
+      ``interactions/pairs_per_sample/<method>``.
 
     With ``acd`` on, ACD hierarchies (Singh et al. 2019) of the first ``acd_samples`` probe samples
-    are drawn as ``explain/acd/hierarchy`` (image and sequence inputs).
+    are drawn as ``interactions/acd_hierarchy/sample_<i>`` (image and sequence inputs). Inside
+    ``trainer.test`` every tag starts with ``test/``.
 
     Args:
         methods: interaction methods (names, ``{"name": ..., **kwargs}`` mappings or instances).
@@ -117,7 +122,7 @@ class InteractionMonitor(ProbeCallback):
         self.last_scores = {}
         # text and pictures only where a TensorBoard writer takes them (rank zero): ACD hierarchies and the
         # pictures were computed for nothing under CSVLogger or logger=False
-        draw = bool(tensorboard_writers(trainer))
+        draw = bool(media_loggers(trainer))
         for name, method in self.methods.items():
 
             def run(method: InteractionMethod = method) -> Tensor:
@@ -134,11 +139,13 @@ class InteractionMonitor(ProbeCallback):
             summary = self.summarise(scores, groups)
             summary["seconds"] = seconds
             self.last_scores[name] = summary
-            self.log_scalar(pl_module, f"explain/{name}/seconds", seconds)
+            self.log_scalar(pl_module, f"cost/seconds/{name}", seconds)
             for key in ("mean_abs", "top_pair", "consistency"):
-                self.log_scalar(pl_module, f"explain/{name}/{key}", summary[key])
+                self.log_scalar(pl_module, f"interactions/{key}/{name}", summary[key])
             if draw:
-                self.log_text(trainer, f"explain/{name}/top_pairs", self.pair_table(summary, groups))
+                (h1, r1), (h2, r2) = self.pair_rows(summary, groups)
+                self.log_table(trainer, f"interactions/pairs/{name}", h1, r1)
+                self.log_table(trainer, f"interactions/pairs_per_sample/{name}", h2, r2)
                 if self.log_images:
                     self._log_pictures(trainer, name, x, scores, summary, groups)
         if self.acd_kwargs is not None and draw and self.log_images and x.ndim in (3, 4):
@@ -178,28 +185,38 @@ class InteractionMonitor(ProbeCallback):
         return groups.label(p)
 
     def pair_table(self, summary: dict[str, Any], groups: Groups, max_samples: int = 8) -> str:
+        """The aggregated and the per-sample top pairs as Markdown tables."""
+        (h1, r1), (h2, r2) = self.pair_rows(summary, groups, max_samples)
+        return markdown_table(h1, r1) + "\n\n" + markdown_table(h2, r2)
+
+    def pair_rows(
+        self, summary: dict[str, Any], groups: Groups, max_samples: int = 8
+    ) -> tuple[tuple[list[str], list[Any]], tuple[list[str], list[Any]]]:
+        """(headers, rows) of the aggregated top pairs and of each sample's top pairs."""
         rows = [
             (r + 1, f"{self._label(groups, pi)} × {self._label(groups, pj)}", a, s, share)
             for r, (pi, pj, a, s, share) in enumerate(summary["pairs"])
         ]
-        text = markdown_table(["rank", "pair", "mean abs", "mean signed", "share in top-k"], rows)
         per = [
             (s, ", ".join(f"{self._label(groups, a)}×{self._label(groups, c)} ({v:.3g})" for a, c, v in pairs))
             for s, pairs in enumerate(summary["per_sample"][:max_samples])
         ]
-        return text + "\n\n" + markdown_table(["sample", f"top {self.top_k} pairs"], per)
+        return (["rank", "pair", "mean abs", "mean signed", "share in top-k"], rows), (
+            ["sample", f"top {self.top_k} pairs"], per
+        )
 
     def _log_pictures(
         self, trainer: pl.Trainer, name: str, x: Tensor, scores: Tensor, summary: dict[str, Any], groups: Groups
     ) -> None:
         p = scores.shape[-1]
-        cell = max(2, min(16, 160 // max(p, 1)))
-        panels = [viz.label_image(viz.matrix_image(summary["matrix"], "heat", cell=cell), "mean |score|")]
+        panels = [("mean |score| over the probe", summary["matrix"], False)]
         for s in range(min(self.max_matrices, scores.shape[0])):
             m = scores[s].detach().cpu().clone()
             m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
-            panels.append(viz.label_image(viz.matrix_image(m, "diverging", cell=cell), f"sample {s}"))
-        self.log_image(trainer, f"explain/{name}/matrix", _grid(panels))
+            panels.append((f"sample {s} (signed)", m, True))
+        labels = [self._label(groups, i) for i in range(p)]
+        fig = viz.matrix_figure(panels, labels, title=f"{name} interactions", axis_label="feature group")
+        self.log_image(trainer, f"interactions/matrix/{name}", fig)
         if x.ndim == 4 and groups.masks.ndim == 4:
             n = min(self.max_matrices * 2, x.shape[0])
             onehot = torch.zeros(n, 2, p)
@@ -214,7 +231,12 @@ class InteractionMonitor(ProbeCallback):
             blue = torch.tensor([0.1, 0.35, 0.9]).view(1, 3, 1, 1)
             pic = base * 0.5 + 0.5 * (first.unsqueeze(1) * red + second.unsqueeze(1) * blue)
             pic = torch.where((first + second).unsqueeze(1) > 0, pic, base * 0.6)
-            self.log_image(trainer, f"explain/{name}/top_pairs", viz.make_grid(viz.upscale(pic.clamp(0, 1))))
+            firsts = [summary["per_sample"][s][0] for s in range(n)]
+            titles = [f"{self._label(groups, a)} × {self._label(groups, c)}" for a, c, _ in firsts]
+            fig = viz.tiles_figure(
+                list(pic.clamp(0, 1)), titles, title=f"{name}: strongest pair per sample (red × blue)"
+            )
+            self.log_image(trainer, f"interactions/top_pairs/{name}", fig)
 
     def _log_acd(self, trainer: pl.Trainer, model: torch.nn.Module, x: Tensor, target: Tensor | None) -> None:
         try:
@@ -229,18 +251,8 @@ class InteractionMonitor(ProbeCallback):
                 ("acd", type(err).__name__, str(err)), f"InteractionMonitor: ACD skipped: {type(err).__name__}: {err}."
             )
             return
-        pics = [
-            viz.label_image(draw_hierarchy(h, x[s].detach().cpu() if x.ndim == 4 else None), f"sample {s}")
-            for s, h in enumerate(hierarchies)
-        ]
-        self.log_image(trainer, "explain/acd/hierarchy", _grid(pics, nrow=1))
+        for s, h in enumerate(hierarchies):
+            image = x[s].detach().cpu() if x.ndim == 4 else None
+            fig = viz.hierarchy_figure(hierarchy_levels(h), image, title=f"ACD hierarchy, sample {s}")
+            self.log_image(trainer, f"interactions/acd_hierarchy/sample_{s}", fig)
 
-
-def _grid(panels: list[Tensor], nrow: int = 5) -> Tensor:
-    """Pad panels of different sizes to a common size and tile them."""
-    hmax = max(p.shape[1] for p in panels)
-    wmax = max(p.shape[2] for p in panels)
-    out = torch.ones(len(panels), 3, hmax, wmax)
-    for i, p in enumerate(panels):
-        out[i, :, : p.shape[1], : p.shape[2]] = p
-    return viz.make_grid(out, nrow=nrow)

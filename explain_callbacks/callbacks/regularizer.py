@@ -8,9 +8,9 @@ runs inside the precision plugin's autocast and inside DDP's forward, its parame
 scaled, accumulated and all-reduced with the task loss's, and the model is in train mode as for
 the task forward (the penalty is part of training).
 
-Several regularizers share one wrapper (each adds its term and logs ``train/penalty/<name>``;
-``train/task_loss`` is logged once). Penalties with λ = 0 are not computed at all, so λ = 0 trains
-bit-identically to no regularizer.
+Several regularizers share one wrapper (each adds its term and logs ``regularizers/penalty/<name>``;
+``regularizers/task_loss`` is logged once; ``regularizers/weight/<name>`` during a warm-up). Penalties
+with λ = 0 are not computed at all, so λ = 0 trains bit-identically to no regularizer.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.outputs import OutputSpec, output_adapter
 from ..regularize.penalties import Penalty, build_penalty
+from . import _logging
 from .base import class_indices, eager_forward, uncompiled
 
 __all__ = ["AttributionRegularizer"]
@@ -61,7 +62,7 @@ class AttributionRegularizer(Callback):
             (tuple index, key, or a function of the output; ``.logits`` is found without it), for the
             gradient penalties (RRR, EG priors, ``attribution``); CDEP traces the network and needs
             one that returns the scores (``model_attr``).
-        name: the log name (``train/penalty/<name>``; default the penalty's name).
+        name: the log name (``regularizers/penalty/<name>``; default the penalty's name).
         sync_dist: passed to ``pl_module.log`` (off by default: a collective per step costs time;
             the epoch means are then those of rank zero).
 
@@ -293,8 +294,8 @@ def _regularized_step(
     if regs:
         first = regs[0]
         bsz = _batch_size(first, batch)
-        pl_module.log(
-            "train/task_loss", loss.detach(), on_step=True, on_epoch=True, batch_size=bsz, sync_dist=first.sync_dist
+        _logging.log_scalar(
+            pl_module, "regularizers/task_loss", loss, first.sync_dist, on_step=True, on_epoch=True, batch_size=bsz
         )
     for reg in list(regs):
         lam = reg.current_weight(trainer, int(batch_idx))
@@ -302,16 +303,14 @@ def _regularized_step(
             continue
         r, bsz = reg.compute(pl_module, batch)
         total = total + lam * r
-        pl_module.log(
-            f"train/penalty/{reg.name}",
-            r.detach(),
-            on_step=True,
-            on_epoch=True,
-            batch_size=bsz,
-            sync_dist=reg.sync_dist,
+        _logging.log_scalar(
+            pl_module, f"regularizers/penalty/{reg.name}", r, reg.sync_dist, on_step=True, on_epoch=True, batch_size=bsz
         )
         if reg.warmup_steps or reg.warmup_epochs:
-            pl_module.log(f"train/penalty_weight/{reg.name}", float(lam), on_step=True, on_epoch=False, batch_size=bsz)
+            _logging.log_scalar(
+                pl_module, f"regularizers/weight/{reg.name}", float(lam), False, on_step=True, on_epoch=False,
+                batch_size=bsz,
+            )  # fmt: skip
     if isinstance(out, Tensor):
         return total
     return {**out, "loss": total}

@@ -35,10 +35,10 @@ class SaliencyMasker(ProbeCallback):
     hinges, a class selector that sometimes asks for a wrong class). The masker's own randomness (the
     selector, noise alternatives) comes from a seeded generator kept in the checkpoint.
 
-    On due validation epochs it logs, for the probe set: overlays of the masks
-    (``explain/masker/maps``), the Dabkowski & Gal saliency metric ``explain/masker/saliency_metric``
-    (lower is better), the mean mask area ``explain/masker/area``; and, every epoch, the masker's
-    training losses ``explain/masker/train_<part>``.
+    On due validation epochs it logs, for the probe set: a figure of the inputs and their masks
+    (``masker/maps``), the Dabkowski & Gal saliency metric ``faithfulness/saliency_metric/masker``
+    (lower is better), the mean mask area ``maps/area/masker``; and, every epoch, the masker's
+    training losses ``masker/train_loss/<part>``.
 
     Args:
         masker: a network ``(x, target) -> (B,1,H,W)`` mask; default a :class:`MaskingNetwork` of
@@ -237,7 +237,7 @@ class SaliencyMasker(ProbeCallback):
                         t.copy_(trainer.strategy.reduce(t.clone(), reduce_op="mean"))
         if self._count:
             for k, v in self._sums.items():
-                self.log_scalar(pl_module, f"explain/masker/train_{k}", v / self._count, sync=False)
+                self.log_scalar(pl_module, f"masker/train_loss/{k}", v / self._count, sync=False)
         self._sums, self._count = {}, 0
 
     # ------------------------------------------------------------------ explaining
@@ -266,9 +266,13 @@ class SaliencyMasker(ProbeCallback):
         model = self.model(pl_module)
         masks = self.saliency()(model, x, target)
         metric = dabkowski_saliency(model, x, masks, target, batch_size=self.batch_size)
-        self.log_scalar(pl_module, "explain/masker/saliency_metric", metric.mean())
-        self.log_scalar(pl_module, "explain/masker/area", masks.mean())
+        self.log_scalar(pl_module, "faithfulness/saliency_metric/masker", metric.mean())
+        self.log_scalar(pl_module, "maps/area/masker", masks.mean())
         if self.log_images and trainer.is_global_zero:
             n = min(self.max_images, x.shape[0])
-            grid = viz.make_grid(viz.upscale(viz.overlay(x[:n], masks[:n, 0], signed=False)))
-            self.log_image(trainer, "explain/masker/maps", grid)
+            captions = [f"saliency metric {float(v):.3g}" for v in metric[:n]]
+            fig = viz.attribution_figure(
+                x[:n].detach().cpu(), {"masker": masks[:n, 0].detach().cpu()}, {"masker": False}, captions,
+                title=f"real-time saliency masks · epoch {trainer.current_epoch}",
+            )  # fmt: skip
+            self.log_image(trainer, "masker/maps", fig)

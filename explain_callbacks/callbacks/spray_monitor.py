@@ -21,7 +21,7 @@ from .. import viz
 from ..analysis.spray import SpectralClusters, spray
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
-from ._logging import markdown_table, tensorboard_writers
+from ._logging import media_loggers
 from .base import ProbeCallback, class_indices
 
 __all__ = ["SpRAyMonitor"]
@@ -39,8 +39,9 @@ class SpRAyMonitor(ProbeCallback):
         size, k, n_eigen, max_clusters: passed to :func:`~explain_callbacks.analysis.spray`.
         **kwargs: :class:`ProbeCallback` arguments (``every_n_epochs`` defaults to 5).
 
-    Logs ``explain/spray/<class>/strategies`` (eigengap's count) and ``.../largest_share`` (share of
-    the class in its largest cluster), an image of the cluster means per class and a table.
+    Logs ``concepts/strategies/class_<c>`` (eigengap's count) and ``concepts/largest_share/class_<c>``
+    (share of the class in its largest cluster), a figure of the cluster means per class
+    (``concepts/cluster_means/class_<c>``) and the table ``concepts/spray/<method>``.
     Under DDP the maps of all ranks are gathered and every rank computes the same clusters.
     """
 
@@ -125,6 +126,7 @@ class SpRAyMonitor(ProbeCallback):
                 "min_per_class.",
             )
             return
+        skipped: list[tuple[int, Exception]] = []
         for c in classes.tolist():
             sel = groups == c
             if int(sel.sum()) < self.min_per_class:
@@ -134,25 +136,32 @@ class SpRAyMonitor(ProbeCallback):
             except Exception as err:  # one class's degenerate maps must not hide the others
                 if self.strict:
                     raise
-                self.warn_failure(
-                    ("class", str(c), type(err).__name__, str(err)),
-                    f"SpRAyMonitor: class {c} skipped: {type(err).__name__}: {err}.",
-                )
+                skipped.append((int(c), err))
                 continue
             self.last_result[int(c)] = res
             share = float(res.sizes[0]) / float(res.sizes.sum())
-            self.log_scalar(pl_module, f"explain/spray/{c}/strategies", res.eigengap_clusters, sync=False)
-            self.log_scalar(pl_module, f"explain/spray/{c}/largest_share", share, sync=False)
+            self.log_scalar(pl_module, f"concepts/strategies/class_{c}", res.eigengap_clusters, sync=False)
+            self.log_scalar(pl_module, f"concepts/largest_share/class_{c}", share, sync=False)
             gaps = ", ".join(f"{v:.3f}" for v in res.eigenvalues[: res.n_clusters + 2].tolist())
             rows.append((c, res.eigengap_clusters, " / ".join(str(int(s)) for s in res.sizes), gaps))
+        if skipped:  # one warning for all skipped classes (was one per class: ten on digits)
+            kinds = sorted({f"{type(e).__name__}: {str(e).rstrip('.')}" for _, e in skipped})
+            self.warn_failure(
+                ("classes", *kinds),
+                f"SpRAyMonitor: classes {[c for c, _ in skipped]} skipped: " + "; ".join(kinds) + ".",
+            )
         if not trainer.is_global_zero or not self.last_result:
             return
-        self.log_text(
-            trainer, f"explain/spray/{self.method_name}",
-            markdown_table(["class", "strategies (eigengap)", "cluster sizes", "smallest eigenvalues"], rows),
+        self.log_table(
+            trainer, f"concepts/spray/{self.method_name}",
+            ["class", "strategies (eigengap)", "cluster sizes", "smallest eigenvalues"], rows,
         )  # fmt: skip
-        if tensorboard_writers(trainer) and next(iter(self.last_result.values())).means.ndim == 3:
+        if media_loggers(trainer) and next(iter(self.last_result.values())).means.ndim == 3:
             for c, res in self.last_result.items():
-                tiles = viz.upscale(viz.colorize(res.means), 48)
-                labelled = [viz.label_image(t, f"{int(n)}") for t, n in zip(tiles, res.sizes)]
-                self.log_image(trainer, f"explain/spray/{c}/cluster_means", viz.make_grid(torch.stack(labelled)))
+                total = int(res.sizes.sum())
+                titles = [f"cluster {i}: {int(n)} of {total}" for i, n in enumerate(res.sizes)]
+                fig = viz.tiles_figure(
+                    list(res.means), titles, title=f"SpRAy ({self.method_name}): mean map per cluster, class {c}",
+                    colorbar_label="mean attribution",
+                )  # fmt: skip
+                self.log_image(trainer, f"concepts/cluster_means/class_{c}", fig)

@@ -144,12 +144,14 @@ class AttributionLinearStudent(Student):
         """Mean |attribution| as an image for image-shaped inputs, with the chosen pixels outlined."""
         if self.importance_ is None or self.input_shape_ is None or len(self.input_shape_) < 2:
             return None
-        from ..viz import colorize
+        from ..viz import figure_to_tensor, is_figure, tiles_figure
 
         m = self.importance_.float().reshape(self.input_shape_)
         if m.ndim == 3:
             m = m.sum(0)
-        return colorize(m.unsqueeze(0), "heat", symmetric=False)[0]
+        fig = tiles_figure([m], ["mean |attribution|"], signed=False, title="AttributionLinearStudent",
+                           colorbar_label="mean |attribution|")  # fmt: skip
+        return figure_to_tensor(fig) if is_figure(fig) else fig
 
     def get_state(self) -> dict[str, Any]:
         assert self.inner_ is not None

@@ -316,17 +316,19 @@ class AWDStudent(Student):
         )
 
     def image(self) -> Tensor | None:
-        """The learned filters h and g (and the initial h) as a line plot."""
+        """The learned filters h and g (and the initial h) as a line plot (None without matplotlib)."""
         if self.transform_ is None:
             return None
-        from ..viz import plot_curves
+        from ..viz import curves_figure, figure_to_tensor
         from .wavelets import daubechies
 
         h = self.transform_.h.detach()
         curves = {"h (learned)": h, "g (learned)": low_to_high(h)}
         if isinstance(self.wavelet, str):
             curves[f"h ({self.wavelet})"] = daubechies(self.wavelet)
-        return plot_curves(curves, title="AWD wavelet filters")
+        x = torch.arange(h.numel(), dtype=torch.float32)
+        fig = curves_figure(curves, x=x, title="AWD wavelet filters", xlabel="tap k", ylabel="filter coefficient")
+        return None if fig is None else figure_to_tensor(fig)
 
     def get_state(self) -> dict[str, Any]:
         assert self.transform_ is not None and self.head_ is not None

@@ -523,15 +523,18 @@ class _L1Student(Student):
         return head + "\n\n" + markdown_table(heads, rows)
 
     def image(self) -> Tensor | None:
-        """Coefficient image(s) for image-shaped inputs (C, H, W) or (H, W); None for tabular inputs."""
+        """Coefficient image(s) for image-shaped inputs (C, H, W) or (H, W), one per output on one colour scale
+        centred at zero (titled and with a colour bar when matplotlib is installed); None for tabular inputs."""
         if self.coef_ is None or self.input_shape_ is None or len(self.input_shape_) < 2:
             return None
-        from ..viz import colorize, make_grid
+        from ..viz import figure_to_tensor, is_figure, tiles_figure
 
         maps = self.coef_.T.float().reshape(-1, *self.input_shape_)
         if maps.ndim == 4:
             maps = maps.sum(1)  # sum channels
-        return make_grid(colorize(maps, "diverging"), nrow=min(maps.shape[0], 5))
+        fig = tiles_figure(list(maps), self._output_names(), signed=True, ncols=5,
+                           title=f"{type(self).__name__} weights", colorbar_label="weight")  # fmt: skip
+        return figure_to_tensor(fig) if is_figure(fig) else fig
 
     def get_state(self) -> dict[str, Any]:
         return {"coef": self.coef_, "intercept": self.intercept_, "lambda": self.lambda_, "classes": self.classes_}

@@ -32,7 +32,7 @@ from .._internal.batching import BatchSize
 from .._internal.layout import check_channels_first, reads_channels_first
 from .cd import cd_scores
 
-__all__ = ["ACD", "ACDHierarchy", "draw_hierarchy"]
+__all__ = ["ACD", "ACDHierarchy", "draw_hierarchy", "hierarchy_levels"]
 
 
 @dataclass
@@ -302,23 +302,31 @@ class ACD:
         return labels, out
 
 
-def draw_hierarchy(h: ACDHierarchy, image: Tensor | None = None, max_levels: int = 8, min_size: int = 64) -> Tensor:
-    """Draw an ACD hierarchy: one panel per level (evenly sampled if more than ``max_levels``),
-    components coloured over the (grayscale) input, labelled with the level and its component count.
-    Returns a (3, H, W) image in [0, 1]."""
-    from ..viz import class_colors, label_image, make_grid, to_rgb, upscale
-
+def hierarchy_levels(h: ACDHierarchy, max_levels: int = 8) -> list[tuple[Tensor, str]]:
+    """The levels of an ACD hierarchy to draw (evenly sampled if more than ``max_levels``): each a label map
+    over the input (0 = not selected, k = component k) and its title "level i: k components"."""
     n_levels = len(h.levels)
     pick = list(range(n_levels))
     if n_levels > max_levels:
         pick = sorted({round(i * (n_levels - 1) / (max_levels - 1)) for i in range(max_levels)})
-    max_id = max(int(lv.max()) for lv in h.levels) if h.levels else 0
-    colors = torch.cat([torch.ones(1, 3), class_colors(max(max_id, 1))])
-    panels = []
+    out = []
     for li in pick:
         lab = h.upsample(h.levels[li])
-        if lab.ndim == 1:
-            lab = lab.view(1, -1)
+        out.append((lab.view(1, -1) if lab.ndim == 1 else lab, f"level {li}: {len(h.level_scores[li])} components"))
+    return out
+
+
+def draw_hierarchy(h: ACDHierarchy, image: Tensor | None = None, max_levels: int = 8, min_size: int = 64) -> Tensor:
+    """Draw an ACD hierarchy as a plain (3, H, W) image in [0, 1]: one panel per level (evenly sampled if more
+    than ``max_levels``), components coloured over the (grayscale) input, panels in level order. For a
+    labelled figure use :func:`explain_callbacks.viz.hierarchy_figure` with :func:`hierarchy_levels`."""
+    from ..viz import class_colors, make_grid, to_rgb, upscale
+
+    levels = hierarchy_levels(h, max_levels)
+    max_id = max((int(lab.max()) for lab, _ in levels), default=0)
+    colors = torch.cat([torch.ones(1, 3), class_colors(max(max_id, 1))])
+    panels = []
+    for lab, _ in levels:
         rgb = colors[lab].permute(2, 0, 1)  # (3, H, W)
         if image is not None and image.ndim == 3 and len(h.grid) == 2:
             gray = to_rgb(image.unsqueeze(0))[0].mean(0, keepdim=True).expand(3, -1, -1)
@@ -326,9 +334,7 @@ def draw_hierarchy(h: ACDHierarchy, image: Tensor | None = None, max_levels: int
             rgb = torch.where(sel, 0.55 * rgb + 0.45 * gray, 0.35 * gray + 0.65)
         if rgb.shape[1] < 8:
             rgb = rgb.repeat_interleave(math.ceil(8 / rgb.shape[1]), dim=1)
-        rgb = upscale(rgb.unsqueeze(0), min_size)[0]
-        n_comp = len(h.level_scores[li])
-        panels.append(label_image(rgb, f"L{li} k={n_comp}"))
+        panels.append(upscale(rgb.unsqueeze(0), min_size)[0])
     if not panels:
         return torch.ones(3, 8, 8)
     hmax = max(p.shape[1] for p in panels)

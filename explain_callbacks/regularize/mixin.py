@@ -36,7 +36,7 @@ class RegularizerMixin:
     """Adds :meth:`add_penalty` and :meth:`penalized_loss` to a LightningModule.
 
     Penalties are kept in an ordinary dict (not a ModuleDict: they hold no parameters). Each
-    penalty's value is logged as ``train/penalty/<name>`` and the task loss as ``train/task_loss``.
+    penalty's value is logged as ``regularizers/penalty/<name>`` and the task loss as ``regularizers/task_loss``.
     """
 
     def add_penalty(
@@ -87,7 +87,8 @@ class RegularizerMixin:
         total = task_loss
         do_log = log and hasattr(self, "log") and getattr(self, "_trainer", None) is not None
         if do_log:
-            self.log("train/task_loss", task_loss.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])
+            n = inputs.shape[0]
+            self.log("regularizers/task_loss", task_loss.detach(), on_step=True, on_epoch=True, batch_size=n)
         step = _draw_step(getattr(self, "_trainer", None))
         for key, (pen, weight, attr) in self.__dict__.get("_explain_penalties", {}).items():
             if weight == 0:
@@ -100,7 +101,8 @@ class RegularizerMixin:
                     r = pen(called, inputs, targets, mask)
             total = total + weight * r
             if do_log:
-                self.log(f"train/penalty/{key}", r.detach(), on_step=True, on_epoch=True, batch_size=inputs.shape[0])
+                n = inputs.shape[0]
+                self.log(f"regularizers/penalty/{key}", r.detach(), on_step=True, on_epoch=True, batch_size=n)
         return total
 
 

@@ -35,7 +35,7 @@ class Penalty(ABC):
     """Base class: ``R(model, inputs, targets, mask)``, a scalar differentiable in the parameters.
 
     Attributes:
-        name: the short name used in logs (``train/penalty/<name>``).
+        name: the short name used in logs (``regularizers/penalty/<name>``).
         needs_mask: whether a mask of the penalised features is required.
         needs_targets: whether class targets (labels) are required.
     """

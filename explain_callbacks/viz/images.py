@@ -1,4 +1,5 @@
-"""Turning tensors into images: overlays, grids, line plots and matrices (CHW float in [0, 1])."""
+"""Turning tensors into plain images without labels (CHW float in [0, 1]): the fallback when matplotlib is
+missing, and the pixels that labelled figures are made of."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .colormaps import apply_cmap, colorize
-from .font import draw_text
+from .colormaps import colorize
 
-__all__ = ["label_image", "make_grid", "map_to_2d", "matrix_image", "overlay", "plot_curves", "to_rgb"]
+__all__ = ["class_colors", "make_grid", "map_to_2d", "matrix_image", "overlay", "to_rgb", "upscale"]
 
 
 def to_rgb(images: Tensor) -> Tensor:
@@ -99,60 +99,6 @@ _PALETTE = torch.tensor(
 )
 
 
-def _draw_line(img: Tensor, x0: float, y0: float, x1: float, y1: float, color: Tensor, width: int = 2) -> None:
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) * 2 + 2
-    t = torch.linspace(0, 1, n)
-    xs = (x0 + (x1 - x0) * t).round().long()
-    ys = (y0 + (y1 - y0) * t).round().long()
-    h, w = img.shape[1:]
-    for dx in range(-(width // 2), width - width // 2):
-        for dy in range(-(width // 2), width - width // 2):
-            xx = (xs + dx).clamp(0, w - 1)
-            yy = (ys + dy).clamp(0, h - 1)
-            img[:, yy, xx] = color.view(3, 1)
-
-
-def plot_curves(
-    curves: dict[str, Tensor],
-    x: Tensor | None = None,
-    title: str | None = None,
-    height: int = 240,
-    width: int = 320,
-    ylim: tuple[float, float] | None = None,
-) -> Tensor:
-    """A line plot (3,H,W) of named curves on shared axes, with a legend and axis range labels."""
-    img = torch.ones(3, height, width)
-    if not curves:
-        return img
-    left, right, top, bottom = 40, 10, 22 if title else 10, 22
-    ys = [c.detach().float().cpu().flatten() for c in curves.values()]
-    lo = min(float(y.min()) for y in ys) if ylim is None else ylim[0]
-    hi = max(float(y.max()) for y in ys) if ylim is None else ylim[1]
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    pw, ph = width - left - right, height - top - bottom
-    axis = torch.tensor([0.2, 0.2, 0.2])
-    _draw_line(img, left, top + ph, left + pw, top + ph, axis, 1)
-    _draw_line(img, left, top, left, top + ph, axis, 1)
-    for i, (name, y) in enumerate(zip(curves, ys)):
-        xv = torch.linspace(0, 1, y.numel()) if x is None else x.detach().float().cpu().flatten()
-        xmin, xmax = float(xv.min()), float(xv.max())
-        px = left + (xv - xmin) / max(xmax - xmin, 1e-12) * pw
-        py = top + ph - (y - lo) / (hi - lo) * ph
-        color = _PALETTE[i % len(_PALETTE)]
-        for j in range(y.numel() - 1):
-            _draw_line(img, float(px[j]), float(py[j]), float(px[j + 1]), float(py[j + 1]), color)
-        draw_text(img, name[:24], left + 6, top + 4 + 10 * i, color)
-    draw_text(img, f"{hi:.3g}", 2, top, axis)
-    draw_text(img, f"{lo:.3g}", 2, top + ph - 7, axis)
-    if x is not None:
-        draw_text(img, f"{float(x.min()):.3g}", left, top + ph + 6, axis)
-        draw_text(img, f"{float(x.max()):.3g}", left + pw - 30, top + ph + 6, axis)
-    if title:
-        draw_text(img, title[:48], left, 6, axis)
-    return img
-
-
 def matrix_image(mat: Tensor, cmap: str = "heat", cell: int = 8, symmetric: bool | None = None) -> Tensor:
     """A (R,C) matrix as a (3, R*cell, C*cell) heatmap; diverging colours centre zero."""
     m = mat.detach().float().cpu()
@@ -163,18 +109,8 @@ def matrix_image(mat: Tensor, cmap: str = "heat", cell: int = 8, symmetric: bool
     return F.interpolate(rgb.unsqueeze(0), scale_factor=cell, mode="nearest")[0]
 
 
-def label_image(image: Tensor, text: str, color: tuple[float, float, float] = (0.1, 0.1, 0.1)) -> Tensor:
-    """Add a white band with ``text`` above a (3,H,W) image."""
-    band = torch.ones(3, 12, image.shape[-1])
-    draw_text(band, text, 2, 2, torch.tensor(color))
-    return torch.cat([band, image], dim=1)
-
-
 def class_colors(n: int) -> Tensor:
     """n distinct RGB colours (repeating the 10-colour palette, darkened on each cycle)."""
     idx = torch.arange(n)
     return _PALETTE[idx % len(_PALETTE)] * (0.85 ** (idx // len(_PALETTE))).unsqueeze(1)
 
-
-def values_to_rgb(values: Tensor, cmap: str = "heat") -> Tensor:
-    return apply_cmap(values, cmap)

@@ -61,12 +61,12 @@ def main(out_dir: str) -> None:
     )  # fmt: skip
     m = lit()
     tr.fit(m, train, val)
-    ce = tr.callback_metrics["explain/ig/sparseness"]
+    ce = tr.callback_metrics["maps/sparseness/ig"]
     # every rank sees the same reduced scalar, and a probe of its own shard
     gathered = tr.strategy.all_gather(ce.reshape(1))
     assert torch.allclose(gathered, gathered[0]), gathered
     probes = tr.strategy.all_gather(mon.probe_x[:1])
-    assert "flaky" not in mon.last_scores and "explain/flaky/seconds" not in tr.callback_metrics
+    assert "flaky" not in mon.last_scores and "cost/seconds/flaky" not in tr.callback_metrics
     assert "deletion" in mon.last_scores["ig"]
     assert "integrated_hessians" in inter.last_scores and "flaky_ih" not in inter.last_scores
     assert broken.last_scores == {}  # skipped on every rank, no hang
