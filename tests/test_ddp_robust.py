@@ -58,10 +58,10 @@ def test_failures_on_rank_one_alone_do_not_hang_and_are_named(tmp_path):
     assert has(w0, "method 'flaky'", "rank 1 failed: failed: RuntimeError: only rank 1 fails"), w0
     assert has(w0, "student 'flaky'", "rank 1 failed: RuntimeError: the student ran out of memory on rank 1"), w0
     for m in (m0, m1):  # what worked on every rank is logged on every rank; the rest on none
-        assert "explain/input_x_gradient/sparseness" in m["metrics"] and "explain/flaky/seconds" not in m["metrics"]
-        assert "explain/saliency/sparseness" not in m["metrics"] and "explain/ig/sparseness" not in m["metrics"]
-        assert "explain/distill/tree/fidelity" in m["metrics"]
-        assert not any(k.startswith("explain/distill/flaky/") for k in m["metrics"])
+        assert "maps/sparseness/input_x_gradient" in m["metrics"] and "cost/seconds/flaky" not in m["metrics"]
+        assert "maps/sparseness/saliency" not in m["metrics"] and "maps/sparseness/ig" not in m["metrics"]
+        assert "distillation/fidelity/tree" in m["metrics"]
+        assert not any(k.startswith("distillation/") and k.endswith("/flaky") for k in m["metrics"])
     assert m0["exported"] == ["tree"] and m1["exported"] == []  # the failed student is not exported
 
 

@@ -77,7 +77,7 @@ def main(out_dir: str) -> None:
         tr.fit(lit(), train, val)
     messages = [str(w.message) for w in record]
     Path(out_dir, f"warnings_{tr.global_rank}.json").write_text(json.dumps(messages, indent=1))
-    metrics = sorted(k for k in tr.callback_metrics if k.startswith("explain/"))
+    metrics = sorted(str(k) for k in tr.callback_metrics)
     Path(out_dir, f"metrics_{tr.global_rank}.json").write_text(
         json.dumps({"metrics": metrics, "exported": sorted(dist.exported), "epoch": tr.current_epoch})
     )
