@@ -190,4 +190,6 @@ def test_self_influence_finds_flipped_digits():
         checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
         lrs.append(0.1)
     scores = self_influence(checkpoints, x, y, lrs=lrs, model=model, layers="last", batch_size=512)
-    assert _auc(scores, flipped) >= 0.9
+    auc = _auc(scores, flipped)
+    print(f"functional AUC {auc:.3f}")
+    assert auc >= 0.9, auc
