@@ -159,3 +159,25 @@ def test_untrained_layers_fail_clearly(tmp_path):
     train, val = image_loaders()
     with pytest.raises(ValueError, match="is trained by an optimizer"):
         trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(frozen, train, val)
+
+
+def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    names = layer_parameters(lit().net, "last")
+    train, val = image_loaders()
+    snaps1, mon1 = Snapshots(names), InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    model = lit()
+    trainer(tmp_path, [snaps1, mon1, ckpt], max_epochs=2, logger=False).fit(model, train, val)
+    snaps2, mon2 = Snapshots(names), InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
+    tr = trainer(tmp_path, [snaps2, mon2, ModelCheckpoint(dirpath=tmp_path / "ck2")], max_epochs=3, logger=False)
+    tr.fit(lit(), train, val, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert mon2.epochs == [0, 1, 2] and torch.equal(mon2.train_indices, mon1.train_indices)
+    ref = tracin_scores(snaps1.states + snaps2.states, mon2.train_x, mon2.train_y, mon2.probe_x, mon2.probe_y,
+                        layers="last", lrs=mon2.lrs, model=model.net)  # fmt: skip
+    assert torch.allclose(mon2.scores, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    before = mon2.scores.clone()
+    with pytest.warns(UserWarning, match="add nothing"):
+        tr.validate(tr.lightning_module, val)
+    assert mon2.epochs == [0, 1, 2] and torch.equal(mon2.scores, before)

@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset
@@ -38,7 +39,7 @@ from ..analysis.influence import (
     per_sample_gradients,
 )
 from ._logging import markdown_table, tensorboard_writers
-from .base import ProbeCallback, class_indices
+from .base import ProbeCallback, class_indices, non_default_settings
 
 __all__ = ["InfluenceMonitor"]
 
@@ -148,6 +149,12 @@ class InfluenceMonitor(ProbeCallback):
 
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "num_train": self.num_train, "layers": str(self.layers)}
+
+    def setting_fields(self) -> dict[str, Any]:
+        return non_default_settings(
+            self, projection_dim=self.projection_dim, optimizer_metric=self.optimizer_metric, seed=self.seed,
+            train_source=self.train_source,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
@@ -292,6 +299,15 @@ class InfluenceMonitor(ProbeCallback):
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            # TracIn sums over the training trajectory: trainer.validate()/test() would add the final weights again
+            if not self.__dict__.get("_warned_not_fit"):
+                self._warned_not_fit = True
+                rank_zero_warn(
+                    "InfluenceMonitor accumulates TracIn over the epochs of trainer.fit only; trainer.validate()/test() "
+                    "add nothing (read .scores / .self_influence, or call analysis.tracin_scores on the model)."
+                )
+            return
         if self.train_x is None and self._streaming:
             have = self.__dict__.get("_stream_x") is not None
             if not self.agree(trainer, have, "no training batch was seen yet").ok:
