@@ -304,7 +304,7 @@ class InfluenceMonitor(ProbeCallback):
             if not self.__dict__.get("_warned_not_fit"):
                 self._warned_not_fit = True
                 rank_zero_warn(
-                    "InfluenceMonitor accumulates TracIn over the epochs of trainer.fit only; trainer.validate()/test() "
+                    "InfluenceMonitor accumulates TracIn over the epochs of trainer.fit; trainer.validate()/test() "
                     "add nothing (read .scores / .self_influence, or call analysis.tracin_scores on the model)."
                 )
             return
