@@ -111,8 +111,11 @@ def test_monitor_self_influence_finds_planted_flips(tmp_path):
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     model = LitClassifier(net, lr=0.01)
     mon = InfluenceMonitor(num_train=600, num_samples=4, model_attr="net", batch_size=600, optimizer_metric="adam")
-    tr = trainer(tmp_path, [mon], max_epochs=5, logger=False)
+    tr = trainer(tmp_path, [mon], max_epochs=5)
     tr.fit(model, train, val)
+    tags = event_tags(tmp_path)  # tabular inputs: tables and histogram, no images
+    assert {"influence/self_influence/top/text_summary", "influence/probe_0/table/text_summary"} <= tags["text"]
+    assert not any(t.startswith("influence/") for t in tags["images"])
     s = mon.self_influence
     truth = flipped[mon.train_indices]
     pos, neg = s[truth], s[~truth]
@@ -143,6 +146,13 @@ def test_streamed_subset_and_errors(tmp_path):
         InfluenceMonitor(loss="hinge")
     with pytest.raises(ValueError, match="train_source"):
         InfluenceMonitor(train_source="files")
+    # a wrong layer name: a clear error under strict, a warning (training goes on) otherwise
+    bad = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", layers=["head.9"])
+    with pytest.warns(UserWarning, match="no module named 'head.9'"):
+        trainer(tmp_path / "bad", [bad], max_epochs=1, logger=False).fit(
+            lit(), *image_loaders()
+        )
+    assert bad.epochs == [] and bad.scores is None
 
 
 def test_untrained_layers_fail_clearly(tmp_path):

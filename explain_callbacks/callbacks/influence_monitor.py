@@ -323,14 +323,15 @@ class InfluenceMonitor(ProbeCallback):
         model = self.model(pl_module)
         device = pl_module.device
         rank, world = trainer.global_rank, max(trainer.world_size, 1)
-        names = layer_parameters(model, self.layers)
-        if self.projection_dim is not None and self._projection is None:
-            dim = sum(dict(model.named_parameters())[n].numel() for n in names)
-            self._projection = RandomProjection(dim, self.projection_dim, self.seed)
         own = torch.arange(rank, self.train_x.shape[0], world)
         dtype = x.dtype
 
         def compute() -> Tensor:
+            # inside run_agreed: a bad layers= fails here on every rank, under the error policy, before any gather
+            names = layer_parameters(model, self.layers)
+            if self.projection_dim is not None and self._projection is None:
+                dim = sum(dict(model.named_parameters())[n].numel() for n in names)
+                self._projection = RandomProjection(dim, self.projection_dim, self.seed)
             scales, lr = self._scales(trainer, model, names)
             self._last_lr = lr
             kw = dict(names=names, scale=scales, projection=self._projection, batch_size=self.rows)
