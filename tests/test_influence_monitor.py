@@ -191,3 +191,25 @@ def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
     with pytest.warns(UserWarning, match="add nothing"):
         tr.validate(tr.lightning_module, val)
     assert mon2.epochs == [0, 1, 2] and torch.equal(mon2.scores, before)
+
+
+def test_figures_with_and_without_matplotlib(monkeypatch):
+    """Labelled figures: matplotlib when importable, the viz grid otherwise; tabular samples give none."""
+    import builtins
+
+    mon = InfluenceMonitor()
+    rows = torch.rand(5, 1, 8, 8)
+    texts = [f"y={i}" for i in range(5)]
+    fig = mon._figure(rows, texts, 3)
+    assert fig is not None and fig.shape[0] == 3 and 0 <= float(fig.min()) and float(fig.max()) <= 1
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    grid = mon._figure(rows, texts, 3)
+    assert grid is not None and grid.shape[0] == 3 and grid.shape[1:] != fig.shape[1:]
+    assert mon._figure(torch.rand(5, 64), texts, 3) is None

@@ -380,14 +380,41 @@ class InfluenceMonitor(ProbeCallback):
         self.self_influence, self.scores = full[0], full[1:]
 
     # ------------------------------------------------------------------ logging
-    def _tiles(self, rows: Tensor, texts: list[str]) -> Tensor | None:
-        """Labelled RGB tiles of image samples ((C,H,W) or (H,W)); None for other inputs."""
+    @staticmethod
+    def _images(rows: Tensor) -> Tensor | None:
+        """Samples as (N,3,H,W) RGB in [0, 1] when they are images ((C,H,W) or (H,W)); None for other inputs."""
         if rows.ndim == 3:
             rows = rows[:, None]
         if rows.ndim != 4 or rows.shape[1] not in (1, 3) or not rows.is_floating_point():
             return None
-        tiles = viz.upscale(viz.to_rgb(rows.float()), 48)
-        return torch.stack([viz.label_image(t, s) for t, s in zip(tiles, texts)])
+        return viz.to_rgb(rows.float())
+
+    def _figure(self, rows: Tensor, texts: list[str], ncol: int) -> Tensor | None:
+        """One image of labelled samples, ``ncol`` per row: a matplotlib figure (titles in a real font) when
+        matplotlib is importable, else a grid of :mod:`~explain_callbacks.viz` tiles with bitmap labels."""
+        rgb = self._images(rows)
+        if rgb is None:
+            return None
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            tiles = viz.upscale(rgb, 48)
+            return viz.make_grid(torch.stack([viz.label_image(t, s) for t, s in zip(tiles, texts)]), nrow=ncol)
+        nrow = -(-rgb.shape[0] // ncol)
+        fig = Figure(figsize=(1.3 * ncol, 1.5 * nrow), dpi=72)  # no pyplot: no global figure state
+        canvas = FigureCanvasAgg(fig)
+        # fixed margins: tight_layout cost more than the TracIn gradients of a small model
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.25 / nrow, wspace=0.08, hspace=0.35)
+        for i in range(rgb.shape[0]):
+            ax = fig.add_subplot(nrow, ncol, i + 1)
+            ax.set_axis_off()
+            ax.imshow(rgb[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(texts[i], fontsize=8)
+        canvas.draw()
+        buf = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)
+        w, h = canvas.get_width_height()
+        return buf.reshape(h, w, 4)[..., :3].permute(2, 0, 1).float() / 255.0
 
     def _log(self, trainer: pl.Trainer, x: Tensor, y: Tensor) -> None:
         if not trainer.is_global_zero or self.scores is None or self.self_influence is None:
@@ -404,9 +431,10 @@ class InfluenceMonitor(ProbeCallback):
                       markdown_table(["rank", "dataset index", "label", "self-influence"], rows))  # fmt: skip
         images = bool(tensorboard_writers(trainer))
         if images:
-            tiles = self._tiles(self.train_x[top], [f"{lab(j)}:{int(self.train_indices[j])}" for j in top.tolist()])
-            if tiles is not None:
-                self.log_image(trainer, "influence/self_influence/top", viz.make_grid(tiles, nrow=8))
+            texts = [f"#{int(self.train_indices[j])} y={lab(j)}" for j in top.tolist()]
+            fig = self._figure(self.train_x[top], texts, 8)
+            if fig is not None:
+                self.log_image(trainer, "influence/self_influence/top", fig)
         kk = min(self.top_k, self.scores.shape[1])
         for i in range(min(self.log_probes, x.shape[0])):  # rank zero's own probe rows come first in the gather
             s = self.scores[i]
@@ -418,9 +446,9 @@ class InfluenceMonitor(ProbeCallback):
             if not images:
                 continue
             plabel = "-" if probe_labels is None else str(int(probe_labels[i]))
-            head = self._tiles(x[i : i + 1].cpu(), [f"probe {plabel}"])
             idx = torch.cat([pro, opp])
-            texts = [f"{lab(j)}:{float(s[j]):+.2g}" for j in idx.tolist()]
-            rest = self._tiles(self.train_x[idx], texts)
-            if head is not None and rest is not None:  # one row: probe | proponents | opponents
-                self.log_image(trainer, f"influence/probe_{i}", viz.make_grid(torch.cat([head, rest]), nrow=1 + 2 * kk))
+            rows_x = torch.cat([x[i : i + 1].cpu().to(self.train_x.dtype), self.train_x[idx]])
+            texts = [f"probe y={plabel}"] + [f"y={lab(j)} {float(s[j]):+.2g}" for j in idx.tolist()]
+            fig = self._figure(rows_x, texts, 1 + 2 * kk)  # one row: probe | proponents | opponents
+            if fig is not None:
+                self.log_image(trainer, f"influence/probe_{i}", fig)
