@@ -188,9 +188,12 @@ def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
                         layers="last", lrs=mon2.lrs, model=model.net)  # fmt: skip
     assert torch.allclose(mon2.scores, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     before = mon2.scores.clone()
-    with pytest.warns(UserWarning, match="add nothing"):
-        tr.validate(tr.lightning_module, val)
+    tr.validate(tr.lightning_module, val)  # adds no checkpoint
     assert mon2.epochs == [0, 1, 2] and torch.equal(mon2.scores, before)
+    alone = InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
+    with pytest.warns(UserWarning, match="add nothing"):  # attached to validate only: said why nothing happens
+        trainer(tmp_path, [alone], logger=False).validate(lit(), val)
+    assert alone.epochs == [] and alone.scores is None
 
 
 def test_figures_with_and_without_matplotlib(monkeypatch):

@@ -300,8 +300,10 @@ class InfluenceMonitor(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
-            # TracIn sums over the training trajectory: trainer.validate()/test() would add the final weights again
-            if not self.__dict__.get("_warned_not_fit"):
+            # TracIn sums over the training trajectory: trainer.validate()/test() would add the final weights again.
+            # Said only when nothing was accumulated (the callback attached to validate/test alone): a test after
+            # fit is the usual script and keeps the results of fit.
+            if not self.epochs and not self.__dict__.get("_warned_not_fit"):
                 self._warned_not_fit = True
                 rank_zero_warn(
                     "InfluenceMonitor accumulates TracIn over the epochs of trainer.fit; trainer.validate()/test() "
