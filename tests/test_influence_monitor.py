@@ -216,3 +216,15 @@ def test_figures_with_and_without_matplotlib(monkeypatch):
     grid = mon._figure(rows, texts, 3)
     assert grid is not None and grid.shape[0] == 3 and grid.shape[1:] != fig.shape[1:]
     assert mon._figure(torch.rand(5, 64), texts, 3) is None
+
+
+def test_unreadable_training_subset_warns_and_training_goes_on(tmp_path):
+    """A subset it cannot read (wrong label_key) is a warning, not a crash (strict=False); strict raises."""
+    train, val = image_loaders()
+    mon = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", label_key="nope")
+    with pytest.warns(UserWarning, match="could not read its training subset"):
+        trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(lit(), train, val)
+    assert mon.train_x is None and mon.scores is None
+    strict = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", label_key="nope", strict=True)
+    with pytest.raises(KeyError):
+        trainer(tmp_path, [strict], max_epochs=1, logger=False).fit(lit(), train, val)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from .. import viz
-from .._internal.distributed import warn_rank
+from .._internal.distributed import gather_objects
 from .._internal.guard import rng_guard
 from ..analysis.influence import (
     RandomProjection,
@@ -137,6 +137,8 @@ class InfluenceMonitor(ProbeCallback):
         self.train_y: Tensor | None = None
         self.train_indices: Tensor | None = None
         self._streaming = False
+        self._stream_x: Tensor | None = None  # rows taken from training batches (train_source="stream")
+        self._stream_y: Tensor | None = None
         self._acc: Tensor | None = None  # (probe of all ranks, this rank's share of the subset), float64
         self._acc_self: Tensor | None = None  # (this rank's share,)
         self.epochs: list[int] = []
@@ -203,48 +205,63 @@ class InfluenceMonitor(ProbeCallback):
         if self.train_source == "stream" or not mapstyle:
             self._streaming = True
             return
+        subset, problem = None, None
         try:
             with rng_guard(), torch.inference_mode(False):  # a dataset's transforms may draw from the global RNG
                 gen = torch.Generator().manual_seed(self.seed)
                 idx = torch.randperm(len(dataset), generator=gen)[: self.num_train]
                 collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
                 x, y = self.adapter(collate([dataset[int(i)] for i in idx]))
+            if y is None:
+                raise ValueError("the training batches hold no labels (the loss needs them); set label_key")
+            subset = (x.detach().cpu().clone(), y.detach().cpu().clone(), idx)
         except Exception as err:
             if self.strict:
                 raise
+            problem = err
+        # every rank holds the same subset, or every rank streams one: a rank that alone could not read the
+        # dataset would otherwise hold another subset (and wait alone in the stream's gather)
+        agreement = self.agree(trainer, subset is not None, problem)
+        if not agreement.ok:
             self._streaming = True
-            warn_rank(
-                f"InfluenceMonitor could not read its training subset from the dataset ({type(err).__name__}: {err}); "
-                "it takes it from the training batches instead (train_source='stream')."
-            )
+            self.report_failure(
+                agreement, ("subset",),
+                lambda why: f"InfluenceMonitor could not read its training subset from the dataset ({why}); it "
+                "takes it from the training batches instead (train_source='stream').",
+            )  # fmt: skip
             return
-        if y is None:
-            raise ValueError("InfluenceMonitor needs labels in the training batches (the loss); set label_key.")
-        self.train_x, self.train_y = x.detach().cpu().clone(), y.detach().cpu().clone()
-        self.train_indices = idx
+        assert subset is not None
+        self.train_x, self.train_y, self.train_indices = subset
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._streaming or self.train_x is not None:
             return
-        have = 0 if self.__dict__.get("_stream_x") is None else int(self._stream_x.shape[0])
+        have = 0 if self._stream_x is None else int(self._stream_x.shape[0])
         share = -(-self.num_train // max(trainer.world_size, 1))
         if have >= share:
             return
-        with torch.inference_mode(False):
-            x, y = self.adapter(batch)
-            if y is None:
-                raise ValueError("InfluenceMonitor needs labels in the training batches (the loss); set label_key.")
-            x, y = x[: share - have].detach().cpu().clone(), y[: share - have].detach().cpu().clone()
-        self._stream_x = x if have == 0 else torch.cat([self._stream_x, x])
-        self._stream_y = y if have == 0 else torch.cat([self._stream_y, y])
+        try:
+            with torch.inference_mode(False):
+                x, y = self.adapter(batch)
+                if y is None:
+                    raise ValueError("the training batches hold no labels (the loss needs them); set label_key")
+                x, y = x[: share - have].detach().cpu().clone(), y[: share - have].detach().cpu().clone()
+        except Exception as err:  # the explain step then says, on every rank, that no subset was taken
+            if self.strict:
+                raise
+            self.warn_failure(
+                ("stream", type(err).__name__, str(err)),
+                f"InfluenceMonitor could not take training rows from a batch ({type(err).__name__}: {err}).",
+            )
+            return
+        self._stream_x = x if self._stream_x is None else torch.cat([self._stream_x, x])
+        self._stream_y = y if self._stream_y is None else torch.cat([self._stream_y, y])
 
     def _finish_stream(self, trainer: pl.Trainer) -> None:
         """Every rank's streamed rows, concatenated in rank order: the same subset on every rank (one gather)."""
-        from .._internal.distributed import gather_objects
-
-        parts = gather_objects((self.__dict__.get("_stream_x"), self.__dict__.get("_stream_y")), trainer)
+        parts = gather_objects((self._stream_x, self._stream_y), trainer)
         xs = [p[0] for p in parts if p[0] is not None]
         ys = [p[1] for p in parts if p[1] is not None]
         self.train_x, self.train_y = torch.cat(xs)[: self.num_train], torch.cat(ys)[: self.num_train]
@@ -311,8 +328,9 @@ class InfluenceMonitor(ProbeCallback):
                 )
             return
         if self.train_x is None and self._streaming:
-            have = self.__dict__.get("_stream_x") is not None
-            if not self.agree(trainer, have, "no training batch was seen yet").ok:
+            agreement = self.agree(trainer, self._stream_x is not None, "no training rows taken from batches yet")
+            if not agreement.ok:
+                self.report_failure(agreement, ("stream",), lambda why: f"InfluenceMonitor skipped: {why}.")
                 return
             self._finish_stream(trainer)
         ok = self.train_x is not None and y is not None
