@@ -180,6 +180,12 @@ def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     model = lit()
     trainer(tmp_path, [snaps1, mon1, ckpt], max_epochs=2, logger=False).fit(model, train, val)
+    # the functional twin reads the Lightning checkpoint file itself (weights_only), with the lr saved in it
+    last = str(tmp_path / "ck" / "last.ckpt")
+    from_file = self_influence([last], mon1.train_x, mon1.train_y, layers="last", model=lit())
+    from_snapshot = self_influence([snaps1.states[-1]], mon1.train_x, mon1.train_y, layers="last", lrs=0.01,
+                                   model=lit().net)  # fmt: skip
+    assert torch.allclose(from_file, from_snapshot, rtol=1e-6)
     snaps2, mon2 = Snapshots(names), InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
     tr = trainer(tmp_path, [snaps2, mon2, ModelCheckpoint(dirpath=tmp_path / "ck2")], max_epochs=3, logger=False)
     tr.fit(lit(), train, val, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
