@@ -80,8 +80,6 @@ def test_bit_identical_weights_rng_and_no_side_effects(tmp_path):
     x, y = mon.probe_x, mon.probe_y
     nn.functional.cross_entropy(model(x), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    tr = trainer(tmp_path / "direct", [], logger=False)
-    tr.strategy.connect(model)
     before = {n: m.training for n, m in model.named_modules()}
     self_influence(model.net, x, y, layers=None)
     assert {n: m.training for n, m in model.named_modules()} == before
