@@ -410,8 +410,9 @@ class InfluenceMonitor(ProbeCallback):
         return viz.to_rgb(rows.float())
 
     def _figure(self, rows: Tensor, texts: list[str], ncol: int) -> Tensor | None:
-        """One image of labelled samples, ``ncol`` per row: a matplotlib figure (titles in a real font) when
-        matplotlib is importable, else a grid of :mod:`~explain_callbacks.viz` tiles with bitmap labels."""
+        """One (3,H,W) image of the samples, ``ncol`` per row: a matplotlib figure with each sample's title
+        (label, score) when matplotlib is importable, else a plain :func:`~explain_callbacks.viz.make_grid` of
+        the samples in the same order (the tables logged beside it carry the labels and scores)."""
         rgb = self._images(rows)
         if rgb is None:
             return None
@@ -419,8 +420,7 @@ class InfluenceMonitor(ProbeCallback):
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
-            tiles = viz.upscale(rgb, 48)
-            return viz.make_grid(torch.stack([viz.label_image(t, s) for t, s in zip(tiles, texts)]), nrow=ncol)
+            return viz.make_grid(viz.upscale(rgb, 48), nrow=ncol)
         nrow = -(-rgb.shape[0] // ncol)
         fig = Figure(figsize=(1.3 * ncol, 1.5 * nrow), dpi=72)  # no pyplot: no global figure state
         canvas = FigureCanvasAgg(fig)
