@@ -8,7 +8,7 @@ Public surface (each package documents more):
 - ``metrics``: faithfulness, robustness and sanity metrics (torchmetrics classes; ``metrics.functional``).
 - ``regularize``: attribution penalties (CDEP, RRR, expected-gradients priors).
 - ``distill``: students, fidelity and adaptive wavelet distillation.
-- ``analysis``: analyses over many samples' maps (SpRAy).
+- ``analysis``: analyses over many samples' maps (SpRAy) and training-data attribution (TracIn).
 - ``callbacks``: the Lightning callbacks that orchestrate all of the above.
 - ``viz``: tensors to images.
 """
@@ -20,6 +20,7 @@ from .callbacks import (
     AttributionMonitor,
     AttributionRegularizer,
     Distiller,
+    InfluenceMonitor,
     InteractionMonitor,
     ProbeCallback,
     SaliencyMasker,
@@ -39,6 +40,7 @@ __all__ = [
     "Attributor",
     "CaptumAttributor",
     "Distiller",
+    "InfluenceMonitor",
     "InteractionMonitor",
     "ProbeCallback",
     "SaliencyMasker",

@@ -5,9 +5,34 @@
   runs it during training.
 - :func:`fragility_attack`: the iterative feature-importance attack of Ghorbani et al. 2019: how much
   a map changes under an imperceptible perturbation that keeps the prediction.
+- :func:`tracin_scores` / :func:`self_influence`: TracIn training-data attribution (Pruthi et al. 2020): which
+  training samples made a prediction, and which ones the model keeps fighting (mislabelled);
+  :class:`~explain_callbacks.callbacks.InfluenceMonitor` tracks it during training.
 """
 
 from .attack import FragilityResult, fragility_attack
+from .influence import (
+    InfluenceCheckpoint,
+    RandomProjection,
+    adam_preconditioner,
+    layer_parameters,
+    per_sample_gradients,
+    self_influence,
+    tracin_scores,
+)
 from .spray import SpectralClusters, kmeans, spray
 
-__all__ = ["FragilityResult", "SpectralClusters", "fragility_attack", "kmeans", "spray"]
+__all__ = [
+    "FragilityResult",
+    "InfluenceCheckpoint",
+    "RandomProjection",
+    "SpectralClusters",
+    "adam_preconditioner",
+    "fragility_attack",
+    "kmeans",
+    "layer_parameters",
+    "per_sample_gradients",
+    "self_influence",
+    "spray",
+    "tracin_scores",
+]

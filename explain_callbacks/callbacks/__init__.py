@@ -3,6 +3,7 @@
 from .attribution_monitor import AttributionMonitor
 from .base import ProbeCallback
 from .distiller import Distiller
+from .influence_monitor import InfluenceMonitor
 from .interaction_monitor import InteractionMonitor
 from .regularizer import AttributionRegularizer
 from .saliency_masker import SaliencyMasker
@@ -12,6 +13,7 @@ __all__ = [
     "AttributionMonitor",
     "AttributionRegularizer",
     "Distiller",
+    "InfluenceMonitor",
     "InteractionMonitor",
     "ProbeCallback",
     "SaliencyMasker",
