@@ -2,7 +2,7 @@
 
 Tag layout (stable; see :data:`SECTIONS`): ``<section>/<metric>/<series>``, the section being the concern
 (``maps``, ``faithfulness``, ``sanity``, ``robustness``, ``localisation``, ``interactions``, ``concepts``,
-``distillation``, ``regularizers``, ``masker``, ``cost``), the series the method, student, class or
+``influence``, ``distillation``, ``regularizers``, ``masker``, ``cost``), the series the method, student, class or
 penalty. TensorBoard groups its sections by the first part of a tag, and the custom-scalars layout
 written here puts every series of one metric on one chart (``Custom Scalars`` tab).
 
@@ -64,6 +64,7 @@ SECTIONS = (
     "localisation",
     "interactions",
     "concepts",
+    "influence",
     "distillation",
     "regularizers",
     "masker",

@@ -85,7 +85,7 @@ class InfluenceMonitor(ProbeCallback):
 
     Logs (TensorBoard, rank zero): ``influence/probe_<i>`` (probe, then proponents, then opponents, each
     labelled ``label:score``), ``influence/probe_<i>/table``, ``influence/self_influence/top`` (image and
-    table), ``influence/self_influence`` (histogram) and the scalar ``influence/seconds``. The accumulated
+    table), ``influence/self_influence`` (histogram) and the scalar ``cost/seconds/influence``. The accumulated
     results are in :attr:`scores` ``(probe of all ranks, num_train)``, :attr:`self_influence`
     ``(num_train,)`` and :attr:`train_indices` (dataset indices; -1 when streamed).
     """
@@ -378,7 +378,7 @@ class InfluenceMonitor(ProbeCallback):
         self.epochs.append(int(trainer.current_epoch))
         self.lrs.append(float(self._last_lr))
         self._collect(trainer)
-        self.log_scalar(pl_module, "influence/seconds", seconds + time.perf_counter() - start, sync=False)
+        self.log_scalar(pl_module, "cost/seconds/influence", seconds + time.perf_counter() - start, sync=False)
         self._log(trainer, x, y)
 
     def _collect(self, trainer: pl.Trainer) -> None:
