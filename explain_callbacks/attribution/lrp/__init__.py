@@ -1,0 +1,41 @@
+"""Layer-wise relevance propagation: rules ("what"), composites ("where"), canonizers ("model
+surgery" that leaves the model untouched) and the :class:`LRP` attributor, registered as ``"lrp"``."""
+
+from .canonizers import LRPUnsupportedError, Sum
+from .composites import (
+    COMPOSITES,
+    Composite,
+    build_composite,
+    epsilon_alpha2_beta1,
+    epsilon_gamma_box,
+    epsilon_only,
+    epsilon_plus_flat,
+)
+from .engine import LRP, lrp_hooks
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, WSquare, ZBox, ZPlus, build_rule, stabilize
+
+__all__ = [
+    "COMPOSITES",
+    "LRP",
+    "AlphaBeta",
+    "Composite",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "LRPUnsupportedError",
+    "Norm",
+    "Pass",
+    "Rule",
+    "Sum",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "build_composite",
+    "build_rule",
+    "epsilon_alpha2_beta1",
+    "epsilon_gamma_box",
+    "epsilon_only",
+    "epsilon_plus_flat",
+    "lrp_hooks",
+    "stabilize",
+]
