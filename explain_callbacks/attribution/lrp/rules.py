@@ -50,6 +50,13 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
     return z + epsilon * (z.sign() + (z == 0).to(z.dtype))
 
 
+def _inverse(d: Tensor) -> Tensor:
+    """1/d, with 0 where d == 0 (only possible with a zero stabiliser: LRP-0 on a dead unit, whose
+    relevance is 0 anyway), so that no inf or NaN reaches the forward values."""
+    zero = d == 0
+    return torch.where(zero, torch.zeros_like(d), 1.0 / torch.where(zero, torch.ones_like(d), d))
+
+
 def _carrier(x: Tensor) -> Tensor:
     """Value 1 everywhere, derivative the identity w.r.t. ``x``: ``a' ⊙ t`` has the value a' and the
     Jacobian diag(a') w.r.t. a, which is how a rule's ``a'_j ·`` factor enters the backward pass."""
@@ -161,7 +168,7 @@ class Epsilon(_TermRule):
         return (Term(_same, _same, _same),)
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        return [1.0 / stabilize(zs[0], self.epsilon)]
+        return [_inverse(stabilize(zs[0], self.epsilon))]
 
 
 class ZPlus(_TermRule):
@@ -177,7 +184,7 @@ class ZPlus(_TermRule):
         return (Term(_pos, _pos, _pos), Term(_neg, _neg, None))
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        c = 1.0 / stabilize(zs[0] + zs[1], self.stabilizer)
+        c = _inverse(stabilize(zs[0] + zs[1], self.stabilizer))
         return [c, c]
 
 
@@ -196,8 +203,8 @@ class AlphaBeta(_TermRule):
         return (Term(_pos, _pos, _pos), Term(_neg, _neg, None), Term(_pos, _neg, _neg), Term(_neg, _pos, None))
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        cp = self.alpha / stabilize(zs[0] + zs[1], self.stabilizer)
-        cn = -self.beta / stabilize(zs[2] + zs[3], self.stabilizer)
+        cp = self.alpha * _inverse(stabilize(zs[0] + zs[1], self.stabilizer))
+        cn = -self.beta * _inverse(stabilize(zs[2] + zs[3], self.stabilizer))
         return [cp, cp, cn, cn]
 
 
@@ -228,8 +235,8 @@ class Gamma(_TermRule):
         return (Term(_pos, up, up), Term(_neg, down, None), Term(_pos, down, down), Term(_neg, up, None))
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        cp = (z > 0).to(z.dtype) / stabilize(zs[0] + zs[1], self.stabilizer)
-        cn = (z < 0).to(z.dtype) / stabilize(zs[2] + zs[3], self.stabilizer)
+        cp = (z > 0).to(z.dtype) * _inverse(stabilize(zs[0] + zs[1], self.stabilizer))
+        cn = (z < 0).to(z.dtype) * _inverse(stabilize(zs[2] + zs[3], self.stabilizer))
         return [cp, cp, cn, cn]
 
 
@@ -246,7 +253,7 @@ class Flat(_TermRule):
         return (Term(_ones, _ones, None),)
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        return [1.0 / stabilize(zs[0], self.stabilizer)]
+        return [_inverse(stabilize(zs[0], self.stabilizer))]
 
 
 class WSquare(_TermRule):
@@ -263,7 +270,7 @@ class WSquare(_TermRule):
         return (Term(_ones, sq, sq),)
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        return [1.0 / stabilize(zs[0], self.stabilizer)]
+        return [_inverse(stabilize(zs[0], self.stabilizer))]
 
 
 class ZBox(_TermRule):
@@ -300,7 +307,7 @@ class ZBox(_TermRule):
         )
 
     def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        c = 1.0 / stabilize(zs[0] - zs[1] - zs[2], self.stabilizer)
+        c = _inverse(stabilize(zs[0] - zs[1] - zs[2], self.stabilizer))
         return [c, -c, -c]
 
 
@@ -317,7 +324,7 @@ class Norm(Rule):
     def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         args = [a.detach() * _carrier(a) if isinstance(a, Tensor) and a.requires_grad else a for a in inputs]
         # the module's own forward (not __call__: no hooks), on inputs carrying the rule's a_j factor
-        h = module.forward(*args) / stabilize(output.detach(), self.stabilizer)
+        h = module.forward(*args) * _inverse(stabilize(output.detach(), self.stabilizer))
         return output.detach() + (h - h.detach())
 
 
