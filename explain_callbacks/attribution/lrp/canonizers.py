@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .rules import _identity, with_relevance
+
 __all__ = ["LRPUnsupportedError", "Sum"]
 
 ALTERNATIVES = "ig, input_x_gradient, expected_gradients, smoothgrad or gradcam"
@@ -199,7 +201,7 @@ class FunctionGuard(TorchFunctionMode):
                 x = args[0] if args else None
                 out = func(*args, **kwargs)
                 if isinstance(x, Tensor) and x.requires_grad and isinstance(out, Tensor) and out.shape == x.shape:
-                    return out.detach() + (x - x.detach())
+                    return with_relevance(_identity, out, x)
                 return out
             if func in _MERGE_FUNCS and len(_graph_tensors(args)) >= 2:
                 raise LRPUnsupportedError(

@@ -7,11 +7,11 @@ relevance propagation: an overview", §10.2):
 
 a list of *terms* i, each a modified input a' = m_i(a), modified parameters ρ_i(w), ρ_i(b) and an
 output coefficient c_i (the stabilised 1/denominator, signed and masked). A rule is applied by a
-forward hook that returns the layer's own output value with a different gradient (the "gradient ×
-input" trick): ``h = Σ_i f(a'_i ⊙ t; ρ_i(θ)) ⊙ c_i`` with ``t = a − a.detach() + 1`` (value 1,
-derivative the identity), and ``out + (h − h.detach())``. Its vector-Jacobian product with the
-incoming relevance R is the rule's R_j; its value is the layer's output, bit for bit. The gradient
-that flows between layers is the relevance itself.
+forward hook that returns the layer's own output (a view: bit for bit the same values) wrapped in
+an autograd function whose backward is the rule: given the incoming relevance R it runs the terms'
+forwards f(a'_i; ρ_i(θ)) on detached inputs and returns Σ_i a'_i ⊙ ∂f/∂a'_i^T (c_i ⊙ R) (the
+"gradient × input" form, Montavon et al. 2019 §10.2.3). The gradient that flows between layers is
+the relevance itself.
 
 Stabiliser: s(z) = z + ε·sign(z) with sign(0) = +1 (Bach et al. 2015), so a zero denominator never
 divides by zero and the relevance it absorbs is the documented ε term.
@@ -40,6 +40,7 @@ __all__ = [
     "ZPlus",
     "build_rule",
     "stabilize",
+    "with_relevance",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,20 +48,51 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """z + ε·sign(z), with sign(0) taken as +1 (a zero denominator becomes ε)."""
-    return z + epsilon * (z.sign() + (z == 0).to(z.dtype))
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
 def _inverse(d: Tensor) -> Tensor:
     """1/d, with 0 where d == 0 (only possible with a zero stabiliser: LRP-0 on a dead unit, whose
-    relevance is 0 anyway), so that no inf or NaN reaches the forward values."""
+    relevance is 0 anyway), so that no inf or NaN reaches the relevance."""
     zero = d == 0
     return torch.where(zero, torch.zeros_like(d), 1.0 / torch.where(zero, torch.ones_like(d), d))
 
 
-def _carrier(x: Tensor) -> Tensor:
-    """Value 1 everywhere, derivative the identity w.r.t. ``x``: ``a' ⊙ t`` has the value a' and the
-    Jacobian diag(a') w.r.t. a, which is how a rule's ``a'_j ·`` factor enters the backward pass."""
-    return x - x.detach() + 1
+def _inv_stab(z: Tensor, epsilon: float) -> Tensor:
+    """1 / s_ε(z); a positive ε never leaves a zero to guard against (|s_ε(z)| ≥ ε)."""
+    d = stabilize(z, epsilon)
+    return d.reciprocal() if epsilon > 0 else _inverse(d)
+
+
+def _sum(*ts: Tensor | None) -> Tensor:
+    """Sum of the terms that were computed (a skipped term is exactly zero)."""
+    out = None
+    for t in ts:
+        if t is not None:
+            out = t if out is None else out + t
+    assert out is not None  # the first term of every rule carries the bias and is never skipped
+    return out
+
+
+class _Relevance(torch.autograd.Function):
+    """Forward: the layer's output as it is (a view). Backward: ``fn(inputs, R)``, the rule's relevance
+    of each input (None for inputs that do not need it)."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable, out: Tensor, *xs: Tensor) -> Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(*xs)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rel = ctx.fn(ctx.saved_tensors, grad)
+        return (None, None, *rel)
+
+
+def with_relevance(fn: Callable[[tuple[Tensor, ...], Tensor], list[Tensor | None]], out: Tensor, *xs: Tensor) -> Tensor:
+    """``out`` (same values) whose backward hands relevance R to ``xs`` as ``fn(xs, R)``."""
+    return _Relevance.apply(fn, out.detach(), *xs)
 
 
 def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -129,7 +161,7 @@ class _TermRule(Rule):
     def terms(self) -> Sequence[Term]:
         raise NotImplementedError
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
         """c_i per output element from the terms' outputs ``zs`` and the layer's output ``z``."""
         raise NotImplementedError
 
@@ -138,21 +170,40 @@ class _TermRule(Rule):
     ) -> Tensor:
         """``params``: (weight, bias) to use instead of the module's (a BatchNorm merged into it)."""
         x = _single_input(module, inputs, self)
-        xd, t = x.detach(), _carrier(x)
         w, b = params if params is not None else (module.weight, getattr(module, "bias", None))
-        # One forward per term, with graph: its value gives the denominators, its graph the backward.
-        zs = [
-            _affine(
-                module,
-                term.input(xd) * t,
-                term.weight(w.detach()),
-                None if (b is None or term.bias is None) else term.bias(b.detach()),
-            )
-            for term in self.terms()
-        ]
-        cs = self.coefficients([z.detach() for z in zs], output.detach())
-        h = sum(z * c for z, c in zip(zs, cs) if c is not None)
-        return output.detach() + (h - h.detach())
+        w, b = w.detach(), None if b is None else b.detach()
+        z = output.detach()
+
+        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            (xd,) = (a.detach() for a in xs)
+            with torch.enable_grad():
+                # A term of the negative inputs without bias is exactly 0 when no input is negative (after a
+                # ReLU): skipped, which saves half the work of z⁺, γ and α-β there.
+                terms = self.terms()
+                nonneg = any(t.input is _neg for t in terms) and bool(xd.min() >= 0)
+                leaves: list[Tensor | None] = []
+                zs: list[Tensor | None] = []
+                for term in terms:
+                    if nonneg and term.input is _neg and term.bias is None:
+                        leaves.append(None)
+                        zs.append(None)
+                        continue
+                    xi = term.input(xd).requires_grad_(True)
+                    bias = None if (b is None or term.bias is None) else term.bias(b)
+                    leaves.append(xi)
+                    zs.append(_affine(module, xi, term.weight(w), bias))
+                cs = self.coefficients([None if zi is None else zi.detach() for zi in zs], z)
+                live = [i for i, zi in enumerate(zs) if zi is not None]
+                scaled: dict[int, Tensor] = {}  # terms sharing a coefficient share its product with R
+                outs = [scaled.setdefault(id(cs[i]), grad * cs[i]) for i in live]
+                grads = torch.autograd.grad([zs[i] for i in live], [leaves[i] for i in live], outs)
+            rel = None
+            for i, g in zip(live, grads):
+                part = leaves[i].detach() * g
+                rel = part if rel is None else rel + part
+            return [rel]
+
+        return with_relevance(backward, output, x)
 
 
 class Epsilon(_TermRule):
@@ -167,8 +218,8 @@ class Epsilon(_TermRule):
     def terms(self) -> Sequence[Term]:
         return (Term(_same, _same, _same),)
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        return [_inverse(stabilize(zs[0], self.epsilon))]
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        return [_inv_stab(zs[0], self.epsilon)]
 
 
 class ZPlus(_TermRule):
@@ -183,8 +234,8 @@ class ZPlus(_TermRule):
     def terms(self) -> Sequence[Term]:
         return (Term(_pos, _pos, _pos), Term(_neg, _neg, None))
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        c = _inverse(stabilize(zs[0] + zs[1], self.stabilizer))
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        c = _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
         return [c, c]
 
 
@@ -202,9 +253,9 @@ class AlphaBeta(_TermRule):
     def terms(self) -> Sequence[Term]:
         return (Term(_pos, _pos, _pos), Term(_neg, _neg, None), Term(_pos, _neg, _neg), Term(_neg, _pos, None))
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        cp = self.alpha * _inverse(stabilize(zs[0] + zs[1], self.stabilizer))
-        cn = -self.beta * _inverse(stabilize(zs[2] + zs[3], self.stabilizer))
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        cp = self.alpha * _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
+        cn = -self.beta * _inv_stab(_sum(zs[2], zs[3]), self.stabilizer)
         return [cp, cp, cn, cn]
 
 
@@ -234,9 +285,9 @@ class Gamma(_TermRule):
         up, down = _gamma_mod(self.gamma, _pos), _gamma_mod(self.gamma, _neg)
         return (Term(_pos, up, up), Term(_neg, down, None), Term(_pos, down, down), Term(_neg, up, None))
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        cp = (z > 0).to(z.dtype) * _inverse(stabilize(zs[0] + zs[1], self.stabilizer))
-        cn = (z < 0).to(z.dtype) * _inverse(stabilize(zs[2] + zs[3], self.stabilizer))
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        cp = (z > 0).to(z.dtype) * _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
+        cn = (z < 0).to(z.dtype) * _inv_stab(_sum(zs[2], zs[3]), self.stabilizer)
         return [cp, cp, cn, cn]
 
 
@@ -252,8 +303,8 @@ class Flat(_TermRule):
     def terms(self) -> Sequence[Term]:
         return (Term(_ones, _ones, None),)
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        return [_inverse(stabilize(zs[0], self.stabilizer))]
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        return [_inv_stab(zs[0], self.stabilizer)]
 
 
 class WSquare(_TermRule):
@@ -269,8 +320,8 @@ class WSquare(_TermRule):
         sq = torch.square
         return (Term(_ones, sq, sq),)
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        return [_inverse(stabilize(zs[0], self.stabilizer))]
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        return [_inv_stab(zs[0], self.stabilizer)]
 
 
 class ZBox(_TermRule):
@@ -306,8 +357,8 @@ class ZBox(_TermRule):
             Term(self._bound(self.high), _neg, _neg),
         )
 
-    def coefficients(self, zs: list[Tensor], z: Tensor) -> list[Tensor]:
-        c = _inverse(stabilize(zs[0] - zs[1] - zs[2], self.stabilizer))
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        c = _inv_stab(zs[0] - zs[1] - zs[2], self.stabilizer)
         return [c, -c, -c]
 
 
@@ -322,10 +373,25 @@ class Norm(Rule):
         self.stabilizer = float(stabilizer)
 
     def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-        args = [a.detach() * _carrier(a) if isinstance(a, Tensor) and a.requires_grad else a for a in inputs]
-        # the module's own forward (not __call__: no hooks), on inputs carrying the rule's a_j factor
-        h = module.forward(*args) * _inverse(stabilize(output.detach(), self.stabilizer))
-        return output.detach() + (h - h.detach())
+        positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor) and a.requires_grad]
+        z = output.detach()
+
+        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            args = list(inputs)
+            with torch.enable_grad():
+                leaves = [a.detach().requires_grad_(True) for a in xs]
+                for i, leaf in zip(positions, leaves):
+                    args[i] = leaf
+                # the module's own forward (not __call__: no hooks)
+                out = module.forward(*args)
+                grads = torch.autograd.grad(out, leaves, grad * _inv_stab(z, self.stabilizer))
+            return [leaf.detach() * g for leaf, g in zip(leaves, grads)]
+
+        return with_relevance(backward, output, *(inputs[i] for i in positions))
+
+
+def _identity(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+    return [grad]
 
 
 class Pass(Rule):
@@ -344,7 +410,7 @@ class Pass(Rule):
                 f"The pass rule needs a layer that keeps its input's shape; {type(module).__name__} maps "
                 f"{tuple(x.shape)} to {tuple(output.shape)}."
             )
-        return output.detach() + (x - x.detach())
+        return with_relevance(_identity, output, x)
 
 
 RULES: dict[str, type[Rule]] = {

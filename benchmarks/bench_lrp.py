@@ -1,0 +1,119 @@
+"""LRP speed: one LRP call vs one forward+backward of the same batch (what a gradient map costs), and
+vs Zennit (test-only reference, ``pip install --no-deps zennit``) with the same composite and
+canonizer, side by side in one process, interleaved rounds, medians.
+
+    python benchmarks/bench_lrp.py            # ~30 s on 2 CPU cores
+    python benchmarks/bench_lrp.py --quick
+
+Prints a Markdown table. Target of issue 18: LRP at most 1.2x one forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.machinery
+import statistics
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+from explain_callbacks.attribution import LRP
+
+
+def vgg(width: int = 32, bn: bool = False) -> nn.Module:
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, padding=1), *([nn.BatchNorm2d(o)] if bn else []), nn.ReLU()]
+
+    w = width
+    return nn.Sequential(
+        *block(3, w), *block(w, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+        *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 64), nn.ReLU(), nn.Dropout(),
+        nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
+def zennit_or_none():
+    if importlib.util.find_spec("zennit") is None:
+        return None
+    stubbed = []
+    if importlib.util.find_spec("torchvision") is None:  # zennit imports torchvision's ResNet blocks
+        for name in ("torchvision", "torchvision.models", "torchvision.models.resnet"):
+            mod = types.ModuleType(name)
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            mod.__path__ = []
+            sys.modules[name] = mod
+            stubbed.append(name)
+        sys.modules["torchvision.models.resnet"].BasicBlock = type("BasicBlock", (nn.Module,), {})
+        sys.modules["torchvision.models.resnet"].Bottleneck = type("Bottleneck", (nn.Module,), {})
+    try:
+        return importlib.import_module("zennit")
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
+
+
+def medians(fns: list, repeats: int) -> list[float]:
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = list(enumerate(fns)) if r % 2 == 0 else list(reversed(list(enumerate(fns))))
+        for i, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    repeats = 5 if args.quick else 15
+    zennit = zennit_or_none()
+    rows = []
+    for name, bn in (("VGG-like", False), ("VGG-like + BatchNorm", True)):
+        model = vgg(bn=bn)
+        x = torch.rand(32, 3, 32, 32)
+        target = torch.randint(0, 10, (32,))
+        lrp = LRP(batch_size=None)
+
+        def fwd_bwd() -> None:
+            xr = x.detach().requires_grad_(True)
+            out = model(xr)
+            torch.autograd.grad(out.gather(1, target[:, None]).sum(), xr)
+
+        fns = [fwd_bwd, lambda: lrp(model, x, target)]
+        if zennit is not None:
+            from zennit.attribution import Gradient
+            from zennit.canonizers import SequentialMergeBatchNorm
+            from zennit.composites import EpsilonPlusFlat
+
+            zmodel = copy.deepcopy(model)
+            onehot = torch.eye(10)[target]
+
+            def zen() -> None:
+                comp = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
+                with Gradient(model=zmodel, composite=comp) as attributor:
+                    attributor(x, lambda out: out * onehot)
+
+            fns.append(zen)
+        t = medians(fns, repeats)
+        rows.append((name, *t))
+    print(f"\nbatch 32x3x32x32, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {repeats} interleaved rounds; composite epsilon_plus_flat\n")  # fmt: skip
+    print("| network | forward+backward (ms) | LRP (ms) | LRP / fwd+bwd | Zennit (ms) | LRP / Zennit |")
+    print("|---|---|---|---|---|---|")
+    for name, fb, ours, *z in rows:
+        zs = f"{1e3 * z[0]:.1f} | {ours / z[0]:.2f}x" if z else "not installed | -"
+        print(f"| {name} | {1e3 * fb:.1f} | {1e3 * ours:.1f} | {ours / fb:.2f}x | {zs} |")
+
+
+if __name__ == "__main__":
+    main()
