@@ -11,6 +11,7 @@ from .composites import (
     epsilon_only,
     epsilon_plus_flat,
 )
+from .crp import conditional_relevance
 from .engine import LRP, lrp_hooks
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, WSquare, ZBox, ZPlus, build_rule, stabilize
 
@@ -32,6 +33,7 @@ __all__ = [
     "ZPlus",
     "build_composite",
     "build_rule",
+    "conditional_relevance",
     "epsilon_alpha2_beta1",
     "epsilon_gamma_box",
     "epsilon_only",

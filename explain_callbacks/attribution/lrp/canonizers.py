@@ -193,6 +193,7 @@ class FunctionGuard(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.depth = 0
+        self.merged: dict[nn.Module, nn.Module] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

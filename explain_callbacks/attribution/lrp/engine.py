@@ -103,6 +103,7 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
             rule = composite.rule(name, m, m is plan.first)
             if rule is not None:
                 handles.extend(_rule_hooks(guard, m, rule, name))
+        guard.merged = {layer: bn for bn, layer in merged.items()}  # layer -> the BatchNorm it is explained with
         yield guard
     finally:
         for h in handles:
