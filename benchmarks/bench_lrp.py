@@ -70,6 +70,53 @@ def medians(fns: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def bench_net(name: str, bn: bool, zennit, repeats: int) -> tuple:
+    """(name, forward+backward, LRP, Zennit or None) medians in seconds, batch 32 of 3x32x32."""
+    model = vgg(bn=bn)
+    x = torch.rand(32, 3, 32, 32)
+    target = torch.randint(0, 10, (32,))
+    lrp = LRP(batch_size=None)
+
+    def fwd_bwd() -> None:
+        xr = x.detach().requires_grad_(True)
+        torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
+
+    fns = [fwd_bwd, lambda: lrp(model, x, target)]
+    if zennit is not None:
+        from zennit.attribution import Gradient
+        from zennit.canonizers import SequentialMergeBatchNorm
+        from zennit.composites import EpsilonPlusFlat
+
+        zmodel = copy.deepcopy(model)
+        onehot = torch.eye(10)[target]
+
+        def zen() -> None:
+            comp = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
+            with Gradient(model=zmodel, composite=comp) as attributor:
+                attributor(x, lambda out: out * onehot)
+
+        fns.append(zen)
+    return (name, *medians(fns, repeats))
+
+
+def bench_crp(repeats: int, k: int = 8) -> tuple[float, float]:
+    """CRP over k concepts of 8 samples (8k rows in one pass) vs one forward+backward of the 8k rows."""
+    from explain_callbacks.attribution.lrp import conditional_relevance
+
+    model = vgg()
+    x = torch.rand(8, 3, 32, 32)
+    target = torch.randint(0, 10, (8,))
+    lrp = LRP(batch_size=None)
+    rows, trows = x.repeat_interleave(k, 0), target.repeat_interleave(k)
+
+    def fwd_bwd() -> None:
+        xr = rows.detach().requires_grad_(True)
+        torch.autograd.grad(model(xr).gather(1, trows[:, None]).sum(), xr)
+
+    t = medians([fwd_bwd, lambda: conditional_relevance(lrp, model, x, target, "5", range(k))], repeats)
+    return t[0], t[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -77,35 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     repeats = 5 if args.quick else 15
     zennit = zennit_or_none()
-    rows = []
-    for name, bn in (("VGG-like", False), ("VGG-like + BatchNorm", True)):
-        model = vgg(bn=bn)
-        x = torch.rand(32, 3, 32, 32)
-        target = torch.randint(0, 10, (32,))
-        lrp = LRP(batch_size=None)
-
-        def fwd_bwd() -> None:
-            xr = x.detach().requires_grad_(True)
-            out = model(xr)
-            torch.autograd.grad(out.gather(1, target[:, None]).sum(), xr)
-
-        fns = [fwd_bwd, lambda: lrp(model, x, target)]
-        if zennit is not None:
-            from zennit.attribution import Gradient
-            from zennit.canonizers import SequentialMergeBatchNorm
-            from zennit.composites import EpsilonPlusFlat
-
-            zmodel = copy.deepcopy(model)
-            onehot = torch.eye(10)[target]
-
-            def zen() -> None:
-                comp = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
-                with Gradient(model=zmodel, composite=comp) as attributor:
-                    attributor(x, lambda out: out * onehot)
-
-            fns.append(zen)
-        t = medians(fns, repeats)
-        rows.append((name, *t))
+    rows = [bench_net(name, bn, zennit, repeats) for name, bn in (("VGG-like", False), ("VGG-like + BatchNorm", True))]
     print(f"\nbatch 32x3x32x32, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {repeats} interleaved rounds; composite epsilon_plus_flat\n")  # fmt: skip
     print("| network | forward+backward (ms) | LRP (ms) | LRP / fwd+bwd | Zennit (ms) | LRP / Zennit |")
@@ -113,6 +132,9 @@ def main() -> None:
     for name, fb, ours, *z in rows:
         zs = f"{1e3 * z[0]:.1f} | {ours / z[0]:.2f}x" if z else "not installed | -"
         print(f"| {name} | {1e3 * fb:.1f} | {1e3 * ours:.1f} | {ours / fb:.2f}x | {zs} |")
+    fb, crp = bench_crp(repeats)
+    print(f"\nCRP, 8 concepts x 8 samples (64 rows, one pass): {1e3 * crp:.1f} ms vs forward+backward of the 64 rows "
+          f"{1e3 * fb:.1f} ms: {crp / fb:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
