@@ -70,12 +70,24 @@ def medians(fns: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def bench_net(name: str, bn: bool, zennit, repeats: int) -> tuple:
-    """(name, forward+backward, LRP, Zennit or None) medians in seconds, batch 32 of 3x32x32."""
+def zennit_composite(composite: str):
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat, LayerMapComposite, layer_map_base
+    from zennit.rules import Epsilon
+    from zennit.types import Convolution
+
+    canon = [SequentialMergeBatchNorm()]
+    if composite == "epsilon_plus_flat":
+        return EpsilonPlusFlat(canonizers=canon)
+    return LayerMapComposite([*layer_map_base(), ((Convolution, nn.Linear), Epsilon())], canonizers=canon)
+
+
+def bench_net(name: str, bn: bool, composite: str, zennit, repeats: int) -> tuple:
+    """(name, composite, forward+backward, LRP, Zennit or None) medians in seconds, batch 32 of 3x32x32."""
     model = vgg(bn=bn)
     x = torch.rand(32, 3, 32, 32)
     target = torch.randint(0, 10, (32,))
-    lrp = LRP(batch_size=None)
+    lrp = LRP(composite, batch_size=None)
 
     def fwd_bwd() -> None:
         xr = x.detach().requires_grad_(True)
@@ -84,19 +96,16 @@ def bench_net(name: str, bn: bool, zennit, repeats: int) -> tuple:
     fns = [fwd_bwd, lambda: lrp(model, x, target)]
     if zennit is not None:
         from zennit.attribution import Gradient
-        from zennit.canonizers import SequentialMergeBatchNorm
-        from zennit.composites import EpsilonPlusFlat
 
         zmodel = copy.deepcopy(model)
         onehot = torch.eye(10)[target]
 
         def zen() -> None:
-            comp = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
-            with Gradient(model=zmodel, composite=comp) as attributor:
+            with Gradient(model=zmodel, composite=zennit_composite(composite)) as attributor:
                 attributor(x, lambda out: out * onehot)
 
         fns.append(zen)
-    return (name, *medians(fns, repeats))
+    return (name, composite, *medians(fns, repeats))
 
 
 def bench_crp(repeats: int, k: int = 8) -> tuple[float, float]:
@@ -124,14 +133,15 @@ def main() -> None:
     torch.manual_seed(0)
     repeats = 5 if args.quick else 15
     zennit = zennit_or_none()
-    rows = [bench_net(name, bn, zennit, repeats) for name, bn in (("VGG-like", False), ("VGG-like + BatchNorm", True))]
+    nets = (("VGG-like", False), ("VGG-like + BatchNorm", True))
+    rows = [bench_net(n, bn, c, zennit, repeats) for c in ("epsilon_plus_flat", "epsilon") for n, bn in nets]
     print(f"\nbatch 32x3x32x32, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {repeats} interleaved rounds; composite epsilon_plus_flat\n")  # fmt: skip
-    print("| network | forward+backward (ms) | LRP (ms) | LRP / fwd+bwd | Zennit (ms) | LRP / Zennit |")
-    print("|---|---|---|---|---|---|")
-    for name, fb, ours, *z in rows:
+          f"median of {repeats} interleaved rounds\n")  # fmt: skip
+    print("| network | composite | forward+backward (ms) | LRP (ms) | LRP / fwd+bwd | Zennit (ms) | LRP / Zennit |")
+    print("|---|---|---|---|---|---|---|")
+    for name, comp, fb, ours, *z in rows:
         zs = f"{1e3 * z[0]:.1f} | {ours / z[0]:.2f}x" if z else "not installed | -"
-        print(f"| {name} | {1e3 * fb:.1f} | {1e3 * ours:.1f} | {ours / fb:.2f}x | {zs} |")
+        print(f"| {name} | {comp} | {1e3 * fb:.1f} | {1e3 * ours:.1f} | {ours / fb:.2f}x | {zs} |")
     fb, crp = bench_crp(repeats)
     print(f"\nCRP, 8 concepts x 8 samples (64 rows, one pass): {1e3 * crp:.1f} ms vs forward+backward of the 64 rows "
           f"{1e3 * fb:.1f} ms: {crp / fb:.2f}x")  # fmt: skip

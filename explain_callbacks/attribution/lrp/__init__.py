@@ -11,7 +11,7 @@ from .composites import (
     epsilon_only,
     epsilon_plus_flat,
 )
-from .crp import conditional_relevance
+from .crp import RelevanceMaximization, conditional_relevance, layer_relevance, relevance_maximization
 from .engine import LRP, lrp_hooks
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, WSquare, ZBox, ZPlus, build_rule, stabilize
 
@@ -25,6 +25,7 @@ __all__ = [
     "Gamma",
     "LRPUnsupportedError",
     "Norm",
+    "RelevanceMaximization",
     "Pass",
     "Rule",
     "Sum",
@@ -34,10 +35,12 @@ __all__ = [
     "build_composite",
     "build_rule",
     "conditional_relevance",
+    "layer_relevance",
     "epsilon_alpha2_beta1",
     "epsilon_gamma_box",
     "epsilon_only",
     "epsilon_plus_flat",
     "lrp_hooks",
+    "relevance_maximization",
     "stabilize",
 ]

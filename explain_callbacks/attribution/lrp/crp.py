@@ -7,23 +7,28 @@ relevance of channel c at L (summed over its positions) is how much the concept 
 prediction. Many concepts in one batched pass: each sample is repeated once per concept and each
 copy masked to its own channel.
 
-Relevance maximisation, reference crops and the ConceptMonitor are not part of this module yet.
+Relevance maximisation (§"Relevance maximisation" of the paper) ranks reference samples by a
+concept's relevance at the layer (its maximum over positions, or its sum) rather than by its
+activation, so the references show what the concept contributes to predictions; the crop is the
+input region the top position depends on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import chunks
+from ..._internal.guard import ModelState
 from ..._internal.outputs import OutputSpec, read_scores
 from ..layers import find_layer
 from .engine import LRP, _output_relevance, lrp_hooks
 
-__all__ = ["conditional_relevance"]
+__all__ = ["RelevanceMaximization", "conditional_relevance", "layer_relevance", "relevance_maximization"]
 
 
 def conditional_relevance(
@@ -92,3 +97,140 @@ def conditional_relevance(
             finally:
                 handle.remove()
         return torch.cat(maps).view(b, k, *x.shape[1:]), torch.cat(rels).view(b, k)
+
+
+def layer_relevance(
+    lrp: LRP,
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor | int | None,
+    layer: str | nn.Module,
+    *,
+    output_key: OutputSpec = None,
+) -> Tensor:
+    """The LRP relevance of ``layer``'s output neurons, shape of that output (B, C, ...): one
+    backward pass per chunk, all concepts at once."""
+    with lrp._entry(model, inputs, target, output_key) as (called, x, tgt):
+        tgt = lrp._prepare(called, x, tgt)
+        mod = find_layer(model, layer)
+        found: list[Tensor] = []
+
+        def record(_m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
+            out.register_hook(lambda g: found.append(g.detach()))
+
+        outs = []
+        with lrp_hooks(called, lrp._composite, x[:1].detach(), lrp.canonize) as guard:
+            handle = guard.merged.get(mod, mod).register_forward_hook(record)
+            try:
+                for sl in chunks(x.shape[0], lrp.batch_size):
+                    xc = x[sl].detach().clone().requires_grad_(True)
+                    with guard:
+                        scores = read_scores(called(xc))
+                    r0 = _output_relevance(scores, None if tgt is None else tgt[sl])
+                    found.clear()
+                    torch.autograd.grad(scores, xc, grad_outputs=r0, allow_unused=True)
+                    if not found:
+                        raise ValueError(f"No relevance reached layer {layer!r}: it is not on the path to the output.")
+                    outs.append(found[0])
+            finally:
+                handle.remove()
+        return torch.cat(outs)
+
+
+@dataclass
+class RelevanceMaximization:
+    """Top reference samples per concept. ``indices``/``scores`` (top_k, n_concepts): rows of the
+    reference set, best first; ``positions`` (top_k, n_concepts, d): the layer position of the
+    concept's largest relevance in that sample; ``boxes`` (top_k, n_concepts, d, 2): [start, stop)
+    per spatial input dimension of the region that position depends on (its receptive field)."""
+
+    concepts: list[int]
+    indices: Tensor
+    scores: Tensor
+    positions: Tensor
+    boxes: Tensor
+
+    def crops(self, reference: Tensor, concept: int) -> list[Tensor]:
+        """The reference crops of ``concept`` (one of :attr:`concepts`), best first."""
+        j = self.concepts.index(int(concept))
+        out = []
+        for r in range(self.indices.shape[0]):
+            sample = reference[int(self.indices[r, j])]
+            index = (slice(None), *(slice(int(a), int(b)) for a, b in self.boxes[r, j]))
+            out.append(sample[index])
+        return out
+
+
+def _receptive_box(model: nn.Module, layer: nn.Module, x: Tensor, channel: int, position: Sequence[int]) -> Tensor:
+    """[start, stop) per spatial dim of the input entries the layer's neuron (channel, position) depends
+    on at this sample: the support of its gradient w.r.t. the input (plain autograd, no LRP)."""
+    store: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _a, out: store.append(out))
+    try:
+        xr = x.detach().clone().unsqueeze(0).requires_grad_(True)
+        model(xr)
+        (g,) = torch.autograd.grad(store[0][(0, channel, *position)], xr, allow_unused=True)
+    finally:
+        handle.remove()
+    spatial = x.shape[1:]
+    if g is None or not bool(g.any()):
+        return torch.tensor([[0, n] for n in spatial])  # no gradient path at this sample: the whole input
+    support = g[0].abs().sum(0) > 0
+    box = []
+    for d in range(support.ndim):
+        other = tuple(i for i in range(support.ndim) if i != d)
+        hit = support.any(dim=other) if other else support
+        idx = hit.nonzero().flatten()
+        box.append([int(idx.min()), int(idx.max()) + 1])
+    return torch.tensor(box)
+
+
+def relevance_maximization(
+    lrp: LRP,
+    model: nn.Module,
+    reference: Tensor,
+    target: Tensor | int | None,
+    layer: str | nn.Module,
+    concepts: Sequence[int] | None = None,
+    *,
+    top_k: int = 8,
+    mode: str = "max",
+    output_key: OutputSpec = None,
+) -> RelevanceMaximization:
+    """Rank the ``reference`` samples (a bounded set, e.g. validation data) for each concept by its
+    relevance at ``layer`` for ``target`` (``mode="max"``: the largest over positions, as the paper's
+    relevance maximisation; ``"sum"``: the concept relevance), with each top sample's receptive-field box."""
+    if mode not in ("max", "sum"):
+        raise ValueError(f"mode must be 'max' (largest relevance over positions) or 'sum', got {mode!r}.")
+    rel = layer_relevance(lrp, model, reference, target, layer, output_key=output_key)
+    if rel.ndim < 2:
+        raise ValueError(f"layer {layer!r} gives shape {tuple(rel.shape)}: no channels to rank.")
+    concepts = list(range(rel.shape[1])) if concepts is None else [int(c) for c in concepts]
+    per = rel[:, concepts].flatten(2)  # (N, k, positions)
+    flat_max, flat_arg = per.max(2)
+    score = flat_max if mode == "max" else per.sum(2)
+    k = min(int(top_k), rel.shape[0])
+    scores, indices = score.topk(k, dim=0)  # (k, n_concepts)
+    spatial = rel.shape[2:]
+    arg = flat_arg.gather(0, indices)  # position of each top sample's largest relevance
+    positions = torch.stack(torch.unravel_index(arg, spatial), -1) if spatial else arg.new_zeros(*arg.shape, 0)
+    mod = find_layer(model, layer)
+    boxes = torch.zeros(k, len(concepts), reference.ndim - 2, 2, dtype=torch.long)
+    if reference.ndim > 2:
+        state = ModelState.capture(model)  # eval mode for the box passes; modes and flags restored after
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for r in range(k):
+                for j, c in enumerate(concepts):
+                    pos = positions[r, j].tolist()
+                    if len(pos) == 0:  # a dense layer: every input entry feeds it
+                        boxes[r, j] = torch.tensor([[0, n] for n in reference.shape[2:]])
+                    else:
+                        x = reference[int(indices[r, j])]
+                        with torch.enable_grad(), torch.inference_mode(False):
+                            boxes[r, j] = _receptive_box(model, mod, x, c, pos)
+        finally:
+            state.restore(model)
+    return RelevanceMaximization(concepts, indices, scores, positions, boxes)

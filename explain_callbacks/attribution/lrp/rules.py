@@ -48,7 +48,8 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """z + ε·sign(z), with sign(0) taken as +1 (a zero denominator becomes ε)."""
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    eps = z.new_tensor(epsilon)  # 0-d, in z's dtype (plain numbers would give the default dtype)
+    return z + torch.where(z >= 0, eps, -eps)  # one pass fewer than where(z >= 0, z + ε, z − ε)
 
 
 def _inverse(d: Tensor) -> Tensor:
@@ -158,6 +159,9 @@ def _single_input(module: nn.Module, inputs: tuple[Any, ...], rule: Rule) -> Ten
 class _TermRule(Rule):
     """A rule given as terms (input and parameter modifiers) and output coefficients."""
 
+    #: the single term is the layer itself (input and parameters unmodified): its forward graph is reused
+    reuses_forward = False
+
     def terms(self) -> Sequence[Term]:
         raise NotImplementedError
 
@@ -173,6 +177,14 @@ class _TermRule(Rule):
         w, b = params if params is not None else (module.weight, getattr(module, "bias", None))
         w, b = w.detach(), None if b is None else b.detach()
         z = output.detach()
+        if self.reuses_forward and params is None and output.requires_grad:
+            # ε with the layer's own parameters: the term's forward is the layer's own, whose graph is there:
+            # R = a ⊙ ∂z/∂a^T (R_out / s(z)) without a second forward.
+            def backward_reuse(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+                (g,) = torch.autograd.grad(output, xs[0], grad * self.coefficients([z], z)[0])
+                return [xs[0].detach() * g]
+
+            return with_relevance(backward_reuse, output, x)
 
         def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
             (xd,) = (a.detach() for a in xs)
@@ -211,6 +223,7 @@ class Epsilon(_TermRule):
     without biases it equals gradient × input."""
 
     name = "epsilon"
+    reuses_forward = True
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = float(epsilon)
