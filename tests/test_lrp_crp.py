@@ -57,3 +57,39 @@ def test_equals_zennit_crp(net, layer):
         layer_rel = res.relevances[layer]  # (k, C, h, w): the layer's relevance (unmasked, as recorded)
         ref_rel = torch.stack([layer_rel[j, c].sum() for j, c in enumerate(concepts)])
         torch.testing.assert_close(rel[i], ref_rel, atol=1e-5 * float(ref_rel.abs().max()), rtol=1e-5)
+
+
+def _tanh_net():
+    torch.manual_seed(6)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+        torch.nn.Linear(3 * 6 * 6, 2),
+    ).double()  # fmt: skip
+
+
+def test_relevance_maximization_ranks_and_boxes():
+    """'sum' ranks by the concept relevance that conditional_relevance computes by masking (an independent
+    path); boxes are the 5x5 receptive field of two unpadded 3x3 convolutions at the top position."""
+    from explain_callbacks.attribution.lrp import layer_relevance, relevance_maximization
+
+    model = _tanh_net().train()  # modes must come back
+    ref = torch.rand(10, 1, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.zeros(10, dtype=torch.long)
+    lrp = LRP("epsilon", batch_size=4)
+    rm = relevance_maximization(lrp, model, ref, t, "2", [0, 2], top_k=3, mode="sum")
+    _, cond = conditional_relevance(lrp, model, ref, t, "2", [0, 2])
+    want = cond.topk(3, dim=0)
+    assert torch.equal(rm.indices, want.indices)
+    torch.testing.assert_close(rm.scores, want.values)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    rmax = relevance_maximization(lrp, model, ref, t, "2", [1], top_k=4, mode="max")
+    rel = layer_relevance(lrp, model, ref, t, "2")
+    torch.testing.assert_close(rmax.scores[:, 0], rel[:, 1].flatten(1).amax(1).topk(4).values)
+    for r in range(4):
+        i, j = rmax.positions[r, 0].tolist()
+        assert rel[rmax.indices[r, 0], 1, i, j] == rmax.scores[r, 0]
+        assert rmax.boxes[r, 0].tolist() == [[i, i + 5], [j, j + 5]]
+    crops = rmax.crops(ref, 1)
+    assert len(crops) == 4 and all(c.shape == (1, 5, 5) for c in crops)
+    with pytest.raises(ValueError, match="mode must be"):
+        relevance_maximization(lrp, model, ref, t, "2", mode="mean")
