@@ -93,3 +93,43 @@ def test_relevance_maximization_ranks_and_boxes():
     assert len(crops) == 4 and all(c.shape == (1, 5, 5) for c in crops)
     with pytest.raises(ValueError, match="mode must be"):
         relevance_maximization(lrp, model, ref, t, "2", mode="mean")
+
+
+def test_concept_atlas_finds_planted_watermark_concept():
+    """A planted concept: channel 2 of the first convolution is a detector of a 3x3 checker watermark
+    (matched filter, threshold bias) and the head reads it for class 1. The atlas must put channel 2 first
+    for class 1, and relevance maximisation must crop the watermark out of the class-1 references."""
+    from explain_callbacks.attribution.lrp import concept_atlas, relevance_maximization
+
+    torch.manual_seed(0)
+    mark = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float64)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1).double()
+    head = torch.nn.Linear(4, 2).double()
+    with torch.no_grad():
+        conv.weight.mul_(0.1)
+        conv.weight[2, 0] = mark
+        conv.bias[2] = -4.0  # fires only where the pattern matches (response 5 there, at most 1.5 on the noise)
+        head.weight.uniform_(-0.1, 0.1)
+        head.weight[1, 2] = 200.0  # one firing position of 144 after average pooling: +1.4 for class 1
+        head.bias.copy_(torch.tensor([0.5, 0.0]))
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+    g = torch.Generator().manual_seed(2)
+    x = 0.3 * torch.rand(12, 1, 12, 12, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1] * 6)
+    where = []
+    for i in range(1, 12, 2):  # the watermark in class-1 images, at a random place
+        r, c = (int(v) for v in torch.randint(0, 9, (2,), generator=g))
+        x[i, 0, r : r + 3, c : c + 3] = (mark + 1) / 2
+        where.append((i, r, c))
+    assert (model(x).argmax(1) == y).all()
+    atlas = concept_atlas(LRP(), model, x, y, "0", top=2)
+    assert atlas.classes == [0, 1]
+    assert int(atlas.concepts[1, 0]) == 2 and float(atlas.relevance[1, 0]) > 0.5
+    assert "| 1 | 2 (" in atlas.table()
+    rm = relevance_maximization(LRP(), model, x, y, "0", [2], top_k=3)
+    for r in range(3):
+        i = int(rm.indices[r, 0])
+        assert i % 2 == 1  # class-1 images only
+        (_, top, left) = next(w for w in where if w[0] == i)
+        (r0, r1), (c0, c1) = rm.boxes[r, 0].tolist()
+        assert r0 <= top + 1 < r1 and c0 <= left + 1 < c1  # the crop holds the watermark's centre

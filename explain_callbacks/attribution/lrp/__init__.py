@@ -11,7 +11,14 @@ from .composites import (
     epsilon_only,
     epsilon_plus_flat,
 )
-from .crp import RelevanceMaximization, conditional_relevance, layer_relevance, relevance_maximization
+from .crp import (
+    ConceptAtlas,
+    RelevanceMaximization,
+    concept_atlas,
+    conditional_relevance,
+    layer_relevance,
+    relevance_maximization,
+)
 from .engine import LRP, lrp_hooks
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, WSquare, ZBox, ZPlus, build_rule, stabilize
 
@@ -20,6 +27,7 @@ __all__ = [
     "LRP",
     "AlphaBeta",
     "Composite",
+    "ConceptAtlas",
     "Epsilon",
     "Flat",
     "Gamma",
@@ -34,6 +42,7 @@ __all__ = [
     "ZPlus",
     "build_composite",
     "build_rule",
+    "concept_atlas",
     "conditional_relevance",
     "layer_relevance",
     "epsilon_alpha2_beta1",

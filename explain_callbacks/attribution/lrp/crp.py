@@ -28,7 +28,14 @@ from ..._internal.outputs import OutputSpec, read_scores
 from ..layers import find_layer
 from .engine import LRP, _output_relevance, lrp_hooks
 
-__all__ = ["RelevanceMaximization", "conditional_relevance", "layer_relevance", "relevance_maximization"]
+__all__ = [
+    "ConceptAtlas",
+    "RelevanceMaximization",
+    "concept_atlas",
+    "conditional_relevance",
+    "layer_relevance",
+    "relevance_maximization",
+]
 
 
 def conditional_relevance(
@@ -234,3 +241,50 @@ def relevance_maximization(
         finally:
             state.restore(model)
     return RelevanceMaximization(concepts, indices, scores, positions, boxes)
+
+
+@dataclass
+class ConceptAtlas:
+    """Per class, the concepts (channels of the layer) that carry it. ``concepts`` and ``relevance``
+    (n_classes, top): channel indices, best first, and their mean concept relevance over the class's
+    samples as a share of the class's mean total relevance at the layer (shares of all channels sum to 1)."""
+
+    classes: list[int]
+    concepts: Tensor
+    relevance: Tensor
+
+    def table(self) -> str:
+        """A Markdown table: class, then its top concepts with their shares."""
+        lines = ["| class | top concepts (share of the class's relevance at the layer) |", "|---|---|"]
+        for i, c in enumerate(self.classes):
+            cells = ", ".join(f"{int(k)} ({float(r):.0%})" for k, r in zip(self.concepts[i], self.relevance[i]))
+            lines.append(f"| {c} | {cells} |")
+        return "\n".join(lines)
+
+
+def concept_atlas(
+    lrp: LRP,
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    layer: str | nn.Module,
+    *,
+    top: int = 5,
+    output_key: OutputSpec = None,
+) -> ConceptAtlas:
+    """Which concepts of ``layer`` carry each class (Achtibat et al. 2023, concept atlas): each sample
+    explained for its label, concept relevance (Σ over positions per channel) averaged per class, the
+    ``top`` channels kept. Their reference crops come from :func:`relevance_maximization`."""
+    labels = torch.as_tensor(labels).long().to(inputs.device)
+    rel = layer_relevance(lrp, model, inputs, labels, layer, output_key=output_key)
+    per = rel.flatten(2).sum(2) if rel.ndim > 2 else rel  # (N, C) concept relevance
+    classes = sorted(int(c) for c in labels.unique())
+    k = min(int(top), per.shape[1])
+    concepts, shares = [], []
+    for c in classes:
+        mean = per[labels == c].mean(0)
+        share = mean / mean.sum().abs().clamp_min(1e-12)
+        vals, idx = share.topk(k)
+        concepts.append(idx)
+        shares.append(vals)
+    return ConceptAtlas(classes, torch.stack(concepts), torch.stack(shares))
