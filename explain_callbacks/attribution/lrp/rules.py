@@ -71,7 +71,8 @@ def _sum(*ts: Tensor | None) -> Tensor:
     for t in ts:
         if t is not None:
             out = t if out is None else out + t
-    assert out is not None  # the first term of every rule carries the bias and is never skipped
+    if out is None:  # cannot happen with the built-in rules: their first term carries the bias and is never skipped
+        raise ValueError("An LRP rule skipped all its terms; give its first term a bias modifier.")
     return out
 
 
