@@ -133,3 +133,20 @@ def test_concept_atlas_finds_planted_watermark_concept():
         (_, top, left) = next(w for w in where if w[0] == i)
         (r0, r1), (c0, c1) = rm.boxes[r, 0].tolist()
         assert r0 <= top + 1 < r1 and c0 <= left + 1 < c1  # the crop holds the watermark's centre
+
+
+def test_crp_inside_inference_mode():
+    """Lightning's validate/test run under inference_mode: same rankings and boxes as outside."""
+    from explain_callbacks.attribution.lrp import concept_atlas, relevance_maximization
+
+    model = _tanh_net().eval()
+    ref = torch.rand(6, 1, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.zeros(6, dtype=torch.long)
+    out = relevance_maximization(LRP(), model, ref, t, "2", [0, 1], top_k=2)
+    atlas = concept_atlas(LRP(), model, ref, t, "2")
+    with torch.inference_mode():
+        ref_i = ref.clone()
+        inside = relevance_maximization(LRP(), model, ref_i, t, "2", [0, 1], top_k=2)
+        atlas_i = concept_atlas(LRP(), model, ref_i, t, "2")
+    assert torch.equal(out.indices, inside.indices) and torch.equal(out.boxes, inside.boxes)
+    assert torch.equal(atlas.concepts, atlas_i.concepts)

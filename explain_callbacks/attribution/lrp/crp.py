@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import chunks
-from ..._internal.guard import ModelState
+from ..._internal.guard import ModelState, grad_enabled
 from ..._internal.outputs import OutputSpec, read_scores
 from ..layers import find_layer
 from .engine import LRP, _output_relevance, lrp_hooks
@@ -222,24 +222,23 @@ def relevance_maximization(
     arg = flat_arg.gather(0, indices)  # position of each top sample's largest relevance
     positions = torch.stack(torch.unravel_index(arg, spatial), -1) if spatial else arg.new_zeros(*arg.shape, 0)
     mod = find_layer(model, layer)
-    boxes = torch.zeros(k, len(concepts), reference.ndim - 2, 2, dtype=torch.long)
-    if reference.ndim > 2:
-        state = ModelState.capture(model)  # eval mode for the box passes; modes and flags restored after
-        try:
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for r in range(k):
-                for j, c in enumerate(concepts):
-                    pos = positions[r, j].tolist()
-                    if len(pos) == 0:  # a dense layer: every input entry feeds it
-                        boxes[r, j] = torch.tensor([[0, n] for n in reference.shape[2:]])
-                    else:
-                        x = reference[int(indices[r, j])]
-                        with torch.enable_grad(), torch.inference_mode(False):
-                            boxes[r, j] = _receptive_box(model, mod, x, c, pos)
-        finally:
-            state.restore(model)
+    with grad_enabled():  # the box passes need gradients, also when called under no_grad / inference_mode
+        boxes = torch.zeros(k, len(concepts), max(reference.ndim - 2, 0), 2, dtype=torch.long)
+        if reference.ndim > 2:
+            state = ModelState.capture(model)  # eval mode for the box passes; modes and flags restored after
+            try:
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                for r in range(k):
+                    for j, c in enumerate(concepts):
+                        pos = positions[r, j].tolist()
+                        if len(pos) == 0:  # a dense layer: every input entry feeds it
+                            boxes[r, j] = torch.tensor([[0, n] for n in reference.shape[2:]])
+                        else:
+                            boxes[r, j] = _receptive_box(model, mod, reference[int(indices[r, j])], c, pos)
+            finally:
+                state.restore(model)
     return RelevanceMaximization(concepts, indices, scores, positions, boxes)
 
 
