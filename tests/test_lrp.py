@@ -253,3 +253,19 @@ def test_attribution_monitor_by_name(tmp_path):
     w0, w1 = m0.state_dict(), m1.state_dict()
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+def test_linear_then_batchnorm_on_sequences_not_merged():
+    """A Linear on (B, T, F) followed by BatchNorm1d(T) normalises over another axis than the Linear's
+    features: merging would change the function; it is left to the pass rule (here T == F, so the channel
+    counts alone would not tell)."""
+    from explain_callbacks.attribution.lrp.canonizers import probe_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(16, 2)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = _x(3, 4, 4)
+    assert probe_plan(model, x[:1]).merges == {}
+    t = torch.tensor([0, 1, 0])
+    torch.testing.assert_close(LRP()(model, x, t), LRP(canonize=False)(model, x, t))

@@ -119,7 +119,10 @@ def probe_plan(model: nn.Module, row: Tensor) -> MergePlan:
             plan.first = m
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and counts[m] == 1:
             for layer, _, out in reversed(calls[:i]):
-                if out is x and isinstance(layer, _AFFINE) and counts[layer] == 1 and _mergeable(m, layer):
+                # a Linear's features are its last dim, a BatchNorm's channels dim 1: the same only for 2-D outputs
+                same_axis = not isinstance(layer, nn.Linear) or (isinstance(x, Tensor) and x.ndim == 2)
+                adjacent = out is x and isinstance(layer, _AFFINE) and counts[layer] == 1
+                if adjacent and same_axis and _mergeable(m, layer):
                     plan.merges[m] = layer
                     break
     return plan
