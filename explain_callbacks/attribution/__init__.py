@@ -8,6 +8,7 @@ from .cam import GradCAM
 from .captum_adapter import CaptumAttributor
 from .embedding import EmbeddingView, find_embedding
 from .gradient import InputXGradient, Saliency, SmoothGrad
+from .lrp import LRP
 from .neuron_region import NeuronRegionIG
 from .path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
 
@@ -20,6 +21,7 @@ __all__ = [
     "GradCAM",
     "InputXGradient",
     "IntegratedGradients",
+    "LRP",
     "NeuronRegionIG",
     "Saliency",
     "SmoothGrad",

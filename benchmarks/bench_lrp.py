@@ -1,0 +1,190 @@
+"""LRP speed: one LRP call vs one forward+backward of the same batch (what a gradient map costs), and
+vs Zennit (test-only reference, ``pip install --no-deps zennit``) with the same composite and
+canonizer, side by side in one process, interleaved rounds, medians.
+
+    python benchmarks/bench_lrp.py                  # ~30 s on 2 CPU cores
+    python benchmarks/bench_lrp.py --quick
+    python benchmarks/bench_lrp.py --faithfulness   # deletion / insertion vs IG on the shapes data (~30 s)
+
+Prints a Markdown table. Target of issue 18: LRP at most 1.2x one forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.machinery
+import statistics
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+from explain_callbacks.attribution import LRP
+
+
+def vgg(width: int = 32, bn: bool = False) -> nn.Module:
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, padding=1), *([nn.BatchNorm2d(o)] if bn else []), nn.ReLU()]
+
+    w = width
+    return nn.Sequential(
+        *block(3, w), *block(w, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+        *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 64), nn.ReLU(), nn.Dropout(),
+        nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
+def zennit_or_none():
+    if importlib.util.find_spec("zennit") is None:
+        return None
+    stubbed = []
+    if importlib.util.find_spec("torchvision") is None:  # zennit imports torchvision's ResNet blocks
+        for name in ("torchvision", "torchvision.models", "torchvision.models.resnet"):
+            mod = types.ModuleType(name)
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            mod.__path__ = []
+            sys.modules[name] = mod
+            stubbed.append(name)
+        sys.modules["torchvision.models.resnet"].BasicBlock = type("BasicBlock", (nn.Module,), {})
+        sys.modules["torchvision.models.resnet"].Bottleneck = type("Bottleneck", (nn.Module,), {})
+    try:
+        return importlib.import_module("zennit")
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
+
+
+def medians(fns: list, repeats: int) -> list[float]:
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = list(enumerate(fns)) if r % 2 == 0 else list(reversed(list(enumerate(fns))))
+        for i, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def zennit_composite(composite: str):
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat, LayerMapComposite, layer_map_base
+    from zennit.rules import Epsilon
+    from zennit.types import Convolution
+
+    canon = [SequentialMergeBatchNorm()]
+    if composite == "epsilon_plus_flat":
+        return EpsilonPlusFlat(canonizers=canon)
+    return LayerMapComposite([*layer_map_base(), ((Convolution, nn.Linear), Epsilon())], canonizers=canon)
+
+
+def bench_net(name: str, bn: bool, composite: str, zennit, repeats: int) -> tuple:
+    """(name, composite, forward+backward, LRP, Zennit or None) medians in seconds, batch 32 of 3x32x32."""
+    model = vgg(bn=bn)
+    x = torch.rand(32, 3, 32, 32)
+    target = torch.randint(0, 10, (32,))
+    lrp = LRP(composite, batch_size=None)
+
+    def fwd_bwd() -> None:
+        xr = x.detach().requires_grad_(True)
+        torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
+
+    fns = [fwd_bwd, lambda: lrp(model, x, target)]
+    if zennit is not None:
+        from zennit.attribution import Gradient
+
+        zmodel = copy.deepcopy(model)
+        onehot = torch.eye(10)[target]
+
+        def zen() -> None:
+            with Gradient(model=zmodel, composite=zennit_composite(composite)) as attributor:
+                attributor(x, lambda out: out * onehot)
+
+        fns.append(zen)
+    return (name, composite, *medians(fns, repeats))
+
+
+def bench_crp(repeats: int, k: int = 8) -> tuple[float, float]:
+    """CRP over k concepts of 8 samples (8k rows in one pass) vs one forward+backward of the 8k rows."""
+    from explain_callbacks.attribution.lrp import conditional_relevance
+
+    model = vgg()
+    x = torch.rand(8, 3, 32, 32)
+    target = torch.randint(0, 10, (8,))
+    lrp = LRP(batch_size=None)
+    rows, trows = x.repeat_interleave(k, 0), target.repeat_interleave(k)
+
+    def fwd_bwd() -> None:
+        xr = rows.detach().requires_grad_(True)
+        torch.autograd.grad(model(xr).gather(1, trows[:, None]).sum(), xr)
+
+    t = medians([fwd_bwd, lambda: conditional_relevance(lrp, model, x, target, "5", range(k))], repeats)
+    return t[0], t[1]
+
+
+def faithfulness(n: int = 64) -> None:
+    """Deletion (lower is better) and insertion (higher is better) AUC of LRP vs IG and gradient maps, on
+    a SmallCNN trained for 15 epochs on 1024 procedural shapes (32x32, 4 classes), n validation images."""
+    from explain_callbacks.attribution import build_attributor
+    from explain_callbacks.datasets.shapes import make_shapes
+    from explain_callbacks.metrics.functional import deletion, insertion
+    from explain_callbacks.models import SmallCNN
+
+    d = make_shapes(1024 + n, size=32, seed=0)
+    torch.manual_seed(0)
+    model = SmallCNN(3, 4, width=16)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _epoch in range(15):
+        for i in range(0, 1024, 64):
+            loss = nn.functional.cross_entropy(model(d.x[i : i + 64]), d.y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    x, y = d.x[1024:], d.y[1024:]
+    acc = float((model(x).argmax(1) == y).float().mean())
+    print(f"\nfaithfulness on shapes ({n} validation images, accuracy {acc:.2f}), 32 steps, zeros / blur substrates\n")
+    print("| method | deletion AUC (lower better) | insertion AUC (higher better) | insertion - deletion |")
+    print("|---|---|---|---|")
+    for spec in ("lrp", {"name": "lrp", "composite": "epsilon_alpha2_beta1"}, {"name": "lrp", "composite": "epsilon"},
+                 {"name": "ig", "n_steps": 32}, "input_x_gradient", "saliency"):  # fmt: skip
+        method = build_attributor(spec)
+        a = method(model, x, y)
+        de = float(deletion(model, x, a, y).mean())
+        ins = float(insertion(model, x, a, y).mean())
+        label = spec if isinstance(spec, str) else f"{spec['name']} {spec.get('composite', '')}".strip()
+        print(f"| {label} | {de:.3f} | {ins:.3f} | {ins - de:.3f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--faithfulness", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.faithfulness:
+        faithfulness()
+        return
+    repeats = 5 if args.quick else 15
+    zennit = zennit_or_none()
+    nets = (("VGG-like", False), ("VGG-like + BatchNorm", True))
+    rows = [bench_net(n, bn, c, zennit, repeats) for c in ("epsilon_plus_flat", "epsilon") for n, bn in nets]
+    print(f"\nbatch 32x3x32x32, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {repeats} interleaved rounds\n")  # fmt: skip
+    print("| network | composite | forward+backward (ms) | LRP (ms) | LRP / fwd+bwd | Zennit (ms) | LRP / Zennit |")
+    print("|---|---|---|---|---|---|---|")
+    for name, comp, fb, ours, *z in rows:
+        zs = f"{1e3 * z[0]:.1f} | {ours / z[0]:.2f}x" if z else "not installed | -"
+        print(f"| {name} | {comp} | {1e3 * fb:.1f} | {1e3 * ours:.1f} | {ours / fb:.2f}x | {zs} |")
+    fb, crp = bench_crp(repeats)
+    print(f"\nCRP, 8 concepts x 8 samples (64 rows, one pass): {1e3 * crp:.1f} ms vs forward+backward of the 64 rows "
+          f"{1e3 * fb:.1f} ms: {crp / fb:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The LRP attributor: rules applied by forward hooks for the length of one call.
+
+Layer-wise relevance propagation (Bach et al. 2015, "On pixel-wise explanations for non-linear
+classifier decisions by layer-wise relevance propagation", PLoS ONE; Montavon et al. 2019, "Layer-wise
+relevance propagation: an overview"). The relevance of the explained output f_c(x) (its value, so
+that the map sums to f_c up to what biases and stabilisers absorb) is handed back layer by layer by
+each layer's rule, chosen by a :class:`~.composites.Composite`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..._internal.batching import BatchSize, chunks, select_output
+from ..._internal.guard import ModelState
+from ..._internal.outputs import read_scores
+from ..._internal.registry import ATTRIBUTIONS
+from ..base import Attributor
+from .canonizers import FunctionGuard, InplaceOff, merged_params, probe_plan, refuse_attention
+from .composites import Composite, build_composite
+from .rules import Rule, _TermRule
+
+__all__ = ["LRP", "lrp_hooks"]
+
+
+def _rule_hooks(guard: FunctionGuard, module: nn.Module, rule: Rule, name: str) -> tuple[Any, Any]:
+    def pre(_m: nn.Module, _args: tuple[Any, ...]) -> None:
+        guard.depth += 1  # the layer's own operations are replaced by the rule: not inspected
+
+    def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor:
+        try:
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"LRP rule {rule.name!r} on layer {name!r} ({type(m).__name__}) needs a tensor output, got "
+                    f"{type(out).__name__}; give this layer another rule (name_map={{{name!r}: ...}}) or composite."
+                )
+            return rule.apply(m, args, out)
+        finally:
+            guard.depth -= 1  # after the rule: its own operations are not the model's
+
+    return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
+
+
+def _merged_hooks(
+    guard: FunctionGuard, layer: nn.Module, bn: nn.Module, rule: _TermRule
+) -> tuple[Any, Any, Any]:
+    """The layer's rule applied at the BatchNorm's output with the merged parameters, to the
+    layer's input (saved by a pre-hook): the two run as one affine layer for LRP."""
+    seen: list[Tensor] = []
+
+    def save(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        seen[:] = [args[0]]
+
+    def pre(_m: nn.Module, _args: tuple[Any, ...]) -> None:
+        guard.depth += 1
+
+    def post(m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> Tensor:
+        try:
+            return rule.apply(layer, (seen[0],), out, params=merged_params(layer, m))
+        finally:
+            guard.depth -= 1
+
+    return layer.register_forward_pre_hook(save), bn.register_forward_pre_hook(pre), bn.register_forward_hook(post)
+
+
+@contextlib.contextmanager
+def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: bool = True) -> Iterator[FunctionGuard]:
+    """Within the block, the model's backward pass is LRP under ``composite``; the forward values
+    are unchanged. Run the model inside the yielded guard (``with guard: model(x)``).
+
+    The model is put in eval mode, its parameters frozen and in-place activations run out of place;
+    on exit (also on an error) every hook is removed and modes, ``requires_grad`` flags, ``.grad``
+    and ``inplace`` flags are restored. No parameter or buffer is written at any point.
+    """
+    refuse_attention(model)
+    state = ModelState.capture(model)
+    inplace = InplaceOff()
+    handles: list[Any] = []
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        inplace.apply(model)
+        plan = probe_plan(model, row)
+        guard = FunctionGuard()
+        names = {m: n for n, m in model.named_modules()}
+        merged = {}
+        if canonize:
+            for bn, layer in plan.merges.items():
+                rule = composite.rule(names[layer], layer, layer is plan.first)
+                if isinstance(rule, _TermRule):
+                    merged[bn] = layer
+                    handles.extend(_merged_hooks(guard, layer, bn, rule))
+        skip = set(merged) | set(merged.values())
+        for m, name in names.items():
+            if m in skip:
+                continue
+            rule = composite.rule(name, m, m is plan.first)
+            if rule is not None:
+                handles.extend(_rule_hooks(guard, m, rule, name))
+        guard.merged = {layer: bn for bn, layer in merged.items()}  # layer -> the BatchNorm it is explained with
+        yield guard
+    finally:
+        for h in handles:
+            h.remove()
+        inplace.restore()
+        state.restore(model)
+
+
+def _output_relevance(scores: Tensor, target: Tensor | None) -> Tensor:
+    """The relevance put on the output: the explained score's own value at the target, 0 elsewhere
+    (trailing dimensions of a segmentation output each keep their own value)."""
+    s = scores.detach()
+    if s.ndim == 1:  # regression
+        return s
+    if target is None:
+        if s.shape[1] != 1:
+            select_output(scores, None)  # raises the shared "no target" error
+        target = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
+    idx = target.view(-1, *([1] * (s.ndim - 1))).expand(-1, 1, *s.shape[2:])
+    return torch.zeros_like(s).scatter_(1, idx, s.gather(1, idx))
+
+
+@ATTRIBUTIONS.register("lrp")
+class LRP(Attributor):
+    """Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019) by modified
+    backward passes over the user's ``nn.Module``.
+
+    Args:
+        composite: which rule goes where: ``"epsilon_plus_flat"`` (default: flat on the first layer,
+            z⁺ on convolutions, ε on dense layers; Kohlbrenner et al. 2020's recommendation for CNNs,
+            and it needs no input bounds), ``"epsilon_gamma_box"`` (needs ``low=``/``high=``, the
+            input's bounds), ``"epsilon_alpha2_beta1"``, ``"epsilon"``, a ``{"name": ...}`` mapping or
+            a :class:`~.composites.Composite`.
+        layer_map: user rules by layer type, class name or group, before the composite's own, e.g.
+            ``{"Conv2d": "gamma", "linear": {"name": "epsilon", "epsilon": 0.1}}``.
+        name_map: user rules by module name, e.g. ``{"features.0": {"name": "zbox", "low": 0, "high": 1}}``.
+        canonize: explain a BatchNorm that follows a Linear/Conv together with it (merged; the
+            parameters are never written). False leaves BatchNorm to the composite (pass-through).
+        batch_size: rows per model call (``"auto"``, an int, or None).
+        **composite_kwargs: arguments of a named composite (``epsilon``, ``stabilizer``, ``gamma``,
+            ``low``, ``high``).
+
+    The map has the input's shape and sums to the explained score f_c(x) up to the relevance that
+    biases and stabilisers absorb; ``last_info`` holds ``relevance_sum``, ``explained_output`` and
+    ``completeness_error`` = |ΣR − f_c| / |f_c| per sample (0 on bias-free ReLU nets with z⁺/ε).
+    Models with residual additions written as ``a + b`` are refused (use
+    :class:`~.canonizers.Sum`), as are attention blocks; the errors name the alternative methods.
+    Not differentiable w.r.t. the parameters (``create_graph=True`` is refused).
+    """
+
+    name = "lrp"
+    differentiable = False
+
+    def __init__(
+        self,
+        composite: str | Mapping[str, Any] | Composite = "epsilon_plus_flat",
+        layer_map: Mapping[Any, Any] | Sequence | None = None,
+        name_map: Mapping[str, Any] | None = None,
+        canonize: bool = True,
+        batch_size: BatchSize = "auto",
+        **composite_kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size)
+        self._composite = build_composite(composite, **composite_kwargs).with_user_maps(layer_map, name_map)
+        self.composite = self._composite.name
+        self.canonize = canonize
+
+    def __call__(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None = None, *,
+                 create_graph: bool = False, output_key: Any = None) -> Tensor:  # fmt: skip
+        if create_graph:
+            raise ValueError(
+                "LRP maps are not differentiable w.r.t. the parameters (the rules' modified weights are constants); "
+                "use a gradient method (input_x_gradient, ig, expected_gradients) for penalties."
+            )
+        return super().__call__(model, inputs, target, output_key=output_key)
+
+    def attribute(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
+    ) -> Tensor:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"LRP hooks into the layers of an nn.Module, got {type(model).__name__}; pass the model itself "
+                "(output_key= reads tuple/dict outputs), or use a gradient method for a plain function."
+            )
+        maps, total, explained = [], [], []
+        with lrp_hooks(model, self._composite, inputs[:1].detach(), self.canonize) as guard:
+            for sl in chunks(inputs.shape[0], self.batch_size):
+                xc = inputs[sl].detach().requires_grad_(True)
+                with guard:
+                    scores = read_scores(model(xc))
+                r0 = _output_relevance(scores, None if target is None else target[sl])
+                (rel,) = torch.autograd.grad(scores, xc, grad_outputs=r0, allow_unused=True)
+                if rel is None:
+                    rel = torch.zeros_like(xc)
+                maps.append(rel.detach())
+                total.append(rel.detach().reshape(rel.shape[0], -1).sum(1))
+                explained.append(r0.reshape(r0.shape[0], -1).sum(1))
+        f = torch.cat(explained)
+        s = torch.cat(total)
+        self.last_info = {
+            "relevance_sum": s,
+            "explained_output": f,
+            "completeness_error": (s - f).abs() / f.abs().clamp_min(1e-12),
+        }
+        return torch.cat(maps)
+
+    def _repr_args(self) -> dict[str, Any]:
+        return {"composite": self.composite, "canonize": self.canonize, "batch_size": self._batch_size}

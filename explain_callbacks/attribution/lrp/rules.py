@@ -1,0 +1,462 @@
+"""LRP rules: how one layer hands the relevance of its outputs to its inputs.
+
+For a layer z_k = Σ_j a_j w_jk + b_k the rules share one shape (Montavon et al. 2019, "Layer-wise
+relevance propagation: an overview", §10.2):
+
+    R_j = Σ_i  a'_ij · Σ_k ρ_i(w_jk) · c_ik(z) · R_k
+
+a list of *terms* i, each a modified input a' = m_i(a), modified parameters ρ_i(w), ρ_i(b) and an
+output coefficient c_i (the stabilised 1/denominator, signed and masked). A rule is applied by a
+forward hook that returns the layer's own output (a view: bit for bit the same values) wrapped in
+an autograd function whose backward is the rule: given the incoming relevance R it runs the terms'
+forwards f(a'_i; ρ_i(θ)) on detached inputs and returns Σ_i a'_i ⊙ ∂f/∂a'_i^T (c_i ⊙ R) (the
+"gradient × input" form, Montavon et al. 2019 §10.2.3). The gradient that flows between layers is
+the relevance itself.
+
+Stabiliser: s(z) = z + ε·sign(z) with sign(0) = +1 (Bach et al. 2015), so a zero denominator never
+divides by zero and the relevance it absorbs is the documented ε term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AlphaBeta",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "Norm",
+    "Pass",
+    "Rule",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "build_rule",
+    "stabilize",
+    "with_relevance",
+]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """z + ε·sign(z), with sign(0) taken as +1 (a zero denominator becomes ε)."""
+    eps = z.new_tensor(epsilon)  # 0-d, in z's dtype (plain numbers would give the default dtype)
+    return z + torch.where(z >= 0, eps, -eps)  # one pass fewer than where(z >= 0, z + ε, z − ε)
+
+
+def _inverse(d: Tensor) -> Tensor:
+    """1/d, with 0 where d == 0 (only possible with a zero stabiliser: LRP-0 on a dead unit, whose
+    relevance is 0 anyway), so that no inf or NaN reaches the relevance."""
+    zero = d == 0
+    return torch.where(zero, torch.zeros_like(d), 1.0 / torch.where(zero, torch.ones_like(d), d))
+
+
+def _inv_stab(z: Tensor, epsilon: float) -> Tensor:
+    """1 / s_ε(z); a positive ε never leaves a zero to guard against (|s_ε(z)| ≥ ε)."""
+    d = stabilize(z, epsilon)
+    return d.reciprocal() if epsilon > 0 else _inverse(d)
+
+
+def _sum(*ts: Tensor | None) -> Tensor:
+    """Sum of the terms that were computed (a skipped term is exactly zero)."""
+    out = None
+    for t in ts:
+        if t is not None:
+            out = t if out is None else out + t
+    if out is None:  # cannot happen with the built-in rules: their first term carries the bias and is never skipped
+        raise ValueError("An LRP rule skipped all its terms; give its first term a bias modifier.")
+    return out
+
+
+class _Relevance(torch.autograd.Function):
+    """Forward: the layer's output as it is (a view). Backward: ``fn(inputs, R)``, the rule's relevance
+    of each input (None for inputs that do not need it)."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable, out: Tensor, *xs: Tensor) -> Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(*xs)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rel = ctx.fn(ctx.saved_tensors, grad)
+        return (None, None, *rel)
+
+
+def with_relevance(fn: Callable[[tuple[Tensor, ...], Tensor], list[Tensor | None]], out: Tensor, *xs: Tensor) -> Tensor:
+    """``out`` (same values) whose backward hands relevance R to ``xs`` as ``fn(xs, R)``."""
+    return _Relevance.apply(fn, out.detach(), *xs)
+
+
+def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The module's own linear map with other parameters (no hooks fire: the functional form)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, _CONV):
+        return module._conv_forward(x, weight, bias)
+    raise TypeError(
+        f"An LRP rule with modified weights applies to nn.Linear and nn.Conv1d/2d/3d, not {type(module).__name__}; "
+        "map this layer to 'pass', 'norm' or no rule (the gradient) in the composite."
+    )
+
+
+@dataclass(frozen=True)
+class Term:
+    """One summand of a rule: a' = input(a), w' = weight(w), b' = bias(b) (None: bias dropped)."""
+
+    input: Callable[[Tensor], Tensor]
+    weight: Callable[[Tensor], Tensor]
+    bias: Callable[[Tensor], Tensor] | None
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _pos(t: Tensor) -> Tensor:
+    return t.clamp(min=0)
+
+
+def _neg(t: Tensor) -> Tensor:
+    return t.clamp(max=0)
+
+
+def _ones(t: Tensor) -> Tensor:
+    return torch.ones_like(t)
+
+
+class Rule:
+    """Base class: ``apply(module, inputs, output)`` returns the output to use in place of
+    ``output``: the same value, with the rule's relevance as its gradient."""
+
+    name = "rule"
+
+    def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _single_input(module: nn.Module, inputs: tuple[Any, ...], rule: Rule) -> Tensor:
+    tensors = [a for a in inputs if isinstance(a, Tensor)]
+    if len(tensors) != 1:
+        raise TypeError(
+            f"LRP rule {rule.name!r} on {type(module).__name__} expects one tensor input, got {len(tensors)}."
+        )
+    return tensors[0]
+
+
+class _TermRule(Rule):
+    """A rule given as terms (input and parameter modifiers) and output coefficients."""
+
+    #: the single term is the layer itself (input and parameters unmodified): its forward graph is reused
+    reuses_forward = False
+
+    def terms(self) -> Sequence[Term]:
+        raise NotImplementedError
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        """c_i per output element from the terms' outputs ``zs`` and the layer's output ``z``."""
+        raise NotImplementedError
+
+    def apply(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor, params: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``params``: (weight, bias) to use instead of the module's (a BatchNorm merged into it)."""
+        x = _single_input(module, inputs, self)
+        w, b = params if params is not None else (module.weight, getattr(module, "bias", None))
+        w, b = w.detach(), None if b is None else b.detach()
+        z = output.detach()
+        if self.reuses_forward and params is None and output.requires_grad:
+            # ε with the layer's own parameters: the term's forward is the layer's own, whose graph is there:
+            # R = a ⊙ ∂z/∂a^T (R_out / s(z)) without a second forward.
+            def backward_reuse(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+                (g,) = torch.autograd.grad(output, xs[0], grad * self.coefficients([z], z)[0])
+                return [xs[0].detach() * g]
+
+            return with_relevance(backward_reuse, output, x)
+
+        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            (xd,) = (a.detach() for a in xs)
+            with torch.enable_grad():
+                # A term of the negative inputs without bias is exactly 0 when no input is negative (after a
+                # ReLU): skipped, which saves half the work of z⁺, γ and α-β there.
+                terms = self.terms()
+                nonneg = any(t.input is _neg for t in terms) and bool(xd.min() >= 0)
+                leaves: list[Tensor | None] = []
+                zs: list[Tensor | None] = []
+                for term in terms:
+                    if nonneg and term.input is _neg and term.bias is None:
+                        leaves.append(None)
+                        zs.append(None)
+                        continue
+                    xi = term.input(xd).requires_grad_(True)
+                    bias = None if (b is None or term.bias is None) else term.bias(b)
+                    leaves.append(xi)
+                    zs.append(_affine(module, xi, term.weight(w), bias))
+                cs = self.coefficients([None if zi is None else zi.detach() for zi in zs], z)
+                live = [i for i, zi in enumerate(zs) if zi is not None]
+                scaled: dict[int, Tensor] = {}  # terms sharing a coefficient share its product with R
+                outs = [scaled.setdefault(id(cs[i]), grad * cs[i]) for i in live]
+                grads = torch.autograd.grad([zs[i] for i in live], [leaves[i] for i in live], outs)
+            rel = None
+            for i, g in zip(live, grads):
+                part = leaves[i].detach() * g
+                rel = part if rel is None else rel + part
+            return [rel]
+
+        return with_relevance(backward, output, x)
+
+
+class Epsilon(_TermRule):
+    """LRP-ε (Bach et al. 2015): R_j = Σ_k a_j w_jk / s_ε(z_k) · R_k. ε=0 is LRP-0; on a ReLU net
+    without biases it equals gradient × input."""
+
+    name = "epsilon"
+    reuses_forward = True
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = float(epsilon)
+
+    def terms(self) -> Sequence[Term]:
+        return (Term(_same, _same, _same),)
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        return [_inv_stab(zs[0], self.epsilon)]
+
+
+class ZPlus(_TermRule):
+    """z⁺ = alpha1-beta0 (Bach et al. 2015; Montavon et al. 2017 deep Taylor): only positive
+    contributions a⁺w⁺ (+ b⁺) and a⁻w⁻ carry relevance, normalised by their sum."""
+
+    name = "zplus"
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    def terms(self) -> Sequence[Term]:
+        return (Term(_pos, _pos, _pos), Term(_neg, _neg, None))
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        c = _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
+        return [c, c]
+
+
+class AlphaBeta(_TermRule):
+    """LRP-αβ (Bach et al. 2015): α · (positive contributions / their sum) − β · (negative
+    contributions / their sum), α − β = 1 so relevance is conserved."""
+
+    name = "alpha_beta"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
+            raise ValueError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1, got alpha={alpha}, beta={beta}.")
+        self.alpha, self.beta, self.stabilizer = float(alpha), float(beta), float(stabilizer)
+
+    def terms(self) -> Sequence[Term]:
+        return (Term(_pos, _pos, _pos), Term(_neg, _neg, None), Term(_pos, _neg, _neg), Term(_neg, _pos, None))
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        cp = self.alpha * _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
+        cn = -self.beta * _inv_stab(_sum(zs[2], zs[3]), self.stabilizer)
+        return [cp, cp, cn, cn]
+
+
+def _gamma_mod(gamma: float, part: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def mod(p: Tensor) -> Tensor:
+        return p + gamma * part(p)
+
+    return mod
+
+
+class Gamma(_TermRule):
+    """LRP-γ (Montavon et al. 2019, §10.2.2): ρ(w) = w + γw⁺ favours positive contributions.
+
+    Generalised to signed inputs and outputs: a positive output z_k shares its relevance among
+    a⁺(w + γw⁺) + a⁻(w + γw⁻) (the contributions of its own sign, amplified), a negative one among
+    a⁺(w + γw⁻) + a⁻(w + γw⁺); the bias is amplified in the first term of each pair.
+    """
+
+    name = "gamma"
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}.")
+        self.gamma, self.stabilizer = float(gamma), float(stabilizer)
+
+    def terms(self) -> Sequence[Term]:
+        up, down = _gamma_mod(self.gamma, _pos), _gamma_mod(self.gamma, _neg)
+        return (Term(_pos, up, up), Term(_neg, down, None), Term(_pos, down, down), Term(_neg, up, None))
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        cp = (z > 0).to(z.dtype) * _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
+        cn = (z < 0).to(z.dtype) * _inv_stab(_sum(zs[2], zs[3]), self.stabilizer)
+        return [cp, cp, cn, cn]
+
+
+class Flat(_TermRule):
+    """Flat (Lapuschkin et al. 2019): a = 1 and w = 1, bias 0: relevance spread uniformly over the
+    receptive field (for the input layer, where pixel values carry no meaning of their own)."""
+
+    name = "flat"
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    def terms(self) -> Sequence[Term]:
+        return (Term(_ones, _ones, None),)
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        return [_inv_stab(zs[0], self.stabilizer)]
+
+
+class WSquare(_TermRule):
+    """w² (Montavon et al. 2017): a = 1, ρ(w) = w² (and b²): relevance in proportion to the squared
+    weights, independent of the input (input layer of unbounded real-valued data)."""
+
+    name = "wsquare"
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    def terms(self) -> Sequence[Term]:
+        sq = torch.square
+        return (Term(_ones, sq, sq),)
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        return [_inv_stab(zs[0], self.stabilizer)]
+
+
+class ZBox(_TermRule):
+    """z^B (Montavon et al. 2017, deep Taylor for a box l ≤ x ≤ h): a w − l w⁺ − h w⁻ for the input
+    layer of data bounded by [low, high] (per element, per channel as (1, C, 1, 1), or a number)."""
+
+    name = "zbox"
+
+    def __init__(self, low: float | Tensor | Sequence[float], high: float | Tensor | Sequence[float],
+                 stabilizer: float = 1e-6) -> None:  # fmt: skip
+        self.low = torch.as_tensor(low, dtype=torch.float64)
+        self.high = torch.as_tensor(high, dtype=torch.float64)
+        if bool((self.low > self.high).any()):
+            raise ValueError("z^B needs low <= high everywhere.")
+        self.stabilizer = float(stabilizer)
+
+    def _bound(self, value: Tensor) -> Callable[[Tensor], Tensor]:
+        def mod(x: Tensor) -> Tensor:
+            try:
+                return value.to(dtype=x.dtype, device=x.device).expand_as(x)
+            except RuntimeError:
+                raise ValueError(
+                    f"z^B bounds of shape {tuple(value.shape)} do not broadcast to the input of shape "
+                    f"{tuple(x.shape)}; give a number, a per-channel (1, C, 1, 1) tensor or one of the input's shape."
+                ) from None
+
+        return mod
+
+    def terms(self) -> Sequence[Term]:
+        return (
+            Term(_same, _same, _same),
+            Term(self._bound(self.low), _pos, _pos),
+            Term(self._bound(self.high), _neg, _neg),
+        )
+
+    def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
+        c = _inv_stab(zs[0] - zs[1] - zs[2], self.stabilizer)
+        return [c, -c, -c]
+
+
+class Norm(Rule):
+    """Relevance in proportion to each input's contribution, for parameter-free linear layers:
+    average pooling (each window a linear map with weights 1/|window|) and :class:`Sum` (a residual
+    addition split in proportion to its summands). R_j = a_j ∂z/∂a_j / s(z) · R."""
+
+    name = "norm"
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor) and a.requires_grad]
+        z = output.detach()
+
+        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            args = list(inputs)
+            with torch.enable_grad():
+                leaves = [a.detach().requires_grad_(True) for a in xs]
+                for i, leaf in zip(positions, leaves):
+                    args[i] = leaf
+                # the module's own forward (not __call__: no hooks)
+                out = module.forward(*args)
+                grads = torch.autograd.grad(out, leaves, grad * _inv_stab(z, self.stabilizer))
+            return [leaf.detach() * g for leaf, g in zip(leaves, grads)]
+
+        return with_relevance(backward, output, *(inputs[i] for i in positions))
+
+
+def _identity(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+    return [grad]
+
+
+class Pass(Rule):
+    """Pass-through: the relevance of the output is the relevance of the input (elementwise
+    activations, unmerged BatchNorm). The layer must keep the input's shape."""
+
+    name = "pass"
+
+    def __init__(self) -> None:
+        pass
+
+    def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        x = _single_input(module, inputs, self)
+        if x.shape != output.shape:
+            raise ValueError(
+                f"The pass rule needs a layer that keeps its input's shape; {type(module).__name__} maps "
+                f"{tuple(x.shape)} to {tuple(output.shape)}."
+            )
+        return with_relevance(_identity, output, x)
+
+
+RULES: dict[str, type[Rule]] = {
+    "epsilon": Epsilon,
+    "zero": Epsilon,
+    "gamma": Gamma,
+    "zplus": ZPlus,
+    "z_plus": ZPlus,
+    "alpha1_beta0": ZPlus,
+    "alpha_beta": AlphaBeta,
+    "alphabeta": AlphaBeta,
+    "flat": Flat,
+    "wsquare": WSquare,
+    "w_square": WSquare,
+    "zbox": ZBox,
+    "z_box": ZBox,
+    "norm": Norm,
+    "pass": Pass,
+}
+
+
+def build_rule(spec: Rule | str | Mapping[str, Any]) -> Rule:
+    """A rule from an instance, a name (``"epsilon"``, ``"gamma"``, ``"zplus"``, ``"alpha_beta"``,
+    ``"flat"``, ``"wsquare"``, ``"zbox"``, ``"norm"``, ``"pass"``) or ``{"name": ..., **kwargs}``."""
+    if isinstance(spec, Rule):
+        return spec
+    kwargs: dict[str, Any] = {}
+    if isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        spec = kwargs.pop("name", None)
+    if not isinstance(spec, str) or spec.lower() not in RULES:
+        raise KeyError(f"Unknown LRP rule {spec!r}. Available: {', '.join(sorted(RULES))}, or a Rule instance.")
+    if spec.lower() == "zero":
+        kwargs.setdefault("epsilon", 0.0)
+    return RULES[spec.lower()](**kwargs)

@@ -1,0 +1,271 @@
+"""LRP engine: closed forms (conservation, LRP-0 = gradient × input), no side effects, refusals, and
+the registry name through the AttributionMonitor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from explain_callbacks.attribution import LRP, InputXGradient, build_attributor
+from explain_callbacks.attribution.lrp import (
+    Composite,
+    LRPUnsupportedError,
+    Sum,
+    ZPlus,
+    epsilon_plus_flat,
+    lrp_hooks,
+)
+
+from .helpers_lightning import image_loaders, lit, trainer
+
+
+def relu_cnn(bias: bool) -> nn.Module:
+    torch.manual_seed(4)
+    m = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1, bias=bias),
+        nn.ReLU(inplace=True), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 2 * 2, 16, bias=bias), nn.ReLU(),
+        nn.Linear(16, 4, bias=bias),
+    ).double()  # fmt: skip
+    return m.eval()
+
+
+class ResidualNet(nn.Module):
+    """A residual block whose addition is written with Sum (LRP splits it) or as ``a + b`` (refused)."""
+
+    def __init__(self, use_sum: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.inp = nn.Linear(6, 8, bias=False)
+        self.block = nn.Sequential(nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU())
+        self.add = Sum() if use_sum else None
+        self.out = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        h = self.inp(x)
+        r = self.block(h)
+        h = self.add(h, r) if self.add is not None else h + r
+        return self.out(torch.relu(h))
+
+
+def _x(*shape):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) - 0.3
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon"])
+def test_conservation_bias_free_relu_cnn(composite):
+    """Σ R = f_c (the explained logit) on bias-free ReLU nets: z⁺, α2β1 and ε conserve; max pooling
+    (winner takes all), average pooling (norm rule), flatten and ReLU pass relevance unchanged."""
+    model, x = relu_cnn(bias=False), _x(5, 2, 8, 8)
+    target = torch.tensor([0, 1, 2, 3, 1])
+    lrp = LRP(composite, epsilon=1e-10, stabilizer=1e-10)  # the ε terms absorb what they absorb: made tiny
+    rel = lrp(model, x, target)
+    logit = model(x).gather(1, target[:, None])[:, 0].detach()
+    torch.testing.assert_close(rel.flatten(1).sum(1), logit, rtol=1e-6, atol=1e-10)
+    assert float(lrp.last_info["completeness_error"].max()) < 1e-6
+    # with biases the relevance they absorb is missing: the check can fail
+    model_b = relu_cnn(bias=True)
+    with torch.no_grad():
+        for m in model_b.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.fill_(0.3)
+    lrp(model_b, x, target)
+    assert float(lrp.last_info["completeness_error"].max()) > 1e-3
+
+
+def test_conservation_through_sum_residual():
+    model, x = ResidualNet(use_sum=True).double().eval(), _x(4, 6)
+    target = torch.tensor([0, 1, 2, 0])
+    rel = LRP("epsilon", epsilon=1e-9, stabilizer=1e-9)(model, x, target)
+    logit = model(x).gather(1, target[:, None])[:, 0].detach()
+    torch.testing.assert_close(rel.sum(1), logit, rtol=1e-6, atol=1e-9)
+
+
+def test_lrp0_equals_gradient_times_input():
+    """ε→0 on a zero-bias ReLU net: LRP-0 = gradient × input (Montavon et al. 2019, §10.2.1)."""
+    model, x = relu_cnn(bias=False), _x(3, 2, 8, 8)
+    target = torch.tensor([3, 0, 2])
+    got = LRP("epsilon", epsilon=0.0, stabilizer=0.0)(model, x, target)
+    ref = InputXGradient(batch_size=None)(model, x, target)  # the initial relevance f_c makes LRP-0 = x ⊙ ∇f_c
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: (p.requires_grad, p.grad) for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+        {n: getattr(m, "inplace", None) for n, m in model.named_modules()},
+    )
+
+
+def _assert_untouched(model, snap):
+    sd, params, modes, inplace = snap
+    now = model.state_dict()
+    assert sd.keys() == now.keys()
+    for k in sd:
+        assert torch.equal(sd[k], now[k]), k
+    for n, p in model.named_parameters():
+        assert p.requires_grad == params[n][0] and p.grad is params[n][1], n
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: getattr(m, "inplace", None) for n, m in model.named_modules()} == inplace
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks, type(m).__name__
+
+
+def _bn_model():
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Dropout(0.2),
+                      nn.Flatten(), nn.Linear(4 * 8 * 8, 3))  # fmt: skip
+    m.train()
+    m[0].weight.requires_grad_(False)  # a mix of flags must come back as it was
+    m[5].weight.grad = torch.ones_like(m[5].weight)
+    return m
+
+
+def test_no_side_effects():
+    model = _bn_model()
+    snap = _snapshot(model)
+    x = _x(4, 2, 8, 8).float()
+    LRP()(model, x, torch.tensor([0, 1, 2, 0]))
+    _assert_untouched(model, snap)
+
+
+def test_no_side_effects_after_error():
+    """A refusal raised in the middle of the LRP forward still removes every hook and restores flags."""
+    model = ResidualNet(use_sum=False)
+    model.train()
+    snap = _snapshot(model)
+    with pytest.raises(LRPUnsupportedError, match=r"lrp\.Sum.*ig, input_x_gradient"):
+        LRP()(model, _x(2, 6).float(), torch.tensor([0, 1]))
+    _assert_untouched(model, snap)
+
+    class Boom(nn.Module):  # fails on the LRP pass (the only call with a graph), after the hooks are in place
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            if x.requires_grad:
+                raise RuntimeError("boom")
+            return self.fc(x)
+
+    boom = Boom()
+    snap = _snapshot(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        LRP(batch_size=None)(boom, _x(2, 6).float(), torch.tensor([0, 1]))
+    _assert_untouched(boom, snap)
+
+
+def test_forward_values_unchanged_under_hooks():
+    """The hooks change only the backward pass: outputs are bit-identical (BatchNorm merged too)."""
+    model = _bn_model().eval()
+    x = _x(4, 2, 8, 8).float()
+    with torch.no_grad():
+        ref = model(x)
+    with lrp_hooks(model, epsilon_plus_flat(), x[:1]) as guard, guard:
+        out = model(x.requires_grad_(True))
+    assert torch.equal(out.detach(), ref)
+
+
+def test_refuses_attention_by_name():
+    model = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(),
+                          nn.Linear(8, 2))  # fmt: skip
+    with pytest.raises(LRPUnsupportedError, match=r"'1'.*AttnLRP.*input_x_gradient"):
+        LRP()(model, torch.rand(2, 1, 4), torch.tensor([0, 1]))
+
+
+def test_functional_activation_is_pass_through():
+    """torch.tanh(x) in a forward gets the pass rule like nn.Tanh (not tanh' times the relevance)."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    f = Functional().double()
+    mod = nn.Sequential(f.a, nn.Tanh(), f.b)
+    x, t = _x(3, 5), torch.tensor([0, 1, 0])
+    got, ref = LRP("epsilon")(f, x, t), LRP("epsilon")(mod, x, t)
+    torch.testing.assert_close(got, ref)
+    grad_chain = LRP("epsilon", layer_map={"Tanh": "norm"})  # anything but pass differs: the check can fail
+    assert not torch.allclose(grad_chain(mod, x, t), ref)
+
+
+def test_user_maps_by_type_and_name():
+    model, x, t = relu_cnn(bias=True), _x(2, 2, 8, 8), torch.tensor([0, 1])
+    by_name = LRP(name_map={"0": "zplus", "3": {"name": "gamma", "gamma": 0.5}})(model, x, t)
+    custom = Composite(
+        layer_map=[(nn.ReLU, "pass"), (nn.AvgPool2d, "norm"), (nn.Linear, "epsilon")],
+        name_map={"0": ZPlus(), "3": {"name": "gamma", "gamma": 0.5}},
+    )
+    torch.testing.assert_close(by_name, LRP(custom)(model, x, t))
+    by_type = LRP(layer_map={"Conv2d": "gamma"})(model, x, t)
+    assert not torch.allclose(by_type, by_name)
+    with pytest.raises(KeyError, match="Unknown LRP rule 'gama'"):
+        LRP(layer_map={"conv": "gama"})
+    with pytest.raises(ValueError, match=r"low=\.\.\. and high="):
+        LRP("epsilon_gamma_box")
+
+
+def test_contract_chunks_contexts_output_key():
+    model, x = relu_cnn(bias=True), _x(5, 2, 8, 8)
+    t = torch.tensor([0, 1, 2, 3, 0])
+    ref = LRP(batch_size=None)(model, x, t)
+    torch.testing.assert_close(LRP(batch_size=2)(model, x, t), ref)
+    with torch.inference_mode():
+        torch.testing.assert_close(LRP()(model, x, t), ref)
+
+    class Tuple(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x), x.mean()
+
+    torch.testing.assert_close(LRP()(Tuple(), x, t, output_key=0), ref)
+    with pytest.raises(ValueError, match="no target"):
+        LRP()(model, x)
+    with pytest.raises(ValueError, match="not differentiable"):
+        LRP()(model, x, t, create_graph=True)
+    assert isinstance(build_attributor("lrp"), LRP)
+    assert build_attributor({"name": "lrp", "composite": "epsilon_alpha2_beta1"}).composite == "epsilon_alpha2_beta1"
+
+
+def test_attribution_monitor_by_name(tmp_path):
+    """'lrp' through the AttributionMonitor: logged, and the trained weights bit-identical to a run
+    without the monitor."""
+    from explain_callbacks.callbacks import AttributionMonitor
+
+    train, val = image_loaders()
+    m0 = lit()
+    trainer(tmp_path / "a", max_epochs=1, logger=False).fit(m0, train, val)
+    train, val = image_loaders()
+    m1 = lit()
+    mon = AttributionMonitor(methods=["lrp"], num_samples=6, strict=True)
+    trainer(tmp_path / "b", callbacks=[mon], max_epochs=1).fit(m1, train, val)
+    assert "lrp" in mon.last_scores and "completeness_error" in mon.last_scores["lrp"]
+    w0, w1 = m0.state_dict(), m1.state_dict()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+
+
+def test_linear_then_batchnorm_on_sequences_not_merged():
+    """A Linear on (B, T, F) followed by BatchNorm1d(T) normalises over another axis than the Linear's
+    features: merging would change the function; it is left to the pass rule (here T == F, so the channel
+    counts alone would not tell)."""
+    from explain_callbacks.attribution.lrp.canonizers import probe_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(16, 2)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = _x(3, 4, 4)
+    assert probe_plan(model, x[:1]).merges == {}
+    t = torch.tensor([0, 1, 0])
+    torch.testing.assert_close(LRP()(model, x, t), LRP(canonize=False)(model, x, t))
