@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=None, help="set every monitor's budget")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU time is the work done; idle OpenMP threads spin on a busy machine)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (bench_callback_costs<tag>.md)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     args = parser.parse_args(argv)
     configs = args.configs or sorted(p.stem for p in (CONF / "callbacks").glob("*.yaml") if p.stem != "none")
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.budget is None else f"_budget{args.budget:g}"
+        suffix = args.tag + ("" if args.budget is None else f"_budget{args.budget:g}")
         (out / f"bench_callback_costs{suffix}.md").write_text(f"{note}\n\n{table}\n")
         (out / f"bench_callback_costs{suffix}.json").write_text(json.dumps(raw, indent=1, default=float))
 

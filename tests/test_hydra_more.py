@@ -220,8 +220,10 @@ def test_every_callback_config_trains(overrides, tmp_path, clean_process):
 
 # ---------------------------------------------------------------- the README's commands, as written
 def _readme_train_commands() -> list[list[str]]:
-    """Every ``python examples/train.py ...`` command of the README and of the configs' comments, as overrides."""
-    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted(CONF.rglob("*.yaml"))]
+    """Every ``python examples/train.py ...`` command of the README, of docs/ and of the configs' comments, as
+    overrides."""
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    texts += [p.read_text() for p in sorted(CONF.rglob("*.yaml"))]
     found = []
     for text in texts:
         text = text.replace("\\\n", " ")

@@ -28,8 +28,6 @@ __all__ = ["SpRAyMonitor"]
 
 
 class SpRAyMonitor(ProbeCallback):
-    budget_scales_probes = False  # clusters need the whole probe: a budget skips epochs only
-
     """Spectral relevance analysis of the probe's maps, class by class, on due validation epochs.
 
     Args:
@@ -45,6 +43,8 @@ class SpRAyMonitor(ProbeCallback):
     the class in its largest cluster), an image of the cluster means per class and a table.
     Under DDP the maps of all ranks are gathered and every rank computes the same clusters.
     """
+
+    budget_scales_probes = False  # clusters need the whole probe: a budget skips epochs only
 
     def __init__(
         self,
