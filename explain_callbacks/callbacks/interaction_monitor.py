@@ -65,10 +65,11 @@ class InteractionMonitor(ProbeCallback):
         acd_samples: int = 2,
         feature_names: Sequence[str] | None = None,
         log_images: bool = True,
-        num_samples: int = 4,
+        num_samples: int = 2,
         **kwargs: Any,
     ) -> None:
-        # 4 probes: CD over a 4x4 patch grid is 136 decompositions per probe (benchmarks/bench_callback_costs.py)
+        # 2 probes every epoch: CD over a 4x4 patch grid is 136 decompositions per probe; 4 cost 16 % of the main
+        # job's training time (benchmarks/bench_callback_costs.py). More probes, less often: every_n_epochs.
         super().__init__(num_samples=num_samples, **kwargs)
         methods = to_plain(methods)
         if isinstance(methods, (str, Mapping, InteractionMethod)):
