@@ -121,7 +121,8 @@ def run_once(config: str, epochs: int | None, extra: list[str], budget: float | 
         cpu, wall = time.process_time(), time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        explained = sum(int(getattr(cb, "_fit_explanations", 0)) for cb in callbacks)
+        probes = [cb for cb in callbacks if hasattr(cb, "_fit_explanations")]  # monitors; "-" for the others
+        explained = sum(int(cb._fit_explanations) for cb in probes) if probes else "-"
         return {"fit_cpu": cpu, "fit_wall": wall, "hooks_cpu": clock.seconds, "explanations": explained,
                 "epochs": trainer.current_epoch}  # fmt: skip
 
