@@ -4,6 +4,8 @@
     python benchmarks/bench_callback_costs.py default interaction  # some configs
     python benchmarks/bench_callback_costs.py --epochs 5           # shorter runs (fewer explanations, noisier)
     python benchmarks/bench_callback_costs.py --budget 0.05        # every monitor with budget=0.05
+    python benchmarks/bench_callback_costs.py interaction --epochs 5 --budget 0.05 --tag _ih \
+        --override 'callbacks.interaction.methods=[cd,integrated_hessians]'   # a slow method under a budget
 
 Each config runs the main job (``python examples/train.py``: shapes, the example CNN, its epochs) with
 ``callbacks=<config>``, in this process, logging to TensorBoard in a temporary directory. Two numbers per config:
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=None, help="set every monitor's budget")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU time is the work done; idle OpenMP threads spin on a busy machine)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a Hydra override of the config's runs, e.g. 'callbacks.interaction.methods=[cd,hsic]'")
     parser.add_argument("--tag", default="", help="suffix of the result files (bench_callback_costs<tag>.md)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     args = parser.parse_args(argv)
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs = []
         for _ in range(args.repeats):
             base = run_once("none", args.epochs, [], None)
-            run = run_once(config, args.epochs, [], args.budget)
+            run = run_once(config, args.epochs, args.override, args.budget)
             pairs.append((base, run))
         hooks = statistics.median(r["hooks_cpu"] / max(r["fit_cpu"] - r["hooks_cpu"], 1e-9) for _, r in pairs)
         fit = statistics.median(r["fit_cpu"] / b["fit_cpu"] - 1 for b, r in pairs)
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     epochs = args.epochs if args.epochs is not None else compose_main_job([]).trainer.max_epochs
     note = (f"Main job (shapes, example CNN), {epochs} epochs, CPU time; {machine}"
-            + (f"; budget={args.budget}" if args.budget is not None else ""))  # fmt: skip
+            + (f"; budget={args.budget}" if args.budget is not None else "")
+            + (f"; overrides {args.override}" if args.override else ""))  # fmt: skip
     table = "\n".join(lines)
     print(f"\n{note}\n\n{table}")
     if not args.no_write:
