@@ -149,3 +149,25 @@ def test_budget_decision_is_the_maximum_over_ranks(monkeypatch):
     assert mon.budget_probes(FakeTrainer) == 4
     FakeTrainer.world_size = 1
     assert mon.budget_probes(FakeTrainer) == 8
+
+
+@pytest.mark.ddp
+def test_budget_decisions_agree_under_ddp():
+    """Rank 1 is 4x slower per probe than rank 0: with each rank deciding alone, rank 0 would explain all 4 probes on
+    the second epoch while rank 1 skips it (a collective entered by one rank: a hang). Agreed on the maximum times,
+    both ranks follow the slow rank's cost."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PL_DISABLE_FORK="1")
+    out = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "ddp_budget.py")], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    logs = dict(re.findall(r"RANK(\d) LOG (\[[^\]]*\])", out.stdout))  # the ranks write to one stream
+    assert set(logs) == {"0", "1"}, out.stdout[-2000:]
+    assert logs["0"] == logs["1"] == str(_expected_log(0.25, 6, 3.0, 1.0, 4))  # the slow rank's cost decides
+    assert logs["0"] != str(_expected_log(0.25, 6, 3.0, 0.25, 4))  # what rank 0 alone would have done
