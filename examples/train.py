@@ -1,6 +1,7 @@
 """Main job: train an example model with explaining callbacks, configured by Hydra, logged to TensorBoard.
 
-python examples/train.py                                   # digits CNN, default callbacks
+python examples/train.py                                   # the main job: shapes, the example CNN, the default monitors
+python examples/train.py data=digits                       # another data set
 python examples/train.py 'callbacks.attribution.methods=[ig,smoothgrad]' trainer.max_epochs=5
 python examples/train.py data=breast_cancer model=mlp
 python examples/train.py data=shapes                       # the example nets take their sizes from the data
@@ -9,9 +10,13 @@ python examples/train.py '~model' +model._target_=my_pkg.MyModule   # your own L
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +152,45 @@ def can_test(model: pl.LightningModule, datamodule: Any) -> str | None:
     return None
 
 
+#: (callback class name, TensorBoard section, the question it answers)
+_SECTIONS = [
+    ("AttributionMonitor", "maps", "where does the model look? input | one map per method, per probe sample"),
+    ("AttributionMonitor", "faithfulness", "which method to trust? deletion (lower is better), insertion (higher)"),
+    ("AttributionMonitor", "sanity", "do the maps depend on the weights? randomisation (lower is better); "
+                                     "pointing games: the right evidence (the object's mask)?"),
+    ("AttributionMonitor", "drift", "how did the maps change since the last explanation (1 = unchanged)?"),
+    ("InteractionMonitor", "interactions", "which patches or features act together (CD, top pairs)?"),
+    ("SpRAyMonitor", "spray", "how many prediction strategies per class?"),
+    ("Distiller", "distillation", "how well does a readable student mimic the network (fidelity)?"),
+    ("AttributionRegularizer", "regularizers", "task loss and each penalty, apart"),
+    ("SaliencyMasker", "maps", "the learned masker's maps"),
+]
+
+
+def what_to_look_at(callbacks: list) -> str:
+    """What the chosen callbacks show in TensorBoard and which question each part answers, and the methods
+    ranked by the last explanation's faithfulness scores (the test data's when ``test`` ran)."""
+    names = {type(cb).__name__ for cb in callbacks}
+    lines = [f"  {section:<13} {question}" for cls, section, question in _SECTIONS if cls in names]
+    if not lines:
+        return ""
+    out = ["\nWhat to look at (TensorBoard's SCALARS, IMAGES and TEXT tabs; tags by section):", *lines]
+    for cb in callbacks:
+        scores = getattr(cb, "last_scores", None)
+        better = getattr(cb, "_higher_is_better", None)
+        if type(cb).__name__ != "AttributionMonitor" or not scores or better is None:
+            continue
+        for metric in ("deletion", "insertion", "randomisation", "pointing_game"):
+            vals = {m: s[metric] for m, s in scores.items() if metric in s}
+            hib = better(metric)
+            if len(vals) < 2 or hib is None:
+                continue
+            ranked = sorted(vals, key=vals.get, reverse=hib)
+            shown = ", ".join(f"{m} {vals[m]:.3f}" for m in ranked)
+            out.append(f"  best on {metric} ({'higher' if hib else 'lower'} is better): {shown}")
+    return "\n".join(out)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_part(cfg, "data")
@@ -164,7 +208,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             trainer.test(model, datamodule=datamodule)
         elif trainer.is_global_zero:
             print(f"Test skipped: {reason} (test=false turns the test off).")
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not trainer.fast_dev_run:  # fast_dev_run logs nothing (Lightning's DummyLogger)
         for logger in trainer.loggers:
             log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
             if not log_dir:
@@ -175,6 +219,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 print(f"Open them with:  tensorboard --logdir {log_dir}   (then browse http://localhost:6006)")
             else:  # CSVLogger, ...: not for TensorBoard
                 print(f"\n{type(logger).__name__} logs written to: {log_dir}")
+        guide = what_to_look_at(callbacks)
+        if guide:
+            print(guide)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     # Under DDP Lightning leaves the process group alive; gloo torn down at interpreter exit can abort
     # the process after a finished run ("terminate called without an active exception").
@@ -188,6 +235,47 @@ def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising lines ("💡 Tip: ... install litlogger"): noise in every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet() -> None:
+    """No warning floods in the example's output: Lightning's tips, its own deprecation of ``LeafSpec`` (a
+    Lightning/torch version mismatch, nothing a user can act on) and the advice to add data-loader workers
+    (the in-memory example data sets load faster without them)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+def _fast_dev_run(argv: list[str]) -> bool:
+    """Whether the command line asks for ``trainer.fast_dev_run`` (``+trainer.fast_dev_run=true`` or a count)."""
+    for a in argv[1:]:
+        key, _, value = a.lstrip("+").partition("=")
+        if key == "trainer.fast_dev_run":
+            return value.strip().lower() not in ("false", "0", "null", "none", "")
+    return False
+
+
+def no_run_dir_for_fast_dev_run(argv: list[str]) -> tuple[list[str], str | None]:
+    """A smoke test (``fast_dev_run``) leaves no run directory: Hydra's run directory (its ``.hydra`` copy
+    and ``train.log``) goes to a temporary directory removed at the end (Lightning logs nothing then)."""
+    if not _fast_dev_run(argv) or any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv[1:]):
+        return argv, None
+    tmp = tempfile.mkdtemp(prefix="explain_callbacks_fast_dev_run_")
+    return [*argv, f"hydra.run.dir={tmp}", "hydra.output_subdir=null"], tmp
+
+
 if __name__ == "__main__":
-    sys.argv = flags_first(sys.argv)
-    sys.exit(main())
+    quiet()
+    sys.argv, _tmp = no_run_dir_for_fast_dev_run(flags_first(sys.argv))
+    try:
+        main()
+    finally:
+        if _tmp is not None:
+            logging.shutdown()  # train.log is open in it
+            shutil.rmtree(_tmp, ignore_errors=True)

@@ -32,8 +32,8 @@ def test_default_config_instantiates():
     assert isinstance(cb, AttributionMonitor)
     assert list(cb.methods) == ["ig", "smoothgrad"]
     assert cfg.trainer.max_epochs == 5
-    dm = instantiate(cfg.data)
-    assert dm.batch_size == 32
+    dm = instantiate(cfg.data)  # the main job's data: shapes with masks
+    assert dm.batch_size == 64 and dm.input_shape == (3, 32, 32)
     instantiate(cfg.model)
 
 

@@ -225,8 +225,10 @@ def test_every_callback_config_trains(overrides, tmp_path, clean_process):
 
 # ---------------------------------------------------------------- the README's commands, as written
 def _readme_train_commands() -> list[list[str]]:
-    """Every ``python examples/train.py ...`` command of the README and of the configs' comments, as overrides."""
-    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted(CONF.rglob("*.yaml"))]
+    """Every ``python examples/train.py ...`` command of the README, of docs/ and of the configs' comments, as
+    overrides."""
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    texts += [p.read_text() for p in sorted(CONF.rglob("*.yaml"))]
     found = []
     for text in texts:
         text = text.replace("\\\n", " ")
@@ -348,7 +350,7 @@ def test_typos_in_short_names_list_the_valid_ones(overrides, match, clean_proces
 def test_one_metric_without_brackets(clean_process):
     """callbacks.attribution.metrics=deletion (a string) was split into letters: "Unknown metric 'd'"."""
     cfg = _compose(["callbacks.attribution.metrics=deletion", "callbacks.attribution.methods=ig"])
-    (mon,) = TRAIN.build_list(cfg.callbacks)
+    mon, _ = TRAIN.build_list(cfg.callbacks)  # the default: the attribution and interaction monitors
     assert mon.metric_names == ["deletion"] and list(mon.methods) == ["ig"]
 
 
@@ -356,7 +358,7 @@ def test_attribution_and_metric_group_configs_in_the_lists(clean_process):
     cfg = _compose(["+attribution@rise=rise", "+attribution@hsic=hsic", "rise.n_masks=50",
                     "callbacks.attribution.methods=[${rise},${hsic}]", "+metric=deletion", "metric.n_steps=8",
                     "callbacks.attribution.metrics=[${metric}]"])  # fmt: skip
-    (mon,) = TRAIN.build_list(cfg.callbacks)
+    mon, _ = TRAIN.build_list(cfg.callbacks)  # the default: the attribution and interaction monitors
     assert list(mon.methods) == ["rise", "hsic"] and mon.methods["rise"].n_masks == 50
 
 

@@ -100,8 +100,9 @@ def test_hydra_configs_instantiate():
     cfg = OmegaConf.load(CONF / "callbacks" / "interaction.yaml")
     mon = instantiate(cfg.interaction)
     assert isinstance(mon, InteractionMonitor)
-    assert list(mon.methods) == ["cd", "integrated_hessians"]
-    assert mon.methods["integrated_hessians"].n_steps == 4
+    # CD alone: integrated Hessians every epoch spent 87 % of the main job (bench_callback_costs.py); the config's
+    # comment adds them with a budget
+    assert list(mon.methods) == ["cd"] == list(InteractionMonitor().methods)
     for name in ("cd", "integrated_hessians", "sobol", "hsic"):
         obj = instantiate(OmegaConf.load(CONF / "interaction" / f"{name}.yaml"))
         assert isinstance(obj, InteractionMethod) and obj.name == name

@@ -234,7 +234,19 @@ class ProbeCallback(RankStateCallback, Callback):
             dict key/attribute, or a function of the output); ``.logits``/``["logits"]`` are found
             without it.
         strict: re-raise exceptions raised while explaining (default: warn and continue training).
+        budget: the fraction of the training time this callback may spend explaining during ``fit`` (e.g.
+            0.05), or None (no limit: every due epoch, every probe). With a budget, a due epoch is explained
+            only when the time already spent plus the expected cost stays within ``budget`` × the training
+            time so far, on as many probes as that allows (the first ones, at least one; subclasses that need
+            the whole probe set only skip epochs); the expected cost is the last explanation's seconds per
+            probe. Under DDP the times are agreed across ranks (their maximum) before deciding, so every rank
+            makes the same decision. ``trainer.validate``/``test`` ignore it.
     """
+
+    #: whether a budget may explain fewer probes (False: the subclass needs the whole probe set)
+    budget_scales_probes: bool = True
+    #: the clock the budget reads (seconds); tests replace it to make the decisions reproducible
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     def __init__(
         self,
@@ -249,7 +261,10 @@ class ProbeCallback(RankStateCallback, Callback):
         model_attr: str | None = None,
         output_key: OutputSpec = None,
         strict: bool = False,
+        budget: float | None = None,
     ) -> None:
+        if budget is not None and not 0.0 < float(budget) <= 1.0:
+            raise ValueError(f"budget is a fraction of the training time in (0, 1], e.g. 0.05; got {budget}.")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if every_n_epochs < 1:
@@ -266,6 +281,8 @@ class ProbeCallback(RankStateCallback, Callback):
         self.model_attr = model_attr
         self.output_key = output_key
         self.strict = strict
+        self.budget = None if budget is None else float(budget)
+        self._budget_reset()
         self.probe_x: Tensor | None = None
         self.probe_y: Tensor | None = None
         self.probe_mask: Tensor | None = None
@@ -471,6 +488,73 @@ class ProbeCallback(RankStateCallback, Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_validations = self._fit_explanations = 0
+        self._budget_reset()
+        self._fit_started = self.clock()
+
+    # ------------------------------------------------------------------ time budget
+    def _budget_reset(self) -> None:
+        self._fit_started: float | None = None
+        self._spent = 0.0  # seconds spent explaining in this fit (this rank)
+        self._per_probe: float | None = None  # seconds per probe of the last explanation (this rank)
+        self._budget_skipped = 0  # due epochs skipped by the budget
+        self.budget_log: list[tuple[int, int]] = []  # (epoch, probes explained) of this fit
+
+    def budget_probes(self, trainer: pl.Trainer) -> int:
+        """How many probes a due epoch of ``fit`` explains under the budget: 0 skips the epoch.
+
+        Allowed seconds ``A = budget × (elapsed − spent) − spent`` (the training time is the fit's elapsed time
+        less this callback's); ``k = floor(A / seconds per probe)`` probes, at most ``num_samples``, at least one
+        (or all, when ``budget_scales_probes`` is False) or the epoch is skipped. Before any measurement one probe
+        (all, without scaling) is explained, when ``A > 0``. The three times are agreed across ranks first (their
+        maximum), so the decision is the same on every rank.
+        """
+        n = self.num_samples if self.probe_x is None else self.probe_size
+        if self.budget is None or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
+            return n
+        now = self.clock()
+        started = now if self._fit_started is None else self._fit_started
+        per_probe = -1.0 if self._per_probe is None else self._per_probe
+        elapsed, spent, per_probe = self._agreed_max(trainer, [now - started, self._spent, per_probe])
+        allowed = self.budget * max(elapsed - spent, 0.0) - spent
+        if allowed <= 0:
+            return 0
+        if per_probe < 0:  # nothing measured yet: one probe measures the cost
+            return 1 if self.budget_scales_probes else n
+        k = n if per_probe == 0 else int(min(n, allowed // per_probe))
+        if not self.budget_scales_probes:
+            return n if k >= n else 0
+        return max(k, 0)
+
+    @staticmethod
+    def _agreed_max(trainer: pl.Trainer, values: list[float]) -> list[float]:
+        """Each value's maximum over the ranks (every rank calls this at the same point)."""
+        if trainer.world_size <= 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+        return [float(v) for v in trainer.strategy.all_gather(t).reshape(-1, len(values)).max(0).values]
+
+    def _explain_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``run_explain`` on the probes the budget allows, timing it for the next decision."""
+        k = self.budget_probes(trainer)
+        if k <= 0:
+            self._budget_skipped += 1
+            return
+        if self.probe_x is None:
+            return
+        full = (self.probe_x, self.probe_y, self.probe_mask)
+        k = min(k, self.probe_size)
+        if k < self.probe_size:  # the first k probes: the same samples every epoch, so maps stay comparable
+            self.probe_x, self.probe_y, self.probe_mask = (None if t is None else t[:k] for t in full)
+        start = self.clock()
+        try:
+            self.run_explain(trainer, pl_module)
+        finally:
+            seconds = self.clock() - start
+            self.probe_x, self.probe_y, self.probe_mask = full
+        self._spent += seconds
+        self._per_probe = seconds / k
+        self._fit_explanations += 1
+        self.budget_log.append((trainer.current_epoch, k))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -480,6 +564,11 @@ class ProbeCallback(RankStateCallback, Callback):
         if fitting:
             self._fit_validations += 1
         due = self.is_due(trainer)
+        if fitting and due and self.budget is not None:
+            # every rank reaches the budget's agreement (a collective) on a due epoch, with or without a probe set
+            if self._agree_on_probe(trainer, due):
+                self._explain_within_budget(trainer, pl_module)
+            return
         if fitting and due:  # due epochs (explained, or skipped with a warning saying why)
             self._fit_explanations += 1
         # Agreed before run_explain's collectives: a rank without a probe set (its shard all NaN, a batch it

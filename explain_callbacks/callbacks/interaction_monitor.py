@@ -55,6 +55,7 @@ class InteractionMonitor(ProbeCallback):
         acd_samples: probe samples given an ACD hierarchy.
         feature_names: names of tabular features (default: the data module's ``feature_names``).
         log_images: turn image logging off (scalars and text stay).
+        num_samples: probe size (per rank).
         **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
             input_key, label_key, batch_size, model_attr, strict).
     """
@@ -69,10 +70,12 @@ class InteractionMonitor(ProbeCallback):
         acd_samples: int = 2,
         feature_names: Sequence[str] | None = None,
         log_images: bool = True,
+        num_samples: int = 2,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("num_samples", 16)
-        super().__init__(**kwargs)
+        # 2 probes every epoch: CD over a 4x4 patch grid is 136 decompositions per probe; 4 cost 16 % of the main
+        # job's training time (benchmarks/bench_callback_costs.py). More probes, less often: every_n_epochs.
+        super().__init__(num_samples=num_samples, **kwargs)
         methods = to_plain(methods)
         if isinstance(methods, (str, Mapping, InteractionMethod)):
             methods = [methods]

@@ -45,6 +45,8 @@ class SpRAyMonitor(ProbeCallback):
     Under DDP the maps of all ranks are gathered and every rank computes the same clusters.
     """
 
+    budget_scales_probes = False  # clusters need the whole probe: a budget skips epochs only
+
     def __init__(
         self,
         method: str | Mapping[str, Any] | Attributor = "saliency",
@@ -57,10 +59,10 @@ class SpRAyMonitor(ProbeCallback):
         k: int = 10,
         n_eigen: int = 32,
         max_clusters: int = 6,
+        every_n_epochs: int = 5,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("every_n_epochs", 5)
-        super().__init__(num_samples=num_samples, per_class=per_class, **kwargs)
+        super().__init__(num_samples=num_samples, per_class=per_class, every_n_epochs=every_n_epochs, **kwargs)
         if group_by not in ("label", "prediction"):
             raise ValueError(f"group_by must be 'label' or 'prediction', got {group_by!r}.")
         if isinstance(method, str):

@@ -1,0 +1,184 @@
+"""What each shipped callbacks config costs, as a fraction of the main job's training time.
+
+    python benchmarks/bench_callback_costs.py                      # every conf/callbacks/*.yaml (~6 min, 2 cores)
+    python benchmarks/bench_callback_costs.py default interaction  # some configs
+    python benchmarks/bench_callback_costs.py --epochs 5           # shorter runs (fewer explanations, noisier)
+    python benchmarks/bench_callback_costs.py --budget 0.05        # every monitor with budget=0.05
+    python benchmarks/bench_callback_costs.py interaction --epochs 5 --budget 0.05 --tag _ih \
+        --override 'callbacks.interaction.methods=[cd,integrated_hessians]'   # a slow method under a budget
+
+Each config runs the main job (``python examples/train.py``: shapes, the example CNN, its epochs) with
+``callbacks=<config>``, in this process, logging to TensorBoard in a temporary directory. Two numbers per config:
+
+- ``hooks``: CPU seconds spent inside the config's callback hooks (every ``on_*``/``setup``/``teardown``
+  method of every callback the config builds, timed by wrapping it), over the CPU seconds of the rest of
+  ``fit``: what the monitors cost, precisely, whatever else runs on the machine;
+- ``fit``: the CPU seconds of ``fit`` with the config over those of ``fit`` with ``callbacks=none``, minus 1:
+  the whole overhead, including what a callback adds inside the training step (the regularizers' penalties,
+  the saliency masker's training), which no hook timer sees. Noisier (two runs), so it is the median of
+  ``--repeats`` pairs.
+
+CPU time (``time.process_time``, all threads) rather than wall time: the machine is shared, and CPU time of
+this process counts only its own work. Prints a Markdown table and writes it with the raw numbers to
+``benchmarks/results/bench_callback_costs.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "examples"))
+import train as TRAIN  # noqa: E402  (examples/train.py: the main job's helpers)
+
+#: what each config is for, in the table
+ROLE = {
+    "default": "the main job's monitors",
+    "attribution": "AttributionMonitor",
+    "interaction": "InteractionMonitor",
+    "spray": "SpRAyMonitor",
+    "distiller": "Distiller",
+    "saliency_masker": "SaliencyMasker",
+    "cdep": "regularizer (in the loss)",
+    "rrr": "regularizer (in the loss)",
+    "eg_prior": "regularizer (in the loss)",
+}
+
+
+class HookClock:
+    """Accumulates the CPU time spent inside the hooks of the wrapped callbacks."""
+
+    def __init__(self, clock=time.process_time) -> None:
+        self.seconds = 0.0
+        self.clock = clock
+        self._depth = 0
+
+    def wrap(self, callback: pl.Callback) -> None:
+        for name in dir(pl.Callback):
+            if not (name.startswith("on_") or name in ("setup", "teardown")):
+                continue
+            fn = getattr(callback, name)
+            if getattr(type(callback), name) is getattr(pl.Callback, name):
+                continue  # not overridden: Lightning's no-op
+            setattr(callback, name, self._timed(fn))
+
+    def _timed(self, fn):
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            self._depth += 1
+            start = self.clock() if self._depth == 1 else None
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if start is not None:
+                    self.seconds += self.clock() - start
+
+        return inner
+
+
+def compose_main_job(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run_once(config: str, epochs: int | None, extra: list[str], budget: float | None) -> dict[str, float]:
+    """One main-job fit with ``callbacks=<config>``; CPU and wall seconds of fit and of the hooks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        over = [f"callbacks={config}", f"paths.output_dir={tmp}", "trainer.enable_progress_bar=false",
+                "+trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false", *extra]  # fmt: skip
+        if epochs is not None:
+            over.append(f"trainer.max_epochs={epochs}")
+        cfg = compose_main_job(over)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = instantiate(cfg.data)
+        TRAIN.fit_net_to_data(cfg.model, datamodule)
+        model = instantiate(cfg.model)
+        callbacks = TRAIN.build_list(cfg.get("callbacks"))
+        if budget is not None:
+            for cb in callbacks:
+                if hasattr(cb, "budget"):
+                    cb.budget = budget
+        clock = HookClock()
+        for cb in callbacks:
+            clock.wrap(cb)
+        loggers = TRAIN.build_list(cfg.get("logger"))
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        cpu, wall = time.process_time(), time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        probes = [cb for cb in callbacks if hasattr(cb, "_fit_explanations")]  # monitors; "-" for the others
+        explained = sum(int(cb._fit_explanations) for cb in probes) if probes else "-"
+        return {"fit_cpu": cpu, "fit_wall": wall, "hooks_cpu": clock.seconds, "explanations": explained,
+                "epochs": trainer.current_epoch}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", help="conf/callbacks names (default: all but none)")
+    parser.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs (default: the main job's)")
+    parser.add_argument("--repeats", type=int, default=1, help="baseline/config pairs per config (median)")
+    parser.add_argument("--budget", type=float, default=None, help="set every monitor's budget")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: CPU time is the work done; idle OpenMP threads spin on a busy machine)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a Hydra override of the config's runs, e.g. 'callbacks.interaction.methods=[cd,hsic]'")
+    parser.add_argument("--tag", default="", help="suffix of the result files (bench_callback_costs<tag>.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
+    args = parser.parse_args(argv)
+    configs = args.configs or sorted(p.stem for p in (CONF / "callbacks").glob("*.yaml") if p.stem != "none")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    rows = []
+    raw: dict[str, Any] = {}
+    for config in configs:
+        pairs = []
+        for _ in range(args.repeats):
+            base = run_once("none", args.epochs, [], None)
+            run = run_once(config, args.epochs, args.override, args.budget)
+            pairs.append((base, run))
+        hooks = statistics.median(r["hooks_cpu"] / max(r["fit_cpu"] - r["hooks_cpu"], 1e-9) for _, r in pairs)
+        fit = statistics.median(r["fit_cpu"] / b["fit_cpu"] - 1 for b, r in pairs)
+        base, run = pairs[-1]
+        raw[config] = {"pairs": pairs, "hooks_fraction": hooks, "fit_fraction": fit}
+        rows.append((config, ROLE.get(config, ""), run["explanations"], base["fit_cpu"], run["fit_cpu"],
+                     run["hooks_cpu"], hooks, fit))  # fmt: skip
+        print(f"{config}: hooks {100 * hooks:.1f} %, fit {100 * fit:+.1f} %", flush=True)
+    head = ("| config | what | explanations | fit CPU s, none | fit CPU s, with | hooks CPU s | hooks / training "
+            "| fit overhead |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for c, role, n, b, r, h, hf, ff in rows:
+        lines.append(f"| `{c}` | {role} | {n} | {b:.1f} | {r:.1f} | {h:.2f} | {100 * hf:.1f} % | {100 * ff:+.1f} % |")
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    epochs = args.epochs if args.epochs is not None else compose_main_job([]).trainer.max_epochs
+    note = (f"Main job (shapes, example CNN), {epochs} epochs, CPU time; {machine}"
+            + (f"; budget={args.budget}" if args.budget is not None else "")
+            + (f"; overrides {args.override}" if args.override else ""))  # fmt: skip
+    table = "\n".join(lines)
+    print(f"\n{note}\n\n{table}")
+    if not args.no_write:
+        out = ROOT / "benchmarks" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        suffix = args.tag + ("" if args.budget is None else f"_budget{args.budget:g}")
+        (out / f"bench_callback_costs{suffix}.md").write_text(f"{note}\n\n{table}\n")
+        (out / f"bench_callback_costs{suffix}.json").write_text(json.dumps(raw, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The main job (``python examples/train.py``): what it shows by default, what it prints, quiet output, and a
+``fast_dev_run`` that leaves nothing behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from explain_callbacks.callbacks import AttributionMonitor, InteractionMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("explain_callbacks_train_main", ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN = _train_module()
+
+
+def test_default_main_job_shows_the_product():
+    """Methods of three families, faithfulness, a sanity check, localisation on data with masks, drift (built in)
+    and an interaction view."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused"])
+    assert cfg.data._target_.endswith("ShapesDataModule")
+    callbacks = TRAIN.build_list(cfg.callbacks)
+    (mon,) = [c for c in callbacks if isinstance(c, AttributionMonitor)]
+    (inter,) = [c for c in callbacks if isinstance(c, InteractionMonitor)]
+    assert list(mon.methods) == ["saliency", "ig", "occlusion"]  # gradient, path, black box
+    assert {"deletion", "insertion", "randomisation", "pointing_game", "energy_pointing_game"} <= set(mon.metric_names)
+    assert list(inter.methods) == ["cd"]
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    assert len(data.train_set[0]) == 3  # (x, y, mask): localisation has ground truth
+
+
+def test_what_to_look_at_names_sections_and_ranks_the_methods():
+    mon = AttributionMonitor(methods=["saliency", "ig"], metrics=["deletion", "insertion"])
+    mon._higher = {"deletion": False, "insertion": True}
+    mon.last_scores = {"saliency": {"deletion": 0.3, "insertion": 0.5}, "ig": {"deletion": 0.2, "insertion": 0.4}}
+    text = TRAIN.what_to_look_at([mon, InteractionMonitor()])
+    assert "which method to trust?" in text and "interactions" in text
+    assert "best on deletion (lower is better): ig 0.200, saliency 0.300" in text
+    assert "best on insertion (higher is better): saliency 0.500, ig 0.400" in text
+    assert TRAIN.what_to_look_at([]) == ""
+
+
+def test_fast_dev_run_writes_no_run_directory_and_runs_quietly(tmp_path):
+    """A smoke test used to leave logs/runs/<date>/ (.hydra, train.log) behind; Lightning's tips and a LeafSpec
+    deprecation warning filled the output."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "+trainer.fast_dev_run=true",
+           "trainer.enable_progress_bar=false"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))[:10]
+    text = out.stdout + out.stderr
+    assert "💡 Tip" not in text and "LeafSpec" not in text and "many workers" not in text
+    assert "TensorBoard logs written" not in text  # nothing was written
+    assert text.count("Warning") <= 2, text[-3000:]
+
+
+def test_fast_dev_run_detection():
+    assert TRAIN._fast_dev_run(["t", "+trainer.fast_dev_run=true"])
+    assert TRAIN._fast_dev_run(["t", "++trainer.fast_dev_run=3"])
+    assert not TRAIN._fast_dev_run(["t", "+trainer.fast_dev_run=false"])
+    assert not TRAIN._fast_dev_run(["t", "trainer.max_epochs=1"])
+    argv, tmp = TRAIN.no_run_dir_for_fast_dev_run(["t", "hydra.run.dir=mine", "+trainer.fast_dev_run=true"])
+    assert tmp is None and argv[-1] == "+trainer.fast_dev_run=true"  # the user's own run directory is kept
