@@ -751,6 +751,18 @@ class ProbeCallback(RankStateCallback, Callback):
         return out, seconds
 
     @staticmethod
+    def gather_rows(trainer: pl.Trainer, t: Tensor) -> Tensor:
+        """Every rank's rows of ``t`` concatenated in rank order, on every rank (ranks may hold different row
+        counts: padded for ``all_gather``, trimmed after). A collective: call it on every rank, after agreeing."""
+        if trainer.world_size <= 1:
+            return t
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = trainer.strategy.all_gather(n).flatten().tolist()
+        pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
+        gathered = trainer.strategy.all_gather(torch.cat([t, pad]))
+        return torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])
+
+    @staticmethod
     def agree(trainer: pl.Trainer, ok: bool, error: str | BaseException | None = None) -> Agreement:
         """Agree on a local outcome across ranks before the collectives that follow it (``sync_dist`` logging,
         torchmetrics' ``compute``, gathers): every rank takes the same branch, and the :class:`Agreement` names

@@ -303,16 +303,6 @@ class InfluenceMonitor(ProbeCallback):
         first = next(lr_of[id(params[n])] for n in names if id(params[n]) in lr_of)
         return scales, first
 
-    def _gather_rows(self, trainer: pl.Trainer, t: Tensor) -> Tensor:
-        """Concatenate per-rank rows of varying number over ranks (padded all_gather)."""
-        if trainer.world_size <= 1:
-            return t
-        n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = trainer.strategy.all_gather(n).flatten().tolist()
-        pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
-        gathered = trainer.strategy.all_gather(torch.cat([t, pad]))
-        return torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])
-
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
@@ -367,7 +357,7 @@ class InfluenceMonitor(ProbeCallback):
         grads, seconds = done
         g_probe, g_train = grads[: x.shape[0]], grads[x.shape[0] :]
         start = time.perf_counter()
-        g_all = self._gather_rows(trainer, g_probe)  # every rank's probe: scores for all probe rows
+        g_all = self.gather_rows(trainer, g_probe)  # every rank's probe: scores for all probe rows
         if self._acc is None or self._acc.shape != (g_all.shape[0], own.numel()):
             self._acc = torch.zeros(g_all.shape[0], own.numel(), dtype=torch.float64)
             self._acc_self = torch.zeros(own.numel(), dtype=torch.float64)

@@ -81,16 +81,6 @@ class SpRAyMonitor(ProbeCallback):
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "method": self.method_name, "group_by": self.group_by}
 
-    def _gather(self, trainer: pl.Trainer, t: Tensor) -> Tensor:
-        """Concatenate a per-rank tensor of varying length over ranks (padding for all_gather)."""
-        if trainer.world_size <= 1:
-            return t
-        n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = trainer.strategy.all_gather(n).flatten().tolist()
-        pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
-        gathered = trainer.strategy.all_gather(torch.cat([t, pad]))
-        return torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])
-
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
@@ -114,7 +104,7 @@ class SpRAyMonitor(ProbeCallback):
                 groups = torch.cat([model(x[s : s + 256]).argmax(1) for s in range(0, x.shape[0], 256)])
         else:
             groups = labels  # (B,): (B, 1) labels would select along two dimensions of the maps
-        maps, groups = self._gather(trainer, maps.float()), self._gather(trainer, groups.long())
+        maps, groups = self.gather_rows(trainer, maps.float()), self.gather_rows(trainer, groups.long())
         self.last_result = {}
         rows = []
         classes, counts = torch.unique(groups, return_counts=True)
