@@ -60,9 +60,14 @@ def test_monitor_bit_identical_logs_and_ranks_drivers(tmp_path):
 
 
 def test_every_n_epochs_and_errors(tmp_path):
-    mon = LandscapeMonitor(num_train=64, n_hops=1, weight_decay=1e-3, model_attr="net", every_n_epochs=1,
-                           compare_with=None, num_samples=8)  # fmt: skip
+    # model_attr=None: the LightningModule itself is deep-copied (its trainer shared, not copied)
+    mon = LandscapeMonitor(num_train=64, n_hops=1, weight_decay=1e-3, every_n_epochs=1, compare_with=None,
+                           num_samples=8)  # fmt: skip
+    calls = []
+    original = mon.explain
+    mon.explain = lambda *a: (calls.append(a[0].current_epoch), original(*a))  # type: ignore[method-assign]
     _fit(tmp_path, [mon], epochs=2)
+    assert calls == [0, 1]  # every validation epoch, and not again at fit end
     assert mon.result is not None and mon.attribution_scores is None
     with pytest.raises(ValueError, match="loss must be one of"):
         LandscapeMonitor(loss="hinge")
@@ -78,3 +83,24 @@ def test_unsupported_network_warns_and_training_continues(tmp_path):
     with pytest.warns(UserWarning, match=r"BatchNorm1d.*align=False"):
         trainer(tmp_path, [mon], max_epochs=1).fit(LitClassifier(net, lr=0.05), train, val)
     assert mon.result is None
+
+
+def test_conv_network_without_alignment_and_state_roundtrip(tmp_path):
+    """A CNN with BatchNorm (no alignment): scores per (channel, kernel position), saliency compared per channel;
+    the training rows and snapshots travel in the callback's state."""
+    from .helpers_lightning import image_loaders, lit
+
+    train, val = image_loaders()
+    mon = LandscapeMonitor(num_train=48, n_hops=2, weight_decay=1e-3, model_attr="net", align=False,
+                           snapshot_every_n_epochs=1, num_samples=8, max_iter=200, gtol=1e-3)  # fmt: skip
+    trainer(tmp_path, [mon], max_epochs=2).fit(lit(), train, val)
+    res = mon.result
+    assert res is not None and not res.aligned and res.scores.score.shape == (1, 3, 3)
+    assert mon.attribution_scores is not None and mon.attribution_scores.shape == (1,)
+    assert len(mon.snapshots) == 2 and res.sample.n_minimisations == 1 + 2 + 2
+    state = mon.state_dict()
+    other = LandscapeMonitor(num_train=48, n_hops=2, model_attr="net", align=False, num_samples=8)
+    other.load_state_dict(state)
+    assert torch.equal(other.train_x, mon.train_x) and all(
+        torch.equal(a, b) for a, b in zip(other.snapshots, mon.snapshots)
+    )
