@@ -176,6 +176,7 @@ def test_basin_hopping_is_seeded_and_quenches_snapshots():
     assert torch.equal(a.minima, b.minima) and not torch.equal(a.minima[1:4], c.minima[1:4])
     assert a.origin == ["model", "hop", "hop", "hop", "snapshot"] and a.n_minimisations == 5
     assert bool((a.grad_norms <= 1e-4).all()) and a.n_evaluations >= 5
+    assert a.step_sizes.tolist() == [0.0, 0.3, 0.3, 0.3, 0.0]  # adapted after 5 hops only
     # chunked full-batch loss: the same minima with another batch_size
     d = basin_hopping(model, x[:200], y[:200], n_hops=3, seed=5, starts=[snap], weight_decay=1e-3, batch_size=64)
     torch.testing.assert_close(d.losses, a.losses, rtol=1e-6, atol=1e-8)
@@ -183,6 +184,17 @@ def test_basin_hopping_is_seeded_and_quenches_snapshots():
         basin_hopping(model, x, y, temperature=0.0)
     with pytest.raises(ValueError, match="loss must be one of"):
         basin_hopping(model, x, y, loss="hinge")
+
+
+def test_step_size_adapts_to_the_acceptance_rate():
+    model, x, y = _trained_mlp(steps=60)
+    x, y = x[:100], y[:100]
+    # a huge temperature accepts everything: the step grows by 1/0.9 every 2 hops
+    hot = basin_hopping(model, x, y, n_hops=6, seed=0, temperature=1e6, adapt_interval=2, weight_decay=1e-3)
+    expected = torch.tensor([0.3, 0.3, 0.3 / 0.9, 0.3 / 0.9, 0.3 / 0.81, 0.3 / 0.81], dtype=torch.float64)
+    torch.testing.assert_close(hot.step_sizes[1:], expected)
+    fixed = basin_hopping(model, x, y, n_hops=4, seed=0, temperature=1e6, adapt_interval=None, weight_decay=1e-3)
+    assert fixed.step_sizes[1:].tolist() == [0.3] * 4
 
 
 def test_conv_first_layer_scores_per_channel_and_position():

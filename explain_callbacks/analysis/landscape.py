@@ -29,6 +29,10 @@ Sampling (:func:`basin_hopping`):
   accepted or not (as a database of minima is in GMIN/PATHSAMPLE); the chain continues from accepted ones.
   All noise and the Metropolis draws come from a ``torch.Generator`` seeded with ``seed``: the global RNG is
   never used, and the same seed gives the same minima.
+- Step-size adaptation, as GMIN and ``scipy.optimize.basinhopping`` do: every ``adapt_interval`` hops the step is
+  divided by 0.9 when more than ``target_accept`` (0.5) of those hops were accepted, else multiplied by 0.9, so
+  a landscape whose hops all fall back into one basin is explored further (``adapt_interval=None``: fixed step).
+  The step of each hop is recorded (:attr:`LandscapeSample.step_sizes`).
 - Optional ``starts`` (parameter vectors, e.g. snapshots a callback took during training) are quenched with the
   same tolerance and recorded as minima of origin ``"snapshot"``; they do not enter the Markov chain.
 
@@ -297,6 +301,7 @@ class LandscapeSample:
     grad_norms: Tensor  # (M,)
     converged: Tensor  # (M,) bool: grad norm <= gtol
     accepted: Tensor  # (M,) bool: accepted by Metropolis (the start and snapshots: True)
+    step_sizes: Tensor  # (M,) the relative step of each hop (0 for the start and snapshots)
     origin: list[str]  # "model", "hop" or "snapshot"
     n_minimisations: int
     n_evaluations: int  # loss-and-gradient evaluations over the subset
@@ -402,6 +407,8 @@ def basin_hopping(
     seed: int = 0,
     starts: Sequence[Tensor] = (),
     batch_size: int = 1024,
+    adapt_interval: int | None = 5,
+    target_accept: float = 0.5,
 ) -> LandscapeSample:
     """Sample minima of the loss landscape of a copy of ``model`` on ``(x, y)`` by basin hopping.
 
@@ -414,37 +421,46 @@ def basin_hopping(
             "basin_hopping needs n_hops >= 0, step_size >= 0, temperature > 0, gtol > 0, max_iter >= 1, "
             f"batch_size >= 1; got {n_hops}, {step_size}, {temperature}, {gtol}, {max_iter}, {batch_size}."
         )
+    if (adapt_interval is not None and adapt_interval < 1) or not 0 < target_accept < 1:
+        raise ValueError(
+            f"adapt_interval must be >= 1 or None and 0 < target_accept < 1; got {adapt_interval}, {target_accept}."
+        )
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"basin_hopping needs as many labels as inputs (>= 1): got {x.shape[0]} and {y.shape[0]}.")
     start = time.perf_counter()
     land = _Landscape(model, x, y, _loss_fn(loss), weight_decay, batch_size)
     gen = torch.Generator().manual_seed(seed)
     sizes = [p.numel() for p in land.params]
-    rows: list[tuple[Tensor, float, float, bool, str]] = []
+    rows: list[tuple[Tensor, float, float, bool, str, float]] = []
     loss0, g0 = land.quench(gtol, max_iter)
     cur, cur_loss = land.vector(), loss0
-    rows.append((cur, loss0, g0, True, "model"))
-    for _ in range(n_hops):
+    rows.append((cur, loss0, g0, True, "model", 0.0))
+    step, window = step_size, 0
+    for hop in range(n_hops):
         noise = torch.randn(cur.numel(), generator=gen, dtype=torch.float64)
         scale = torch.cat([
             torch.full((n,), float(p.detach().double().pow(2).mean().sqrt()) + 1e-12, dtype=torch.float64)
             for n, p in zip(sizes, _split_like(cur, land.params))
         ])  # fmt: skip
-        land.set(cur + step_size * (scale * noise).to(cur.device))
+        land.set(cur + step * (scale * noise).to(cur.device))
         new_loss, g = land.quench(gtol, max_iter)
         new = land.vector()
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
         ok = math.isfinite(new_loss) and (new_loss <= cur_loss or u < math.exp(-(new_loss - cur_loss) / temperature))
-        rows.append((new, new_loss, g, ok, "hop"))
+        rows.append((new, new_loss, g, ok, "hop", step))
         if ok:
             cur, cur_loss = new, new_loss
+        window += int(ok)
+        if adapt_interval is not None and (hop + 1) % adapt_interval == 0:
+            step = step / 0.9 if window / adapt_interval > target_accept else step * 0.9
+            window = 0
     for s in starts:
         vec = s.detach().reshape(-1).double()
         if vec.numel() != cur.numel():
             raise ValueError(f"a start holds {vec.numel()} parameters, the model {cur.numel()}: not this network.")
         land.set(vec)
         sl, g = land.quench(gtol, max_iter)
-        rows.append((land.vector(), sl, g, True, "snapshot"))
+        rows.append((land.vector(), sl, g, True, "snapshot", 0.0))
     minima = torch.stack([r[0].cpu() for r in rows])
     grads = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     return LandscapeSample(
@@ -454,6 +470,7 @@ def basin_hopping(
         converged=grads <= gtol,
         accepted=torch.tensor([r[3] for r in rows]),
         origin=[r[4] for r in rows],
+        step_sizes=torch.tensor([r[5] for r in rows], dtype=torch.float64),
         n_minimisations=len(rows),
         n_evaluations=land.evaluations,
         seconds=time.perf_counter() - start,
@@ -556,6 +573,8 @@ def landscape_analysis(
     loss_tol: float = 1e-6,
     dist_tol: float = 1e-3,
     batch_size: int = 1024,
+    adapt_interval: int | None = 5,
+    target_accept: float = 0.5,
 ) -> LandscapeResult:
     """Sample minima (:func:`basin_hopping`), align and deduplicate them, group the low ones and score each
     input feature by how conserved and how large its first-layer weights are (Niroomand & Wales 2023; every
@@ -578,7 +597,8 @@ def landscape_analysis(
     flips = _odd_activations(model) if sign_flips == "auto" else bool(sign_flips)
     sample = basin_hopping(
         model, x, y, loss, n_hops=n_hops, step_size=step_size, temperature=temperature, weight_decay=weight_decay,
-        gtol=gtol, max_iter=max_iter, seed=seed, starts=starts, batch_size=batch_size,
+        gtol=gtol, max_iter=max_iter, seed=seed, starts=starts, batch_size=batch_size, adapt_interval=adapt_interval,
+        target_accept=target_accept,
     )  # fmt: skip
     notes: list[str] = []
     ok = sample.converged.nonzero().flatten()

@@ -48,7 +48,8 @@ class LandscapeMonitor(ProbeCallback):
 
     Args:
         num_train: training rows of the landscape (full-batch loss; memory bounded by ``batch_size`` rows).
-        n_hops, step_size, temperature, weight_decay, gtol, max_iter, seed, loss_window, align, sign_flips:
+        n_hops, step_size, temperature, weight_decay, gtol, max_iter, seed, adapt_interval, loss_window, align,
+            sign_flips:
             see :func:`~explain_callbacks.analysis.landscape_analysis`.
         loss: ``"cross_entropy"``, ``"mse"`` or ``loss(output, target)``.
         every_n_epochs: None (default): once, at the end of fit; n: on every n-th validation epoch as well.
@@ -75,6 +76,7 @@ class LandscapeMonitor(ProbeCallback):
         gtol: float = 1e-4,
         max_iter: int = 500,
         seed: int = 0,
+        adapt_interval: int | None = 5,
         loss: str | Callable[[Tensor, Tensor], Tensor] = "cross_entropy",
         loss_window: float | None = None,
         align: bool = True,
@@ -103,7 +105,8 @@ class LandscapeMonitor(ProbeCallback):
         self.landscape_every = every_n_epochs
         self.options = dict(
             n_hops=n_hops, step_size=step_size, temperature=temperature, weight_decay=weight_decay, gtol=gtol,
-            max_iter=max_iter, seed=seed, loss_window=loss_window, align=align, sign_flips=sign_flips,
+            max_iter=max_iter, seed=seed, adapt_interval=adapt_interval, loss_window=loss_window, align=align,
+            sign_flips=sign_flips,
         )  # fmt: skip
         self.loss = loss
         self.snapshot_every = snapshot_every_n_epochs
