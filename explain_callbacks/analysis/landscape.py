@@ -13,7 +13,9 @@ choice is stated here.
 Sampling (:func:`basin_hopping`):
 - The trained network is deep-copied (the live module is never touched; a LightningModule's trainer is shared,
   not copied) and cast to float64, so a gradient-norm tolerance of 1e-4 is reachable. Modules run in eval mode
-  (dropout off, BatchNorm on its running statistics); the copy's parameters are the only ones optimised.
+  (dropout off, BatchNorm on its running statistics); the copy's parameters are the only ones optimised, all of
+  them (inside a callback every parameter is frozen by the model guard, so which ones the user trains cannot be
+  read there; BatchNorm statistics are buffers and stay fixed).
 - The landscape is the mean loss over a bounded training subset (``x``, ``y``, full batch, evaluated in chunks
   of ``batch_size`` rows so memory is bounded) plus ``weight_decay * |w|^2``. The L2 term is the papers' own
   choice: it removes the flat directions of cross-entropy on separable data (whose minima lie at infinity) and
