@@ -8,7 +8,8 @@ Public surface (each package documents more):
 - ``metrics``: faithfulness, robustness and sanity metrics (torchmetrics classes; ``metrics.functional``).
 - ``regularize``: attribution penalties (CDEP, RRR, expected-gradients priors).
 - ``distill``: students, fidelity and adaptive wavelet distillation.
-- ``analysis``: analyses over many samples' maps (SpRAy) and training-data attribution (TracIn).
+- ``analysis``: analyses over many samples' maps (SpRAy) training-data attribution (TracIn) and
+  energy-landscape conserved weights.
 - ``callbacks``: the Lightning callbacks that orchestrate all of the above.
 - ``viz``: tensors to images.
 """
@@ -22,6 +23,7 @@ from .callbacks import (
     Distiller,
     InfluenceMonitor,
     InteractionMonitor,
+    LandscapeMonitor,
     ProbeCallback,
     SaliencyMasker,
     SpRAyMonitor,
@@ -42,6 +44,7 @@ __all__ = [
     "Distiller",
     "InfluenceMonitor",
     "InteractionMonitor",
+    "LandscapeMonitor",
     "ProbeCallback",
     "SaliencyMasker",
     "SpRAyMonitor",

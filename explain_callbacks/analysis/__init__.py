@@ -8,6 +8,9 @@
 - :func:`tracin_scores` / :func:`self_influence`: TracIn training-data attribution (Pruthi et al. 2020): which
   training samples made a prediction, and which ones the model keeps fighting (mislabelled);
   :class:`~explain_callbacks.callbacks.InfluenceMonitor` tracks it during training.
+- :func:`landscape_analysis`: energy-landscape conserved weights (Niroomand & Wales 2023): basin hopping over
+  the loss's minima, aligned for hidden-unit symmetry, ranks inputs by conserved first-layer weights;
+  :class:`~explain_callbacks.callbacks.LandscapeMonitor` runs it at the end of fit.
 """
 
 from .attack import FragilityResult, fragility_attack
@@ -20,16 +23,40 @@ from .influence import (
     self_influence,
     tracin_scores,
 )
+from .landscape import (
+    FeatureScores,
+    LandscapeResult,
+    LandscapeSample,
+    align_layers,
+    align_minima,
+    basin_hopping,
+    conserved_feature_scores,
+    deduplicate_minima,
+    hungarian,
+    landscape_analysis,
+    layer_chain,
+)
 from .spray import SpectralClusters, kmeans, spray
 
 __all__ = [
+    "FeatureScores",
     "FragilityResult",
     "InfluenceCheckpoint",
+    "LandscapeResult",
+    "LandscapeSample",
     "RandomProjection",
     "SpectralClusters",
     "adam_preconditioner",
+    "align_layers",
+    "align_minima",
+    "basin_hopping",
+    "conserved_feature_scores",
+    "deduplicate_minima",
     "fragility_attack",
+    "hungarian",
+    "landscape_analysis",
     "kmeans",
+    "layer_chain",
     "layer_parameters",
     "per_sample_gradients",
     "self_influence",

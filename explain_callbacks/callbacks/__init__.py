@@ -5,6 +5,7 @@ from .base import ProbeCallback
 from .distiller import Distiller
 from .influence_monitor import InfluenceMonitor
 from .interaction_monitor import InteractionMonitor
+from .landscape_monitor import LandscapeMonitor
 from .regularizer import AttributionRegularizer
 from .saliency_masker import SaliencyMasker
 from .spray_monitor import SpRAyMonitor
@@ -15,6 +16,7 @@ __all__ = [
     "Distiller",
     "InfluenceMonitor",
     "InteractionMonitor",
+    "LandscapeMonitor",
     "ProbeCallback",
     "SaliencyMasker",
     "SpRAyMonitor",

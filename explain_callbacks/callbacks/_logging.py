@@ -2,7 +2,8 @@
 
 Tag layout (stable; see :data:`SECTIONS`): ``<section>/<metric>/<series>``, the section being the concern
 (``maps``, ``faithfulness``, ``sanity``, ``robustness``, ``localisation``, ``interactions``, ``concepts``,
-``influence``, ``distillation``, ``regularizers``, ``masker``, ``cost``), the series the method, student, class or
+``influence``, ``landscape``, ``distillation``, ``regularizers``, ``masker``,
+``cost``), the series the method, student, class or
 penalty. TensorBoard groups its sections by the first part of a tag, and the custom-scalars layout
 written here puts every series of one metric on one chart (``Custom Scalars`` tab).
 
@@ -65,6 +66,7 @@ SECTIONS = (
     "interactions",
     "concepts",
     "influence",
+    "landscape",
     "distillation",
     "regularizers",
     "masker",
