@@ -19,6 +19,7 @@ from .attribution import Attributor, CaptumAttributor, build_attributor
 from .callbacks import (
     AttributionMonitor,
     AttributionRegularizer,
+    ConceptMonitor,
     Distiller,
     InfluenceMonitor,
     InteractionMonitor,
@@ -39,6 +40,7 @@ __all__ = [
     "AttributionRegularizer",
     "Attributor",
     "CaptumAttributor",
+    "ConceptMonitor",
     "Distiller",
     "InfluenceMonitor",
     "InteractionMonitor",

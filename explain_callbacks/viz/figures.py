@@ -33,6 +33,7 @@ __all__ = [
     "SEQUENTIAL",
     "attribution_figure",
     "colorize_tiles",
+    "concept_figure",
     "curves_figure",
     "figure_to_array",
     "figure_to_tensor",
@@ -590,6 +591,94 @@ def tiles_figure(
         cb.set_label(f"{colorbar_label} (signed, 0 = white)" if signed else colorbar_label)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+@_styled
+def concept_figure(
+    leads: Sequence[Tensor | None],
+    lead_captions: Sequence[str],
+    groups: Sequence[Sequence[tuple[Tensor | None, str, Sequence[Tensor]]]],
+    n_crops: int,
+    title: str | None = None,
+    colorbar_label: str = "concept relevance (signed, 0 = white)",
+) -> Any:
+    """Concepts (CRP, Achtibat et al. 2023), one row per sample or class: a lead picture (the input, RGB
+    (3, H, W) in [0, 1]; None for a text-only cell) with its caption, then per concept a group: its
+    conditional map (H, W) (or None), the group's caption above it ("channel 7: 42 %") and up to
+    ``n_crops`` reference crops (RGB (3, h, w), any size, drawn stretched over a tile). Every map of the
+    figure shares one signed colour scale and one colour bar, so concepts compare across rows.
+
+    Without matplotlib: the tiles in the same order (blank where missing), each resized to the first
+    lead's size, as one grid without labels."""
+    if not groups or not any(groups):
+        raise ValueError("concept_figure needs at least one row with one concept.")
+    n = len(groups)
+    width_groups = max(len(g) for g in groups)
+    ncol = 1 + width_groups * (1 + n_crops)
+    maps = [m.detach().float().cpu() for row in groups for (m, _, _) in row if m is not None]
+    lo, hi = map_scale(torch.cat([m.flatten() for m in maps]), True) if maps else (-1.0, 1.0)
+    if not has_matplotlib():
+        size = next((tuple(t.shape[-2:]) for t in leads if t is not None), None)
+        if size is None:
+            size = next(tuple(c.shape[-2:]) for row in groups for (_, _, cs) in row for c in cs)
+        blank = torch.ones(3, *size)
+
+        def fit(t: Tensor) -> Tensor:
+            return F.interpolate(t.detach().float().cpu()[None], size=size, mode="nearest")[0]
+
+        tiles = []
+        for i in range(n):
+            tiles.append(blank if leads[i] is None else fit(leads[i]))
+            for j in range(width_groups):
+                m, _, crops = groups[i][j] if j < len(groups[i]) else (None, "", [])
+                tiles.append(blank if m is None else _colorize_range(fit(m[None])[None, 0], lo, hi, True)[0])
+                tiles += [fit(crops[r]) if r < len(crops) else blank for r in range(n_crops)]
+        return make_grid(upscale(torch.stack(tiles), 64), nrow=ncol)
+    tile, crop, gap, head, left = TILE_INCHES, 0.75 * TILE_INCHES, 0.08, 0.34, 0.1
+    top, bottom = (0.4 if title else 0.1), (0.7 if maps else 0.1)
+    group_w = tile + gap + n_crops * (crop + gap)
+    width = 2 * left + tile + 3 * gap + width_groups * (group_w + 2 * gap)
+    height = top + n * (head + tile) + bottom
+    fig = _figure(width, height, constrained=False)
+
+    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
+        return [x0 / width, y0 / height, w / width, h / height]
+
+    im = None
+    for i in range(n):
+        y0 = height - top - (i + 1) * (head + tile)
+        ax = fig.add_axes(box(left, y0, tile, tile))
+        _hide_ticks(ax)
+        if leads[i] is not None:
+            ax.imshow(leads[i].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+        else:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, lead_captions[i], ha="center", va="center", fontsize=9, fontweight="bold")
+        if leads[i] is not None:
+            ax.set_title(_wrap(lead_captions[i]), fontsize=7)
+        x = left + tile + 3 * gap
+        for m, caption, crops in groups[i]:
+            ax = fig.add_axes(box(x, y0, tile, tile))
+            _hide_ticks(ax)
+            if m is not None:
+                im = ax.imshow(m.detach().float().cpu().numpy(), cmap=DIVERGING, vmin=lo, vmax=hi)
+            else:
+                ax.set_axis_off()
+            ax.set_title(caption, fontsize=7, fontweight="bold", loc="left")
+            for r in range(min(n_crops, len(crops))):
+                cx = x + tile + gap + r * (crop + gap)
+                ax = fig.add_axes(box(cx, y0 + (tile - crop) / 2, crop, crop))
+                _hide_ticks(ax)
+                ax.imshow(crops[r].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+                if i == 0 or m is None:
+                    ax.set_title(f"ref {r + 1}", fontsize=6)
+            x += group_w + 2 * gap
+    if im is not None:
+        cax = fig.add_axes(box(left + tile + 3 * gap, bottom - 0.35, min(2.5, width - 2 * left - tile), 0.1))
+        _colorbar(fig, im, [], colorbar_label, cax=cax)
+    if title:
+        fig.suptitle(title, y=1 - 0.12 / height, va="top")
     return fig
 
 
