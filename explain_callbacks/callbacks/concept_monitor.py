@@ -33,6 +33,7 @@ from ..attribution.lrp import (
     COMPOSITES,
     LRP,
     ConceptAtlas,
+    RelevanceMaximization,
     conditional_relevance,
     layer_relevance,
     relevance_maximization,
@@ -81,7 +82,10 @@ class ConceptMonitor(ProbeCallback):
     crops), ``concepts/atlas`` (figure: per class its dominant concepts with crops; and a table of them),
     the scalars ``concepts/class_<k>/channel_<c>`` (share of concept c in class k; one chart per class, one
     line per concept that was ever among the class's ``atlas_top``) and ``cost/seconds/concepts``. The
-    latest shares are in :attr:`shares` ``(n_classes, channels)``, their history in :attr:`history`.
+    latest shares are in :attr:`shares` ``(n_classes, channels)``, their history in :attr:`history` (epoch, shares),
+    the latest atlas in :attr:`atlas` and the latest relevance maximisation (indices into :attr:`ref_x`, crop boxes)
+    in :attr:`references`; this rank's probe concepts in :attr:`probe_concepts` / :attr:`probe_shares` (B, top_k) and
+    the conditional maps of the drawn rows in :attr:`probe_maps` (one (top_k, *input shape) per row).
     """
 
     probe_bound_state = ("ref_x", "ref_y")
@@ -126,7 +130,12 @@ class ConceptMonitor(ProbeCallback):
         self.tracked: dict[int, list[int]] = {}  # per class, the channels ever among its atlas_top (curves kept)
         self.history: list[tuple[int, Tensor]] = []  # (epoch, shares (n_classes, channels))
         self.shares: Tensor | None = None
+        self.atlas: ConceptAtlas | None = None
+        self.references: RelevanceMaximization | None = None
         self.layer_name: str | None = None
+        self.probe_concepts: Tensor | None = None
+        self.probe_shares: Tensor | None = None
+        self.probe_maps: list[Tensor] = []
 
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "layer": str(self.layer), "num_reference": self.num_reference}
@@ -249,7 +258,8 @@ class ConceptMonitor(ProbeCallback):
             share_probe = per_probe / per_probe.sum(1, keepdim=True).abs().clamp_min(1e-12)
             k = min(self.top_k, share_probe.shape[1])
             top_share, top_idx = share_probe.topk(k, dim=1)
-            found.update(layer=layer, lrp=lrp, ref=ref, ref_t=ref_t, pred=pred, top_share=top_share, top_idx=top_idx)
+            found.update(layer=layer, lrp=lrp, ref=ref, ref_t=ref_t, rel_ref=rel_ref, pred=pred)
+            found.update(top_share=top_share, top_idx=top_idx)
             # conditional maps of the drawn probe rows (their own top concepts: k rows of LRP each)
             n_draw = min(self.log_probes, x.shape[0]) if media_loggers(trainer) else 0
             found["maps"] = [
@@ -283,8 +293,22 @@ class ConceptMonitor(ProbeCallback):
         for c in sorted(self.tracked):
             for ch in self.tracked[c]:
                 self.log_scalar(pl_module, f"concepts/class_{c}/channel_{ch}", float(shares[c, ch]), sync=False)
+        # this rank's probe: its top concepts (B, top_k), their shares and the drawn rows' maps (top_k, *input)
+        self.probe_concepts, self.probe_shares = found["top_idx"].cpu(), found["top_share"].cpu()
+        self.probe_maps = [m.cpu() for m in found["maps"]]
+        ref = found["ref"]
+        self.references = None
+        if ref.ndim > 2 and ref.is_floating_point():
+            # what each concept is: relevance maximisation over this rank's references, for the concepts shown
+            # (local, no collective follows: a failure here is this rank's, under the error policy)
+            n_draw = len(found["maps"])
+            shown = {int(c) for c in found["top_idx"][:n_draw].flatten()} | {int(c) for c in idx.flatten()}
+            self.references = relevance_maximization(
+                found["lrp"], model, ref, found["ref_t"], found["layer"], sorted(shown),
+                top_k=min(self.num_crops, ref.shape[0]), relevance=found["rel_ref"],
+            )  # fmt: skip
         if media_loggers(trainer):
-            self._log(trainer, x, y, target, found, atlas, model)
+            self._log(trainer, x, y, target, found, atlas)
         self.log_scalar(pl_module, "cost/seconds/concepts", seconds + time.perf_counter() - start, sync=False)
 
     # ------------------------------------------------------------------ logging (rank zero)
@@ -305,7 +329,7 @@ class ConceptMonitor(ProbeCallback):
 
     def _log(
         self, trainer: pl.Trainer, x: Tensor, y: Tensor | None, target: Tensor, found: dict[str, Any],
-        atlas: ConceptAtlas, model: nn.Module,
+        atlas: ConceptAtlas,
     ) -> None:  # fmt: skip
         name = self.layer_name
         headers = ["class", *[f"concept {r + 1} (share)" for r in range(atlas.concepts.shape[1])]]
@@ -314,17 +338,12 @@ class ConceptMonitor(ProbeCallback):
         note = (f"Layer `{name}`, LRP composite `{found['lrp'].composite}`; share = mean concept relevance over "
                 f"the class's reference samples / the class's total relevance at the layer. " + self._changes())
         self.log_table(trainer, "concepts/atlas", headers, rows, note)
-        ref, ref_t = found["ref"], found["ref_t"]
-        if ref.ndim < 3 or not ref.is_floating_point():
-            return  # crops and maps are pictures of spatial inputs; tabular layers get the table and curves
+        ref, rm = found["ref"], self.references
+        if rm is None or ref.ndim != 4:
+            return  # crops and maps are pictures of images; other inputs get the table and the curves
         top_idx, top_share = found["top_idx"], found["top_share"]
         n_draw = len(found["maps"])
-        concepts = sorted({int(c) for c in top_idx[:n_draw].flatten()} | {int(c) for c in atlas.concepts.flatten()})
-        rm = relevance_maximization(found["lrp"], model, ref, ref_t, found["layer"], concepts,
-                                    top_k=min(self.num_crops, ref.shape[0]))  # fmt: skip
-        ref_rgb = viz.to_rgb(ref.float().cpu()) if ref.ndim == 4 else None
-        if ref_rgb is None:
-            return  # 1-D signals: the table and the curves only
+        ref_rgb = viz.to_rgb(ref.float().cpu())
 
         def crops(ch: int) -> list[Tensor]:
             return rm.crops(ref_rgb, ch)
