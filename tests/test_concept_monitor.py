@@ -164,6 +164,7 @@ def test_figure_labels_and_fallback(monkeypatch):
     assert "channel 3: 40%" in titles and "ref 1" in titles and "y=1 · pred=1" in titles
     atlas = viz.concept_figure([None], ["class 1"], [[(None, "channel 3: 40%", [torch.rand(3, 4, 4)])]], 2)
     assert any(t.get_text() == "class 1" for ax in atlas.axes for t in ax.texts)
+    assert "channel 3: 40% · refs" in [ax.get_title("left") for ax in atlas.axes]
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):

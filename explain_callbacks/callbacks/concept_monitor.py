@@ -354,13 +354,15 @@ class ConceptMonitor(ProbeCallback):
             captions = []
             for i in range(n_draw):
                 label = "-" if y is None else str(int(y[i]))
-                captions.append(f"y={label} · pred={int(pred[i])} · explains {int(target[i])}")
+                explains = "" if label == str(int(target[i])) else f" · explains {int(target[i])}"
+                captions.append(f"y={label} · pred={int(pred[i])}{explains}")
             groups = []
             for i in range(n_draw):
                 m = found["maps"][i].float().cpu().sum(1)  # (k, H, W): channels of the input summed
                 groups.append([(m[j], f"channel {int(c)}: {float(top_share[i, j]):.0%}", crops(int(c)))
                                for j, c in enumerate(top_idx[i])])  # fmt: skip
-            fig = viz.concept_figure(leads, captions, groups, self.num_crops,
+            wrong = None if y is None else [int(pred[i]) != int(y[i]) for i in range(n_draw)]
+            fig = viz.concept_figure(leads, captions, groups, self.num_crops, wrong=wrong,
                                      title=f"CRP top concepts of layer {name} (epoch {trainer.current_epoch})")
             self.log_image(trainer, "concepts/probes", fig)
         groups = [[(None, f"channel {int(ch)}: {float(s):.0%}", crops(int(ch)))

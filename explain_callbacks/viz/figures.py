@@ -602,12 +602,14 @@ def concept_figure(
     n_crops: int,
     title: str | None = None,
     colorbar_label: str = "concept relevance (signed, 0 = white)",
+    wrong: Sequence[bool] | None = None,
 ) -> Any:
     """Concepts (CRP, Achtibat et al. 2023), one row per sample or class: a lead picture (the input, RGB
     (3, H, W) in [0, 1]; None for a text-only cell) with its caption, then per concept a group: its
     conditional map (H, W) (or None), the group's caption above it ("channel 7: 42 %") and up to
     ``n_crops`` reference crops (RGB (3, h, w), any size, drawn stretched over a tile). Every map of the
-    figure shares one signed colour scale and one colour bar, so concepts compare across rows.
+    figure shares one signed colour scale and one colour bar, so concepts compare across rows. ``wrong``: per
+    row, whether its prediction is wrong (caption drawn in red).
 
     Without matplotlib: the tiles in the same order (blank where missing), each resized to the first
     lead's size, as one grid without labels."""
@@ -635,10 +637,12 @@ def concept_figure(
                 tiles.append(blank if m is None else _colorize_range(fit(m[None])[None, 0], lo, hi, True)[0])
                 tiles += [fit(crops[r]) if r < len(crops) else blank for r in range(n_crops)]
         return make_grid(upscale(torch.stack(tiles), 64), nrow=ncol)
-    tile, crop, gap, head, left = TILE_INCHES, 0.75 * TILE_INCHES, 0.08, 0.34, 0.1
+    tile, crop, gap, head, left = TILE_INCHES, 0.75 * TILE_INCHES, 0.08, 0.5, 0.1
     top, bottom = (0.4 if title else 0.1), (0.7 if maps else 0.1)
-    group_w = tile + gap + n_crops * (crop + gap)
-    width = 2 * left + tile + 3 * gap + width_groups * (group_w + 2 * gap)
+    # a map tile per group only where some group has a map (the atlas rows have crops only)
+    map_w = tile + gap if any(m is not None for row in groups for (m, _, _) in row) else 0.0
+    group_w = map_w + n_crops * (crop + gap)
+    width = 2 * left + tile + 3 * gap + width_groups * (group_w + 2 * gap) + 0.4
     height = top + n * (head + tile) + bottom
     fig = _figure(width, height, constrained=False)
 
@@ -656,22 +660,26 @@ def concept_figure(
             ax.set_axis_off()
             ax.text(0.5, 0.5, lead_captions[i], ha="center", va="center", fontsize=9, fontweight="bold")
         if leads[i] is not None:
-            ax.set_title(_wrap(lead_captions[i]), fontsize=7)
+            red = wrong is not None and wrong[i]
+            ax.set_title(_wrap(lead_captions[i]), fontsize=7, color="#c0392b" if red else "black")
         x = left + tile + 3 * gap
         for m, caption, crops in groups[i]:
-            ax = fig.add_axes(box(x, y0, tile, tile))
-            _hide_ticks(ax)
-            if m is not None:
-                im = ax.imshow(m.detach().float().cpu().numpy(), cmap=DIVERGING, vmin=lo, vmax=hi)
-            else:
-                ax.set_axis_off()
-            ax.set_title(caption, fontsize=7, fontweight="bold", loc="left")
+            if map_w:
+                ax = fig.add_axes(box(x, y0, tile, tile))
+                _hide_ticks(ax)
+                if m is not None:
+                    im = ax.imshow(m.detach().float().cpu().numpy(), cmap=DIVERGING, vmin=lo, vmax=hi)
+                else:
+                    ax.set_axis_off()
+                ax.set_title(caption, fontsize=7, fontweight="bold", loc="left")
             for r in range(min(n_crops, len(crops))):
-                cx = x + tile + gap + r * (crop + gap)
+                cx = x + map_w + r * (crop + gap)
                 ax = fig.add_axes(box(cx, y0 + (tile - crop) / 2, crop, crop))
                 _hide_ticks(ax)
                 ax.imshow(crops[r].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), vmin=0, vmax=1)
-                if i == 0 or m is None:
+                if not map_w and r == 0:  # crops only: the concept's caption above its first crop
+                    ax.set_title(f"{caption} · refs", fontsize=7, fontweight="bold", loc="left")
+                elif map_w or r > 0:
                     ax.set_title(f"ref {r + 1}", fontsize=6)
             x += group_w + 2 * gap
     if im is not None:
