@@ -4,7 +4,11 @@ reference crops on the mark, no side effects, labelled figures, state, errors.""
 from __future__ import annotations
 
 import builtins
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ from explain_callbacks.datasets.shapes import make_shapes
 from explain_callbacks.models import LitClassifier
 
 from .helpers_lightning import event_tags, image_loaders, lit, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit(tmp_path, callbacks, epochs=2, logger=True):
@@ -207,3 +213,18 @@ def test_errors(tmp_path):
     with pytest.warns(UserWarning, match="No layer named"):
         _fit(tmp_path / "lenient", [ConceptMonitor(layer="nope", num_samples=2, model_attr="net")], epochs=1,
              logger=False)  # fmt: skip
+
+
+@pytest.mark.ddp
+def test_under_ddp(tmp_path):
+    """2-process DDP (gloo): the same global shares on both ranks, equal to the atlas over both reference sets;
+    a failure on one rank skips the epoch on both without a hang; pictures written by rank zero only."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PL_DISABLE_FORK="1")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_concepts.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "DDP_OK" in out.stdout
+    assert len(list(tmp_path.rglob("events.out.tfevents.*"))) == 1  # only rank zero writes
+    assert {"concepts/probes", "concepts/atlas"} <= event_tags(tmp_path)["images"]
