@@ -228,3 +228,26 @@ def test_under_ddp(tmp_path):
     assert "DDP_OK" in out.stdout
     assert len(list(tmp_path.rglob("events.out.tfevents.*"))) == 1  # only rank zero writes
     assert {"concepts/probes", "concepts/atlas"} <= event_tags(tmp_path)["images"]
+
+
+def test_resume_keeps_references_and_history_and_test_logs_under_test(tmp_path):
+    """A resumed fit continues the history with the same reference set; trainer.test explains (tags under test/)
+    without adding a point to the training curves."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = image_loaders()
+    mon1 = ConceptMonitor(num_reference=16, num_samples=4, model_attr="net")
+    trainer(tmp_path / "a", [mon1, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)], logger=False).fit(
+        lit(), train, val
+    )
+    mon2 = ConceptMonitor(num_reference=16, num_samples=4, model_attr="net", strict=True)
+    tr = trainer(tmp_path / "b", [mon2], max_epochs=3)
+    tr.fit(lit(), train, val, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert torch.equal(mon2.ref_x, mon1.ref_x)
+    assert [e for e, _ in mon2.history] == [0, 1, 2]
+    assert torch.equal(mon2.history[1][1], mon1.history[1][1])
+    tr.test(tr.lightning_module, val)
+    assert [e for e, _ in mon2.history] == [0, 1, 2]
+    tags = event_tags(tmp_path / "b")
+    assert "test/concepts/probes" in tags["images"]
+    assert any(t.startswith("test/concepts/class_") for t in tags["scalars"])

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from .. import viz
@@ -84,7 +85,8 @@ class ConceptMonitor(ProbeCallback):
     line per concept that was ever among the class's ``atlas_top``) and ``cost/seconds/concepts``. The
     latest shares are in :attr:`shares` ``(n_classes, channels)``, their history in :attr:`history` (epoch, shares),
     the latest atlas in :attr:`atlas` and the latest relevance maximisation (indices into :attr:`ref_x`, crop boxes)
-    in :attr:`references`; this rank's probe concepts in :attr:`probe_concepts` / :attr:`probe_shares` (B, top_k) and
+    in :attr:`references` (the history follows ``trainer.fit``; ``validate``/``test`` refresh the rest); this
+    rank's probe concepts in :attr:`probe_concepts` / :attr:`probe_shares` (B, top_k) and
     the conditional maps of the drawn rows in :attr:`probe_maps` (one (top_k, *input shape) per row).
     """
 
@@ -281,7 +283,8 @@ class ConceptMonitor(ProbeCallback):
         shares = (mean / mean.sum(1, keepdim=True).abs().clamp_min(1e-12)).float().cpu()  # as concept_atlas
         present = [int(c) for c in (counts > 0).nonzero().flatten()]
         self.shares = shares
-        self.history.append((int(trainer.current_epoch), shares))
+        if trainer.state.fn == TrainerFn.FITTING:  # the curves follow training: validate()/test() add no point
+            self.history.append((int(trainer.current_epoch), shares))
         k = min(self.atlas_top, shares.shape[1])
         vals, idx = shares[present].topk(k, dim=1)
         atlas = ConceptAtlas(present, idx, vals)
