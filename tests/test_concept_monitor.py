@@ -167,10 +167,10 @@ def test_figure_labels_and_fallback(monkeypatch):
     groups = [[(torch.randn(8, 8), "channel 3: 40%", [torch.rand(3, 4, 4), torch.rand(3, 5, 3)])]]
     fig = viz.concept_figure([lead], ["y=1 · pred=1"], groups, 2, title="t")
     titles = [ax.get_title(loc) for ax in fig.axes for loc in ("center", "left")]
-    assert "channel 3: 40%" in titles and "ref 1" in titles and "y=1 · pred=1" in titles
+    assert "channel 3: 40%" in titles and "reference crops (best first)" in titles and "y=1 · pred=1" in titles
     atlas = viz.concept_figure([None], ["class 1"], [[(None, "channel 3: 40%", [torch.rand(3, 4, 4)])]], 2)
     assert any(t.get_text() == "class 1" for ax in atlas.axes for t in ax.texts)
-    assert "channel 3: 40% · refs" in [ax.get_title("left") for ax in atlas.axes]
+    assert "channel 3: 40% · reference crops" in [ax.get_title("left") for ax in atlas.axes]
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
