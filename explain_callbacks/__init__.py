@@ -20,6 +20,7 @@ from .attribution import Attributor, CaptumAttributor, build_attributor
 from .callbacks import (
     AttributionMonitor,
     AttributionRegularizer,
+    ConceptMonitor,
     Distiller,
     InfluenceMonitor,
     InteractionMonitor,
@@ -41,6 +42,7 @@ __all__ = [
     "AttributionRegularizer",
     "Attributor",
     "CaptumAttributor",
+    "ConceptMonitor",
     "Distiller",
     "InfluenceMonitor",
     "InteractionMonitor",

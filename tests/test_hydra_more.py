@@ -213,6 +213,7 @@ def test_example_nets_fitted_to_the_data_but_explicit_values_kept(clean_process)
         # interaction, distiller, cdep, rrr and eg_prior run in the README's commands (test_readme_command_runs)
         ["callbacks=spray", "callbacks.spray.min_per_class=1", "callbacks.spray.every_n_epochs=1"],
         ["callbacks=[default,saliency_masker]"],
+        ["callbacks=[default,concepts]", "callbacks.concepts.num_reference=16", "callbacks.concepts.strict=true"],
         ["callbacks=distiller", "data=breast_cancer", "model=mlp", "callbacks.distiller.every_n_epochs=1"],
         ["callbacks=none"],
     ],

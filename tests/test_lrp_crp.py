@@ -93,6 +93,12 @@ def test_relevance_maximization_ranks_and_boxes():
     assert len(crops) == 4 and all(c.shape == (1, 5, 5) for c in crops)
     with pytest.raises(ValueError, match="mode must be"):
         relevance_maximization(lrp, model, ref, t, "2", mode="mean")
+    # the caller's layer relevance (the ConceptMonitor reuses its pass): the same ranking, positions and boxes
+    given = relevance_maximization(lrp, model, ref, t, "2", [1], top_k=4, mode="max", relevance=rel)
+    for a, b in ((given.indices, rmax.indices), (given.scores, rmax.scores), (given.boxes, rmax.boxes)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="relevance has 9 rows for 10 reference samples"):
+        relevance_maximization(lrp, model, ref, t, "2", [1], relevance=rel[:9])
 
 
 def test_concept_atlas_finds_planted_watermark_concept():

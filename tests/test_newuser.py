@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from explain_callbacks.callbacks import (
     AttributionMonitor,
     AttributionRegularizer,
+    ConceptMonitor,
     Distiller,
     InteractionMonitor,
     SaliencyMasker,
@@ -335,6 +336,7 @@ def _all_callbacks(strict: bool = True) -> list:
         SpRAyMonitor(num_samples=12, per_class=None, min_per_class=4, every_n_epochs=1, strict=strict),
         SaliencyMasker(num_samples=4, strict=strict),
         Distiller(students=["tree", "online"], buffer_size=64, export=False, strict=strict),
+        ConceptMonitor(num_samples=4, num_reference=8, strict=strict),
     ]
 
 
@@ -355,7 +357,8 @@ def test_lightning_settings_leave_training_bit_identical(tmp_path, kw):
     cbs = _all_callbacks()
     module, tr = _fit(tmp_path / "b", lambda: Lit(CNN(), manual=manual), _loaders(x, y), cbs, **kw)
     _assert_same_weights(base, module)
-    tags = ("faithfulness/deletion/ig", "interactions/top_pair/cd", "maps/area/masker", "distillation/fidelity/tree")
+    tags = ("faithfulness/deletion/ig", "interactions/top_pair/cd", "maps/area/masker", "distillation/fidelity/tree",
+            "cost/seconds/concepts")  # fmt: skip
     for tag in tags:
         assert tag in tr.callback_metrics, tag
 
@@ -374,7 +377,8 @@ def test_resume_with_every_callback_is_bit_identical_and_keeps_state(tmp_path):
         tr.fit(module, *_loaders(x, y)(), ckpt_path=path)
         resumed.append(module)
     _assert_same_weights(*resumed)
-    mon, _, _, masker, dist = cbs
+    mon, _, _, masker, dist, concepts = cbs
     assert torch.equal(mon.probe_x, first[0].probe_x) and set(mon.previous) == {"saliency", "ig"}
+    assert torch.equal(concepts.ref_x, first[-1].ref_x) and [e for e, _ in concepts.history] == [0, 1]
     assert masker._steps == 8 and [h["epoch"] for h in dist.history] == [0, 1]
     shutil.rmtree(tmp_path / "ckpt")

@@ -2,6 +2,7 @@
 
 from .attribution_monitor import AttributionMonitor
 from .base import ProbeCallback
+from .concept_monitor import ConceptMonitor
 from .distiller import Distiller
 from .influence_monitor import InfluenceMonitor
 from .interaction_monitor import InteractionMonitor
@@ -13,6 +14,7 @@ from .spray_monitor import SpRAyMonitor
 __all__ = [
     "AttributionMonitor",
     "AttributionRegularizer",
+    "ConceptMonitor",
     "Distiller",
     "InfluenceMonitor",
     "InteractionMonitor",

@@ -33,6 +33,7 @@ __all__ = [
     "SEQUENTIAL",
     "attribution_figure",
     "colorize_tiles",
+    "concept_figure",
     "curves_figure",
     "figure_to_array",
     "figure_to_tensor",
@@ -591,6 +592,119 @@ def tiles_figure(
     if title:
         fig.suptitle(title)
     return fig
+
+
+@_styled
+def concept_figure(
+    leads: Sequence[Tensor | None],
+    lead_captions: Sequence[str],
+    groups: Sequence[Sequence[tuple[Tensor | None, str, Sequence[Tensor]]]],
+    n_crops: int,
+    title: str | None = None,
+    colorbar_label: str = "concept relevance (signed, 0 = white)",
+    wrong: Sequence[bool] | None = None,
+) -> Any:
+    """Concepts (CRP, Achtibat et al. 2023), one row per sample or class: a lead picture (the input, RGB
+    (3, H, W) in [0, 1]; None for a text-only cell) with its caption, then per concept a group: its
+    conditional map (H, W) (or None), the group's caption above it ("channel 7: 42 %") and up to
+    ``n_crops`` reference crops (RGB (3, h, w), any size, drawn stretched over a tile). Every map of the
+    figure shares one signed colour scale and one colour bar, so concepts compare across rows. ``wrong``: per
+    row, whether its prediction is wrong (caption drawn in red).
+
+    Without matplotlib: the tiles in the same order (blank where missing), each resized to the first
+    lead's size, as one grid without labels."""
+    if not groups or not any(groups):
+        raise ValueError("concept_figure needs at least one row with one concept.")
+    n = len(groups)
+    width_groups = max(len(g) for g in groups)
+    ncol = 1 + width_groups * (1 + n_crops)
+    maps = [m.detach().float().cpu() for row in groups for (m, _, _) in row if m is not None]
+    lo, hi = map_scale(torch.cat([m.flatten() for m in maps]), True) if maps else (-1.0, 1.0)
+    if not has_matplotlib():
+        size = next((tuple(t.shape[-2:]) for t in leads if t is not None), None)
+        if size is None:
+            size = next(tuple(c.shape[-2:]) for row in groups for (_, _, cs) in row for c in cs)
+        blank = torch.ones(3, *size)
+
+        def fit(t: Tensor) -> Tensor:
+            return F.interpolate(t.detach().float().cpu()[None], size=size, mode="nearest")[0]
+
+        tiles = []
+        for i in range(n):
+            tiles.append(blank if leads[i] is None else fit(leads[i]))
+            for j in range(width_groups):
+                m, _, crops = groups[i][j] if j < len(groups[i]) else (None, "", [])
+                tiles.append(blank if m is None else _colorize_range(fit(m[None])[None, 0], lo, hi, True)[0])
+                tiles += [fit(crops[r]) if r < len(crops) else blank for r in range(n_crops)]
+        return make_grid(upscale(torch.stack(tiles), 64), nrow=ncol)
+    tile, crop, gap, head, left = TILE_INCHES, 0.75 * TILE_INCHES, 0.08, 0.5, 0.1
+    top, bottom = (0.4 if title else 0.1), (0.7 if maps else 0.1)
+    # a map tile per group only where some group has a map (the atlas rows have crops only)
+    map_w = tile + gap if any(m is not None for row in groups for (m, _, _) in row) else 0.0
+    group_w = map_w + n_crops * (crop + gap)
+    width = 2 * left + tile + 3 * gap + width_groups * (group_w + 2 * gap) + 0.4
+    height = top + n * (head + tile) + bottom
+    fig = _figure(width, height, constrained=False)
+
+    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
+        return [x0 / width, y0 / height, w / width, h / height]
+
+    im = None
+    for i in range(n):
+        y0 = height - top - (i + 1) * (head + tile)
+        ax = fig.add_axes(box(left, y0, tile, tile))
+        _hide_ticks(ax)
+        if leads[i] is not None:
+            ax.imshow(leads[i].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+        else:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, lead_captions[i], ha="center", va="center", fontsize=9, fontweight="bold")
+        if leads[i] is not None:
+            red = wrong is not None and wrong[i]
+            ax.set_title(_wrap(lead_captions[i]), fontsize=7, color="#c0392b" if red else "black")
+        x = left + tile + 3 * gap
+        for m, caption, crops in groups[i]:
+            if map_w:
+                ax = fig.add_axes(box(x, y0, tile, tile))
+                _hide_ticks(ax)
+                if m is not None:
+                    im = ax.imshow(m.detach().float().cpu().numpy(), cmap=DIVERGING, vmin=lo, vmax=hi)
+                else:
+                    ax.set_axis_off()
+                ax.set_title(caption, fontsize=7, fontweight="bold", loc="left")
+            if crops:
+                # the crops side by side in one picture: one axes per group (axes cost ~15 ms each to make and clear)
+                strip_w = n_crops * crop + (n_crops - 1) * gap
+                ax = fig.add_axes(box(x + map_w, y0 + (tile - crop) / 2, strip_w, crop))
+                ax.set_axis_off()
+                ax.imshow(_crop_strip(crops[:n_crops], n_crops, gap / crop), vmin=0, vmax=1, aspect="auto")
+                if not map_w:  # crops only (atlas): the concept's caption above its crops
+                    ax.set_title(f"{caption} · reference crops", fontsize=7, fontweight="bold", loc="left")
+                elif i == 0:
+                    ax.set_title("reference crops (best first)", fontsize=6)
+            x += group_w + 2 * gap
+    if im is not None:
+        cax = fig.add_axes(box(left + tile + 3 * gap, bottom - 0.35, min(2.5, width - 2 * left - tile), 0.1))
+        _colorbar(fig, im, [], colorbar_label, cax=cax)
+    if title:
+        fig.suptitle(title, y=1 - 0.12 / height, va="top")
+    return fig
+
+
+def _crop_strip(crops: Sequence[Tensor], n: int, gap: float, px: int = 48) -> np.ndarray:
+    """``n`` slots of ``px`` x ``px`` on white, ``gap`` (a fraction of a slot) apart; each RGB crop (3, h, w)
+    scaled (nearest) to fit its slot with its aspect ratio kept, centred."""
+    g = round(gap * px)
+    out = np.ones((px, n * px + (n - 1) * g, 3), dtype=np.float32)
+    for r, c in enumerate(crops):
+        c = c.detach().float().cpu().clamp(0, 1)
+        h, w = c.shape[-2:]
+        f = px / max(h, w)
+        hh, ww = max(1, int(h * f)), max(1, int(w * f))
+        img = F.interpolate(c[None], size=(hh, ww), mode="nearest")[0].permute(1, 2, 0).numpy()
+        y0, x0 = (px - hh) // 2, r * (px + g) + (px - ww) // 2
+        out[y0 : y0 + hh, x0 : x0 + ww] = img
+    return out
 
 
 @_styled

@@ -203,13 +203,22 @@ def relevance_maximization(
     top_k: int = 8,
     mode: str = "max",
     output_key: OutputSpec = None,
+    relevance: Tensor | None = None,
 ) -> RelevanceMaximization:
     """Rank the ``reference`` samples (a bounded set, e.g. validation data) for each concept by its
     relevance at ``layer`` for ``target`` (``mode="max"``: the largest over positions, as the paper's
-    relevance maximisation; ``"sum"``: the concept relevance), with each top sample's receptive-field box."""
+    relevance maximisation; ``"sum"``: the concept relevance), with each top sample's receptive-field box.
+    ``relevance``: :func:`layer_relevance` of the same arguments when the caller has it already (saves its pass)."""
     if mode not in ("max", "sum"):
         raise ValueError(f"mode must be 'max' (largest relevance over positions) or 'sum', got {mode!r}.")
-    rel = layer_relevance(lrp, model, reference, target, layer, output_key=output_key)
+    if relevance is not None and relevance.shape[0] != reference.shape[0]:
+        raise ValueError(
+            f"relevance has {relevance.shape[0]} rows for {reference.shape[0]} reference samples; pass "
+            "layer_relevance(lrp, model, reference, target, layer) or None."
+        )
+    if relevance is None:
+        relevance = layer_relevance(lrp, model, reference, target, layer, output_key=output_key)
+    rel = relevance
     if rel.ndim < 2:
         raise ValueError(f"layer {layer!r} gives shape {tuple(rel.shape)}: no channels to rank.")
     concepts = list(range(rel.shape[1])) if concepts is None else [int(c) for c in concepts]
