@@ -177,4 +177,5 @@ def test_against_iisignature(depth):
     g = torch.randn(5, signature_channels(3, depth), dtype=x.dtype)
     (signature(xr, depth) * g).sum().backward()
     ref_grad = torch.from_numpy(iisignature.sigbackprop(g.numpy(), x.numpy(), depth)).double()
-    torch.testing.assert_close(xr.grad, ref_grad, rtol=1e-5, atol=1e-5)  # iisignature returns float32 here
+    # iisignature back-propagates in float32: compare on the scale of the gradient
+    torch.testing.assert_close(xr.grad, ref_grad, rtol=0, atol=1e-5 * float(ref_grad.abs().max()))
