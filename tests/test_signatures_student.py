@@ -1,0 +1,111 @@
+"""The signature student (explain_callbacks.distill.SignatureStudent) and its attributions over time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explain_callbacks.analysis.signatures import levy_area
+from explain_callbacks.distill import (
+    STUDENTS,
+    SignatureStudent,
+    SparseLogisticStudent,
+    build_student,
+    fidelity,
+    load_student,
+    save_student,
+)
+
+
+def _area_streams(n: int, seed: int, t: int = 20, d: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random walks from the origin; the teacher's logits say the sign of the Lévy area of channels (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randn(n, t - 1, d, generator=g)
+    x = torch.cat([torch.zeros(n, 1, d), steps.cumsum(1)], 1)
+    area = levy_area(x, 0, 1)
+    z = 4.0 * area / area.std()
+    return x, torch.stack([-z / 2, z / 2], 1)  # a two-class teacher whose decision is sign(area)
+
+
+@pytest.fixture(scope="module")
+def area_task():
+    x, out = _area_streams(800, 0)
+    xt, outt = _area_streams(1000, 1)
+    student = SignatureStudent(depth=3, max_nonzeros=6).fit(x, out)
+    return student, x, out, xt, outt
+
+
+def test_signature_student_recovers_the_area_rule(area_task):
+    """≥ 95 % held-out fidelity with area(x0,x1) ranked first; a sparse logistic student on the raw values
+    stays near chance (the label is antisymmetric under x0 -> −x0, which leaves the raw values' law unchanged)."""
+    student, x, out, xt, outt = area_task
+    fid = float(fidelity(student.predict(xt), outt, "classification"))
+    assert fid >= 0.95, fid
+    assert student.ranking()[0][0] == "area(x0,x1)"
+    raw = SparseLogisticStudent(max_nonzeros=10).fit(x, out)
+    raw_fid = float(fidelity(raw.predict(xt), outt, "classification"))
+    assert raw_fid < 0.6, raw_fid
+    text = student.describe()
+    assert "area(x0,x1)" in text and "moves before" in text and "Channels" in text
+    chans = student.channel_importance()
+    assert list(chans)[:2] in (["x0", "x1"], ["x1", "x0"])
+
+
+def test_attributions_are_exact_integrated_gradients(area_task):
+    """The map sums to f(x) − f(0) (checked by the library's completeness metric on the student's module), equals
+    the library's IG with many steps, and sits on channels 0 and 1."""
+    from explain_callbacks.attribution import build_attributor
+    from explain_callbacks.metrics.functional.completeness import completeness_error
+
+    student, _, _, xt, _ = area_task
+    xs = xt[:16].double()
+    target = student.predict(xs)
+    amap = student.attribute(xs, target)
+    assert amap.shape == xs.shape
+    mod = student.module()
+    err = completeness_error(mod, xs, amap, target, baseline="zeros", relative=True)
+    assert float(err.max()) < 1e-9
+    ref = build_attributor({"name": "ig", "n_steps": 64})(mod, xs, target)
+    torch.testing.assert_close(amap, ref.double(), rtol=1e-6, atol=1e-8)
+    mass = amap.abs().sum((0, 1))
+    assert float(mass[:2].sum() / mass.sum()) > 0.9
+    # the default target is the student's predicted class
+    assert torch.allclose(student.attribute(xs).sum((1, 2)), student.attribute(xs, target).sum((1, 2)))
+
+
+def test_student_registered_exports_and_layouts(area_task, tmp_path):
+    student, _, _, xt, _ = area_task
+    assert STUDENTS.get("signature") is SignatureStudent
+    loaded = load_student(save_student(student, tmp_path / "sig"))
+    torch.testing.assert_close(loaded.predict(xt), student.predict(xt), rtol=0, atol=0)
+    assert loaded.describe() == student.describe()
+    torch.testing.assert_close(loaded.attribute(xt[:4]), student.attribute(xt[:4]))
+    # channels-first inputs give the same student
+    x, out = _area_streams(300, 2)
+    a = build_student({"name": "signature", "depth": 2, "max_nonzeros": 4}).fit(x, out)
+    b = build_student({"name": "signature", "depth": 2, "max_nonzeros": 4, "layout": "BDT"}).fit(x.transpose(1, 2), out)
+    torch.testing.assert_close(a.inner_.coef_, b.inner_.coef_)
+    assert b.attribute(x[:3].transpose(1, 2)).shape == (3, 3, 20)
+    with pytest.raises(ValueError, match="sequences"):
+        a.predict(torch.zeros(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="channel_names"):
+        SignatureStudent(channel_names=["a"]).fit(x, out)
+    with pytest.raises(ValueError, match="kind"):
+        SignatureStudent(kind="lyndon")
+
+
+def test_regression_and_multiclass():
+    """Regression on the area itself is exact up to rounding (the area is a log-signature coordinate);
+    three classes (area sign, or |area| small) keep their fidelity."""
+    x = _area_streams(400, 3)[0].double()  # the target in float64: the recovery is exact up to float64 rounding
+    area = levy_area(x, 0, 1)
+    reg = SignatureStudent(depth=2, max_nonzeros=1, base=False, time=False).fit(x, area)
+    assert reg.ranking()[0][0] == "area(x0,x1)" and reg.complexity()["nonzeros"] == 1
+    torch.testing.assert_close(reg.predict(x).double(), area.double(), rtol=1e-8, atol=1e-8)
+    amap = reg.attribute(x[:5])
+    torch.testing.assert_close(amap.sum((1, 2)).double(), area[:5].double(), rtol=1e-8, atol=1e-8)
+    q = area.abs().quantile(0.3)
+    logits = torch.stack([area, -area, 2 * (q - area.abs())], 1) * 5 / area.std()
+    multi = SignatureStudent(depth=4, kind="signature", base=False).fit(x, logits)
+    assert float(fidelity(multi.predict(x), logits, "classification")) > 0.85
+    assert multi.attribute(x[:4]).shape == x[:4].shape
