@@ -109,3 +109,12 @@ def test_regression_and_multiclass():
     multi = SignatureStudent(depth=4, kind="signature", base=False).fit(x, logits)
     assert float(fidelity(multi.predict(x), logits, "classification")) > 0.85
     assert multi.attribute(x[:4]).shape == x[:4].shape
+
+
+def test_image_draws_examples_with_their_maps(area_task):
+    student, x, out, _, _ = area_task
+    img = student.image()
+    assert img is not None and img.ndim == 3 and img.shape[0] == 3
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    torch.testing.assert_close(student.examples_, x[:4])
+    assert SignatureStudent(depth=2, n_examples=0).fit(x, out).image() is None

@@ -148,6 +148,8 @@ class SignatureStudent(Student):
         alpha, max_nonzeros, refit, temperature, ridge: of the inner sparse model (see
             :class:`~explain_callbacks.distill.SparseLogisticStudent`).
         batch_size: streams per signature call (memory: B·T·D^depth numbers).
+        n_examples: training streams kept (the first ones) for :meth:`image`, which draws them with their
+            attribution maps; 0 keeps none (then no image; the streams are stored in the exported file).
     """
 
     name = "signature"
@@ -167,6 +169,7 @@ class SignatureStudent(Student):
         temperature: float = 1.0,
         ridge: float = 1e-4,
         batch_size: int = 512,
+        n_examples: int = 4,
         task: str = "auto",
         seed: int = 0,
     ) -> None:
@@ -180,6 +183,10 @@ class SignatureStudent(Student):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
+        if n_examples < 0:
+            raise ValueError(f"n_examples must be >= 0, got {n_examples}.")
+        self.n_examples = n_examples
+        self.examples_: Tensor | None = None  # the first n_examples training streams, for image()
         self.inner_: SparseLinearStudent | SparseLogisticStudent | None = None
         self.channels_: int | None = None
         self.importance_: Tensor | None = None  # |standardised weight| per feature (max over outputs)
@@ -199,6 +206,7 @@ class SignatureStudent(Student):
             "temperature": self.temperature,
             "ridge": self.ridge,
             "batch_size": self.batch_size,
+            "n_examples": self.n_examples,
             **super().config(),
         }
 
@@ -238,6 +246,7 @@ class SignatureStudent(Student):
         self.inner_ = inner
         assert inner.coef_ is not None
         self.importance_ = (inner.coef_.abs() * F.std(0, unbiased=False).unsqueeze(1)).amax(1)
+        self.examples_ = x[: self.n_examples].detach().cpu().clone() if self.n_examples else None
 
     # ------------------------------------------------------------------ using
     def decision_function(self, x: Tensor) -> Tensor:
@@ -337,14 +346,42 @@ class SignatureStudent(Student):
                 total = total + w * g
         return (xd * total).to(x.dtype)
 
+    def image(self) -> Tensor | None:
+        """The kept training streams with the student's attribution maps over time (``sequence_figure``, as the
+        AttributionMonitor draws sequence maps), (3, H, W) in [0, 1]; None without examples."""
+        if not self.fitted or self.examples_ is None or self.examples_.shape[0] == 0:
+            return None
+        from ..viz import figure_to_tensor, is_figure
+        from ..viz.figures import sequence_figure
+
+        x = self.examples_
+        amap = self.attribute(x)
+        pred = self.predict(x)
+
+        def as_fdt(t: Tensor) -> Tensor:  # sequence_figure draws (N, channels, time)
+            return t.unsqueeze(1) if t.ndim == 2 else t if self.layout == "BDT" else t.transpose(1, 2)
+
+        captions = [f"student: {'class' if self.task_ == 'classification' else 'output'} {p}" for p in pred.tolist()]
+        fig = sequence_figure(
+            as_fdt(x), {"signature IG": as_fdt(amap)}, signed={"signature IG": True}, captions=captions,
+            feature_names=self.channel_names, title="SignatureStudent: decision over time and channels",
+        )  # fmt: skip
+        return figure_to_tensor(fig) if is_figure(fig) else fig
+
     # ------------------------------------------------------------------ export
     def get_state(self) -> dict[str, Any]:
         assert self.inner_ is not None
-        return {"channels": self.channels_, "importance": self.importance_, "inner": self.inner_.to_dict()}
+        return {
+            "channels": self.channels_,
+            "importance": self.importance_,
+            "examples": self.examples_,
+            "inner": self.inner_.to_dict(),
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.channels_ = state["channels"]
         self.importance_ = state["importance"]
+        self.examples_ = state.get("examples")
         self.inner_ = student_from_dict(state["inner"])  # type: ignore[assignment]
 
 
