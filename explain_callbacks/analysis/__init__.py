@@ -8,6 +8,9 @@
 - :func:`tracin_scores` / :func:`self_influence`: TracIn training-data attribution (Pruthi et al. 2020): which
   training samples made a prediction, and which ones the model keeps fighting (mislabelled);
   :class:`~explain_callbacks.callbacks.InfluenceMonitor` tracks it during training.
+- :func:`signature` / :func:`logsignature`: truncated path signatures of streams (B, T, D), batched and
+  differentiable (Lyons & McLeod 2022), with time, basepoint and lead-lag augmentation;
+  :class:`~explain_callbacks.distill.SignatureStudent` distils a sequence model onto them.
 """
 
 from .attack import FragilityResult, fragility_attack
@@ -20,6 +23,16 @@ from .influence import (
     self_influence,
     tracin_scores,
 )
+from .signatures import (
+    augment,
+    lead_lag,
+    levy_area,
+    logsignature,
+    lyndon_words,
+    signature,
+    signature_channels,
+    signature_words,
+)
 from .spray import SpectralClusters, kmeans, spray
 
 __all__ = [
@@ -28,11 +41,19 @@ __all__ = [
     "RandomProjection",
     "SpectralClusters",
     "adam_preconditioner",
+    "augment",
     "fragility_attack",
     "kmeans",
     "layer_parameters",
+    "lead_lag",
+    "levy_area",
+    "logsignature",
+    "lyndon_words",
     "per_sample_gradients",
     "self_influence",
+    "signature",
+    "signature_channels",
+    "signature_words",
     "spray",
     "tracin_scores",
 ]
