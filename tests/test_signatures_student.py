@@ -164,3 +164,20 @@ def test_distiller_fits_the_signature_student_on_a_gru(tmp_path):
     loaded = load_student(dist.exported["sig"])
     xt = dm.test_set.tensors[0]
     torch.testing.assert_close(loaded.predict(xt), dist.students["sig"].predict(xt), rtol=0, atol=0)
+
+
+def test_attribute_in_inference_mode_and_chunks(area_task):
+    """A validation loop (inference mode) gets the same map; chunks of batch_size streams change nothing; a bad
+    target is named."""
+    student, _, _, xt, _ = area_task
+    ref = student.attribute(xt[:10], 1)
+    with torch.inference_mode():
+        xi = xt[:10].clone()
+        inside = student.attribute(xi, 1)
+    torch.testing.assert_close(inside, ref)
+    small = SignatureStudent(**{**student.config(), "batch_size": 3})
+    small.set_state(student.get_state())
+    small.task_, small.input_shape_, small.n_outputs_ = student.task_, student.input_shape_, student.n_outputs_
+    torch.testing.assert_close(small.attribute(xt[:10], torch.ones(10, dtype=torch.long)), ref)
+    with pytest.raises(ValueError, match="target must index"):
+        student.attribute(xt[:2], 5)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.registry import STUDENTS
 from ..analysis.signatures import (
     gauss_legendre,
@@ -325,26 +326,34 @@ class SignatureStudent(Student):
         is a polynomial of degree ≤ depth in the path scale α, so ``⌈depth/2⌉`` Gauss-Legendre points
         integrate the gradient without error; the map sums to ``f(x) − f(0)`` per stream.
         """
-        xd = x.detach().to(torch.float64)
-        mod = self.module().to(xd.device)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        tgt = None if target is None else torch.as_tensor(target, dtype=torch.long, device=x.device).expand(x.shape[0])
+        parts = []
+        with grad_enabled():  # whatever the caller's context (no_grad, inference_mode: a validation loop)
+            mod = self.module().to(x.device)  # built here: buffers made in inference mode cannot enter a graph
+            for i in range(0, x.shape[0], self.batch_size):
+                xd = normal_tensor(x[i : i + self.batch_size].detach()).to(torch.float64)  # type: ignore[union-attr]
+                t = None if tgt is None else normal_tensor(tgt[i : i + self.batch_size])
+                parts.append(self._integrated_gradients(mod, xd, t).to(dtype))  # type: ignore[arg-type]
+        return torch.cat(parts, 0)
+
+    def _integrated_gradients(self, mod: nn.Module, xd: Tensor, target: Tensor | None) -> Tensor:
         with torch.no_grad():
             out = mod(xd)
         if target is None:
-            tgt = out.argmax(1) if self.task_ == "classification" else torch.zeros(x.shape[0], dtype=torch.long)
+            tgt = out.argmax(1) if self.task_ == "classification" else torch.zeros(xd.shape[0], dtype=torch.long)
         else:
-            tgt = torch.as_tensor(target, dtype=torch.long).expand(x.shape[0])
-        tgt = tgt.to(xd.device)
+            tgt = target
         if int(tgt.max()) >= out.shape[1] or int(tgt.min()) < 0:
             raise ValueError(f"target must index the student's {out.shape[1]} outputs, got {tgt.unique().tolist()}.")
         nodes, weights = gauss_legendre(polynomial_ig_points(self.depth))
         total = torch.zeros_like(xd)
-        with torch.enable_grad():
-            for a, w in zip(nodes.tolist(), weights.tolist(), strict=True):
-                xa = (a * xd).requires_grad_(True)
-                o = mod(xa)
-                (g,) = torch.autograd.grad(o.gather(1, tgt.unsqueeze(1)).sum(), xa)
-                total = total + w * g
-        return (xd * total).to(x.dtype)
+        for a, w in zip(nodes.tolist(), weights.tolist(), strict=True):
+            xa = (a * xd).requires_grad_(True)
+            o = mod(xa)
+            (g,) = torch.autograd.grad(o.gather(1, tgt.unsqueeze(1)).sum(), xa)
+            total = total + w * g
+        return xd * total
 
     def image(self) -> Tensor | None:
         """The kept training streams with the student's attribution maps over time (``sequence_figure``, as the
