@@ -118,6 +118,13 @@ def test_augmentations():
     assert a.shape == (2, 6, 3)
     torch.testing.assert_close(a[:, 0], torch.zeros(2, 3, dtype=x.dtype))
     torch.testing.assert_close(a[:, 1:, 2], torch.linspace(0, 1, 5, dtype=x.dtype).expand(2, 5))
+    # lead-lag with given times: each time repeated as its point is (lead positions)
+    times = torch.tensor([0.0, 1.0, 3.0, 4.0, 9.0], dtype=x.dtype)
+    llt = augment(x, leadlag=True, time=True, times=times)
+    assert llt.shape == (2, 9, 5)
+    torch.testing.assert_close(llt[0, :, 4], torch.tensor([0.0, 1, 1, 3, 3, 4, 4, 9, 9], dtype=x.dtype))
+    with pytest.raises(ValueError, match="times"):
+        augment(x, time=True, times=torch.zeros(4))
     # basepoint: level 1 is the last point (not only the increment)
     torch.testing.assert_close(signature(x, 1, base=True), x[:, -1])
 

@@ -181,3 +181,26 @@ def test_attribute_in_inference_mode_and_chunks(area_task):
     torch.testing.assert_close(small.attribute(xt[:10], torch.ones(10, dtype=torch.long)), ref)
     with pytest.raises(ValueError, match="target must index"):
         student.attribute(xt[:2], 5)
+
+
+class _AreaRule(torch.nn.Module):
+    """The teacher rule as a network: logits ±z/2 with z ∝ area(x0, x1)."""
+
+    def forward(self, x):
+        z = levy_area(x, 0, 1) / 5
+        return torch.stack([-z / 2, z / 2], 1)
+
+
+def test_student_maps_explain_the_teacher_by_the_deletion_metric(area_task):
+    """Scored by the library's deletion metric on the teacher itself, the student's maps remove the teacher's
+    decision far faster than random maps do (AUC 0.28 against 0.59 when written)."""
+    from explain_callbacks.metrics.functional.deletion import deletion
+
+    student, _, _, xt, _ = area_task
+    rule = _AreaRule()
+    xs = xt[:200]
+    target = rule(xs).argmax(1)
+    ours = deletion(rule, xs, student.attribute(xs, target), target, features="element", channels_first=False)
+    rand = deletion(rule, xs, torch.randn(xs.shape, generator=torch.Generator().manual_seed(0)), target,
+                    features="element", channels_first=False)  # fmt: skip
+    assert float(ours.mean()) < float(rand.mean()) - 0.2, (float(ours.mean()), float(rand.mean()))

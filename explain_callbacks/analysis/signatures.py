@@ -140,10 +140,11 @@ def time_augment(x: Tensor, times: Tensor | None = None) -> Tensor:
     if times is None:
         times = torch.linspace(0.0, 1.0, t, dtype=x.dtype, device=x.device) if t > 1 else x.new_zeros(t)
     times = times.to(device=x.device, dtype=x.dtype)
-    if times.ndim == 1:
-        times = times.expand(b, t)
-    if times.shape != (b, t):
-        raise ValueError(f"times must be (T,) or (B, T) = {(b, t)}, got {tuple(times.shape)}.")
+    if tuple(times.shape) not in ((t,), (b, t)):
+        raise ValueError(
+            f"times must be (T,) or (B, T) = {(b, t)} for streams {tuple(x.shape)}, got {tuple(times.shape)}."
+        )
+    times = times.expand(b, t)
     return torch.cat([x, times.unsqueeze(-1)], -1)
 
 
