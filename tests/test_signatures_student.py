@@ -86,6 +86,12 @@ def test_student_registered_exports_and_layouts(area_task, tmp_path):
     b = build_student({"name": "signature", "depth": 2, "max_nonzeros": 4, "layout": "BDT"}).fit(x.transpose(1, 2), out)
     torch.testing.assert_close(a.inner_.coef_, b.inner_.coef_)
     assert b.attribute(x[:3].transpose(1, 2)).shape == (3, 3, 20)
+    # a refit on new rows (the Distiller's next epoch) starts from the last solution and matches a cold fit
+    x2, out2 = _area_streams(300, 4)
+    warm = SignatureStudent(depth=2, alpha=0.02).fit(x, out).fit(x2, out2)
+    cold = SignatureStudent(depth=2, alpha=0.02).fit(x2, out2)
+    assert torch.equal(warm.inner_.support(), cold.inner_.support())
+    torch.testing.assert_close(warm.inner_.coef_, cold.inner_.coef_, rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="sequences"):
         a.predict(torch.zeros(2, 3, 4, 5))
     with pytest.raises(ValueError, match="channel_names"):

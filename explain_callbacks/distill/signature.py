@@ -322,9 +322,9 @@ class SignatureStudent(Student):
 
         Integrated Gradients (Sundararajan et al. 2017) from the zero stream of :meth:`module`'s output for
         ``target`` (a class's logit, two classes ``±z/2``; default: the student's predicted class; regression:
-        the output column, default 0). Exact: the logit
-        is a polynomial of degree ≤ depth in the path scale α, so ``⌈depth/2⌉`` Gauss-Legendre points
-        integrate the gradient without error; the map sums to ``f(x) − f(0)`` per stream.
+        the output column, default 0). Exact: the logit is a polynomial of degree ≤ depth in the path scale α,
+        so ``⌈depth/2⌉`` Gauss-Legendre points integrate the gradient without error; the map sums to
+        ``f(x) − f(0)`` per stream. Computed in float64 on ``x``'s device, in chunks of ``batch_size`` streams.
         """
         dtype = x.dtype if x.is_floating_point() else torch.float32
         tgt = None if target is None else torch.as_tensor(target, dtype=torch.long, device=x.device).expand(x.shape[0])
