@@ -17,9 +17,29 @@ from explain_callbacks.analysis.signatures import (
     lyndon_words,
     signature,
     signature_channels,
+    signature_levels,
     signature_words,
     word_bracket,
 )
+
+
+@pytest.fixture(autouse=True, params=["torch", "pysiglib"])
+def backend(request):
+    """Every check runs on the pure-torch implementation and on pySigLib (when installed), through the
+    functions' default backend."""
+    if request.param == "pysiglib":
+        pytest.importorskip("pysiglib")
+    funcs = (signature, logsignature)
+    saved = [dict(f.__kwdefaults__) for f in funcs]
+    levels_defaults = signature_levels.__defaults__
+    for f in funcs:
+        f.__kwdefaults__["backend"] = request.param
+    signature_levels.__defaults__ = (request.param,)
+    yield request.param
+    for f, kw in zip(funcs, saved, strict=True):
+        f.__kwdefaults__.clear()
+        f.__kwdefaults__.update(kw)
+    signature_levels.__defaults__ = levels_defaults
 
 
 def _stream(b=4, t=12, d=3, seed=0):
@@ -98,7 +118,7 @@ def test_reparametrisation_invariance():
 
 
 def test_chen_identity_on_concatenation():
-    from explain_callbacks.analysis.signatures import signature_levels, tensor_product
+    from explain_callbacks.analysis.signatures import tensor_product
 
     x = _stream(b=3, t=15, d=3, seed=3)
     left, right = signature_levels(x[:, :8], 3), signature_levels(x[:, 7:], 3)
@@ -161,6 +181,8 @@ def test_gradients_and_errors():
     with pytest.raises(ValueError, match="mode"):
         logsignature(torch.zeros(1, 5, 3), 2, mode="lyndon")
     assert signature(torch.zeros(2, 1, 3), 2).abs().sum() == 0  # one point: trivial signature
+    with pytest.raises(ValueError, match="backend"):
+        signature(torch.zeros(1, 5, 3), 2, backend="iisignature")
 
 
 def test_gauss_legendre_exact():
@@ -186,3 +208,19 @@ def test_against_iisignature(depth):
     ref_grad = torch.from_numpy(iisignature.sigbackprop(g.numpy(), x.numpy(), depth)).double()
     # iisignature back-propagates in float32: compare on the scale of the gradient
     torch.testing.assert_close(xr.grad, ref_grad, rtol=0, atol=1e-5 * float(ref_grad.abs().max()))
+
+
+def test_backends_agree():
+    """pySigLib (C++, torch autograd) and the pure-torch tree product give the same signature and gradients."""
+    pytest.importorskip("pysiglib")
+    x = _stream(b=6, t=40, d=3, seed=7).requires_grad_(True)
+    for depth in (1, 3, 5):
+        a, b = signature(x, depth, backend="torch"), signature(x, depth, backend="pysiglib")
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        (ga,) = torch.autograd.grad(a.square().sum(), x)
+        (gb,) = torch.autograd.grad(b.square().sum(), x)
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(logsignature(x, 4, backend="torch"), logsignature(x, 4, backend="pysiglib"))
+    with pytest.raises(ValueError, match="pySigLib cannot"):
+        signature(x.detach().half(), 2, backend="pysiglib")
+    assert signature(x.detach().half(), 2, backend="auto").dtype == torch.float16  # auto falls back to torch

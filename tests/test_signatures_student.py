@@ -210,3 +210,15 @@ def test_student_maps_explain_the_teacher_by_the_deletion_metric(area_task):
     rand = deletion(rule, xs, torch.randn(xs.shape, generator=torch.Generator().manual_seed(0)), target,
                     features="element", channels_first=False)  # fmt: skip
     assert float(ours.mean()) < float(rand.mean()) - 0.2, (float(ours.mean()), float(rand.mean()))
+
+
+def test_backends_give_the_same_student(area_task):
+    pytest.importorskip("pysiglib")
+    _, x, out, xt, _ = area_task
+    a = SignatureStudent(depth=3, max_nonzeros=6, backend="torch").fit(x, out)
+    b = SignatureStudent(depth=3, max_nonzeros=6, backend="pysiglib").fit(x, out)
+    assert torch.equal(a.inner_.support(), b.inner_.support())
+    torch.testing.assert_close(a.inner_.coef_, b.inner_.coef_, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(a.attribute(xt[:8]), b.attribute(xt[:8]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="backend"):
+        SignatureStudent(backend="esig")

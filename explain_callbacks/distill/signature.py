@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.registry import STUDENTS
 from ..analysis.signatures import (
+    BACKENDS,
     gauss_legendre,
     logsignature,
     lyndon_words,
@@ -52,13 +53,17 @@ class SignatureFeatures(nn.Module):
         time, base, leadlag: augmentations of :func:`~explain_callbacks.analysis.signatures.augment`.
         layout: ``BTD`` (batch, time, channels) or ``BDT`` (channels first, as Conv1d); (B, T) inputs are
             one-channel streams.
+        backend: ``auto`` (pySigLib when installed, else pure torch), ``torch`` or ``pysiglib``.
     """
 
     def __init__(
         self, depth: int = 3, kind: str = "logsignature", time: bool = True, base: bool = True,
-        leadlag: bool = False, layout: str = "BTD",
+        leadlag: bool = False, layout: str = "BTD", backend: str = "auto",
     ) -> None:  # fmt: skip
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        self.backend = backend
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
         if layout not in LAYOUTS:
@@ -82,7 +87,7 @@ class SignatureFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         s = self.stream(x)
         s = s if s.is_floating_point() else s.float()
-        kw = {"time": self.time, "base": self.base, "leadlag": self.leadlag}
+        kw = {"time": self.time, "base": self.base, "leadlag": self.leadlag, "backend": self.backend}
         if self.kind == "signature":
             return signature(s, self.depth, **kw)
         return logsignature(s, self.depth, mode="words", **kw)
@@ -149,6 +154,7 @@ class SignatureStudent(Student):
         alpha, max_nonzeros, refit, temperature, ridge: of the inner sparse model (see
             :class:`~explain_callbacks.distill.SparseLogisticStudent`).
         batch_size: streams per signature call (memory: B·T·D^depth numbers).
+        backend: signature backend, ``auto`` (pySigLib when installed, else pure torch), ``torch`` or ``pysiglib``.
         n_examples: training streams kept (the first ones) for :meth:`image`, which draws them with their
             attribution maps; 0 keeps none (then no image; the streams are stored in the exported file).
     """
@@ -171,11 +177,13 @@ class SignatureStudent(Student):
         ridge: float = 1e-4,
         batch_size: int = 512,
         n_examples: int = 4,
+        backend: str = "auto",
         task: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(task=task, seed=seed)
-        self.features = SignatureFeatures(depth, kind, time, base, leadlag, layout)  # validates
+        self.features = SignatureFeatures(depth, kind, time, base, leadlag, layout, backend)  # validates
+        self.backend = backend
         self.depth, self.kind, self.time, self.base = depth, kind, time, base
         self.leadlag, self.layout = leadlag, layout
         self.channel_names = list(channel_names) if channel_names is not None else None
@@ -208,6 +216,7 @@ class SignatureStudent(Student):
             "ridge": self.ridge,
             "batch_size": self.batch_size,
             "n_examples": self.n_examples,
+            "backend": self.backend,
             **super().config(),
         }
 
