@@ -26,7 +26,7 @@ def test_every_registered_student_has_a_config():
     registered = {STUDENTS.get(n) for n in STUDENTS.names()}
     ours = {c for c in registered if c.__module__.startswith("explain_callbacks.")}
     confs = {type(instantiate(OmegaConf.load(CONF / f"{n}.yaml"))) for n in STUDENT_CONFS}
-    assert len(ours) == 7 and ours <= confs
+    assert len(ours) == 8 and ours <= confs
 
 
 # ---------------------------------------------------------------------------- trees as arrays

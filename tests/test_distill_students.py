@@ -213,7 +213,8 @@ def test_every_student_exports_and_loads(tmp_path):
 
 
 def test_registry_names_and_specs():
-    for name in ("sparse_linear", "sparse_logistic", "tree", "rules", "attribution_linear", "online", "awd"):
+    names = ("sparse_linear", "sparse_logistic", "tree", "rules", "attribution_linear", "online", "awd", "signature")
+    for name in names:
         assert name in STUDENTS
     s = build_student({"name": "tree", "max_depth": 2})
     assert isinstance(s, TreeStudent) and s.max_depth == 2

@@ -11,6 +11,9 @@
 - :func:`landscape_analysis`: energy-landscape conserved weights (Niroomand & Wales 2023): basin hopping over
   the loss's minima, aligned for hidden-unit symmetry, ranks inputs by conserved first-layer weights;
   :class:`~explain_callbacks.callbacks.LandscapeMonitor` runs it at the end of fit.
+- :func:`signature` / :func:`logsignature`: truncated path signatures of streams (B, T, D), batched and
+  differentiable (Lyons & McLeod 2022), with time, basepoint and lead-lag augmentation;
+  :class:`~explain_callbacks.distill.SignatureStudent` distils a sequence model onto them.
 """
 
 from .attack import FragilityResult, fragility_attack
@@ -36,6 +39,16 @@ from .landscape import (
     landscape_analysis,
     layer_chain,
 )
+from .signatures import (
+    augment,
+    lead_lag,
+    levy_area,
+    logsignature,
+    lyndon_words,
+    signature,
+    signature_channels,
+    signature_words,
+)
 from .spray import SpectralClusters, kmeans, spray
 
 __all__ = [
@@ -52,14 +65,22 @@ __all__ = [
     "basin_hopping",
     "conserved_feature_scores",
     "deduplicate_minima",
+    "augment",
     "fragility_attack",
     "hungarian",
     "landscape_analysis",
     "kmeans",
     "layer_chain",
     "layer_parameters",
+    "lead_lag",
+    "levy_area",
+    "logsignature",
+    "lyndon_words",
     "per_sample_gradients",
     "self_influence",
+    "signature",
+    "signature_channels",
+    "signature_words",
     "spray",
     "tracin_scores",
 ]

@@ -1,7 +1,7 @@
 """Distillation into simpler models during training, with fidelity tracked.
 
 Students (registered in ``STUDENTS`` under short names): ``sparse_linear``, ``sparse_logistic``,
-``tree``, ``rules``, ``attribution_linear``, ``online``, ``awd``. Fidelity: agreement
+``tree``, ``rules``, ``attribution_linear``, ``online``, ``awd``, ``signature``. Fidelity: agreement
 (classification) or R² (regression) with the teacher. Exported students (``save_student``) are tensors and
 plain values that ``load_student`` reads with ``torch.load(weights_only=True)``: loading never runs code.
 """
@@ -23,6 +23,7 @@ from .buffer import RingBuffer, gather_rows
 from .fidelity import agreement, fidelity, fidelity_from_stats, fidelity_stats, r2_score, student_score
 from .linear import SparseLinearStudent, SparseLogisticStudent, fista, soft_threshold
 from .online import OnlineStudent, distillation_loss
+from .signature import SignatureFeatures, SignatureStudent
 from .trees import RuleListStudent, TreeArrays, TreeStudent, tree_rules, tree_text
 from .trim import trim_attribution
 from .wavelets import (
@@ -48,6 +49,8 @@ __all__ = [
     "OnlineStudent",
     "RingBuffer",
     "RuleListStudent",
+    "SignatureFeatures",
+    "SignatureStudent",
     "SparseLinearStudent",
     "SparseLogisticStudent",
     "Student",
