@@ -72,6 +72,15 @@ def _centre(imp: Tensor) -> Tensor:
     return torch.stack(coords, 1)
 
 
+def _input_grad(loss: Tensor, xg: Tensor) -> Tensor:
+    """∂loss/∂x, zero where the map does not depend on the input (a linear model's gradient map is constant:
+    nothing to attack, the candidates equal x)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(xg)
+    (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
+    return torch.zeros_like(xg) if grad is None else grad
+
+
 def _topk_mask(imp: Tensor, k: int) -> Tensor:
     flat = imp.flatten(1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
@@ -170,7 +179,7 @@ def fragility_attack(
                 loss = -share.sum()
             else:
                 loss = (_centre(imp) - centre0).norm(dim=1).sum()
-            (grad,) = torch.autograd.grad(loss, xg)
+            grad = _input_grad(loss, xg)
             xa = project(xa + step_size * grad.sign())
             inter, rho, shift, kept = scores(xa)
             better = kept & ((inter < best_inter) if objective == "topk" else (shift > best_shift))
@@ -284,7 +293,7 @@ def manipulation_attack(
                 imp = _importance(attributor(model, xg, tgt, create_graph=True))
                 p = torch.softmax(read_scores(model(xg)).float(), 1)
             loss = distance(imp).sum() + gamma * (p - p0).pow(2).sum()
-            (grad,) = torch.autograd.grad(loss, xg)
+            grad = _input_grad(loss, xg)
             xa = project(xa - step_size * grad.sign())
             imp = _importance(attributor(model, xa, tgt).detach())
             with torch.no_grad():

@@ -324,6 +324,9 @@ class AttributionMonitor(ProbeCallback):
         """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks)."""
         if getattr(metric, "needs_masks", False) and masks is None:
             return False
+        applies = getattr(metric, "applies_to", None)
+        if callable(applies) and not applies(method):  # e.g. fragility: the attack needs a gradient method
+            return False
         metric.reset()
         kw = {"masks": masks} if masks is not None else {}
         if getattr(metric, "kind", "explanation") == "explainer":

@@ -134,6 +134,12 @@ class Fragility(ExplainerMetric):
         #: the other comparisons at the last ``compute`` (mean over every process), by name
         self.extra_values: dict[str, float] = {}
 
+    @staticmethod
+    def applies_to(method: Any) -> bool:
+        """Whether the attack can run on ``method``: it differentiates the map w.r.t. the input, so gradient
+        and path methods (``differentiable``) only; the monitor skips the others silently."""
+        return bool(getattr(method, "differentiable", False)) and callable(method)
+
     def _scores(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
         masks: Tensor | None,
