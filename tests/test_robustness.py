@@ -170,3 +170,48 @@ def test_penalty_closed_forms_and_gradients():
         PENALTIES.build({"name": "map_stability", "radius": 0.0})
     with pytest.raises(ValueError, match=r"parameter gradients"):
         PENALTIES.build({"name": "map_stability", "method": "occlusion"})
+
+
+def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small CNN on scikit-learn's 8x8 digits (held-out 30 %), with ``weight`` × the map-stability penalty
+    (the fast, planted twin of benchmarks/bench_robustness.py: about 3 s with the penalty)."""
+    from explain_callbacks.datasets import load_digits_tensors
+    from explain_callbacks.datasets.tabular_images import split_indices
+
+    x, y = load_digits_tensors(8)
+    tr, _, te = split_indices(len(x), (0.7, 0.0, 0.3), 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    g = torch.Generator().manual_seed(0)
+    step = 0
+    for _ in range(epochs):
+        perm = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(0, len(perm), 64):
+            xb, yb = x[perm[i : i + 64]], y[perm[i : i + 64]]
+            loss = F.cross_entropy(model(xb), yb)
+            if weight:
+                loss = loss + weight * map_stability_penalty(model, xb, yb, radius=8 / 255, seed=step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    return model.eval(), x[te], y[te]
+
+
+def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
+    """Planted: measured 0.747 → 0.817 (accuracy 0.948 → 0.907 at this short budget; the 16x16 benchmark
+    keeps it within about a point)."""
+    rows = []
+    for weight in (0.0, 3.0):
+        model, xt, yt = _train_digits8(weight)
+        with torch.no_grad():
+            acc = float((model(xt).argmax(1) == yt).float().mean())
+        res = fragility_attack(model, xt[:100], objective="topk", epsilon=8 / 255, steps=20, top_k=0.1)
+        rows.append((acc, float(res.topk_intersection.mean())))
+    (acc0, topk0), (acc1, topk1) = rows
+    assert topk1 > topk0 + 0.04, rows
+    assert acc0 > 0.9 and acc1 > 0.85, rows
