@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = [
     "deletion", "insertion", "insertion_deletion", "abc", "mufidelity", "infidelity", "pointing_game",
     "energy_pointing_game", "sparseness", "complexity", "completeness_error", "drift", "dabkowski",
-    "max_sensitivity", "avg_sensitivity", "local_lipschitz", "completeness_soundness", "randomisation",
+    "max_sensitivity", "avg_sensitivity", "local_lipschitz", "completeness_soundness", "randomisation", "fragility",
 ]  # fmt: skip
 FAST = {
     "deletion": {"n_steps": 4}, "insertion": {"n_steps": 4}, "insertion_deletion": {"n_steps": 4},
     "abc": {"n_steps": 4}, "mufidelity": {"n_subsets": 8}, "infidelity": {"n_perturb": 4},
     "max_sensitivity": {"n_samples": 2}, "avg_sensitivity": {"n_samples": 2}, "local_lipschitz": {"n_samples": 2},
-    "completeness_soundness": {"n_other": 1, "n_steps": 4},
+    "completeness_soundness": {"n_other": 1, "n_steps": 4}, "fragility": {"steps": 2},
 }  # fmt: skip
 
 
@@ -119,7 +119,7 @@ def test_every_metric_runs_on_image_maps(name, maps_kind):
 
 TABULAR = ["deletion", "insertion", "insertion_deletion", "abc", "mufidelity", "infidelity", "sparseness",
            "complexity", "completeness_error", "drift", "max_sensitivity", "avg_sensitivity", "local_lipschitz",
-           "completeness_soundness", "randomisation", "pointing_game", "energy_pointing_game"]  # fmt: skip
+           "completeness_soundness", "randomisation", "pointing_game", "energy_pointing_game", "fragility"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", TABULAR)

@@ -4,7 +4,9 @@
   a class's attribution maps show, and what each looks at; :class:`~explain_callbacks.callbacks.SpRAyMonitor`
   runs it during training.
 - :func:`fragility_attack`: the iterative feature-importance attack of Ghorbani et al. 2019: how much
-  a map changes under an imperceptible perturbation that keeps the prediction.
+  a map changes under an imperceptible perturbation that keeps the prediction (monitored per epoch by the
+  ``fragility`` metric); :func:`manipulation_attack`: the targeted attack of Dombrowski et al. 2019 (the map
+  moved towards a chosen one, the output kept).
 - :func:`tracin_scores` / :func:`self_influence`: TracIn training-data attribution (Pruthi et al. 2020): which
   training samples made a prediction, and which ones the model keeps fighting (mislabelled);
   :class:`~explain_callbacks.callbacks.InfluenceMonitor` tracks it during training.
@@ -16,7 +18,7 @@
   :class:`~explain_callbacks.distill.SignatureStudent` distils a sequence model onto them.
 """
 
-from .attack import FragilityResult, fragility_attack
+from .attack import FragilityResult, ManipulationResult, fragility_attack, manipulation_attack
 from .influence import (
     InfluenceCheckpoint,
     RandomProjection,
@@ -57,25 +59,27 @@ __all__ = [
     "InfluenceCheckpoint",
     "LandscapeResult",
     "LandscapeSample",
+    "ManipulationResult",
     "RandomProjection",
     "SpectralClusters",
     "adam_preconditioner",
     "align_layers",
     "align_minima",
+    "augment",
     "basin_hopping",
     "conserved_feature_scores",
     "deduplicate_minima",
-    "augment",
     "fragility_attack",
     "hungarian",
-    "landscape_analysis",
     "kmeans",
+    "landscape_analysis",
     "layer_chain",
     "layer_parameters",
     "lead_lag",
     "levy_area",
     "logsignature",
     "lyndon_words",
+    "manipulation_attack",
     "per_sample_gradients",
     "self_influence",
     "signature",

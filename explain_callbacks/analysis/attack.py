@@ -9,8 +9,12 @@ centre-of-mass shift); a random sign perturbation of the same size is the refere
 networks the gradient of a gradient map w.r.t. the input is zero almost everywhere, so, as in the
 paper, the attack direction is computed with every ReLU evaluated as softplus(β·) (the maps that are
 scored use the real network). The same substitution is the defence of Dombrowski et al. 2019
-(explanations of a softplus-β network are smoother): evaluate a model under
-:func:`~explain_callbacks.interaction.integrated_hessians.relu_as_softplus` to see its effect.
+(explanations of a softplus-β network are smoother): the gradient and path methods take ``beta=``.
+
+:func:`manipulation_attack` is the *targeted* attack of Dombrowski, Alber, Anders, Ackermann, Müller &
+Kessel 2019 ("Explanations can be manipulated and geometry is to blame", NeurIPS): x̃ is moved so that
+its map h(x̃) approaches a chosen target map h_t while the output g stays fixed, minimising
+``‖h(x̃) − h_t‖² + γ ‖g(x̃) − g(x)‖²`` inside the L∞ ball, with the same softplus-β surrogate.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from torch import Tensor, nn
 from .._internal.guard import model_guard
 from .._internal.ops import spearman
 from .._internal.outputs import read_scores
+from .._internal.softplus import relu_as_softplus
 from .._internal.targets import as_target_tensor
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
-from ..interaction.integrated_hessians import relu_as_softplus
 
-__all__ = ["FragilityResult", "fragility_attack"]
+__all__ = ["FragilityResult", "ManipulationResult", "fragility_attack", "manipulation_attack"]
 
 
 @dataclass
@@ -68,6 +72,15 @@ def _centre(imp: Tensor) -> Tensor:
     return torch.stack(coords, 1)
 
 
+def _input_grad(loss: Tensor, xg: Tensor) -> Tensor:
+    """∂loss/∂x, zero where the map does not depend on the input (a linear model's gradient map is constant:
+    nothing to attack, the candidates equal x)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(xg)
+    (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
+    return torch.zeros_like(xg) if grad is None else grad
+
+
 def _topk_mask(imp: Tensor, k: int) -> Tensor:
     flat = imp.flatten(1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
@@ -89,6 +102,7 @@ def fragility_attack(
     softplus_beta: float | None = 10.0,
     clamp: tuple[float, float] | None = (0.0, 1.0),
     seed: int = 0,
+    attributions: Tensor | None = None,
 ) -> FragilityResult:
     """Attack the maps of ``method`` on ``inputs`` (Ghorbani et al. 2019, Algorithm 1), batched.
 
@@ -101,6 +115,7 @@ def fragility_attack(
         softplus_beta: ReLU → softplus(β) for the attack direction only (None: the network as is).
         clamp: valid input range kept by x̃ (None: unbounded).
         target: the explained class; default (None) the model's prediction on ``inputs``.
+        attributions: the method's maps at ``inputs`` if already computed (saves one call).
 
     Every step's candidate is scored with the real network; per sample the candidate that keeps the
     label and has the smallest top-k intersection (top-k objective) or the largest centre shift is
@@ -117,7 +132,8 @@ def fragility_attack(
         with torch.no_grad():
             label = read_scores(model(x)).argmax(1)
         tgt = label if target is None else as_target_tensor(target, x.shape[0], x.device)
-        imp0 = _importance(attributor(model, x, tgt).detach())
+        a0 = attributor(model, x, tgt) if attributions is None else attributions.to(x.device)
+        imp0 = _importance(a0.detach())
         n_feat = imp0[0].numel()
         k = max(1, min(n_feat, round(top_k * n_feat) if isinstance(top_k, float) else int(top_k)))
         top0 = _topk_mask(imp0, k)
@@ -163,7 +179,7 @@ def fragility_attack(
                 loss = -share.sum()
             else:
                 loss = (_centre(imp) - centre0).norm(dim=1).sum()
-            (grad,) = torch.autograd.grad(loss, xg)
+            grad = _input_grad(loss, xg)
             xa = project(xa + step_size * grad.sign())
             inter, rho, shift, kept = scores(xa)
             better = kept & ((inter < best_inter) if objective == "topk" else (shift > best_shift))
@@ -174,3 +190,118 @@ def fragility_attack(
             best_shift = torch.where(better, shift, best_shift)
             found |= better
     return FragilityResult(best.detach(), best_inter, best_rho, best_shift, found)
+
+
+@dataclass
+class ManipulationResult:
+    """Per-sample outcome of :func:`manipulation_attack`.
+
+    Attributes:
+        adversarial: the perturbed inputs x̃ (x where no step kept the label).
+        distance_before: ‖h(x) − h_t‖² of the unit-sum importance maps (B,).
+        distance_after: ‖h(x̃) − h_t‖², measured on the real network (B,).
+        output_change: max over classes of |p(x̃) − p(x)| (softmax probabilities) (B,).
+        found: whether a perturbed input keeping the prediction and nearer the target was found.
+    """
+
+    adversarial: Tensor
+    distance_before: Tensor
+    distance_after: Tensor
+    output_change: Tensor
+    found: Tensor
+
+
+def _unit(imp: Tensor) -> Tensor:
+    """Importance maps flattened (B, N) and scaled to unit sum (Dombrowski et al. compare normalised maps)."""
+    flat = imp.flatten(1)
+    return flat / flat.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def manipulation_attack(
+    model: nn.Module,
+    inputs: Tensor,
+    target_maps: Tensor,
+    target: Tensor | int | None = None,
+    method: str | Attributor = "saliency",
+    *,
+    epsilon: float = 8 / 255,
+    steps: int = 100,
+    step_size: float | None = None,
+    gamma: float = 10.0,
+    softplus_beta: float | None = 10.0,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+) -> ManipulationResult:
+    """Move the maps of ``method`` towards ``target_maps`` with the output kept (Dombrowski et al. 2019).
+
+    Minimises ``L = ‖h(x̃) − h_t‖² + γ ‖g(x̃) − g(x)‖²`` by signed-gradient steps projected on the L∞
+    ball ‖x̃ − x‖∞ ≤ ε (and ``clamp``), where h is the importance map (|A| summed over channels, scaled
+    to unit sum, so the scale of h_t does not matter), g the softmax probabilities. The gradient of L
+    needs the map's derivative w.r.t. the input, zero almost everywhere for ReLU networks: every ReLU is
+    evaluated as softplus(β) for the attack direction (``softplus_beta``, the paper's surrogate; None:
+    the network as is), while every candidate is scored on the real network; per sample the candidate
+    that keeps the predicted label and is nearest the target is returned.
+
+    Args:
+        target_maps: the maps h_t to approach, (B, *map) or one map (*map) for every sample, in the shape
+            of the method's importance map (channels summed) or of its attributions (summed here).
+        gamma: weight of the output term (larger keeps the probabilities closer).
+        step_size: default 2ε/steps·4 (signed steps; the ball is reached in a quarter of the steps).
+
+    Model state and the global RNG are left as they were.
+    """
+    attributor = build_attributor(method) if isinstance(method, str) else method
+    if not getattr(attributor, "differentiable", False):
+        raise ValueError(f"{type(attributor).__name__} is not differentiable; the attack needs a gradient method.")
+    step_size = 8 * epsilon / max(steps, 1) if step_size is None else step_size
+    with model_guard(model):
+        x = inputs.detach()
+        with torch.no_grad():
+            p0 = torch.softmax(read_scores(model(x)).float(), 1)
+        label = p0.argmax(1)
+        tgt = label if target is None else as_target_tensor(target, x.shape[0], x.device)
+        imp0 = _importance(attributor(model, x, tgt).detach())
+        ht = target_maps.detach().to(device=x.device, dtype=imp0.dtype)
+        b, n = imp0.shape[0], imp0[0].numel()
+        if ht.numel() == n:  # one map for every sample
+            ht = ht.reshape(1, n).expand(b, n)
+        elif ht.numel() == b * n:
+            ht = ht.reshape(b, n)
+        elif ht.ndim >= 3 and ht.shape[0] == b and _importance(ht)[0].numel() == n:  # attributions: sum channels
+            ht = _importance(ht).reshape(b, n)
+        else:
+            raise ValueError(
+                f"target_maps of shape {tuple(target_maps.shape)} do not match the method's importance maps "
+                f"{tuple(imp0.shape)} (or its attributions); pass (B, *map) or one map for every sample."
+            )
+        ht = _unit(ht.abs())  # (B, N)
+
+        def distance(imp: Tensor) -> Tensor:
+            return (_unit(imp) - ht).pow(2).sum(1)
+
+        def project(xa: Tensor) -> Tensor:
+            xa = torch.maximum(torch.minimum(xa, x + epsilon), x - epsilon)
+            return xa.clamp(*clamp) if clamp is not None else xa
+
+        d0 = distance(imp0)
+        best, best_d = x.clone(), d0.clone()
+        best_change = torch.zeros_like(d0)
+        found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        xa = x.clone()
+        for _ in range(steps):
+            xg = xa.detach().requires_grad_(True)
+            with relu_as_softplus(softplus_beta):
+                imp = _importance(attributor(model, xg, tgt, create_graph=True))
+                p = torch.softmax(read_scores(model(xg)).float(), 1)
+            loss = distance(imp).sum() + gamma * (p - p0).pow(2).sum()
+            grad = _input_grad(loss, xg)
+            xa = project(xa - step_size * grad.sign())
+            imp = _importance(attributor(model, xa, tgt).detach())
+            with torch.no_grad():
+                pa = torch.softmax(read_scores(model(xa)).float(), 1)
+            d = distance(imp)
+            better = (pa.argmax(1) == label) & (d < best_d)
+            best = torch.where(better.view(-1, *[1] * (x.ndim - 1)), xa, best)
+            best_d = torch.where(better, d, best_d)
+            best_change = torch.where(better, (pa - p0).abs().amax(1).to(best_change.dtype), best_change)
+            found |= better
+    return ManipulationResult(best.detach(), d0, best_d, best_change, found)

@@ -19,6 +19,7 @@ from .._internal.batching import BatchSize, RowsPerCall, call_facts
 from .._internal.checks import check_inputs
 from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.outputs import OutputSpec, keyed_output, model_errors
+from .._internal.softplus import relu_as_softplus
 from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = ["Attributor", "make_generator"]
@@ -60,6 +61,10 @@ class Attributor(RowsPerCall, ABC):
     differentiable: ClassVar[bool] = True
     #: whether the map has the input's shape (False: a documented lower resolution / other space).
     input_shaped: ClassVar[bool] = True
+    #: softplus(β) in place of every ReLU during the method's own passes (Dombrowski et al. 2019's
+    #: β-smoothed network, a defence against manipulated maps); None: the network as is. Gradient and
+    #: path methods take it as ``beta=``.
+    beta: float | None = None
 
     def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
         self.batch_size = batch_size
@@ -98,7 +103,13 @@ class Attributor(RowsPerCall, ABC):
     def _call(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool) -> Tensor:
         """``__call__`` inside :meth:`_entry`: validate, then :meth:`attribute`."""
         tgt = self._prepare(model, inputs, target)
-        return self.attribute(model, inputs, tgt, create_graph=create_graph)
+        with self.smoothed():
+            return self.attribute(model, inputs, tgt, create_graph=create_graph)
+
+    def smoothed(self) -> contextlib.AbstractContextManager[None]:
+        """The context the method's passes run in: ReLUs as softplus(``self.beta``) when ``beta`` is set
+        (modules and functional calls, for this thread and this call only; the model is not modified)."""
+        return relu_as_softplus(self.beta)
 
     def _prepare(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None) -> Tensor | None:
         """Checks shared by ``__call__`` and other public entry points (e.g. ``HSIC.interactions``):

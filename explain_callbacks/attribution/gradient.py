@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .._internal.batching import BatchSize, grad_selected, steps_per_call
 from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.registry import ATTRIBUTIONS
+from .._internal.softplus import check_beta
 from .base import Attributor
 
 __all__ = ["InputXGradient", "Saliency", "SmoothGrad"]
@@ -31,6 +32,9 @@ class Saliency(Attributor):
             channels and give |∂f_c/∂x| (B, D).
         channels_first: how 3-D inputs are read for ``reduce="max"``: True (B, C, L), False (B, T, D),
             None (default) decided from the model's first layer.
+        beta: explain the β-smoothed network, every ReLU evaluated as softplus(β) (Dombrowski et al. 2019:
+            the maps' curvature is bounded by O(β), so small input changes cannot move them far; they tend
+            to the plain map as β → ∞). None (default): the network as is.
     """
 
     name = "saliency"
@@ -42,8 +46,10 @@ class Saliency(Attributor):
         reduce: str | None = None,
         channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
+        beta: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size)
+        self.beta = check_beta(beta)
         if reduce not in self.REDUCTIONS:
             raise ValueError(
                 f"reduce must be None (the gradient) or 'max' (Simonyan et al.'s max over channels of |grad|), "
@@ -67,9 +73,19 @@ class Saliency(Attributor):
 
 @ATTRIBUTIONS.register("input_x_gradient", "ixg", "inputxgradient")
 class InputXGradient(Attributor):
-    """x ⊙ ∂f_c/∂x (Shrikumar et al. 2016, arXiv:1605.01713)."""
+    """x ⊙ ∂f_c/∂x (Shrikumar et al. 2016, arXiv:1605.01713).
+
+    Args:
+        beta: explain the β-smoothed network, every ReLU evaluated as softplus(β) (Dombrowski et al. 2019:
+            the maps' curvature is bounded by O(β), so small input changes cannot move them far; they tend
+            to the plain map as β → ∞). None (default): the network as is.
+    """
 
     name = "input_x_gradient"
+
+    def __init__(self, batch_size: BatchSize = "auto", beta: float | None = None) -> None:
+        super().__init__(batch_size=batch_size)
+        self.beta = check_beta(beta)
 
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
@@ -86,6 +102,7 @@ class SmoothGrad(Attributor):
     ``variant``: ``"smoothgrad"`` (mean), ``"smoothgrad_sq"`` (mean of squares, Hooker et al. 2019),
     ``"vargrad"`` (variance, Adebayo et al. 2018). All noisy copies of a chunk go through the model
     in one call of at most ``batch_size`` rows.
+    ``beta``: as :class:`Saliency` (softplus(β) for every ReLU).
     """
 
     name = "smoothgrad"
@@ -99,8 +116,10 @@ class SmoothGrad(Attributor):
         stdev: float | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
+        beta: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
+        self.beta = check_beta(beta)
         if variant not in self.VARIANTS:
             raise ValueError(f"variant must be one of {self.VARIANTS}, got {variant!r}.")
         if n_samples < 1:

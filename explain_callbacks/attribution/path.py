@@ -22,6 +22,7 @@ from .._internal.batching import BatchSize, forward_selected, grad_selected, ste
 from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
+from .._internal.softplus import check_beta
 from .base import Attributor
 
 __all__ = ["RULES", "ExpectedGradients", "IntegratedGradients", "make_baseline", "quadrature"]
@@ -127,6 +128,8 @@ class IntegratedGradients(Attributor):
         completeness: also compute the relative completeness error
             ``|Σ IG − (f(x) − f(x'))| / |f(x) − f(x')|`` (two extra forward passes), stored in
             ``last_info["completeness_error"]`` with ``last_info["delta"]`` the signed gap.
+        beta: explain the β-smoothed network, every ReLU evaluated as softplus(β) (Dombrowski et al. 2019;
+            the completeness check then refers to that network too). None (default): the network as is.
 
     Model calls hold at most ``batch_size`` rows: all path points of a chunk of steps go in one call.
     """
@@ -143,8 +146,10 @@ class IntegratedGradients(Attributor):
         channels_first: bool | None = None,
         batch_size: BatchSize = "auto",
         seed: int = 0,
+        beta: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
+        self.beta = check_beta(beta)
         quadrature(n_steps, rule)  # validate early
         self.channels_first = check_channels_first(channels_first)
         self.n_steps = n_steps
@@ -231,14 +236,21 @@ class ExpectedGradients(Attributor):
             in training and 100-200 post hoc).
 
     Completeness holds in expectation: E Σ EG = f_c(x) − E f_c(x').
+    ``beta``: softplus(β) for every ReLU (Dombrowski et al. 2019), as for Integrated Gradients.
     """
 
     name = "expected_gradients"
 
     def __init__(
-        self, reference: Tensor | None = None, n_samples: int = 32, batch_size: BatchSize = "auto", seed: int = 0
+        self,
+        reference: Tensor | None = None,
+        n_samples: int = 32,
+        batch_size: BatchSize = "auto",
+        seed: int = 0,
+        beta: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed)
+        self.beta = check_beta(beta)
         self.reference = reference
         self.n_samples = n_samples
 

@@ -83,7 +83,7 @@ _METRIC_SECTIONS = {
     "sanity": (
         "randomisation", "randomization", "mprt", "completeness_error", "ig_completeness", "completeness_soundness",
     ),
-    "robustness": ("max_sensitivity", "avg_sensitivity", "local_lipschitz", "lipschitz"),
+    "robustness": ("max_sensitivity", "avg_sensitivity", "local_lipschitz", "lipschitz", "fragility"),
     "localisation": ("pointing_game", "energy_pointing_game"),
     "maps": ("sparseness", "gini", "complexity", "entropy", "drift", "explanation_drift", "area"),
 }  # fmt: skip

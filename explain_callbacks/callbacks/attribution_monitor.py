@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -254,6 +255,15 @@ class AttributionMonitor(ProbeCallback):
                     scores[mname] = value
                     self.log_scalar(pl_module, f"{metric_section(mname, metric)}/{mname}/{name}", value, sync=False)
                     self._sections[mname] = metric_section(mname, metric)
+                    # side results of one computation (fragility's Spearman and centre shift besides the
+                    # top-k intersection), already synchronised by compute: one series each, same section
+                    for part, extra in (getattr(metric, "extra_values", None) or {}).items():
+                        if math.isfinite(extra):
+                            scores[f"{mname}_{part}"] = extra
+                            directions = getattr(metric, "extra_higher_is_better", None) or {}
+                            self._higher[f"{mname}_{part}"] = directions.get(part)
+                            tag = f"{metric_section(mname, metric)}/{mname}_{part}/{name}"
+                            self.log_scalar(pl_module, tag, extra, sync=False)
                     curve = getattr(metric, "curve", None)
                     if isinstance(curve, Tensor) and curve.numel() > 1:
                         curves.setdefault(mname, {})[name] = curve.detach().cpu()
@@ -313,6 +323,9 @@ class AttributionMonitor(ProbeCallback):
     ) -> bool:  # fmt: skip
         """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks)."""
         if getattr(metric, "needs_masks", False) and masks is None:
+            return False
+        applies = getattr(metric, "applies_to", None)
+        if callable(applies) and not applies(method):  # e.g. fragility: the attack needs a gradient method
             return False
         metric.reset()
         kw = {"masks": masks} if masks is not None else {}

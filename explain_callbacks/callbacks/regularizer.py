@@ -44,7 +44,7 @@ class AttributionRegularizer(Callback):
 
     Args:
         penalty: a registered name (``"cdep"``, ``"rrr"``, ``"eg_mask"``, ``"eg_tv"``, ``"eg_gini"``,
-            ``"attribution"``), a mapping ``{"name": ..., **kwargs}``, a
+            ``"map_stability"``, ``"attribution"``), a mapping ``{"name": ..., **kwargs}``, a
             :class:`~explain_callbacks.regularize.Penalty`, or any callable
             ``(model, inputs, targets, mask) -> scalar``.
         weight: λ. With ``warmup_steps`` / ``warmup_epochs`` it is reached linearly from λ/n.
@@ -52,7 +52,7 @@ class AttributionRegularizer(Callback):
         warmup_epochs: epochs (fractional progress) of linear warm-up, instead of steps.
         mask: where the mask of penalised features comes from: a tuple index (int) or dict key (str)
             of the batch, a fixed tensor (broadcast to the inputs), a callable ``batch -> mask``, or
-            None (penalties without a mask: ``eg_tv``, ``eg_gini``).
+            None (penalties without a mask: ``eg_tv``, ``eg_gini``, ``map_stability``).
         input_key, label_key: where inputs and labels are in the batch (defaults: index 0 / 1, or the
             keys ``x``/``y``...); labels are the explained classes of EG and attribution penalties
             (integer, boolean or integral float labels, shape (B,) or (B, 1)).

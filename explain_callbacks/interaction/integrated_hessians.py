@@ -21,46 +21,17 @@ SoftPlus(β) while explaining (``softplus_beta``; both ``nn.ReLU`` and functiona
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .._internal.batching import BatchSize, select_output, twice_differentiable
 from .._internal.checks import require_graph
 from .._internal.registry import INTERACTIONS
+from .._internal.softplus import relu_as_softplus
 from ..attribution.path import Baseline, make_baseline, quadrature
 from .base import Groups, InteractionMethod
 
 __all__ = ["IntegratedHessians", "relu_as_softplus"]
-
-_RELU_FUNCS = {F.relu, torch.relu, torch.Tensor.relu, torch.relu_, F.relu_, torch.Tensor.relu_}
-
-
-class _SoftplusForRelu(TorchFunctionMode):
-    def __init__(self, beta: float) -> None:
-        super().__init__()
-        self.beta = beta
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _RELU_FUNCS:
-            return F.softplus(args[0], beta=self.beta)
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def relu_as_softplus(beta: float | None) -> Iterator[None]:
-    """Evaluate every ReLU (module or functional) as ``softplus(x, beta)`` inside the context."""
-    if beta is None:
-        yield
-        return
-    with _SoftplusForRelu(float(beta)):
-        yield
-
 
 @INTERACTIONS.register("integrated_hessians", "ih")
 class IntegratedHessians(InteractionMethod):

@@ -10,7 +10,14 @@ re-run the method, ``update(model, inputs, target, method, attributions=None, ma
 from .._internal.registry import METRICS
 from . import functional
 from .base import ExplainerMetric, ExplanationMetric, ScoreMetric
-from .explainer import AvgSensitivity, CompletenessSoundness, LocalLipschitz, MaxSensitivity, Randomisation
+from .explainer import (
+    AvgSensitivity,
+    CompletenessSoundness,
+    Fragility,
+    LocalLipschitz,
+    MaxSensitivity,
+    Randomisation,
+)
 from .faithfulness import CompletenessError, Infidelity, MuFidelity
 from .maps import Complexity, DabkowskiSaliency, Drift, EnergyPointingGame, PointingGame, Sparseness
 from .perturbation import ABC, Deletion, Insertion, InsertionDeletion
@@ -28,6 +35,7 @@ __all__ = [
     "EnergyPointingGame",
     "ExplainerMetric",
     "ExplanationMetric",
+    "Fragility",
     "Infidelity",
     "Insertion",
     "InsertionDeletion",

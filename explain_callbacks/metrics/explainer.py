@@ -1,9 +1,9 @@
-"""Explainer metrics (they re-run the method): sensitivity, local Lipschitz estimate, completeness and
-soundness, model-randomisation sanity check (classes)."""
+"""Explainer metrics (they re-run the method): sensitivity, local Lipschitz estimate, fragility under an
+attack, completeness and soundness, model-randomisation sanity check (classes)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -11,10 +11,12 @@ from torch import Tensor, nn
 from .._internal.batching import BatchSize
 from .._internal.registry import METRICS
 from .base import CurveStates, ExplainerMetric
-from .functional import completeness_soundness, local_lipschitz, model_randomisation, sensitivity
+from .functional import completeness_soundness, fragility, local_lipschitz, model_randomisation, sensitivity
 from .functional._utils import Substrate
 
-__all__ = ["AvgSensitivity", "CompletenessSoundness", "LocalLipschitz", "MaxSensitivity", "Randomisation"]
+__all__ = [
+    "AvgSensitivity", "CompletenessSoundness", "Fragility", "LocalLipschitz", "MaxSensitivity", "Randomisation",
+]
 
 
 @METRICS.register("max_sensitivity")
@@ -84,6 +86,84 @@ class LocalLipschitz(ExplainerMetric):
             model, inputs, target, method, attributions, n_samples=self.n_samples, noise_std=self.noise_std,
             norm=self.norm, seed=self.seed, batch_size=self.batch_size,
         )  # fmt: skip
+
+
+@METRICS.register("fragility")
+class Fragility(ExplainerMetric):
+    """Fragility of the maps (Ghorbani, Abid & Zou 2019): the maps of an input attacked within an L∞
+    budget ε, its prediction kept, compared with the maps of the input (see
+    :func:`~explain_callbacks.metrics.functional.fragility`).
+
+    All three comparisons are kept as states (sums over samples, reduced by sum across processes):
+    top-k intersection (higher is more robust), Spearman rank correlation (higher is more robust) and
+    centre-of-mass shift in pixels/positions (lower is more robust). ``compute`` returns the mean top-k
+    intersection and leaves the other two, synchronised, in ``extra_values`` (``{"spearman": ...,
+    "shift": ...}``), which the monitor logs as ``robustness/fragility_<name>/<method>``. Cost per update:
+    ``steps`` double-backward passes of the method plus ``steps`` scoring passes and one forward pass per
+    step (``benchmarks/bench_robustness.py``).
+    """
+
+    short_name = "fragility"
+    higher_is_better = True
+    REPORTS = ("topk", "spearman", "shift")  # the reported value first
+    #: the direction of each comparison (the monitor's ranking table reads it for ``extra_values``)
+    extra_higher_is_better: ClassVar[dict[str, bool]] = {"topk": True, "spearman": True, "shift": False}
+
+    def __init__(
+        self,
+        objective: str = "topk",
+        epsilon: float = 8 / 255,
+        steps: int = 10,
+        step_size: float | None = None,
+        top_k: int | float = 0.05,
+        softplus_beta: float | None = 10.0,
+        clamp: tuple[float, float] | None = None,
+        seed: int = 0,
+        batch_size: BatchSize = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        if objective not in ("topk", "mass_centre", "random"):
+            raise ValueError(f"objective must be 'topk', 'mass_centre' or 'random', got {objective!r}.")
+        self.objective, self.epsilon, self.steps, self.step_size = objective, epsilon, steps, step_size
+        self.top_k, self.softplus_beta, self.seed = top_k, softplus_beta, seed
+        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))  # a Hydra ListConfig too
+        for part in ("topk", "spearman", "shift"):
+            self.add_state(f"{part}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{part}_count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        #: the other comparisons at the last ``compute`` (mean over every process), by name
+        self.extra_values: dict[str, float] = {}
+
+    @staticmethod
+    def applies_to(method: Any) -> bool:
+        """Whether the attack can run on ``method``: it differentiates the map w.r.t. the input, so gradient
+        and path methods (``differentiable``) only; the monitor skips the others silently."""
+        return bool(getattr(method, "differentiable", False)) and callable(method)
+
+    def _scores(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
+        masks: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        parts = dict(zip(self.REPORTS, fragility(
+            model, inputs, target, method, attributions, objective=self.objective, epsilon=self.epsilon,
+            steps=self.steps, step_size=self.step_size, top_k=self.top_k, softplus_beta=self.softplus_beta,
+            clamp=self.clamp, seed=self.seed,
+        )))  # fmt: skip
+        for part, s in parts.items():
+            s = s.detach().to(device=self.topk_sum.device, dtype=torch.float64)
+            ok = torch.isfinite(s)  # Spearman of a constant map is NaN: left out, as the base class does
+            getattr(self, f"{part}_sum").add_(torch.where(ok, s, torch.zeros_like(s)).sum())
+            getattr(self, f"{part}_count").add_(ok.sum().to(torch.float64))
+        return parts["topk"]
+
+    def compute(self) -> Tensor:
+        value = super().compute()  # states synchronised here under DDP
+        self.extra_values = {
+            part: float(getattr(self, f"{part}_sum") / getattr(self, f"{part}_count"))
+            if getattr(self, f"{part}_count") > 0 else float("nan")
+            for part in self.REPORTS[1:]
+        }  # fmt: skip
+        return value
 
 
 @METRICS.register("completeness_soundness")

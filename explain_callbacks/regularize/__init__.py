@@ -2,7 +2,7 @@
 
 Plain functions of (model, inputs, targets, mask) returning a scalar (:mod:`.functional`), registered
 penalty objects (``PENALTIES``: ``cdep``, ``rrr``, ``eg_mask``, ``eg_tv``, ``eg_gini``,
-``attribution``), and a LightningModule mixin. The Lightning callback that adds a penalty to any
+``attribution``, ``map_stability``), and a LightningModule mixin. The Lightning callback that adds a penalty to any
 module's loss is :class:`explain_callbacks.callbacks.regularizer.AttributionRegularizer`.
 """
 
@@ -15,19 +15,29 @@ from .functional import (
     eg_tv_prior,
     expected_gradients_k,
     gini,
+    map_stability_penalty,
     norm_stats_kept,
     prepare_mask,
     rrr_penalty,
     total_variation,
 )
 from .mixin import RegularizerMixin
-from .penalties import AttributionPenalty, CDEPPenalty, EGPrior, Penalty, RRRPenalty, build_penalty
+from .penalties import (
+    AttributionPenalty,
+    CDEPPenalty,
+    EGPrior,
+    MapStabilityPenalty,
+    Penalty,
+    RRRPenalty,
+    build_penalty,
+)
 
 __all__ = [
     "PENALTIES",
     "AttributionPenalty",
     "CDEPPenalty",
     "EGPrior",
+    "MapStabilityPenalty",
     "Penalty",
     "RRRPenalty",
     "RegularizerMixin",
@@ -39,6 +49,7 @@ __all__ = [
     "eg_tv_prior",
     "expected_gradients_k",
     "gini",
+    "map_stability_penalty",
     "norm_stats_kept",
     "prepare_mask",
     "rrr_penalty",

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from .._internal.batching import twice_differentiable
 from .._internal.checks import all_finite, not_differentiable
 from .._internal.outputs import OutputSpec, keyed_output, model_errors, read_scores
+from .._internal.softplus import relu_as_softplus
 
 __all__ = [
     "attribution_penalty",
@@ -54,6 +55,7 @@ __all__ = [
     "eg_tv_prior",
     "expected_gradients_k",
     "gini",
+    "map_stability_penalty",
     "norm_stats_kept",
     "prepare_mask",
     "rrr_penalty",
@@ -465,7 +467,79 @@ def attribution_penalty(
         )
     m = prepare_mask(mask, inputs, what="attribution penalty")
     tgt = None if targets is None else targets.to(inputs.device).long().view(-1)
-    with norm_stats_kept(model, keep_norm_stats), twice_differentiable():
+    # the method's own β-smoothing (softplus for ReLU), as its ``__call__`` applies it
+    smooth = relu_as_softplus(getattr(attributor, "beta", None))
+    with norm_stats_kept(model, keep_norm_stats), twice_differentiable(), smooth:
         # ``attribute`` directly: ``__call__`` would add a forward pass just to check the target range.
         attr = attributor.attribute(model, inputs.detach(), tgt, create_graph=True)
     return _reduce(_per_sample_sum((m * _up(attr)).abs().pow(power)), reduction)
+
+
+# --------------------------------------------------------------------------- attributional robustness
+def _unit_importance(attr: Tensor) -> Tensor:
+    """|A| summed over channels (images/signals), flattened and scaled to unit sum, times the number of
+    features (so a uniform map has entries 1 and the penalty's scale does not depend on the input size)."""
+    a = _up(attr).abs()
+    a = a.sum(1) if a.ndim >= 3 else a
+    flat = a.reshape(a.shape[0], -1)
+    return flat * (flat.shape[1] / flat.sum(1, keepdim=True).clamp_min(1e-12))
+
+
+@_penalty("map-stability penalty")
+def map_stability_penalty(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    *,
+    method: object = "saliency",
+    radius: float = 8 / 255,
+    n_samples: int = 1,
+    softplus_beta: float | None = None,
+    seed: int = 0,
+    reduction: str = "mean",
+    keep_norm_stats: bool = True,
+) -> Tensor:
+    """Attributional-robustness penalty: how far the map moves under small random input perturbations.
+
+    ``R = mean_δ (1/N) ‖ĥ(x + δ) − ĥ(x)‖²`` with δ uniform in the L∞ ball of radius ``radius`` (``n_samples``
+    draws per sample, seeded by ``seed``), ĥ the importance map (|A| summed over channels) scaled to mean 1
+    over its N features, and A a differentiable method computed with ``create_graph=True`` (so R has
+    parameter gradients). Training with it flattens the map's dependence on the input, the curvature that
+    Dombrowski et al. 2019 ("Explanations can be manipulated and geometry is to blame") bound to defend
+    against manipulation; it is the random-perturbation form of the attributional-robustness training of
+    Chen et al. 2019 ("Robust attribution regularization") and Singh et al. 2020 ("Attributional robustness
+    training using input-gradient spatial alignment"). The scale-free ĥ keeps the model from lowering R by
+    merely shrinking its gradients. ``targets``: the explained classes (the labels), or None for the
+    model's prediction. ``softplus_beta``: ReLU → softplus(β) in the penalty's passes (a ReLU network's
+    map is piecewise constant in x: with few activation changes inside the ball the penalty sees little
+    of the curvature that the attack exploits); None: the network as is.
+    """
+    from ..attribution import build_attributor
+
+    attributor = build_attributor(method)
+    if not getattr(attributor, "differentiable", False) or not hasattr(attributor, "attribute"):
+        raise ValueError(
+            f"{attributor!r} is not differentiable with respect to the parameters; the map-stability penalty "
+            "needs one of saliency, input_x_gradient, ig, expected_gradients (explain_callbacks.attribution)."
+        )
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0 (the L∞ size of the random perturbations), got {radius}.")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1 (perturbations per sample and step), got {n_samples}.")
+    x = inputs.detach()
+    b = x.shape[0]
+    beta = softplus_beta if softplus_beta is not None else getattr(attributor, "beta", None)
+    with norm_stats_kept(model, keep_norm_stats), twice_differentiable(), relu_as_softplus(beta):
+        if targets is None:
+            with torch.no_grad():
+                tgt = read_scores(model(x)).argmax(1)
+        else:
+            tgt = targets.to(x.device).long().view(-1)
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        delta = (torch.rand((n_samples, *x.shape), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * radius
+        both = torch.cat([x, (x.unsqueeze(0) + delta).flatten(0, 1)])  # one method call for x and every x + δ
+        attr = attributor.attribute(model, both, tgt.repeat(n_samples + 1), create_graph=True)
+    h = _unit_importance(attr)
+    h0, hd = h[:b], h[b:].view(n_samples, b, -1)
+    per_sample = (hd - h0.unsqueeze(0)).pow(2).mean(2).mean(0)
+    return _reduce(per_sample, reduction)

@@ -25,6 +25,7 @@ __all__ = [
     "AttributionPenalty",
     "CDEPPenalty",
     "EGPrior",
+    "MapStabilityPenalty",
     "Penalty",
     "RRRPenalty",
     "build_penalty",
@@ -233,6 +234,57 @@ class AttributionPenalty(Penalty):
             reduction=self.reduction,
             keep_norm_stats=self.keep_norm_stats,
         )
+
+
+@PENALTIES.register("map_stability", "robust_maps", "attributional_robustness")
+class MapStabilityPenalty(Penalty):
+    """Attributional-robustness penalty: the mean squared change of the (unit-mean) importance map under
+    random L∞ perturbations of size ``radius`` (a defence against manipulated and fragile maps, Dombrowski
+    et al. 2019; Ghorbani et al. 2019). See
+    :func:`~explain_callbacks.regularize.functional.map_stability_penalty`. Needs no mask; explains the
+    labels when the callback gives them, else the prediction. Costs one double-backward of the method on
+    (1 + ``n_samples``) × the batch per step."""
+
+    name = "map_stability"
+    needs_mask = False
+
+    def __init__(
+        self,
+        method: Any = "saliency",
+        radius: float = 8 / 255,
+        n_samples: int = 1,
+        softplus_beta: float | None = None,
+        reduction: str = "mean",
+        seed: int = 0,
+        keep_norm_stats: bool = True,
+    ) -> None:
+        super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
+        from .._internal.softplus import check_beta
+        from ..attribution import build_attributor
+
+        self.method = build_attributor(method)
+        if not getattr(self.method, "differentiable", False):
+            raise ValueError(
+                f"{self.method!r} cannot give parameter gradients; use saliency, input_x_gradient, ig or "
+                "expected_gradients."
+            )
+        if not radius > 0:
+            raise ValueError(f"radius must be > 0 (the L∞ size of the random perturbations), got {radius}.")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        if reduction not in RF.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {RF.REDUCTIONS}, got {reduction!r}.")
+        self.radius, self.n_samples, self.reduction = float(radius), int(n_samples), reduction
+        self.softplus_beta = check_beta(softplus_beta, "softplus_beta")
+
+    def compute(self, model, inputs, targets, mask, *, seed):
+        if hasattr(self.method, "seed"):
+            self.method.seed = seed  # random methods (EG) draw afresh each step
+        return RF.map_stability_penalty(
+            model, inputs, targets, method=self.method, radius=self.radius, n_samples=self.n_samples,
+            softplus_beta=self.softplus_beta, seed=seed, reduction=self.reduction,
+            keep_norm_stats=self.keep_norm_stats,
+        )  # fmt: skip
 
 
 def build_penalty(spec: Any, **overrides: Any) -> Penalty | Any:

@@ -7,6 +7,7 @@ from .complexity import complexity, sparseness
 from .dabkowski import dabkowski_saliency
 from .deletion import deletion, insertion, insertion_deletion, perturbation_curve
 from .drift import explanation_drift
+from .fragility import fragility
 from .infidelity import infidelity
 from .localisation import energy_pointing_game, pointing_game
 from .mufidelity import MUFIDELITY_PRESETS, mufidelity, random_subsets
@@ -24,6 +25,7 @@ __all__ = [
     "deletion",
     "energy_pointing_game",
     "explanation_drift",
+    "fragility",
     "infidelity",
     "insertion",
     "insertion_deletion",
