@@ -136,7 +136,7 @@ def draw_scores(axes, series) -> None:
         for method, points in sorted(by_method.items()):
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o", label=method)
-        ax.set_title(f"{score} ({higher.get(score, '')} is better)" if score != "drift" else "drift (1 = unchanged)",
+        ax.set_title(f"{score}\n({higher.get(score, '')} is better)" if score != "drift" else "drift\n(1 = unchanged)",
                      fontsize=9)  # fmt: skip
         ax.set_xlabel("training step")
         ax.set_ylabel(score)

@@ -154,16 +154,21 @@ def can_test(model: pl.LightningModule, datamodule: Any) -> str | None:
 
 #: (callback class name, TensorBoard section, the question it answers)
 _SECTIONS = [
-    ("AttributionMonitor", "maps", "where does the model look? input | one map per method, per probe sample"),
-    ("AttributionMonitor", "faithfulness", "which method to trust? deletion (lower is better), insertion (higher)"),
-    ("AttributionMonitor", "sanity", "do the maps depend on the weights? randomisation (lower is better); "
-                                     "pointing games: the right evidence (the object's mask)?"),
-    ("AttributionMonitor", "drift", "how did the maps change since the last explanation (1 = unchanged)?"),
+    ("AttributionMonitor", "maps", "where does the model look? input | one map per method, per probe sample; "
+                                   "maps/drift: how the maps changed since the last explanation (1 = unchanged)"),
+    ("AttributionMonitor", "faithfulness", "which method to trust? deletion (lower is better), insertion (higher); "
+                                           "faithfulness/ranking ranks every method on every score"),
+    ("AttributionMonitor", "sanity", "do the maps depend on the weights? randomisation (lower is better)"),
+    ("AttributionMonitor", "localisation", "the right evidence? pointing games against the object's mask (data "
+                                           "with masks)"),
     ("InteractionMonitor", "interactions", "which patches or features act together (CD, top pairs)?"),
-    ("SpRAyMonitor", "spray", "how many prediction strategies per class?"),
+    ("SpRAyMonitor", "concepts", "how many prediction strategies per class (SpRAy)?"),
+    ("ConceptMonitor", "concepts", "what does the model use? top concepts (channels) per sample and class (CRP)"),
+    ("InfluenceMonitor", "influence", "which training samples helped or hurt each probe; likely mislabelled ones"),
+    ("LandscapeMonitor", "landscape", "which inputs the low minima of the loss conserve weights for"),
     ("Distiller", "distillation", "how well does a readable student mimic the network (fidelity)?"),
     ("AttributionRegularizer", "regularizers", "task loss and each penalty, apart"),
-    ("SaliencyMasker", "maps", "the learned masker's maps"),
+    ("SaliencyMasker", "masker", "the learned masker's maps"),
 ]
 
 
@@ -174,7 +179,9 @@ def what_to_look_at(callbacks: list) -> str:
     lines = [f"  {section:<13} {question}" for cls, section, question in _SECTIONS if cls in names]
     if not lines:
         return ""
-    out = ["\nWhat to look at (TensorBoard's SCALARS, IMAGES and TEXT tabs; tags by section):", *lines]
+    head = ("\nWhat to look at (TensorBoard's SCALARS, IMAGES and TEXT tabs, tags by section; CUSTOM SCALARS: "
+            "one chart per metric, every method a line):")
+    out = [head, *lines]
     for cb in callbacks:
         scores = getattr(cb, "last_scores", None)
         better = getattr(cb, "_higher_is_better", None)
