@@ -21,7 +21,11 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 CHOSEN = {
     # a regularizer's weight and mask are what the config is about: λ tuned per penalty (bench_regularizers), the
     # mask at batch index 2 of the shipped (x, y, mask) data sets; Python has no default mask to guess
-    **{(c, k): "tuned per penalty" for c in ("cdep", "rrr", "eg_prior") for k in ("penalty", "weight", "mask", "name")},
+    **{
+        (c, k): "tuned per penalty"
+        for c in ("cdep", "rrr", "eg_prior", "robust_maps")
+        for k in ("penalty", "weight", "mask", "name")
+    },
     ("distiller", "seed"): "the run's seed (${seed})",
     ("saliency_masker", "objective"): "None in Python stands for MaskerObjective(), which the config spells out",
 }
