@@ -206,14 +206,7 @@ class AttributionPenalty(Penalty):
         keep_norm_stats: bool = True,
     ) -> None:
         super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
-        from ..attribution import build_attributor
-
-        self.method = build_attributor(method)
-        if not getattr(self.method, "differentiable", False):
-            raise ValueError(
-                f"{self.method!r} cannot give parameter gradients; use saliency, input_x_gradient, ig or "
-                "expected_gradients."
-            )
+        self.method = _differentiable_method(method)
         self.power = power
         self.reduction = reduction
 
@@ -222,8 +215,7 @@ class AttributionPenalty(Penalty):
         return f"attr_{getattr(self.method, 'name', type(self.method).__name__)}"
 
     def compute(self, model, inputs, targets, mask, *, seed):
-        if hasattr(self.method, "seed"):
-            self.method.seed = seed  # random methods (EG) draw afresh each step
+        _reseed(self.method, seed)
         return RF.attribution_penalty(
             model,
             inputs,
@@ -260,14 +252,7 @@ class MapStabilityPenalty(Penalty):
     ) -> None:
         super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
         from .._internal.softplus import check_beta
-        from ..attribution import build_attributor
-
-        self.method = build_attributor(method)
-        if not getattr(self.method, "differentiable", False):
-            raise ValueError(
-                f"{self.method!r} cannot give parameter gradients; use saliency, input_x_gradient, ig or "
-                "expected_gradients."
-            )
+        self.method = _differentiable_method(method)
         if not radius > 0:
             raise ValueError(f"radius must be > 0 (the L∞ size of the random perturbations), got {radius}.")
         if n_samples < 1:
@@ -278,13 +263,29 @@ class MapStabilityPenalty(Penalty):
         self.softplus_beta = check_beta(softplus_beta, "softplus_beta")
 
     def compute(self, model, inputs, targets, mask, *, seed):
-        if hasattr(self.method, "seed"):
-            self.method.seed = seed  # random methods (EG) draw afresh each step
+        _reseed(self.method, seed)
         return RF.map_stability_penalty(
             model, inputs, targets, method=self.method, radius=self.radius, n_samples=self.n_samples,
             softplus_beta=self.softplus_beta, seed=seed, reduction=self.reduction,
             keep_norm_stats=self.keep_norm_stats,
         )  # fmt: skip
+
+
+def _differentiable_method(method: Any) -> Any:
+    """The attribution method of an attribution-based penalty: one whose maps have parameter gradients."""
+    from ..attribution import build_attributor
+
+    built = build_attributor(method)
+    if not getattr(built, "differentiable", False):
+        raise ValueError(
+            f"{built!r} cannot give parameter gradients; use saliency, input_x_gradient, ig or expected_gradients."
+        )
+    return built
+
+
+def _reseed(method: Any, seed: int) -> None:
+    if hasattr(method, "seed"):
+        method.seed = seed  # random methods (EG) draw afresh each step
 
 
 def build_penalty(spec: Any, **overrides: Any) -> Penalty | Any:
