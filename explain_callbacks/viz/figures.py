@@ -205,18 +205,7 @@ def attribution_figure(
     # a fixed grid (no layout solver: constrained layout took seconds for 16 rows of 4 tiles)
     gap, head, left = 0.14, 0.36, 0.12
     top, bottom = (0.4 if title else 0.1), 0.75
-    width = 2 * left + ncol * TILE_INCHES + (ncol - 1) * gap
-    height = top + n * (head + TILE_INCHES) + bottom
-    fig = _figure(width, height, constrained=False)
-
-    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
-        return [x0 / width, y0 / height, w / width, h / height]
-
-    axes = np.empty((n, ncol), dtype=object)
-    for i in range(n):
-        for j in range(ncol):
-            y0 = height - top - (i + 1) * (head + TILE_INCHES)
-            axes[i, j] = fig.add_axes(box(left + j * (TILE_INCHES + gap), y0, TILE_INCHES, TILE_INCHES))
+    fig, axes, box, height = _panel_grid(n, ncol, TILE_INCHES, TILE_INCHES, head, gap, left, left, top, bottom)
     for i in range(n):
         ax = axes[i, 0]
         img = _image_hw(inputs[i].detach().float().cpu())
@@ -242,6 +231,28 @@ def attribution_figure(
     if title:
         fig.suptitle(title, y=1 - 0.12 / height, va="top")
     return fig
+
+
+def _panel_grid(
+    n: int, ncol: int, panel_w: float, panel_h: float, head: float, gap: float, left: float, right: float,
+    top: float, bottom: float,
+) -> tuple[Any, np.ndarray, Callable[[float, float, float, float], list[float]], float]:
+    """A figure with an ``n`` x ``ncol`` grid of panels placed in inches (no layout solver: constrained layout took
+    seconds for 16 rows), ``head`` inches above each row for captions. Returns the figure, the axes, ``box`` (inches
+    to figure fractions, for further axes such as colour bars) and the figure's height in inches."""
+    width = left + ncol * panel_w + (ncol - 1) * gap + right
+    height = top + n * (head + panel_h) + bottom
+    fig = _figure(width, height, constrained=False)
+
+    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
+        return [x0 / width, y0 / height, w / width, h / height]
+
+    axes = np.empty((n, ncol), dtype=object)
+    for i in range(n):
+        for j in range(ncol):
+            y0 = height - top - (i + 1) * (head + panel_h)
+            axes[i, j] = fig.add_axes(box(left + j * (panel_w + gap), y0, panel_w, panel_h))
+    return fig, axes, box, height
 
 
 def _wrap(caption: str, width: int = 24) -> str:
@@ -377,18 +388,7 @@ def sequence_figure(
     panel_w, panel_h, head, gap, left = 2.3, 0.85, 0.3, 0.55, 0.5
     top, bottom = (0.45 if title else 0.15), 0.95
     ncol = 1 + len(names)
-    width = left + ncol * panel_w + (ncol - 1) * gap + 0.15
-    height = top + n * (head + panel_h) + bottom
-    fig = _figure(width, height, constrained=False)
-
-    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
-        return [x0 / width, y0 / height, w / width, h / height]
-
-    axes = np.empty((n, ncol), dtype=object)
-    for i in range(n):
-        for j in range(ncol):
-            y0 = height - top - (i + 1) * (head + panel_h)
-            axes[i, j] = fig.add_axes(box(left + j * (panel_w + gap), y0, panel_w, panel_h))
+    fig, axes, box, height = _panel_grid(n, ncol, panel_w, panel_h, head, gap, left, 0.15, top, bottom)
     steps = int(x.shape[-1])
     for i in range(n):
         ax = axes[i, 0]
