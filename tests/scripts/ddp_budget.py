@@ -13,6 +13,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from explain_callbacks.attribution import Attributor
 from explain_callbacks.callbacks import AttributionMonitor
 from tests.helpers_lightning import image_loaders, lit
+from tests.scripts import run_main
 
 
 class Clock:
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

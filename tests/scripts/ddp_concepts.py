@@ -13,6 +13,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from explain_callbacks.attribution.lrp import LRP, concept_atlas
 from explain_callbacks.callbacks import ConceptMonitor
 from tests.helpers_lightning import image_loaders, lit
+from tests.scripts import run_main
 
 
 def _trainer(out_dir: str, mon: ConceptMonitor, logger: bool) -> pl.Trainer:
@@ -56,6 +57,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main, sys.argv[1])

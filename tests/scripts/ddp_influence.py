@@ -12,6 +12,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from explain_callbacks.analysis import self_influence, tracin_scores
 from explain_callbacks.callbacks import InfluenceMonitor
 from tests.helpers_lightning import image_loaders, lit
+from tests.scripts import run_main
 
 
 class Snapshots(pl.Callback):
@@ -55,6 +56,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main, sys.argv[1])

@@ -12,6 +12,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from explain_callbacks.callbacks import AttributionMonitor, InteractionMonitor, SaliencyMasker, SpRAyMonitor
 from explain_callbacks.interaction import IntegratedHessians
 from tests.helpers_lightning import image_loaders, lit
+from tests.scripts import run_main
 
 
 class FailsOnRankOne:
@@ -86,8 +87,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # Lightning leaves the process group alive; tearing gloo down at interpreter exit instead can abort
-    # ("terminate called without an active exception") after everything has passed.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main, sys.argv[1])

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from explain_callbacks.callbacks import AttributionMonitor, Distiller
 from explain_callbacks.distill.trees import TreeStudent
 from tests.helpers_lightning import image_loaders, lit
+from tests.scripts import run_main
 from tests.scripts.ddp_monitor import FailsOnRankOne
 
 
@@ -86,7 +87,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # Lightning leaves the process group alive; gloo torn down at interpreter exit can abort instead
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main, sys.argv[1])

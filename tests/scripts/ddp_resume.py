@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from explain_callbacks.callbacks import AttributionMonitor, Distiller
 from tests.helpers_lightning import image_loaders, lit
+from tests.scripts import run_main
 
 
 def callbacks() -> tuple[AttributionMonitor, Distiller]:
@@ -62,6 +63,4 @@ def main(phase: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    run_main(main, sys.argv[1], sys.argv[2])
