@@ -142,12 +142,14 @@ def _compose(overrides, out: Path | None = None):
     return cfg
 
 
-def _run(overrides, tmp_path: Path) -> dict[str, float]:
+def _run(overrides, tmp_path: Path, probes: dict[str, int] | None = None) -> dict[str, float]:
+    """A tiny run; ``probes``: the probe-set size of these monitors where the overrides do not set one."""
     cfg = _compose([*TINY, *overrides], tmp_path)
-    interaction = (cfg.get("callbacks") or {}).get("interaction")
-    chosen = any("interaction.num_samples" in o for o in overrides)
-    if interaction is not None and "num_samples" in interaction and not chosen:
-        interaction.num_samples = 2  # the default monitor's CD at the test: a third of a tiny run with 4 samples
+    probes = {"interaction": 2, **(probes or {})}  # the default monitor's CD at the test: a third of a tiny run
+    for name, n in probes.items():
+        monitor = (cfg.get("callbacks") or {}).get(name)
+        if monitor is not None and "num_samples" in monitor and not any(f"{name}.num_samples" in o for o in overrides):
+            monitor.num_samples = n
     return TRAIN.run(cfg)
 
 
@@ -278,7 +280,7 @@ def test_readme_command_runs(args, tmp_path, clean_process):
     over = _as_tiny_run(list(args))
     if over is None:
         return
-    assert "test/loss" in _run(over, tmp_path)
+    assert "test/loss" in _run(over, tmp_path, probes={"attribution": 4})  # the commands compose and run
 
 
 def test_own_modules_by_target(tmp_path, clean_process):
