@@ -172,6 +172,38 @@ def test_penalty_closed_forms_and_gradients():
         PENALTIES.build({"name": "map_stability", "method": "occlusion"})
 
 
+class _HalfSquare(nn.Module):
+    """f_c(x) = ½ w Σ x² for each of 2 classes: the saliency map is w·x, its unit-mean map 2x / Σx (w cancels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.w * x.pow(2).sum(1, keepdim=True)
+
+
+def test_penalty_equals_the_hand_computed_value_random_and_adversarial():
+    """At x = (1, 1) with δ = (a, b): ĥ(x + δ) − ĥ(x) = ±(a − b)/(2 + a + b), so R = ((a − b)/(2 + a + b))².
+    One ascent step of size 2r puts δ in the corner ±(r, −r) that moves the map most: R = r² exactly."""
+    model, x, y, r = _HalfSquare(), torch.ones(1, 2), torch.zeros(1, dtype=torch.long), 0.1
+    gen = torch.Generator().manual_seed(5)
+    a, b = ((torch.rand((1, 1, 2), generator=gen) * 2 - 1) * r).flatten().tolist()  # the documented draw
+    rand = map_stability_penalty(model, x, y, radius=r, seed=5)
+    assert float(rand) == pytest.approx(((a - b) / (2 + a + b)) ** 2, rel=1e-5)
+    for steps, n in ((1, 1), (3, 4)):
+        adv = map_stability_penalty(model, x, y, radius=r, seed=5, attack_steps=steps, n_samples=n)
+        assert float(adv) == pytest.approx(r**2, rel=1e-5), (steps, n)
+    assert float(rand) < 0.9 * float(adv)  # the corner is the ball's maximum
+    # a linear model's map cannot move, whatever the perturbation
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x4 = torch.rand(4, 1, 4, 4)
+    assert float(map_stability_penalty(lin, x4, torch.tensor([0, 1, 2, 0]), attack_steps=2)) == 0.0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="attack_steps"):
+            PENALTIES.build({"name": "map_stability", "attack_steps": bad})
+
+
 def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A small CNN on scikit-learn's 8x8 digits (held-out 30 %), with ``weight`` × the map-stability penalty
     (the fast, planted twin of benchmarks/bench_robustness.py: about 3 s with the penalty)."""
