@@ -189,7 +189,7 @@ def test_penalty_equals_the_hand_computed_value_random_and_adversarial():
     model, x, y, r = _HalfSquare(), torch.ones(1, 2), torch.zeros(1, dtype=torch.long), 0.1
     gen = torch.Generator().manual_seed(5)
     a, b = ((torch.rand((1, 1, 2), generator=gen) * 2 - 1) * r).flatten().tolist()  # the documented draw
-    rand = map_stability_penalty(model, x, y, radius=r, seed=5)
+    rand = map_stability_penalty(model, x, y, radius=r, seed=5, attack_steps=0)
     assert float(rand) == pytest.approx(((a - b) / (2 + a + b)) ** 2, rel=1e-5)
     for steps, n in ((1, 1), (3, 4)):
         adv = map_stability_penalty(model, x, y, radius=r, seed=5, attack_steps=steps, n_samples=n)
@@ -204,9 +204,12 @@ def test_penalty_equals_the_hand_computed_value_random_and_adversarial():
             PENALTIES.build({"name": "map_stability", "attack_steps": bad})
 
 
-def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small CNN on scikit-learn's 8x8 digits (held-out 30 %), with ``weight`` × the map-stability penalty
-    (the fast, planted twin of benchmarks/bench_robustness.py: about 3 s with the penalty)."""
+def _train_digits8(
+    weight: float, epochs: int = 10, start_epochs: int = 5
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small CNN on scikit-learn's 8x8 digits (held-out 30 %), with ``weight`` × the map-stability penalty (its
+    defaults: one ascent step) from epoch ``start_epochs`` on (the fast, planted twin of
+    benchmarks/bench_robustness.py and of conf/callbacks/robust_maps.yaml: about 3 s with the penalty)."""
     from explain_callbacks.datasets import load_digits_tensors
     from explain_callbacks.datasets.tabular_images import split_indices
 
@@ -220,12 +223,12 @@ def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Te
     opt = torch.optim.Adam(model.parameters(), 2e-3)
     g = torch.Generator().manual_seed(0)
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = tr[torch.randperm(len(tr), generator=g)]
         for i in range(0, len(perm), 64):
             xb, yb = x[perm[i : i + 64]], y[perm[i : i + 64]]
             loss = F.cross_entropy(model(xb), yb)
-            if weight:
+            if weight and epoch >= start_epochs:
                 loss = loss + weight * map_stability_penalty(model, xb, yb, radius=8 / 255, seed=step)
             opt.zero_grad()
             loss.backward()
@@ -235,10 +238,10 @@ def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Te
 
 
 def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
-    """Planted: measured 0.747 → 0.817 (accuracy 0.948 → 0.907 at this short budget; the 16x16 benchmark
-    keeps it within about a point)."""
+    """Planted (the config's defence: one ascent step, λ = 2, on from half the run): measured top-k under the
+    attack 0.747 → 0.810, test accuracy 0.948 → 0.942 (the 16x16 benchmark: +0.115 for −0.65 points)."""
     rows = []
-    for weight in (0.0, 3.0):
+    for weight in (0.0, 2.0):
         model, xt, yt = _train_digits8(weight)
         with torch.no_grad():
             acc = float((model(xt).argmax(1) == yt).float().mean())
@@ -246,4 +249,4 @@ def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
         rows.append((acc, float(res.topk_intersection.mean())))
     (acc0, topk0), (acc1, topk1) = rows
     assert topk1 > topk0 + 0.04, rows
-    assert acc0 > 0.9 and acc1 > 0.85, rows
+    assert acc0 > 0.9 and acc1 > acc0 - 0.02, rows

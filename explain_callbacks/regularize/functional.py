@@ -495,34 +495,33 @@ def map_stability_penalty(
     radius: float = 8 / 255,
     n_samples: int = 1,
     softplus_beta: float | None = None,
-    attack_steps: int = 0,
+    attack_steps: int = 1,
     attack_beta: float | None = 10.0,
     seed: int = 0,
     reduction: str = "mean",
     keep_norm_stats: bool = True,
 ) -> Tensor:
-    """Attributional-robustness penalty: how far the map moves under small (random or adversarial) input
-    perturbations.
+    """Attributional-robustness penalty: how far the map moves under small adversarial input perturbations.
 
-    ``R = mean_δ (1/N) ‖ĥ(x + δ) − ĥ(x)‖²`` with δ uniform in the L∞ ball of radius ``radius`` (``n_samples``
-    draws per sample, seeded by ``seed``), ĥ the importance map (|A| summed over channels) scaled to mean 1
-    over its N features, and A a differentiable method computed with ``create_graph=True`` (so R has
-    parameter gradients). Training with it flattens the map's dependence on the input, the curvature that
-    Dombrowski et al. 2019 ("Explanations can be manipulated and geometry is to blame") bound to defend
-    against manipulation; it is the random-perturbation form of the attributional-robustness training of
-    Chen et al. 2019 ("Robust attribution regularization") and Singh et al. 2020 ("Attributional robustness
-    training using input-gradient spatial alignment"). The scale-free ĥ keeps the model from lowering R by
-    merely shrinking its gradients. ``targets``: the explained classes (the labels), or None for the
-    model's prediction. ``softplus_beta``: ReLU → softplus(β) in the penalty's passes (a ReLU network's
-    map is piecewise constant in x: with few activation changes inside the ball the penalty sees little
-    of the curvature that the attack exploits); None: the network as is.
+    ``R = mean_δ (1/N) ‖ĥ(x + δ) − ĥ(x)‖²``, ĥ the importance map (|A| summed over channels) scaled to mean 1
+    over its N features, A a differentiable method computed with ``create_graph=True`` (so R has parameter
+    gradients). δ starts uniform in the L∞ ball of radius ``radius`` (``n_samples`` draws per sample,
+    ``(torch.rand(n_samples, *x.shape) · 2 − 1) · radius`` from a generator seeded by ``seed``) and then takes
+    ``attack_steps`` signed-gradient ascent steps of size 2·``radius``/``attack_steps`` on ‖ĥ(x + δ) − ĥ(x)‖²,
+    kept in the ball: the attributional-robustness training of Chen et al. 2019 ("Robust attribution
+    regularization") and Singh et al. 2020 ("Attributional robustness training using input-gradient spatial
+    alignment"); ``attack_steps=0``: the random δ only. The ascent direction is taken under ReLU →
+    softplus(``attack_beta``) (a ReLU network's map is piecewise constant in x, its input gradient zero almost
+    everywhere; the fragility attack does the same) and carries no parameter graph; each step costs about one
+    more double-backward of the method.
 
-    ``attack_steps`` > 0 makes δ adversarial, as in attributional robustness training (Chen et al. 2019;
-    Singh et al. 2020): from the random start, that many signed-gradient ascent steps of size
-    2·``radius``/``attack_steps`` on ‖ĥ(x + δ) − ĥ(x)‖², δ kept in the ball. The ascent direction is taken
-    under ReLU → softplus(``attack_beta``) (a ReLU network's map is piecewise constant in x, its input gradient
-    zero almost everywhere; the fragility attack does the same) and carries no parameter graph; R is then
-    evaluated at the found δ as above. Each step costs about one more double-backward of the method.
+    Training with R flattens the map's dependence on the input, the curvature that Dombrowski et al. 2019
+    ("Explanations can be manipulated and geometry is to blame") bound to defend against manipulation. The
+    scale-free ĥ keeps the model from lowering R by merely shrinking its gradients. On the benchmark's digits
+    CNN (benchmarks/bench_robustness.py, 2 seeds) one ascent step with λ = 2, switched on after the fit, raised
+    the top-k intersection under the fragility attack by 0.115 for 0.65 points of test accuracy.
+    ``targets``: the explained classes (the labels), or None for the model's prediction. ``softplus_beta``:
+    ReLU → softplus(β) in the passes of R itself; None: the network as is.
     """
     from ..attribution import build_attributor
 

@@ -231,13 +231,13 @@ class AttributionPenalty(Penalty):
 @PENALTIES.register("map_stability", "robust_maps", "attributional_robustness")
 class MapStabilityPenalty(Penalty):
     """Attributional-robustness penalty: the mean squared change of the (unit-mean) importance map under
-    random L∞ perturbations of size ``radius`` (a defence against manipulated and fragile maps, Dombrowski
+    adversarial L∞ perturbations of size ``radius`` (a defence against manipulated and fragile maps, Dombrowski
     et al. 2019; Ghorbani et al. 2019). See
     :func:`~explain_callbacks.regularize.functional.map_stability_penalty`. Needs no mask; explains the
-    labels when the callback gives them, else the prediction. With ``attack_steps`` > 0 the perturbations are
-    adversarial (ascent on the map distance, attributional robustness training). Costs one double-backward of
-    the method on (1 + ``n_samples``) × the batch per step, plus one per attack step on ``n_samples`` × the
-    batch."""
+    labels when the callback gives them, else the prediction. The perturbations start random and take
+    ``attack_steps`` ascent steps on the map distance (attributional robustness training; 0: random only).
+    Costs one double-backward of the method on (1 + ``n_samples``) × the batch per step, plus one per attack
+    step on ``n_samples`` × the batch."""
 
     name = "map_stability"
     needs_mask = False
@@ -248,7 +248,7 @@ class MapStabilityPenalty(Penalty):
         radius: float = 8 / 255,
         n_samples: int = 1,
         softplus_beta: float | None = None,
-        attack_steps: int = 0,
+        attack_steps: int = 1,
         attack_beta: float | None = 10.0,
         reduction: str = "mean",
         seed: int = 0,
@@ -256,6 +256,7 @@ class MapStabilityPenalty(Penalty):
     ) -> None:
         super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
         from .._internal.softplus import check_beta
+
         self.method = _differentiable_method(method)
         if not radius > 0:
             raise ValueError(f"radius must be > 0 (the L∞ size of the random perturbations), got {radius}.")
