@@ -250,3 +250,26 @@ def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
     (acc0, topk0), (acc1, topk1) = rows
     assert topk1 > topk0 + 0.04, rows
     assert acc0 > 0.9 and acc1 > acc0 - 0.02, rows
+
+
+@pytest.mark.slow
+def test_default_defence_meets_the_issue_targets_over_two_seeds():
+    """Issue 19's check, as benchmarks/bench_robustness.py runs it (a few minutes on 2 CPU cores): the robust_maps
+    default (one ascent step, λ = 2, from epoch 12 of 25) raises the mean top-k intersection under the fragility
+    attack by ≥ 0.1 on the held-out 16x16 digits CNN, test accuracy within 1 point (measured +0.115, −0.65)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_robustness.py"
+    spec = importlib.util.spec_from_file_location("bench_robustness", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (_, w0, kw0), (_, w1, kw1) = [s for s in bench.SETTINGS if s[0] in ("vanilla", "default")]
+    plain = [bench.defence_row(w0, seed=s, **kw0) for s in (0, 1)]
+    robust = [bench.defence_row(w1, seed=s, **kw1) for s in (0, 1)]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    assert mean(robust, "topk_attack") >= mean(plain, "topk_attack") + 0.1, (plain, robust)
+    assert mean(robust, "accuracy") >= mean(plain, "accuracy") - 0.01, (plain, robust)
