@@ -254,7 +254,7 @@ def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
 
 @pytest.mark.slow
 def test_default_defence_meets_the_issue_targets_over_two_seeds():
-    """Issue 19's check, as benchmarks/bench_robustness.py runs it (a few minutes on 2 CPU cores): the robust_maps
+    """Issue 19's check, as benchmarks/bench_robustness.py runs it (10 min on the shared 2-core CPU): the robust_maps
     default (one ascent step, λ = 2, from epoch 12 of 25) raises the mean top-k intersection under the fragility
     attack by ≥ 0.1 on the held-out 16x16 digits CNN, test accuracy within 1 point (measured +0.115, −0.65)."""
     import importlib.util
