@@ -26,6 +26,8 @@ CHOSEN = {
         for c in ("cdep", "rrr", "eg_prior", "robust_maps")
         for k in ("penalty", "weight", "mask", "name")
     },
+    ("robust_maps", "start_epochs"): "the map-stability defence costs less accuracy switched on after the fit "
+    "(bench_robustness); other penalties start at once",
     ("distiller", "seed"): "the run's seed (${seed})",
     ("saliency_masker", "objective"): "None in Python stands for MaskerObjective(), which the config spells out",
 }
@@ -106,3 +108,19 @@ def test_python_defaults_explain_in_a_three_epoch_run():
     assert Distiller().every_n_epochs <= 3
     # the Distiller's default sparse student has a non-zero limit ("386 non-zero weights on 356 features")
     assert Distiller().students["sparse_logistic"].max_nonzeros == 10
+
+
+def test_robust_maps_penalty_spells_the_penalty_defaults():
+    """conf/callbacks/robust_maps.yaml's penalty node is MapStabilityPenalty()'s defaults (the benchmarked defence:
+    benchmarks/bench_robustness.py), so the config and ``AttributionRegularizer("map_stability")`` agree."""
+    from explain_callbacks.regularize import MapStabilityPenalty
+
+    with initialize_config_dir(config_dir=str(CONF / "callbacks"), version_base="1.3"):
+        cfg = compose("robust_maps", overrides=["+seed=0"])
+    node = OmegaConf.to_container(cfg.robust_maps.penalty, resolve=True)
+    params = inspect.signature(MapStabilityPenalty.__init__).parameters
+    spelled = {k: v for k, v in node.items() if k not in ("name", "seed")}
+    assert set(spelled) == {k for k in params if k not in ("self", "seed", "keep_norm_stats")}
+    for key, value in spelled.items():
+        default = params[key].default
+        assert value == (pytest.approx(default, rel=1e-6) if isinstance(default, float) else default), key

@@ -4,6 +4,7 @@ bf16-mixed), λ = 0 is bit-identical to no regularizer, DDP replicas stay identi
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import lightning.pytorch as pl
@@ -191,6 +192,33 @@ def test_warmup_schedule():
     assert cb.current_weight(t, 0) == 2.0
     with pytest.raises(ValueError, match="either"):
         AttributionRegularizer("rrr", warmup_steps=2, warmup_epochs=1)
+
+
+def test_start_schedule_switches_the_penalty_on_after_the_fit():
+    class T:
+        global_step = 0
+        current_epoch = 0
+        num_training_batches = 4
+
+    t = T()
+    cb = AttributionRegularizer("rrr", weight=3.0, start_steps=2, warmup_steps=2)
+    seen = []
+    for s in range(5):
+        t.global_step = s
+        seen.append(cb.current_weight(t, 0))
+    assert seen == [0.0, 0.0, 1.5, 3.0, 3.0]  # the warm-up counts from the start
+    cb = AttributionRegularizer("rrr", weight=3.0, start_epochs=2)
+    got = []
+    for epoch, b in itertools.product(range(4), range(4)):
+        t.current_epoch = epoch
+        got.append(cb.current_weight(t, b))
+    assert got == [0.0] * 8 + [3.0] * 8  # on from the first batch of epoch 2
+    cb = AttributionRegularizer("rrr", weight=2.0, start_epochs=1, warmup_epochs=2)
+    t.current_epoch = 2
+    assert cb.current_weight(t, 1) == pytest.approx(2.0 * 1.5 / 2)
+    for bad in ({"start_steps": 2, "start_epochs": 1}, {"start_steps": 2, "warmup_epochs": 1}, {"start_epochs": -1}):
+        with pytest.raises(ValueError, match="start"):
+            AttributionRegularizer("rrr", **bad)
 
 
 def test_manual_optimisation_gets_a_clear_error():

@@ -172,9 +172,44 @@ def test_penalty_closed_forms_and_gradients():
         PENALTIES.build({"name": "map_stability", "method": "occlusion"})
 
 
-def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small CNN on scikit-learn's 8x8 digits (held-out 30 %), with ``weight`` × the map-stability penalty
-    (the fast, planted twin of benchmarks/bench_robustness.py: about 3 s with the penalty)."""
+class _HalfSquare(nn.Module):
+    """f_c(x) = ½ w Σ x² for each of 2 classes: the saliency map is w·x, its unit-mean map 2x / Σx (w cancels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.w * x.pow(2).sum(1, keepdim=True)
+
+
+def test_penalty_equals_the_hand_computed_value_random_and_adversarial():
+    """At x = (1, 1) with δ = (a, b): ĥ(x + δ) − ĥ(x) = ±(a − b)/(2 + a + b), so R = ((a − b)/(2 + a + b))².
+    One ascent step of size 2r puts δ in the corner ±(r, −r) that moves the map most: R = r² exactly."""
+    model, x, y, r = _HalfSquare(), torch.ones(1, 2), torch.zeros(1, dtype=torch.long), 0.1
+    gen = torch.Generator().manual_seed(5)
+    a, b = ((torch.rand((1, 1, 2), generator=gen) * 2 - 1) * r).flatten().tolist()  # the documented draw
+    rand = map_stability_penalty(model, x, y, radius=r, seed=5, attack_steps=0)
+    assert float(rand) == pytest.approx(((a - b) / (2 + a + b)) ** 2, rel=1e-5)
+    for steps, n in ((1, 1), (3, 4)):
+        adv = map_stability_penalty(model, x, y, radius=r, seed=5, attack_steps=steps, n_samples=n)
+        assert float(adv) == pytest.approx(r**2, rel=1e-5), (steps, n)
+    assert float(rand) < 0.9 * float(adv)  # the corner is the ball's maximum
+    # a linear model's map cannot move, whatever the perturbation
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x4 = torch.rand(4, 1, 4, 4)
+    assert float(map_stability_penalty(lin, x4, torch.tensor([0, 1, 2, 0]), attack_steps=2)) == 0.0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="attack_steps"):
+            PENALTIES.build({"name": "map_stability", "attack_steps": bad})
+
+
+def _train_digits8(
+    weight: float, epochs: int = 10, start_epochs: int = 5
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small CNN on scikit-learn's 8x8 digits (held-out 30 %), with ``weight`` × the map-stability penalty (its
+    defaults: one ascent step) from epoch ``start_epochs`` on (the fast, planted twin of
+    benchmarks/bench_robustness.py and of conf/callbacks/robust_maps.yaml: about 3 s with the penalty)."""
     from explain_callbacks.datasets import load_digits_tensors
     from explain_callbacks.datasets.tabular_images import split_indices
 
@@ -188,12 +223,12 @@ def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Te
     opt = torch.optim.Adam(model.parameters(), 2e-3)
     g = torch.Generator().manual_seed(0)
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = tr[torch.randperm(len(tr), generator=g)]
         for i in range(0, len(perm), 64):
             xb, yb = x[perm[i : i + 64]], y[perm[i : i + 64]]
             loss = F.cross_entropy(model(xb), yb)
-            if weight:
+            if weight and epoch >= start_epochs:
                 loss = loss + weight * map_stability_penalty(model, xb, yb, radius=8 / 255, seed=step)
             opt.zero_grad()
             loss.backward()
@@ -203,10 +238,10 @@ def _train_digits8(weight: float, epochs: int = 10) -> tuple[nn.Module, torch.Te
 
 
 def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
-    """Planted: measured 0.747 → 0.817 (accuracy 0.948 → 0.907 at this short budget; the 16x16 benchmark
-    keeps it within about a point)."""
+    """Planted (the config's defence: one ascent step, λ = 2, on from half the run): measured top-k under the
+    attack 0.747 → 0.810, test accuracy 0.948 → 0.942 (the 16x16 benchmark: +0.115 for −0.65 points)."""
     rows = []
-    for weight in (0.0, 3.0):
+    for weight in (0.0, 2.0):
         model, xt, yt = _train_digits8(weight)
         with torch.no_grad():
             acc = float((model(xt).argmax(1) == yt).float().mean())
@@ -214,4 +249,27 @@ def test_penalty_raises_topk_intersection_under_the_attack_on_held_out_digits():
         rows.append((acc, float(res.topk_intersection.mean())))
     (acc0, topk0), (acc1, topk1) = rows
     assert topk1 > topk0 + 0.04, rows
-    assert acc0 > 0.9 and acc1 > 0.85, rows
+    assert acc0 > 0.9 and acc1 > acc0 - 0.02, rows
+
+
+@pytest.mark.slow
+def test_default_defence_meets_the_issue_targets_over_two_seeds():
+    """Issue 19's check, as benchmarks/bench_robustness.py runs it (10 min on the shared 2-core CPU): the robust_maps
+    default (one ascent step, λ = 2, from epoch 12 of 25) raises the mean top-k intersection under the fragility
+    attack by ≥ 0.1 on the held-out 16x16 digits CNN, test accuracy within 1 point (measured +0.115, −0.65)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_robustness.py"
+    spec = importlib.util.spec_from_file_location("bench_robustness", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (_, w0, kw0), (_, w1, kw1) = [s for s in bench.SETTINGS if s[0] in ("vanilla", "default")]
+    plain = [bench.defence_row(w0, seed=s, **kw0) for s in (0, 1)]
+    robust = [bench.defence_row(w1, seed=s, **kw1) for s in (0, 1)]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    assert mean(robust, "topk_attack") >= mean(plain, "topk_attack") + 0.1, (plain, robust)
+    assert mean(robust, "accuracy") >= mean(plain, "accuracy") - 0.01, (plain, robust)

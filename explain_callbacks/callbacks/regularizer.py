@@ -50,6 +50,10 @@ class AttributionRegularizer(Callback):
         weight: λ. With ``warmup_steps`` / ``warmup_epochs`` it is reached linearly from λ/n.
         warmup_steps: optimizer steps of linear warm-up (``trainer.global_step``).
         warmup_epochs: epochs (fractional progress) of linear warm-up, instead of steps.
+        start_steps, start_epochs: no penalty (not even computed) before this many optimizer steps / epochs
+            (fractional), so the network first fits the task; a warm-up then counts from the start and must
+            use the same unit. A defence such as ``map_stability`` costs less accuracy when switched on
+            after the fit (benchmarks/bench_robustness.py).
         mask: where the mask of penalised features comes from: a tuple index (int) or dict key (str)
             of the batch, a fixed tensor (broadcast to the inputs), a callable ``batch -> mask``, or
             None (penalties without a mask: ``eg_tv``, ``eg_gini``, ``map_stability``).
@@ -79,6 +83,8 @@ class AttributionRegularizer(Callback):
         weight: float = 1.0,
         warmup_steps: int = 0,
         warmup_epochs: float = 0.0,
+        start_steps: int = 0,
+        start_epochs: float = 0.0,
         mask: MaskSpec = None,
         input_key: InputSpec = None,
         label_key: InputSpec = None,
@@ -93,10 +99,21 @@ class AttributionRegularizer(Callback):
             raise ValueError("warmup_steps and warmup_epochs must be >= 0.")
         if warmup_steps and warmup_epochs:
             raise ValueError("Give either warmup_steps or warmup_epochs, not both.")
+        if start_steps < 0 or start_epochs < 0:
+            raise ValueError("start_steps and start_epochs must be >= 0.")
+        if start_steps and start_epochs:
+            raise ValueError("Give either start_steps or start_epochs, not both.")
+        if (start_steps and warmup_epochs) or (start_epochs and warmup_steps):
+            raise ValueError(
+                "The warm-up counts from the start: give both in steps (start_steps, warmup_steps) or both in "
+                "epochs (start_epochs, warmup_epochs)."
+            )
         self.penalty = build_penalty(penalty)
         self.weight = float(weight)
         self.warmup_steps = int(warmup_steps)
         self.warmup_epochs = float(warmup_epochs)
+        self.start_steps = int(start_steps)
+        self.start_epochs = float(start_epochs)
         self.mask = mask
         self.adapter = BatchAdapter(input_key, label_key)
         self.model_attr = model_attr
@@ -119,17 +136,26 @@ class AttributionRegularizer(Callback):
 
     # ------------------------------------------------------------------ schedule
     def current_weight(self, trainer: pl.Trainer, batch_idx: int) -> float:
-        """λ at this step: the constant weight, or its linear warm-up."""
+        """λ at this step: 0 before the start, then the constant weight or its linear warm-up."""
         if self.weight == 0:
             return 0.0
-        if self.warmup_steps:
-            return self.weight * min(1.0, (trainer.global_step + 1) / self.warmup_steps)
-        if self.warmup_epochs:
+        if self.start_steps or self.warmup_steps:
+            steps = trainer.global_step + 1 - self.start_steps  # this step's number counted from the start
+            if steps <= 0:
+                return 0.0
+            return self.weight * min(1.0, steps / self.warmup_steps) if self.warmup_steps else self.weight
+        if self.start_epochs or self.warmup_epochs:
             n = trainer.num_training_batches
             n = n if isinstance(n, int) and n > 0 else 1
-            progress = trainer.current_epoch + (batch_idx + 1) / n
-            return self.weight * min(1.0, progress / self.warmup_epochs)
+            progress = trainer.current_epoch + (batch_idx + 1) / n - self.start_epochs
+            if progress <= 0:
+                return 0.0
+            return self.weight * min(1.0, progress / self.warmup_epochs) if self.warmup_epochs else self.weight
         return self.weight
+
+    def _epoch_schedule(self) -> str:
+        parts = [f"warmup_epochs={self.warmup_epochs}"] if self.warmup_epochs else []
+        return " and ".join(parts + ([f"start_epochs={self.start_epochs}"] if self.start_epochs else []))
 
     # ------------------------------------------------------------------ batch access
     def resolve_mask(self, batch: Any, inputs: Tensor) -> Tensor | None:
@@ -208,12 +234,12 @@ class AttributionRegularizer(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = trainer.num_training_batches
-        if self.warmup_epochs and not (isinstance(n, int) and n > 0):
+        if (self.warmup_epochs or self.start_epochs) and not (isinstance(n, int) and n > 0):
             # was: progress = epoch + (batch_idx + 1) / 1, so "warmup_epochs=2" ended after 2 batches
             raise MisconfigurationException(
-                f"AttributionRegularizer {self.name!r}: warmup_epochs={self.warmup_epochs} needs the number of "
+                f"AttributionRegularizer {self.name!r}: {self._epoch_schedule()} needs the number of "
                 f"training batches per epoch, and the training loader has none ({n}: an IterableDataset without "
-                "__len__?). Warm up by optimizer steps instead: warmup_steps=..."
+                "__len__?). Schedule by optimizer steps instead: warmup_steps=..., start_steps=..."
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -306,7 +332,7 @@ def _regularized_step(
         _logging.log_scalar(
             pl_module, f"regularizers/penalty/{reg.name}", r, reg.sync_dist, on_step=True, on_epoch=True, batch_size=bsz
         )
-        if reg.warmup_steps or reg.warmup_epochs:
+        if reg.warmup_steps or reg.warmup_epochs or reg.start_steps or reg.start_epochs:
             _logging.log_scalar(
                 pl_module, f"regularizers/weight/{reg.name}", float(lam), False, on_step=True, on_epoch=False,
                 batch_size=bsz,

@@ -231,11 +231,13 @@ class AttributionPenalty(Penalty):
 @PENALTIES.register("map_stability", "robust_maps", "attributional_robustness")
 class MapStabilityPenalty(Penalty):
     """Attributional-robustness penalty: the mean squared change of the (unit-mean) importance map under
-    random L∞ perturbations of size ``radius`` (a defence against manipulated and fragile maps, Dombrowski
+    adversarial L∞ perturbations of size ``radius`` (a defence against manipulated and fragile maps, Dombrowski
     et al. 2019; Ghorbani et al. 2019). See
     :func:`~explain_callbacks.regularize.functional.map_stability_penalty`. Needs no mask; explains the
-    labels when the callback gives them, else the prediction. Costs one double-backward of the method on
-    (1 + ``n_samples``) × the batch per step."""
+    labels when the callback gives them, else the prediction. The perturbations start random and take
+    ``attack_steps`` ascent steps on the map distance (attributional robustness training; 0: random only).
+    Costs one double-backward of the method on (1 + ``n_samples``) × the batch per step, plus one per attack
+    step on ``n_samples`` × the batch."""
 
     name = "map_stability"
     needs_mask = False
@@ -246,12 +248,15 @@ class MapStabilityPenalty(Penalty):
         radius: float = 8 / 255,
         n_samples: int = 1,
         softplus_beta: float | None = None,
+        attack_steps: int = 1,
+        attack_beta: float | None = 10.0,
         reduction: str = "mean",
         seed: int = 0,
         keep_norm_stats: bool = True,
     ) -> None:
         super().__init__(keep_norm_stats=keep_norm_stats, seed=seed)
         from .._internal.softplus import check_beta
+
         self.method = _differentiable_method(method)
         if not radius > 0:
             raise ValueError(f"radius must be > 0 (the L∞ size of the random perturbations), got {radius}.")
@@ -261,12 +266,16 @@ class MapStabilityPenalty(Penalty):
             raise ValueError(f"reduction must be one of {RF.REDUCTIONS}, got {reduction!r}.")
         self.radius, self.n_samples, self.reduction = float(radius), int(n_samples), reduction
         self.softplus_beta = check_beta(softplus_beta, "softplus_beta")
+        if isinstance(attack_steps, bool) or not isinstance(attack_steps, int) or attack_steps < 0:
+            raise ValueError(f"attack_steps must be an int >= 0 (0: random perturbations only), got {attack_steps!r}.")
+        self.attack_steps, self.attack_beta = attack_steps, check_beta(attack_beta, "attack_beta")
 
     def compute(self, model, inputs, targets, mask, *, seed):
         _reseed(self.method, seed)
         return RF.map_stability_penalty(
             model, inputs, targets, method=self.method, radius=self.radius, n_samples=self.n_samples,
-            softplus_beta=self.softplus_beta, seed=seed, reduction=self.reduction,
+            softplus_beta=self.softplus_beta, attack_steps=self.attack_steps, attack_beta=self.attack_beta,
+            seed=seed, reduction=self.reduction,
             keep_norm_stats=self.keep_norm_stats,
         )  # fmt: skip
 
