@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,13 +16,13 @@ from .. import viz
 from .._internal.config import spec_list, to_plain
 from .._internal.layout import reads_channels_first
 from .._internal.registry import METRICS
-from ..attribution import Attributor, build_attributor
+from ..attribution import TOKEN_REDUCTIONS, Attributor, TokenProbe, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
 from ._logging import global_step, markdown_table, media_loggers, metric_section, phase_prefix
 from .base import ProbeCallback, class_indices, non_default_settings
 
-__all__ = ["AttributionMonitor", "class_labels", "find_class_names"]
+__all__ = ["AttributionMonitor", "class_labels", "find_class_names", "find_vocab", "token_metric_settings"]
 
 MethodSpec = str | Mapping[str, Any] | Attributor
 
@@ -43,6 +44,55 @@ def find_class_names(trainer: pl.Trainer) -> list[str] | None:
             if isinstance(names, (list, tuple)) and names and all(isinstance(c, (str, int)) for c in names):
                 return [str(c) for c in names]
     return None
+
+
+def find_vocab(trainer: pl.Trainer) -> list[str] | None:
+    """The words of the token ids (id -> word) for the token heatmaps: ``vocab``, ``itos`` or ``id_to_token`` of the
+    data module (a sequence, or a mapping from id to word), else None (ids are written as numbers)."""
+    dm = getattr(trainer, "datamodule", None)
+    for attr in ("vocab", "itos", "id_to_token"):
+        words = getattr(dm, attr, None) if dm is not None else None
+        if isinstance(words, Mapping) and words and all(isinstance(k, int) for k in words):
+            out = [""] * (max(words) + 1)
+            for k, v in words.items():
+                out[k] = str(v)
+            return out
+        if isinstance(words, (list, tuple)) and words:
+            return [str(w) for w in words]
+    return None
+
+
+#: metric settings that name a replacement for removed features ("zeros", "blur", ...)
+_SUBSTRATE_SETTINGS = ("substrate", "deletion_substrate", "insertion_substrate", "baseline")
+
+
+@contextlib.contextmanager
+def token_metric_settings(metric: Any, substrate: Tensor) -> Iterator[Any]:
+    """The settings of ``metric`` for a token probe, inside the block (restored after it).
+
+    On token probes the features of a metric are the tokens, and a removed token is replaced by the substrate
+    token: a substrate or baseline given by name (``"zeros"``, ``"auto"``, ``"blur"``, ``"mean"``, ...: notions of
+    pixels) becomes the substrate token's embedding ``substrate`` (D,) at every removed position (a float or
+    tensor given by the user is kept); ``features="auto"`` becomes ``"pixel"``, a position of the sequence = a
+    token (``"element"``, when set, keeps single embedding dims); ``channels_first=None`` becomes False (the view
+    reads (B, T, D)).
+    """
+    changes: dict[str, Any] = {}
+    for attr in _SUBSTRATE_SETTINGS:
+        if isinstance(getattr(metric, attr, None), str):
+            changes[attr] = substrate
+    if getattr(metric, "features", None) == "auto":
+        changes["features"] = "pixel"
+    if hasattr(metric, "channels_first") and metric.channels_first is None:
+        changes["channels_first"] = False
+    saved = {k: getattr(metric, k) for k in changes}
+    for k, v in changes.items():
+        setattr(metric, k, v)
+    try:
+        yield metric
+    finally:
+        for k, v in saved.items():
+            setattr(metric, k, v)
 
 
 def class_labels(y: Tensor) -> Tensor | None:
@@ -78,6 +128,17 @@ class AttributionMonitor(ProbeCallback):
         class_names: names of the classes for the captions; taken from the data module's (or the
             validation dataset's) ``class_names`` / ``classes`` when not given.
         log_images / log_histograms: turn image and histogram logging off (scalars stay).
+        embedding: token models (integer-id probes, explained in the space of their token embeddings through
+            :class:`~explain_callbacks.attribution.EmbeddingView`): the name of the embedding layer; None takes the
+            model's only ``nn.Embedding`` (an error names the candidates when there are several).
+        pad_id: the padding id of token probes: padding gets zero attribution and no metric counts it; None
+            takes the embedding's ``padding_idx`` (no padding when it has none).
+        substrate_token: the id that perturbation metrics put in place of a removed token (e.g. a ``[MASK]``
+            id); None: the padding id, else the zero vector (see ``docs/text.md``).
+        token_reduce: one score per token from a (B, T, D) map: ``"sum"`` over the embedding dims (signed) or
+            ``"norm"`` (L2 norm, unsigned); heatmaps and metrics use these token scores.
+        vocab: the words of the token ids (id -> word) for the token heatmaps; taken from the data module's
+            ``vocab`` / ``itos`` / ``id_to_token`` when not given.
         **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
             input_key, label_key, mask_key, batch_size, model_attr, strict).
     """
@@ -95,9 +156,20 @@ class AttributionMonitor(ProbeCallback):
         class_names: Sequence[str] | None = None,
         log_images: bool = True,
         log_histograms: bool = True,
+        embedding: str | None = None,
+        pad_id: int | None = None,
+        substrate_token: int | None = None,
+        token_reduce: str = "sum",
+        vocab: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
+        if token_reduce not in TOKEN_REDUCTIONS:
+            raise ValueError(f"token_reduce must be one of {TOKEN_REDUCTIONS}, got {token_reduce!r}.")
+        self.embedding, self.pad_id, self.substrate_token = embedding, pad_id, substrate_token
+        self.token_reduce = token_reduce
+        self.vocab = [str(w) for w in vocab] if vocab is not None else None
+        self._tokens: TokenProbe | None = None  # the token probe of the epoch being explained
         methods = to_plain(methods)
         if isinstance(methods, (str, Mapping)) or not isinstance(methods, Sequence):
             methods = [methods]
@@ -180,6 +252,8 @@ class AttributionMonitor(ProbeCallback):
                 self.feature_names = list(names)
         if self.class_names is None:
             self.class_names = find_class_names(trainer)
+        if self.vocab is None:
+            self.vocab = find_vocab(trainer)
 
     # ------------------------------------------------------------------ state
     probe_bound_state = ("previous",)  # maps of the probe set: dropped when it is re-captured
@@ -197,7 +271,10 @@ class AttributionMonitor(ProbeCallback):
 
     def setting_fields(self) -> dict[str, Any]:
         # two monitors of {"name": "ig", "n_steps": 8} and {"name": "ig", "n_steps": 64} are two states
-        settings = non_default_settings(self, method_settings=dict(sorted(self._method_settings.items())) or None)
+        settings = non_default_settings(
+            self, method_settings=dict(sorted(self._method_settings.items())) or None, embedding=self.embedding,
+            pad_id=self.pad_id, substrate_token=self.substrate_token, token_reduce=self.token_reduce,
+        )  # fmt: skip
         return {**super().setting_fields(), **settings}
 
     # ------------------------------------------------------------------ the work
@@ -206,6 +283,8 @@ class AttributionMonitor(ProbeCallback):
     ) -> None:
         model = self.model(pl_module)
         masks = None if self.probe_mask is None else self.probe_mask.to(x.device)
+        model, x = self._token_inputs(model, x)
+        tokens = self._tokens
         curves: dict[str, dict[str, Tensor]] = {}
         curve_x: dict[str, Tensor] = {}
         self.last_scores = {}
@@ -219,6 +298,10 @@ class AttributionMonitor(ProbeCallback):
             if done is None:
                 continue
             maps, seconds = done
+            raw = maps
+            if tokens is not None:  # one score per token, padding zeroed: what metrics, figures and scalars use
+                raw = maps * tokens.valid[..., None].to(maps.dtype)
+                maps = tokens.scores(maps, self.token_reduce).unsqueeze(-1)
             scores = self._log_scalars(pl_module, name, method, maps, seconds)
             if self.metric_specs and not self._scorable(maps, x):
                 if name not in self._warned_unscored:
@@ -233,7 +316,7 @@ class AttributionMonitor(ProbeCallback):
                     self._higher[mname] = getattr(metric, "higher_is_better", None)
                     updated, problem = False, "did not apply"
                     try:
-                        updated = self._update_metric(metric, model, x, maps, target, method, masks)
+                        updated = self._update_metric(metric, model, x, maps, target, method, masks, raw)
                     except Exception as err:
                         if self.strict:
                             raise
@@ -273,7 +356,8 @@ class AttributionMonitor(ProbeCallback):
             self.last_scores[name] = scores
             if draw:
                 if self.log_histograms:
-                    self.log_histogram(trainer, f"maps/values/{name}", maps)
+                    values = maps if tokens is None else maps[..., 0][tokens.valid]
+                    self.log_histogram(trainer, f"maps/values/{name}", values)
                 drawn[name] = maps[: self.max_images].detach().cpu()
             if not phase_prefix(trainer):  # test maps do not become the reference of the next validation
                 self.previous[name] = maps.cpu()
@@ -319,9 +403,13 @@ class AttributionMonitor(ProbeCallback):
 
     def _update_metric(
         self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
-        masks: Tensor | None,
+        masks: Tensor | None, raw: Tensor | None = None,
     ) -> bool:  # fmt: skip
-        """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks)."""
+        """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks).
+
+        Token probes: explanation metrics score the token map (B, T, 1), explainer metrics (which re-run the method
+        and compare) the method's own map ``raw`` with the padding zeroed, both under
+        :func:`token_metric_settings`."""
         if getattr(metric, "needs_masks", False) and masks is None:
             return False
         applies = getattr(metric, "applies_to", None)
@@ -329,18 +417,43 @@ class AttributionMonitor(ProbeCallback):
             return False
         metric.reset()
         kw = {"masks": masks} if masks is not None else {}
-        if getattr(metric, "kind", "explanation") == "explainer":
-            metric.update(model, x, target, method, attributions=maps, **kw)
-        else:
-            metric.update(model, x, maps, target, **kw)
+        tokens = self._tokens
+        settings = contextlib.nullcontext() if tokens is None else token_metric_settings(metric, tokens.substrate)
+        if tokens is not None and masks is not None and masks.shape == tokens.valid.shape:
+            masks = masks & tokens.valid  # a ground-truth mask never points at padding
+            kw["masks"] = masks
+        with settings:
+            if getattr(metric, "kind", "explanation") == "explainer":
+                metric.update(model, x, target, method, attributions=maps if raw is None else raw, **kw)
+            else:
+                metric.update(model, x, maps, target, **kw)
         return True
+
+    def _token_inputs(self, model: torch.nn.Module, x: Tensor) -> tuple[torch.nn.Module, Tensor]:
+        """The model and inputs the methods explain: for integer probes (token ids) the model seen as a function
+        of its token embeddings (:class:`~explain_callbacks.attribution.EmbeddingView`) and the embeddings of the
+        probe (kept in ``self._tokens`` with the padding and the substrate token); float inputs as they are."""
+        self._tokens = None
+        if x.is_floating_point() or x.is_complex():
+            return model, x
+        if x.ndim != 2:
+            raise TypeError(
+                f"integer probes are read as token ids (B, T), got shape {tuple(x.shape)}; give (B, T) ids, or float "
+                "inputs."
+            )
+        self._tokens = TokenProbe.of(model, x, self.embedding, self.pad_id, self.substrate_token)
+        return self._tokens.view, self._tokens.embedded
 
     def _log_scalars(
         self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float
     ) -> dict[str, float]:
         scores: dict[str, float] = {"seconds": seconds}
         self.log_scalar(pl_module, f"cost/seconds/{name}", seconds)
-        sp = float(sparseness(maps).mean())
+        tokens = self._tokens
+        if tokens is None:
+            sp = float(sparseness(maps).mean())
+        else:  # over each sample's real tokens: zeros at the padding would read as sparsity
+            sp = float(torch.stack([sparseness(m[v][None])[0] for m, v in zip(maps[..., 0], tokens.valid)]).mean())
         scores["sparseness"] = sp
         self.log_scalar(pl_module, f"maps/sparseness/{name}", sp)
         info = getattr(method, "last_info", {}) or {}
@@ -356,7 +469,11 @@ class AttributionMonitor(ProbeCallback):
         # probes: drift over the probes both epochs explained
         k = min(0 if prev is None else prev.shape[0], maps.shape[0])
         if prev is not None and k > 0 and prev.shape[1:] == maps.shape[1:] and not phase_prefix(pl_module.trainer):
-            drift = float(explanation_drift(prev[:k].to(maps.device), maps[:k]).mean())
+            if tokens is None:
+                drift = float(explanation_drift(prev[:k].to(maps.device), maps[:k]).mean())
+            else:  # over each sample's real tokens (ties at the padding would read as agreement)
+                pairs = zip(prev[:k, :, 0].to(maps.device), maps[:k, :, 0], tokens.valid[:k])
+                drift = float(torch.stack([explanation_drift(p[v][None], m[v][None])[0] for p, m, v in pairs]).mean())
             scores["drift"] = drift
             self.log_scalar(pl_module, f"maps/drift/{name}", drift)
         return scores
@@ -371,6 +488,20 @@ class AttributionMonitor(ProbeCallback):
         signed = {k: bool((m < 0).any()) for k, m in drawn.items()}
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
         title = f"attributions · {when} · step {global_step(trainer)}"
+        if self._tokens is not None:  # token heatmaps: the words on coloured backgrounds, and as Markdown
+            ids, valid = self._tokens.ids[:n].cpu(), self._tokens.valid[:n].cpu()
+            words = [[self._word(int(t)) for t in row[keep]] for row, keep in zip(ids, valid)]
+            scores = {}
+            for k, m in drawn.items():  # each sample's real tokens first, in order (padding may sit anywhere)
+                s = torch.zeros(n, ids.shape[1])
+                for i in range(n):
+                    real = m[i, :, 0][valid[i]]
+                    s[i, : real.numel()] = real
+                scores[k] = s
+            fig = viz.token_figure(words, scores, signed, captions, wrong, title=title)
+            self.log_image(trainer, "maps/attributions", fig)
+            self.log_text(trainer, "maps/tokens", viz.token_markdown(words, scores, captions))
+            return
         xs = x[:n].detach().float().cpu()
         if x.ndim == 4 and all(m.ndim == 4 for m in drawn.values()):
             maps = {k: viz.map_to_2d(m) for k, m in drawn.items()}
@@ -420,6 +551,10 @@ class AttributionMonitor(ProbeCallback):
             captions.append(f"{truth}pred {self._class_name(pred)} ({prob:.2f})")
             wrong.append(labels is not None and int(labels[i]) != pred)
         return captions, wrong
+
+    def _word(self, token_id: int) -> str:
+        vocab = self.vocab
+        return vocab[token_id] if vocab is not None and 0 <= token_id < len(vocab) else str(token_id)
 
     def _class_name(self, k: int) -> str:
         names = self.class_names
