@@ -67,7 +67,7 @@ _SUBSTRATE_SETTINGS = ("substrate", "deletion_substrate", "insertion_substrate",
 
 
 @contextlib.contextmanager
-def token_metric_settings(metric: Any, substrate: Tensor) -> Iterator[Any]:
+def token_metric_settings(metric: Any, substrate: Tensor, valid: Tensor | None = None) -> Iterator[Any]:
     """The settings of ``metric`` for a token probe, inside the block (restored after it).
 
     On token probes the features of a metric are the tokens, and a removed token is replaced by the substrate
@@ -75,7 +75,8 @@ def token_metric_settings(metric: Any, substrate: Tensor) -> Iterator[Any]:
     pixels) becomes the substrate token's embedding ``substrate`` (D,) at every removed position (a float or
     tensor given by the user is kept); ``features="auto"`` becomes ``"pixel"``, a position of the sequence = a
     token (``"element"``, when set, keeps single embedding dims); ``channels_first=None`` becomes False (the view
-    reads (B, T, D)).
+    reads (B, T, D)); ``valid`` (B, T), the real tokens, becomes the ``keep`` of a curve metric that ranks tokens:
+    the padding is never removed nor revealed and each sample's curve runs over its own tokens.
     """
     changes: dict[str, Any] = {}
     for attr in _SUBSTRATE_SETTINGS:
@@ -85,6 +86,9 @@ def token_metric_settings(metric: Any, substrate: Tensor) -> Iterator[Any]:
         changes["features"] = "pixel"
     if hasattr(metric, "channels_first") and metric.channels_first is None:
         changes["channels_first"] = False
+    features = changes.get("features", getattr(metric, "features", None))
+    if valid is not None and hasattr(metric, "keep") and features == "pixel":
+        changes["keep"] = valid
     saved = {k: getattr(metric, k) for k in changes}
     for k, v in changes.items():
         setattr(metric, k, v)
@@ -418,7 +422,9 @@ class AttributionMonitor(ProbeCallback):
         metric.reset()
         kw = {"masks": masks} if masks is not None else {}
         tokens = self._tokens
-        settings = contextlib.nullcontext() if tokens is None else token_metric_settings(metric, tokens.substrate)
+        settings: Any = contextlib.nullcontext()
+        if tokens is not None:
+            settings = token_metric_settings(metric, tokens.substrate, tokens.valid)
         if tokens is not None and masks is not None and masks.shape == tokens.valid.shape:
             masks = masks & tokens.valid  # a ground-truth mask never points at padding
             kw["masks"] = masks
