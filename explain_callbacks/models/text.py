@@ -31,11 +31,10 @@ class TokenTransformer(nn.Module):
         )
         # enable_nested_tensor=False: no fast path that reads a padding mask (there is none) and no warning about it
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.shape[1] > self.pos.shape[0]:
             raise ValueError(f"sequences of {ids.shape[1]} tokens exceed max_len={self.pos.shape[0]}.")
         h = self.encoder(self.tok(ids) + self.pos[: ids.shape[1]])
-        return self.head(self.norm(h).mean(1))
+        return self.head(h.mean(1))
