@@ -267,3 +267,44 @@ def test_token_figure_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     img = token_figure([["a", "b"]], {"ig": torch.tensor([[0.5, -0.5]])})
     assert isinstance(img, torch.Tensor) and img.shape[0] == 3
+
+
+class _DictText(torch.utils.data.Dataset):
+    """Dict batches whose padding id (9, the filler "the"... any real word) also occurs as a real token: only the
+    attention mask tells the padding apart."""
+
+    def __init__(self, n: int) -> None:
+        ids, self.y, _ = make_keyword_text(n, max_len=T, seed=1)
+        self.att = (ids != 0).long()
+        self.ids = torch.where(ids == 0, torch.full_like(ids, 9), ids)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.ids[i], "y": self.y[i], "attention_mask": self.att[i]}
+
+
+def test_attention_mask_key_marks_the_padding(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    data = _DictText(120)
+    train, val = DataLoader(data, batch_size=40), DataLoader(data, batch_size=40)
+    mon = AttributionMonitor(methods=["input_x_gradient"], metrics=[{"name": "deletion", "n_steps": 4}],
+                             num_samples=6, per_class=3, attention_mask_key="attention_mask", strict=True)  # fmt: skip
+    model = LitClassifier(TokenTransformer(V, 2, max_len=T, d_model=8), lr=5e-3)
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[mon]).fit(model, train, val)  # fmt: skip
+    ids, att = mon.probe_x, mon.probe_attention
+    # per_class picks rows out of order: each captured mask is its own row's
+    rows = [int((data.ids == r).all(1).nonzero()[0]) for r in ids]
+    assert torch.equal(att, data.att[rows])
+    scores = mon.previous["input_x_gradient"][..., 0]
+    assert bool((scores[att == 0] == 0).all())
+    real_nines = (ids == 9) & (att == 1)
+    assert bool(real_nines.any()) and bool((scores[real_nines] != 0).all())  # the real word 9 keeps its score
+    assert "deletion" in mon.last_scores["input_x_gradient"]
+    with pytest.raises(ValueError, match="the attention mask has shape"):
+        TokenProbe.of(model.net, ids, attention_mask=att[:, :3])

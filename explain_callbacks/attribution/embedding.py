@@ -159,13 +159,15 @@ class TokenProbe:
     @classmethod
     def of(
         cls, model: nn.Module, ids: Tensor, embedding: str | nn.Module | None = None, pad_id: int | None = None,
-        substrate_token: int | None = None,
+        substrate_token: int | None = None, attention_mask: Tensor | None = None,
     ) -> TokenProbe:  # fmt: skip
         """Build the probe of ``ids`` for ``model``.
 
         ``pad_id``: the padding id; None takes the embedding layer's ``padding_idx`` (no padding when it has
-        none). The substrate token, in this order: ``substrate_token`` when given (e.g. a ``[MASK]`` id), else the
-        padding id, else none: the zero vector (as a zero baseline).
+        none). ``attention_mask`` (B, T), nonzero at real tokens, says where the padding is instead of the ids (for
+        tokenizers whose padding id is also a real token, e.g. GPT-2's end-of-text). The substrate token, in this
+        order: ``substrate_token`` when given (e.g. a ``[MASK]`` id), else the padding id, else none: the zero
+        vector (as a zero baseline).
         """
         if ids.is_floating_point() or ids.ndim != 2:
             raise TypeError(f"token probes are (B, T) integer ids, got {tuple(ids.shape)} {ids.dtype}.")
@@ -184,7 +186,15 @@ class TokenProbe:
             substrate = embedded.new_zeros(embedded.shape[-1])
         else:
             substrate = view.embed(torch.full((1, 1), int(sub), dtype=torch.long, device=ids.device))[0, 0]
-        valid = torch.ones_like(ids, dtype=torch.bool) if pad_id is None else ids != int(pad_id)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"the attention mask has shape {tuple(attention_mask.shape)}, the token ids {tuple(ids.shape)}; "
+                    "give one (B, T) mask per probe, nonzero at real tokens."
+                )
+            valid = attention_mask.to(ids.device) != 0
+        else:
+            valid = torch.ones_like(ids, dtype=torch.bool) if pad_id is None else ids != int(pad_id)
         return cls(view, ids, embedded, valid, substrate, pad_id, None if sub is None else int(sub))
 
     def scores(self, maps: Tensor, reduce: str = "sum") -> Tensor:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
+from .._internal.batch import InputSpec, take
 from .._internal.config import spec_list, to_plain
 from .._internal.layout import reads_channels_first
 from .._internal.registry import METRICS
@@ -137,6 +138,9 @@ class AttributionMonitor(ProbeCallback):
             model's only ``nn.Embedding`` (an error names the candidates when there are several).
         pad_id: the padding id of token probes: padding gets zero attribution and no metric counts it; None
             takes the embedding's ``padding_idx`` (no padding when it has none).
+        attention_mask_key: where the attention mask (B, T), nonzero at real tokens, is in a batch (dict key,
+            tuple index or a function of the batch): it marks the padding instead of ``pad_id``, for tokenizers
+            whose padding id is also a real token. Captured with the probe set.
         substrate_token: the id that perturbation metrics put in place of a removed token (e.g. a ``[MASK]``
             id); None: the padding id, else the zero vector (see ``docs/text.md``).
         token_reduce: one score per token from a (B, T, D) map: ``"sum"`` over the embedding dims (signed) or
@@ -162,6 +166,7 @@ class AttributionMonitor(ProbeCallback):
         log_histograms: bool = True,
         embedding: str | None = None,
         pad_id: int | None = None,
+        attention_mask_key: InputSpec = None,
         substrate_token: int | None = None,
         token_reduce: str = "sum",
         vocab: Sequence[str] | None = None,
@@ -172,6 +177,8 @@ class AttributionMonitor(ProbeCallback):
             raise ValueError(f"token_reduce must be one of {TOKEN_REDUCTIONS}, got {token_reduce!r}.")
         self.embedding, self.pad_id, self.substrate_token = embedding, pad_id, substrate_token
         self.token_reduce = token_reduce
+        self.attention_mask_key = attention_mask_key
+        self.probe_attention: Tensor | None = None  # the probes' attention masks (with attention_mask_key)
         self.vocab = [str(w) for w in vocab] if vocab is not None else None
         self._tokens: TokenProbe | None = None  # the token probe of the epoch being explained
         methods = to_plain(methods)
@@ -260,13 +267,40 @@ class AttributionMonitor(ProbeCallback):
             self.vocab = find_vocab(trainer)
 
     # ------------------------------------------------------------------ state
-    probe_bound_state = ("previous",)  # maps of the probe set: dropped when it is re-captured
+    # maps of the probe set and its attention masks: dropped when it is re-captured
+    probe_bound_state = ("previous", "probe_attention")
 
     def extra_state(self) -> dict[str, Any]:
-        return {"previous": {k: v.cpu() for k, v in self.previous.items()}}
+        return {"previous": {k: v.cpu() for k, v in self.previous.items()}, "probe_attention": self.probe_attention}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.previous = dict(state.get("previous", {}))
+        self.probe_attention = state.get("probe_attention")
+
+    def _add(self, batch: Any) -> None:
+        """Capture probes as the base does, and with ``attention_mask_key`` the attention masks of the rows taken
+        (found by their ids: the base picks rows by label with ``per_class``)."""
+        before = self.probe_size
+        super()._add(batch)
+        if self.attention_mask_key is None or self.probe_size == before:
+            return
+        key = self.attention_mask_key
+        att = key(batch) if callable(key) else take(batch, key)
+        ids = self.adapter.inputs(batch).detach().cpu()
+        if not isinstance(att, Tensor) or tuple(att.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"attention_mask_key={key!r} gave {type(att).__name__} {tuple(getattr(att, 'shape', ()))}, not a "
+                f"(B, T) mask like the token ids {tuple(ids.shape)}; fix attention_mask_key."
+            )
+        att = att.detach().cpu()
+        used: set[int] = set()
+        rows = []
+        for row in self.probe_x[before:]:
+            match = next(i for i in (row == ids).all(1).nonzero().flatten().tolist() if i not in used)
+            used.add(match)
+            rows.append(att[match])
+        new = torch.stack(rows)
+        self.probe_attention = new if self.probe_attention is None else torch.cat([self.probe_attention, new])
 
     def key_fields(self) -> dict[str, Any]:
         # names or plain specs, never an object's repr (it may hold a memory address)
@@ -278,6 +312,7 @@ class AttributionMonitor(ProbeCallback):
         settings = non_default_settings(
             self, method_settings=dict(sorted(self._method_settings.items())) or None, embedding=self.embedding,
             pad_id=self.pad_id, substrate_token=self.substrate_token, token_reduce=self.token_reduce,
+            attention_mask_key=self.attention_mask_key if isinstance(self.attention_mask_key, (int, str)) else None,
         )  # fmt: skip
         return {**super().setting_fields(), **settings}
 
@@ -447,7 +482,11 @@ class AttributionMonitor(ProbeCallback):
                 f"integer probes are read as token ids (B, T), got shape {tuple(x.shape)}; give (B, T) ids, or float "
                 "inputs."
             )
-        self._tokens = TokenProbe.of(model, x, self.embedding, self.pad_id, self.substrate_token)
+        att = self.probe_attention
+        if self.attention_mask_key is not None and att is None:
+            raise ValueError("attention_mask_key is set but no attention mask was captured with the probe set.")
+        att = None if att is None else att[: x.shape[0]].to(x.device)  # under a budget: the first probes
+        self._tokens = TokenProbe.of(model, x, self.embedding, self.pad_id, self.substrate_token, att)
         return self._tokens.view, self._tokens.embedded
 
     def _log_scalars(
