@@ -223,6 +223,10 @@ def test_monitor_names_the_embedding_or_says_which_to_name(tmp_path):
     mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
     with pytest.raises(ValueError, match=r"several nn.Embedding layers \['net.tok', 'net.seg'\]; pass embedding="):
         _fit(tmp_path, mon, TwoEmbeddings(), epochs=1, logger=False)
+    lenient = AttributionMonitor(methods=["saliency"], num_samples=4)  # not strict: a warning, training goes on
+    with pytest.warns(UserWarning, match=r"token ids could not be explained \(.*several nn.Embedding layers"):
+        _fit(tmp_path, lenient, TwoEmbeddings(), epochs=1, logger=False)
+    assert not lenient.last_scores
     named = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True, embedding="net.tok")
     _fit(tmp_path, named, TwoEmbeddings(), epochs=1, logger=False)
     assert named.last_scores["saliency"]["seconds"] >= 0

@@ -322,7 +322,22 @@ class AttributionMonitor(ProbeCallback):
     ) -> None:
         model = self.model(pl_module)
         masks = None if self.probe_mask is None else self.probe_mask.to(x.device)
-        model, x = self._token_inputs(model, x)
+        problem: Exception | None = None
+        try:
+            model, x = self._token_inputs(model, x)
+        except Exception as err:
+            problem = err
+        # agreed before the methods' collectives: a rank that cannot read its probe as tokens skips on every rank
+        agreement = self.agree(trainer, problem is None, problem)
+        if not agreement.ok:
+            if self.strict:
+                raise problem if problem is not None else RuntimeError(agreement.why)
+            self.report_failure(
+                agreement, ("tokens",),
+                lambda why: f"AttributionMonitor skipped epoch {trainer.current_epoch}: its token ids could not be "
+                f"explained ({why}). Training continues.",
+            )  # fmt: skip
+            return
         tokens = self._tokens
         curves: dict[str, dict[str, Tensor]] = {}
         curve_x: dict[str, Tensor] = {}
