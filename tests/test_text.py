@@ -312,3 +312,21 @@ def test_attention_mask_key_marks_the_padding(tmp_path):
     assert "deletion" in mon.last_scores["input_x_gradient"]
     with pytest.raises(ValueError, match="the attention mask has shape"):
         TokenProbe.of(model.net, ids, attention_mask=att[:, :3])
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_token_monitor_under_ddp():
+    """2 gloo processes: metrics reduced identically on both ranks, padding zero on each rank's shard, and a token
+    probe that fails on one rank skips the epoch on both (no hang)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PL_DISABLE_FORK="1")
+    out = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "ddp_tokens.py")], capture_output=True,
+                         text=True, timeout=240, env=env, cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "DDP_TOKENS_OK" in out.stdout
