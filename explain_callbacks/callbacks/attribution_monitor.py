@@ -320,6 +320,14 @@ class AttributionMonitor(ProbeCallback):
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
+        try:
+            self._explain(trainer, pl_module, x, y, target)
+        finally:
+            self._tokens = None  # holds the view of the model and the probe's embeddings: not kept between epochs
+
+    def _explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
+    ) -> None:
         model = self.model(pl_module)
         masks = None if self.probe_mask is None else self.probe_mask.to(x.device)
         problem: Exception | None = None
@@ -353,7 +361,8 @@ class AttributionMonitor(ProbeCallback):
                 continue
             maps, seconds = done
             raw = maps
-            if tokens is not None:  # one score per token, padding zeroed: what metrics, figures and scalars use
+            per_token = tokens is not None and maps.ndim == 3 and maps.shape[:2] == tokens.ids.shape
+            if per_token:  # one score per token, padding zeroed: what metrics, figures and scalars use
                 raw = maps * tokens.valid[..., None].to(maps.dtype)
                 maps = tokens.scores(maps, self.token_reduce).unsqueeze(-1)
             scores = self._log_scalars(pl_module, name, method, maps, seconds)
@@ -410,9 +419,10 @@ class AttributionMonitor(ProbeCallback):
             self.last_scores[name] = scores
             if draw:
                 if self.log_histograms:
-                    values = maps if tokens is None else maps[..., 0][tokens.valid]
+                    values = maps[..., 0][tokens.valid] if tokens is not None and per_token else maps
                     self.log_histogram(trainer, f"maps/values/{name}", values)
-                drawn[name] = maps[: self.max_images].detach().cpu()
+                if tokens is None or per_token:  # maps of another shape (a layer's) have no token picture
+                    drawn[name] = maps[: self.max_images].detach().cpu()
             if not phase_prefix(trainer):  # test maps do not become the reference of the next validation
                 self.previous[name] = maps.cpu()
         if not draw:
@@ -510,7 +520,7 @@ class AttributionMonitor(ProbeCallback):
         scores: dict[str, float] = {"seconds": seconds}
         self.log_scalar(pl_module, f"cost/seconds/{name}", seconds)
         tokens = self._tokens
-        if tokens is None:
+        if tokens is None or maps.shape != (*tokens.ids.shape, 1):
             sp = float(sparseness(maps).mean())
         else:  # over each sample's real tokens: zeros at the padding would read as sparsity
             sp = float(torch.stack([sparseness(m[v][None])[0] for m, v in zip(maps[..., 0], tokens.valid)]).mean())
@@ -529,7 +539,7 @@ class AttributionMonitor(ProbeCallback):
         # probes: drift over the probes both epochs explained
         k = min(0 if prev is None else prev.shape[0], maps.shape[0])
         if prev is not None and k > 0 and prev.shape[1:] == maps.shape[1:] and not phase_prefix(pl_module.trainer):
-            if tokens is None:
+            if tokens is None or maps.shape != (*tokens.ids.shape, 1):
                 drift = float(explanation_drift(prev[:k].to(maps.device), maps[:k]).mean())
             else:  # over each sample's real tokens (ties at the padding would read as agreement)
                 pairs = zip(prev[:k, :, 0].to(maps.device), maps[:k, :, 0], tokens.valid[:k])
