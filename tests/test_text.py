@@ -11,7 +11,7 @@ from torch import nn
 
 from explain_callbacks.attribution import ATTRIBUTIONS, TokenProbe, token_scores
 from explain_callbacks.callbacks import AttributionMonitor
-from explain_callbacks.callbacks.attribution_monitor import token_metric_settings
+from explain_callbacks.callbacks.attribution_monitor import token_method_settings, token_metric_settings
 from explain_callbacks.datasets import KEYWORDS, TEXT_VOCAB, TextKeywordDataModule, make_keyword_text
 from explain_callbacks.metrics import METRICS
 from explain_callbacks.metrics import functional as MF
@@ -80,6 +80,22 @@ def test_top_token_is_the_keyword(trained, method, reduce, least):
     hits = float(kw[torch.arange(len(y)), scores.argmax(1)].float().mean())
     chance = float((1.0 / probe.valid.sum(1).float()).mean())
     assert hits >= least and hits > 2.5 * chance, (hits, chance)
+
+
+def test_occlusion_occludes_whole_tokens_on_token_probes(trained):
+    """Occlusion's default window (4 steps x 1 embedding dim) fits no token: on token probes it occludes one token
+    per window, which finds the keyword (the default window: 41% of the sentences)."""
+    net, ids, y, kw = trained
+    probe = TokenProbe.of(net, ids)
+    occ = ATTRIBUTIONS.build("occlusion")
+    with token_method_settings(occ, 16):
+        assert occ.window == occ.stride == (1, 16) and occ.channels_first is False
+        scores = probe.scores(occ(probe.view, probe.embedded, y))
+    assert occ.window is None and occ.stride is None and occ.channels_first is None  # restored
+    assert float(kw[torch.arange(len(y)), scores.argmax(1)].float().mean()) >= 0.9
+    own = ATTRIBUTIONS.build({"name": "occlusion", "window": (2, 16), "stride": (1, 16)})
+    with token_method_settings(own, 16):  # the user's window is kept
+        assert own.window == (2, 16)
 
 
 def test_deletion_by_token_drops_fastest_when_the_keyword_goes_first(trained):
