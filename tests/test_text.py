@@ -205,6 +205,19 @@ class TwoEmbeddings(nn.Module):
         return self.head((self.tok(ids) + self.seg(torch.zeros_like(ids))).mean(1))
 
 
+class MasksItsPadding(nn.Module):
+    """Averages over the real tokens, found from the ids: a function of more than its embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(V, 8, padding_idx=0)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        keep = (ids != 0).unsqueeze(-1).float()
+        return self.head((self.tok(ids) * keep).sum(1) / keep.sum(1))
+
+
 def _fit(tmp_path, monitor, net=None, epochs=2, logger=True):
     torch.manual_seed(0)
     dm = TextKeywordDataModule(n_samples=240, max_len=T, batch_size=40, seed=0)
@@ -243,6 +256,9 @@ def test_monitor_names_the_embedding_or_says_which_to_name(tmp_path):
     with pytest.warns(UserWarning, match=r"token ids could not be explained \(.*several nn.Embedding layers"):
         _fit(tmp_path, lenient, TwoEmbeddings(), epochs=1, logger=False)
     assert not lenient.last_scores
+    reads_ids = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    with pytest.raises(ValueError, match="reads its token ids beyond the embedding layer"):
+        _fit(tmp_path, reads_ids, MasksItsPadding(), epochs=1, logger=False)
     named = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True, embedding="net.tok")
     _fit(tmp_path, named, TwoEmbeddings(), epochs=1, logger=False)
     assert named.last_scores["saliency"]["seconds"] >= 0

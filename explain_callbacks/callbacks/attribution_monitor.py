@@ -553,8 +553,12 @@ class AttributionMonitor(ProbeCallback):
         if self.attention_mask_key is not None and att is None:
             raise ValueError("attention_mask_key is set but no attention mask was captured with the probe set.")
         att = None if att is None else att[: x.shape[0]].to(x.device)  # under a budget: the first probes
-        self._tokens = TokenProbe.of(model, x, self.embedding, self.pad_id, self.substrate_token, att)
-        return self._tokens.view, self._tokens.embedded
+        tokens = TokenProbe.of(model, x, self.embedding, self.pad_id, self.substrate_token, att)
+        # the view must be the model: one reading its ids beyond the embedding (a padding mask built from them) would
+        # be explained wrongly without a word; two forward passes of the probe say so, with the fix
+        tokens.view.check(x)
+        self._tokens = tokens
+        return tokens.view, tokens.embedded
 
     def _log_scalars(
         self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float
