@@ -6,7 +6,7 @@ from .base import Attributor, make_generator
 from .blackbox import *  # noqa: F403
 from .cam import GradCAM
 from .captum_adapter import CaptumAttributor
-from .embedding import EmbeddingView, find_embedding
+from .embedding import TOKEN_REDUCTIONS, EmbeddingView, TokenProbe, find_embedding, token_scores
 from .gradient import InputXGradient, Saliency, SmoothGrad
 from .lrp import LRP
 from .neuron_region import NeuronRegionIG
@@ -25,11 +25,14 @@ __all__ = [
     "NeuronRegionIG",
     "Saliency",
     "SmoothGrad",
+    "TOKEN_REDUCTIONS",
+    "TokenProbe",
     "build_attributor",
     "find_embedding",
     "make_baseline",
     "make_generator",
     "quadrature",
+    "token_scores",
 ]
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,16 +13,24 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import viz
+from .._internal.batch import InputSpec, take
 from .._internal.config import spec_list, to_plain
 from .._internal.layout import reads_channels_first
 from .._internal.registry import METRICS
-from ..attribution import Attributor, build_attributor
+from ..attribution import TOKEN_REDUCTIONS, Attributor, TokenProbe, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
 from ._logging import global_step, markdown_table, media_loggers, metric_section, phase_prefix
 from .base import ProbeCallback, class_indices, non_default_settings
 
-__all__ = ["AttributionMonitor", "class_labels", "find_class_names"]
+__all__ = [
+    "AttributionMonitor",
+    "class_labels",
+    "find_class_names",
+    "find_vocab",
+    "token_method_settings",
+    "token_metric_settings",
+]
 
 MethodSpec = str | Mapping[str, Any] | Attributor
 
@@ -43,6 +52,85 @@ def find_class_names(trainer: pl.Trainer) -> list[str] | None:
             if isinstance(names, (list, tuple)) and names and all(isinstance(c, (str, int)) for c in names):
                 return [str(c) for c in names]
     return None
+
+
+def find_vocab(trainer: pl.Trainer) -> list[str] | None:
+    """The words of the token ids (id -> word) for the token heatmaps: ``vocab``, ``itos`` or ``id_to_token`` of the
+    data module (a sequence, or a mapping from id to word), else None (ids are written as numbers)."""
+    dm = getattr(trainer, "datamodule", None)
+    for attr in ("vocab", "itos", "id_to_token"):
+        words = getattr(dm, attr, None) if dm is not None else None
+        if isinstance(words, Mapping) and words and all(isinstance(k, int) for k in words):
+            out = [""] * (max(words) + 1)
+            for k, v in words.items():
+                out[k] = str(v)
+            return out
+        if isinstance(words, (list, tuple)) and words:
+            return [str(w) for w in words]
+    return None
+
+
+#: metric settings that name a replacement for removed features ("zeros", "blur", ...)
+_SUBSTRATE_SETTINGS = ("substrate", "deletion_substrate", "insertion_substrate", "baseline")
+
+
+@contextlib.contextmanager
+def token_metric_settings(metric: Any, substrate: Tensor, valid: Tensor | None = None) -> Iterator[Any]:
+    """The settings of ``metric`` for a token probe, inside the block (restored after it).
+
+    On token probes the features of a metric are the tokens, and a removed token is replaced by the substrate
+    token: a substrate or baseline given by name (``"zeros"``, ``"auto"``, ``"blur"``, ``"mean"``, ...: notions of
+    pixels) becomes the substrate token's embedding ``substrate`` (D,) at every removed position (a float or
+    tensor given by the user is kept); ``features="auto"`` becomes ``"pixel"``, a position of the sequence = a
+    token (``"element"``, when set, keeps single embedding dims); ``channels_first=None`` becomes False (the view
+    reads (B, T, D)); ``valid`` (B, T), the real tokens, becomes the ``keep`` of a curve metric that ranks tokens:
+    the padding is never removed nor revealed and each sample's curve runs over its own tokens.
+    """
+    changes: dict[str, Any] = {}
+    for attr in _SUBSTRATE_SETTINGS:
+        if isinstance(getattr(metric, attr, None), str):
+            changes[attr] = substrate
+    if getattr(metric, "features", None) == "auto":
+        changes["features"] = "pixel"
+    if hasattr(metric, "channels_first") and metric.channels_first is None:
+        changes["channels_first"] = False
+    features = changes.get("features", getattr(metric, "features", None))
+    if valid is not None and hasattr(metric, "keep") and features == "pixel":
+        changes["keep"] = valid
+    saved = {k: getattr(metric, k) for k in changes}
+    for k, v in changes.items():
+        setattr(metric, k, v)
+    try:
+        yield metric
+    finally:
+        for k, v in saved.items():
+            setattr(metric, k, v)
+
+
+@contextlib.contextmanager
+def token_method_settings(method: Any, dim: int) -> Iterator[Any]:
+    """The settings of ``method`` for a token probe of embedding size ``dim``, inside the block (restored after it).
+
+    Occlusion with its default window (4 steps x 1 embedding dim on a (B, T, D) input: a window that no token fills;
+    its top token was the planted keyword of the text data set for 41% of the sentences, one-token windows for 96%,
+    ``benchmarks/bench_text.py``) occludes one whole token per window instead: ``window = stride = (1, dim)``,
+    filled with its baseline (zeros: the padding's embedding). A window or stride the user set is kept.
+    """
+    from ..attribution.blackbox.occlusion import Occlusion
+
+    changes: dict[str, Any] = {}
+    if isinstance(method, Occlusion) and method.window is None and method.stride is None:
+        changes = {"window": (1, dim), "stride": (1, dim)}
+        if method.channels_first is None:
+            changes["channels_first"] = False
+    saved = {k: getattr(method, k) for k in changes}
+    for k, v in changes.items():
+        setattr(method, k, v)
+    try:
+        yield method
+    finally:
+        for k, v in saved.items():
+            setattr(method, k, v)
 
 
 def class_labels(y: Tensor) -> Tensor | None:
@@ -78,6 +166,20 @@ class AttributionMonitor(ProbeCallback):
         class_names: names of the classes for the captions; taken from the data module's (or the
             validation dataset's) ``class_names`` / ``classes`` when not given.
         log_images / log_histograms: turn image and histogram logging off (scalars stay).
+        embedding: token models (integer-id probes, explained in the space of their token embeddings through
+            :class:`~explain_callbacks.attribution.EmbeddingView`): the name of the embedding layer; None takes the
+            model's only ``nn.Embedding`` (an error names the candidates when there are several).
+        pad_id: the padding id of token probes: padding gets zero attribution and no metric counts it; None
+            takes the embedding's ``padding_idx`` (no padding when it has none).
+        attention_mask_key: where the attention mask (B, T), nonzero at real tokens, is in a batch (dict key,
+            tuple index or a function of the batch): it marks the padding instead of ``pad_id``, for tokenizers
+            whose padding id is also a real token. Captured with the probe set.
+        substrate_token: the id that perturbation metrics put in place of a removed token (e.g. a ``[MASK]``
+            id); None: the padding id, else the zero vector (see ``docs/text.md``).
+        token_reduce: one score per token from a (B, T, D) map: ``"sum"`` over the embedding dims (signed) or
+            ``"norm"`` (L2 norm, unsigned); heatmaps and metrics use these token scores.
+        vocab: the words of the token ids (id -> word) for the token heatmaps; taken from the data module's
+            ``vocab`` / ``itos`` / ``id_to_token`` when not given.
         **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
             input_key, label_key, mask_key, batch_size, model_attr, strict).
     """
@@ -95,9 +197,23 @@ class AttributionMonitor(ProbeCallback):
         class_names: Sequence[str] | None = None,
         log_images: bool = True,
         log_histograms: bool = True,
+        embedding: str | None = None,
+        pad_id: int | None = None,
+        attention_mask_key: InputSpec = None,
+        substrate_token: int | None = None,
+        token_reduce: str = "sum",
+        vocab: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
+        if token_reduce not in TOKEN_REDUCTIONS:
+            raise ValueError(f"token_reduce must be one of {TOKEN_REDUCTIONS}, got {token_reduce!r}.")
+        self.embedding, self.pad_id, self.substrate_token = embedding, pad_id, substrate_token
+        self.token_reduce = token_reduce
+        self.attention_mask_key = attention_mask_key
+        self.probe_attention: Tensor | None = None  # the probes' attention masks (with attention_mask_key)
+        self.vocab = [str(w) for w in vocab] if vocab is not None else None
+        self._tokens: TokenProbe | None = None  # the token probe of the epoch being explained
         methods = to_plain(methods)
         if isinstance(methods, (str, Mapping)) or not isinstance(methods, Sequence):
             methods = [methods]
@@ -180,15 +296,44 @@ class AttributionMonitor(ProbeCallback):
                 self.feature_names = list(names)
         if self.class_names is None:
             self.class_names = find_class_names(trainer)
+        if self.vocab is None:
+            self.vocab = find_vocab(trainer)
 
     # ------------------------------------------------------------------ state
-    probe_bound_state = ("previous",)  # maps of the probe set: dropped when it is re-captured
+    # maps of the probe set and its attention masks: dropped when it is re-captured
+    probe_bound_state = ("previous", "probe_attention")
 
     def extra_state(self) -> dict[str, Any]:
-        return {"previous": {k: v.cpu() for k, v in self.previous.items()}}
+        return {"previous": {k: v.cpu() for k, v in self.previous.items()}, "probe_attention": self.probe_attention}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.previous = dict(state.get("previous", {}))
+        self.probe_attention = state.get("probe_attention")
+
+    def _add(self, batch: Any) -> None:
+        """Capture probes as the base does, and with ``attention_mask_key`` the attention masks of the rows taken
+        (found by their ids: the base picks rows by label with ``per_class``)."""
+        before = self.probe_size
+        super()._add(batch)
+        if self.attention_mask_key is None or self.probe_size == before:
+            return
+        key = self.attention_mask_key
+        att = key(batch) if callable(key) else take(batch, key)
+        ids = self.adapter.inputs(batch).detach().cpu()
+        if not isinstance(att, Tensor) or tuple(att.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"attention_mask_key={key!r} gave {type(att).__name__} {tuple(getattr(att, 'shape', ()))}, not a "
+                f"(B, T) mask like the token ids {tuple(ids.shape)}; fix attention_mask_key."
+            )
+        att = att.detach().cpu()
+        used: set[int] = set()
+        rows = []
+        for row in self.probe_x[before:]:
+            match = next(i for i in (row == ids).all(1).nonzero().flatten().tolist() if i not in used)
+            used.add(match)
+            rows.append(att[match])
+        new = torch.stack(rows)
+        self.probe_attention = new if self.probe_attention is None else torch.cat([self.probe_attention, new])
 
     def key_fields(self) -> dict[str, Any]:
         # names or plain specs, never an object's repr (it may hold a memory address)
@@ -197,15 +342,44 @@ class AttributionMonitor(ProbeCallback):
 
     def setting_fields(self) -> dict[str, Any]:
         # two monitors of {"name": "ig", "n_steps": 8} and {"name": "ig", "n_steps": 64} are two states
-        settings = non_default_settings(self, method_settings=dict(sorted(self._method_settings.items())) or None)
+        settings = non_default_settings(
+            self, method_settings=dict(sorted(self._method_settings.items())) or None, embedding=self.embedding,
+            pad_id=self.pad_id, substrate_token=self.substrate_token, token_reduce=self.token_reduce,
+            attention_mask_key=self.attention_mask_key if isinstance(self.attention_mask_key, (int, str)) else None,
+        )  # fmt: skip
         return {**super().setting_fields(), **settings}
 
     # ------------------------------------------------------------------ the work
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
+        try:
+            self._explain(trainer, pl_module, x, y, target)
+        finally:
+            self._tokens = None  # holds the view of the model and the probe's embeddings: not kept between epochs
+
+    def _explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
+    ) -> None:
         model = self.model(pl_module)
         masks = None if self.probe_mask is None else self.probe_mask.to(x.device)
+        problem: Exception | None = None
+        try:
+            model, x = self._token_inputs(model, x)
+        except Exception as err:
+            problem = err
+        # agreed before the methods' collectives: a rank that cannot read its probe as tokens skips on every rank
+        agreement = self.agree(trainer, problem is None, problem)
+        if not agreement.ok:
+            if self.strict:
+                raise problem if problem is not None else RuntimeError(agreement.why)
+            self.report_failure(
+                agreement, ("tokens",),
+                lambda why: f"AttributionMonitor skipped epoch {trainer.current_epoch}: its token ids could not be "
+                f"explained ({why}). Training continues.",
+            )  # fmt: skip
+            return
+        tokens = self._tokens
         curves: dict[str, dict[str, Tensor]] = {}
         curve_x: dict[str, Tensor] = {}
         self.last_scores = {}
@@ -213,12 +387,17 @@ class AttributionMonitor(ProbeCallback):
         drawn: dict[str, Tensor] = {}
         for name, method in self.methods.items():
             done = self.run_agreed(
-                trainer, f"method {name!r}", lambda method=method: method(model, x, target),
+                trainer, f"method {name!r}", lambda method=method: self._call_method(method, model, x, target),
                 "produced NaN/Inf attributions (check the model for non-finite gradients)",
             )  # fmt: skip
             if done is None:
                 continue
             maps, seconds = done
+            raw = maps
+            per_token = tokens is not None and maps.ndim == 3 and maps.shape[:2] == tokens.ids.shape
+            if per_token:  # one score per token, padding zeroed: what metrics, figures and scalars use
+                raw = maps * tokens.valid[..., None].to(maps.dtype)
+                maps = tokens.scores(maps, self.token_reduce).unsqueeze(-1)
             scores = self._log_scalars(pl_module, name, method, maps, seconds)
             if self.metric_specs and not self._scorable(maps, x):
                 if name not in self._warned_unscored:
@@ -233,7 +412,7 @@ class AttributionMonitor(ProbeCallback):
                     self._higher[mname] = getattr(metric, "higher_is_better", None)
                     updated, problem = False, "did not apply"
                     try:
-                        updated = self._update_metric(metric, model, x, maps, target, method, masks)
+                        updated = self._update_metric(metric, model, x, maps, target, method, masks, raw)
                     except Exception as err:
                         if self.strict:
                             raise
@@ -273,8 +452,10 @@ class AttributionMonitor(ProbeCallback):
             self.last_scores[name] = scores
             if draw:
                 if self.log_histograms:
-                    self.log_histogram(trainer, f"maps/values/{name}", maps)
-                drawn[name] = maps[: self.max_images].detach().cpu()
+                    values = maps[..., 0][tokens.valid] if tokens is not None and per_token else maps
+                    self.log_histogram(trainer, f"maps/values/{name}", values)
+                if tokens is None or per_token:  # maps of another shape (a layer's) have no token picture
+                    drawn[name] = maps[: self.max_images].detach().cpu()
             if not phase_prefix(trainer):  # test maps do not become the reference of the next validation
                 self.previous[name] = maps.cpu()
         if not draw:
@@ -319,9 +500,13 @@ class AttributionMonitor(ProbeCallback):
 
     def _update_metric(
         self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
-        masks: Tensor | None,
+        masks: Tensor | None, raw: Tensor | None = None,
     ) -> bool:  # fmt: skip
-        """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks)."""
+        """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks).
+
+        Token probes: explanation metrics score the token map (B, T, 1), explainer metrics (which re-run the method
+        and compare) the method's own map ``raw`` with the padding zeroed, both under
+        :func:`token_metric_settings`."""
         if getattr(metric, "needs_masks", False) and masks is None:
             return False
         applies = getattr(metric, "applies_to", None)
@@ -329,18 +514,62 @@ class AttributionMonitor(ProbeCallback):
             return False
         metric.reset()
         kw = {"masks": masks} if masks is not None else {}
-        if getattr(metric, "kind", "explanation") == "explainer":
-            metric.update(model, x, target, method, attributions=maps, **kw)
-        else:
-            metric.update(model, x, maps, target, **kw)
+        tokens = self._tokens
+        settings: Any = contextlib.nullcontext()
+        if tokens is not None:
+            settings = token_metric_settings(metric, tokens.substrate, tokens.valid)
+        if tokens is not None and masks is not None and masks.shape == tokens.valid.shape:
+            masks = masks & tokens.valid  # a ground-truth mask never points at padding
+            kw["masks"] = masks
+        with settings, self._token_method_context(method):  # explainer metrics re-run the method as the monitor did
+            if getattr(metric, "kind", "explanation") == "explainer":
+                metric.update(model, x, target, method, attributions=maps if raw is None else raw, **kw)
+            else:
+                metric.update(model, x, maps, target, **kw)
         return True
+
+    def _token_method_context(self, method: Attributor) -> Any:
+        """:func:`token_method_settings` on token probes, nothing otherwise."""
+        tokens = self._tokens
+        return contextlib.nullcontext() if tokens is None else token_method_settings(method, tokens.embedded.shape[-1])
+
+    def _call_method(self, method: Attributor, model: torch.nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
+        with self._token_method_context(method):
+            return method(model, x, target)
+
+    def _token_inputs(self, model: torch.nn.Module, x: Tensor) -> tuple[torch.nn.Module, Tensor]:
+        """The model and inputs the methods explain: for integer probes (token ids) the model seen as a function
+        of its token embeddings (:class:`~explain_callbacks.attribution.EmbeddingView`) and the embeddings of the
+        probe (kept in ``self._tokens`` with the padding and the substrate token); float inputs as they are."""
+        self._tokens = None
+        if x.is_floating_point() or x.is_complex():
+            return model, x
+        if x.ndim != 2:
+            raise TypeError(
+                f"integer probes are read as token ids (B, T), got shape {tuple(x.shape)}; give (B, T) ids, or float "
+                "inputs."
+            )
+        att = self.probe_attention
+        if self.attention_mask_key is not None and att is None:
+            raise ValueError("attention_mask_key is set but no attention mask was captured with the probe set.")
+        att = None if att is None else att[: x.shape[0]].to(x.device)  # under a budget: the first probes
+        tokens = TokenProbe.of(model, x, self.embedding, self.pad_id, self.substrate_token, att)
+        # the view must be the model: one reading its ids beyond the embedding (a padding mask built from them) would
+        # be explained wrongly without a word; two forward passes of the probe say so, with the fix
+        tokens.view.check(x)
+        self._tokens = tokens
+        return tokens.view, tokens.embedded
 
     def _log_scalars(
         self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float
     ) -> dict[str, float]:
         scores: dict[str, float] = {"seconds": seconds}
         self.log_scalar(pl_module, f"cost/seconds/{name}", seconds)
-        sp = float(sparseness(maps).mean())
+        tokens = self._tokens
+        if tokens is None or maps.shape != (*tokens.ids.shape, 1):
+            sp = float(sparseness(maps).mean())
+        else:  # over each sample's real tokens: zeros at the padding would read as sparsity
+            sp = float(torch.stack([sparseness(m[v][None])[0] for m, v in zip(maps[..., 0], tokens.valid)]).mean())
         scores["sparseness"] = sp
         self.log_scalar(pl_module, f"maps/sparseness/{name}", sp)
         info = getattr(method, "last_info", {}) or {}
@@ -356,7 +585,11 @@ class AttributionMonitor(ProbeCallback):
         # probes: drift over the probes both epochs explained
         k = min(0 if prev is None else prev.shape[0], maps.shape[0])
         if prev is not None and k > 0 and prev.shape[1:] == maps.shape[1:] and not phase_prefix(pl_module.trainer):
-            drift = float(explanation_drift(prev[:k].to(maps.device), maps[:k]).mean())
+            if tokens is None or maps.shape != (*tokens.ids.shape, 1):
+                drift = float(explanation_drift(prev[:k].to(maps.device), maps[:k]).mean())
+            else:  # over each sample's real tokens (ties at the padding would read as agreement)
+                pairs = zip(prev[:k, :, 0].to(maps.device), maps[:k, :, 0], tokens.valid[:k])
+                drift = float(torch.stack([explanation_drift(p[v][None], m[v][None])[0] for p, m, v in pairs]).mean())
             scores["drift"] = drift
             self.log_scalar(pl_module, f"maps/drift/{name}", drift)
         return scores
@@ -371,6 +604,20 @@ class AttributionMonitor(ProbeCallback):
         signed = {k: bool((m < 0).any()) for k, m in drawn.items()}
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
         title = f"attributions · {when} · step {global_step(trainer)}"
+        if self._tokens is not None:  # token heatmaps: the words on coloured backgrounds, and as Markdown
+            ids, valid = self._tokens.ids[:n].cpu(), self._tokens.valid[:n].cpu()
+            words = [[self._word(int(t)) for t in row[keep]] for row, keep in zip(ids, valid)]
+            scores = {}
+            for k, m in drawn.items():  # each sample's real tokens first, in order (padding may sit anywhere)
+                s = torch.zeros(n, ids.shape[1])
+                for i in range(n):
+                    real = m[i, :, 0][valid[i]]
+                    s[i, : real.numel()] = real
+                scores[k] = s
+            fig = viz.token_figure(words, scores, signed, captions, wrong, title=title)
+            self.log_image(trainer, "maps/attributions", fig)
+            self.log_text(trainer, "maps/tokens", viz.token_markdown(words, scores, captions))
+            return
         xs = x[:n].detach().float().cpu()
         if x.ndim == 4 and all(m.ndim == 4 for m in drawn.values()):
             maps = {k: viz.map_to_2d(m) for k, m in drawn.items()}
@@ -420,6 +667,10 @@ class AttributionMonitor(ProbeCallback):
             captions.append(f"{truth}pred {self._class_name(pred)} ({prob:.2f})")
             wrong.append(labels is not None and int(labels[i]) != pred)
         return captions, wrong
+
+    def _word(self, token_id: int) -> str:
+        vocab = self.vocab
+        return vocab[token_id] if vocab is not None and 0 <= token_id < len(vocab) else str(token_id)
 
     def _class_name(self, k: int) -> str:
         names = self.class_names

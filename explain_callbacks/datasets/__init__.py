@@ -19,6 +19,7 @@ from .tabular_images import (
     load_digits_tensors,
     split_indices,
 )
+from .text import KEYWORDS, TEXT_VOCAB, TextKeywordDataModule, make_keyword_text
 
 __all__ = [
     "SHAPES",
@@ -32,6 +33,10 @@ __all__ = [
     "ShapesDataModule",
     "SignalDataModule",
     "TensorDataModule",
+    "TextKeywordDataModule",
+    "KEYWORDS",
+    "TEXT_VOCAB",
+    "make_keyword_text",
     "corner_masks",
     "load_breast_cancer_tensors",
     "load_digits_tensors",

@@ -75,11 +75,14 @@ class Deletion(_CurveMetric):
         self.substrate, self.n_steps, self.step = substrate, n_steps, step
         self.features, self.output, self.blur_sigma = features, output, blur_sigma
         self.ties, self.seed, self.channels_first = ties, seed, channels_first
+        #: (B, n) features that take part (None: all), for the next update: the real tokens of a padded text (set
+        #: by the AttributionMonitor on token probes; see ``perturbation_curve``'s ``keep``)
+        self.keep: Tensor | None = None
 
     def _kw(self) -> dict[str, Any]:
         return dict(substrate=self.substrate, n_steps=self.n_steps, step=self.step, features=self.features,
                     output=self.output, blur_sigma=self.blur_sigma, batch_size=self.batch_size, ties=self.ties,
-                    seed=self.seed, channels_first=self.channels_first)  # fmt: skip
+                    seed=self.seed, channels_first=self.channels_first, keep=self.keep)  # fmt: skip
 
     def _scores(
         self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor | None, masks: Tensor | None
@@ -136,6 +139,7 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
         self.deletion_substrate, self.insertion_substrate = deletion_substrate, insertion_substrate
         self.n_steps, self.step, self.features, self.output = n_steps, step, features, output
         self.blur_sigma, self.ties, self.seed = blur_sigma, ties, seed
+        self.keep: Tensor | None = None  # as Deletion.keep
         self.curves: dict[str, Tensor] = {}
         self.curve_x: Tensor | None = None
         for key in ("deletion", "insertion"):
@@ -157,7 +161,7 @@ class InsertionDeletion(CurveStates, ExplanationMetric):
     ) -> Tensor:
         kw = dict(n_steps=self.n_steps, step=self.step, features=self.features, output=self.output,
                   blur_sigma=self.blur_sigma, batch_size=self.batch_size, return_curve=True, ties=self.ties,
-                  seed=self.seed, channels_first=self.channels_first)  # fmt: skip
+                  seed=self.seed, channels_first=self.channels_first, keep=self.keep)  # fmt: skip
         d, dc, xs = deletion_fn(model, inputs, attributions, target, substrate=self.deletion_substrate, **kw)
         i, ic, _ = insertion_fn(model, inputs, attributions, target, substrate=self.insertion_substrate, **kw)
         self._add_curve_states("deletion", dc)

@@ -2,5 +2,6 @@
 
 from .lit import LitClassifier
 from .nets import MLP, SmallCNN
+from .text import TokenTransformer
 
-__all__ = ["MLP", "LitClassifier", "SmallCNN"]
+__all__ = ["MLP", "LitClassifier", "SmallCNN", "TokenTransformer"]

@@ -23,6 +23,8 @@ from .figures import (
     sequence_figure,
     tabular_figure,
     tiles_figure,
+    token_figure,
+    token_markdown,
 )
 from .images import class_colors, make_grid, map_to_2d, matrix_image, overlay, to_rgb, upscale
 
@@ -52,5 +54,7 @@ __all__ = [
     "tabular_figure",
     "tiles_figure",
     "to_rgb",
+    "token_figure",
+    "token_markdown",
     "upscale",
 ]

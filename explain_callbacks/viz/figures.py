@@ -45,6 +45,8 @@ __all__ = [
     "sequence_figure",
     "tabular_figure",
     "tiles_figure",
+    "token_figure",
+    "token_markdown",
 ]
 
 DIVERGING = "RdBu_r"  # signed maps: blue negative, white zero, red positive
@@ -434,6 +436,145 @@ def sequence_figure(
     if title:
         fig.suptitle(title, y=1 - 0.12 / height, va="top")
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+TOKEN_SEQUENTIAL = "Reds"  # unsigned token scores: white (none) to red (most); text stays readable on it
+_CHAR_INCHES = 0.6 * 8 / 72  # width of one character of the 8 pt monospace font
+
+
+def _token_rgba(values: Tensor, lo: float, hi: float, signed: bool) -> np.ndarray:
+    """Token scores (T,) to background colours (T, 4) on the method's shared range."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    cmap = colormaps[DIVERGING if signed else TOKEN_SEQUENTIAL]
+    return cmap(Normalize(vmin=lo, vmax=hi, clip=True)(values.detach().float().cpu().numpy()))
+
+
+@_styled
+def token_figure(
+    tokens: Sequence[Sequence[str]],
+    scores: Mapping[str, Tensor],
+    signed: Mapping[str, bool] | None = None,
+    captions: Sequence[str] | None = None,
+    wrong: Sequence[bool] | None = None,
+    title: str | None = None,
+    width: float = 8.0,
+) -> Any:
+    """Token heatmaps as text: for each sample its caption, then one line of its tokens per method, each token on a
+    background coloured by its score (lines wrap at ``width`` inches).
+
+    Args:
+        tokens: per sample, the words of its real tokens (padding left out), in order.
+        scores: ``{method: (N, T)}`` token scores; sample i uses its first ``len(tokens[i])`` scores.
+        signed: per method, whether its scores are signed (default: any value < 0): signed scores on a diverging
+            colormap centred at zero (blue negative, white zero, red positive), unsigned ones from white to red.
+        captions / wrong: per sample, the caption (true class, prediction, score) and whether the prediction is
+            wrong (caption in red).
+        title: the figure's title.
+
+    Each method's tokens share one colour scale over every sample (see the module docstring), drawn as one colour
+    bar per method under the text. Without matplotlib: a (3, H, W) image, one row of coloured cells per sample and
+    method (no words).
+    """
+    names = list(scores)
+    signed = dict(signed or {}) | {k: bool((v < 0).any()) for k, v in scores.items() if k not in (signed or {})}
+    n = len(tokens)
+    scales = {}
+    for k in names:  # the method's range over the real tokens only
+        real = [scores[k][i, : len(tokens[i])] for i in range(n)]
+        scales[k] = map_scale(torch.cat(real) if real else scores[k].flatten(), signed[k])
+    if not has_matplotlib():
+        length = max((len(t) for t in tokens), default=1) or 1
+        rows = []
+        for i in range(n):
+            for k in names:
+                lo, hi = scales[k]
+                m = torch.full((1, 1, length), float("nan"))
+                m[0, 0, : len(tokens[i])] = scores[k][i, : len(tokens[i])].detach().float().cpu()
+                rows.append(_colorize_range(m.nan_to_num(0.0), lo, hi, signed[k])[0])
+        return make_grid(upscale(torch.stack(rows), 16), nrow=1)
+    label_w = max((len(k) for k in names), default=4) * _CHAR_INCHES + 0.25
+    left, right, line_h, gap = 0.15, 0.15, 0.24, 0.12
+    text_w = width - left - right - label_w
+    # lay the words out first: (sample, method) -> lines of (x offset, word, score)
+    layout: list[list[tuple[str, list[list[tuple[float, str, float]]]]]] = []
+    n_lines = 0
+    for i in range(n):
+        per_method = []
+        for k in names:
+            lines: list[list[tuple[float, str, float]]] = [[]]
+            xoff = 0.0
+            for t, word in enumerate(tokens[i]):
+                w = (len(word) + 1) * _CHAR_INCHES + 0.04
+                if xoff + w > text_w and lines[-1]:
+                    lines.append([])
+                    xoff = 0.0
+                lines[-1].append((xoff, word, float(scores[k][i, t])))
+                xoff += w
+            per_method.append((k, lines))
+            n_lines += len(lines)
+        layout.append(per_method)
+    top = 0.45 if title else 0.15
+    cbar_h = 0.8
+    height = top + n * (line_h + gap) + n_lines * line_h + cbar_h
+    fig = _figure(width, height, constrained=False)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)  # inches from the top
+    ax.set_axis_off()
+    y = top
+    for i, per_method in enumerate(layout):
+        y += gap
+        if captions is not None:
+            ax.text(left, y + line_h / 2, captions[i], va="center", fontsize=7, fontweight="bold",
+                    color="#c0392b" if wrong is not None and wrong[i] else "black")  # fmt: skip
+        y += line_h
+        for k, lines in per_method:
+            lo, hi = scales[k]
+            ax.text(left, y + line_h / 2, k, va="center", fontsize=7, color="#555555")
+            for line in lines:
+                values = torch.tensor([v for _, _, v in line])
+                colours = _token_rgba(values, lo, hi, signed[k]) if line else []
+                for (xoff, word, _), rgba in zip(line, colours):
+                    dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+                    ax.text(left + label_w + xoff, y + line_h / 2, word, va="center", ha="left", family="monospace",
+                            fontsize=8, color="white" if dark else "black",
+                            bbox={"facecolor": rgba, "edgecolor": "none", "pad": 1.2})  # fmt: skip
+                y += line_h
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar_w = min(2.2, (width - left - right) / max(len(names), 1) - 0.3)
+    for j, k in enumerate(names):
+        lo, hi = scales[k]
+        sm = ScalarMappable(Normalize(lo, hi), DIVERGING if signed[k] else TOKEN_SEQUENTIAL)
+        x0 = left + j * (bar_w + 0.3)
+        cax = fig.add_axes([x0 / width, 0.45 / height, bar_w / width, 0.1 / height])
+        _colorbar(fig, sm, [], f"{k}: " + ("signed (0 = white)" if signed[k] else "unsigned (≥ 0)"), cax=cax)
+    if title:
+        fig.suptitle(title, y=1 - 0.12 / height, va="top")
+    return fig
+
+
+def token_markdown(
+    tokens: Sequence[Sequence[str]], scores: Mapping[str, Tensor], captions: Sequence[str] | None = None, top: int = 3
+) -> str:
+    """Token heatmaps as Markdown (TensorBoard's text tab shows no colours): per sample its caption, then per method
+    the sentence with each token's score as a subscript-like ``word·+0.42`` and the ``top`` highest-scoring tokens
+    in bold."""
+    out = []
+    for i, words in enumerate(tokens):
+        out.append(f"**{i}: {captions[i]}**" if captions is not None else f"**sample {i}**")
+        out.append("")
+        for k, s in scores.items():
+            vals = [float(v) for v in s[i, : len(words)]]
+            best = set(sorted(range(len(vals)), key=lambda t: -vals[t])[:top])
+            parts = [(f"**{w}**" if t in best else w) + f"`{vals[t]:+.2g}`" for t, w in enumerate(words)]
+            out.append(f"- {k}: " + " ".join(parts))
+        out.append("")
+    return "\n".join(out).strip() + "\n"
 
 
 def _rows(maps: Tensor, max_rows: int) -> Tensor:
