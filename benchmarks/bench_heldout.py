@@ -1,9 +1,10 @@
 """Held-out-style benchmark: every attribution method and metric of the registry that applies to a small
 ResNet, a tabular MLP, an LSTM and a small transformer (``heldout_models.py``), as
 
-- ours / bare: ours against a replay of the very rows it sent to the model, in calls of the user's
-  batch size (``--batch-size``, default: the probe batch), forward + input-gradient backward for the
-  rows it sent with grad, forward only for the others;
+- ours / bare: ours (at ``batch_size="auto"``, what a user gets; ``--ours-batch-size``) against a replay
+  of the very rows it sent to the model, in calls of the user's batch (``--batch-size``, default: the
+  probe batch), forward + input-gradient backward for the rows it sent with grad, forward only for the
+  others (CPU time of the process on a CPU: a shared machine's other jobs are not counted);
 - ours / Captum: against the fastest of several Captum settings (``internal_batch_size``,
   ``perturbations_per_eval``, ``nt_samples_batch_size``), values compared (max abs difference, relative to
   the largest |value|);
@@ -15,7 +16,7 @@ alternates), with the min-max over the pairs; 1 torch thread unless ``--threads`
 against issue 22's targets: gradient/path <= 1.05x the best of Captum and of the bare loop; metric <=
 1.05x bare and faster than Quantus; black-box <= 1.3x bare (<= 1.1x on the CNN).
 
-    python benchmarks/bench_heldout.py --quick                 # a few minutes
+    python benchmarks/bench_heldout.py --quick                 # smaller settings, 8 rows (about 25 min on 2 busy cores)
     python benchmarks/bench_heldout.py --models resnet --device cuda
 
 Writes ``benchmarks/results/bench_heldout[_quick][_<device>].md`` and prints it.
@@ -170,7 +171,9 @@ def quiet(fn: Callable[[], Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- method cases
-def method_cases(name: str, model: nn.Module, x: Tensor, y: Tensor, bs: int, quick: bool) -> list[dict[str, Any]]:
+def method_cases(
+    name: str, model: nn.Module, x: Tensor, y: Tensor, bs: int, quick: bool, ours_bs: int | str
+) -> list[dict[str, Any]]:
     """(label, kind, ours, Captum settings) for each registered method that applies to the model."""
     import captum.attr as ca
 
@@ -182,7 +185,7 @@ def method_cases(name: str, model: nn.Module, x: Tensor, y: Tensor, bs: int, qui
 
     def add(label: str, kind: str, spec: str, captum: dict[str, Callable[[], Tensor]] | None = None,
             compare: bool = True, **kw: Any) -> None:  # fmt: skip
-        cases.append({"label": label, "kind": kind, "method": ATTRIBUTIONS.build(spec, batch_size=bs, **kw),
+        cases.append({"label": label, "kind": kind, "method": ATTRIBUTIONS.build(spec, batch_size=ours_bs, **kw),
                       "captum": captum or {}, "compare": compare})  # fmt: skip
 
     ibs = {"internal_batch_size=B": bs, "internal_batch_size=256": 256, "one call": n_ig * x.shape[0]}
@@ -235,7 +238,7 @@ def method_cases(name: str, model: nn.Module, x: Tensor, y: Tensor, bs: int, qui
 
 
 # ----------------------------------------------------------------------------- metric cases
-def metric_cases(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, sal: Any, bs: int, quick: bool,
+def metric_cases(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, sal: Any, bs: int | str, quick: bool,
                  masks: Tensor | None) -> list[dict[str, Any]]:  # fmt: skip
     """(label, ours, Quantus call giving comparable values) for each metric that applies."""
     import quantus
@@ -362,7 +365,8 @@ def rel_diff(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float | None:
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     model, x, y = build(name, n=args.batch, device=device)
-    bs = args.batch if args.batch_size == "batch" else int(args.batch_size)
+    bs = args.batch if args.batch_size == "batch" else int(args.batch_size)  # the bare passes' rows per call
+    ours_bs: int | str = args.ours_batch_size if args.ours_batch_size == "auto" else int(args.ours_batch_size)
     masks = None
     if name == "resnet":
         from explain_callbacks.datasets.shapes import make_shapes
@@ -373,7 +377,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
     only = set(args.only.split(",")) if args.only else None
     with model_guard(model):
         if "methods" in args.sections:
-            for case in method_cases(name, model, x, y, bs, args.quick):
+            for case in method_cases(name, model, x, y, bs, args.quick, ours_bs):
                 if only and not any(o in case["label"] for o in only):
                     continue
                 row = {"model": name, "what": case["label"], "kind": case["kind"]}
@@ -411,9 +415,9 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 rows.append(row)
                 print(f"  {name} {case['label']}: bare {summary(r_bare)} captum {summary(r_cap)}", file=sys.stderr)
         if "metrics" in args.sections:
-            sal = ATTRIBUTIONS.build("saliency", batch_size=bs)
+            sal = ATTRIBUTIONS.build("saliency", batch_size=ours_bs)
             a = sal(model, x, y).detach()
-            for case in metric_cases(model, x, y, a, sal, bs, args.quick, masks):
+            for case in metric_cases(model, x, y, a, sal, ours_bs, args.quick, masks):
                 if only and not any(o in case["label"] for o in only):
                     continue
                 row = {"model": name, "what": case["label"], "kind": "metric", "note": case["note"]}
@@ -470,6 +474,11 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated substrings of the rows to run")
     p.add_argument("--batch", type=int, default=32, help="probe rows")
     p.add_argument("--batch-size", default="batch", help="the user's rows per call: 'batch' (the probe) or an int")
+    p.add_argument(
+        "--ours-batch-size",
+        default="auto",
+        help="our methods' and metrics' batch_size: 'auto' (the default a user gets) or an int",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -508,10 +517,12 @@ def main() -> None:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    user_bs = args.batch if args.batch_size == "batch" else args.batch_size
     dev = f"CUDA {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "CPU"
     header = (f"Device: {dev}; CPU {cpu} ({torch.get_num_threads()} torch threads, {__import__('os').cpu_count()} "
               f"logical cores); torch {torch.__version__}, captum {captum.__version__}, quantus {quantus.__version__}; "
-              f"probe {args.batch} rows, user batch size {args.batch_size}, {args.repeats} interleaved pairs per "
+              f"probe {args.batch} rows, bare passes in calls of the user's batch, {user_bs} rows; "
+              f"ours at batch_size={args.ours_batch_size!r}, {args.repeats} interleaved pairs per "
               f"ratio (median, min–max){', quick settings' if args.quick else ''}; values equal when the max "
               f"relative difference <= {args.tol:g}; clock: "
               f"{'process CPU time' if CLOCK is time.process_time else 'wall time'}.")  # fmt: skip
