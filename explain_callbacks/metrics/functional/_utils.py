@@ -23,6 +23,7 @@ __all__ = [
     "FEATURES",
     "OUTPUTS",
     "RunDraws",
+    "ScoreRows",
     "Substrate",
     "Target",
     "broadcast_map",
@@ -40,6 +41,7 @@ __all__ = [
     "prepare_target",
     "rank_features",
     "row_blocks",
+    "score_outputs",
     "scores_chunked",
     "steps_last",
     "transposed_sequence",
@@ -276,12 +278,73 @@ def output_scores(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
     with torch.no_grad():
-        out = read_scores(model(rows))  # a tuple/dict output: the error naming output_key
-        if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
-            out = out.softmax(1)
-        elif output == "sigmoid":
-            out = out.sigmoid()
-        return select_output(out, target).detach()
+        return score_outputs(read_scores(model(rows)), target, output)  # tuple/dict output: the error naming output_key
+
+
+def score_outputs(out: Tensor, target: Tensor | None, output: str) -> Tensor:
+    """:func:`output_scores` of model outputs ``out`` already computed (each row scored on its own)."""
+    if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
+        out = out.softmax(1)
+    elif output == "sigmoid":
+        out = out.sigmoid()
+    return select_output(out, target).detach()
+
+
+class ScoreRows:
+    """Scores (float64, (N,)) of N rows whose model outputs arrive call by call, in row order.
+
+    Scoring one call's output takes a handful of small tensor operations (softmax, gather, cast, copy
+    into the result): on a cheap model as many as the model's own. Outputs are therefore kept and
+    scored together, one set of operations for up to :attr:`CAP` output elements (then scored and
+    dropped, so memory stays bounded for many rows or many classes). Outputs with more than two dims
+    (segmentation maps, summed after gathering) are scored call by call.
+    """
+
+    CAP = 1 << 22  # output elements held before they are scored (16 MiB of float32)
+
+    def __init__(self, n_rows: int, target: Tensor | None, output: str, device: torch.device) -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        self.scores = torch.empty(n_rows, dtype=torch.float64, device=device)
+        self.target, self.output = target, output
+        self._pending: list[Tensor] = []
+        self._start = self._next = self._elements = 0
+
+    def add(self, out: Tensor, held: Tensor | None = None) -> None:
+        """The raw output (after ``read_scores``) of the next ``out.shape[0]`` rows. ``held``: a buffer the
+        caller refills for its next call; an output sharing its memory (a model returning a view of its
+        input) is copied before it is kept."""
+        out = out.detach()
+        n = out.shape[0]
+        if out.ndim > 2:
+            self._flush()
+            self._score(out, self._next, n)
+            self._start = self._next = self._next + n
+            return
+        if held is not None and out.untyped_storage().data_ptr() == held.untyped_storage().data_ptr():
+            out = out.clone()
+        self._pending.append(out)
+        self._next += n
+        self._elements += out.numel()
+        if self._elements >= self.CAP:
+            self._flush()
+
+    def result(self) -> Tensor:
+        """The scores of every row added (all N rows must have been added)."""
+        self._flush()
+        if self._next != self.scores.shape[0]:
+            raise RuntimeError(f"ScoreRows got {self._next} rows, expected {self.scores.shape[0]}.")
+        return self.scores
+
+    def _score(self, out: Tensor, start: int, n: int) -> None:
+        tgt = None if self.target is None else self.target[start : start + n]
+        self.scores[start : start + n] = score_outputs(out, tgt, self.output)
+
+    def _flush(self) -> None:
+        if self._pending:
+            out = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+            self._score(out, self._start, out.shape[0])
+        self._pending, self._start, self._elements = [], self._next, 0
 
 
 def row_blocks(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple[slice, slice]]:
@@ -333,16 +396,17 @@ def flat_call_scores(
     ``x[samples]`` into ``out``, in run order; one buffer of ``batch_size`` rows is reused."""
     b = x.shape[0]
     tgt = None if target is None else target.repeat(n_runs)
-    scores = torch.empty(n_runs * b, dtype=torch.float64, device=x.device)
+    scores = ScoreRows(n_runs * b, tgt, output, x.device)
     buf: Tensor | None = None
-    for call, pieces in flat_calls(n_runs, b, batch_size):
-        n = call.stop - call.start
-        if buf is None:
-            buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        for run, samples, at in pieces:
-            fill(run, samples, buf[at])
-        scores[call] = output_scores(model, buf[:n], None if tgt is None else tgt[call], output).double()
-    return scores
+    with torch.no_grad():
+        for call, pieces in flat_calls(n_runs, b, batch_size):
+            n = call.stop - call.start
+            if buf is None:
+                buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            for run, samples, at in pieces:
+                fill(run, samples, buf[at])
+            scores.add(read_scores(model(buf[:n])), held=buf)  # the outputs scored together (ScoreRows)
+    return scores.result()
 
 
 def check_masks(masks: Tensor, inputs: Tensor) -> Tensor:
@@ -416,8 +480,8 @@ def scores_chunked(
     model: nn.Module, x: Tensor, target: Tensor | None, output: str = "probability", batch_size: BatchSize = "auto"
 ) -> Tensor:
     """:func:`output_scores` of every row of ``x`` (float64, (N,)), at most ``batch_size`` rows per call."""
-    parts = [
-        output_scores(model, x[sl], None if target is None else target[sl], output).double()
-        for sl in chunks(x.shape[0], batch_size)
-    ]
-    return torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float64)
+    scores = ScoreRows(x.shape[0], target, output, x.device)
+    with torch.no_grad():
+        for sl in chunks(x.shape[0], batch_size):
+            scores.add(read_scores(model(x[sl])))
+    return scores.result()

@@ -25,9 +25,11 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.layout import StepsLast
 from ..._internal.ops import pearson, spearman
+from ..._internal.outputs import read_scores
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
 from ._utils import (
+    ScoreRows,
     Substrate,
     Target,
     expand_feature_mask,
@@ -246,15 +248,17 @@ def mufidelity(
         raise ValueError(f"µ-fidelity correlates over subsets: it needs at least 2 (n_subsets), got {r_total}.")
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
     fx = output_scores(model, x, target, output).double()
-    drops = torch.empty(r_total, b, dtype=torch.float64, device=x.device)
     sums = torch.empty(r_total, b, dtype=torch.float64, device=x.device)
     rel = rel.double()
-    for rs, bs in row_blocks(r_total, b, batch_size):
-        m = masks[rs, bs]
-        rows = torch.where(expand_feature_mask(m, x.shape, fmode), base[bs].unsqueeze(0), x[bs].unsqueeze(0))
-        nr, nb = m.shape[0], m.shape[1]
-        tgt = None if target is None else target[bs].repeat(nr)
-        drops[rs, bs] = fx[bs].unsqueeze(0) - output_scores(model, rows.flatten(0, 1), tgt, output).view(nr, nb)
-        sums[rs, bs] = torch.where(m, rel[bs].unsqueeze(0), 0.0).sum(-1)
+    # the blocks' rows, concatenated, are the (subset, sample) rows in run-major order: their outputs are
+    # scored together at the end (ScoreRows), as the per-subset drops f(x) - f(x with the subset removed)
+    scores = ScoreRows(r_total * b, None if target is None else target.repeat(r_total), output, x.device)
+    with torch.no_grad():
+        for rs, bs in row_blocks(r_total, b, batch_size):
+            m = masks[rs, bs]
+            rows = torch.where(expand_feature_mask(m, x.shape, fmode), base[bs].unsqueeze(0), x[bs].unsqueeze(0))
+            scores.add(read_scores(model(rows.flatten(0, 1))))
+            sums[rs, bs] = torch.where(m, rel[bs].unsqueeze(0), 0.0).sum(-1)
+    drops = fx.unsqueeze(0) - scores.result().view(r_total, b)
     corr = pearson if correlation == "pearson" else spearman
     return corr(sums.T, drops.T)
