@@ -2,17 +2,13 @@
 canonizer, same maps to 1e-5 on a VGG-like net and a BatchNorm net.
 
 Zennit imports torchvision's ResNet blocks when it is imported; torchvision is not a dependency here,
-so a stub ``torchvision.models.resnet`` is put into ``sys.modules`` for the import and removed after.
+so a stub ``torchvision.models.resnet`` is put into ``sys.modules`` for the import (tests/references.py).
 Install with ``pip install --no-deps zennit`` (its metadata pulls torchvision and CUDA wheels).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.machinery
-import sys
-import types
 
 import pytest
 import torch
@@ -20,29 +16,9 @@ from torch import nn
 
 from explain_callbacks.attribution import LRP
 
+from .references import import_zennit
 
-def _import_zennit():
-    if importlib.util.find_spec("zennit") is None:
-        return None
-    stubbed = []
-    if importlib.util.find_spec("torchvision") is None:
-        for name in ("torchvision", "torchvision.models", "torchvision.models.resnet"):
-            mod = types.ModuleType(name)
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            mod.__path__ = []
-            sys.modules[name] = mod
-            stubbed.append(name)
-        resnet = sys.modules["torchvision.models.resnet"]
-        resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})
-        resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
-    try:
-        return importlib.import_module("zennit")
-    finally:
-        for name in stubbed:  # later tests see torchvision as absent again
-            sys.modules.pop(name, None)
-
-
-zennit = _import_zennit()
+zennit = import_zennit()
 pytestmark = pytest.mark.skipif(zennit is None, reason="zennit not installed (pip install --no-deps zennit)")
 
 

@@ -15,7 +15,10 @@ from torch import nn
 
 from explain_callbacks.metrics import functional as MF
 
-quantus = pytest.importorskip("quantus")
+from .references import import_quantus
+
+quantus = import_quantus()
+pytestmark = pytest.mark.skipif(quantus is None, reason="quantus not installed (the dev extra)")
 
 TOL = 1e-5
 
