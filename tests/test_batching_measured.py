@@ -178,3 +178,26 @@ def test_a_failing_measurement_falls_back_to_the_rule():
 def test_auto_rows_rejects_unknown_settings():
     with pytest.raises(TypeError, match="unknown settings"), auto_rows(mesure=False):
         pass
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_path_methods_make_calls_of_exactly_the_chunk(create_graph):
+    """IG's n_steps x B points and EG's draws go in calls of exactly ``batch_size`` rows (a call may end one
+    step and start the next), not in whole steps: 3 samples x 5 steps in calls of 4 rows are 4, 4, 4, 3
+    (whole steps would make five calls of 3). The map is the one of a single call."""
+    from explain_callbacks.attribution import ExpectedGradients
+    from tests.test_blackbox_core import CountingModel
+
+    torch.manual_seed(0)
+    model = CountingModel(nn.Sequential(nn.Linear(6, 16), nn.Softplus(), nn.Linear(16, 3)))
+    x, y, ref = torch.randn(3, 6), torch.tensor([0, 2, 1]), torch.randn(7, 6)
+    for make in (
+        lambda bs: IntegratedGradients(n_steps=5, completeness=False, batch_size=bs),
+        lambda bs: ExpectedGradients(reference=ref, n_samples=5, batch_size=bs),
+    ):
+        whole = make(None)(model, x, y, create_graph=create_graph)
+        model.calls.clear()
+        cut = make(4)(model, x, y, create_graph=create_graph)
+        assert model.calls == [4, 4, 4, 3]
+        torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-6)
+        assert cut.requires_grad == create_graph

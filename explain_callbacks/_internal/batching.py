@@ -40,6 +40,7 @@ __all__ = [
     "PASS_KINDS",
     "AutoRows",
     "BatchSize",
+    "Piece",
     "RowsChoice",
     "RowsPerCall",
     "activation_elements",
@@ -48,6 +49,7 @@ __all__ = [
     "check_batch_size",
     "choose_rows",
     "chunks",
+    "flat_calls",
     "forward_selected",
     "forget_rows",
     "grad_selected",
@@ -74,6 +76,10 @@ AUTO_ROWS_MIN, AUTO_ROWS_MAX = 8, 256
 _activation_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int | None]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+#: a piece of a model call: (run, its samples, its rows within the call)
+Piece = tuple[int, slice, slice]
 
 
 def check_batch_size(batch_size: BatchSize) -> BatchSize:
@@ -219,7 +225,8 @@ class AutoRows:
             timed calls; the environment variable ``EXPLAIN_CALLBACKS_AUTO_ROWS=rule`` sets it at import).
         clock: the timer (seconds); tests inject one that counts what the model did.
         repeats: timed calls per candidate; the fastest counts (the first also warms the size up).
-        budget_s: no further candidate is timed once the timed calls took this long in all.
+        budget_s: a candidate is timed only while the timed calls so far plus its likely cost (at the
+            best rate so far) stay within this many seconds (the first candidate is always timed).
         tolerance: the search goes on past a candidate while it is at most this much slower per row
             than the best so far (timings on a busy machine are noisy).
         rows_max: the largest candidate.
@@ -231,7 +238,7 @@ class AutoRows:
     measure: bool = os.environ.get("EXPLAIN_CALLBACKS_AUTO_ROWS", "measure") != "rule"
     clock: Callable[[], float] = time.perf_counter
     repeats: int = 2
-    budget_s: float = 2.0
+    budget_s: float = 3.0
     tolerance: float = 0.05
     rows_max: int = 1024
     elements_max: int = 1 << 27
@@ -383,7 +390,8 @@ def _measure(model: nn.Module, inputs: Tensor, kind: str, start: int, upper: int
         """Time ``sizes`` in order while each is within tolerance of the best; True if one was better."""
         improved = False
         for r in sizes:
-            if spent >= cfg.budget_s:
+            # its likely cost at the best rate so far: a candidate that would overrun the budget is not timed
+            if spent + min(per_row.values()) * r * max(1, cfg.repeats) > cfg.budget_s:
                 break
             t = time_rows(r)
             best = min(per_row.values())
@@ -657,6 +665,25 @@ def grad_selected(
     if return_outputs:
         return g, torch.cat(outs)
     return g
+
+
+def flat_calls(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple[slice, list[Piece]]]:
+    """Model calls over the ``n_runs * batch`` rows of perturbed copies in run-major order (row k is run
+    k // batch of sample k % batch), ``batch_size`` rows per call whatever the run boundaries (every
+    call as large as the chunk, not a whole number of runs). Yields, per call, its rows and its pieces
+    ``(run, samples, rows within the call)``: a call holds the end of one run and the start of the next.
+    """
+    n_rows = n_runs * batch
+    per_call = min(rows(batch_size) or n_rows, n_rows)
+    for start in range(0, n_rows, per_call):
+        stop = min(start + per_call, n_rows)
+        pieces, k = [], start
+        while k < stop:
+            r, s = divmod(k, batch)
+            e = min(stop, (r + 1) * batch)
+            pieces.append((r, slice(s, s + e - k), slice(k - start, e - start)))
+            k = e
+        yield slice(start, stop), pieces
 
 
 def map_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: BatchSize) -> Tensor:
