@@ -329,10 +329,10 @@ def main() -> None:
     for name, net, shape in configs:
         net.eval()
         x = torch.randn(512, *shape)
-        auto = resolve_batch_size("auto", net, x)
         acts = activation_elements(net, x[:1])
         for grad in (False, True):
             fixed = [per_row_ms(net, x, r, grad, args.repeats) for r in SIZES]
+            auto = resolve_batch_size("auto", net, x, kind="grad" if grad else "forward")  # measured per kind
             t_auto = per_row_ms(net, x, auto, grad, args.repeats)
             best = min(fixed)
             cells = " | ".join(f"**{t:.3f}**" if t == best else f"{t:.3f}" for t in fixed)

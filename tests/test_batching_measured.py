@@ -93,6 +93,11 @@ def test_budget_and_tolerance_bound_the_search():
     with auto_rows(clock=clock, budget_s=1e9, rows_max=1024):
         choice = choose_rows("auto", model, x, kind="forward")
         assert [r for r, _ in choice.timings] == [256, 512, 1024] and choice.rows == 1024
+    # within the tolerance (5 %) the larger call wins: 512 rows 3 % slower per row than 256, 1024 20 % slower
+    model.cost = lambda n: n / 1024 * {256: 1.0, 512: 1.03}.get(n, 1.2)
+    with auto_rows(clock=clock, budget_s=1e9, rows_max=1024):
+        choice = choose_rows("auto", model, x, kind="forward")
+        assert [r for r, _ in choice.timings] == [256, 512, 1024, 128] and choice.rows == 512  # 128: no new best
     # the memory bound: candidates stop where the activation elements per call would exceed it
     with auto_rows(clock=clock, budget_s=1e9, elements_max=300 * 40):  # 6 + 16 + 16 + 3 = 41 elements per row
         choice = choose_rows("auto", model, x, kind="forward")

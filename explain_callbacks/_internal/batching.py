@@ -224,11 +224,13 @@ class AutoRows:
         measure: time candidate rows per call (True) or take the activation-count rule as is (False: no
             timed calls; the environment variable ``EXPLAIN_CALLBACKS_AUTO_ROWS=rule`` sets it at import).
         clock: the timer (seconds); tests inject one that counts what the model did.
-        repeats: timed calls per candidate; the fastest counts (the first also warms the size up).
+        repeats: timed calls per candidate; the fastest counts (the first also warms the size up; one
+            untimed call precedes them all).
         budget_s: a candidate is timed only while the timed calls so far plus its likely cost (at the
             best rate so far) stay within this many seconds (the first candidate is always timed).
         tolerance: the search goes on past a candidate while it is at most this much slower per row
-            than the best so far (timings on a busy machine are noisy).
+            than the best so far, and the largest candidate within it of the fastest is kept (timings on
+            a busy machine are noisy; fewer calls cost less outside the model).
         rows_max: the largest candidate.
         elements_max: the memory bound: activation elements per call (the leaf modules' outputs, times
             2 for forward+backward, 4 for double backward) no candidate exceeds; 2**27 float32 elements
@@ -408,13 +410,19 @@ def _measure(model: nn.Module, inputs: Tensor, kind: str, start: int, upper: int
             torch.random.fork_rng(devices=cuda),
         ):
             x0 = x0.clone()  # a normal tensor (inference-mode inputs cannot enter a graph)
+            # one untimed call first: the first pass of a kind pays one-time costs (allocator, kernel
+            # setup), measured here at 1.5-2.5x a later call of the same size
+            _one_pass(model, x0[: up[0]] if x0.shape[0] >= up[0] else x0, kind)
             time_rows(up[0])
             if not walk(up[1:]):
                 walk(down)
     finally:
         for m, mode in modes:
             m.training = mode
-    rows_ = min(per_row, key=lambda r: (per_row[r], -r))
+    # the largest candidate within the tolerance of the fastest: on a busy machine the per-row times of
+    # neighbours differ by noise, and fewer, larger calls cost less outside the model
+    best = min(per_row.values())
+    rows_ = max(r for r, t in per_row.items() if t <= best * (1 + cfg.tolerance))
     return RowsChoice(rows_, "measured", kind, tuple(per_row.items()))
 
 

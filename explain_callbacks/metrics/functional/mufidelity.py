@@ -32,12 +32,12 @@ from ._utils import (
     Target,
     expand_feature_mask,
     feature_relevance,
+    flat_call_scores,
     is_layout_substrate,
     make_substrate,
     output_scores,
     prepare_target,
     resize_nearest,
-    row_blocks,
     steps_last,
     transposed_sequence,
     validate,
@@ -246,15 +246,16 @@ def mufidelity(
         raise ValueError(f"µ-fidelity correlates over subsets: it needs at least 2 (n_subsets), got {r_total}.")
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
     fx = output_scores(model, x, target, output).double()
-    drops = torch.empty(r_total, b, dtype=torch.float64, device=x.device)
     sums = torch.empty(r_total, b, dtype=torch.float64, device=x.device)
     rel = rel.double()
-    for rs, bs in row_blocks(r_total, b, batch_size):
-        m = masks[rs, bs]
-        rows = torch.where(expand_feature_mask(m, x.shape, fmode), base[bs].unsqueeze(0), x[bs].unsqueeze(0))
-        nr, nb = m.shape[0], m.shape[1]
-        tgt = None if target is None else target[bs].repeat(nr)
-        drops[rs, bs] = fx[bs].unsqueeze(0) - output_scores(model, rows.flatten(0, 1), tgt, output).view(nr, nb)
-        sums[rs, bs] = torch.where(m, rel[bs].unsqueeze(0), 0.0).sum(-1)
+
+    def fill(run: int, sm: slice, out: Tensor) -> None:
+        m = masks[run, sm]
+        torch.where(expand_feature_mask(m, x.shape, fmode), base[sm], x[sm], out=out)
+        sums[run, sm] = torch.where(m, rel[sm], 0.0).sum(-1)
+
+    # the r_total x B perturbed rows in calls of exactly batch_size rows (a call may span two subsets)
+    scores = flat_call_scores(model, x, target, r_total, output, batch_size, fill)
+    drops = fx.unsqueeze(0) - scores.view(r_total, b)
     corr = pearson if correlation == "pearson" else spearman
     return corr(sums.T, drops.T)
