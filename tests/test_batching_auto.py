@@ -73,6 +73,7 @@ def test_probe_leaves_the_model_exactly_as_found():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@auto_rows(measure=True)
 def test_probe_forks_the_rng_of_a_noisy_forward():
     class Noisy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,8 @@ def test_scripted_and_traced_models_are_probed_without_hooks():
         training = [m.training for m in model.modules()]
         with auto_rows(measure=False):
             assert resolve_batch_size("auto", model, x) == AUTO_ROWS_MAX  # 3 + 4 elements per row
-        assert resolve_batch_size("auto", model, x, kind="grad") >= AUTO_ROWS_MIN  # measured, modes restored
+        with auto_rows(measure=True):
+            assert resolve_batch_size("auto", model, x, kind="grad") >= AUTO_ROWS_MIN  # measured, modes restored
         assert Saliency()(model, x, y).shape == x.shape
         assert [m.training for m in model.modules()] == training
         with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):

@@ -1,6 +1,7 @@
 """``batch_size="auto"`` chosen by measurement: candidates timed with the model's own passes (an injected
 clock makes the timings exact here), the fastest kept and cached per model, row shape, dtype, device and
-kind of pass, shown in ``repr``; the model left as found; the user's int still wins."""
+kind of pass, shown in ``repr``; the model left as found; the user's int still wins. (The rest of the suite
+runs with the measurement off: tests/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_the_fastest_candidate_is_kept_cached_and_shown():
     clock = FakeClock()
     model = Timed(clock, per_row_cost(64))
     x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         sal = Saliency()
         sal(model, x, y)
         choice = sal.rows_choice
@@ -85,25 +86,27 @@ def test_budget_and_tolerance_bound_the_search():
     model = Timed(clock, per_row_cost(8))
     x = torch.randn(3, 6)
     # one timed call of the rule's 256 rows costs 0.256 * 2 s: the budget stops after it
-    with auto_rows(clock=clock, budget_s=0.1, repeats=1):
+    with auto_rows(measure=True, clock=clock, budget_s=0.1, repeats=1):
         choice = choose_rows("auto", model, x, kind="forward")
         assert choice.rows == AUTO_ROWS_MAX and [r for r, _ in choice.timings] == [256]
     # a flat cost within the tolerance: the search climbs to rows_max and keeps the largest of equals
     model.cost = lambda n: n / 1024  # exact in binary: equal per-row times compare equal
-    with auto_rows(clock=clock, budget_s=1e9, rows_max=1024):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024):
         choice = choose_rows("auto", model, x, kind="forward")
         assert [r for r, _ in choice.timings] == [256, 512, 1024] and choice.rows == 1024
     # within the tolerance (5 %) the larger call wins: 512 rows 3 % slower per row than 256, 1024 20 % slower
     model.cost = lambda n: n / 1024 * {256: 1.0, 512: 1.03}.get(n, 1.2)
-    with auto_rows(clock=clock, budget_s=1e9, rows_max=1024):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024):
         choice = choose_rows("auto", model, x, kind="forward")
         assert [r for r, _ in choice.timings] == [256, 512, 1024, 128] and choice.rows == 512  # 128: no new best
     # the memory bound: candidates stop where the activation elements per call would exceed it
-    with auto_rows(clock=clock, budget_s=1e9, elements_max=300 * 40):  # 6 + 16 + 16 + 3 = 41 elements per row
+    # 6 + 16 + 16 + 3 = 41 activation elements per row
+    with auto_rows(measure=True, clock=clock, budget_s=1e9, elements_max=300 * 40):
         choice = choose_rows("auto", model, x, kind="forward")
         assert max(r for r, _ in choice.timings) <= 300 and choice.rows <= 300
 
 
+@auto_rows(measure=True)
 def test_measurement_leaves_the_model_exactly_as_found():
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -144,30 +147,31 @@ def test_every_family_measures_its_own_kind_of_pass():
         choice = choose_rows("auto", model, x, kind=kind)
         return not model.calls and choice.how == "measured" and choice.rows == 32
 
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         IntegratedGradients(n_steps=4)(model, x, y)
         assert cached("grad") and not cached("double")
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         IntegratedGradients(n_steps=4)(model, x, y, create_graph=True)
         assert cached("double") and not cached("forward")
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         IntegratedHessians(n_steps=2)(model, x, y)
         assert cached("double") and not cached("grad")
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         Occlusion(window=2)(model, x, y)
         assert cached("forward") and not cached("grad")
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         CDInteraction()(model, x, y)
         assert cached("forward")
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         deletion(model, x, torch.randn(4, 6), y)
         assert cached("forward")
-    with auto_rows(clock=clock, budget_s=1e9):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9):
         metric = Deletion()
         metric.update(model, x, torch.randn(4, 6), y)
         assert cached("forward") and "batch_size=auto -> 32 rows/call (forward measured" in repr(metric)
 
 
+@auto_rows(measure=True)
 def test_a_failing_measurement_falls_back_to_the_rule():
     """A model whose output cannot be read without output_key: the timed pass fails, the rule's choice
     stands and says why, and the method raises the model's own error as before."""
