@@ -6,10 +6,10 @@ a few candidate rows-per-call are timed with the model's own passes and the fast
 within :attr:`AutoRows.tolerance` of it; cached per model; :func:`choose_rows`, :class:`AutoRows`). The
 candidates start from an activation-count rule, the choice without measurement: on the CPU as many rows
 as fit :data:`CPU_ELEMENTS_PER_CALL` activation elements (what the model's leaf modules output for one
-row, measured once per model and row shape),
-between :data:`AUTO_ROWS_MIN` and :data:`AUTO_ROWS_MAX`; on other devices :data:`AUTO_ROWS_MAX`. From
-there they double (and, when doubling does not help, halve) within the memory bound
-(:attr:`AutoRows.elements_max` activation elements per call, :attr:`AutoRows.rows_max` rows). Why
+row, measured once per model and row shape), between :data:`AUTO_ROWS_MIN` and :data:`AUTO_ROWS_MAX`;
+on other devices :data:`AUTO_ROWS_MAX`. From there they double (and, when doubling does not help,
+halve) within the memory bound (:attr:`AutoRows.elements_max` activation elements per call,
+:attr:`AutoRows.rows_max` rows). Why
 measure: the fastest call size depends on the model and the machine. Measured here (2 threads, Xeon
 with 2 MiB L2 per core): a 3x64x64 input through a width-64 CNN costs 2.2 ms per row in calls of 8
 rows and 5.8 ms in calls of 256, while the 8x8 digits CNN is fastest at 256 rows per call; a rule fitted
