@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# batch_size="auto" by the activation rule alone (no timed calls): each test's fresh model would otherwise be
+# measured (up to 3 s each), and call counts stay deterministic; tests/test_batching_measured.py measures
+os.environ.setdefault("EXPLAIN_CALLBACKS_AUTO_ROWS", "rule")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 torch.set_num_threads(1)  # tiny models: threads cost more than they give on 2 cores
 

@@ -1,4 +1,5 @@
-"""``batch_size="auto"``: rows per model call chosen from the model's activation size on the CPU."""
+"""``batch_size="auto"``: rows per model call measured on the model's own passes, from the candidates
+of an activation-count rule (the rule alone with measurement off)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from explain_callbacks._internal.batching import (
     AUTO_ROWS_MIN,
     CPU_ELEMENTS_PER_CALL,
     activation_elements,
+    auto_rows,
     check_batch_size,
     resolve_batch_size,
 )
@@ -33,6 +35,7 @@ def test_activation_elements_counts_leaf_outputs():
     assert activation_elements(net, torch.rand(1, 3, 16, 16)) == 4 * 8 * 16 * 16 + 8 + 8 + 10
 
 
+@auto_rows(measure=False)
 def test_auto_rows_follow_activation_size_within_bounds():
     small, big = wide_cnn(4), wide_cnn(64)
     x_small, x_big = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 64, 64)
@@ -70,6 +73,7 @@ def test_probe_leaves_the_model_exactly_as_found():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@auto_rows(measure=True)
 def test_probe_forks_the_rng_of_a_noisy_forward():
     class Noisy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +81,12 @@ def test_probe_forks_the_rng_of_a_noisy_forward():
 
     x = torch.rand(2, 4)
     rng = torch.get_rng_state()
-    assert resolve_batch_size("auto", Noisy(), x) == AUTO_ROWS_MAX
+    for kind in ("forward", "grad", "double"):  # the probe and the timed calls of every kind
+        assert resolve_batch_size("auto", Noisy(), x, kind=kind) >= AUTO_ROWS_MIN
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@auto_rows(measure=False)
 def test_methods_and_metrics_chunk_by_the_resolved_rows_and_agree_with_ints():
     torch.manual_seed(0)
     net = Counting(wide_cnn(64).eval())
@@ -92,7 +98,7 @@ def test_methods_and_metrics_chunk_by_the_resolved_rows_and_agree_with_ints():
     a = ig(net, x, y)
     assert ig.batch_size == rows  # inside (and after) a call the attribute reads as the resolved int
     assert max(net.calls) <= rows and sum(net.calls) == 3 * 16  # the probe (output width) ran in resolve_batch_size
-    assert "batch_size='auto'" in repr(ig)
+    assert f"batch_size=auto -> {rows} rows/call (activation rule, measurement off)" in repr(ig)
     ref = IntegratedGradients(n_steps=16, completeness=False, batch_size=256)(net, x, y)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
     sal = Saliency()(net, x, y)
@@ -104,6 +110,7 @@ def test_methods_and_metrics_chunk_by_the_resolved_rows_and_agree_with_ints():
     torch.testing.assert_close(mu, mufidelity(net, x, sal, y, n_subsets=20, subset_size=30, batch_size=7))
 
 
+@auto_rows(measure=False)
 def test_interaction_methods_resolve_too():
     torch.manual_seed(0)
     net = Counting(nn.Sequential(nn.Linear(6, 32), nn.Softplus(), nn.Linear(32, 1)))
@@ -182,7 +189,10 @@ def test_scripted_and_traced_models_are_probed_without_hooks():
     net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     for model in (torch.jit.script(net.train()), torch.jit.trace(net.eval(), x)):
         training = [m.training for m in model.modules()]
-        assert resolve_batch_size("auto", model, x) == AUTO_ROWS_MAX  # 3 + 4 elements per row
+        with auto_rows(measure=False):
+            assert resolve_batch_size("auto", model, x) == AUTO_ROWS_MAX  # 3 + 4 elements per row
+        with auto_rows(measure=True):
+            assert resolve_batch_size("auto", model, x, kind="grad") >= AUTO_ROWS_MIN  # measured, modes restored
         assert Saliency()(model, x, y).shape == x.shape
         assert [m.training for m in model.modules()] == training
         with pytest.raises(ValueError, match=r"lie in \[0, 2\]"):

@@ -1,22 +1,32 @@
 """Chunked model calls: memory bounded by ``batch_size`` rows, not by n_steps x batch.
 
-``batch_size="auto"`` (the default everywhere) picks the rows per call from the model: on the GPU
-:data:`AUTO_ROWS_MAX` rows; on the CPU as many rows as fit :data:`CPU_ELEMENTS_PER_CALL` activation
-elements (what the model's leaf modules output for one row, measured once per model and row shape),
-between :data:`AUTO_ROWS_MIN` and :data:`AUTO_ROWS_MAX`. Why: on the CPU a call's activations
-should stay near the caches. Measured here (2 threads, Xeon with 2 MiB L2 per core, README "Chunk
-size"): a 3×64×64 input through a width-64 CNN (1.5 M activation elements per row) costs 2.2 ms per
-row in calls of 8 rows and 5.8 ms in calls of 256, while the 8×8 digits CNN (6 k per row) is fastest
-at 256 rows per call.
+``batch_size="auto"`` (the default everywhere) chooses the rows per call by measurement: on the first
+use per model, row shape, dtype, device and kind of pass (forward, forward+backward, double backward),
+a few candidate rows-per-call are timed with the model's own passes and the fastest is kept (the largest
+within :attr:`AutoRows.tolerance` of it; cached per model; :func:`choose_rows`, :class:`AutoRows`). The
+candidates start from an activation-count rule, the choice without measurement: on the CPU as many rows
+as fit :data:`CPU_ELEMENTS_PER_CALL` activation elements (what the model's leaf modules output for one
+row, measured once per model and row shape), between :data:`AUTO_ROWS_MIN` and :data:`AUTO_ROWS_MAX`;
+on other devices :data:`AUTO_ROWS_MAX`. From there they double (and, when doubling does not help,
+halve) within the memory bound (:attr:`AutoRows.elements_max` activation elements per call,
+:attr:`AutoRows.rows_max` rows). Why
+measure: the fastest call size depends on the model and the machine. Measured here (2 threads, Xeon
+with 2 MiB L2 per core): a 3x64x64 input through a width-64 CNN costs 2.2 ms per row in calls of 8
+rows and 5.8 ms in calls of 256, while the 8x8 digits CNN is fastest at 256 rows per call; a rule fitted
+to these models mis-sizes others (a small ResNet was reported faster in larger calls than the rule's 16-24
+rows on one machine, and flat between 10 and 160 rows on this one), so ``"auto"`` asks the model itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import numbers
+import os
+import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +35,27 @@ from .checks import not_differentiable, require_graph
 from .outputs import model_errors, read_scores
 
 __all__ = [
+    "AUTO_ROWS",
     "AUTO_ROWS_MAX",
     "AUTO_ROWS_MIN",
     "CPU_ELEMENTS_PER_CALL",
+    "PASS_KINDS",
+    "AutoRows",
     "BatchSize",
+    "Piece",
+    "RowsChoice",
     "RowsPerCall",
     "activation_elements",
+    "auto_rows",
     "call_facts",
     "check_batch_size",
+    "choose_rows",
     "chunks",
+    "flat_calls",
     "forward_selected",
+    "forget_rows",
     "grad_selected",
+    "known_rows",
     "map_chunks",
     "model_facts",
     "output_width",
@@ -58,6 +78,10 @@ AUTO_ROWS_MIN, AUTO_ROWS_MAX = 8, 256
 _activation_cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int | None]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+#: a piece of a model call: (run, its samples, its rows within the call)
+Piece = tuple[int, slice, slice]
 
 
 def check_batch_size(batch_size: BatchSize) -> BatchSize:
@@ -134,18 +158,25 @@ def activation_elements(model: nn.Module, row: Tensor) -> int:
     return _probe(model, row)[0]
 
 
+def _model_key(model: nn.Module, inputs: Tensor) -> tuple:
+    """What a cached fact of ``model`` depends on: the identity of every submodule, the shape, dtype and
+    device of every parameter (a replaced head is a new module with new shapes; ``.to()`` changes the
+    last two), and the row shape, dtype and device of ``inputs``."""
+    return (
+        tuple(map(id, model.modules())),
+        tuple((tuple(p.shape), p.dtype, p.device) for p in model.parameters()),
+        tuple(inputs.shape[1:]),
+        inputs.dtype,
+        inputs.device,
+    )
+
+
 def model_facts(model: nn.Module, inputs: Tensor, *, refresh: bool = False) -> tuple[int, int | None]:
     """:func:`_probe` of ``inputs[:1]``, cached per model, module structure (the identity of every
     submodule and the shape of every parameter: a replaced head is a new module with new shapes) and row
     shape, dtype and device: one probe forward per model and input kind, not one per call. ``refresh``
     probes again (a freed module's id can be reused by its replacement)."""
-    key = (
-        tuple(map(id, model.modules())),
-        tuple(tuple(p.shape) for p in model.parameters()),
-        tuple(inputs.shape[1:]),
-        inputs.dtype,
-        inputs.device,
-    )
+    key = _model_key(model, inputs)
     per_model = _activation_cache.setdefault(model, {})
     if refresh or key not in per_model:
         if len(per_model) > 64:  # structures of the past (heads replaced again and again): start afresh
@@ -166,34 +197,304 @@ def output_width(model: Callable[[Tensor], object], inputs: Tensor, *, refresh: 
 
 
 def _auto_probes(model: object, inputs: Tensor) -> bool:
-    """Whether ``"auto"`` rows come from the model's probe (a CPU module and a non-empty batch)."""
-    return (
-        isinstance(inputs, Tensor)
-        and inputs.ndim > 0
-        and inputs.shape[0] > 0
-        and inputs.device.type == "cpu"
-        and isinstance(model, nn.Module)
+    """Whether ``"auto"`` rows come from the model (an ``nn.Module`` and a non-empty tensor batch)."""
+    return isinstance(inputs, Tensor) and inputs.ndim > 0 and inputs.shape[0] > 0 and isinstance(model, nn.Module)
+
+
+def _rule_rows(inputs: Tensor, facts: tuple[int, int | None]) -> int:
+    """The activation-count rule: the rows per call without measurement (see the module docstring)."""
+    if inputs.device.type != "cpu":
+        return AUTO_ROWS_MAX
+    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // facts[0])))
+
+
+#: the kinds of pass a call makes, each measured on its own: ``"forward"`` (no grad: black-box methods,
+#: metrics), ``"grad"`` (a forward and the input-gradient backward: gradient and path methods),
+#: ``"double"`` (a backward with ``create_graph`` differentiated again: penalties, Hessians).
+PASS_KINDS = ("forward", "grad", "double")
+# activations held per row, relative to a forward: a backward keeps the forward's and adds its own
+_KIND_MEMORY = {"forward": 1, "grad": 2, "double": 4}
+_KIND_WORDS = {"forward": "forward", "grad": "forward+backward", "double": "double backward"}
+
+
+@dataclasses.dataclass
+class AutoRows:
+    """How ``batch_size="auto"`` measures (one module-level instance, :data:`AUTO_ROWS`; change it with
+    :func:`auto_rows`).
+
+    Attributes:
+        measure: time candidate rows per call (True) or take the activation-count rule as is (False: no
+            timed calls; the environment variable ``EXPLAIN_CALLBACKS_AUTO_ROWS=rule`` sets it at import).
+        clock: the timer (seconds); tests inject one that counts what the model did.
+        repeats: timed calls per candidate; the fastest counts (the first also warms the size up; one
+            untimed call precedes them all).
+        budget_s: a candidate is timed only while the timed calls so far plus its likely cost (at the
+            best rate so far) stay within this many seconds (the first candidate is always timed).
+        tolerance: the search goes on past a candidate while it is at most this much slower per row
+            than the best so far, and the largest candidate within it of the fastest is kept (timings on
+            a busy machine are noisy; fewer calls cost less outside the model).
+        rows_max: the largest candidate.
+        elements_max: the memory bound: activation elements per call (the leaf modules' outputs, times
+            2 for forward+backward, 4 for double backward) no candidate exceeds; 2**27 float32 elements
+            are 512 MiB. On a GPU also at most a quarter of the free memory.
+    """
+
+    measure: bool = os.environ.get("EXPLAIN_CALLBACKS_AUTO_ROWS", "measure") != "rule"
+    clock: Callable[[], float] = time.perf_counter
+    repeats: int = 2
+    budget_s: float = 3.0
+    tolerance: float = 0.05
+    rows_max: int = 1024
+    elements_max: int = 1 << 27
+
+
+#: the settings of ``batch_size="auto"`` (see :class:`AutoRows`).
+AUTO_ROWS = AutoRows()
+
+
+@contextlib.contextmanager
+def auto_rows(**settings: Any) -> Iterator[AutoRows]:
+    """Within the block, ``batch_size="auto"`` runs with the :class:`AutoRows` fields given (e.g.
+    ``auto_rows(measure=False)`` for the rule alone, ``auto_rows(clock=fake)`` in tests); choices made
+    before or inside the block are forgotten on entry and exit, so each side measures afresh."""
+    unknown = set(settings) - {f.name for f in dataclasses.fields(AutoRows)}
+    if unknown:
+        raise TypeError(f"auto_rows() got unknown settings {sorted(unknown)}; see AutoRows.")
+    before = dataclasses.replace(AUTO_ROWS)
+    forget_rows()
+    for k, v in settings.items():
+        setattr(AUTO_ROWS, k, v)
+    try:
+        yield AUTO_ROWS
+    finally:
+        for f in dataclasses.fields(AutoRows):
+            setattr(AUTO_ROWS, f.name, getattr(before, f.name))
+        forget_rows()
+
+
+def forget_rows() -> None:
+    """Forget every measured rows-per-call choice (the next ``"auto"`` call measures again)."""
+    for per_model in list(_activation_cache.values()):
+        for key in [k for k in per_model if k[0] == "rows"]:
+            del per_model[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsChoice:
+    """Rows per call and why: ``how`` is ``"fixed"`` (an int or None given), ``"measured"``, ``"rule"``
+    (measurement off, a single candidate, or it failed: ``reason``) or ``"default"`` (not an
+    ``nn.Module``: :data:`AUTO_ROWS_MAX`); ``timings`` holds (rows, seconds per row) per candidate timed."""
+
+    rows: int | None
+    how: str
+    kind: str = "forward"
+    timings: tuple[tuple[int, float], ...] = ()
+    reason: str = ""
+
+    def describe(self) -> str:
+        """E.g. ``"auto -> 128 rows/call (forward+backward measured: 64: 3.1 ms/row, 128: 2.4 ms/row)"``."""
+        if self.how == "fixed":
+            return repr(self.rows)
+        head = f"auto -> {self.rows} rows/call"
+        if self.how == "measured":
+            cells = ", ".join(f"{r}: {_ms(t)}/row" for r, t in sorted(self.timings))
+            return f"{head} ({_KIND_WORDS[self.kind]} measured: {cells})"
+        return f"{head} ({self.reason})" if self.reason else head
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g} ms" if ms >= 0.01 else f"{seconds * 1e6:.3g} us"
+
+
+def _candidates(start: int, upper: int) -> tuple[list[int], list[int]]:
+    """(``start`` and its doublings up to ``upper``, its halvings down to :data:`AUTO_ROWS_MIN`)."""
+    up, r = [], min(start, upper)
+    while r <= upper:
+        up.append(r)
+        r *= 2
+    down, r = [], up[0] // 2
+    while r >= AUTO_ROWS_MIN:
+        down.append(r)
+        r //= 2
+    return up, down
+
+
+def _upper_rows(facts: tuple[int, int | None], inputs: Tensor, kind: str) -> int:
+    """The largest candidate: :attr:`AutoRows.rows_max` within the memory bound."""
+    per_row = facts[0] * _KIND_MEMORY[kind]
+    budget = AUTO_ROWS.elements_max
+    if inputs.device.type == "cuda":
+        with contextlib.suppress(Exception):  # free memory unknown: the element bound alone
+            free, _total = torch.cuda.mem_get_info(inputs.device)
+            budget = min(budget, free // (4 * inputs.element_size()))
+    return int(max(1, min(AUTO_ROWS.rows_max, budget // max(per_row, 1))))
+
+
+def _one_pass(model: nn.Module, x: Tensor, kind: str) -> None:
+    """One call of the kind measured: a forward without grad; a forward and the input-gradient backward;
+    or that backward with ``create_graph`` differentiated again. Gradients only w.r.t. ``x``."""
+    if kind == "forward":
+        with torch.no_grad():
+            model(x)
+        return
+    x = x.detach().requires_grad_(True)
+    with twice_differentiable(kind == "double"):
+        y = read_scores(model(x))
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=kind == "double", allow_unused=True)
+        if g is None:
+            raise not_differentiable()
+        if kind == "double" and g.requires_grad:
+            torch.autograd.grad(g.square().sum(), x, allow_unused=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(model: nn.Module, inputs: Tensor, kind: str, start: int, upper: int) -> RowsChoice:
+    """Time candidate rows per call for ``model`` on rows like ``inputs`` (the batch repeated to the
+    candidate's size), from ``start`` up while larger calls are not slower (then down from ``start``
+    when doubling did not help), within :attr:`AutoRows.budget_s`; keep the fastest per row.
+
+    The model is left as found: every module in eval mode for the timed calls (no BatchNorm statistics
+    move, no dropout) and restored module by module; gradients w.r.t. the input only (``.grad`` of the
+    parameters untouched); the global CPU (and the input's CUDA) RNG forked; grad enabled and inference
+    mode off inside, whatever the caller's context."""
+    cfg = AUTO_ROWS
+    up, down = _candidates(start, upper)
+    x0 = inputs.detach()
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = (
+        [inputs.device.index if inputs.device.index is not None else torch.cuda.current_device()]
+        if inputs.device.type == "cuda"
+        else []
     )
+    per_row: dict[int, float] = {}
+    spent = 0.0
+
+    def time_rows(r: int) -> float:
+        nonlocal spent
+        reps = -(-r // x0.shape[0])
+        x = (x0.repeat(reps, *([1] * (x0.ndim - 1))) if reps > 1 else x0)[:r].clone()
+        best = float("inf")
+        for _ in range(max(1, cfg.repeats)):
+            _sync(x.device)
+            t = cfg.clock()
+            _one_pass(model, x, kind)
+            _sync(x.device)
+            dt = max(cfg.clock() - t, 0.0)
+            spent += dt
+            best = min(best, dt / r)
+        per_row[r] = best
+        return best
+
+    def walk(sizes: list[int]) -> bool:
+        """Time ``sizes`` in order while each is within tolerance of the best; True if one was better."""
+        improved = False
+        for r in sizes:
+            # its likely cost at the best rate so far: a candidate that would overrun the budget is not timed
+            if spent + min(per_row.values()) * r * max(1, cfg.repeats) > cfg.budget_s:
+                break
+            t = time_rows(r)
+            best = min(per_row.values())
+            improved |= t == best
+            if t > best * (1 + cfg.tolerance):
+                break
+        return improved
+
+    try:
+        model.eval()
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.random.fork_rng(devices=cuda),
+        ):
+            x0 = x0.clone()  # a normal tensor (inference-mode inputs cannot enter a graph)
+            # one untimed call first: the first pass of a kind pays one-time costs (allocator, kernel
+            # setup), measured here at 1.5-2.5x a later call of the same size
+            _one_pass(model, x0[: up[0]] if x0.shape[0] >= up[0] else x0, kind)
+            time_rows(up[0])
+            if not walk(up[1:]):
+                walk(down)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    # the largest candidate within the tolerance of the fastest: on a busy machine the per-row times of
+    # neighbours differ by noise, and fewer, larger calls cost less outside the model
+    best = min(per_row.values())
+    rows_ = max(r for r, t in per_row.items() if t <= best * (1 + cfg.tolerance))
+    return RowsChoice(rows_, "measured", kind, tuple(per_row.items()))
+
+
+def choose_rows(
+    batch_size: BatchSize,
+    model: object,
+    inputs: Tensor,
+    facts: tuple[int, int | None] | None = None,
+    kind: str = "forward",
+) -> RowsChoice:
+    """The rows per call for ``inputs`` (B, ...) through ``model`` and why: ints and None as given;
+    ``"auto"`` measured on the first use per model, structure, row shape, dtype, device and ``kind``
+    of pass (:data:`PASS_KINDS`), then cached on the model (weakly: a freed model frees its entry).
+    ``facts``: :func:`model_facts` of this model and input when the caller has them already
+    (:func:`call_facts`)."""
+    check_batch_size(batch_size)
+    if kind not in PASS_KINDS:
+        raise ValueError(f"kind must be one of {PASS_KINDS}, got {kind!r}.")
+    if batch_size != "auto":
+        return RowsChoice(batch_size, "fixed", kind)  # type: ignore[arg-type]
+    if not _auto_probes(model, inputs):  # the caller's input checks name a bad input
+        return RowsChoice(AUTO_ROWS_MAX, "default", kind, reason="not an nn.Module: the default")
+    try:
+        key = ("rows", kind, *_model_key(model, inputs))  # type: ignore[arg-type]
+        per_model = _activation_cache.setdefault(model, {})  # type: ignore[arg-type]
+        if key in per_model:
+            return per_model[key]
+        if facts is None:
+            facts = model_facts(model, inputs)  # type: ignore[arg-type]
+    except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
+        return RowsChoice(AUTO_ROWS_MAX, "default", kind, reason="the probe failed: the default")
+    start = _rule_rows(inputs, facts)
+    upper = _upper_rows(facts, inputs, kind)
+    if not AUTO_ROWS.measure:
+        choice = RowsChoice(min(start, upper), "rule", kind, reason="activation rule, measurement off")
+    elif _candidates(start, upper) == ([min(start, upper)], []):
+        choice = RowsChoice(min(start, upper), "rule", kind, reason="the only candidate within the memory bound")
+    else:
+        try:
+            choice = _measure(model, inputs, kind, start, upper)  # type: ignore[arg-type]
+        except Exception as e:  # e.g. out of memory, an output that is not scores: the rule's choice
+            choice = RowsChoice(min(start, upper), "rule", kind, reason=f"activation rule; measuring failed: {e}")
+    per_model[key] = choice
+    return choice
+
+
+def known_rows(batch_size: BatchSize, model: object, inputs: Tensor, kind: str = "forward") -> RowsChoice | None:
+    """What :func:`choose_rows` gave for this model, input kind and ``kind`` of pass, if it is known
+    without a model call (a fixed setting, or an ``"auto"`` choice in the cache); None otherwise."""
+    if batch_size != "auto":
+        return RowsChoice(batch_size, "fixed", kind)  # type: ignore[arg-type]
+    if not _auto_probes(model, inputs):
+        return None
+    try:
+        per_model = _activation_cache.get(model, {})  # type: ignore[arg-type]
+        return per_model.get(("rows", kind, *_model_key(model, inputs)))  # type: ignore[arg-type]
+    except Exception:
+        return None
 
 
 def resolve_batch_size(
-    batch_size: BatchSize, model: object, inputs: Tensor, facts: tuple[int, int | None] | None = None
+    batch_size: BatchSize,
+    model: object,
+    inputs: Tensor,
+    facts: tuple[int, int | None] | None = None,
+    kind: str = "forward",
 ) -> int | None:
     """The rows per call for ``inputs`` (B, ...) through ``model``: ints and None as given; ``"auto"``
-    from the model's activation size on the CPU (see the module docstring), :data:`AUTO_ROWS_MAX` on
-    other devices or for models that are not ``nn.Module``s. ``facts``: :func:`model_facts` of this
-    model and input when the caller has them already (:func:`call_facts`)."""
-    check_batch_size(batch_size)
-    if batch_size != "auto":
-        return batch_size
-    if not _auto_probes(model, inputs):
-        return AUTO_ROWS_MAX  # the caller's input checks name a bad input
-    if facts is None:
-        try:
-            facts = model_facts(model, inputs)  # type: ignore[arg-type]
-        except Exception:  # the probe is an estimate: the method's own call raises the model's error, if any
-            return AUTO_ROWS_MAX
-    return int(min(AUTO_ROWS_MAX, max(AUTO_ROWS_MIN, CPU_ELEMENTS_PER_CALL // facts[0])))
+    chosen by :func:`choose_rows` for the ``kind`` of pass the caller makes (:data:`PASS_KINDS`)."""
+    return choose_rows(batch_size, model, inputs, facts, kind).rows
 
 
 def call_facts(
@@ -217,10 +518,17 @@ _UNRESOLVED = object()  # a batch_size setting not yet resolved against a model 
 class RowsPerCall:
     """Mixin for methods with a ``batch_size`` setting: the attribute reads as the setting resolved
     by :meth:`_resolve_rows` for the current (last) call's model and input, so method code sees an
-    int or None, never ``"auto"``; assigning it sets (and validates) the setting."""
+    int or None, never ``"auto"``; assigning it sets (and validates) the setting. ``rows_choice`` holds
+    the last call's :class:`RowsChoice` (what was chosen and why; shown in the method's ``repr``)."""
 
     _batch_size: BatchSize = "auto"
     _rows: int | object | None = _UNRESOLVED
+    _rows_choice: RowsChoice | None = None
+
+    @property
+    def rows_choice(self) -> RowsChoice | None:
+        """The last call's :class:`RowsChoice` (None before a call or after ``batch_size`` changed)."""
+        return self._rows_choice
 
     @property
     def batch_size(self) -> int | None:
@@ -230,9 +538,28 @@ class RowsPerCall:
     def batch_size(self, value: BatchSize) -> None:
         self._batch_size = check_batch_size(value)
         self._rows = _UNRESOLVED
+        self._rows_choice = None
 
-    def _resolve_rows(self, model: object, inputs: Tensor, facts: tuple[int, int | None] | None = None) -> None:
-        self._rows = resolve_batch_size(self._batch_size, model, inputs, facts)
+    def _resolve_rows(
+        self, model: object, inputs: Tensor, facts: tuple[int, int | None] | None = None, kind: str = "forward"
+    ) -> None:
+        self._rows_choice = choose_rows(self._batch_size, model, inputs, facts, kind)
+        self._rows = self._rows_choice.rows
+
+    def _batch_size_repr(self) -> Any:
+        """What ``repr`` shows for ``batch_size``: the setting, and after an ``"auto"`` call the choice
+        and its timings (``batch_size=auto -> 128 rows/call (forward+backward measured: ...)``)."""
+        choice = self._rows_choice
+        if self._batch_size != "auto" or choice is None:
+            return self._batch_size
+        return _Shown(choice.describe())
+
+
+class _Shown(str):
+    """A string that ``repr`` shows as is (not quoted)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def chunks(n: int, batch_size: BatchSize) -> Iterator[slice]:
@@ -348,6 +675,25 @@ def grad_selected(
     if return_outputs:
         return g, torch.cat(outs)
     return g
+
+
+def flat_calls(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple[slice, list[Piece]]]:
+    """Model calls over the ``n_runs * batch`` rows of perturbed copies in run-major order (row k is run
+    k // batch of sample k % batch), ``batch_size`` rows per call whatever the run boundaries (every
+    call as large as the chunk, not a whole number of runs). Yields, per call, its rows and its pieces
+    ``(run, samples, rows within the call)``: a call holds the end of one run and the start of the next.
+    """
+    n_rows = n_runs * batch
+    per_call = min(rows(batch_size) or n_rows, n_rows)
+    for start in range(0, n_rows, per_call):
+        stop = min(start + per_call, n_rows)
+        pieces, k = [], start
+        while k < stop:
+            r, s = divmod(k, batch)
+            e = min(stop, (r + 1) * batch)
+            pieces.append((r, slice(s, s + e - k), slice(k - start, e - start)))
+            k = e
+        yield slice(start, stop), pieces
 
 
 def map_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: BatchSize) -> Tensor:

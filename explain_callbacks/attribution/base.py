@@ -39,10 +39,11 @@ class Attributor(RowsPerCall, ABC):
     """Base class of attribution methods.
 
     Args:
-        batch_size: rows per model call (memory bound): ``"auto"`` (default) picks them from the
-            model's activation size on the CPU and 256 on the GPU (``_internal.batching``); an int
-            fixes them; ``None`` sends everything at once. Inside a call, ``self.batch_size`` reads
-            as the resolved int.
+        batch_size: rows per model call (memory bound): ``"auto"`` (default) times a few candidate
+            sizes with the model's own passes on first use per model and input kind and keeps the
+            fastest (``_internal.batching.choose_rows``; the choice and its timings show in ``repr``
+            and ``rows_choice``); an int fixes them; ``None`` sends everything at once. Inside a
+            call, ``self.batch_size`` reads as the resolved int.
         seed: seed of the per-call generator (random methods only).
 
     Subclasses implement :meth:`attribute` on validated inputs. ``last_info`` holds per-sample side
@@ -65,6 +66,10 @@ class Attributor(RowsPerCall, ABC):
     #: β-smoothed network, a defence against manipulated maps); None: the network as is. Gradient and
     #: path methods take it as ``beta=``.
     beta: float | None = None
+    #: the kind of pass the method's model calls make (``_internal.batching.PASS_KINDS``), what
+    #: ``batch_size="auto"`` is measured with: ``"grad"`` (forward and input-gradient backward; a
+    #: ``create_graph=True`` call measures ``"double"``) or ``"forward"`` (black-box methods).
+    passes: ClassVar[str] = "grad"
 
     def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
         self.batch_size = batch_size
@@ -102,7 +107,7 @@ class Attributor(RowsPerCall, ABC):
 
     def _call(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool) -> Tensor:
         """``__call__`` inside :meth:`_entry`: validate, then :meth:`attribute`."""
-        tgt = self._prepare(model, inputs, target)
+        tgt = self._prepare(model, inputs, target, create_graph=create_graph)
         with self.smoothed():
             return self.attribute(model, inputs, tgt, create_graph=create_graph)
 
@@ -111,13 +116,18 @@ class Attributor(RowsPerCall, ABC):
         (modules and functional calls, for this thread and this call only; the model is not modified)."""
         return relu_as_softplus(self.beta)
 
-    def _prepare(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None) -> Tensor | None:
+    def _prepare(
+        self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool = False
+    ) -> Tensor | None:
         """Checks shared by ``__call__`` and other public entry points (e.g. ``HSIC.interactions``):
-        validates the inputs and the target range, resets ``last_info``, returns the target tensor."""
+        validates the inputs and the target range, resolves the rows per call for the kind of pass this
+        call makes (:attr:`passes`; double backward with ``create_graph``), resets ``last_info``,
+        returns the target tensor."""
         check_inputs(inputs)
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
-        self._resolve_rows(model, inputs, facts)
+        kind = "double" if create_graph and self.passes == "grad" else self.passes
+        self._resolve_rows(model, inputs, facts, kind)
         check_model_target(model, tgt, inputs, facts)
         self.last_info = {}
         return tgt
@@ -136,7 +146,7 @@ class Attributor(RowsPerCall, ABC):
         return f"{type(self).__name__}({args})"
 
     def _repr_args(self) -> dict[str, Any]:
-        args = {"batch_size": self._batch_size}
+        args = {"batch_size": self._batch_size_repr()}
         args.update(
             (k, v)
             for k, v in vars(self).items()

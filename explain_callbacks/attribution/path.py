@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, forward_selected, grad_selected, steps_per_call
+from .._internal.batching import BatchSize, flat_calls, forward_selected, grad_selected
 from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
@@ -192,19 +192,19 @@ def integrate_path(
     *,
     create_graph: bool = False,
 ) -> Tensor:
-    """Σ_k w_k ∂f(x' + α_k (x − x'))/∂x, chunked so a call holds at most ``batch_size`` rows."""
-    b = inputs.shape[0]
-    alphas = alphas.to(device=inputs.device, dtype=inputs.dtype)
+    """Σ_k w_k ∂f(x' + α_k (x − x'))/∂x over the ``n_steps * B`` path points, step-major, in calls of
+    exactly ``batch_size`` rows (:func:`~explain_callbacks._internal.batching.flat_calls`: a call may
+    end one step and start the next, so every call is as large as the chunk ``"auto"`` measured)."""
+    alphas = alphas.to(device=inputs.device, dtype=inputs.dtype).tolist()
     weights = weights.to(device=inputs.device, dtype=inputs.dtype)
-    shape = (-1,) + (1,) * inputs.ndim
     diff = inputs - base
-    per_call = steps_per_call(batch_size, b, alphas.numel())
     total = torch.zeros_like(inputs)
-    for s in range(0, alphas.numel(), per_call):
-        a = alphas[s : s + per_call]
-        pts = (base.unsqueeze(0) + a.view(shape) * diff.unsqueeze(0)).reshape(a.numel() * b, *inputs.shape[1:])
-        g = grad_selected(model, pts, target, batch_size, create_graph=create_graph).view(a.numel(), *inputs.shape)
-        total = total + (weights[s : s + per_call].view(shape) * g).sum(0)
+    for _, pieces in flat_calls(len(alphas), inputs.shape[0], batch_size):
+        pts = torch.cat([base[s] + alphas[k] * diff[s] for k, s, _ in pieces])
+        tgt = None if target is None else torch.cat([target[s] for _, s, _ in pieces])
+        g = grad_selected(model, pts, tgt, None, create_graph=create_graph)
+        for k, s, at in pieces:
+            total[s] += weights[k] * g[at]
     return total
 
 
@@ -267,15 +267,14 @@ class ExpectedGradients(Attributor):
         gen = self.generator(inputs.device)
         idx = torch.randint(0, ref.shape[0], (k, b), generator=gen, device=inputs.device)
         alpha = torch.rand((k, b), generator=gen, device=inputs.device, dtype=inputs.dtype)
-        shape = (k, b) + (1,) * (inputs.ndim - 1)
-        per_call = steps_per_call(self.batch_size, b, k)
+        col = (-1,) + (1,) * (inputs.ndim - 1)
         total = torch.zeros_like(inputs)
-        for s in range(0, k, per_call):
-            kk = min(per_call, k - s)
-            base = ref[idx[s : s + kk]]  # (kk, b, ...)
-            diff = inputs.unsqueeze(0) - base
-            a = alpha[s : s + kk].view((kk, b, *shape[2:]))
-            pts = (base + a * diff).reshape(kk * b, *inputs.shape[1:])
-            g = grad_selected(model, pts, target, self.batch_size, create_graph=create_graph).view(kk, *inputs.shape)
-            total = total + (diff * g).sum(0)
+        # the k * B points, draw-major, in calls of exactly batch_size rows (a call may span two draws)
+        for _, pieces in flat_calls(k, b, self.batch_size):
+            diffs = [inputs[s] - ref[idx[r, s]] for r, s, _ in pieces]
+            pts = torch.cat([ref[idx[r, s]] + alpha[r, s].view(col) * d for (r, s, _), d in zip(pieces, diffs)])
+            tgt = None if target is None else torch.cat([target[s] for _, s, _ in pieces])
+            g = grad_selected(model, pts, tgt, None, create_graph=create_graph)
+            for (_, s, at), d in zip(pieces, diffs):
+                total[s] += d * g[at]
         return total / k if create_graph else (total / k).detach()

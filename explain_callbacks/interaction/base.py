@@ -220,7 +220,10 @@ class InteractionMethod(RowsPerCall, ABC):
     """Base class of pairwise interaction methods.
 
     Args:
-        batch_size: rows per model call (memory bound); ``None``: everything at once.
+        batch_size: rows per model call (memory bound): ``"auto"`` (default) times a few candidate
+            sizes with the model's own passes on first use and keeps the fastest
+            (``_internal.batching.choose_rows``; shown in ``repr`` and ``rows_choice``); an int fixes
+            them; ``None``: everything at once.
         seed: seed of the per-call generator (random methods only).
         channels_first: how 3-D inputs are read by the default groups: True (B, C, L) signals, one
             group per step of L shared over channels; False (B, T, D) sequences, one per step of T;
@@ -236,6 +239,9 @@ class InteractionMethod(RowsPerCall, ABC):
     differentiable: ClassVar[bool] = False
     #: whether the method takes input gradients (callers must not disable grad mode)
     needs_grad: ClassVar[bool] = False
+    #: the kind of pass the method's model calls make (``_internal.batching.PASS_KINDS``), what
+    #: ``batch_size="auto"`` is measured with
+    passes: ClassVar[str] = "forward"
 
     def __init__(self, batch_size: BatchSize = "auto", seed: int = 0, channels_first: bool | None = None) -> None:
         self.batch_size = batch_size
@@ -258,7 +264,7 @@ class InteractionMethod(RowsPerCall, ABC):
             check_inputs(inputs)
             tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
             facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
-            self._resolve_rows(model, inputs, facts)
+            self._resolve_rows(model, inputs, facts, self.passes)
             check_model_target(model, tgt, inputs, facts)
             grp = make_groups(inputs, groups, channels_first=reads_channels_first(model, inputs, self.channels_first))
             self.last_info = {"groups": grp}
@@ -277,7 +283,7 @@ class InteractionMethod(RowsPerCall, ABC):
         return g
 
     def __repr__(self) -> str:
-        kept = {"batch_size": self._batch_size}
+        kept = {"batch_size": self._batch_size_repr()}
         kept.update(
             (k, v)
             for k, v in vars(self).items()

@@ -96,6 +96,7 @@ class ContextualDecomposition(Attributor):
 
     name = "cd"
     input_shaped = False
+    passes = "forward"  # CD propagates decomposed forwards (no backward)
 
     def __init__(
         self,

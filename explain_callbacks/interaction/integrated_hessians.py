@@ -54,6 +54,7 @@ class IntegratedHessians(InteractionMethod):
 
     name = "integrated_hessians"
     needs_grad = True
+    passes = "double"  # Hessian-vector products: a backward with create_graph, differentiated again
 
     def __init__(
         self,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from .._internal.batching import BatchSize, check_batch_size
+from .._internal.batching import BatchSize, RowsChoice, check_batch_size, known_rows
 from .._internal.outputs import OutputSpec, keyed_output
 
 __all__ = ["CurveStates", "ExplainerMetric", "ExplanationMetric", "ScoreMetric"]
@@ -69,6 +69,17 @@ class ScoreMetric(Metric):
         #: set by ``_scores`` when this update's scores are undefined by design (Drift's first period):
         #: left out of the mean, but neither counted as dropped nor warned about
         self._undefined_by_design = False
+        self._rows_choice: RowsChoice | None = None
+
+    def _note_rows(self, model: Any, inputs: Tensor) -> None:
+        """Keep what ``batch_size`` gave this update's model calls (a cache lookup: the functional chose
+        it), shown by ``repr`` (``batch_size=auto -> 128 rows/call (forward measured: ...)``)."""
+        self._rows_choice = known_rows(self.batch_size, model, inputs) or self._rows_choice
+
+    def extra_repr(self) -> str:
+        choice = self._rows_choice
+        shown = choice.describe() if self.batch_size == "auto" and choice is not None else repr(self.batch_size)
+        return f"batch_size={shown}"
 
     def _accumulate(self, scores: Tensor) -> None:
         s = scores.detach().reshape(-1).to(device=self.score_sum.device, dtype=torch.float64)
@@ -122,6 +133,7 @@ class ExplanationMetric(ScoreMetric):
     ) -> None:
         with keyed_output(model, self.output_key) as called:
             scores = self._scores(called, inputs, attributions, target, masks)
+            self._note_rows(called, inputs)
         self._accumulate(scores)
 
     def _scores(
@@ -151,6 +163,7 @@ class ExplainerMetric(ScoreMetric):
             )
         with torch.enable_grad(), keyed_output(model, self.output_key) as called:  # torchmetrics updates under no_grad
             scores = self._scores(called, inputs, target, method, attributions, masks)
+            self._note_rows(called, inputs)
         self._accumulate(scores)
 
     def _scores(

@@ -37,6 +37,7 @@ class PerturbationAttributor(Attributor):
     """
 
     differentiable: ClassVar[bool] = False
+    passes: ClassVar[str] = "forward"  # the methods that follow gradients of masks say "grad"
     #: whether the method masks the steps of (B, C, L) signals along the last dim. Such methods explain
     #: a (B, T, D) sequence model (:func:`~explain_callbacks._internal.layout.reads_channels_first`)
     #: through :class:`~explain_callbacks._internal.layout.StepsLast`: masks over its T steps, shared

@@ -80,6 +80,8 @@ class MeaningfulPerturbation(PerturbationAttributor):
     is one fused kernel call per step.
     """
 
+    passes = "grad"  # its model calls take input gradients (batch_size="auto" is measured so)
+
     name = "meaningful_perturbation"
     step_masks = True
 

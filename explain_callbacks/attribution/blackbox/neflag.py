@@ -105,6 +105,8 @@ class NeFLAG(PerturbationAttributor):
     ``n_negative`` (B,) points averaged.
     """
 
+    passes = "grad"  # its model calls take input gradients (batch_size="auto" is measured so)
+
     name = "neflag"
 
     def __init__(

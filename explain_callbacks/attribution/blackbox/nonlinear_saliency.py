@@ -47,6 +47,8 @@ class NonlinearSaliency(PerturbationAttributor):
     Not differentiable.
     """
 
+    passes = "grad"  # its model calls take input gradients (batch_size="auto" is measured so)
+
     name = "nonlinear_saliency"
 
     def __init__(

@@ -190,6 +190,7 @@ class RealTimeSaliency(Attributor):
 
     name = "realtime_saliency"
     differentiable = False
+    passes = "forward"  # the classifier's calls at explanation time are forwards (the masker's own too)
 
     def __init__(self, masker: nn.Module | None = None, batch_size: BatchSize = "auto") -> None:
         super().__init__(batch_size=batch_size)

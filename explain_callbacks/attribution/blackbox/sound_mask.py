@@ -49,6 +49,8 @@ class SoundMask(PerturbationAttributor):
     optimised in chunks of ``batch_size // n_fills``.
     """
 
+    passes = "grad"  # its model calls take input gradients (batch_size="auto" is measured so)
+
     name = "sound_mask"
     step_masks = True
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, chunks, rows, select_output
+from ..._internal.batching import BatchSize, chunks, flat_calls, rows, select_output
 from ..._internal.checks import all_finite, check_inputs
 from ..._internal.layout import check_channels_first, reads_channels_first
 from ..._internal.ops import descending_order
@@ -52,8 +52,6 @@ Substrate = Union[str, float, Tensor]
 #: what a metric takes as the explained output: class indices (B,), one class for all, or None (one output)
 Target = Union[Tensor, int, Sequence[int], None]
 FEATURES = ("auto", "pixel", "element")
-#: a piece of a model call: (run, its samples, its rows within the call)
-Piece = tuple[int, slice, slice]
 OUTPUTS = ("probability", "logit", "sigmoid")
 
 
@@ -361,25 +359,6 @@ def row_blocks(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple
         for r in range(n_runs):
             for s in range(0, batch, bs):
                 yield slice(r, r + 1), slice(s, min(s + bs, batch))
-
-
-def flat_calls(n_runs: int, batch: int, batch_size: BatchSize) -> Iterator[tuple[slice, list[Piece]]]:
-    """Model calls over the ``n_runs * batch`` rows of perturbed copies in run-major order (row k is run
-    k // batch of sample k % batch), ``batch_size`` rows per call whatever the run boundaries (the
-    calls of the bare forward passes). Yields, per call, its rows and its pieces
-    ``(run, samples, rows within the call)``: a call holds the end of one run and the start of the next.
-    """
-    n_rows = n_runs * batch
-    per_call = min(rows(batch_size) or n_rows, n_rows)
-    for start in range(0, n_rows, per_call):
-        stop = min(start + per_call, n_rows)
-        pieces, k = [], start
-        while k < stop:
-            r, s = divmod(k, batch)
-            e = min(stop, (r + 1) * batch)
-            pieces.append((r, slice(s, s + e - k), slice(k - start, e - start)))
-            k = e
-        yield slice(start, stop), pieces
 
 
 def flat_call_scores(

@@ -25,21 +25,19 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.layout import StepsLast
 from ..._internal.ops import pearson, spearman
-from ..._internal.outputs import read_scores
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
 from ._utils import (
-    ScoreRows,
     Substrate,
     Target,
     expand_feature_mask,
     feature_relevance,
+    flat_call_scores,
     is_layout_substrate,
     make_substrate,
     output_scores,
     prepare_target,
     resize_nearest,
-    row_blocks,
     steps_last,
     transposed_sequence,
     validate,
@@ -250,15 +248,14 @@ def mufidelity(
     fx = output_scores(model, x, target, output).double()
     sums = torch.empty(r_total, b, dtype=torch.float64, device=x.device)
     rel = rel.double()
-    # the blocks' rows, concatenated, are the (subset, sample) rows in run-major order: their outputs are
-    # scored together at the end (ScoreRows), as the per-subset drops f(x) - f(x with the subset removed)
-    scores = ScoreRows(r_total * b, None if target is None else target.repeat(r_total), output, x.device)
-    with torch.no_grad():
-        for rs, bs in row_blocks(r_total, b, batch_size):
-            m = masks[rs, bs]
-            rows = torch.where(expand_feature_mask(m, x.shape, fmode), base[bs].unsqueeze(0), x[bs].unsqueeze(0))
-            scores.add(read_scores(model(rows.flatten(0, 1))))
-            sums[rs, bs] = torch.where(m, rel[bs].unsqueeze(0), 0.0).sum(-1)
-    drops = fx.unsqueeze(0) - scores.result().view(r_total, b)
+
+    def fill(run: int, sm: slice, out: Tensor) -> None:
+        m = masks[run, sm]
+        torch.where(expand_feature_mask(m, x.shape, fmode), base[sm], x[sm], out=out)
+        sums[run, sm] = torch.where(m, rel[sm], 0.0).sum(-1)
+
+    # the r_total x B perturbed rows in calls of exactly batch_size rows (a call may span two subsets)
+    scores = flat_call_scores(model, x, target, r_total, output, batch_size, fill)
+    drops = fx.unsqueeze(0) - scores.view(r_total, b)
     corr = pearson if correlation == "pearson" else spearman
     return corr(sums.T, drops.T)
