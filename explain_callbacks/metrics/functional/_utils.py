@@ -16,6 +16,7 @@ from ..._internal.checks import all_finite, check_inputs
 from ..._internal.layout import check_channels_first, reads_channels_first
 from ..._internal.ops import descending_order
 from ..._internal.outputs import read_scores
+from ..._internal.target_ops import MultiTarget, TargetOperator
 from ..._internal.targets import as_target_tensor, check_model_target, check_target
 from ...attribution.base import make_generator
 
@@ -47,8 +48,9 @@ __all__ = [
 ]
 
 Substrate = Union[str, float, Tensor]
-#: what a metric takes as the explained output: class indices (B,), one class for all, or None (one output)
-Target = Union[Tensor, int, Sequence[int], None]
+#: what a metric takes as the explained output: class indices (B,), one class for all, None (one output), or
+#: a target operator (a region, a position, a box of a dense or multi-output model)
+Target = Union[Tensor, int, Sequence[int], TargetOperator, None]
 FEATURES = ("auto", "pixel", "element")
 #: a piece of a model call: (run, its samples, its rows within the call)
 Piece = tuple[int, slice, slice]
@@ -99,9 +101,14 @@ def prepare_target(model: object, inputs: Tensor, target: Target) -> Tensor | No
     long tensor (B,) on the inputs' device or None; a float target, a wrong shape, or a class outside the
     model's outputs raises an error that names the fix (instead of an index error inside ``gather``)."""
     check_inputs(inputs)
+    if isinstance(target, MultiTarget):
+        raise TypeError(
+            "The metrics score one target per sample; score each target of a MultiTarget on its own (the maps "
+            "of a MultiTarget call are (B, K, ...): pass maps[:, k] with target=multi.targets[k])."
+        )
     tgt = as_target_tensor(target, inputs.shape[0], inputs.device)  # type: ignore[arg-type]
-    if tgt is None:
-        return None
+    if tgt is None or isinstance(tgt, TargetOperator):
+        return tgt
     if tgt.is_inference():  # made under torch.inference_mode: a method's gather could not save it for backward
         tgt = method_inputs(tgt)
     check_target(tgt, None, inputs.shape[0])  # shape and dtype first: the probe below needs neither
@@ -276,6 +283,8 @@ def output_scores(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
     with torch.no_grad():
+        if isinstance(target, TargetOperator):  # softmax/sigmoid over the operator's own class dim
+            return target(model(rows), output).detach()
         out = read_scores(model(rows))  # a tuple/dict output: the error naming output_key
         if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
             out = out.softmax(1)
