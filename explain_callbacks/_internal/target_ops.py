@@ -203,6 +203,17 @@ class TargetOperator:
         figures), or None when the target has no spatial extent."""
         return None
 
+    def describe(self) -> list[str]:
+        """A short caption per row (figures): what is explained."""
+        return [self._describe_row(i) for i in range(self.shape[0])]
+
+    def _describe_row(self, i: int) -> str:
+        return type(self).__name__
+
+    def _row(self, name: str, i: int) -> Any:
+        v = getattr(self, name)
+        return int(v[i]) if isinstance(v, Tensor) and v[i].numel() == 1 else v
+
     def __repr__(self) -> str:
         args = ", ".join(f"{n}={_describe(getattr(self, n))}" for n in self.row_fields)
         extra = {k: v for k, v in self._repr_extra().items() if v is not None}
@@ -240,6 +251,9 @@ class ClassTarget(TargetOperator):
     def __init__(self, cls: IntOrTensor = None, key: OutputSpec = None) -> None:
         _check_int(cls, "cls")
         self.cls, self.key = cls, key
+
+    def _describe_row(self, i: int) -> str:
+        return "output" if self.cls is None else f"class {self._row('cls', i)}"
 
     def select(self, out: Tensor) -> Tensor:
         if out.ndim == 1:
@@ -289,6 +303,10 @@ class RegionTarget(TargetOperator):
             )
         self.mask, self.cls, self.reduce, self.spatial_dims, self.key = mask, cls, reduce, spatial_dims, key
         self.row_fields = {"mask": spatial_dims, "cls": 0}  # per instance: the mask's spatial rank
+
+    def _describe_row(self, i: int) -> str:
+        what = "region" if self.cls is None else f"class {self._row('cls', i)}"
+        return f"{what}, {int((self.mask[i] > 0).sum())} px"
 
     def _weights(self, spatial: Sequence[int], dtype: torch.dtype) -> Tensor:
         m = self.mask
@@ -363,6 +381,10 @@ class PositionTarget(TargetOperator):
         self.position, self.cls, self.key = position, cls, key
         self.class_dim = 2 if class_dim == -1 else class_dim
 
+    def _describe_row(self, i: int) -> str:
+        what = "" if self.cls is None else f" · class {self._row('cls', i)}"
+        return f"position {self._row('position', i)}{what}"
+
     def select(self, out: Tensor) -> Tensor:
         rows = torch.arange(out.shape[0], device=out.device)
         if self.cls is None:
@@ -419,6 +441,12 @@ class BoxTarget(TargetOperator):
         _check_int(box, "box")
         _check_int(cls, "cls")
         self.box, self.cls, self.score, self.n_box_fields, self.key = box, cls, score, n_box_fields, key
+
+    def _describe_row(self, i: int) -> str:
+        what = {"class": f"class {self._row('cls', i)}", "objectness": "objectness"}.get(
+            self.score, f"coordinate {self._row('cls', i)}"
+        )
+        return f"box {self._row('box', i)} · {what}"
 
     def transform(self, out: Tensor, output: str = "logit") -> Tensor:
         if output in ("logit", "sigmoid") or self.score != "class":
@@ -499,6 +527,9 @@ class StackedTarget(TargetOperator):
         sel = torch.stack([p(out, output) for p in self.parts], 1)  # (N, parts): the unused ones get no gradient
         return sel.gather(1, self.which.view(-1, 1).to(sel.device))[:, 0]
 
+    def _describe_row(self, i: int) -> str:
+        return self.parts[int(self.which[i])]._describe_row(i)
+
     def pick(self, out: Any) -> Tensor:
         return self.parts[0].pick(out)
 
@@ -553,13 +584,15 @@ class PredictedRegion:
     """A target factory for the monitors: the region the model itself predicts as class ``cls`` (its arg-max
     over the class dim equals ``cls``), as a :class:`RegionTarget` of each probe sample, taken from one
     forward pass without grad when the probe set is explained. ``cls=None``: each sample's most frequent
-    predicted class other than ``background`` (the shape's class in a segmentation of shapes).
+    predicted class other than ``background`` (the shape's class in a segmentation of shapes). ``reduce``:
+    ``"mean"`` (default) explains the region's mean score, so the metrics' curves read as the mean class
+    probability over the region (in [0, 1]); ``"sum"`` its sum.
 
     Called as ``factory(model, inputs, labels) -> TargetOperator``; the monitors take any such callable as
     ``target``.
     """
 
-    def __init__(self, cls: int | None = None, background: int | None = 0, reduce: str = "sum",
+    def __init__(self, cls: int | None = None, background: int | None = 0, reduce: str = "mean",
                  key: OutputSpec = None) -> None:  # fmt: skip
         self.cls, self.background, self.reduce, self.key = cls, background, reduce, key
 

@@ -1,6 +1,7 @@
-"""Example networks and a generic LightningModule."""
+"""Example networks and generic LightningModules (classification/regression, segmentation)."""
 
 from .lit import LitClassifier
 from .nets import MLP, SmallCNN
+from .segmentation import LitSegmenter, SegNet
 
-__all__ = ["MLP", "LitClassifier", "SmallCNN"]
+__all__ = ["MLP", "LitClassifier", "LitSegmenter", "SegNet", "SmallCNN"]
