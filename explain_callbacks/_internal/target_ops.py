@@ -479,44 +479,26 @@ class BoxTarget(TargetOperator):
 
 
 class StackedTarget(TargetOperator):
-    """Rows of several operators joined: row r is explained by operator ``which[r]`` (each part holds every
-    row; its selection is taken where it applies). What :class:`MultiTarget` and ``torch.cat`` build."""
+    """Rows of several bound operators joined: row r is row ``local[r]`` of operator ``parts[which[r]]``.
+    Slicing and repeating move only these two indices; each part is evaluated on its own rows only, so K
+    parts cost K selections of their rows, not of every row. What :class:`MultiTarget` and ``torch.cat``
+    build."""
 
-    row_fields: ClassVar[dict[str, int]] = {"which": 0}
+    row_fields: ClassVar[dict[str, int]] = {"which": 0, "local": 0}
 
-    def __init__(self, parts: Sequence[TargetOperator], which: Tensor) -> None:
+    def __init__(self, parts: Sequence[TargetOperator], which: Tensor, local: Tensor) -> None:
         self.parts = list(parts)
-        self.which = which.long()
+        self.which, self.local = which.long(), local.long()
         self._n = int(which.shape[0])
 
     @staticmethod
     def join(ops: Sequence[TargetOperator]) -> StackedTarget:
-        """Rows of ``ops`` one after the other (each bound)."""
-        sizes = [len(op) for op in ops]
-        total = sum(sizes)
+        """Rows of the bound operators ``ops`` one after the other."""
         device = ops[0].device
-        which = torch.repeat_interleave(torch.arange(len(ops), device=device), torch.tensor(sizes, device=device))
-        parts, start = [], 0
-        for op, n in zip(ops, sizes):
-            # each part over all rows: its own rows where it applies, a copy of its first row elsewhere
-            idx = (torch.arange(total, device=device) - start).clamp(0, n - 1)
-            parts.append(op[idx])
-            start += n
-        return StackedTarget(parts, which)
-
-    def _replace(self, **fields: Any) -> TargetOperator:
-        new = super()._replace(**fields)
-        return new
-
-    def __getitem__(self, index: slice | Tensor) -> TargetOperator:
-        new = super().__getitem__(index)
-        new.parts = [p[index] for p in self.parts]  # type: ignore[attr-defined]
-        return new
-
-    def repeat(self, k: int) -> TargetOperator:
-        new = super().repeat(k)
-        new.parts = [p.repeat(k) for p in self.parts]  # type: ignore[attr-defined]
-        return new
+        sizes = torch.tensor([len(op) for op in ops], device=device)
+        which = torch.repeat_interleave(torch.arange(len(ops), device=device), sizes)
+        local = torch.cat([torch.arange(len(op), device=device) for op in ops])
+        return StackedTarget(ops, which, local)
 
     def to(self, device: torch.device | str | None) -> TargetOperator:
         new = super().to(device)
@@ -524,24 +506,34 @@ class StackedTarget(TargetOperator):
         return new
 
     def __call__(self, out: Any, output: str = "logit") -> Tensor:
-        sel = torch.stack([p(out, output) for p in self.parts], 1)  # (N, parts): the unused ones get no gradient
-        return sel.gather(1, self.which.view(-1, 1).to(sel.device))[:, 0]
-
-    def _describe_row(self, i: int) -> str:
-        return self.parts[int(self.which[i])]._describe_row(i)
+        scores = self.pick(out)
+        if scores.shape[0] != self._n:
+            raise ValueError(f"StackedTarget holds {self._n} rows but the model output has {scores.shape[0]}.")
+        which = self.which.to(scores.device)
+        vals, pos = [], []
+        for k in torch.unique(which).tolist():
+            rows = (which == k).nonzero()[:, 0]
+            part = self.parts[k][self.local.to(self.parts[k].device)[rows.to(self.parts[k].device)]]
+            vals.append(part(scores[rows], output))
+            pos.append(rows)
+        order = torch.cat(pos).argsort()
+        return torch.cat(vals)[order]
 
     def pick(self, out: Any) -> Tensor:
         return self.parts[0].pick(out)
 
+    def _describe_row(self, i: int) -> str:
+        return self.parts[int(self.which[i])]._describe_row(int(self.local[i]))
+
     def region(self, spatial: Sequence[int]) -> Tensor | None:
         regions = [p.region(spatial) for p in self.parts]
-        if any(r is None for r in regions):
+        if any(r is None for r in regions) or len({tuple(r.shape) for r in regions}) != 1:  # type: ignore[union-attr]
             return None
-        stacked = torch.stack(regions, 1)  # type: ignore[arg-type]
-        return stacked[torch.arange(stacked.shape[0]), self.which.to(stacked.device)]
+        stacked = torch.stack(regions)  # type: ignore[arg-type]  # (parts, B, *spatial)
+        return stacked[self.which.to(stacked.device), self.local.to(stacked.device)]
 
     def __repr__(self) -> str:
-        return f"StackedTarget({self.parts!r}, which={_describe(self.which)})"
+        return f"StackedTarget({self.parts!r}, which={_describe(self.which)}, local={_describe(self.local)})"
 
 
 def as_operator(target: Any) -> TargetOperator:
