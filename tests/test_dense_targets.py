@@ -15,7 +15,7 @@ from explain_callbacks import (
     RegionTarget,
 )
 from explain_callbacks.attribution import build_attributor
-from explain_callbacks.metrics.functional import deletion, insertion
+from explain_callbacks.metrics.functional import completeness_error, deletion, insertion
 from tests.helpers_lightning import event_tags, trainer
 
 
@@ -62,9 +62,13 @@ def test_region_gradient_equals_closed_form():
     want = x * torch.einsum("hw,nhwd->nd", mask.double(), model.weight.detach()[cls])
     torch.testing.assert_close(ixg, want)
     torch.testing.assert_close(ig, want)
+    # completeness of IG for the region's score: Σ A = t(x) - t(0) exactly for a linear model (the metric joins
+    # the rows of x and of the baseline with torch.cat([target, target]))
+    err = completeness_error(model, x, ig, RegionTarget(mask, cls), relative=False)
+    assert err.shape == (6,) and float(err.max()) < 1e-9
 
 
-@pytest.mark.parametrize("method", ["saliency", "ig", "occlusion", "lrp"])
+@pytest.mark.parametrize("method", ["saliency", "ig", "occlusion", "lrp", "cd"])
 def test_region_equals_sum_of_its_pixels(method):
     """Linearity: the map of a region target is the sum of the maps of its pixels (for every method whose
     map is linear in the explained output: gradients, path integrals, occlusion differences, LRP's output
@@ -104,13 +108,16 @@ def test_multitarget_equals_separate_calls(method):
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     targets = [RegionTarget(_region(), 1), RegionTarget(~_region(), 0, reduce="mean"), 3, torch.tensor([0, 1, 2])]
     kw = {"n_steps": 6} if method == "ig" else {}
-    attr = build_attributor(method, batch_size=5, **kw)  # 12 rows in calls of 5: chunks span two targets
-    both = attr(model, x, MultiTarget(targets))
-    assert both.shape == (3, 4, 3, 8, 8)
-    for k, t in enumerate(targets):
-        torch.testing.assert_close(both[:, k], build_attributor(method, **kw)(model, x, t))
-    if method == "ig":  # per-sample side results come back as (B, K)
-        assert attr.last_info["completeness_error"].shape == (3, 4)
+    # 12 rows in calls of 5: chunks span two targets; calls of 24: two steps / masks of all 12 rows per call, the
+    # targets interleaved (0 1 2 3 0 1 2 3 by blocks of samples)
+    for rows in (5, 24):
+        attr = build_attributor(method, batch_size=rows, **kw)
+        both = attr(model, x, MultiTarget(targets))
+        assert both.shape == (3, 4, 3, 8, 8)
+        for k, t in enumerate(targets):
+            torch.testing.assert_close(both[:, k], build_attributor(method, **kw)(model, x, t))
+        if method == "ig":  # per-sample side results come back as (B, K)
+            assert attr.last_info["completeness_error"].shape == (3, 4)
 
 
 def test_position_and_box_targets_select_their_entry():
@@ -175,6 +182,12 @@ def test_bad_targets_name_the_problem():
         BoxTarget(9, 0)(torch.randn(2, 4, 8))
     with pytest.raises(TypeError, match="integer"):
         ClassTarget(torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match="class indices of a classifier"):  # a cross-entropy against the label
+        build_attributor("sound_mask")(model, x, RegionTarget(_region(), 1))
+    with pytest.raises(ValueError, match="target operator"):
+        from explain_callbacks.callbacks import AttributionMonitor
+
+        AttributionMonitor(target=MultiTarget([1, 2]))
 
 
 def test_predicted_region_factory():

@@ -66,6 +66,9 @@ class Attributor(RowsPerCall, ABC):
     #: β-smoothed network, a defence against manipulated maps); None: the network as is. Gradient and
     #: path methods take it as ``beta=``.
     beta: float | None = None
+    #: whether the method explains any target operator (a region, a position, a box); False: it needs class
+    #: indices of a classifier (e.g. a cross-entropy against the label)
+    takes_target_operators: ClassVar[bool] = True
 
     def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
         self.batch_size = batch_size
@@ -139,6 +142,11 @@ class Attributor(RowsPerCall, ABC):
         """Checks shared by ``__call__`` and other public entry points (e.g. ``HSIC.interactions``):
         validates the inputs and the target range, resets ``last_info``, returns the target tensor."""
         check_inputs(inputs)
+        if isinstance(target, TargetOperator) and not self.takes_target_operators:
+            raise TypeError(
+                f"{type(self).__name__} explains class indices of a classifier, not the target operator {target!r}; "
+                "use a gradient, path, CAM, LRP or another perturbation method for dense or multi-output targets."
+            )
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
         self._resolve_rows(model, inputs, facts)

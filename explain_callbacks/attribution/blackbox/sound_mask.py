@@ -20,7 +20,7 @@ __all__ = ["SoundMask"]
 @ATTRIBUTIONS.register("sound_mask", "soundmask")
 class SoundMask(PerturbationAttributor):
     """A mask that keeps just enough of x for the model to still say label ℓ when the rest is replaced
-    by other images of the data set.
+    by other images of the data set (a cross-entropy against ℓ: class indices only, no target operators).
 
     ``m = sigmoid(w)`` at 1/``mask_scale`` resolution (1/4), upsampled bilinearly; the removed pixels
     are filled with other images x̃ (a fresh random draw each step, ``n_fills`` of them, the loss
@@ -50,6 +50,7 @@ class SoundMask(PerturbationAttributor):
     """
 
     name = "sound_mask"
+    takes_target_operators = False
     step_masks = True
 
     def __init__(
