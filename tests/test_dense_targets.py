@@ -216,11 +216,40 @@ def test_monitor_explains_a_predicted_region_of_a_segmentation_model(tmp_path):
         methods=["saliency", {"name": "ig", "n_steps": 4}, "gradcam"], metrics=["deletion", "insertion"],
         target=PredictedRegion(), num_samples=4, max_images=4, strict=True,
     )  # fmt: skip
+    figures = []
+    log_image = mon.log_image
+
+    def keep(trainer_, tag, fig, *args, **kwargs):  # what the figure holds before logging closes it
+        axes = getattr(fig, "axes", [])
+        figures.append((tag, [ax.get_title() for ax in axes], sum(len(ax.collections) for ax in axes)))
+        return log_image(trainer_, tag, fig, *args, **kwargs)
+
+    mon.log_image = keep
     trainer(tmp_path, [mon], max_epochs=1, limit_train_batches=2).fit(model, dm)
     assert set(mon.last_scores) == {"saliency", "ig", "gradcam"}
+    titles, contours = next((t, c) for tag, t, c in figures if tag == "maps/attributions")
+    if titles:  # matplotlib: captions say what is explained, the predicted regions are outlined
+        assert sum("px" in t for t in titles) == 4, titles
+        assert contours >= 4
     assert all("deletion" in s and "insertion" in s for s in mon.last_scores.values())
     tags = event_tags(tmp_path)
     assert "maps/attributions" in tags["images"] and "faithfulness/deletion_curve" in tags["images"]
+
+
+def test_hydra_builds_the_segmentation_experiment():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from explain_callbacks.models import LitSegmenter
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=shapes_segmentation"])
+    mon = instantiate(cfg.callbacks.attribution)
+    assert isinstance(mon.target, PredictedRegion) and mon.target.reduce == "mean"
+    assert isinstance(instantiate(cfg.model), LitSegmenter)
 
 
 def test_region_is_drawn_over_the_input():
