@@ -20,7 +20,7 @@ __all__ = ["SoundMask"]
 @ATTRIBUTIONS.register("sound_mask", "soundmask")
 class SoundMask(PerturbationAttributor):
     """A mask that keeps just enough of x for the model to still say label ℓ when the rest is replaced
-    by other images of the data set (a cross-entropy against ℓ: class indices only, no target operators).
+    by other images of the data set.
 
     ``m = sigmoid(w)`` at 1/``mask_scale`` resolution (1/4), upsampled bilinearly; the removed pixels
     are filled with other images x̃ (a fresh random draw each step, ``n_fills`` of them, the loss
@@ -33,6 +33,8 @@ class SoundMask(PerturbationAttributor):
     ``area = 2e-5 · 224² ≈ 1.0`` so that it carries over to other image sizes. The map is ``A = m``
     (the kept evidence), (B,1,H,W) for images, (B,1,T) for (B,C,T) signals,
     (B,T,1) for (B,T,D) sequences, (B,D) for tabular inputs.
+
+    A cross-entropy against ℓ: it takes class indices of a classifier, not target operators (regions, boxes).
 
     Soundness (methods.md section 4) needs masks for several labels, wrong ones included:
     :meth:`attribute_labels` learns one mask per label column.
