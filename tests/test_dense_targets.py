@@ -193,8 +193,10 @@ def test_bad_targets_name_the_problem():
 def test_predicted_region_factory():
     model = _conv_net()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
-    t = PredictedRegion(cls=2)(model, x, None)
     pred = model(x).argmax(1)
+    assert int(((pred == 2).flatten(1).sum(1) == 0).sum()) == 1  # class 2 is predicted nowhere in one sample:
+    with pytest.warns(UserWarning, match="no pixel of class 2 in 1 of 3 samples"):  # said, not silently zero maps
+        t = PredictedRegion(cls=2)(model, x, None)
     assert torch.equal(t.bind(3).mask, pred == 2)
     auto = PredictedRegion()(model, x, None).bind(3)  # the most frequent class other than 0, per sample
     counts = torch.stack([(pred == c).flatten(1).sum(1) for c in range(4)], 1)

@@ -18,6 +18,7 @@ K·B rows (row ``k·B + b`` is target k of sample b) and returns maps of shape (
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Union
 
@@ -605,6 +606,15 @@ class PredictedRegion:
                 counts[:, self.background] = -1
             cls = counts.argmax(1)
         mask = pred == cls.view(-1, *([1] * (pred.ndim - 1)))
+        empty = int((~mask.reshape(mask.shape[0], -1).any(1)).sum())
+        if empty:  # nothing to explain there: zero maps, whatever the method
+            which = self.cls if self.cls is not None else "(any)"
+            warnings.warn(
+                f"PredictedRegion: the model predicts no pixel of class {which} in {empty} of {mask.shape[0]} samples; "
+                "their region is empty and their maps are zero (an untrained "
+                "model, or a class the samples do not show: choose cls=None for each sample's own class).",
+                stacklevel=2,
+            )
         return RegionTarget(mask, cls, reduce=self.reduce, spatial_dims=pred.ndim - 1, key=self.key)
 
     def __repr__(self) -> str:
