@@ -12,9 +12,22 @@ Public surface (each package documents more):
   energy-landscape conserved weights.
 - ``callbacks``: the Lightning callbacks that orchestrate all of the above.
 - ``viz``: tensors to images.
+- ``targets``: what is explained besides a class score: regions, positions, boxes, several at once.
 """
 
-from . import analysis, attribution, callbacks, datasets, distill, interaction, metrics, models, regularize, viz
+from . import (
+    analysis,
+    attribution,
+    callbacks,
+    datasets,
+    distill,
+    interaction,
+    metrics,
+    models,
+    regularize,
+    targets,
+    viz,
+)
 from ._internal.registry import ATTRIBUTIONS, INTERACTIONS, METRICS, PENALTIES, STUDENTS
 from .attribution import Attributor, CaptumAttributor, build_attributor
 from .callbacks import (
@@ -29,6 +42,7 @@ from .callbacks import (
     SaliencyMasker,
     SpRAyMonitor,
 )
+from .targets import BoxTarget, ClassTarget, MultiTarget, PositionTarget, PredictedRegion, RegionTarget, TargetOperator
 
 __version__ = "0.1.0"
 
@@ -41,15 +55,22 @@ __all__ = [
     "AttributionMonitor",
     "AttributionRegularizer",
     "Attributor",
+    "BoxTarget",
     "CaptumAttributor",
+    "ClassTarget",
     "ConceptMonitor",
     "Distiller",
     "InfluenceMonitor",
     "InteractionMonitor",
     "LandscapeMonitor",
+    "MultiTarget",
+    "PositionTarget",
+    "PredictedRegion",
     "ProbeCallback",
+    "RegionTarget",
     "SaliencyMasker",
     "SpRAyMonitor",
+    "TargetOperator",
     "analysis",
     "attribution",
     "build_attributor",
@@ -60,5 +81,6 @@ __all__ = [
     "metrics",
     "models",
     "regularize",
+    "targets",
     "viz",
 ]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .checks import not_differentiable, require_graph
 from .outputs import model_errors, read_scores
+from .target_ops import TargetOperator
 
 __all__ = [
     "AUTO_ROWS",
@@ -575,12 +576,16 @@ def steps_per_call(batch_size: BatchSize, batch: int, n_steps: int) -> int:
     return max(1, (rows(batch_size) or batch * n_steps) // batch)
 
 
-def select_output(out: Tensor, target: Tensor | None) -> Tensor:
+def select_output(out: Tensor, target: Tensor | TargetOperator | None) -> Tensor:
     """The scalar output per row that an attribution explains.
 
     ``out`` of shape (N,) or (N, 1) is a regression output (target ignored); (N, K) is gathered at
-    ``target`` (N,). Extra trailing dimensions are summed after gathering (e.g. segmentation).
+    ``target`` (N,). Extra trailing dimensions are summed after gathering (e.g. segmentation). A target
+    operator (:mod:`~explain_callbacks._internal.target_ops`: a region, a position, a box) maps the
+    output, whatever its shape, to its scalar per row itself.
     """
+    if isinstance(target, TargetOperator):
+        return target(out)
     out = read_scores(out)  # a tuple/dict output: the error naming output_key
     if out.ndim == 1:
         return out
@@ -595,7 +600,9 @@ def select_output(out: Tensor, target: Tensor | None) -> Tensor:
     return sel.reshape(out.shape[0], -1).sum(1)
 
 
-def _expand_target(target: Tensor | None, n_rows: int) -> Tensor | None:
+def _expand_target(target: Tensor | TargetOperator | None, n_rows: int) -> Tensor | TargetOperator | None:
+    """``target`` for ``n_rows`` rows: as is, or repeated block after block (k copies of the B samples).
+    Target operators repeat their rows the same way."""
     if target is None:
         return None
     if target.shape[0] == n_rows:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .batching import BatchSize, chunks, select_output
 from .ops import gaussian_blur
 from .outputs import read_scores
+from .target_ops import TargetOperator
 
 __all__ = [
     "OUTPUTS",
@@ -337,6 +338,8 @@ def score_outputs(out: Tensor, target: Tensor | None, output: str = "logit") -> 
     (regression) models."""
     if output not in OUTPUTS:
         raise ValueError(f"Unknown output {output!r}; choose one of {OUTPUTS}.")
+    if isinstance(target, TargetOperator):  # softmax/sigmoid over the operator's own class dim
+        return target(out, output)
     out = read_scores(out)  # a tuple/dict output: the error naming output_key
     if output == "auto":
         output = "logit" if out.ndim == 1 or out.shape[1] == 1 else "softmax"

@@ -2,22 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
 from .batching import chunks, output_width
 from .outputs import read_scores
+from .target_ops import TargetOperator
 
-__all__ = ["TargetPolicy", "check_model_target", "check_target", "resolve_target"]
+__all__ = ["TargetPolicy", "check_model_target", "check_target", "check_target_policy", "resolve_target", "target_key"]
 
-TargetPolicy = Union[str, int, None]
+#: what a callback explains: ``"label"``, ``"prediction"``, a class index, None, a target operator (a region,
+#: a position, a box: :mod:`~explain_callbacks._internal.target_ops`), or a factory
+#: ``(model, inputs, labels) -> target`` called on the probe set when it is explained
+TargetPolicy = Union[str, int, None, TargetOperator, Callable[..., Any]]
+
+
+def check_target_policy(policy: Any) -> None:
+    """Raise a clear error for a target setting a callback cannot use."""
+    if not isinstance(policy, bool) and (
+        policy is None
+        or isinstance(policy, (int, TargetOperator))
+        or (isinstance(policy, str) and policy in ("label", "prediction"))
+        or (callable(policy) and not isinstance(policy, str))
+    ):
+        return
+    raise ValueError(
+        f"target must be 'label', 'prediction', an int class, None, a target operator (RegionTarget, PositionTarget, "
+        f"BoxTarget) or a function (model, inputs, labels) -> target, got {policy!r}."
+    )
+
+
+def target_key(policy: Any) -> Any:
+    """``policy`` as it enters a callback's state key: strings, ints and None as they are; a target operator or
+    factory by its ``repr`` (the operators' ``repr`` names their settings), a plain function by its qualified
+    name (its default ``repr`` holds a memory address, which would change the key at every run)."""
+    if policy is None or isinstance(policy, (str, int)):
+        return policy
+    if (callable(policy) and type(policy).__repr__ is object.__repr__) or hasattr(policy, "__qualname__"):
+        return f"{getattr(policy, '__module__', '')}.{getattr(policy, '__qualname__', type(policy).__qualname__)}"
+    return repr(policy)
 
 
 def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> None:
-    """Raise a clear error for a target of the wrong shape or out of range."""
+    """Raise a clear error for a target of the wrong shape or out of range (a target operator checks the
+    output it reads itself, when it reads it)."""
     if target is None:
+        return
+    if isinstance(target, TargetOperator):
+        if target.shape[0] != batch:
+            raise ValueError(f"the target operator holds {target.shape[0]} rows but the inputs have {batch}.")
         return
     if target.ndim != 1 or target.shape[0] != batch:
         raise ValueError(
@@ -49,7 +85,8 @@ def check_model_target(
     probe's facts when the caller has them, see :func:`~explain_callbacks._internal.batching.call_facts`).
     A target found out of range is checked again against a fresh probe before the error, so a stale
     cache cannot reject a valid target."""
-    if target is None:
+    if target is None or isinstance(target, TargetOperator):
+        check_target(target, None, inputs.shape[0])
         return
     try:
         check_target(target, output_width(model, inputs) if facts is None else facts[1], inputs.shape[0])
@@ -57,9 +94,15 @@ def check_model_target(
         check_target(target, output_width(model, inputs, refresh=True), inputs.shape[0])
 
 
-def as_target_tensor(target: int | Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+def as_target_tensor(
+    target: int | Tensor | TargetOperator | None, batch: int, device: torch.device
+) -> Tensor | TargetOperator | None:
+    """The target as methods take it: a (B,) long tensor of class indices, None, or a target operator bound to
+    the ``batch`` rows on ``device``."""
     if target is None:
         return None
+    if isinstance(target, TargetOperator):
+        return target.bind(batch, device)
     if isinstance(target, int):
         return torch.full((batch,), target, dtype=torch.long, device=device)
     if not isinstance(target, Tensor):
@@ -77,14 +120,24 @@ def resolve_target(
     labels: Tensor | None,
     batch_size: int | None = None,
 ) -> Tensor | None:
-    """Turn a policy into class indices of shape (B,).
+    """Turn a policy into class indices of shape (B,), or a target operator bound to the B samples.
 
     ``"label"``: the true labels; ``"prediction"``: the model's arg-max; an int: that class for every
-    sample; ``None``: no target (single-output regression models).
+    sample; ``None``: no target (single-output regression models); a target operator: itself, bound; a
+    factory ``(model, inputs, labels) -> target``: its result, resolved in turn.
     """
     b = inputs.shape[0]
     if policy is None:
         return None
+    if isinstance(policy, TargetOperator):
+        return policy.bind(b, inputs.device)
+    if callable(policy) and not isinstance(policy, str):
+        made = policy(model, inputs, labels)
+        if callable(made) and not isinstance(made, (TargetOperator, Tensor)):
+            raise TypeError(f"the target factory {policy!r} returned a function; it must return a target.")
+        if isinstance(made, Tensor):
+            return as_target_tensor(made, b, inputs.device)
+        return resolve_target(made, model, inputs, labels, batch_size)
     if isinstance(policy, int):
         return torch.full((b,), policy, dtype=torch.long, device=inputs.device)
     if policy == "label":

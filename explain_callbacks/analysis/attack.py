@@ -145,7 +145,9 @@ def fragility_attack(
             rho = spearman(imp0.flatten(1), imp.flatten(1))
             shift = (_centre(imp) - centre0).norm(dim=1)
             with torch.no_grad():
-                kept = read_scores(model(xa)).argmax(1) == label
+                # the output kept: the same class, or for a dense output (segmentation) the same class at every
+                # output position
+                kept = (read_scores(model(xa)).argmax(1) == label).reshape(xa.shape[0], -1).all(1)
             return inter, rho, shift, kept
 
         def project(xa: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from .._internal.checks import check_inputs
 from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.outputs import OutputSpec, keyed_output, model_errors
 from .._internal.softplus import relu_as_softplus
+from .._internal.target_ops import MultiTarget, TargetOperator
 from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = ["Attributor", "make_generator"]
@@ -71,6 +72,10 @@ class Attributor(RowsPerCall, ABC):
     #: ``create_graph=True`` call measures ``"double"``) or ``"forward"`` (black-box methods).
     passes: ClassVar[str] = "grad"
 
+    #: whether the method explains any target operator (a region, a position, a box); False: it needs class
+    #: indices of a classifier (e.g. a cross-entropy against the label)
+    takes_target_operators: ClassVar[bool] = True
+
     def __init__(self, batch_size: BatchSize = "auto", seed: int = 0) -> None:
         self.batch_size = batch_size
         self.seed = seed
@@ -80,18 +85,41 @@ class Attributor(RowsPerCall, ABC):
         self,
         model: nn.Module,
         inputs: Tensor,
-        target: Tensor | int | None = None,
+        target: Tensor | int | TargetOperator | MultiTarget | None = None,
         *,
         create_graph: bool = False,
         output_key: OutputSpec = None,
     ) -> Tensor:
+        """The map of ``inputs`` (B, ...) for ``target``: class indices (B,), an int, None (a single-output
+        model), a target operator (a region, a position or a box of a dense or multi-output model), or a
+        :class:`~explain_callbacks.targets.MultiTarget` of K of those (maps (B, K, ...), one batched call)."""
         if create_graph and not self.differentiable:
             raise ValueError(
                 f"{type(self).__name__} is a black-box method and cannot build a differentiable map; "
                 "use a gradient method (saliency, input_x_gradient, ig, expected_gradients) for penalties."
             )
+        if isinstance(target, MultiTarget):
+            return self._call_multi(model, inputs, target, create_graph=create_graph, output_key=output_key)
         with self._entry(model, inputs, target, output_key) as (model, inputs, target):
             return self._call(model, inputs, target, create_graph=create_graph)
+
+    def _call_multi(
+        self, model: nn.Module, inputs: Tensor, target: MultiTarget, *, create_graph: bool, output_key: OutputSpec
+    ) -> Tensor:
+        """K targets per sample in one call over K·B rows (row ``k·B + b``: sample b, target k), so the rows
+        are chunked by ``batch_size`` like any other call; maps (B, K, ...) and ``last_info`` entries (B, K)."""
+        check_inputs(inputs)
+        b, k = inputs.shape[0], len(target)
+        with self._entry(model, inputs, None, output_key) as (called, x, _):
+            rows = x.repeat(k, *([1] * (x.ndim - 1)))
+            stacked = target.stacked(b, x.device)
+            maps = self._call(called, rows, stacked, create_graph=create_graph)
+        self.last_info = {
+            name: v.reshape(k, b, *v.shape[1:]).transpose(0, 1)
+            for name, v in self.last_info.items()
+            if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == k * b
+        }
+        return maps.reshape(k, b, *maps.shape[1:]).transpose(0, 1).contiguous()
 
     @contextlib.contextmanager
     def _entry(
@@ -124,6 +152,11 @@ class Attributor(RowsPerCall, ABC):
         call makes (:attr:`passes`; double backward with ``create_graph``), resets ``last_info``,
         returns the target tensor."""
         check_inputs(inputs)
+        if isinstance(target, TargetOperator) and not self.takes_target_operators:
+            raise TypeError(
+                f"{type(self).__name__} explains class indices of a classifier, not the target operator {target!r}; "
+                "use a gradient, path, CAM, LRP or another perturbation method for dense or multi-output targets."
+            )
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
         kind = "double" if create_graph and self.passes == "grad" else self.passes

@@ -17,6 +17,7 @@ from .._internal.batch import InputSpec, take
 from .._internal.config import spec_list, to_plain
 from .._internal.layout import reads_channels_first
 from .._internal.registry import METRICS
+from .._internal.target_ops import TargetOperator
 from ..attribution import TOKEN_REDUCTIONS, Attributor, TokenProbe, build_attributor
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
@@ -621,7 +622,9 @@ class AttributionMonitor(ProbeCallback):
         xs = x[:n].detach().float().cpu()
         if x.ndim == 4 and all(m.ndim == 4 for m in drawn.values()):
             maps = {k: viz.map_to_2d(m) for k, m in drawn.items()}
-            fig = viz.attribution_figure(xs, maps, signed, captions, wrong, title=title)
+            # the explained output region (a target operator's mask), outlined over input and maps
+            regions = target[:n].region(x.shape[-2:]) if isinstance(target, TargetOperator) else None
+            fig = viz.attribution_figure(xs, maps, signed, captions, wrong, title=title, regions=regions)
         elif all(m.ndim == 2 for m in drawn.values()) and x.ndim == 2:
             labels = [f"{i}: {c}" for i, c in enumerate(captions)] if captions else None
             fig = viz.tabular_figure(drawn, self.feature_names, labels, signed, title=title)
@@ -645,6 +648,14 @@ class AttributionMonitor(ProbeCallback):
         targets: sigmoid; regression (no target): the output value."""
         with torch.no_grad():
             out = model(x)
+        if isinstance(target, TargetOperator):  # a dense / multi-output model: say what is explained
+            labels = None if y is None else class_labels(y[: x.shape[0]].cpu())
+            explained = target[: x.shape[0]].describe()
+            captions = [
+                ("" if labels is None else f"true {self._class_name(int(labels[i]))} · ") + explained[i]
+                for i in range(x.shape[0])
+            ]
+            return captions, [False] * x.shape[0]
         if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != x.shape[0]:
             return [f"sample {i}" for i in range(x.shape[0])], [False] * x.shape[0]
         out = out.detach().float().reshape(x.shape[0], -1).cpu()

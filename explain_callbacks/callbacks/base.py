@@ -23,7 +23,7 @@ from .._internal.checks import finite_rows
 from .._internal.distributed import Agreement, RankStateCallback, agree, warn_rank
 from .._internal.guard import detach_clone, model_guard
 from .._internal.outputs import OutputSpec, output_adapter
-from .._internal.targets import TargetPolicy, resolve_target
+from .._internal.targets import TargetPolicy, check_target_policy, resolve_target, target_key
 from . import _logging
 
 __all__ = [
@@ -226,7 +226,10 @@ class ProbeCallback(RankStateCallback, Callback):
         input_key, label_key, mask_key: where inputs, labels and ground-truth masks are in a batch
             (tuple index, dict key or a function of the batch; defaults: index 0/1, keys x/y/mask; masks
             also from a third tuple item shaped like the inputs, as in ``(x, y, mask)`` batches).
-        target: ``"label"``, ``"prediction"``, a class index, or None (single-output regression).
+        target: ``"label"``, ``"prediction"``, a class index, None (single-output regression), a target
+            operator (``RegionTarget``, ``PositionTarget``, ``BoxTarget``: a region of a segmentation, a position
+            of a sequence, a box of a detector output), or a factory ``(model, inputs, labels) -> target``
+            called on the probe set each time it is explained (e.g. ``PredictedRegion()``: the predicted mask).
         batch_size: rows per model call.
         model_attr: explain ``getattr(pl_module, model_attr)`` instead of the LightningModule itself
             (for modules whose ``forward`` is not the network).
@@ -269,8 +272,7 @@ class ProbeCallback(RankStateCallback, Callback):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
-        if not (target is None or isinstance(target, int) or target in ("label", "prediction")):
-            raise ValueError(f"target must be 'label', 'prediction', an int class or None, got {target!r}.")
+        check_target_policy(target)
         self.num_samples = num_samples
         self.per_class = per_class
         self.every_n_epochs = every_n_epochs
@@ -312,7 +314,11 @@ class ProbeCallback(RankStateCallback, Callback):
 
     def key_fields(self) -> dict[str, Any]:
         """The settings that tell two instances apart in a checkpoint (extend in subclasses)."""
-        fields = {"num_samples": self.num_samples, "every_n_epochs": self.every_n_epochs, "target": self.target}
+        fields = {
+            "num_samples": self.num_samples,
+            "every_n_epochs": self.every_n_epochs,
+            "target": target_key(self.target),
+        }
         optional = {"per_class": self.per_class, "model_attr": self.model_attr}
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields

@@ -82,6 +82,7 @@ from torch import Tensor, fx, nn
 from .._internal.batching import BatchSize
 from .._internal.batching import rows as rows_per_call
 from .._internal.guard import rng_guard
+from .._internal.target_ops import TargetOperator
 
 __all__ = [
     "CDUnsupportedError",
@@ -1275,6 +1276,10 @@ def cd_scores(
     """β at the target output for each group: (B, G). ``target`` (B,) class indices, or None for a
     single-output model (the output is summed over trailing dimensions)."""
     rel, _ = cd_batched(model, inputs, masks, batch_size=batch_size)
+    if isinstance(target, TargetOperator):  # a region/position/box: the operator (a weighted sum) of each β
+        b, g = rel.shape[:2]
+        rows = target[torch.arange(b, device=target.device).repeat_interleave(g)]  # row b*G + k: sample b
+        return rows(rel.reshape(b * g, *rel.shape[2:])).view(b, g)
     if rel.ndim == 2:
         return rel
     if target is None:

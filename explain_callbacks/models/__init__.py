@@ -1,7 +1,8 @@
-"""Example networks and a generic LightningModule."""
+"""Example networks and generic LightningModules (classification/regression, segmentation)."""
 
 from .lit import LitClassifier
 from .nets import MLP, SmallCNN
+from .segmentation import LitSegmenter, SegNet
 from .text import TokenTransformer
 
-__all__ = ["MLP", "LitClassifier", "SmallCNN", "TokenTransformer"]
+__all__ = ["MLP", "LitClassifier", "LitSegmenter", "SegNet", "SmallCNN", "TokenTransformer"]

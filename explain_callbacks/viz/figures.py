@@ -177,6 +177,7 @@ def attribution_figure(
     captions: Sequence[str] | None = None,
     wrong: Sequence[bool] | None = None,
     title: str | None = None,
+    regions: Tensor | None = None,
 ) -> Any:
     """One row per probe sample: the input, then one map per method (image data).
 
@@ -189,6 +190,8 @@ def attribution_figure(
             caption wider than the tile is broken at " · " onto lines.
         wrong: per sample, whether the prediction is wrong (caption drawn in red).
         title: the figure's title.
+        regions: (N, H, W) masks of the explained output region (a target operator's region, in the input's
+            resolution), outlined over the input and over every map; None: nothing drawn.
 
     Each method's column shares one colour scale and has one colour bar under it.
     """
@@ -201,6 +204,9 @@ def attribution_figure(
             lo, hi = map_scale(maps[k], signed[k])
             m = _fit(maps[k], inputs.shape[-2:])
             cols.append(_colorize_range(m, lo, hi, signed[k]))
+        if regions is not None:  # the region's outline in cyan over the input tiles
+            edge = _outline(regions.float().cpu()).unsqueeze(1)
+            cols[0] = torch.where(edge, torch.tensor([0.0, 0.9, 1.0]).view(1, 3, 1, 1), cols[0])
         tiles = torch.stack(cols, 1).reshape(-1, 3, *inputs.shape[-2:])
         return make_grid(upscale(tiles, 96), nrow=len(cols))
     ncol = 1 + len(names)
@@ -212,6 +218,7 @@ def attribution_figure(
         ax = axes[i, 0]
         img = _image_hw(inputs[i].detach().float().cpu())
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        _draw_region(ax, regions, i)
         _hide_ticks(ax)
         if captions is not None:
             ax.set_title(_wrap(captions[i]), color="#c0392b" if wrong is not None and wrong[i] else "black",
@@ -225,6 +232,7 @@ def attribution_figure(
         for i in range(n):
             ax = axes[i, j]
             im = ax.imshow(maps[k][i].detach().float().cpu().numpy(), cmap=cmap, vmin=lo, vmax=hi)
+            _draw_region(ax, regions, i, maps[k].shape[-2:])  # a lower-resolution map (Grad-CAM): resized
             _hide_ticks(ax)
             if i == 0:
                 ax.set_title(k, fontweight="bold")
@@ -233,6 +241,29 @@ def attribution_figure(
     if title:
         fig.suptitle(title, y=1 - 0.12 / height, va="top")
     return fig
+
+
+REGION_COLOUR = "#00c8ff"
+
+
+def _outline(regions: Tensor) -> Tensor:
+    """The boundary pixels (N, H, W) bool of (N, H, W) masks: set pixels with an unset 4-neighbour."""
+    m = regions > 0.5
+    pad = torch.nn.functional.pad(m.float().unsqueeze(1), (1, 1, 1, 1))[:, 0] > 0.5
+    inner = pad[:, :-2, 1:-1] & pad[:, 2:, 1:-1] & pad[:, 1:-1, :-2] & pad[:, 1:-1, 2:]
+    return m & ~inner
+
+
+def _draw_region(ax: Any, regions: Tensor | None, i: int, size: Sequence[int] | None = None) -> None:
+    """Outline sample ``i``'s region (a contour at 0.5) on ``ax``, resized to ``size`` (the tile's pixels)."""
+    if regions is None or i >= regions.shape[0]:
+        return
+    r = regions[i].detach().float().cpu()
+    if size is not None and tuple(r.shape) != tuple(size):
+        r = torch.nn.functional.interpolate(r[None, None], size=tuple(size), mode="nearest")[0, 0]
+    if float(r.max()) <= 0.5 or float(r.min()) > 0.5:  # empty or everything: no contour to draw
+        return
+    ax.contour(r.numpy(), levels=[0.5], colors=REGION_COLOUR, linewidths=1.2)
 
 
 def _panel_grid(

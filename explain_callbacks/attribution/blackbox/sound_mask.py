@@ -34,6 +34,8 @@ class SoundMask(PerturbationAttributor):
     (the kept evidence), (B,1,H,W) for images, (B,1,T) for (B,C,T) signals,
     (B,T,1) for (B,T,D) sequences, (B,D) for tabular inputs.
 
+    A cross-entropy against ℓ: it takes class indices of a classifier, not target operators (regions, boxes).
+
     Soundness (methods.md section 4) needs masks for several labels, wrong ones included:
     :meth:`attribute_labels` learns one mask per label column.
 
@@ -52,6 +54,7 @@ class SoundMask(PerturbationAttributor):
     passes = "grad"  # its model calls take input gradients (batch_size="auto" is measured so)
 
     name = "sound_mask"
+    takes_target_operators = False
     step_masks = True
 
     def __init__(

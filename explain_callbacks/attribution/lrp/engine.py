@@ -20,6 +20,7 @@ from ..._internal.batching import BatchSize, chunks, select_output
 from ..._internal.guard import ModelState
 from ..._internal.outputs import read_scores
 from ..._internal.registry import ATTRIBUTIONS
+from ..._internal.target_ops import TargetOperator
 from ..base import Attributor
 from .canonizers import FunctionGuard, InplaceOff, merged_params, probe_plan, refuse_attention
 from .composites import Composite, build_composite
@@ -112,9 +113,17 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
         state.restore(model)
 
 
-def _output_relevance(scores: Tensor, target: Tensor | None) -> Tensor:
+def _output_relevance(scores: Tensor, target: Tensor | TargetOperator | None) -> Tensor:
     """The relevance put on the output: the explained score's own value at the target, 0 elsewhere
-    (trailing dimensions of a segmentation output each keep their own value)."""
+    (trailing dimensions of a segmentation output each keep their own value). For a target operator (a
+    region, a position, a box): ``scores ⊙ ∂t(scores)/∂scores``, each output entry weighted by how much it
+    counts in the explained scalar t; for the operators' weighted sums of entries this is again each
+    selected entry's own value (times its weight), 0 elsewhere, so the relevance sums to t."""
+    if isinstance(target, TargetOperator):
+        s = scores.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (w,) = torch.autograd.grad(target(s).sum(), s)
+        return s.detach() * w
     s = scores.detach()
     if s.ndim == 1:  # regression
         return s
@@ -193,7 +202,8 @@ class LRP(Attributor):
             for sl in chunks(inputs.shape[0], self.batch_size):
                 xc = inputs[sl].detach().requires_grad_(True)
                 with guard:
-                    scores = read_scores(model(xc))
+                    out = model(xc)
+                    scores = target.pick(out) if isinstance(target, TargetOperator) else read_scores(out)
                 r0 = _output_relevance(scores, None if target is None else target[sl])
                 (rel,) = torch.autograd.grad(scores, xc, grad_outputs=r0, allow_unused=True)
                 if rel is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from ..._internal.checks import all_finite, check_inputs
 from ..._internal.layout import check_channels_first, reads_channels_first
 from ..._internal.ops import descending_order
 from ..._internal.outputs import read_scores
+from ..._internal.target_ops import MultiTarget, TargetOperator
 from ..._internal.targets import as_target_tensor, check_model_target, check_target
 from ...attribution.base import make_generator
 
@@ -49,8 +50,9 @@ __all__ = [
 ]
 
 Substrate = Union[str, float, Tensor]
-#: what a metric takes as the explained output: class indices (B,), one class for all, or None (one output)
-Target = Union[Tensor, int, Sequence[int], None]
+#: what a metric takes as the explained output: class indices (B,), one class for all, None (one output), or
+#: a target operator (a region, a position, a box of a dense or multi-output model)
+Target = Union[Tensor, int, Sequence[int], TargetOperator, None]
 FEATURES = ("auto", "pixel", "element")
 OUTPUTS = ("probability", "logit", "sigmoid")
 
@@ -99,9 +101,14 @@ def prepare_target(model: object, inputs: Tensor, target: Target) -> Tensor | No
     long tensor (B,) on the inputs' device or None; a float target, a wrong shape, or a class outside the
     model's outputs raises an error that names the fix (instead of an index error inside ``gather``)."""
     check_inputs(inputs)
+    if isinstance(target, MultiTarget):
+        raise TypeError(
+            "The metrics score one target per sample; score each target of a MultiTarget on its own (the maps "
+            "of a MultiTarget call are (B, K, ...): pass maps[:, k] with target=multi.targets[k])."
+        )
     tgt = as_target_tensor(target, inputs.shape[0], inputs.device)  # type: ignore[arg-type]
-    if tgt is None:
-        return None
+    if tgt is None or isinstance(tgt, TargetOperator):
+        return tgt
     if tgt.is_inference():  # made under torch.inference_mode: a method's gather could not save it for backward
         tgt = method_inputs(tgt)
     check_target(tgt, None, inputs.shape[0])  # shape and dtype first: the probe below needs neither
@@ -276,16 +283,32 @@ def output_scores(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
     with torch.no_grad():
-        return score_outputs(read_scores(model(rows)), target, output)  # tuple/dict output: the error naming output_key
+        out = model(rows)
+        if not isinstance(target, TargetOperator):  # an operator reads the raw output (its own key, class dim)
+            out = read_scores(out)  # a tuple/dict output: the error naming output_key
+        return score_outputs(out, target, output)
 
 
 def score_outputs(out: Tensor, target: Tensor | None, output: str) -> Tensor:
     """:func:`output_scores` of model outputs ``out`` already computed (each row scored on its own)."""
+    if isinstance(target, TargetOperator):  # softmax/sigmoid over the operator's own class dim
+        return target(out, output).detach()
     if output == "probability" and out.ndim >= 2 and out.shape[1] > 1:
         out = out.softmax(1)
     elif output == "sigmoid":
         out = out.sigmoid()
     return select_output(out, target).detach()
+
+
+def _leading_rows(out: Any) -> int:
+    """The number of rows of a raw model output: a tensor, or the first tensor in a dict, tuple or object."""
+    if isinstance(out, Tensor):
+        return out.shape[0]
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else vars(out).values()
+    for v in values:
+        if isinstance(v, Tensor):
+            return v.shape[0]
+    raise TypeError(f"a model output of type {type(out).__name__} holds no tensor to count its rows.")
 
 
 class ScoreRows:
@@ -308,11 +331,18 @@ class ScoreRows:
         self._pending: list[Tensor] = []
         self._start = self._next = self._elements = 0
 
-    def add(self, out: Tensor, held: Tensor | None = None) -> None:
-        """The raw output (after ``read_scores``) of the next ``out.shape[0]`` rows. ``held``: a buffer the
-        caller refills for its next call; an output sharing its memory (a model returning a view of its
-        input) is copied before it is kept."""
-        out = out.detach()
+    def add(self, out: Any, held: Tensor | None = None) -> None:
+        """The model's raw output for the next rows. ``held``: a buffer the caller refills for its next call;
+        an output sharing its memory (a model returning a view of its input) is copied before it is kept.
+        Outputs for a target operator (which reads the raw output: its key, its class dim) and outputs
+        with more than two dims are scored call by call."""
+        if isinstance(self.target, TargetOperator):
+            n = _leading_rows(out)
+            self._flush()
+            self._score(out, self._next, n)
+            self._start = self._next = self._next + n
+            return
+        out = read_scores(out).detach()  # a tuple/dict output: the error naming output_key
         n = out.shape[0]
         if out.ndim > 2:
             self._flush()
@@ -384,7 +414,7 @@ def flat_call_scores(
                 buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
             for run, samples, at in pieces:
                 fill(run, samples, buf[at])
-            scores.add(read_scores(model(buf[:n])), held=buf)  # the outputs scored together (ScoreRows)
+            scores.add(model(buf[:n]), held=buf)  # the outputs scored together (ScoreRows)
     return scores.result()
 
 
@@ -462,5 +492,5 @@ def scores_chunked(
     scores = ScoreRows(x.shape[0], target, output, x.device)
     with torch.no_grad():
         for sl in chunks(x.shape[0], batch_size):
-            scores.add(read_scores(model(x[sl])))
+            scores.add(model(x[sl]))
     return scores.result()

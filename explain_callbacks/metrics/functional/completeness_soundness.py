@@ -62,6 +62,11 @@ def completeness_soundness(
     target = prepare_target(model, inputs, target)
     if target is None:  # an int or a sequence of None is not a class either
         raise ValueError("completeness/soundness need class targets (a classifier); got target=None.")
+    if not isinstance(target, Tensor):  # a region, position or box: there are no "other labels" to rank
+        raise TypeError(
+            f"completeness/soundness compare the explained class with the other classes of a classifier; got the "
+            f"target operator {target!r}. Use deletion/insertion, mufidelity or infidelity for such targets."
+        )
     validate(inputs, attributions, target)
     x = method_inputs(inputs)
     b = x.shape[0]
