@@ -235,3 +235,18 @@ def test_centred_rise_equals_a_float64_loop_over_masks():
     f = _naive_scores(model, x, t, rec[0], make_substrate(x, "mean"), "auto").double()
     want = ((f - f.mean(1, keepdim=True)) @ m.reshape(50, -1)) / (50 * 0.5)
     _close(got.reshape(3, -1), want)
+
+
+def test_target_probability_without_the_softmax_equals_the_softmax():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 4, generator=g) * 10
+    z[0] = torch.tensor([200.0, -200.0, 0.0, 0.0])  # probabilities of 1 and 0
+    t = torch.randint(0, 4, (500,), generator=g)
+    t[0] = 0
+    for output, ref in (("softmax", z.softmax(1)), ("log_softmax", z.log_softmax(1))):
+        want = ref.gather(1, t[:, None])[:, 0]
+        got = score_outputs(z, t, output)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with torch.enable_grad():  # differentiable callers keep the softmax itself
+        zg = z.clone().requires_grad_(True)
+        assert score_outputs(zg, t, "softmax").grad_fn is not None

