@@ -130,6 +130,11 @@ class HSIC(PerturbationAttributor):
         self.upsample = upsample
         self.map_upsample = map_upsample
 
+    @classmethod
+    def monitor_settings(cls, forwards_per_sample: int) -> dict[str, int]:
+        """The design count a monitor uses when none is given: ``forwards_per_sample`` designs, at least 64."""
+        return {"n_designs": max(64, int(forwards_per_sample))}
+
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
         return fit_budget(self.n_designs, budget=self.budget, minimum=4, what="designs", method="HSIC")
 

@@ -98,6 +98,11 @@ class RISE(PerturbationAttributor):
         self.blur_sigma = blur_sigma
         self.center = center
 
+    @classmethod
+    def monitor_settings(cls, forwards_per_sample: int) -> dict[str, int]:
+        """The mask count a monitor uses when none is given: ``forwards_per_sample`` masks, at least 64."""
+        return {"n_masks": max(64, int(forwards_per_sample))}
+
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
         return fit_budget(self.n_masks, budget=self.budget, what="masks", method="RISE")
 
