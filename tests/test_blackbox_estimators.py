@@ -250,3 +250,14 @@ def test_target_probability_without_the_softmax_equals_the_softmax():
     with torch.enable_grad():  # differentiable callers keep the softmax itself
         zg = z.clone().requires_grad_(True)
         assert score_outputs(zg, t, "softmax").grad_fn is not None
+
+
+def test_cached_sobol_points_equal_a_fresh_engine_and_are_copies():
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    a = sobol_points(16, 12, g1)
+    seed = int(torch.randint(0, 2**62, (1,), generator=g2).item()) % (2**31 - 1)
+    fresh = torch.quasirandom.SobolEngine(12, scramble=True, seed=seed).draw(16, dtype=torch.float64)
+    torch.testing.assert_close(a, fresh.float(), rtol=0, atol=0)
+    a.zero_()  # the caller's copy: the cache is untouched
+    b = sobol_points(16, 12, torch.Generator().manual_seed(11))
+    torch.testing.assert_close(b, fresh.float(), rtol=0, atol=0)

@@ -21,6 +21,7 @@ random draws happen up front, so the result does not depend on ``batch_size``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,8 +84,18 @@ def sobol_points(n: int, d: int, generator: torch.Generator, *, device=None, dty
             f"A Sobol sequence supports at most {torch.quasirandom.SobolEngine.MAXDIM} dimensions, got {d}; "
             "use a coarser grid (smaller grid_size) or sampler='lhs'."
         )
-    eng = torch.quasirandom.SobolEngine(d, scramble=True, seed=_int_seed(generator) % (2**31 - 1))
-    return eng.draw(n, dtype=torch.float64).to(device=device, dtype=dtype)
+    pts = _scrambled_sobol(n, d, _int_seed(generator) % (2**31 - 1))
+    return pts.to(device=device, dtype=dtype, copy=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _scrambled_sobol(n: int, d: int, seed: int) -> Tensor:
+    """The first n points of the scrambled sequence of (d, seed), float64 on the CPU; cached, because a method
+    seeded per call draws the same sequence every call, and scrambling costs ~d·31² random draws (on a tabular
+    MLP as much as Sobol's whole set of forward passes). Callers get a copy."""
+    with torch.inference_mode(False):
+        eng = torch.quasirandom.SobolEngine(d, scramble=True, seed=seed)
+        return eng.draw(n, dtype=torch.float64)
 
 
 def sample_designs(
