@@ -6,6 +6,7 @@ quality per cost on a digits CNN trained inside the benchmark.
     python benchmarks/bench_blackbox.py --sections quality --budgets 264,528       # one part of section 3
     python benchmarks/bench_blackbox.py --sections quality --budgets 2112 --methods sobol
     python benchmarks/bench_blackbox.py --sections report                          # tables + plot only
+    python benchmarks/bench_blackbox.py --sections cheap --repeats 9   # defaults on a tabular MLP and a small CNN
 
 Each run merges its sections into ``benchmarks/results/bench_blackbox.json`` (the per-image scores
 of section 3 are kept per method and budget, so its parts can run separately, each short enough for
@@ -199,6 +200,60 @@ def overhead(net, x, y, repeats: int, quick: bool, only: list[str] | None = None
     return rows
 
 
+def _small_resnet_like() -> nn.Module:
+    """A small CNN with residual-free stages of 16/32/64 channels for 3×32×32 inputs (an untuned model)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    cin = 3
+    for w in (16, 32, 64):
+        layers += [nn.Conv2d(cin, w, 3, 2 if cin != 3 else 1, 1), nn.BatchNorm2d(w), nn.ReLU()]
+        cin = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def cheap_models(repeats: int, quick: bool) -> list[list]:
+    """Issue 22, item 2: each sampling method at its defaults against the bare forwards it makes, on models
+    where a forward is cheap: a tabular MLP (30 features, 64-64 hidden, 2 classes; 16 rows) and a small CNN
+    (3×32×32, 16/32/64 channels; 8 images). Interleaved pairs (method, then a replay of the same model calls
+    on ready-made rows, alternating which goes first); median, min and max of the ratio over the pairs."""
+    from explain_callbacks.models import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(30, 2).eval()
+    cnn = _small_resnet_like()
+    g = torch.Generator().manual_seed(0)
+    cases = [("MLP 30-64-64-2", mlp, torch.randn(16, 30, generator=g), torch.randint(0, 2, (16,), generator=g))]
+    if not quick:
+        xc, yc = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        cases.append(("CNN 3x32x32", cnn, xc, yc))
+    rows = []
+    for label, net, x, y in cases:
+        for name, m in [("rise", RISE()), ("sobol", Sobol()), ("hsic", HSIC()), ("occlusion", Occlusion())]:
+            if net is cnn and quick:
+                continue
+            rec = Recorder(net)
+            m(rec, x, y)
+            calls = rec.calls
+            pool = x.repeat(max(r for r, _ in calls) // x.shape[0] + 1, *([1] * (x.ndim - 1))).contiguous()
+            tm, tb = [], []
+            n = max(3, repeats if net is mlp else min(repeats, 3))
+            for r in range(n):
+                pair = [
+                    (lambda m=m, net=net, x=x, y=y: m(net, x, y), tm),
+                    (lambda c=calls, p=pool, net=net: replay(net, c, p), tb),
+                ]
+                for fn, acc in pair if r % 2 == 0 else pair[::-1]:
+                    t = CLOCK()
+                    fn()
+                    acc.append(CLOCK() - t)
+            ratios = sorted(a / b for a, b in zip(tm, tb))
+            med = ratios[len(ratios) // 2]
+            rows.append([label, name, int(m.last_info["forwards"][0]), len(calls), min(tb) * 1e3, min(tm) * 1e3,
+                         med, f"{ratios[0]:.2f}-{ratios[-1]:.2f}"])  # fmt: skip
+            print(f"  {label} {name}: x{med:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
+    return rows
+
+
 def captum_refs(net, x, y, repeats: int, quick: bool) -> list[list]:
     import captum.attr as ca
 
@@ -380,7 +435,7 @@ def masker_section(net, dm, x, y, steps: int) -> list[list]:
 # ------------------------------------------------------------------------------------------ main
 
 
-SECTIONS = ("overhead", "captum", "quality", "neflag", "masker", "report")
+SECTIONS = ("overhead", "cheap", "captum", "quality", "neflag", "masker", "report")
 
 
 def main() -> None:
@@ -411,8 +466,15 @@ def main() -> None:
                        f"{args.threads} thread(s), {args.clock} clock", "quick": quick}  # fmt: skip
     print(f"# bench_blackbox ({info['machine']}{', quick' if quick else ''})\n")
 
+    if "cheap" in sections:
+        print("## 1b. Sampling methods at their defaults against their bare forwards, cheap models\n")
+        rows = cheap_models(args.repeats if args.repeats > 3 else 7, quick)
+        results["cheap"] = rows
+        print(table(["model", "method", "passes/sample", "calls", "bare ms", "method ms", "median ratio",
+                     "min-max"], rows), "\n")  # fmt: skip
+
     xs = ys = net = dm = None
-    if set(sections) - {"report"}:
+    if set(sections) - {"report", "cheap"}:
         net, dm, acc, train_s = train_cnn(3 if quick else 10)
         print(f"SmallCNN on digits 32x32: test accuracy {acc:.3f} after {train_s:.0f} s of training.\n")
         if results.get("accuracy") is not None and abs(results["accuracy"] - acc) > 1e-6:

@@ -4,6 +4,7 @@
     python benchmarks/bench_callback_costs.py default interaction  # some configs
     python benchmarks/bench_callback_costs.py --epochs 5           # shorter runs (fewer explanations, noisier)
     python benchmarks/bench_callback_costs.py --budget 0.05        # every monitor with budget=0.05
+    python benchmarks/bench_callback_costs.py --resnet --repeats 3  # AttributionMonitor() on a small ResNet
     python benchmarks/bench_callback_costs.py interaction --epochs 5 --budget 0.05 --tag _ih \
         --override 'callbacks.interaction.methods=[cd,integrated_hessians]'   # a slow method under a budget
 
@@ -41,6 +42,9 @@ import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -129,19 +133,137 @@ def run_once(config: str, epochs: int | None, extra: list[str], budget: float | 
                 "epochs": trainer.current_epoch}  # fmt: skip
 
 
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        short = stride != 1 or cin != cout
+        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if short else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + (x if self.short is None else self.short(x)))
+
+
+def small_resnet(classes: int = 10) -> nn.Module:
+    """3 stages × 2 residual blocks, 16/32/64 wide, for 3×32×32 inputs (issue 22's held-out-style model)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for i, w in enumerate((16, 32, 64)):
+        layers += [_Block(cin, w, 1 if i == 0 else 2), _Block(w, w, 1)]
+        cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet_run(callbacks: list[pl.Callback], epochs: int, n_train: int, seed: int = 0) -> dict[str, float]:
+    """One fit of the small ResNet on ``n_train`` synthetic 3×32×32 images (10 classes: a class-dependent
+    blob on noise) and 500 validation images, batch 64, TensorBoard logging; CPU seconds of fit and hooks."""
+    from explain_callbacks.models import LitClassifier
+
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + 500
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = 0.5 * torch.randn(n, 3, 32, 32, generator=g)
+    for c in range(10):  # a blob per class at a class-dependent place and colour channel
+        r, q = divmod(c, 4)
+        x[y == c, c % 3, 8 * r : 8 * r + 8, 8 * q : 8 * q + 8] += 1.5
+    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=128)
+    pl.seed_everything(seed, verbose=False)
+    model = LitClassifier(small_resnet(), lr=3e-3)
+    clock = HookClock()
+    for cb in callbacks:
+        clock.wrap(cb)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=TensorBoardLogger(tmp),
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0, accelerator="cpu", devices=1)  # fmt: skip
+        cpu = time.process_time()
+        trainer.fit(model, train, val)
+        cpu = time.process_time() - cpu
+    explained = sum(int(getattr(cb, "_fit_explanations", 0)) for cb in callbacks)
+    return {"fit_cpu": cpu, "hooks_cpu": clock.seconds, "explanations": explained}
+
+
+def resnet_main(args: argparse.Namespace) -> None:
+    """``--resnet``: what ``AttributionMonitor()`` with its defaults costs on the small ResNet (issue 22, item 3):
+    hooks CPU over the rest of fit, and fit CPU against a fit without callbacks (pairs, median)."""
+    from explain_callbacks.callbacks import AttributionMonitor
+
+    specs = {"AttributionMonitor()": lambda: AttributionMonitor()}
+    if args.resnet_fixed:
+        specs["AttributionMonitor(budget=None)"] = lambda: AttributionMonitor(budget=None)
+    rows, raw = [], {}
+    for name, make in specs.items():
+        pairs = []
+        for _ in range(args.repeats):
+            base = resnet_run([], args.epochs or 3, args.n_train)
+            run = resnet_run([make()], args.epochs or 3, args.n_train)
+            pairs.append((base, run))
+        hooks = statistics.median(r["hooks_cpu"] / max(r["fit_cpu"] - r["hooks_cpu"], 1e-9) for _, r in pairs)
+        fit = statistics.median(r["fit_cpu"] / b["fit_cpu"] - 1 for b, r in pairs)
+        lo = min(r["fit_cpu"] / b["fit_cpu"] - 1 for b, r in pairs)
+        hi = max(r["fit_cpu"] / b["fit_cpu"] - 1 for b, r in pairs)
+        base, run = pairs[-1]
+        raw[name] = {"pairs": pairs, "hooks_fraction": hooks, "fit_fraction": fit}
+        rows.append(f"| `{name}` | {run['explanations']} | {base['fit_cpu']:.1f} | {run['fit_cpu']:.1f} | "
+                    f"{run['hooks_cpu']:.2f} | {100 * hooks:.2f} % | {100 * fit:+.1f} % "
+                    f"({100 * lo:+.1f} to {100 * hi:+.1f}) |")  # fmt: skip
+        print(rows[-1], flush=True)
+    head = (
+        "| monitor | explanations | fit CPU s, none | fit CPU s, with | hooks CPU s | hooks / training "
+        "| fit overhead (min to max) |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, shared 2-core CPU"
+    )
+    note = (
+        f"Small ResNet (3 stages × 2 blocks, 16/32/64 wide), {args.n_train} training images 3×32×32, batch 64, "
+        f"{args.epochs or 3} epochs, TensorBoard logger, CPU time, {args.repeats} pair(s); {machine}"
+    )
+    table = head + "\n" + "\n".join(rows)
+    print(f"\n{note}\n\n{table}")
+    if not args.no_write:
+        out = ROOT / "benchmarks" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_callback_costs_resnet.md").write_text(f"{note}\n\n{table}\n")
+        (out / "bench_callback_costs_resnet.json").write_text(json.dumps(raw, indent=1, default=float))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help="conf/callbacks names (default: all but none)")
     parser.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs (default: the main job's)")
     parser.add_argument("--repeats", type=int, default=1, help="baseline/config pairs per config (median)")
     parser.add_argument("--budget", type=float, default=None, help="set every monitor's budget")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: CPU time is the work done; idle OpenMP threads spin on a busy machine)")
-    parser.add_argument("--override", action="append", default=[],
-                        help="a Hydra override of the config's runs, e.g. 'callbacks.interaction.methods=[cd,hsic]'")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: CPU time is the work done; idle OpenMP threads spin on a busy machine)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a Hydra override of the config's runs, e.g. 'callbacks.interaction.methods=[cd,hsic]'",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result files (bench_callback_costs<tag>.md)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
+    parser.add_argument("--resnet", action="store_true",
+                        help="AttributionMonitor() on the small ResNet, 2,000 images, 3 epochs (issue 22)")  # fmt: skip
+    parser.add_argument("--resnet-fixed", action="store_true", help="--resnet: also budget=None (the fixed schedule)")
+    parser.add_argument("--n-train", type=int, default=2000, help="--resnet: training images")
     args = parser.parse_args(argv)
+    if args.resnet:
+        torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore")
+        resnet_main(args)
+        return
     configs = args.configs or sorted(p.stem for p in (CONF / "callbacks").glob("*.yaml") if p.stem != "none")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -160,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((config, ROLE.get(config, ""), run["explanations"], base["fit_cpu"], run["fit_cpu"],
                      run["hooks_cpu"], hooks, fit))  # fmt: skip
         print(f"{config}: hooks {100 * hooks:.1f} %, fit {100 * fit:+.1f} %", flush=True)
-    head = ("| config | what | explanations | fit CPU s, none | fit CPU s, with | hooks CPU s | hooks / training "
-            "| fit overhead |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| config | what | explanations | fit CPU s, none | fit CPU s, with | hooks CPU s | hooks / training "
+        "| fit overhead |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for c, role, n, b, r, h, hf, ff in rows:
         lines.append(f"| `{c}` | {role} | {n} | {b:.1f} | {r:.1f} | {h:.2f} | {100 * hf:.1f} % | {100 * ff:+.1f} % |")

@@ -171,3 +171,19 @@ def test_budget_decisions_agree_under_ddp():
     assert set(logs) == {"0", "1"}, out.stdout[-2000:]
     assert logs["0"] == logs["1"] == str(_expected_log(0.25, 6, 3.0, 1.0, 4))  # the slow rank's cost decides
     assert logs["0"] != str(_expected_log(0.25, 6, 3.0, 0.25, 4))  # what rank 0 alone would have done
+
+
+def test_attribution_monitor_defaults_to_two_percent_of_training(tmp_path):
+    """``AttributionMonitor()`` runs under budget=0.02 (issue 22, item 3): with a method costing 40 % of an
+    epoch on all 8 probes, it explains what fits 2 % of the training time, as the budget rule says."""
+    clock = FakeClock()
+    method = SlowSaliency(clock, 0.3)
+    mon = AttributionMonitor(methods=[method], log_images=False, log_histograms=False)
+    assert mon.budget == 0.02 and mon.num_samples == 8
+    mon.clock = clock
+    train, val = image_loaders()
+    trainer(tmp_path, [Ticks(clock, 1.0), mon], max_epochs=6, logger=False).fit(lit(), train, val)
+    per_epoch = 6.0
+    assert mon.budget_log == _expected_log(0.02, 6, per_epoch, 0.3, 8)
+    spent = sum(k for _, k in mon.budget_log) * 0.3
+    assert spent <= 0.02 * 6 * per_epoch + 0.3  # within the budget up to one probe's cost

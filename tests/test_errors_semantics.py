@@ -334,10 +334,11 @@ def test_strict_raises_on_nan_maps_and_otherwise_warns(tmp_path):
 
     _, val = image_loaders()
     with pytest.raises(FloatingPointError, match=r"method 'nanmaps' produced NaN/Inf attributions.*strict=True"):
-        trainer(tmp_path, callbacks=[AttributionMonitor(methods=[NaNMaps()], num_samples=4, strict=True)]).validate(
+        trainer(tmp_path, callbacks=[AttributionMonitor(
+            budget=None, methods=[NaNMaps()], num_samples=4, strict=True)]).validate(
             lit(), val
         )
-    mon = AttributionMonitor(methods=[NaNMaps(), "saliency"], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=[NaNMaps(), "saliency"], num_samples=4)
     with pytest.warns(UserWarning, match="method 'nanmaps' produced NaN/Inf attributions"):
         trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     assert "saliency" in mon.last_scores and "nanmaps" not in mon.last_scores
@@ -377,11 +378,11 @@ def test_the_monitor_names_metric_method_and_dropped_samples(tmp_path):
             s[: inputs.shape[0] if self.all_nan else inputs.shape[0] // 2] = float("nan")
             return s
 
-    mon = AttributionMonitor(methods=["saliency"], metrics=[HalfNaN()], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], metrics=[HalfNaN()], num_samples=4)
     with pytest.warns(UserWarning, match=r"metric 'halfnan' on 'saliency': 2 of 4 samples .* NaN/Inf score"):
         trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     assert mon.last_scores["saliency"]["halfnan"] == 1.0
-    mon = AttributionMonitor(methods=["saliency"], metrics=[HalfNaN(all_nan=True)], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], metrics=[HalfNaN(all_nan=True)], num_samples=4)
     with pytest.warns(UserWarning, match=r"metric 'halfnan' on 'saliency': all 4 samples .* nothing is logged"):
         trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     assert "halfnan" not in mon.last_scores["saliency"]

@@ -139,7 +139,7 @@ def test_dict_batches_tuple_outputs_nonsquare_rgb(tmp_path, style):
     x, y = _images()
     make = lambda: DictModule(TupleCNN(style=style))  # noqa: E731
     w0 = _fit(tmp_path / "a", make, _loaders(x, y), logger=False)
-    mon = AttributionMonitor(
+    mon = AttributionMonitor(budget=None,
         methods=["saliency", {"name": "ig", "n_steps": 8}, "gradcam", "occlusion", {"name": "rise", "n_masks": 200}],
         metrics=["deletion", "insertion", "mufidelity", "infidelity", "max_sensitivity", "complexity"],
         num_samples=6, model_attr="net", output_key=0 if style == "tuple" else None, strict=True,
@@ -156,7 +156,7 @@ def test_dict_batches_tuple_outputs_nonsquare_rgb(tmp_path, style):
 
 def test_tuple_output_without_output_key_names_the_fix(tmp_path):
     x, y = _images()
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, model_attr="net", strict=True)
     with pytest.raises(TypeError, match="output_key"):
         _fit(tmp_path, lambda: DictModule(TupleCNN()), _loaders(x, y), callbacks=[mon], logger=False)
 
@@ -176,7 +176,7 @@ def test_tabular_regression_layernorm_gelu(tmp_path):
     y = 2 * x[:, 0] - x[:, 3] + 0.1 * torch.randn(128, generator=g)
     make = lambda: DictModule(RegressionMLP(), regression=True)  # noqa: E731
     w0 = _fit(tmp_path / "a", make, _loaders(x, y), logger=False)
-    mon = AttributionMonitor(
+    mon = AttributionMonitor(budget=None,
         methods=["saliency", "ig", "smoothgrad", "occlusion", "neflag10"],
         metrics=["deletion", "abc", "mufidelity", "infidelity"],
         num_samples=8, target=None, strict=True,
@@ -222,7 +222,8 @@ def test_recurrent_sequence_model_with_interactions(tmp_path):
         DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8),
     )
     w0 = _fit(tmp_path / "a", GRUClassifier, loaders, logger=False)
-    mon = AttributionMonitor(methods=["saliency", "ig", "smoothgrad"], metrics=["deletion"], num_samples=4, strict=True)
+    mon = AttributionMonitor(
+        budget=None, methods=["saliency", "ig", "smoothgrad"], metrics=["deletion"], num_samples=4, strict=True)
     inter = InteractionMonitor(methods=["integrated_hessians"], num_samples=2, strict=True)
     w1 = _fit(tmp_path / "b", GRUClassifier, loaders, callbacks=[mon, inter])
     _assert_same(w0, w1)
@@ -233,7 +234,7 @@ def test_bf16_mixed_precision_training_is_untouched(tmp_path):
     x, y = _images()
     make = lambda: DictModule(TupleCNN(style="object"))  # noqa: E731
     w0 = _fit(tmp_path / "a", make, _loaders(x, y), logger=False, precision="bf16-mixed")
-    mon = AttributionMonitor(
+    mon = AttributionMonitor(budget=None,
         methods=["saliency", "ig"], metrics=["deletion"], num_samples=4, model_attr="net", strict=True
     )
     w1 = _fit(tmp_path / "b", make, _loaders(x, y), callbacks=[mon], precision="bf16-mixed")
@@ -246,7 +247,7 @@ def test_bf16_mixed_precision_training_is_untouched(tmp_path):
 def test_true_precisions_explain_in_the_weights_dtype(tmp_path, precision):
     x, y = _images()
     make = lambda: DictModule(TupleCNN(style="object"))  # noqa: E731
-    mon = AttributionMonitor(
+    mon = AttributionMonitor(budget=None,
         methods=["saliency", {"name": "ig", "n_steps": 8}, "gradcam"], metrics=["deletion"], num_samples=4,
         model_attr="net", strict=True,
     )  # fmt: skip
@@ -261,14 +262,15 @@ def test_trainer_test_explains_the_validation_probe_or_a_test_probe(tmp_path):
     torch.manual_seed(0)
     module = make()
     train, val = _loaders(x, y)
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", every_n_epochs=5, strict=True)
+    mon = AttributionMonitor(
+        budget=None, methods=["saliency"], num_samples=4, model_attr="net", every_n_epochs=5, strict=True)
     tr = trainer(tmp_path / "a", callbacks=[mon], max_epochs=1)
     tr.fit(module, train, val)
     probe = mon.probe_x.clone()
     assert mon.last_scores == {}  # not due during fit
     tr.test(module, val)
     assert torch.equal(mon.probe_x, probe) and "saliency" in mon.last_scores
-    fresh = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", strict=True)
+    fresh = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, model_attr="net", strict=True)
     trainer(tmp_path / "b", callbacks=[fresh]).test(module, val)
     assert fresh.probe_size == 4 and "saliency" in fresh.last_scores
     assert "test/maps/attributions" in event_tags(tmp_path / "b")["images"]  # test values under test/

@@ -62,7 +62,7 @@ def test_monitor_bit_identical_on_gpu_with_bf16(tmp_path):
         return m
 
     m0 = fit([])
-    mon = AttributionMonitor(methods=["ig", "smoothgrad"], num_samples=8, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["ig", "smoothgrad"], num_samples=8, strict=True)
     m1 = fit([mon])
     for (k, a), b in zip(m0.state_dict().items(), m1.state_dict().values()):
         assert torch.equal(a, b), k

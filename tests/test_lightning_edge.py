@@ -137,7 +137,7 @@ def _same_weights(a: nn.Module, b: nn.Module) -> None:
 
 def _monitors(strict: bool = True) -> list:
     return [
-        AttributionMonitor(
+        AttributionMonitor(budget=None,
             methods=["saliency", {"name": "ig", "n_steps": 4}],
             metrics=[{"name": "deletion", "n_steps": 4}],
             num_samples=4,
@@ -183,8 +183,8 @@ def _pairs() -> list:
     return [
         InteractionMonitor(num_samples=4, groups=2, strict=True),
         InteractionMonitor(num_samples=4, groups=4, strict=True),
-        AttributionMonitor(methods=[{"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
-        AttributionMonitor(methods=[{"name": "ig", "n_steps": 8}], num_samples=4, strict=True),
+        AttributionMonitor(budget=None, methods=[{"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
+        AttributionMonitor(budget=None, methods=[{"name": "ig", "n_steps": 8}], num_samples=4, strict=True),
         # rows in the checkpoint (checkpoint_buffer=True; left out by default): each buffer restores its own
         Distiller(students=["tree"], buffer_size=16, export=False, strict=True, checkpoint_buffer=True),
         Distiller(
@@ -225,7 +225,8 @@ def test_a_checkpoint_with_the_former_state_keys_still_restores(tmp_path):
     def callbacks():
         return [
             InteractionMonitor(num_samples=4, groups=2, strict=True),
-            AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
+            AttributionMonitor(
+                budget=None, methods=["saliency", {"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
             Distiller(students=["tree"], every_n_epochs=5, export=False, strict=True, checkpoint_buffer=True),
             SaliencyMasker(num_samples=4, width=4, strict=True),
         ]
@@ -258,7 +259,7 @@ def test_a_method_failing_every_epoch_warns_once(tmp_path):
     """Was: one warning per method and metric at every epoch ("... at epoch 0/1/2 ..."), and the Distiller's per
     batch and per epoch: a screenful per run."""
     bad_metric = {"name": "deletion", "n_steps": 4, "substrate": "no_such_substrate"}
-    mon = AttributionMonitor(methods=[Boom(), "saliency"], num_samples=4, metrics=[bad_metric])
+    mon = AttributionMonitor(budget=None, methods=[Boom(), "saliency"], num_samples=4, metrics=[bad_metric])
     dist = Distiller(students=["tree"], input_key="image", export=False)  # tuple batches: nothing to buffer
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -358,7 +359,7 @@ def test_mixin_draws_per_batch_under_gradient_accumulation(tmp_path):
 
 class Counting(AttributionMonitor):
     def __init__(self, **kw) -> None:
-        super().__init__(methods=["saliency"], num_samples=4, **kw)
+        super().__init__(methods=["saliency"], num_samples=4, budget=None, **kw)  # the fixed schedule
         self.calls: list[int] = []
 
     def explain(self, trainer, pl_module, x, y, target):
@@ -420,7 +421,7 @@ def test_lightning_module_compiled_whole(tmp_path):
         return module
 
     base = fit(tmp_path / "a", [])
-    mon = AttributionMonitor(methods=["gradcam", "saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["gradcam", "saliency"], num_samples=4, strict=True)
     module = fit(tmp_path / "b", [mon, SaliencyMasker(num_samples=4, strict=True)])
     _same_weights(base, module)
     assert set(mon.last_scores) == {"gradcam", "saliency"}

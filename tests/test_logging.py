@@ -23,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _monitor(**kw):
-    return AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 4}], metrics=["deletion"],
+    return AttributionMonitor(budget=None, methods=["saliency", {"name": "ig", "n_steps": 4}], metrics=["deletion"],
                               num_samples=4, max_images=4, strict=True, **kw)  # fmt: skip
 
 
@@ -54,7 +54,7 @@ def _tb(tmp_path):
     return TensorBoardLogger(str(tmp_path), name="tb")
 
 
-#: every tag an AttributionMonitor(saliency, ig; deletion) writes in a fit (the documented layout)
+#: every tag an AttributionMonitor(budget=None, saliency, ig; deletion) writes in a fit (the documented layout)
 FIT_SCALARS = {
     "cost/seconds/saliency", "cost/seconds/ig", "maps/sparseness/saliency", "maps/sparseness/ig",
     "maps/drift/saliency", "maps/drift/ig", "sanity/completeness_error/ig", "faithfulness/deletion/saliency",
@@ -284,7 +284,7 @@ def test_captions_name_true_class_prediction_and_probability():
         def forward(self, x):
             return x[:, :3] * 10  # logits: the first three inputs
 
-    mon = AttributionMonitor(methods=["saliency"], class_names=["cat", "dog", "cow"])
+    mon = AttributionMonitor(budget=None, methods=["saliency"], class_names=["cat", "dog", "cow"])
     x = torch.tensor([[1.0, 0.0, 0.0, 5.0], [0.0, 0.0, 1.0, 5.0]])
     captions, wrong = mon._captions(Fixed(), x, torch.tensor([0, 1]), torch.tensor([0, 1]))
     p = float(torch.softmax(torch.tensor([0.0, 0.0, 10.0]), 0)[2])
@@ -296,7 +296,7 @@ def test_captions_name_true_class_prediction_and_probability():
         one.bias.fill_(2.0)
     captions, wrong = mon._captions(one, x, torch.tensor([1, 0]), torch.tensor([0, 0]))
     assert captions[0] == "true dog · pred dog (0.88)" and wrong == [False, True]
-    regression = AttributionMonitor(methods=["saliency"], target=None)
+    regression = AttributionMonitor(budget=None, methods=["saliency"], target=None)
     captions, _ = regression._captions(one, x, torch.tensor([1.5, 2.0]), None)
     assert captions == ["y 1.5 · ŷ 2", "y 2 · ŷ 2"]
     # class names found on the data module, else on the validation dataset (or the one a Subset wraps)

@@ -247,7 +247,7 @@ def test_attribution_monitor_by_name(tmp_path):
     trainer(tmp_path / "a", max_epochs=1, logger=False).fit(m0, train, val)
     train, val = image_loaders()
     m1 = lit()
-    mon = AttributionMonitor(methods=["lrp"], num_samples=6, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["lrp"], num_samples=6, strict=True)
     trainer(tmp_path / "b", callbacks=[mon], max_epochs=1).fit(m1, train, val)
     assert "lrp" in mon.last_scores and "completeness_error" in mon.last_scores["lrp"]
     w0, w1 = m0.state_dict(), m1.state_dict()

@@ -46,7 +46,7 @@ def test_default_main_job_shows_the_product():
 
 
 def test_what_to_look_at_names_sections_and_ranks_the_methods():
-    mon = AttributionMonitor(methods=["saliency", "ig"], metrics=["deletion", "insertion"])
+    mon = AttributionMonitor(budget=None, methods=["saliency", "ig"], metrics=["deletion", "insertion"])
     mon._higher = {"deletion": False, "insertion": True}
     mon.last_scores = {"saliency": {"deletion": 0.3, "insertion": 0.5}, "ig": {"deletion": 0.2, "insertion": 0.4}}
     text = TRAIN.what_to_look_at([mon, InteractionMonitor()])

@@ -265,7 +265,7 @@ def test_randomisation_during_training_leaves_weights_bit_identical(tmp_path):
         trainer(tmp_path / str(len(callbacks)), callbacks=callbacks, max_epochs=2, logger=False).fit(model, train, val)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
-    mon = AttributionMonitor(
+    mon = AttributionMonitor(budget=None,
         methods=["saliency"], metrics=[{"name": "randomisation", "cascade": True}], num_samples=8, strict=True
     )
     with_check, without = run([mon]), run([])

@@ -23,7 +23,7 @@ def test_bit_identical_weights_with_and_without_monitor(tmp_path):
     trainer(tmp_path / "a", max_epochs=2).fit(m0, train, val)
     train, val = image_loaders()
     m1 = lit()
-    mon = AttributionMonitor(methods=["ig", "smoothgrad", "gradcam"], num_samples=8, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["ig", "smoothgrad", "gradcam"], num_samples=8, strict=True)
     trainer(tmp_path / "b", callbacks=[mon], max_epochs=2).fit(m1, train, val)
     w0, w1 = _weights(m0), _weights(m1)
     assert w0.keys() == w1.keys()
@@ -34,7 +34,8 @@ def test_bit_identical_weights_with_and_without_monitor(tmp_path):
 
 def test_logs_images_histograms_scalars_and_ranking(tmp_path):
     train, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 8}], num_samples=6, strict=True)
+    mon = AttributionMonitor(
+        budget=None, methods=["saliency", {"name": "ig", "n_steps": 8}], num_samples=6, strict=True)
     tr = trainer(tmp_path, callbacks=[mon], max_epochs=2)
     tr.fit(lit(), train, val)
     tags = event_tags(tmp_path)
@@ -53,7 +54,7 @@ def test_every_n_epochs_and_sanity_check_skipped(tmp_path):
         def explain(self, trainer, pl_module, x, y, target):
             calls.append(trainer.current_epoch)
 
-    tr = trainer(tmp_path, callbacks=[Counting(methods=["saliency"], every_n_epochs=2)], max_epochs=4,
+    tr = trainer(tmp_path, callbacks=[Counting(budget=None, methods=["saliency"], every_n_epochs=2)], max_epochs=4,
                  num_sanity_val_steps=2)  # fmt: skip
     tr.fit(lit(), train, val)
     assert calls == [1, 3]
@@ -61,7 +62,7 @@ def test_every_n_epochs_and_sanity_check_skipped(tmp_path):
 
 def test_resume_restores_probe(tmp_path):
     train, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency"], num_samples=5)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=5)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     tr = trainer(tmp_path, callbacks=[mon, ckpt], max_epochs=1)
     tr.fit(lit(), train, val)
@@ -69,7 +70,7 @@ def test_resume_restores_probe(tmp_path):
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     # resume with a validation set whose first samples differ: the probe must come from the checkpoint
     _, other_val = image_loaders(seed=5)
-    mon2 = AttributionMonitor(methods=["saliency"], num_samples=5)
+    mon2 = AttributionMonitor(budget=None, methods=["saliency"], num_samples=5)
     tr2 = trainer(tmp_path / "r", callbacks=[mon2, ModelCheckpoint(dirpath=tmp_path / "ck2")], max_epochs=2)
     tr2.fit(lit(), train, other_val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(mon2.probe_x, probe)
@@ -78,7 +79,7 @@ def test_resume_restores_probe(tmp_path):
 
 def test_works_inside_validate_inference_mode(tmp_path):
     _, val = image_loaders()
-    mon = AttributionMonitor(methods=["ig", "saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["ig", "saliency"], num_samples=4, strict=True)
     out = trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     assert "maps/sparseness/ig" in out[0]
     assert mon.last_scores["ig"]["completeness_error"] < 1.0
@@ -86,7 +87,7 @@ def test_works_inside_validate_inference_mode(tmp_path):
 
 def test_nan_probe_sample_is_skipped_with_warning(tmp_path):
     _, val = image_loaders(nan_at=1)
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     with pytest.warns(UserWarning, match="NaN/Inf and are skipped"):
         trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     assert mon.probe_size == 4 and torch.isfinite(mon.probe_x).all()
@@ -101,23 +102,24 @@ def test_failing_method_warns_and_training_continues_unless_strict(tmp_path):
 
     train, val = image_loaders()
     m = lit()
-    mon = AttributionMonitor(methods=[Boom(), "saliency"], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=[Boom(), "saliency"], num_samples=4)
     with pytest.warns(UserWarning, match="method 'boom' failed: RuntimeError: kaput"):
         trainer(tmp_path, callbacks=[mon], max_epochs=1).fit(m, train, val)
     assert "saliency" in mon.last_scores
     with pytest.raises(RuntimeError, match="kaput"):
-        trainer(tmp_path, callbacks=[AttributionMonitor(methods=[Boom()], strict=True)], max_epochs=1).fit(
+        trainer(tmp_path, callbacks=[AttributionMonitor(budget=None, methods=[Boom()], strict=True)], max_epochs=1).fit(
             lit(), train, val
         )
 
 
 def test_target_out_of_range_is_reported(tmp_path):
     _, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency"], target=7, num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], target=7, num_samples=4)
     with pytest.warns(UserWarning, match=r"target values must lie in \[0, 2\]"):
         trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     with pytest.raises(ValueError, match="target values must lie"):
-        trainer(tmp_path, callbacks=[AttributionMonitor(methods=["saliency"], target=7, strict=True)]).validate(
+        trainer(tmp_path, callbacks=[AttributionMonitor(
+            budget=None, methods=["saliency"], target=7, strict=True)]).validate(
             lit(), val
         )
 
@@ -137,7 +139,7 @@ def test_wrong_input_rank_is_reported(tmp_path):
 
     model = LitClassifier(Flat())
     val = DataLoader(TensorDataset(torch.randn(8), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    mon = AttributionMonitor(methods=["saliency"], strict=True, num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], strict=True, num_samples=4)
     with pytest.raises(ValueError, match="must be batched"):
         trainer(tmp_path, callbacks=[mon]).validate(model, val)
 
@@ -149,7 +151,7 @@ def test_tabular_and_sequence_inputs(tmp_path):
 
     x, y = torch.randn(40, 5), torch.randint(0, 2, (40,))
     tab = LitClassifier(MLP(5, 2, hidden=(8,)))
-    mon = AttributionMonitor(methods=["ig"], feature_names=list("abcde"), num_samples=8, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["ig"], feature_names=list("abcde"), num_samples=8, strict=True)
     tr = trainer(tmp_path / "tab", callbacks=[mon])
     tr.validate(tab, DataLoader(TensorDataset(x, y), batch_size=10))
     tags = event_tags(tmp_path / "tab")
@@ -159,24 +161,24 @@ def test_tabular_and_sequence_inputs(tmp_path):
 
     seq = LitClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)))
     xs = torch.randn(20, 4, 3)
-    mon2 = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    mon2 = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     trainer(tmp_path / "seq", callbacks=[mon2]).validate(seq, DataLoader(TensorDataset(xs, y[:20]), batch_size=10))
     assert "maps/attributions" in event_tags(tmp_path / "seq")["images"]
 
 
 def test_per_class_probe(tmp_path):
     _, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency"], num_samples=6, per_class=2)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=6, per_class=2)
     trainer(tmp_path, callbacks=[mon]).validate(lit(), val)
     assert torch.bincount(mon.probe_y, minlength=3).tolist() == [2, 2, 2]
 
 
 def test_unknown_method_fails_fast():
     with pytest.raises(KeyError, match="Available:"):
-        AttributionMonitor(methods=["not_a_method"])
+        AttributionMonitor(budget=None, methods=["not_a_method"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AttributionMonitor(methods="saliency")
+        AttributionMonitor(budget=None, methods="saliency")
 
 
 def test_metrics_on_shapes_with_masks(tmp_path):
@@ -190,7 +192,8 @@ def test_metrics_on_shapes_with_masks(tmp_path):
     torch.manual_seed(0)
     model = LitClassifier(SmallCNN(3, 4, width=4))
     with pytest.warns(UserWarning, match="metric 'drift' dropped"):
-        mon = AttributionMonitor(methods=["saliency", "gradcam"], metrics=["deletion", "pointing_game", "drift"],
+        mon = AttributionMonitor(
+            budget=None, methods=["saliency", "gradcam"], metrics=["deletion", "pointing_game", "drift"],
                                  num_samples=6, strict=True)  # fmt: skip
     trainer(tmp_path, callbacks=[mon]).validate(model, val)
     assert mon.probe_mask is not None and mon.probe_mask.shape[0] == 6  # masks found in (x, y, mask) batches
@@ -209,8 +212,9 @@ def test_two_monitors_share_a_checkpoint(tmp_path):
 
     def monitors():
         return (
-            AttributionMonitor(methods=["saliency"], num_samples=4, per_class=1),
-            AttributionMonitor(methods=["saliency"], num_samples=4, target="prediction", metrics=["deletion"]),
+            AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, per_class=1),
+            AttributionMonitor(
+                budget=None, methods=["saliency"], num_samples=4, target="prediction", metrics=["deletion"]),
         )
 
     a, b = monitors()
@@ -232,7 +236,8 @@ def test_other_loggers_get_the_scalars(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     train, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 4}], metrics=["deletion"], num_samples=4,
+    mon = AttributionMonitor(
+        budget=None, methods=["saliency", {"name": "ig", "n_steps": 4}], metrics=["deletion"], num_samples=4,
                              strict=True)  # fmt: skip
     tr = trainer(tmp_path, callbacks=[mon], max_epochs=1, logger=False)
     tr.loggers = [CSVLogger(str(tmp_path), name="csv")]

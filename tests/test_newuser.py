@@ -225,7 +225,7 @@ def test_probe_that_cannot_be_taken_warns_and_training_goes_on(tmp_path):
     loaders = _loaders(x, _multi_hot())
     base, _ = _fit(tmp_path / "a", lambda: Lit(CNN(), "bce"), loaders)
     spray = SpRAyMonitor(num_samples=12, min_per_class=4, every_n_epochs=1, target="prediction")
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, target="prediction", input_key="image")
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, target="prediction", input_key="image")
     with pytest.warns(UserWarning, match="could not take its probe set") as record:
         module, _ = _fit(tmp_path / "b", lambda: Lit(CNN(), "bce"), loaders, [spray, mon])
     _assert_same_weights(base, module)
@@ -246,7 +246,7 @@ def test_no_validation_says_that_nothing_was_explained(tmp_path, setting):
     kw = {"limit_val_batches": {"limit_val_batches": 0}, "max_steps": {"max_steps": 2}}.get(setting, {})
     if setting == "no_val_loader":
         loaders = lambda make=loaders: make()[:1]  # noqa: E731
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4)
     with pytest.warns(UserWarning, match="AttributionMonitor explained nothing.*trainer.validate"):
         _fit(tmp_path, lambda: Lit(CNN()), loaders, [mon], **kw)
     assert mon.probe_x is None
@@ -257,7 +257,7 @@ def test_dataclass_batches_with_attribute_keys(tmp_path):
     """``input_key="image"`` on a dataclass batch was "Could not take input with key 'image'"."""
     x, y = _data()
     loaders = _loaders(x, y, collate=_collate)
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, input_key="image", label_key="label",
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, input_key="image", label_key="label",
                              strict=True)  # fmt: skip
     _, tr = _fit(tmp_path, lambda: Lit(CNN()), loaders, [mon], max_epochs=1)
     assert mon.probe_x.shape == (4, 1, 8, 8) and torch.equal(mon.probe_y, y[32:36])
@@ -287,7 +287,7 @@ def test_forward_taking_the_batch_names_model_attr(tmp_path, callback):
     """Was: "expected 4D input (got 3D input)" once per method (forward took x[0] of the input tensor)."""
     x, y = _data(n=32)
     make = {
-        "monitor": lambda **kw: AttributionMonitor(methods=["saliency", "occlusion"], num_samples=4, **kw),
+        "monitor": lambda **kw: AttributionMonitor(budget=None, methods=["saliency", "occlusion"], num_samples=4, **kw),
         "distiller": lambda **kw: Distiller(students=["tree"], export=False, **kw),
         "masker": lambda **kw: SaliencyMasker(num_samples=4, **kw),
     }[callback]
@@ -315,8 +315,8 @@ def test_compiled_network_is_explained_through_its_original(tmp_path):
         module.backbone = torch.compile(module.backbone, backend="eager")  # no code generation: fast
         return module
 
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="backbone", strict=True)
-    plain = AttributionMonitor(methods=["saliency"], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, model_attr="backbone", strict=True)
+    plain = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4)
     with pytest.warns(UserWarning, match="torch.compile'd modules \\['backbone'\\].*model_attr='backbone'"):
         module, tr = _fit(tmp_path, make, _loaders(x, y), [mon, plain], max_epochs=1)
     assert mon.model(module) is module.backbone._orig_mod
@@ -326,7 +326,7 @@ def test_compiled_network_is_explained_through_its_original(tmp_path):
 # --------------------------------------------------------------------------- Lightning settings
 def _all_callbacks(strict: bool = True) -> list:
     return [
-        AttributionMonitor(
+        AttributionMonitor(budget=None,
             methods=["saliency", {"name": "ig", "n_steps": 4}],
             metrics=[{"name": "deletion", "n_steps": 4}],
             num_samples=4,

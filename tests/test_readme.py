@@ -98,7 +98,7 @@ def test_render_figures_draws_a_run(tmp_path):
     from explain_callbacks.datasets import ShapesDataModule
     from explain_callbacks.models import LitClassifier, SmallCNN
 
-    monitor = AttributionMonitor(methods=["saliency", "ig"], metrics=["deletion"], num_samples=2)
+    monitor = AttributionMonitor(budget=None, methods=["saliency", "ig"], metrics=["deletion"], num_samples=2)
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, callbacks=[monitor],
                          default_root_dir=str(tmp_path), enable_progress_bar=False)  # fmt: skip
     trainer.fit(LitClassifier(SmallCNN(in_channels=3, num_classes=4)), ShapesDataModule(n_train=64, n_val=16))

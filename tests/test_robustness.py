@@ -73,7 +73,8 @@ def test_fragility_section_config_and_errors():
 
 def test_monitor_logs_fragility_per_gradient_method_under_robustness(tmp_path):
     train, val = image_loaders()
-    mon = AttributionMonitor(methods=["saliency", "occlusion"], metrics=[{"name": "fragility", "steps": 2}],
+    mon = AttributionMonitor(
+        budget=None, methods=["saliency", "occlusion"], metrics=[{"name": "fragility", "steps": 2}],
                              num_samples=4, every_n_epochs=1, strict=True, log_images=False)  # fmt: skip
     tr = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[mon], logger=False,
                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip

@@ -159,7 +159,7 @@ def test_no_grad_in_forward_gradcam_layer_and_perturbation_methods():
 
 def test_no_grad_in_forward_monitor_warns_and_training_goes_on(tmp_path):
     x, y = _data()
-    mon = AttributionMonitor(methods=["saliency", {"name": "rise", "n_masks": 8}], num_samples=3)
+    mon = AttributionMonitor(budget=None, methods=["saliency", {"name": "rise", "n_masks": 8}], num_samples=3)
     with pytest.warns(UserWarning, match="no_grad"):
         _fit(tmp_path, lambda: Lit(NoGradStem()), _loaders(x, y), callbacks=[mon])
     assert set(mon.last_scores) == {"rise"}
@@ -216,7 +216,8 @@ def test_every_method_and_metric_on_a_resnet_bit_identical(tmp_path):
     masks[..., 5:12, 3:8] = 1.0
     make = lambda: Lit(ResNetish())  # noqa: E731
     w0 = _weights(_fit(tmp_path / "a", make, _loaders(x, y, masks), max_epochs=2))
-    mon = AttributionMonitor(methods=ALL_METHODS, metrics=ALL_METRICS, num_samples=3, batch_size=4, strict=True)
+    mon = AttributionMonitor(
+        budget=None, methods=ALL_METHODS, metrics=ALL_METRICS, num_samples=3, batch_size=4, strict=True)
     with pytest.warns(UserWarning, match="maps of 'neuron_region_ig' have shape"):  # were skipped silently
         module = _fit(tmp_path / "b", make, _loaders(x, y, masks), callbacks=[mon], max_epochs=2, logger=True)
     _assert_same(w0, _weights(module))
@@ -240,7 +241,7 @@ def _monitor(**kw) -> AttributionMonitor:
                {"name": "occlusion", "window": 6, "stride": 6}, {"name": "rise", "n_masks": 16}]  # fmt: skip
     kw.setdefault("metrics", [{"name": "deletion", "n_steps": 4}])
     kw.setdefault("num_samples", 4)
-    return AttributionMonitor(methods=methods, strict=True, **kw)
+    return AttributionMonitor(budget=None, methods=methods, strict=True, **kw)
 
 
 class TrainModeAtValidation(Lit):
@@ -326,7 +327,7 @@ def test_token_inputs_fail_with_the_embedding_fix_and_training_goes_on(tmp_path)
     for spec in ["saliency", "occlusion", "rise"]:
         with pytest.raises(TypeError, match=r"nn\.Embedding"):  # was: "... got torch.int64; use .float()"
             ATTRIBUTIONS.build(spec)(TokenNet().eval(), tokens[:2], y[:2])
-    mon = AttributionMonitor(methods=["saliency", "ig"], num_samples=4)
+    mon = AttributionMonitor(budget=None, methods=["saliency", "ig"], num_samples=4)
     with pytest.warns(UserWarning, match="embeddings"):
         _fit(tmp_path, lambda: Lit(TokenNet()), _loaders(tokens, y), callbacks=[mon])
     assert mon.last_scores == {} and mon.probe_x.dtype == torch.long
@@ -353,7 +354,7 @@ def test_token_model_explained_through_its_embeddings(tmp_path):
     def embed(batch):
         return module_ref[0].net.emb(batch[0]).detach()
 
-    mon = AttributionMonitor(
+    mon = AttributionMonitor(budget=None,
         methods=["saliency", {"name": "ig", "n_steps": 8}], metrics=[{"name": "deletion", "n_steps": 4}],
         num_samples=4, input_key=embed, model_attr="on_emb", strict=True,
     )  # fmt: skip
@@ -383,14 +384,14 @@ def test_multilabel_labels_as_target_name_the_fix(tmp_path):
 def test_regression_labels_as_target_name_target_none(tmp_path):
     x, _ = _data()
     y = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(3))
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     with pytest.raises(ValueError, match="target=None"):  # real labels were truncated to class indices silently
         _fit(tmp_path / "a", lambda: Lit(ResNetish(k=1), "mse"), _loaders(x, y), callbacks=[mon])
     y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(3)).float()
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     with pytest.raises(ValueError, match="target=None"):  # integer-valued real labels: out of range for 1 output
         _fit(tmp_path / "b", lambda: Lit(ResNetish(k=1), "mse"), _loaders(x, y), callbacks=[mon])
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, target=None, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, target=None, strict=True)
     _fit(tmp_path / "c", lambda: Lit(ResNetish(k=1), "mse"), _loaders(x, y), callbacks=[mon])
     assert "saliency" in mon.last_scores
 
@@ -411,7 +412,7 @@ class TwoInputs(Lit):
 def test_two_input_forward_names_the_fix(tmp_path):
     x, y = _data()
     tab = torch.rand(x.shape[0], 5, generator=torch.Generator().manual_seed(4))
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, label_key=2, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, label_key=2, strict=True)
     with pytest.raises(TypeError, match="model_attr"):  # was: "forward() missing 1 required positional argument"
         _fit(tmp_path, TwoInputs, _loaders(x, tab, y), callbacks=[mon])
 
@@ -438,7 +439,8 @@ def test_metrics_refuse_maps_of_another_method_or_nan_maps():
 def test_per_class_probe_with_multilabel_labels_names_the_fix(tmp_path):
     x, _ = _data()
     y = (torch.rand(x.shape[0], 4, generator=torch.Generator().manual_seed(3)) > 0.5).float()
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, per_class=2, target="prediction", strict=True)
+    mon = AttributionMonitor(
+        budget=None, methods=["saliency"], num_samples=4, per_class=2, target="prediction", strict=True)
     with pytest.raises(ValueError, match="per_class needs one class label"):  # was int() of a 4-element tensor
         _fit(tmp_path, lambda: Lit(ResNetish(), "bce"), _loaders(x, y), callbacks=[mon])
 
@@ -489,9 +491,9 @@ class NoForward(pl.LightningModule):
 
 def test_lightning_module_without_forward_names_model_attr(tmp_path):
     x, y = _data()
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     with pytest.raises(NotImplementedError, match=r"model_attr=.*'net'"):  # was torch's "missing ... forward"
         _fit(tmp_path / "a", NoForward, _loaders(x, y), callbacks=[mon])
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, model_attr="net", strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, model_attr="net", strict=True)
     _fit(tmp_path / "b", NoForward, _loaders(x, y), callbacks=[mon])
     assert "saliency" in mon.last_scores

@@ -50,7 +50,7 @@ def main(out_dir: str) -> None:
     pl.seed_everything(0)
     train, val = image_loaders()
     methods = ["saliency", {"name": "ig", "n_steps": 8}, FailsOnRankOne()]
-    mon = AttributionMonitor(methods=methods, metrics=["deletion"], num_samples=6)
+    mon = AttributionMonitor(budget=None, methods=methods, metrics=["deletion"], num_samples=6)
     inter = InteractionMonitor(methods=[{"name": "ih", "n_steps": 4}, FlakyHessians(n_steps=4)], num_samples=2)
     broken = PreparationFailsOnRankOne(methods=["saliency"], num_samples=2, target="prediction")
     spr = SpRAyMonitor(num_samples=12, per_class=None, min_per_class=3, every_n_epochs=1, strict=True)

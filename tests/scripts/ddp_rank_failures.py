@@ -59,12 +59,14 @@ def main(out_dir: str) -> None:
     xv = xv.clone()
     xv[1::2] = float("nan")  # DistributedSampler(shuffle=False) gives rank 1 the odd rows: all NaN
     val = DataLoader(TensorDataset(xv, yv), batch_size=8)
-    no_probe = AttributionMonitor(methods=["saliency"], num_samples=4)
+    no_probe = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4)
     bad_key = AttributionMonitor(
-        methods=[{"name": "ig", "n_steps": 4}], num_samples=4, input_key=inputs_failing_on_rank_one
+        budget=None, methods=[{"name": "ig", "n_steps": 4}], num_samples=4, input_key=inputs_failing_on_rank_one
     )
     # reads the inputs NaN-free (rank 1 has a probe set here): only its method fails on rank 1
-    flaky = AttributionMonitor(methods=["input_x_gradient", FailsOnRankOne()], num_samples=4, input_key=finite_inputs)
+    flaky = AttributionMonitor(
+        budget=None, methods=["input_x_gradient", FailsOnRankOne()], num_samples=4, input_key=finite_inputs
+    )
     dist = Distiller(
         students={"tree": "tree", "flaky": TreeFailingOnRankOne(max_depth=2)}, buffer_size=128, val_size=32,
     )  # fmt: skip

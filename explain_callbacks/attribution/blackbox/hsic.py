@@ -3,6 +3,8 @@ Explanations Using Dependence Measure", NeurIPS, arXiv:2206.06219)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +27,32 @@ from ._common import PerturbationAttributor
 __all__ = ["HSIC"]
 
 EPS = 1e-12
+#: the series factor of the output Gram is used while its K terms are at most p / SERIES_FRACTION
+SERIES_FRACTION = 4
+#: rows of the dense Gram built at a time (a 128 × p float64 block stays in a core's L2 cache)
+DENSE_ROWS = 128
+#: float64 elements of series factors held at a time (32 MiB)
+GRAM_ELEMENTS = 1 << 22
+#: the Poisson tail (in units of (Σ|a_u|)²) the series may leave out
+SERIES_TOL = 1e-15
 WIDTHS = ("median", "median_distance", "std")
+
+
+def _series_terms(lam: float, tol: float = SERIES_TOL, limit: int = 100_000) -> int | None:
+    """The smallest K >= λ with P(Poisson(λ) > K) <= ``tol``, bounded by the geometric series
+    ``pmf(K+1) / (1 − λ/(K+2))``; None beyond ``limit`` terms or for a non-finite λ."""
+    if not math.isfinite(lam):
+        return None
+    if lam <= 0.0:
+        return 0
+    k = max(1, math.ceil(lam))
+    log_lam = math.log(lam)
+    while k <= limit:
+        log_pmf = -lam + (k + 1) * log_lam - math.lgamma(k + 2)
+        if log_pmf - math.log1p(-lam / (k + 2)) <= math.log(tol):
+            return k
+        k += 1
+    return None
 
 
 @ATTRIBUTIONS.register("hsic")
@@ -103,6 +130,11 @@ class HSIC(PerturbationAttributor):
         self.upsample = upsample
         self.map_upsample = map_upsample
 
+    @classmethod
+    def monitor_settings(cls, forwards_per_sample: int) -> dict[str, int]:
+        """The design count a monitor uses when none is given: ``forwards_per_sample`` designs, at least 64."""
+        return {"n_designs": max(64, int(forwards_per_sample))}
+
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
         return fit_budget(self.n_designs, budget=self.budget, minimum=4, what="designs", method="HSIC")
 
@@ -147,19 +179,68 @@ class HSIC(PerturbationAttributor):
         # denormals ~5x slower); it changes entries below 2e-35 only.
         return L.square_().mul_((-0.5 / w.pow(2)).view(-1, 1, 1)).clamp_(min=-80.0).exp_()
 
-    def estimate(self, x: Tensor, y: Tensor) -> Tensor:
-        """HSIC_i (B, d) from binary designs x (p, d) and outputs y (B, p), in y's dtype.
+    def _gram_factor(self, y: Tensor) -> Tensor | None:
+        """V (b, K, p) with ``L = VᵀV`` up to 1e-15 per unit of the forms it enters, or None when the
+        series is longer than the dense p×p Gram is expensive (outputs spread over many widths).
 
-        Samples are processed in blocks of about 4M Gram entries, so memory stays bounded and the
-        p×p buffers stay small enough for the cache-friendly in-place build."""
+        Why: the output kernel is one-dimensional, so with ``s_u = (y_u − y₀)/w`` (y₀ the midrange)
+        ``L_uv = e^{−s_u²/2} e^{−s_v²/2} Σ_k (s_u s_v)^k / k!``: rows ``V_k(u) = e^{−s_u²/2} s_u^k / √k!``.
+        Every term of ``aᵀLa = Σ_k (V_k·a)²`` is non-negative, and for k ≥ S² (S = max |s_u|) a term is
+        at most ``(Σ|a_u|)² · Poisson(S²)(k)``, so K terms leave a tail of at most ``(Σ|a_u|)²`` times a
+        Poisson tail, held below 1e-15 here. The quadratic forms then cost O(K·p·d) instead of
+        O(p²·d) plus p² exponentials: on a cheap tabular model the dense Gram cost 7-14× the model's
+        own forward passes (benchmarks/bench_blackbox.py)."""
+        y = y.double()
+        w = self._width(y)
+        y0 = (y.amax(1) + y.amin(1)) / 2
+        s = (y - y0.unsqueeze(1)) / w.unsqueeze(1)
+        k = _series_terms(float(s.abs().amax()) ** 2)
+        if k is None or k > y.shape[1] // SERIES_FRACTION:
+            return None
+        v = torch.empty((y.shape[0], k + 1, y.shape[1]), dtype=y.dtype, device=y.device)
+        v[:, 0] = (-0.5 * s * s).exp()
+        for j in range(1, k + 1):  # V_j = V_{j-1} · s / √j
+            torch.mul(v[:, j - 1], s, out=v[:, j]).div_(math.sqrt(j))
+        return v
+
+    def estimate(self, x: Tensor, y: Tensor) -> Tensor:
+        """HSIC_i (B, d) from binary designs x (p, d) and outputs y (B, p), in y's dtype, computed in
+        float64.
+
+        ``HSIC_i = (2/p²) · x̃_iᵀ L x̃_i`` (x̃ the centred designs): through the series factor of L
+        (:meth:`_gram_factor`) for all cells and a block of samples in one batched matrix product,
+        else from the dense Gram built in row blocks of its upper triangle (half the exponentials;
+        each block stays in cache)."""
         p = x.shape[0]
-        xc = (x - x.mean(0, keepdim=True)).to(y.dtype)
-        out = []
-        step = max(1, int(2**22 // max(p * p, 1)))
-        for s in range(0, y.shape[0], step):
-            L = self._output_gram(y[s : s + step])
-            out.append(2.0 / p**2 * (xc.unsqueeze(0) * (L @ xc)).sum(1))
-        return torch.cat(out)
+        x = x.double()  # the column means k/p in float64: in float32 their rounding shifted every x̃_i
+        xc = x - x.mean(0, keepdim=True)
+        out = torch.empty((y.shape[0], x.shape[1]), dtype=torch.float64, device=y.device)
+        dense = []
+        step = max(1, GRAM_ELEMENTS // (p * 64))
+        for s0 in range(0, y.shape[0], step):
+            sl = slice(s0, min(s0 + step, y.shape[0]))
+            v = self._gram_factor(y[sl])
+            if v is None:
+                dense += range(sl.start, sl.stop)
+                continue
+            out[sl] = (v @ xc).square_().sum(1)  # Σ_k (V_k · x̃_i)²
+        for i in dense:
+            out[i] = self._dense_form(y[i].double(), xc)
+        return (out * (2.0 / p**2)).to(y.dtype)
+
+    def _dense_form(self, y: Tensor, xc: Tensor) -> Tensor:
+        """``diag(x̃ᵀ L x̃)`` (d,) from one sample's outputs (p,): L's upper triangle in row blocks."""
+        p = y.shape[0]
+        c = float(-0.5 / self._width(y.unsqueeze(0))[0].pow(2))
+        acc = torch.zeros(xc.shape[1], dtype=y.dtype, device=y.device)
+        for r0 in range(0, p, DENSE_ROWS):
+            r1 = min(p, r0 + DENSE_ROWS)
+            blk = (y[r0:r1, None] - y[None, r0:]).square_().mul_(c).clamp_(min=-80.0).exp_()
+            a = xc[r0:r1]
+            acc += (a * (blk[:, : r1 - r0] @ a)).sum(0)
+            if r1 < p:  # the block right of the diagonal stands for itself and its mirror image
+                acc += 2 * (a * (blk[:, r1 - r0 :] @ xc[r1:])).sum(0)
+        return acc
 
     @torch.no_grad()
     def interactions(

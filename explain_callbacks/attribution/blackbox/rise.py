@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.layout import check_channels_first
 from ..._internal.masks import (
+    RENDER_ELEMENTS,
     fit_budget,
     make_substrate,
     mask_layout,
@@ -97,6 +98,11 @@ class RISE(PerturbationAttributor):
         self.blur_sigma = blur_sigma
         self.center = center
 
+    @classmethod
+    def monitor_settings(cls, forwards_per_sample: int) -> dict[str, int]:
+        """The mask count a monitor uses when none is given: ``forwards_per_sample`` masks, at least 64."""
+        return {"n_masks": max(64, int(forwards_per_sample))}
+
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
         return fit_budget(self.n_masks, budget=self.budget, what="masks", method="RISE")
 
@@ -114,19 +120,20 @@ class RISE(PerturbationAttributor):
             return render_masks(designs[msl], layout, self.upsample, None if offsets is None else offsets[msl])
 
         b = inputs.shape[0]
-        total = torch.zeros((b, math.prod(layout.mask_shape)), device=inputs.device, dtype=inputs.dtype)
+        # Σ_i f_i M_i in float64: a sum of thousands of masks, which the centred map then differences
+        total = torch.zeros((b, math.prod(layout.mask_shape)), device=inputs.device, dtype=torch.float64)
 
         def accumulate(ssl: slice, msl: slice, masks: Tensor, sc: Tensor) -> None:
-            total[ssl] += sc @ masks.reshape(masks.shape[0], -1)
+            total[ssl] += sc.double() @ masks.reshape(masks.shape[0], -1).double()
 
         sub = make_substrate(inputs, self.substrate, sigma=self.blur_sigma)
         scores = masked_scores(
             model, inputs, target, n, render, sub, batch_size=self.batch_size, output=self.output, accumulate=accumulate
         )
         self._record_forwards(inputs, n)
-        if self.center:  # Σ (f_i − f̄) M_i = Σ f_i M_i − f̄ Σ M_i; Σ M_i is accumulated on a second pass over masks
+        if self.center:  # Σ (f_i − f̄) M_i = Σ f_i M_i − f̄ Σ M_i; Σ M_i summed over blocks of rendered masks
             msum = torch.zeros_like(total[0])
-            for sl in chunks(n, self.batch_size or n):
-                msum += render(sl).reshape(sl.stop - sl.start, -1).sum(0)
-            total -= scores.mean(1, keepdim=True) * msum
-        return (total / (n * self.p)).reshape(layout.map_shape(b))
+            for sl in chunks(n, max(1, RENDER_ELEMENTS // max(1, msum.numel()))):
+                msum += render(sl).reshape(sl.stop - sl.start, -1).double().sum(0)
+            total -= scores.double().mean(1, keepdim=True) * msum
+        return (total / (n * self.p)).to(inputs.dtype).reshape(layout.map_shape(b))

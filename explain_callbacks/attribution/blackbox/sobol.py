@@ -87,6 +87,13 @@ class Sobol(PerturbationAttributor):
         self.upsample = upsample
         self.map_upsample = map_upsample
 
+    @classmethod
+    def monitor_settings(cls, forwards_per_sample: int) -> dict[str, int]:
+        """The design count a monitor uses when none is given: the largest power of two N with
+        N·(g² + 2) <= ``forwards_per_sample`` on the default 8×8 grid, at least 2."""
+        n = int(forwards_per_sample) // (8 * 8 + 2)
+        return {"n_designs": max(2, 1 << (n.bit_length() - 1) if n >= 1 else 2)}
+
     def _n(self, d: int) -> int:
         return fit_budget(
             self.n_designs,
