@@ -224,6 +224,7 @@ def test_monitor_explains_a_region_of_a_segmentation_model(tmp_path):
     dm = ShapesDataModule(n_train=64, n_val=16, n_test=16, size=16, batch_size=16)
     model = LitSegmenter(SegNet(3, 4, width=4), lr=0.01)
     mon = AttributionMonitor(
+        budget=None,
         methods=["saliency", {"name": "ig", "n_steps": 4}, "gradcam"], metrics=["deletion", "insertion"],
         target=centre_of_object_class, num_samples=4, max_images=4, strict=True,
     )  # fmt: skip

@@ -232,7 +232,7 @@ def _fit(tmp_path, monitor, net=None, epochs=2, logger=True):
 def test_monitor_explains_token_ids_with_metrics_figure_and_text(tmp_path):
     mon = AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 8}, {"name": "rise", "n_masks": 32}],
                              metrics=[{"name": "deletion", "n_steps": 8}, "insertion"], num_samples=4,
-                             strict=True)  # fmt: skip
+                             strict=True, budget=None)  # fmt: skip
     _fit(tmp_path, mon)
     assert mon.vocab is not None and mon.vocab[:2] == ["<pad>", "<mask>"]  # found on the data module
     ids = mon.probe_x
@@ -249,17 +249,17 @@ def test_monitor_explains_token_ids_with_metrics_figure_and_text(tmp_path):
 
 
 def test_monitor_names_the_embedding_or_says_which_to_name(tmp_path):
-    mon = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     with pytest.raises(ValueError, match=r"several nn.Embedding layers \['net.tok', 'net.seg'\]; pass embedding="):
         _fit(tmp_path, mon, TwoEmbeddings(), epochs=1, logger=False)
-    lenient = AttributionMonitor(methods=["saliency"], num_samples=4)  # not strict: a warning, training goes on
+    lenient = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4)  # not strict: a warning
     with pytest.warns(UserWarning, match=r"token ids could not be explained \(.*several nn.Embedding layers"):
         _fit(tmp_path, lenient, TwoEmbeddings(), epochs=1, logger=False)
     assert not lenient.last_scores
-    reads_ids = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True)
+    reads_ids = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True)
     with pytest.raises(ValueError, match="reads its token ids beyond the embedding layer"):
         _fit(tmp_path, reads_ids, MasksItsPadding(), epochs=1, logger=False)
-    named = AttributionMonitor(methods=["saliency"], num_samples=4, strict=True, embedding="net.tok")
+    named = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, strict=True, embedding="net.tok")
     _fit(tmp_path, named, TwoEmbeddings(), epochs=1, logger=False)
     assert named.last_scores["saliency"]["seconds"] >= 0
     with pytest.raises(ValueError, match="token_reduce must be one of"):
@@ -268,7 +268,7 @@ def test_monitor_names_the_embedding_or_says_which_to_name(tmp_path):
 
 def test_weights_bit_identical_with_the_monitor_on(tmp_path):
     mon = AttributionMonitor(methods=["saliency", {"name": "ig", "n_steps": 4}], metrics=[{"name": "deletion",
-                             "n_steps": 4}], num_samples=4, strict=True)  # fmt: skip
+                             "n_steps": 4}], num_samples=4, strict=True, budget=None)  # fmt: skip
     with_cb = _fit(tmp_path / "a", mon, logger=False)
     without = _fit(tmp_path / "b", None, logger=False)
     assert mon.last_scores  # it did explain
@@ -328,7 +328,7 @@ def test_attention_mask_key_marks_the_padding(tmp_path):
     torch.manual_seed(0)
     data = _DictText(120)
     train, val = DataLoader(data, batch_size=40), DataLoader(data, batch_size=40)
-    mon = AttributionMonitor(methods=["input_x_gradient"], metrics=[{"name": "deletion", "n_steps": 4}],
+    mon = AttributionMonitor(budget=None, methods=["input_x_gradient"], metrics=[{"name": "deletion", "n_steps": 4}],
                              num_samples=6, per_class=3, attention_mask_key="attention_mask", strict=True)  # fmt: skip
     model = LitClassifier(TokenTransformer(V, 2, max_len=T, d_model=8), lr=5e-3)
     pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
