@@ -11,10 +11,24 @@ Public surface (each package documents more):
 - ``analysis``: analyses over many samples' maps (SpRAy) training-data attribution (TracIn) and
   energy-landscape conserved weights.
 - ``callbacks``: the Lightning callbacks that orchestrate all of the above.
+- ``predict``: a whole data set explained through ``trainer.predict`` (``ExplainWriter``), read back with
+  ``ExplainReader`` / ``read_maps``.
 - ``viz``: tensors to images.
 """
 
-from . import analysis, attribution, callbacks, datasets, distill, interaction, metrics, models, regularize, viz
+from . import (
+    analysis,
+    attribution,
+    callbacks,
+    datasets,
+    distill,
+    interaction,
+    metrics,
+    models,
+    predict,
+    regularize,
+    viz,
+)
 from ._internal.registry import ATTRIBUTIONS, INTERACTIONS, METRICS, PENALTIES, STUDENTS
 from .attribution import Attributor, CaptumAttributor, build_attributor
 from .callbacks import (
@@ -29,6 +43,7 @@ from .callbacks import (
     SaliencyMasker,
     SpRAyMonitor,
 )
+from .predict import ExplainReader, ExplainWriter, read_maps
 
 __version__ = "0.1.0"
 
@@ -44,6 +59,8 @@ __all__ = [
     "CaptumAttributor",
     "ConceptMonitor",
     "Distiller",
+    "ExplainReader",
+    "ExplainWriter",
     "InfluenceMonitor",
     "InteractionMonitor",
     "LandscapeMonitor",
@@ -59,6 +76,8 @@ __all__ = [
     "interaction",
     "metrics",
     "models",
+    "predict",
+    "read_maps",
     "regularize",
     "viz",
 ]

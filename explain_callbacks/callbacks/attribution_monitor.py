@@ -16,6 +16,7 @@ from .._internal.config import spec_list, to_plain
 from .._internal.layout import reads_channels_first
 from .._internal.registry import METRICS
 from ..attribution import Attributor, build_attributor
+from ..metrics.base import update_metric
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
 from ._logging import global_step, markdown_table, media_loggers, metric_section, phase_prefix
@@ -322,18 +323,7 @@ class AttributionMonitor(ProbeCallback):
         masks: Tensor | None,
     ) -> bool:  # fmt: skip
         """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks)."""
-        if getattr(metric, "needs_masks", False) and masks is None:
-            return False
-        applies = getattr(metric, "applies_to", None)
-        if callable(applies) and not applies(method):  # e.g. fragility: the attack needs a gradient method
-            return False
-        metric.reset()
-        kw = {"masks": masks} if masks is not None else {}
-        if getattr(metric, "kind", "explanation") == "explainer":
-            metric.update(model, x, target, method, attributions=maps, **kw)
-        else:
-            metric.update(model, x, maps, target, **kw)
-        return True
+        return update_metric(metric, model, x, maps, target, method, masks)
 
     def _log_scalars(
         self, pl_module: pl.LightningModule, name: str, method: Attributor, maps: Tensor, seconds: float
