@@ -11,15 +11,19 @@ in the same batch at the same row, so one process and several give the same resu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["BlockBatchSampler", "SplitData"]
 
 _STAGES = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
+# Lightning warns that it cannot set drop_last=False on a custom batch sampler: this one never drops a sample
+warnings.filterwarnings("ignore", message=r".*custom batch sampler `BlockBatchSampler`.*")
 
 
 class BlockBatchSampler:
@@ -77,16 +81,20 @@ class SplitData(pl.LightningDataModule):
         hook = getattr(self.datamodule, f"{self.split}_dataloader", None)
         try:
             loader = hook() if callable(hook) else None
-        except NotImplementedError:
+        except (NotImplementedError, MisconfigurationException):  # Lightning's default hooks raise the latter
             loader = None
         if not isinstance(loader, DataLoader):
-            have = [s for s in _STAGES if callable(getattr(self.datamodule, f"{s}_dataloader", None))]
+            have = [s for s in _STAGES if self._defines(s)]
             raise ValueError(
                 f"{type(self.datamodule).__name__} gives no DataLoader for split={self.split!r} (its "
                 f"{self.split}_dataloader() returned {type(loader).__name__}); choose another split (it defines "
                 f"{have}), e.g. split=val."
             )
         return loader
+
+    def _defines(self, split: str) -> bool:
+        hook = getattr(type(self.datamodule), f"{split}_dataloader", None)
+        return callable(hook) and hook is not getattr(pl.LightningDataModule, f"{split}_dataloader", None)
 
     def dataset(self) -> Dataset:
         return self.source_loader().dataset
