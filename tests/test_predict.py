@@ -278,3 +278,26 @@ def test_entry_point_refuses_a_pickled_object(tmp_path):
     torch.save({"state_dict": {}, "obj": _Crash(1)}, path)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_checkpoint(path)
+
+
+def test_entry_point_takes_the_training_runs_configs(tmp_path):
+    """A checkpoint inside a training run (``<run>/tensorboard/checkpoints/``) is explained with that run's model and
+    data configs (its ``.hydra/config.yaml``) unless the command line chooses others."""
+    from omegaconf import OmegaConf
+
+    from explain_callbacks.explain import run
+    from explain_callbacks.models import LitClassifier, SmallCNN
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"model": {"_target_": "explain_callbacks.models.LitClassifier",
+                              "net": {"_target_": "explain_callbacks.models.SmallCNN", "in_channels": 1,
+                                      "num_classes": 10, "width": 8}},
+                    "data": {"_target_": "explain_callbacks.datasets.shapes.ShapesDataModule", "n_train": 8,
+                             "n_val": 8, "n_test": 5, "batch_size": 5, "seed": "${seed}"}},
+                   run_dir / ".hydra" / "config.yaml")  # fmt: skip
+    ckpt = run_dir / "tensorboard" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": LitClassifier(SmallCNN(3, 4, width=8)).state_dict()}, ckpt)  # fitted to the shapes
+    summary = run(_cfg(tmp_path / "out", f"ckpt_path={ckpt}", "methods=[saliency]", "metrics=[]"))
+    assert summary["n_samples"] == 5  # the run's data (n_test=5), not the default's; width 8 weights fit
