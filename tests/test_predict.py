@@ -221,7 +221,8 @@ def test_shard_writer_writes_atomically_and_lists_after(tmp_path):
 def _cfg(tmp_path: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    tiny = [] if "~data" in overrides else ["data.n_train=8", "data.n_val=8", "data.n_test=12", "data.batch_size=6"]
+    own_data = any(o == "~data" or o.startswith("data=") for o in overrides)
+    tiny = [] if own_data else ["data.n_train=8", "data.n_val=8", "data.n_test=12", "data.batch_size=6"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("explain", overrides=[
             f"paths.output_dir={tmp_path}", *tiny, "trainer.enable_progress_bar=false", *overrides,
@@ -301,3 +302,26 @@ def test_entry_point_takes_the_training_runs_configs(tmp_path):
     torch.save({"state_dict": LitClassifier(SmallCNN(3, 4, width=8)).state_dict()}, ckpt)  # fitted to the shapes
     summary = run(_cfg(tmp_path / "out", f"ckpt_path={ckpt}", "methods=[saliency]", "metrics=[]"))
     assert summary["n_samples"] == 5  # the run's data (n_test=5), not the default's; width 8 weights fit
+
+
+def _documented_commands() -> list[list[str]]:
+    """Every ``python -m explain_callbacks.explain ...`` line of docs/, the config and the module's docstring."""
+    import re
+    import shlex
+
+    texts = [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    texts += [(ROOT / "conf" / "explain.yaml").read_text()]
+    texts += [(ROOT / "explain_callbacks" / "explain.py").read_text().split('"""')[1]]  # the module's docstring
+    found = []
+    for text in texts:
+        for m in re.finditer(r"python -m explain_callbacks\.explain([^\n`]*)", text.replace("\\\n", " ")):
+            found.append(shlex.split(m.group(1).split("  #")[0].split(" # ")[0]))
+    return found
+
+
+@pytest.mark.parametrize("args", sorted({tuple(c) for c in _documented_commands()}), ids=lambda a: " ".join(a)[:60])
+def test_documented_commands_compose(args, tmp_path):
+    """Each documented command composes (its overrides name existing keys and groups)."""
+    args = [a.replace("<time>", "2026-01-01_12-00-00") for a in args if not a.startswith("hydra.")]
+    cfg = _cfg(tmp_path, *args)
+    assert cfg.ckpt_path and cfg.methods and cfg.trainer._target_.endswith("Trainer")
