@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from explain_callbacks.predict import BlockBatchSampler, ExplainReader, ExplainWriter, SplitData, read_maps
-from explain_callbacks.predict.store import ShardWriter
+from explain_callbacks.predict.store import ShardWriter, run_ids
 
 from .helpers_lightning import event_tags, lit
 from .scripts.ddp_predict import BATCH, METHODS, METRICS, Data, N, explain
@@ -211,8 +211,10 @@ def test_block_batch_sampler_deals_whole_batches():
 
 def test_shard_writer_writes_atomically_and_lists_after(tmp_path):
     w = ShardWriter(tmp_path, 0, {"methods": {}})
-    w.write({"ids": torch.arange(3)}, {"seconds": {}})
-    assert [s["ids"] for s in ShardWriter(tmp_path, 0, {}).shards] == [[0, 1, 2]]
+    w.write({"ids": torch.tensor([4, 5, 6, 0, 9, 10])}, {"seconds": {}})
+    shards = ShardWriter(tmp_path, 0, {}).shards
+    assert [s["ids"] for s in shards] == [[[4, 3], [0, 1], [9, 2]]]  # runs of consecutive ids, in row order
+    assert run_ids(shards[0]["ids"]) == [4, 5, 6, 0, 9, 10]
     assert not list(tmp_path.rglob("*.tmp"))
     assert ShardWriter(tmp_path, 0, {})._next == 1 and ShardWriter(tmp_path, 1, {})._next == 0
 

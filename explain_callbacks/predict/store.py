@@ -39,9 +39,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "finished_ids",
+    "id_runs",
     "load_rank_indexes",
     "merge_indexes",
     "read_maps",
+    "run_ids",
 ]
 
 #: version of the on-disk layout, stored in every index
@@ -125,7 +127,7 @@ class ShardWriter:
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write_bytes(self.root / rel, st.save(data, metadata={"format": str(FORMAT)}))
         ids = data["ids"].tolist()
-        self.shards.append({"file": rel, "rows": len(ids), "ids": ids, **dict(info)})
+        self.shards.append({"file": rel, "rows": len(ids), "ids": id_runs(ids), **dict(info)})
         atomic_write_json(self.index_path, {"format": FORMAT, "rank": self.rank, "settings": self.settings,
                                             "shards": self.shards})  # fmt: skip
         return rel
@@ -142,9 +144,26 @@ def load_rank_indexes(root: str | os.PathLike) -> list[dict[str, Any]]:
     return [idx for _, idx in sorted(found, key=lambda t: t[0])]
 
 
+def id_runs(ids: Sequence[int]) -> list[list[int]]:
+    """``ids`` in row order as runs ``[first, count]`` of consecutive ids: a shard's ids in a few numbers (batches
+    dealt whole hold consecutive ids), so a process's index, rewritten after each shard, stays small."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][0] + runs[-1][1] == int(i):
+            runs[-1][1] += 1
+        else:
+            runs.append([int(i), 1])
+    return runs
+
+
+def run_ids(runs: Sequence[Sequence[int]]) -> list[int]:
+    """The ids in row order of :func:`id_runs`'s runs."""
+    return [first + k for first, count in runs for k in range(count)]
+
+
 def finished_ids(indexes: Iterable[Mapping[str, Any]]) -> set[int]:
     """The sample ids of every finished shard."""
-    return {int(i) for idx in indexes for s in idx.get("shards", []) for i in s["ids"]}
+    return {i for idx in indexes for s in idx.get("shards", []) for i in run_ids(s["ids"])}
 
 
 def merge_indexes(root: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -160,7 +179,7 @@ def merge_indexes(root: str | os.PathLike, extra: Mapping[str, Any] | None = Non
         settings = settings or dict(idx.get("settings", {}))
         for s in idx.get("shards", []):
             k = len(shards)
-            ids = [int(i) for i in s["ids"]]
+            ids = run_ids(s["ids"])
             shards.append({key: v for key, v in s.items() if key != "ids"} | {
                 "first_id": min(ids, default=None), "last_id": max(ids, default=None)})  # fmt: skip
             for row, i in enumerate(ids):
@@ -219,7 +238,7 @@ class ExplainReader:
             for s in idx.get("shards", []):
                 k = len(shards)
                 shards.append({"file": s["file"], "rows": s["rows"]})
-                for row, i in enumerate(s["ids"]):
+                for row, i in enumerate(run_ids(s["ids"])):
                     samples.setdefault(str(int(i)), [k, row])
         settings = dict(indexes[0].get("settings", {})) if indexes else {}
         return {"complete": False, "settings": settings, "shards": shards, "samples": samples}
