@@ -199,6 +199,15 @@ def test_reader_returns_maps_in_the_order_asked(single):
         reader.maps([0], "gradcam")
 
 
+def test_batch_size_reaches_the_methods_and_metrics(tmp_path):
+    writer = ExplainWriter(tmp_path, methods=["saliency", {"name": "ig", "batch_size": 7}],
+                           metrics=["deletion", {"name": "insertion", "batch_size": 5}], batch_size=3)  # fmt: skip
+    assert writer.methods["saliency"].batch_size == 3 and writer.methods["ig"].batch_size == 7
+    assert writer.metrics["deletion"].batch_size == 3 and writer.metrics["insertion"].batch_size == 5
+    with pytest.raises(ValueError, match="compares maps across training epochs"):
+        ExplainWriter(tmp_path, metrics=["drift"])
+
+
 def test_block_batch_sampler_deals_whole_batches():
     one = list(BlockBatchSampler(N, BATCH))
     parts = [list(BlockBatchSampler(N, BATCH, r, 3)) for r in range(3)]

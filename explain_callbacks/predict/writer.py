@@ -144,7 +144,7 @@ class ExplainWriter(BasePredictionWriter):
         self.metrics: dict[str, Any] = {}
         metric_specs: dict[str, Any] = {}
         for spec in spec_list(metrics):
-            metric = METRICS.build(dict(spec) if isinstance(spec, Mapping) else spec)
+            metric = self._build_metric(spec)
             base = str(getattr(metric, "short_name", None) or type(metric).__name__.lower())
             if base in _NOT_PER_SAMPLE:
                 raise ValueError(
@@ -184,6 +184,17 @@ class ExplainWriter(BasePredictionWriter):
             spec = dict(spec)
             spec.setdefault("batch_size", self.batch_size)
         return build_attributor(spec)
+
+    def _build_metric(self, spec: Any) -> Any:
+        """A metric from its spec, with the writer's ``batch_size`` unless the spec sets its own (a metric given
+        as an instance keeps its own)."""
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if isinstance(spec, Mapping):
+            spec = dict(spec)
+            spec.setdefault("batch_size", self.batch_size)
+            return METRICS.build(spec)
+        return spec
 
     @staticmethod
     def _unique(name: str, taken: Mapping[str, Any]) -> str:
