@@ -117,26 +117,31 @@ def memory(sizes: list[int]) -> list[dict]:
 SPEED_METHODS = ["saliency", "input_x_gradient", "ig", "smoothgrad", "gradcam", "occlusion", "rise"]
 
 
-def speed(n: int) -> list[dict]:
+def speed(n: int, methods: list[str], metrics: list[str]) -> list[dict]:
     """Samples per second of each method (its own seconds, read from the summary) and of each metric on saliency
-    maps, through the whole predict pipeline, one process."""
+    maps (a run with the metric minus one without), through the whole predict pipeline, one process. Rows are
+    printed as they come."""
     torch.set_num_threads(2)
     rows = []
+    print(f"| {n} samples, 3×32×32, SmallCNN width 16, CPU ({torch.get_num_threads()} threads) | samples/s |")
+    print("|---|---|", flush=True)
+
+    def add(what: str, per_s: float) -> None:
+        rows.append({"what": what, "samples_per_s": per_s})
+        print(f"| {what} | {per_s:.0f} |", flush=True)
+
     with tempfile.TemporaryDirectory() as out:
-        r = _run(n, out, SPEED_METHODS, [], shard=n)
+        r = _run(n, out, methods, [], shard=n)
         for m, s in r["summary"]["seconds"].items():
-            rows.append({"what": f"method {m}", "samples_per_s": n / s})
-        rows.append({"what": "whole run (all methods, I/O)", "samples_per_s": n / r["seconds"]})
-    for metric in ("sparseness", "deletion", "insertion", "pointing_game"):
+            add(f"method {m}", n / s)
+        add("whole run (all methods, data, I/O)", n / r["seconds"])
+    if metrics:
         with tempfile.TemporaryDirectory() as out:
             base = _run(n, out, ["saliency"], [], shard=n)["seconds"]
+    for metric in metrics:
         with tempfile.TemporaryDirectory() as out:
             t = _run(n, out, ["saliency"], [metric], shard=n)["seconds"]
-        rows.append({"what": f"metric {metric} (on saliency maps)", "samples_per_s": n / max(t - base, 1e-9)})
-    print(f"| {n} samples, 3×32×32, SmallCNN width 16, CPU ({torch.get_num_threads()} threads) | samples/s |")
-    print("|---|---|")
-    for r in rows:
-        print(f"| {r['what']} | {r['samples_per_s']:.0f} |")
+        add(f"metric {metric} (on saliency maps)", n / max(t - base, 1e-9))
     return rows
 
 
@@ -189,6 +194,8 @@ def main() -> None:
     ap.add_argument("mode", choices=["memory", "speed", "captum", "_memory_child"])
     ap.add_argument("n", nargs="*", type=int)
     ap.add_argument("--n", dest="sizes", nargs="+", type=int)
+    ap.add_argument("--methods", nargs="+", default=SPEED_METHODS)
+    ap.add_argument("--metrics", nargs="*", default=["deletion", "insertion", "pointing_game"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
@@ -201,7 +208,7 @@ def main() -> None:
     if args.mode == "memory":
         rows = memory(sizes or [1000, 10000])
     elif args.mode == "speed":
-        rows = speed((sizes or [256])[0])
+        rows = speed((sizes or [256])[0], args.methods, args.metrics)
     else:
         rows = captum(args.device, (sizes or [256])[0], args.repeats)
     if args.json:
