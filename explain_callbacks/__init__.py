@@ -11,6 +11,8 @@ Public surface (each package documents more):
 - ``analysis``: analyses over many samples' maps (SpRAy) training-data attribution (TracIn) and
   energy-landscape conserved weights.
 - ``callbacks``: the Lightning callbacks that orchestrate all of the above.
+- ``predict``: a whole data set explained through ``trainer.predict`` (``ExplainWriter``), read back with
+  ``ExplainReader`` / ``read_maps``.
 - ``viz``: tensors to images.
 - ``targets``: what is explained besides a class score: regions, positions, boxes, several at once.
 """
@@ -24,6 +26,7 @@ from . import (
     interaction,
     metrics,
     models,
+    predict,
     regularize,
     targets,
     viz,
@@ -42,6 +45,7 @@ from .callbacks import (
     SaliencyMasker,
     SpRAyMonitor,
 )
+from .predict import ExplainReader, ExplainWriter, read_maps
 from .targets import BoxTarget, ClassTarget, MultiTarget, PositionTarget, PredictedRegion, RegionTarget, TargetOperator
 
 __version__ = "0.1.0"
@@ -60,6 +64,8 @@ __all__ = [
     "ClassTarget",
     "ConceptMonitor",
     "Distiller",
+    "ExplainReader",
+    "ExplainWriter",
     "InfluenceMonitor",
     "InteractionMonitor",
     "LandscapeMonitor",
@@ -80,6 +86,8 @@ __all__ = [
     "interaction",
     "metrics",
     "models",
+    "predict",
+    "read_maps",
     "regularize",
     "targets",
     "viz",

@@ -7,7 +7,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-__all__ = ["BatchAdapter", "InputSpec", "take"]
+__all__ = ["BatchAdapter", "InputSpec", "masks_of", "take"]
 
 InputSpec = Union[int, str, Callable[[Any], Any], None]
 
@@ -18,6 +18,29 @@ def take(batch: Any, key: int | str) -> Any:
     if isinstance(key, str) and not isinstance(batch, (Mapping, Tensor)) and hasattr(batch, key):
         return getattr(batch, key)
     return batch[key]
+
+
+def masks_of(batch: Any, key: InputSpec = None) -> Tensor | None:
+    """The ground-truth masks of a batch: ``batch[key]`` (a tuple index, dict key, attribute or a function of
+    the batch); without a key, a dict's ``mask``/``masks``/``segmentation`` entry, or the third item of an
+    ``(x, y, mask)`` tuple when it is shaped like a spatial mask of the inputs; None when there are none."""
+    if key is None:
+        if isinstance(batch, dict):
+            key = next((k for k in ("mask", "masks", "segmentation") if k in batch), None)
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
+            # (x, y, mask): take the third item when it looks like a spatial mask of the inputs
+            x, m = batch[0], batch[2]
+            if isinstance(x, Tensor) and m.ndim == x.ndim >= 3 and m.shape[-2:] == x.shape[-2:]:
+                return m
+        if key is None:
+            return None
+    if callable(key):
+        return key(batch)
+    try:
+        m = take(batch, key)
+    except (KeyError, IndexError, TypeError) as err:
+        raise KeyError(f"Could not take masks with mask_key={key!r} from the batch; fix mask_key.") from err
+    return m if isinstance(m, Tensor) else None
 
 
 class BatchAdapter:

@@ -19,6 +19,7 @@ from .._internal.layout import reads_channels_first
 from .._internal.registry import ATTRIBUTIONS, METRICS
 from .._internal.target_ops import TargetOperator
 from ..attribution import TOKEN_REDUCTIONS, Attributor, TokenProbe, build_attributor
+from ..metrics.base import update_metric
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
 from ._logging import global_step, markdown_table, media_loggers, metric_section, phase_prefix
@@ -534,31 +535,21 @@ class AttributionMonitor(ProbeCallback):
         self, metric: Any, model: Any, x: Tensor, maps: Tensor, target: Tensor | None, method: Attributor,
         masks: Tensor | None, raw: Tensor | None = None,
     ) -> bool:  # fmt: skip
-        """Reset and update ``metric`` on this epoch's maps; False when it does not apply (no masks).
+        """Reset and update ``metric`` on this epoch's maps (:func:`update_metric`); False when it does not apply.
 
         Token probes: explanation metrics score the token map (B, T, 1), explainer metrics (which re-run the method
         and compare) the method's own map ``raw`` with the padding zeroed, both under
         :func:`token_metric_settings`."""
-        if getattr(metric, "needs_masks", False) and masks is None:
-            return False
-        applies = getattr(metric, "applies_to", None)
-        if callable(applies) and not applies(method):  # e.g. fragility: the attack needs a gradient method
-            return False
-        metric.reset()
-        kw = {"masks": masks} if masks is not None else {}
         tokens = self._tokens
         settings: Any = contextlib.nullcontext()
         if tokens is not None:
             settings = token_metric_settings(metric, tokens.substrate, tokens.valid)
-        if tokens is not None and masks is not None and masks.shape == tokens.valid.shape:
-            masks = masks & tokens.valid  # a ground-truth mask never points at padding
-            kw["masks"] = masks
+            if masks is not None and masks.shape == tokens.valid.shape:
+                masks = masks & tokens.valid  # a ground-truth mask never points at padding
+        explainer = getattr(metric, "kind", "explanation") == "explainer"
+        scored = raw if explainer and raw is not None else maps
         with settings, self._token_method_context(method):  # explainer metrics re-run the method as the monitor did
-            if getattr(metric, "kind", "explanation") == "explainer":
-                metric.update(model, x, target, method, attributions=maps if raw is None else raw, **kw)
-            else:
-                metric.update(model, x, maps, target, **kw)
-        return True
+            return update_metric(metric, model, x, scored, target, method, masks)
 
     def _token_method_context(self, method: Attributor) -> Any:
         """:func:`token_method_settings` on token probes, nothing otherwise."""

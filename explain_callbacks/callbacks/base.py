@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from .._internal.batch import BatchAdapter, InputSpec, take
+from .._internal.batch import BatchAdapter, InputSpec, masks_of
 from .._internal.batching import BatchSize
 from .._internal.checks import finite_rows
 from .._internal.distributed import Agreement, RankStateCallback, agree, warn_rank
@@ -374,24 +374,7 @@ class ProbeCallback(RankStateCallback, Callback):
         return 0 if self.probe_x is None else int(self.probe_x.shape[0])
 
     def _masks_of(self, batch: Any) -> Tensor | None:
-        key = self.mask_key
-        if key is None:
-            if isinstance(batch, dict):
-                key = next((k for k in ("mask", "masks", "segmentation") if k in batch), None)
-            elif isinstance(batch, (tuple, list)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
-                # (x, y, mask): take the third item when it looks like a spatial mask of the inputs
-                x, m = batch[0], batch[2]
-                if isinstance(x, Tensor) and m.ndim == x.ndim >= 3 and m.shape[-2:] == x.shape[-2:]:
-                    return m
-            if key is None:
-                return None
-        if callable(key):
-            return key(batch)
-        try:
-            m = take(batch, key)
-        except (KeyError, IndexError, TypeError) as err:
-            raise KeyError(f"Could not take masks with mask_key={key!r} from the batch; fix mask_key.") from err
-        return m if isinstance(m, Tensor) else None
+        return masks_of(batch, self.mask_key)
 
     def add_to_probe(self, batch: Any) -> None:
         """Add samples of a batch to the probe set (until it is full).

@@ -38,7 +38,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from .._internal.batching import BatchSize, RowsChoice, check_batch_size, known_rows
 from .._internal.outputs import OutputSpec, keyed_output
 
-__all__ = ["CurveStates", "ExplainerMetric", "ExplanationMetric", "ScoreMetric"]
+__all__ = ["CurveStates", "ExplainerMetric", "ExplanationMetric", "ScoreMetric", "update_metric"]
 
 
 class ScoreMetric(Metric):
@@ -220,3 +220,26 @@ class CurveStates:
                 "since the last reset (inputs of another size, or another number of steps); reset between them."
             )
         return sums.view(-1, s).sum(0) / counts.view(-1, s).sum(0)
+
+
+def update_metric(
+    metric: Any, model: Any, inputs: Tensor, maps: Tensor, target: Tensor | None, method: Any,
+    masks: Tensor | None = None,
+) -> bool:  # fmt: skip
+    """Reset ``metric`` and update it on ``maps`` of ``method`` at ``inputs``; False (nothing computed) when it
+    does not apply: it needs masks and none are given, or it refuses the method (``applies_to``, e.g. fragility's
+    attack needs a gradient method). An explanation metric scores the maps; an explainer metric re-runs the
+    method, reusing the maps at the inputs. The per-sample scores are then in ``metric.last_scores``. What the
+    monitors and the data-set writer call, so a metric is applied the same way everywhere."""
+    if getattr(metric, "needs_masks", False) and masks is None:
+        return False
+    applies = getattr(metric, "applies_to", None)
+    if callable(applies) and not applies(method):
+        return False
+    metric.reset()
+    kw = {"masks": masks} if masks is not None else {}
+    if getattr(metric, "kind", "explanation") == "explainer":
+        metric.update(model, inputs, target, method, attributions=maps, **kw)
+    else:
+        metric.update(model, inputs, maps, target, **kw)
+    return True
