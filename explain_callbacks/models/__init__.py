@@ -1,6 +1,6 @@
 """Example networks and a generic LightningModule."""
 
 from .lit import LitClassifier
-from .nets import MLP, SmallCNN
+from .nets import MLP, DecoyCNN, SmallCNN
 
-__all__ = ["MLP", "LitClassifier", "SmallCNN"]
+__all__ = ["MLP", "DecoyCNN", "LitClassifier", "SmallCNN"]
