@@ -15,11 +15,12 @@ def test_bias_split_gradient_matches_autograd_of_the_formula():
     g = torch.Generator().manual_seed(0)
     both = _away_from_kinks(torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
     bias = torch.randn(1, 4, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(C._BiasSplit.apply, (both, bias))
+    for eps in ((C._EPS, C._EPS), (0.0, 2 * C._EPS)):
+        assert torch.autograd.gradcheck(lambda b, c, e=eps: C._BiasSplit.apply(b, c, e), (both, bias))
     z = both.view(2, 3, 4, 3, 3)
     a = z.abs() + C._EPS
     plain = (z + bias * (a / (a[0] + a[1]))).view(6, 4, 3, 3)
-    assert torch.allclose(C._BiasSplit.apply(both, bias), plain, atol=1e-15)
+    assert torch.allclose(C._BiasSplit.apply(both, bias, (C._EPS, C._EPS)), plain, atol=1e-15)
 
 
 def test_relu_rule_gradient_matches_autograd_of_the_formula():

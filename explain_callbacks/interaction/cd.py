@@ -67,6 +67,7 @@ NID MLP, whose tiny layers are dominated by per-operation overhead.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import operator
 import os
 import re
@@ -94,6 +95,11 @@ __all__ = [
 ]
 
 _EPS = 1e-20
+BIAS_AT_ZERO = ("half", "rest")
+# Stabilisers (ε_β, ε_γ) of the linear rule's bias split ``p = (|r| + ε_β)/(|r| + |i| + ε_β + ε_γ)``:
+# "half" (the acd reference): ε on both, so where both streams are exactly 0 each gets half the bias;
+# "rest": the bias goes to γ there (and wherever r = 0), so β stays exactly 0 where S has no influence.
+_BIAS_EPS: contextvars.ContextVar[tuple[float, float]] = contextvars.ContextVar("cd_bias_eps", default=(_EPS, _EPS))
 
 
 class CDUnsupportedError(NotImplementedError):
@@ -135,8 +141,9 @@ def _split_bias(r: Tensor, i: Tensor, bias: Tensor | None) -> Decomposition:
     """``β' = r + b·p``, ``γ' = i + b·(1 − p)`` with ``p = (|r| + ε)/(|r| + |i| + 2ε)``."""
     if bias is None:
         return Decomposition(r, i)
-    ar = r.abs() + _EPS
-    p = ar / (ar + i.abs() + _EPS)
+    e_rel, e_irr = _BIAS_EPS.get()
+    ar = r.abs() + e_rel
+    p = ar / (ar + i.abs() + e_irr)
     bp = bias * p
     return Decomposition(r + bp, i + (bias - bp))
 
@@ -151,10 +158,19 @@ def _pair(t: Tensor) -> Tensor:
     return t.view(2, t.shape[0] // 2, *t.shape[1:])
 
 
-def _bias_split_values(both: Tensor, bias: Tensor) -> Tensor:
-    """``z + b·a/(a₀ + a₁)`` with ``a = |z| + ε`` on stacked streams, in place: two allocations."""
+def _abs_eps(z: Tensor, eps: tuple[float, float]) -> Tensor:
+    """``a_k = |z_k| + ε_k`` for stacked streams ``z`` (2, N, ...)."""
+    a = z.abs()
+    for k, e in enumerate(eps):
+        if e:
+            a[k].add_(e)
+    return a
+
+
+def _bias_split_values(both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
+    """``z + b·a/(a₀ + a₁)`` with ``a_k = |z_k| + ε_k`` on stacked streams, in place: two allocations."""
     z = _pair(both)
-    a = z.abs().add_(_EPS)
+    a = _abs_eps(z, eps)
     den = a[0] + a[1]
     return a.mul_(bias).div_(den).add_(z).view(both.shape)
 
@@ -163,20 +179,21 @@ class _BiasSplit(torch.autograd.Function):
     """The linear rule's bias split with a hand-written backward: autograd through the six elementwise
     operations and the two stream slices would allocate and fill full-size gradient buffers per operation.
 
-    With ``a_k = |z_k| + ε``, ``D = a₀ + a₁``, ``out_k = z_k + b·a_k/D`` and ``q = b·(g₀ − g₁)/D²``:
+    With ``a_k = |z_k| + ε_k``, ``D = a₀ + a₁``, ``out_k = z_k + b·a_k/D`` and ``q = b·(g₀ − g₁)/D²``:
     ``∂z₀ = g₀ + q·sgn(z₀)·a₁``, ``∂z₁ = g₁ − q·sgn(z₁)·a₀``, ``∂b = Σ (g₀a₀ + g₁a₁)/D``."""
 
     @staticmethod
-    def forward(ctx: Any, both: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx: Any, both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
         ctx.save_for_backward(both, bias)
-        return _bias_split_values(both, bias)
+        ctx.eps = eps
+        return _bias_split_values(both, bias, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
         both, bias = ctx.saved_tensors
         z, g = _pair(both), _pair(grad)
-        a = z.abs().add_(_EPS)
+        a = _abs_eps(z, ctx.eps)
         den = a[0] + a[1]
         q = (g[0] - g[1]).mul_(bias).div_(den.square())
         dz = torch.empty_like(z)
@@ -185,16 +202,17 @@ class _BiasSplit(torch.autograd.Function):
         dbias = None
         if ctx.needs_input_grad[1]:
             dbias = torch.addcmul(g[0] * a[0], g[1], a[1]).div_(den).sum_to_size(bias.shape)
-        return dz.view(both.shape), dbias
+        return dz.view(both.shape), dbias, None
 
 
 def _split_stacked(both: Tensor, bias: Tensor | None) -> Decomposition:
     """The bias split of :func:`_split_bias` on stacked streams (2N, ...), fused (:class:`_BiasSplit`)."""
     if bias is None:
         return _stacked(both)
+    eps = _BIAS_EPS.get()
     if torch.is_grad_enabled() and (both.requires_grad or bias.requires_grad):
-        return _stacked(_BiasSplit.apply(both, bias))
-    return _stacked(_bias_split_values(both, bias))
+        return _stacked(_BiasSplit.apply(both, bias, eps))
+    return _stacked(_bias_split_values(both, bias, eps))
 
 
 def _affine(x: Decomposition, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
@@ -1250,12 +1268,27 @@ def _call_method(node: fx.Node, name: str, args: tuple, kwargs: dict) -> Any:
     raise _unsupported(node, f"method .{name}()", hint)
 
 
-def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
+def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor, *, bias_at_zero: str = "half") -> Decomposition:
     """Propagate given input streams (β₀, γ₀) through ``model``; returns the output decomposition.
 
     The model is traced once with torch.fx and cached per module instance. The first positional
     input of ``forward`` receives the decomposition; other inputs must have defaults.
+
+    ``bias_at_zero``: how the linear rule splits a bias where both streams are exactly 0 (e.g. a
+    convolution over zero background): ``"half"`` (the acd reference's ``+1e-20`` on both shares)
+    or ``"rest"`` (all of it to γ, so β is exactly 0 wherever the group S has no influence; the
+    CDEP penalty's choice). Elsewhere the two agree to ~1e-20 relative.
     """
+    if bias_at_zero not in BIAS_AT_ZERO:
+        raise ValueError(f"bias_at_zero must be one of {BIAS_AT_ZERO}, got {bias_at_zero!r}.")
+    token = _BIAS_EPS.set((_EPS, _EPS) if bias_at_zero == "half" else (0.0, 2 * _EPS))
+    try:
+        return _propagate(model, rel, irr)
+    finally:
+        _BIAS_EPS.reset(token)
+
+
+def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     graph = _trace(model, rel + irr)
     modules = _MODULES.setdefault(model, {})
     env: dict[str, Any] = {}
@@ -1315,7 +1348,7 @@ def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     return out
 
 
-def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor, *, bias_at_zero: str = "half") -> tuple[Tensor, Tensor]:
     """Contextual decomposition of ``model(inputs)`` for the feature group ``mask``.
 
     Args:
@@ -1323,6 +1356,7 @@ def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, T
         inputs: (B, *input_shape).
         mask: broadcastable to ``inputs``; 1 marks the feature group S (fractional values are
             allowed: ``β₀ = M ⊙ x``, ``γ₀ = (1 − M) ⊙ x``).
+        bias_at_zero: ``"half"`` (acd) or ``"rest"``, see :func:`cd_propagate`.
 
     Returns:
         ``(beta, gamma)``, each of the model's output shape, with ``beta + gamma = model(inputs)``
@@ -1339,7 +1373,7 @@ def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, T
         ) from err
     rel = (mask * inputs).expand_as(inputs)
     irr = ((1 - mask) * inputs).expand_as(inputs)
-    out = cd_propagate(model, rel, irr)
+    out = cd_propagate(model, rel, irr, bias_at_zero=bias_at_zero)
     return out.rel, out.irr
 
 
