@@ -381,7 +381,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--data", nargs="+", default=None, choices=list(DATASETS))
-    ap.add_argument("--rows", nargs="+", default=None, choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=None, choices=[*ROWS, "cdep_ref"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=str, default=None, help="write the raw results as JSON here")
     ap.add_argument("--step-rounds", type=int, default=None, help="rounds of the interleaved step timing")

@@ -120,12 +120,12 @@ def compare(ref: ModuleType, net: nn.Module, x: Tensor, blob: Tensor, bias_at_ze
     return {
         "beta": float((r - b).abs().max()),
         "gamma": float((i - g).abs().max()),
-        "penalty": abs(float(theirs) - float(ours)),
+        "penalty": abs(float(theirs.detach()) - float(ours.detach())),
         "grad_rel": rel_grad,
         "sum_theirs": float((r + i - logits).abs().max()),
         "sum_ours": float((b + g - logits).abs().max()),
-        "pen_theirs": float(theirs),
-        "pen_ours": float(ours),
+        "pen_theirs": float(theirs.detach()),
+        "pen_ours": float(ours.detach()),
     }
 
 
