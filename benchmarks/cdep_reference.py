@@ -177,11 +177,11 @@ def main() -> None:
         )
     headers = [
         "case (DecoyCNN, batch 64, corners blob, λ = 1)",
-        "max |Δβ|",
-        "max |Δγ|",
+        "max abs Δβ",
+        "max abs Δγ",
         "penalty theirs / ours",
         "max rel. Δ param grad",
-        "max |β+γ−logits| theirs / ours",
+        "max abs(β+γ−logits) theirs / ours",
     ]
     print(markdown_table(headers, rows))
     torch.manual_seed(args.seed)
