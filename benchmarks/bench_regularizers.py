@@ -232,6 +232,99 @@ def step_costs(rounds: int, archs: list[str]) -> str:
     return markdown_table(["network", "row", "median step ms", "vs vanilla"], out)
 
 
+# ---------------------------------------------------------------------- the paper's experiment
+PAPER_ROWS = ["clean", "vanilla", "cdep", "cdep_l1", "cdep_ref", "rrr", "eg"]
+PAPER_LABELS = {
+    **LABELS,
+    "cdep": "CDEP (softmax, ours)",
+    "cdep_l1": "CDEP (‖β‖₁, ours)",
+    "cdep_ref": "CDEP (authors' code)",
+}
+PAPER_GRID = {
+    "cdep": [100.0, 1000.0],
+    "cdep_l1": [0.3, 3.0],
+    "cdep_ref": [100.0, 1000.0],
+    "rrr": [1.0, 30.0],
+    "eg": [1.0, 30.0],
+}
+
+
+def paper_run(
+    row: str, seed: int, lam: float, epochs: int, patch: int, validate: bool = False, ref_dir: str | None = None
+) -> dict:
+    """One run of the CDEP paper's DecoyMNIST protocol on DecoyDigits (28×28, the decoy a ``patch``×``patch``
+    corner patch; :class:`~explain_callbacks.models.DecoyCNN`; Adam, lr 1e-3, weight decay 1e-4, batch 64, as
+    ``train_mnist_decoy.py``), a plain PyTorch loop like the authors' script. ``cdep_ref`` uses the authors'
+    own CD and penalty expression (``benchmarks/cdep_reference.py``, needs ``ref_dir``). Scored on the
+    test split (inverse intensities) or, with ``validate``, on the validation split built with the test
+    rule (for λ)."""
+    import torch.nn.functional as F
+
+    from explain_callbacks.datasets.decoy import DecoyDigitsDataModule
+    from explain_callbacks.models import DecoyCNN
+    from explain_callbacks.regularize.penalties import build_penalty
+
+    dm = DecoyDigitsDataModule(
+        size=28, patch_size=patch, batch_size=64, seed=seed, decoy="random" if row == "clean" else "label",
+        val_decoy="inverse",
+    )  # fmt: skip
+    dm.setup("fit")
+    pen: Any = None
+    if row in ("cdep", "cdep_l1"):
+        pen = build_penalty({"name": "cdep", "form": "l1" if row == "cdep_l1" else "softmax"})
+    elif row == "cdep_ref":
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import cdep_reference
+
+        ref = cdep_reference.load_reference(ref_dir)
+        if ref is None:
+            raise SystemExit("the cdep_ref row needs --ref-dir")
+        pen = cdep_reference.reference_penalty(ref)
+    elif row == "rrr":
+        pen = build_penalty("rrr")
+    elif row == "eg":
+        pen = build_penalty("eg_mask")
+    torch.manual_seed(seed)
+    net = DecoyCNN(size=28)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    steps: list[float] = []
+    for _ in range(epochs):
+        net.train()
+        for x, y, m in dm.train_dataloader():
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            if pen is not None:
+                loss = loss + lam * pen(net, x, y, m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps.append(time.perf_counter() - t0)
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y, *_ in dm.val_dataloader() if validate else dm.test_dataloader():
+            correct += int((net(x).argmax(1) == y).sum())
+            total += len(y)
+    key = "val_acc" if validate else "test_acc"
+    return {"data": "paper", "row": row, "seed": seed, "weight": lam if pen else None, key: correct / total,
+            "step_s": statistics.median(steps), "epochs": epochs, "patch": patch}  # fmt: skip
+
+
+def paper_table(results: list[dict]) -> str:
+    rows = []
+    for row in PAPER_ROWS:
+        rs = [r for r in results if r["row"] == row and "test_acc" in r]
+        if not rs:
+            continue
+        lam = "—" if rs[0]["weight"] is None else f"{rs[0]['weight']:g}"
+        paper = {"clean": "—", "cdep_ref": PAPER["decoy"]["cdep"], "cdep_l1": PAPER["decoy"]["cdep"]}
+        rows.append([PAPER_LABELS[row], lam, mean_sd([100 * r["test_acc"] for r in rs]), str(len(rs)),
+                     paper.get(row, PAPER["decoy"].get(row, "—"))])  # fmt: skip
+    return markdown_table(["row", "λ (validation)", "test acc % (mean ± sd)", "seeds", "paper, DecoyMNIST %"], rows)
+
+
 # ---------------------------------------------------------------------- reports
 def mean_sd(v: list[float]) -> str:
     if len(v) == 1:
@@ -288,12 +381,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--data", nargs="+", default=None, choices=list(DATASETS))
-    ap.add_argument("--rows", nargs="+", default=None, choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=None, choices=[*ROWS, "cdep_ref"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=str, default=None, help="write the raw results as JSON here")
     ap.add_argument("--step-rounds", type=int, default=None, help="rounds of the interleaved step timing")
     ap.add_argument("--skip-training", action="store_true", help="only the interleaved step timing")
+    ap.add_argument("--paper", action="store_true", help="the CDEP paper's protocol: DecoyCNN on 28x28 DecoyDigits")
+    ap.add_argument("--paper-tune", action="store_true", help="with --paper: the λ search (seed 100, validation)")
+    ap.add_argument("--patch", type=int, default=10, help="with --paper: side of the decoy patch on 28x28")
+    ap.add_argument("--lam", type=float, nargs="+", default=None, help="with --paper: λ per row (as --rows)")
+    ap.add_argument("--ref-dir", default=None, help="with --paper: the authors' code, for the cdep_ref row")
     args = ap.parse_args()
+    if args.paper:
+        return paper_main(args)
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -347,6 +447,31 @@ def main() -> None:
         print(f"\nTraining-step cost, interleaved ({rounds} rounds, batch 64, DecoyDigits):\n")
         print(step_costs(rounds, archs))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def paper_main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    epochs = args.epochs or 10
+    rows = args.rows or [r for r in PAPER_ROWS if r != "cdep_ref" or args.ref_dir]
+    results: list[dict] = []
+    if args.paper_tune:
+        for row in rows:
+            for lam in PAPER_GRID.get(row, []):
+                r = paper_run(row, 100, lam, epochs, args.patch, validate=True, ref_dir=args.ref_dir)
+                results.append(r)
+                print(f"  tune {row:8s} λ={lam:<8g} val acc {100 * r['val_acc']:.1f}", flush=True)
+    else:
+        lams = dict(zip(rows, args.lam or []))
+        for seed in args.seeds or [0, 1, 2]:
+            for row in rows:
+                r = paper_run(row, seed, lams.get(row, 0.0), epochs, args.patch, ref_dir=args.ref_dir)
+                results.append(r)
+                print(f"  {row:8s} seed {seed}: test acc {100 * r['test_acc']:.1f}, step {1000 * r['step_s']:.1f} ms",
+                      flush=True)  # fmt: skip
+        print(paper_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -67,6 +67,7 @@ NID MLP, whose tiny layers are dominated by per-operation overhead.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import operator
 import os
 import re
@@ -95,6 +96,11 @@ __all__ = [
 ]
 
 _EPS = 1e-20
+BIAS_AT_ZERO = ("half", "rest")
+# Stabilisers (ε_β, ε_γ) of the linear rule's bias split ``p = (|r| + ε_β)/(|r| + |i| + ε_β + ε_γ)``:
+# "half" (the acd reference): ε on both, so where both streams are exactly 0 each gets half the bias;
+# "rest": the bias goes to γ there (and wherever r = 0), so β stays exactly 0 where S has no influence.
+_BIAS_EPS: contextvars.ContextVar[tuple[float, float]] = contextvars.ContextVar("cd_bias_eps", default=(_EPS, _EPS))
 
 
 class CDUnsupportedError(NotImplementedError):
@@ -115,6 +121,8 @@ class Decomposition:
 
     @property
     def total(self) -> Tensor:
+        if self.both is not None:  # a sum over the stacked pair: its backward is a broadcast, not two
+            return self.both.view(2, -1, *self.both.shape[1:]).sum(0)  # zero-filled slice gradients
         return self.rel + self.irr
 
     @property
@@ -134,26 +142,78 @@ def _split_bias(r: Tensor, i: Tensor, bias: Tensor | None) -> Decomposition:
     """``β' = r + b·p``, ``γ' = i + b·(1 − p)`` with ``p = (|r| + ε)/(|r| + |i| + 2ε)``."""
     if bias is None:
         return Decomposition(r, i)
-    ar = r.abs() + _EPS
-    p = ar / (ar + i.abs() + _EPS)
+    e_rel, e_irr = _BIAS_EPS.get()
+    ar = r.abs() + e_rel
+    p = ar / (ar + i.abs() + e_irr)
     bp = bias * p
     return Decomposition(r + bp, i + (bias - bp))
 
 
-def _split_stacked(both: Tensor, bias: Tensor | None) -> Decomposition:
-    """The bias split of :func:`_split_bias` on stacked streams (2N, ...): six tensor operations."""
+def _stacked(both: Tensor) -> Decomposition:
     n = both.shape[0] // 2
-    if bias is None:
-        return Decomposition(both[:n], both[n:], both)
-    z = both.view(2, n, *both.shape[1:])
-    if torch.is_grad_enabled():
-        a = z.abs() + _EPS
-        out = z + bias * (a / (a[0] + a[1]))
-    else:  # same arithmetic in place: two allocations instead of five
-        a = z.abs().add_(_EPS)
+    return Decomposition(both[:n], both[n:], both)
+
+
+def _pair(t: Tensor) -> Tensor:
+    """View stacked streams (2N, ...) as (2, N, ...)."""
+    return t.view(2, t.shape[0] // 2, *t.shape[1:])
+
+
+def _abs_eps(z: Tensor, eps: tuple[float, float]) -> Tensor:
+    """``a_k = |z_k| + ε_k`` for stacked streams ``z`` (2, N, ...)."""
+    a = z.abs()
+    for k, e in enumerate(eps):
+        if e:
+            a[k].add_(e)
+    return a
+
+
+def _bias_split_values(both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
+    """``z + b·a/(a₀ + a₁)`` with ``a_k = |z_k| + ε_k`` on stacked streams, in place: two allocations."""
+    z = _pair(both)
+    a = _abs_eps(z, eps)
+    den = a[0] + a[1]
+    return a.mul_(bias).div_(den).add_(z).view(both.shape)
+
+
+class _BiasSplit(torch.autograd.Function):
+    """The linear rule's bias split with a hand-written backward: autograd through the six elementwise
+    operations and the two stream slices would allocate and fill full-size gradient buffers per operation.
+
+    With ``a_k = |z_k| + ε_k``, ``D = a₀ + a₁``, ``out_k = z_k + b·a_k/D`` and ``q = b·(g₀ − g₁)/D²``:
+    ``∂z₀ = g₀ + q·sgn(z₀)·a₁``, ``∂z₁ = g₁ − q·sgn(z₁)·a₀``, ``∂b = Σ (g₀a₀ + g₁a₁)/D``."""
+
+    @staticmethod
+    def forward(ctx: Any, both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
+        ctx.save_for_backward(both, bias)
+        ctx.eps = eps
+        return _bias_split_values(both, bias, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+        both, bias = ctx.saved_tensors
+        z, g = _pair(both), _pair(grad)
+        a = _abs_eps(z, ctx.eps)
         den = a[0] + a[1]
-        out = a.mul_(bias).div_(den).add_(z)
-    return Decomposition(out[0], out[1], out.view(both.shape))
+        q = (g[0] - g[1]).mul_(bias).div_(den.square())
+        dz = torch.empty_like(z)
+        torch.addcmul(g[0], q.mul(a[1]), z[0].sign(), out=dz[0])
+        torch.addcmul(g[1], q.mul_(a[0]), z[1].sign(), value=-1.0, out=dz[1])
+        dbias = None
+        if ctx.needs_input_grad[1]:
+            dbias = torch.addcmul(g[0] * a[0], g[1], a[1]).div_(den).sum_to_size(bias.shape)
+        return dz.view(both.shape), dbias, None
+
+
+def _split_stacked(both: Tensor, bias: Tensor | None) -> Decomposition:
+    """The bias split of :func:`_split_bias` on stacked streams (2N, ...), fused (:class:`_BiasSplit`)."""
+    if bias is None:
+        return _stacked(both)
+    eps = _BIAS_EPS.get()
+    if torch.is_grad_enabled() and (both.requires_grad or bias.requires_grad):
+        return _stacked(_BiasSplit.apply(both, bias, eps))
+    return _stacked(_bias_split_values(both, bias, eps))
 
 
 def _affine(x: Decomposition, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
@@ -167,17 +227,51 @@ def _elementwise(x: Decomposition, act: Callable[[Tensor], Tensor]) -> Decomposi
     return Decomposition(rel, act(x.total) - rel)
 
 
-def _relu(x: Decomposition) -> Decomposition:
-    """The ReLU rule; without autograd written in place into one stacked buffer."""
-    if torch.is_grad_enabled():
-        return _elementwise(x, torch.relu)
-    n = x.rel.shape[0]
-    out = torch.empty((2 * n, *x.rel.shape[1:]), dtype=x.rel.dtype, device=x.rel.device)
+def _relu_values(rel_in: Tensor, irr_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ReLU rule written in place into one stacked buffer; also the masks β > 0 and β + γ > 0."""
+    n = rel_in.shape[0]
+    out = torch.empty((2 * n, *rel_in.shape[1:]), dtype=rel_in.dtype, device=rel_in.device)
     rel, irr = out[:n], out[n:]
-    torch.clamp(x.rel, min=0, out=rel)
-    torch.add(x.rel, x.irr, out=irr)
-    irr.relu_().sub_(rel)
-    return Decomposition(rel, irr, out)
+    torch.clamp(rel_in, min=0, out=rel)
+    torch.add(rel_in, irr_in, out=irr)
+    irr.relu_()
+    pos_total = irr > 0
+    irr.sub_(rel)
+    return out, rel > 0, pos_total
+
+
+class _ReluRule(torch.autograd.Function):
+    """The ReLU rule ``β' = relu(β)``, ``γ' = relu(β + γ) − relu(β)`` on stacked streams with a
+    hand-written backward (two boolean masks saved): ``∂γ = g_γ·[β+γ > 0]``,
+    ``∂β = ∂γ + (g_β − g_γ)·[β > 0]``."""
+
+    @staticmethod
+    def forward(ctx: Any, both: Tensor) -> Tensor:
+        z = _pair(both)
+        out, pos_rel, pos_total = _relu_values(z[0], z[1])
+        ctx.save_for_backward(pos_rel, pos_total)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        pos_rel, pos_total = ctx.saved_tensors
+        g = _pair(grad)
+        d = torch.empty_like(g)
+        torch.mul(g[1], pos_total, out=d[1])
+        torch.sub(g[0], g[1], out=d[0])
+        d[0].mul_(pos_rel).add_(d[1])
+        return d.view(grad.shape)
+
+
+def _relu(x: Decomposition) -> Decomposition:
+    """The ReLU rule; on stacked streams one fused operation (:class:`_ReluRule`), without autograd
+    written in place into one stacked buffer."""
+    if torch.is_grad_enabled() and (x.rel.requires_grad or x.irr.requires_grad):
+        if x.both is None:
+            return _elementwise(x, torch.relu)
+        return _stacked(_ReluRule.apply(x.both))
+    return _stacked(_relu_values(x.rel, x.irr)[0])
 
 
 def _each(x: Decomposition, fn: Callable[[Tensor], Any]) -> Any:
@@ -200,8 +294,13 @@ def _gather_pool(x: Decomposition, idx: Tensor) -> Decomposition:
 
 
 def _maxpool(x: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Decomposition:
-    _, idx = pool_with_indices(x.total)
-    return _gather_pool(x, idx)
+    with torch.no_grad():  # only the arg-max positions are needed
+        _, idx = pool_with_indices(x.total)
+    if x.both is None:
+        return _gather_pool(x, idx)
+    z = _pair(x.both).flatten(3)  # (2, N, C, L): one gather for both streams
+    flat = idx.flatten(2).unsqueeze(0).expand(2, *idx.shape[:2], -1)
+    return _stacked(z.gather(3, flat).view(2 * idx.shape[0], *idx.shape[1:]))
 
 
 def _split_shift(r: Tensor, i: Tensor, shift: Tensor | None, out: Tensor) -> Decomposition:
@@ -240,15 +339,21 @@ def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decompo
     shape = [1, -1] + [1] * (total.ndim - 2)
     if use_batch_stats:
         dims = [0, *range(2, total.ndim)]
-        mean = total.mean(dims)
-        var = total.var(dims, unbiased=False)
+        var, mean = torch.var_mean(total, dims, unbiased=False)
     else:
         mean, var = bn.running_mean, bn.running_var
-    return _affine_norm(x, mean, var, bn.weight, bn.bias, bn.eps, shape)
+    return _affine_norm(x, mean, var, bn.weight, bn.bias, bn.eps, shape, total)
 
 
 def _affine_norm(
-    x: Decomposition, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, shape: list
+    x: Decomposition,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    shape: list,
+    total: Tensor | None = None,
 ) -> Decomposition:
     """A normalisation with fixed per-channel statistics, ``y = s·x + t``: ``r = s·β``, ``i = s·γ``, the
     shift ``t`` split by :func:`_split_shift` (the reference BatchNorm rule)."""
@@ -260,8 +365,52 @@ def _affine_norm(
         shift = shift + bias
     scale, shift = scale.view(shape), shift.view(shape)
     z = x.stacked * scale  # both streams in one operation
+    out = torch.addcmul(shift, x.total if total is None else total, scale)
+    if torch.is_grad_enabled() and (z.requires_grad or shift.requires_grad or out.requires_grad):
+        return _stacked(_ShiftSplit.apply(z, shift, out))
     n = x.rel.shape[0]
-    return _split_shift(z[:n], z[n:], shift, torch.addcmul(shift, x.total, scale))
+    return _split_shift(z[:n], z[n:], shift, out)
+
+
+def _shift_shares(z: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For stacked ``z`` (2, N, ...): the rounded streams ``(z + t) − t`` (the reference's
+    ``bn(β) − bn(0)``), their absolute values and the share ``|r̃|/(|r̃| + |ĩ|)`` of β (0/0 = 0)."""
+    zt = (z + shift).sub_(shift)
+    a = zt.abs()
+    den = a[0] + a[1]
+    p = torch.where(den > 0, a[0] / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    return zt, a, p
+
+
+class _ShiftSplit(torch.autograd.Function):
+    """The BatchNorm rule (:func:`_split_shift`) on stacked streams, ``(z, t, out) -> (β', out − β')``
+    with ``β' = r̃ + t·p``, with a hand-written backward (``G = g_β − g_γ``, ``D = |r̃| + |ĩ|``,
+    ``q = t·G/D²`` where D > 0, else 0): ``∂r = G + q·sgn(r̃)·|ĩ|``, ``∂i = −q·sgn(ĩ)·|r̃|``,
+    ``∂t = Σ G·p``, ``∂out = g_γ`` (``r̃ = (r + t) − t`` has derivative 1 in r and 0 in t)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+        zt, _, p = _shift_shares(_pair(z), shift)
+        res = torch.empty_like(zt)
+        torch.addcmul(zt[0], shift, p, out=res[0])
+        torch.sub(out, res[0], out=res[1])
+        ctx.save_for_backward(z, shift)
+        return res.view(z.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        z, shift = ctx.saved_tensors
+        zt, a, p = _shift_shares(_pair(z), shift)
+        g = _pair(grad)
+        big = g[0] - g[1]
+        den = a[0] + a[1]
+        q = torch.where(den > 0, big * shift / den.square().clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+        dz = torch.empty_like(zt)
+        torch.addcmul(big, q * a[1], zt[0].sign(), out=dz[0])
+        torch.mul(q.mul_(a[0]), zt[1].sign(), out=dz[1]).neg_()
+        dshift = (big * p).sum_to_size(shift.shape) if ctx.needs_input_grad[1] else None
+        return dz.view(z.shape), dshift, g[1]
 
 
 def _centred_norm(
@@ -1120,12 +1269,27 @@ def _call_method(node: fx.Node, name: str, args: tuple, kwargs: dict) -> Any:
     raise _unsupported(node, f"method .{name}()", hint)
 
 
-def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
+def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor, *, bias_at_zero: str = "half") -> Decomposition:
     """Propagate given input streams (β₀, γ₀) through ``model``; returns the output decomposition.
 
     The model is traced once with torch.fx and cached per module instance. The first positional
     input of ``forward`` receives the decomposition; other inputs must have defaults.
+
+    ``bias_at_zero``: how the linear rule splits a bias where both streams are exactly 0 (e.g. a
+    convolution over zero background): ``"half"`` (the acd reference's ``+1e-20`` on both shares)
+    or ``"rest"`` (all of it to γ, so β is exactly 0 wherever the group S has no influence; the
+    CDEP penalty's choice). Elsewhere the two agree to ~1e-20 relative.
     """
+    if bias_at_zero not in BIAS_AT_ZERO:
+        raise ValueError(f"bias_at_zero must be one of {BIAS_AT_ZERO}, got {bias_at_zero!r}.")
+    token = _BIAS_EPS.set((_EPS, _EPS) if bias_at_zero == "half" else (0.0, 2 * _EPS))
+    try:
+        return _propagate(model, rel, irr)
+    finally:
+        _BIAS_EPS.reset(token)
+
+
+def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     graph = _trace(model, rel + irr)
     modules = _MODULES.setdefault(model, {})
     env: dict[str, Any] = {}
@@ -1185,7 +1349,7 @@ def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     return out
 
 
-def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor, *, bias_at_zero: str = "half") -> tuple[Tensor, Tensor]:
     """Contextual decomposition of ``model(inputs)`` for the feature group ``mask``.
 
     Args:
@@ -1193,6 +1357,7 @@ def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, T
         inputs: (B, *input_shape).
         mask: broadcastable to ``inputs``; 1 marks the feature group S (fractional values are
             allowed: ``β₀ = M ⊙ x``, ``γ₀ = (1 − M) ⊙ x``).
+        bias_at_zero: ``"half"`` (acd) or ``"rest"``, see :func:`cd_propagate`.
 
     Returns:
         ``(beta, gamma)``, each of the model's output shape, with ``beta + gamma = model(inputs)``
@@ -1209,7 +1374,7 @@ def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> tuple[Tensor, T
         ) from err
     rel = (mask * inputs).expand_as(inputs)
     irr = ((1 - mask) * inputs).expand_as(inputs)
-    out = cd_propagate(model, rel, irr)
+    out = cd_propagate(model, rel, irr, bias_at_zero=bias_at_zero)
     return out.rel, out.irr
 
 

@@ -226,6 +226,7 @@ def cdep_penalty(
     form: str = "softmax",
     cd_fn: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     keep_norm_stats: bool = True,
+    bias_at_zero: str = "rest",
 ) -> Tensor:
     """Contextual Decomposition Explanation Penalty (Rieger et al. 2020).
 
@@ -247,7 +248,9 @@ def cdep_penalty(
     if form not in ("softmax", "l1"):
         raise ValueError(f"form must be 'softmax' (the authors' code) or 'l1' (the paper's ‖β‖₁), got {form!r}.")
     if cd_fn is None:
-        from ..interaction.cd import cd_logits as cd_fn
+        from ..interaction.cd import cd_logits
+
+        cd_fn = functools.partial(cd_logits, bias_at_zero=bias_at_zero)
     m = prepare_mask(mask, inputs, what="CDEP penalty", groups=True)
     x = inputs.detach()
     n_groups = 1

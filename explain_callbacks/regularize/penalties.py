@@ -97,14 +97,21 @@ class CDEPPenalty(Penalty):
 
     name = "cdep"
 
-    def __init__(self, form: str = "softmax", keep_norm_stats: bool = True) -> None:
+    def __init__(self, form: str = "softmax", keep_norm_stats: bool = True, bias_at_zero: str = "rest") -> None:
         super().__init__(keep_norm_stats=keep_norm_stats)
         if form not in ("softmax", "l1"):
             raise ValueError(f"form must be 'softmax' or 'l1', got {form!r}.")
+        from ..interaction.cd import BIAS_AT_ZERO
+
+        if bias_at_zero not in BIAS_AT_ZERO:
+            raise ValueError(f"bias_at_zero must be one of {BIAS_AT_ZERO}, got {bias_at_zero!r}.")
         self.form = form
+        self.bias_at_zero = bias_at_zero
 
     def compute(self, model, inputs, targets, mask, *, seed):
-        return RF.cdep_penalty(model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats)
+        return RF.cdep_penalty(
+            model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats, bias_at_zero=self.bias_at_zero
+        )
 
 
 @PENALTIES.register("rrr", "right_reasons")
