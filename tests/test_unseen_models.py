@@ -321,16 +321,17 @@ class TokenNet(nn.Module):
         return self.head(self.emb(tokens).mean(1))
 
 
-def test_token_inputs_fail_with_the_embedding_fix_and_training_goes_on(tmp_path):
+def test_token_inputs_direct_calls_name_the_embedding_fix_and_the_monitor_explains_them(tmp_path):
+    """A method called on token ids names the fix (EmbeddingView); the monitor applies it by itself (docs/text.md)."""
     g = torch.Generator().manual_seed(0)
     tokens, y = torch.randint(0, 50, (32, 10), generator=g), torch.randint(0, 3, (32,), generator=g)
     for spec in ["saliency", "occlusion", "rise"]:
         with pytest.raises(TypeError, match=r"nn\.Embedding"):  # was: "... got torch.int64; use .float()"
             ATTRIBUTIONS.build(spec)(TokenNet().eval(), tokens[:2], y[:2])
-    mon = AttributionMonitor(budget=None, methods=["saliency", "ig"], num_samples=4)
-    with pytest.warns(UserWarning, match="embeddings"):
-        _fit(tmp_path, lambda: Lit(TokenNet()), _loaders(tokens, y), callbacks=[mon])
-    assert mon.last_scores == {} and mon.probe_x.dtype == torch.long
+    mon = AttributionMonitor(budget=None, methods=["saliency", "ig"], metrics=["sparseness"], num_samples=4,
+                             strict=True)
+    _fit(tmp_path, lambda: Lit(TokenNet()), _loaders(tokens, y), callbacks=[mon])
+    assert set(mon.last_scores) == {"saliency", "ig"} and mon.probe_x.dtype == torch.long
 
 
 def test_token_model_explained_through_its_embeddings(tmp_path):
