@@ -216,8 +216,9 @@ def test_every_method_and_metric_on_a_resnet_bit_identical(tmp_path):
     masks[..., 5:12, 3:8] = 1.0
     make = lambda: Lit(ResNetish())  # noqa: E731
     w0 = _weights(_fit(tmp_path / "a", make, _loaders(x, y, masks), max_epochs=2))
-    mon = AttributionMonitor(
-        budget=None, methods=ALL_METHODS, metrics=ALL_METRICS, num_samples=3, batch_size=4, strict=True)
+    mon = AttributionMonitor(  # explained once, after the second epoch (every method x every metric: the cost)
+        budget=None, methods=ALL_METHODS, metrics=ALL_METRICS, num_samples=3, batch_size=4, strict=True,
+        every_n_epochs=2)
     with pytest.warns(UserWarning, match="maps of 'neuron_region_ig' have shape"):  # were skipped silently
         module = _fit(tmp_path / "b", make, _loaders(x, y, masks), callbacks=[mon], max_epochs=2, logger=True)
     _assert_same(w0, _weights(module))
