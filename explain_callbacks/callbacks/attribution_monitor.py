@@ -99,14 +99,21 @@ def token_metric_settings(metric: Any, substrate: Tensor, valid: Tensor | None =
     features = changes.get("features", getattr(metric, "features", None))
     if valid is not None and hasattr(metric, "keep") and features == "pixel":
         changes["keep"] = valid
-    saved = {k: getattr(metric, k) for k in changes}
-    for k, v in changes.items():
-        setattr(metric, k, v)
-    try:
+    with _attributes_set(metric, changes):
         yield metric
+
+
+@contextlib.contextmanager
+def _attributes_set(obj: Any, changes: dict[str, Any]) -> Iterator[None]:
+    """Set the attributes ``changes`` of ``obj`` inside the block and put the previous values back after it."""
+    saved = {k: getattr(obj, k) for k in changes}
+    for k, v in changes.items():
+        setattr(obj, k, v)
+    try:
+        yield
     finally:
         for k, v in saved.items():
-            setattr(metric, k, v)
+            setattr(obj, k, v)
 
 
 @contextlib.contextmanager
@@ -125,14 +132,8 @@ def token_method_settings(method: Any, dim: int) -> Iterator[Any]:
         changes = {"window": (1, dim), "stride": (1, dim)}
         if method.channels_first is None:
             changes["channels_first"] = False
-    saved = {k: getattr(method, k) for k in changes}
-    for k, v in changes.items():
-        setattr(method, k, v)
-    try:
+    with _attributes_set(method, changes):
         yield method
-    finally:
-        for k, v in saved.items():
-            setattr(method, k, v)
 
 
 def class_labels(y: Tensor) -> Tensor | None:
