@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -60,3 +63,36 @@ def paired_times(
             fn()
             acc.append(clock() - t)
     return min(tm), min(tb), statistics.median(a / b for a, b in zip(tm, tb))
+
+
+def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the functions interleaved in every round (after one warm-up each)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def patched(name: str, values: Iterator[np.ndarray]) -> Iterator[None]:
+    """Replace ``np.random.<name>`` by a function returning the next precomputed array (Quantus draws its subsets
+    and noise from the global numpy RNG: fed ours, it scores the same perturbations)."""
+    orig = getattr(np.random, name)
+    setattr(np.random, name, lambda *a, **k: next(values))
+    try:
+        yield
+    finally:
+        setattr(np.random, name, orig)
+
+
+def quiet(fn: Callable[[], Any]) -> Any:
+    """``fn()`` without its warnings and printed output (Quantus prints and warns on every call)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(None):
+            return fn()

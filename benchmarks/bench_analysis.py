@@ -13,30 +13,19 @@ Medians of interleaved repeats; one torch thread by default. Run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _timing, also when loaded by path
+from _timing import median_time
 
 from explain_callbacks._internal.guard import model_guard
 from explain_callbacks.analysis import fragility_attack, spray
 from explain_callbacks.attribution import Saliency
 from explain_callbacks.interaction.integrated_hessians import relu_as_softplus
 from explain_callbacks.models import SmallCNN
-
-
-def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the functions interleaved in every round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

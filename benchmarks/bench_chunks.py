@@ -24,12 +24,10 @@ to Quantus) and against their bare forwards.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,10 +36,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import bare_pass, sync, timed  # a sibling module: the benchmarks run as scripts
+from _timing import bare_pass, quiet, sync, timed  # a sibling module: the benchmarks run as scripts
 
 from explain_callbacks._internal.batching import activation_elements, choose_rows, resolve_batch_size
 from explain_callbacks.models.nets import MLP, SmallCNN
+from tests.references import import_quantus
 
 SIZES = (8, 16, 32, 64, 128, 256)
 
@@ -120,31 +119,6 @@ def ratio_cells(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def quiet(fn: Callable[[], object]) -> object:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(None):
-            return fn()
-
-
-def import_quantus() -> object:
-    """Quantus, whose import pulls Zennit, which imports torchvision's ResNet blocks: torchvision is no
-    dependency here, so a stub stands in for that import when it is absent."""
-    import importlib
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    if importlib.util.find_spec("torchvision") is None:
-        for name in ("torchvision", "torchvision.models", "torchvision.models.resnet"):
-            mod = types.ModuleType(name)
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            mod.__path__ = []
-            sys.modules.setdefault(name, mod)
-        resnet = sys.modules["torchvision.models.resnet"]
-        resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})
-        resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
-    return importlib.import_module("quantus")
 
 
 def resnet_section(n_images: int, n_rounds: int) -> None:
@@ -156,6 +130,8 @@ def resnet_section(n_images: int, n_rounds: int) -> None:
     from explain_callbacks.metrics import functional as MF
 
     quantus = import_quantus()
+    if quantus is None:
+        raise ModuleNotFoundError("the ResNet section compares with Quantus: pip install -e '.[dev]'")
     torch.manual_seed(0)
     model = SmallResNet().eval()
     x = torch.rand(n_images, 3, 32, 32)

@@ -15,29 +15,18 @@ Medians of interleaved repeats (one warm-up each); one torch thread by default. 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _timing, also when loaded by path
+from _timing import median_time
 
 from explain_callbacks import MultiTarget, RegionTarget
 from explain_callbacks.attribution import build_attributor
 from explain_callbacks.datasets.shapes import make_shapes
 from explain_callbacks.models import SegNet
-
-
-def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the functions interleaved in every round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

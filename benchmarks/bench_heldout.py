@@ -31,8 +31,7 @@ import platform
 import statistics
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_lrp import zennit_or_none  # sibling modules: the benchmarks run as scripts
+from _timing import patched, quiet  # sibling modules: the benchmarks run as scripts
 from heldout_models import MODELS, build
 
 from explain_callbacks._internal import model_guard
@@ -51,6 +50,7 @@ from explain_callbacks._internal.registry import ATTRIBUTIONS
 from explain_callbacks.attribution.layers import last_conv_layer
 from explain_callbacks.metrics import functional as MF
 from explain_callbacks.metrics.functional.randomisation import randomisable_layers
+from tests.references import import_zennit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = {"gradient": 1.05, "blackbox": 1.3, "blackbox_cnn": 1.1, "metric": 1.05}
@@ -152,22 +152,6 @@ class Calls:
 
 
 # ----------------------------------------------------------------------------- Quantus helpers
-@contextlib.contextmanager
-def patched(name: str, values: Iterator[np.ndarray]) -> Iterator[None]:
-    """Replace ``np.random.<name>`` by a function returning the next precomputed array."""
-    orig = getattr(np.random, name)
-    setattr(np.random, name, lambda *a, **k: next(values))
-    try:
-        yield
-    finally:
-        setattr(np.random, name, orig)
-
-
-def quiet(fn: Callable[[], Any]) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(None):
-            return fn()
 
 
 # ----------------------------------------------------------------------------- method cases
@@ -508,7 +492,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
     import captum
 
-    zennit_or_none()  # Quantus imports Zennit, which imports torchvision's ResNet blocks: stubbed when absent
+    import_zennit()  # Quantus imports Zennit, which imports torchvision's ResNet blocks: stubbed when absent
     import quantus
 
     cpu = platform.processor() or platform.machine()

@@ -20,15 +20,17 @@ Medians of ``--repeats`` interleaved runs, one torch thread. Run:
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _timing, also when loaded by path
+from _timing import median_time
 
 from explain_callbacks._internal.guard import model_guard
 from explain_callbacks.analysis import (
@@ -39,19 +41,6 @@ from explain_callbacks.analysis import (
     tracin_scores,
 )
 from explain_callbacks.models import SmallCNN
-
-
-def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the functions interleaved in every round (after one warm-up)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def digits_32() -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.machinery
 import statistics
 import sys
 import time
-import types
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.references: the reference imports
+
 from explain_callbacks.attribution import LRP
+from tests.references import import_zennit
 
 
 def vgg(width: int = 32, bn: bool = False) -> nn.Module:
@@ -37,25 +38,6 @@ def vgg(width: int = 32, bn: bool = False) -> nn.Module:
         nn.Linear(64, 10),
     ).eval()  # fmt: skip
 
-
-def zennit_or_none():
-    if importlib.util.find_spec("zennit") is None:
-        return None
-    stubbed = []
-    if importlib.util.find_spec("torchvision") is None:  # zennit imports torchvision's ResNet blocks
-        for name in ("torchvision", "torchvision.models", "torchvision.models.resnet"):
-            mod = types.ModuleType(name)
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            mod.__path__ = []
-            sys.modules[name] = mod
-            stubbed.append(name)
-        sys.modules["torchvision.models.resnet"].BasicBlock = type("BasicBlock", (nn.Module,), {})
-        sys.modules["torchvision.models.resnet"].Bottleneck = type("Bottleneck", (nn.Module,), {})
-    try:
-        return importlib.import_module("zennit")
-    finally:
-        for name in stubbed:
-            sys.modules.pop(name, None)
 
 
 def medians(fns: list, repeats: int) -> list[float]:
@@ -171,7 +153,7 @@ def main() -> None:
         faithfulness()
         return
     repeats = 5 if args.quick else 15
-    zennit = zennit_or_none()
+    zennit = import_zennit()
     nets = (("VGG-like", False), ("VGG-like + BatchNorm", True))
     rows = [bench_net(n, bn, c, zennit, repeats) for c in ("epsilon_plus_flat", "epsilon") for n, bn in nets]
     print(f"\nbatch 32x3x32x32, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "

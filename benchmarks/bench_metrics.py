@@ -20,12 +20,10 @@ implementation with the same passes can reach.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import platform
 import sys
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import paired_times, sync, timed  # a sibling module: the benchmarks run as scripts
+from _timing import paired_times, patched, quiet, sync, timed  # a sibling module: the benchmarks run as scripts
 
 from explain_callbacks._internal.batching import resolve_batch_size
 from explain_callbacks.attribution import Saliency
@@ -102,22 +100,6 @@ def paired(
     return t_ours, result[0], t_bare, ratio
 
 
-@contextlib.contextmanager
-def patched(name: str, values: Iterator[np.ndarray]) -> Iterator[None]:
-    """Replace ``np.random.<name>`` by a function returning the next precomputed array."""
-    orig = getattr(np.random, name)
-    setattr(np.random, name, lambda *a, **k: next(values))
-    try:
-        yield
-    finally:
-        setattr(np.random, name, orig)
-
-
-def quiet(fn: Callable[[], Any]) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(None):
-            return fn()
 
 
 def train_model(device: torch.device, width: int = 16, size: int = 32) -> nn.Module:

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _timing, also when loaded by path
+from _timing import median_time
 
 from explain_callbacks._internal.guard import model_guard
 from explain_callbacks._internal.softplus import relu_as_softplus
@@ -35,19 +40,6 @@ from explain_callbacks.datasets import load_digits_tensors
 from explain_callbacks.datasets.tabular_images import split_indices
 from explain_callbacks.metrics import Fragility
 from explain_callbacks.regularize import map_stability_penalty
-
-
-def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the functions interleaved in every round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def digits_cnn(size: int, width: int = 32, hidden: int = 128, seed: int = 0) -> nn.Module:
