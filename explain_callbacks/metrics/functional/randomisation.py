@@ -64,12 +64,12 @@ def _is_norm(module: nn.Module) -> bool:
     )
 
 
-@torch.no_grad()
 def _fresh_parameters(module: nn.Module, generator: torch.Generator) -> dict[str, Tensor]:
     """New values of the parameters a layer that is not a norm layer owns, by slot name, drawn from
     ``generator`` in slot order (PyTorch's default ``U(±1/√fan_in)``; 1-D parameters of a layer without a
     ≥2-D weight: N(0, 1)). Each is a fresh contiguous tensor: in-place draws fill memory order, so a
-    channels_last weight would get other values at each index than the same weight stored contiguously."""
+    channels_last weight would get other values at each index than the same weight stored contiguously.
+    Fresh tensors that do not require grad: no grad mode needed."""
     params = {n: p for n, p in module._parameters.items() if p is not None}
     big = [p for p in params.values() if p.ndim >= 2]
     fan_in = big[0][0].numel() if big else None
@@ -148,15 +148,21 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     # ``weight`` there from the swapped parameters): put back as found
     plain = [(m, k, v) for m in mods.values() for k, v in vars(m).items() if isinstance(v, Tensor)]
 
+    from torch.nn.modules.module import _global_parameter_registration_hooks as global_hooks
+
     def put(owner: nn.Module, name: str, is_buffer: bool, t: Tensor) -> None:
         if is_buffer:  # straight into the buffer dict: setattr would turn a Parameter into a parameter slot
             owner._buffers[name] = t
+        elif type(owner).__setattr__ is nn.Module.__setattr__ and owner._parameters.get(name) is not None and (
+            not global_hooks
+        ):  # what setattr of a Parameter into an existing slot does, without its checks (a third of a swap)
+            owner._parameters[name] = t
         else:  # setattr: modules that keep other references to their weights (nn.LSTM) follow
             setattr(owner, name, t)
 
-    @torch.no_grad()
     def swap(t: Tensor, value: Tensor | None = None) -> None:
-        """Put a new tensor (a clone of ``t``, or ``value``) into every slot holding the original ``t``."""
+        """Put a new tensor (a clone of ``t``, or ``value``) into every slot holding the original ``t``; called
+        under ``no_grad`` (entered once per layer, not per tensor: its entry costs as much as a small swap)."""
         if id(t) not in slots:
             if value is not None:  # a clone of ours already: re-drawn in place
                 t.copy_(value)
@@ -170,6 +176,7 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
             saved.append((owner, name, is_buffer, t))
             put(owner, name, is_buffer, new)
 
+    @torch.no_grad()
     def randomise(name: str, generator: torch.Generator) -> None:
         module = mods[name]
         if _is_norm(module):  # reset in place, on clones
@@ -189,10 +196,11 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
                 swap(t)
 
     try:
-        for m in mods.values():
-            for t in list(m._buffers.values()):
-                if t is not None:
-                    swap(t)
+        with torch.no_grad():
+            for m in mods.values():
+                for t in list(m._buffers.values()):
+                    if t is not None:
+                        swap(t)
         yield model, randomise
     finally:
         for owner, name, is_buffer, t in reversed(saved):
