@@ -165,8 +165,9 @@ class Calls:
     def bare(self, model: nn.Module, bs: int, device: torch.device) -> Callable[[], None]:
         """The same rows in calls of ``bs`` rows, each kind of pass as ours made it (on fixed random
         rows): forward only; forward + input-gradient backward of the target's logits; or that backward
-        with ``create_graph`` and the gradient of its squared sum (a double backward), under the same
-        softplus β as ours."""
+        with ``create_graph`` and the gradient of its squared sum (a double backward, through the math
+        kernel of attention, as ours), under the same softplus β as ours."""
+        from explain_callbacks._internal.batching import twice_differentiable
         from explain_callbacks._internal.softplus import relu_as_softplus
 
         groups: dict[tuple[str, float | None, tuple[int, ...]], int] = {}
@@ -176,8 +177,8 @@ class Calls:
         parts = [(kind, beta, torch.rand(n, *row, device=device)) for (kind, beta, row), n in groups.items()]
 
         def run() -> None:
-            for kind, beta, rows in parts:
-                with relu_as_softplus(beta):
+            for kind, beta, rows in parts:  # a double backward through attention: its math kernel, as ours
+                with relu_as_softplus(beta), twice_differentiable(kind == "double"):
                     for s in range(0, rows.shape[0], bs):
                         xb = rows[s : s + bs]
                         if kind == "forward":
