@@ -3,8 +3,11 @@ ResNet, a tabular MLP, an LSTM and a small transformer (``heldout_models.py``), 
 
 - ours / bare: ours (at ``batch_size="auto"``, what a user gets; ``--ours-batch-size``) against a replay
   of the very rows it sent to the model, in calls of the user's batch (``--batch-size``, default: the
-  probe batch), forward + input-gradient backward for the rows it sent with grad, forward only for the
-  others (CPU time of the process on a CPU: a shared machine's other jobs are not counted);
+  probe batch), each call replayed as the kind of pass it was: forward only, forward + input-gradient
+  backward, or that backward with ``create_graph`` differentiated again (a double backward, as the
+  fragility attack's steps make), under the softplus the ReLUs ran as; counted on a second run, after the
+  first has measured ``batch_size="auto"`` (CPU time of the process on a CPU: a shared machine's other
+  jobs are not counted);
 - ours / Captum: against the fastest of several Captum settings (``internal_batch_size``,
   ``perturbations_per_eval``, ``nt_samples_batch_size``), values compared (max abs difference, relative to
   the largest |value|);
@@ -18,8 +21,12 @@ against issue 22's targets: gradient/path <= 1.05x the best of Captum and of the
 
     python benchmarks/bench_heldout.py --quick                 # smaller settings, 8 rows (about 25 min on 2 busy cores)
     python benchmarks/bench_heldout.py --models resnet --device cuda
+    python benchmarks/bench_heldout.py --quick --sections metrics --models mlp --only randomisation \
+        --update benchmarks/results/bench_heldout_quick.md   # refresh some rows of a table, keep the others
 
-Writes ``benchmarks/results/bench_heldout[_quick][_<device>].md`` and prints it.
+Writes ``benchmarks/results/bench_heldout[_quick][_<device>].md`` (or ``--out``) and prints it; with
+``--update TABLE`` the rows run replace the rows of TABLE with the same model and name (new ones go after
+the last row of their model), the other rows and TABLE's header are kept.
 """
 
 from __future__ import annotations
@@ -105,48 +112,83 @@ def med(ratios: list[float] | None) -> float | None:
 
 # ----------------------------------------------------------------------------- bare passes
 class Calls:
-    """The rows each model call of a run received, and whether it ran with grad (a forward pre-hook on
-    the model, removed after one counting run)."""
+    """The model calls of one run of ``fn``, in order: rows, kind of pass (``"forward"`` without grad,
+    ``"grad"``: forward + input-gradient backward, ``"double"``: that backward with ``create_graph`` and
+    differentiated again) and the softplus β the ReLUs ran as (the fragility attack's surrogate; None:
+    ReLU). Counted by a forward pre-hook on the model and a wrapper of ``torch.autograd.grad`` (a grad
+    call with ``create_graph=True`` makes the last grad forward a double one), after one uncounted run
+    of ``fn``: a first call per model and row shape measures ``batch_size="auto"`` (timed candidate
+    calls that later runs do not make, so they are not replayed)."""
 
     def __init__(self, model: nn.Module, fn: Callable[[], Any]) -> None:
-        self.grad: list[tuple[int, ...]] = []
-        self.nograd: list[tuple[int, ...]] = []
+        from explain_callbacks._internal.softplus import _SoftplusForRelu
+
+        fn()  # the warm-up run: the "auto" rows are measured here, once per model, row shape and pass kind
+        self.calls: list[list[Any]] = []  # [row shape, kind, beta]
 
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            (self.grad if torch.is_grad_enabled() and x.requires_grad else self.nograd).append(tuple(x.shape))
+            kind = "grad" if torch.is_grad_enabled() and x.requires_grad else "forward"
+            modes = torch.overrides._get_current_function_mode_stack()
+            beta = next((m.beta for m in reversed(modes) if isinstance(m, _SoftplusForRelu)), None)
+            self.calls.append([tuple(x.shape), kind, beta])
+
+        grad = torch.autograd.grad
+
+        def counting_grad(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("create_graph"):
+                for c in reversed(self.calls):
+                    if c[1] != "forward":
+                        c[1] = "double"
+                        break
+            return grad(*args, **kwargs)
 
         h = model.register_forward_pre_hook(hook)
+        torch.autograd.grad = counting_grad
         try:
             fn()
         finally:
+            torch.autograd.grad = grad
             h.remove()
 
     @property
-    def rows(self) -> tuple[int, int]:
-        return sum(s[0] for s in self.grad), sum(s[0] for s in self.nograd)
+    def rows(self) -> tuple[int, int, int]:
+        """Rows sent (double backward, forward + backward, forward only)."""
+        return tuple(sum(s[0] for s, k, _ in self.calls if k == kind) for kind in ("double", "grad", "forward"))
+
+    def label(self) -> str:
+        d, g, f = self.rows
+        if not d + g + f:
+            return "none"
+        return (f"{d} double + " if d else "") + (f"{g} grad + {f} fwd" if d + g else f"{f} fwd")
 
     def bare(self, model: nn.Module, bs: int, device: torch.device) -> Callable[[], None]:
-        """The same rows in calls of ``bs`` rows: forward + input-gradient backward of the target's
-        logits for the grad rows, forward only for the others (on fixed random rows)."""
-        parts = []
-        for shapes, grad in ((self.grad, True), (self.nograd, False)):
-            if not shapes:
-                continue
-            n = sum(s[0] for s in shapes)
-            rows = torch.rand(n, *shapes[0][1:], device=device)
-            parts.append((rows, grad))
+        """The same rows in calls of ``bs`` rows, each kind of pass as ours made it (on fixed random
+        rows): forward only; forward + input-gradient backward of the target's logits; or that backward
+        with ``create_graph`` and the gradient of its squared sum (a double backward, through the math
+        kernel of attention, as ours), under the same softplus β as ours."""
+        from explain_callbacks._internal.batching import twice_differentiable
+        from explain_callbacks._internal.softplus import relu_as_softplus
+
+        groups: dict[tuple[str, float | None, tuple[int, ...]], int] = {}
+        for shape, kind, beta in self.calls:  # rows of one kind, β and row shape, in the order first met
+            key = (kind, beta, shape[1:])
+            groups[key] = groups.get(key, 0) + shape[0]
+        parts = [(kind, beta, torch.rand(n, *row, device=device)) for (kind, beta, row), n in groups.items()]
 
         def run() -> None:
-            for rows, grad in parts:
-                for s in range(0, rows.shape[0], bs):
-                    xb = rows[s : s + bs]
-                    if grad:
+            for kind, beta, rows in parts:  # a double backward through attention: its math kernel, as ours
+                with relu_as_softplus(beta), twice_differentiable(kind == "double"):
+                    for s in range(0, rows.shape[0], bs):
+                        xb = rows[s : s + bs]
+                        if kind == "forward":
+                            with torch.no_grad():
+                                model(xb)
+                            continue
                         xb = xb.detach().requires_grad_(True)
-                        torch.autograd.grad(model(xb)[:, 0].sum(), xb)
-                    else:
-                        with torch.no_grad():
-                            model(xb)
+                        (g,) = torch.autograd.grad(model(xb)[:, 0].sum(), xb, create_graph=kind == "double")
+                        if kind == "double":
+                            torch.autograd.grad(g.square().sum(), xb)
 
         return run
 
@@ -311,9 +353,11 @@ def metric_cases(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, sal: Any, bs
     add("completeness_soundness", lambda: MF.completeness_soundness(model, x, y, sal, a, n_other=1, n_steps=8,
                                                                      batch_size=bs)[1])  # fmt: skip
     n_att = 2 if quick else 10
-    add(f"fragility ({n_att} attack steps)", lambda: MF.fragility(model, x, y, sal, a, steps=n_att),
-        note="the attack differentiates the map (double backward): the bare replay of first-order passes "
-             "undercounts its passes")  # fmt: skip
+    add(
+        f"fragility ({n_att} attack steps)",
+        lambda: MF.fragility(model, x, y, sal, a, steps=n_att),
+        note="bare: each attack step's double backward replayed as one (ReLU as softplus, as the attack)",
+    )
     n_layers = len(randomisable_layers(model))
     add(f"randomisation (cascade, {n_layers} layers)",
         lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True, batch_size=bs),
@@ -375,8 +419,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                     rows.append(row)
                     print(f"  {name} {case['label']}: {row['note']}", file=sys.stderr)
                     continue
-                g, f = calls.rows
-                row.update(t=t, r_bare=r_bare, rows=f"{g} grad + {f} fwd" if g else f"{f} fwd")
+                row.update(t=t, r_bare=r_bare, rows=calls.label())
                 best, r_cap, diff, t_best = None, None, None, math.inf
                 for setting, fn in case["captum"].items():  # each setting timed once; the fastest is paired
                     try:
@@ -407,8 +450,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 row = {"model": name, "what": case["label"], "kind": "metric", "note": case["note"]}
                 try:
                     calls = Calls(model, case["ours"])
-                    g, f = calls.rows
-                    if g + f:
+                    sent = sum(calls.rows)
+                    if sent:
                         t, r_bare = pairs(case["ours"], calls.bare(model, bs, device), args.repeats, device)
                     else:  # a map-only metric: no model call, only Quantus to compare with
                         t, r_bare = min(pairs(case["ours"], case["ours"], 1, device)[0] for _ in range(3)), None
@@ -417,7 +460,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                     rows.append(row)
                     print(f"  {name} {case['label']}: {row['note']}", file=sys.stderr)
                     continue
-                row.update(t=t, r_bare=r_bare, rows=(f"{g} grad + {f} fwd" if g else f"{f} fwd") if g + f else "none")
+                row.update(t=t, r_bare=r_bare, rows=calls.label())
                 if case["quantus"] is not None:
                     try:
                         qv = case["quantus"]()
@@ -428,7 +471,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                         row["note"] = (row["note"] + "; " if row["note"] else "") + (
                             f"Quantus failed: {type(e).__name__}: {str(e).splitlines()[0][:70]}"
                         )
-                row["ok"] = verdict("metric", med(r_bare), med(row.get("r_ref")), cnn) if g + f else (
+                row["ok"] = verdict("metric", med(r_bare), med(row.get("r_ref")), cnn) if sent else (
                     "yes" if row.get("r_ref") and med(row["r_ref"]) < 1 else "—")  # fmt: skip
                 rows.append(row)
                 print(f"  {name} {case['label']}: bare {summary(r_bare)} ref {summary(row.get('r_ref'))}",
@@ -451,6 +494,33 @@ def table(rows: list[dict[str, Any]], header: str, tol: float) -> str:
     return "\n".join(out) + "\n"
 
 
+def _table_rows(text: str) -> tuple[list[str], list[str]]:
+    """(lines up to and including the table's separator line, the table's row lines) of a results table."""
+    lines = text.rstrip("\n").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            return lines[: i + 1], [r for r in lines[i + 1 :] if r.startswith("| ")]
+    raise ValueError("no results table (a '|---' separator line) found in the file to update.")
+
+
+def _row_key(line: str) -> tuple[str, str]:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    return cells[0], cells[1]
+
+
+def merge_table(old: str, new: str) -> str:
+    """``old`` with each row of ``new`` in place of ``old``'s row of the same (model, name); a row ``old``
+    lacks goes after the last row of its model (at the end for a new model). ``old``'s header is kept."""
+    head, old_rows = _table_rows(old)
+    _, new_rows = _table_rows(new)
+    fresh = {_row_key(r): r for r in new_rows}
+    merged = [fresh.pop(_row_key(r), r) for r in old_rows]
+    for key, r in fresh.items():  # rows the table did not have
+        last = max((i for i, m in enumerate(merged) if _row_key(m)[0] == key[0]), default=len(merged) - 1)
+        merged.insert(last + 1, r)
+    return "\n".join(head + merged) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -469,6 +539,12 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4, help="max relative difference of values counted as equal")
     p.add_argument("--quick", action="store_true", help="smaller settings, 3 pairs: a few minutes")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--update",
+        default=None,
+        metavar="TABLE",
+        help="an existing results table: replace its rows of the same model and name by the rows run, keep the others",
+    )
     p.add_argument(
         "--clock",
         choices=("cpu", "wall"),
@@ -514,11 +590,19 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     suffix = ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
     out = Path(args.out) if args.out else RESULTS / f"bench_heldout{suffix}.md"
+    if args.update:
+        out = Path(args.update)
+        if not out.is_file():
+            raise SystemExit(f"--update {out}: no such table; run without --update to write one.")
     for name in args.models.split(","):
         print(f"{name} ...", file=sys.stderr)
         rows += run_model(name, args, device)
         text = table(rows, header, args.tol)
+        if args.update:
+            text = merge_table(out.read_text(), text)
         out.write_text(text)  # after each model: a run cut short keeps the models it finished
+        if args.update:  # the rows are in the table now: the next model's merge adds only its own
+            rows = []
     print(text)
     print(f"written: {out}", file=sys.stderr)
 

@@ -56,3 +56,27 @@ def test_counts_and_errors(net_and_images):
         fragility_attack(net, x, objective="nope")
     with pytest.raises(ValueError, match="not differentiable"):
         fragility_attack(net, x, method="occlusion")
+
+
+def test_scores_equal_their_definitions_on_the_returned_inputs():
+    """Spearman (against the map of x ranked once), top-k intersection and centre shift of each sample
+    equal scipy's rank correlation and the plain set and centre-of-mass definitions, recomputed from the
+    maps of x and of the adversarial input returned (ties included: ReLU saliency has exact zeros)."""
+    from scipy.stats import spearmanr
+
+    from explain_callbacks.attribution import Saliency
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(10, 12, generator=torch.Generator().manual_seed(2))
+    res = fragility_attack(net, x, method="saliency", epsilon=0.3, steps=4, top_k=3, clamp=None)
+    assert res.found.any()
+    y = net(x).argmax(1)
+    imp0, imp1 = Saliency()(net, x, y).abs(), Saliency()(net, res.adversarial, y).abs()
+    for i in range(x.shape[0]):
+        rho = spearmanr(imp0[i].numpy(), imp1[i].numpy()).statistic
+        assert abs(float(res.spearman[i]) - (1.0 if rho != rho else rho)) < 1e-6, i  # NaN: a constant map
+        top0, top1 = set(imp0[i].topk(3).indices.tolist()), set(imp1[i].topk(3).indices.tolist())
+        assert abs(float(res.topk_intersection[i]) - len(top0 & top1) / 3) < 1e-6
+        centre = lambda m: (m * torch.arange(12.0)).sum() / m.sum()  # noqa: E731
+        assert abs(float(res.mass_centre_shift[i]) - abs(float(centre(imp1[i]) - centre(imp0[i])))) < 1e-4

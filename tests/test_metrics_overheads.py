@@ -126,7 +126,7 @@ def _data() -> tuple[Tensor, Tensor, Tensor]:
     return x, a, torch.randint(0, 5, (4,), generator=g)
 
 
-@pytest.mark.parametrize("batch_size", [3, 16, None])
+@pytest.mark.parametrize("batch_size", [3, 10, 16, None])
 @pytest.mark.parametrize("features", ["pixel", "element"])
 def test_deletion_and_insertion_curves_equal_the_per_step_definition(batch_size: int | None, features: str) -> None:
     """Each point of the curve, built step by step from the ranking and scored on its own."""
@@ -147,7 +147,7 @@ def test_deletion_and_insertion_curves_equal_the_per_step_definition(batch_size:
         torch.testing.assert_close(curve, torch.stack(ref, 1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_size", [3, 8, None])
+@pytest.mark.parametrize("batch_size", [3, 8, 10, None])
 def test_mufidelity_equals_per_subset_drops(batch_size: int | None) -> None:
     """Pearson correlation of Σ_subset A and f(x) − f(x with the subset at the baseline), per subset."""
     model, (x, a, y) = _cnn(), _data()

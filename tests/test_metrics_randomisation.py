@@ -273,3 +273,21 @@ def test_randomisation_during_training_leaves_weights_bit_identical(tmp_path):
     for k in without:
         assert torch.equal(with_check[k], without[k]), k
     assert mon.last_scores["saliency"]["randomisation"] < 0.9
+
+
+@pytest.mark.parametrize("rank_elements", [1, 1 << 23])
+def test_steps_ranked_together_or_in_groups_equal_the_step_by_step_reference(monkeypatch, rank_elements):
+    """The steps' maps are ranked in groups bounded by _RANK_ELEMENTS (1: one group per step; the default:
+    all steps at once); either way each row is the book's per-step correlation, tied maps included (the
+    saliency of a ReLU net has exact zeros)."""
+    from explain_callbacks.metrics.functional import randomisation as R
+
+    monkeypatch.setattr(R, "_RANK_ELEMENTS", rank_elements)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    a0 = _raw_gradient(model, x, y)
+    names, rows = MF.model_randomisation(model, x, y, _raw_gradient, a0, return_cascade=True, abs=True)
+    torch.testing.assert_close(rows, _reference(model, x, y, _raw_gradient, a0, names), rtol=0, atol=1e-12)
+    full = MF.model_randomisation(model, x, y, _raw_gradient, a0)
+    torch.testing.assert_close(full, rows[-1], rtol=0, atol=1e-12)

@@ -217,16 +217,17 @@ def rankdata(x: Tensor) -> Tensor:
 
 
 def spearman_to(ref: Tensor, ref_ss: Tensor, x: Tensor) -> Tensor:
-    """Spearman correlation of each row of ``x`` (B, n) with a reference whose average ranks are known:
-    ``ref`` = ranks − (n + 1) / 2 (centred), ``ref_ss`` = ``vecdot(ref, ref)``. Spearman is the Pearson
+    """Spearman correlation of each row of ``x`` (..., n) with a reference whose average ranks are known:
+    ``ref`` = ranks − (n + 1) / 2 (centred, ``x``'s shape or expanded to it), ``ref_ss`` = ``vecdot(ref, ref)``
+    (broadcast against ``x``'s leading dims). Spearman is the Pearson
     correlation of ranks, and average ranks always have the mean (n + 1) / 2, so only ``x`` is ranked and
     its ranks are never scattered: Σ ref·(r − c) = Σ ref[sorter]·rank (Σ ref = 0). 0 where either side is
     constant (as :func:`pearson`). float64."""
     n = x.shape[-1]
     sorter, rank = sorted_ranks(x)
     g = ref.gather(-1, sorter)
-    if rank.ndim == 2 and rank.stride(0) == 0:  # no ties in any row: the expanded arange
-        dot = g @ rank[0]
+    if rank.ndim >= 2 and not any(rank.stride()[:-1]):  # no ties in any row: the expanded arange
+        dot = g @ rank[(0,) * (rank.ndim - 1)]
         ss = torch.full_like(dot, n * (n * n - 1) / 12)
     else:
         dot = torch.linalg.vecdot(g, rank)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._internal.guard import model_guard
-from .._internal.ops import spearman
+from .._internal.ops import rankdata, spearman_to
 from .._internal.outputs import read_scores
 from .._internal.softplus import relu_as_softplus
 from .._internal.targets import as_target_tensor
@@ -138,11 +138,14 @@ def fragility_attack(
         k = max(1, min(n_feat, round(top_k * n_feat) if isinstance(top_k, float) else int(top_k)))
         top0 = _topk_mask(imp0, k)
         centre0 = _centre(imp0)
+        # the ranks of x's map, centred, once: each candidate's map is then ranked alone (ops.spearman_to)
+        r0 = rankdata(imp0.flatten(1)).sub_((n_feat + 1) / 2)
+        ss0 = torch.linalg.vecdot(r0, r0)
 
         def scores(xa: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             imp = _importance(attributor(model, xa, tgt).detach())
             inter = (_topk_mask(imp, k) & top0).sum(1).to(x.dtype) / k
-            rho = spearman(imp0.flatten(1), imp.flatten(1))
+            rho = spearman_to(r0, ss0, imp.flatten(1))
             shift = (_centre(imp) - centre0).norm(dim=1)
             with torch.no_grad():
                 # the output kept: the same class, or for a dense output (segmentation) the same class at every

@@ -399,10 +399,16 @@ def flat_call_scores(
     output: str,
     batch_size: BatchSize,
     fill: Callable[[int, slice, Tensor], None],
+    fill_runs: Callable[[slice, Tensor], None] | None = None,
 ) -> Tensor:
     """Scores (``n_runs * B``,) float64, run-major, of ``n_runs`` perturbed copies of ``x`` (B, ...) sent in
     the calls of :func:`flat_calls`: ``fill(run, samples, out)`` writes run ``run``'s copies of
-    ``x[samples]`` into ``out``, in run order; one buffer of ``batch_size`` rows is reused."""
+    ``x[samples]`` into ``out``, in run order; one buffer of ``batch_size`` rows is reused.
+
+    ``fill_runs(runs, out)``, when given, writes whole runs at once (``out``: (len(runs), B, ...)): the
+    consecutive runs a call holds all of are then filled by one call of it instead of one ``fill`` per run
+    (on a cheap model a fill's few tensor operations per run cost as much as the model's forward). The
+    runs a call holds part of still go through ``fill``, in run order."""
     b = x.shape[0]
     tgt = None if target is None else target.repeat(n_runs)
     scores = ScoreRows(n_runs * b, tgt, output, x.device)
@@ -412,8 +418,20 @@ def flat_call_scores(
             n = call.stop - call.start
             if buf is None:
                 buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            for run, samples, at in pieces:
-                fill(run, samples, buf[at])
+            i = 0
+            while i < len(pieces):
+                run, samples, at = pieces[i]
+                j = i
+                if fill_runs is not None:  # the whole runs from here on: one fill_runs call
+                    while j < len(pieces) and pieces[j][1].stop - pieces[j][1].start == b:
+                        j += 1
+                if j > i:
+                    start, stop = at.start, pieces[j - 1][2].stop
+                    fill_runs(slice(run, run + j - i), buf[start:stop].view(j - i, b, *x.shape[1:]))
+                    i = j
+                else:
+                    fill(run, samples, buf[at])
+                    i += 1
             scores.add(model(buf[:n]), held=buf)  # the outputs scored together (ScoreRows)
     return scores.result()
 

@@ -98,7 +98,8 @@ def completeness_soundness(
         maps.append(a.view(nr, bs.stop - bs.start, *a.shape[1:]))
     maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
     flat_x = x.repeat(labels.shape[0], *([1] * (x.ndim - 1)))
-    curve, fr = perturbation_curve(
+    # the undecorated curve: this call already runs under the metrics' guard (model_left_as_found), on its view
+    curve, fr = perturbation_curve.__wrapped__(
         model, flat_x, maps_t.flatten(0, 1), labels.reshape(-1), mode="insertion", substrate=substrate,
         n_steps=n_steps, features=features, output="probability", batch_size=batch_size,
     )  # fmt: skip

@@ -100,7 +100,7 @@ def perturbation_curve(
             batch_size=batch_size, ties=ties, seed=seed, channels_first=True, keep=keep,
         )  # fmt: skip
     target = prepare_target(model, inputs, target)
-    validate(inputs, attributions, target)
+    validate(inputs, None, target)  # the map was checked above
     x = inputs.detach()
     rel, fmode = feature_relevance(attributions, x, features)
     b, n = rel.shape
@@ -120,7 +120,11 @@ def perturbation_curve(
     def fill(step_k: int, sm: slice, out: Tensor) -> None:
         torch.where(first_step[sm] <= step_k, other[sm], kept[sm], out=out)
 
-    scores = flat_call_scores(model, x, target, n_st + 1, output, batch_size, fill)
+    def fill_runs(ks: slice, out: Tensor) -> None:  # the points ks of every sample in one selection
+        k = torch.arange(ks.start, ks.stop, device=x.device, dtype=torch.int32).view(-1, *[1] * x.ndim)
+        torch.where(first_step.unsqueeze(0) <= k, other, kept, out=out)
+
+    scores = flat_call_scores(model, x, target, n_st + 1, output, batch_size, fill, fill_runs)
     return scores.view(n_st + 1, b).T.contiguous(), fractions
 
 

@@ -37,6 +37,8 @@ from ._utils import Target, check_finite_map, method_grad, method_inputs, prepar
 __all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "randomise_layer", "randomised_view"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+#: map elements of the randomised steps kept before they are ranked together (32 MiB of float32)
+_RANK_ELEMENTS = 1 << 23
 
 
 def _subclass_names(classes: tuple[type, ...]) -> frozenset[str]:
@@ -56,31 +58,46 @@ def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
 
 
-@torch.no_grad()
-def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
-    """Re-initialise the parameters the module owns, in place, from ``generator``."""
-    if isinstance(module, _NORMS):
-        module.reset_parameters()  # deterministic: weight 1, bias 0, running statistics reset
-        return
-    if getattr(module, "original_name", None) in _NORM_NAMES and isinstance(module, torch.jit.ScriptModule):
-        # a compiled norm layer has no Python reset_parameters: the same reset, by name
-        for name, t in [*module._parameters.items(), *module._buffers.items()]:
-            if t is not None:
-                t.fill_(1 if name in ("weight", "running_var") else 0)
-        return
-    params = [p for p in module._parameters.values() if p is not None]
-    big = [p for p in params if p.ndim >= 2]
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) or (
+        getattr(module, "original_name", None) in _NORM_NAMES and isinstance(module, torch.jit.ScriptModule)
+    )
+
+
+def _fresh_parameters(module: nn.Module, generator: torch.Generator) -> dict[str, Tensor]:
+    """New values of the parameters a layer that is not a norm layer owns, by slot name, drawn from
+    ``generator`` in slot order (PyTorch's default ``U(±1/√fan_in)``; 1-D parameters of a layer without a
+    ≥2-D weight: N(0, 1)). Each is a fresh contiguous tensor: in-place draws fill memory order, so a
+    channels_last weight would get other values at each index than the same weight stored contiguously.
+    Fresh tensors that do not require grad: no grad mode needed."""
+    params = {n: p for n, p in module._parameters.items() if p is not None}
+    big = [p for p in params.values() if p.ndim >= 2]
     fan_in = big[0][0].numel() if big else None
-    for p in params:
-        # drawn in a fresh contiguous tensor, then copied: in-place draws fill memory order, so a
-        # channels_last weight would get other values at each index than the same weight stored contiguously
+    out = {}
+    for name, p in params.items():
         fresh = torch.empty(p.shape, dtype=p.dtype, device=p.device)
         if p.ndim < 2 and fan_in is None:
             fresh.normal_(generator=generator)
         else:
             bound = 1.0 / math.sqrt(max(1, p[0].numel() if p.ndim >= 2 else fan_in))
             fresh.uniform_(-bound, bound, generator=generator)
-        p.copy_(fresh)
+        out[name] = fresh
+    return out
+
+
+@torch.no_grad()
+def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise the parameters the module owns, in place, from ``generator``."""
+    if isinstance(module, _NORMS):
+        module.reset_parameters()  # deterministic: weight 1, bias 0, running statistics reset
+        return
+    if _is_norm(module):  # a compiled norm layer has no Python reset_parameters: the same reset, by name
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                t.fill_(1 if name in ("weight", "running_var") else 0)
+        return
+    for name, fresh in _fresh_parameters(module, generator).items():
+        module._parameters[name].copy_(fresh)
 
 
 Randomise = Callable[[str, torch.Generator], None]
@@ -131,34 +148,59 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     # ``weight`` there from the swapped parameters): put back as found
     plain = [(m, k, v) for m in mods.values() for k, v in vars(m).items() if isinstance(v, Tensor)]
 
+    from torch.nn.modules.module import _global_parameter_registration_hooks as global_hooks
+
     def put(owner: nn.Module, name: str, is_buffer: bool, t: Tensor) -> None:
         if is_buffer:  # straight into the buffer dict: setattr would turn a Parameter into a parameter slot
             owner._buffers[name] = t
+        elif type(owner).__setattr__ is nn.Module.__setattr__ and owner._parameters.get(name) is not None and (
+            not global_hooks
+        ):  # what setattr of a Parameter into an existing slot does, without its checks (a third of a swap)
+            owner._parameters[name] = t
         else:  # setattr: modules that keep other references to their weights (nn.LSTM) follow
             setattr(owner, name, t)
 
-    @torch.no_grad()
-    def swap(t: Tensor) -> None:
+    def swap(t: Tensor, value: Tensor | None = None) -> None:
+        """Put a new tensor (a clone of ``t``, or ``value``) into every slot holding the original ``t``; called
+        under ``no_grad`` (entered once per layer, not per tensor: its entry costs as much as a small swap)."""
         if id(t) not in slots:
-            return  # a clone of ours already (the originals stay alive in ``saved``: no id is reused)
-        new = nn.Parameter(t.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else t.clone()
+            if value is not None:  # a clone of ours already: re-drawn in place
+                t.copy_(value)
+            return  # (the originals stay alive in ``saved``: no id is reused)
+        new = t.clone() if value is None else value
+        if value is not None and not t.is_contiguous():  # the original's layout kept (channels_last stays so)
+            new = torch.empty_like(t).copy_(value)
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, t.requires_grad)
         for owner, name, is_buffer in slots.pop(id(t)):
             saved.append((owner, name, is_buffer, t))
             put(owner, name, is_buffer, new)
 
+    @torch.no_grad()
     def randomise(name: str, generator: torch.Generator) -> None:
         module = mods[name]
-        for store in (module._parameters, module._buffers):
-            for t in list(store.values()):
-                if t is not None:
-                    swap(t)
-        randomise_layer(module, generator)
+        if _is_norm(module):  # reset in place, on clones
+            for store in (module._parameters, module._buffers):
+                for t in list(store.values()):
+                    if t is not None:
+                        swap(t)
+            randomise_layer(module, generator)
+            return
+        # the fresh draws go into the slots themselves (no clone of the trained values to overwrite)
+        fresh = _fresh_parameters(module, generator)
+        for n, t in list(module._parameters.items()):
+            if t is not None:
+                swap(t, fresh[n])
+        for t in list(module._buffers.values()):
+            if t is not None:
+                swap(t)
 
     try:
-        for m in mods.values():
-            for t in list(m._buffers.values()):
-                if t is not None:
-                    swap(t)
+        with torch.no_grad():
+            for m in mods.values():
+                for t in list(m._buffers.values()):
+                    if t is not None:
+                        swap(t)
         yield model, randomise
     finally:
         for owner, name, is_buffer, t in reversed(saved):
@@ -234,34 +276,47 @@ def model_randomisation(
     def gen(name: str) -> torch.Generator:
         return layer_generator(device, seed, index[name])
 
-    # the trained maps are ranked, centred and normed once for every step; each step's maps are ranked
-    # as they come and correlated against them (memory stays at one step's maps whatever the depth)
-    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_((a0[0].numel() + 1) / 2)
+    # the trained maps are ranked, centred and normed once for every step. Each step's maps are kept and
+    # ranked together with the next steps' (one sort of all their rows and one product with the trained
+    # ranks, instead of a sort's fixed cost per step), in groups of at most _RANK_ELEMENTS map elements, so
+    # memory stays bounded whatever the depth
+    n_el = a0[0].numel()
+    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_((n_el + 1) / 2)
     ss0 = torch.linalg.vecdot(r0, r0)
+    pending: list[Tensor] = []
+    rows: list[Tensor] = []
 
-    def corr(a: Tensor) -> Tensor:  # ranks in the maps' precision (same order), correlation in float64
+    def flush() -> None:
+        if pending:
+            q = torch.stack(pending).reshape(len(pending), b, n_el).to(a0.dtype)
+            rows.extend(spearman_to(r0.expand(q.shape), ss0, q.abs() if abs else q).unbind(0))
+            pending.clear()
+
+    def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> None:
+        for n in names:
+            view[1](n, gen(n))
+        a = _maps(method, view[0], x, target, batch_size)
         if a.shape != a0.shape:
             raise ValueError(
                 f"the method's maps have shape {tuple(a.shape)} but attributions= has {tuple(a0.shape)}; pass "
                 "the maps this method gives for the inputs (or attributions=None to compute them)."
             )
-        q = a.reshape(b, -1).to(a0.dtype)
-        return spearman_to(r0, ss0, q.abs() if abs else q)
-
-    def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> Tensor:
-        for n in names:
-            view[1](n, gen(n))
-        return corr(_maps(method, view[0], x, target, batch_size))
+        pending.append(a)
+        if len(pending) * a.numel() >= _RANK_ELEMENTS:
+            flush()
 
     if not return_cascade:
         with randomised_view(model) as view:
-            return randomised_maps(view, order)
+            randomised_maps(view, order)
+        flush()
+        return rows[0]
     if mode == "independent":  # each layer alone, on the trained model
-        rows = []
         for n in order:
             with randomised_view(model) as view:
-                rows.append(randomised_maps(view, [n]))
+                randomised_maps(view, [n])
     else:
         with randomised_view(model) as view:
-            rows = [randomised_maps(view, [n]) for n in order]
+            for n in order:
+                randomised_maps(view, [n])
+    flush()
     return order, torch.stack(rows)
