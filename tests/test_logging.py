@@ -288,7 +288,11 @@ def test_captions_name_true_class_prediction_and_probability():
     x = torch.tensor([[1.0, 0.0, 0.0, 5.0], [0.0, 0.0, 1.0, 5.0]])
     captions, wrong = mon._captions(Fixed(), x, torch.tensor([0, 1]), torch.tensor([0, 1]))
     p = float(torch.softmax(torch.tensor([0.0, 0.0, 10.0]), 0)[2])
-    assert captions == ["true cat · pred cat (1.00)", f"true dog · pred cow ({p:.2f})"] and wrong == [False, True]
+    # a wrong prediction says which class the maps explain (target="label": the true one)
+    assert captions == ["true cat · pred cat (1.00)", f"true dog · pred cow ({p:.2f}) · explains dog"]
+    assert wrong == [False, True]
+    captions, _ = mon._captions(Fixed(), x, torch.tensor([0, 1]), torch.tensor([1, 2]))  # target= other classes
+    assert captions == ["true cat · pred cat (1.00) · explains dog", f"true dog · pred cow ({p:.2f})"]
     # one output with class targets: sigmoid; regression (no target): the value
     one = torch.nn.Linear(4, 1)
     with torch.no_grad():
