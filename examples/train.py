@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from explain_callbacks._internal.hydra_job import build_list, fit_net_to_data, instantiate_part
 from explain_callbacks._internal.hydra_job import hydra_config as _hydra_config
+from explain_callbacks.callbacks.attribution_monitor import best_methods
 
 # The repository's conf/; a copy of this script outside the repository uses the configs installed with the package.
 _REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -113,7 +114,11 @@ def what_to_look_at(callbacks: list) -> str:
                 continue
             ranked = sorted(vals, key=vals.get, reverse=hib)
             shown = ", ".join(f"{m} {vals[m]:.3f}" for m in ranked)
-            out.append(f"  best on {metric} ({'higher' if hib else 'lower'} is better): {shown}")
+            side = "higher" if hib else "lower"
+            if len(best_methods(vals, hib)) == len(vals):  # "best on pointing_game: saliency" read as a winner
+                out.append(f"  {metric} ({side} is better): every method {vals[ranked[0]]:.3f}, a tie")
+            else:
+                out.append(f"  best on {metric} ({side} is better): {shown}")
     return "\n".join(out)
 
 

@@ -47,12 +47,15 @@ def test_default_main_job_shows_the_product():
 
 def test_what_to_look_at_names_sections_and_ranks_the_methods():
     mon = AttributionMonitor(budget=None, methods=["saliency", "ig"], metrics=["deletion", "insertion"])
-    mon._higher = {"deletion": False, "insertion": True}
-    mon.last_scores = {"saliency": {"deletion": 0.3, "insertion": 0.5}, "ig": {"deletion": 0.2, "insertion": 0.4}}
+    mon._higher = {"deletion": False, "insertion": True, "pointing_game": True}
+    mon.last_scores = {"saliency": {"deletion": 0.3, "insertion": 0.5, "pointing_game": 1.0},
+                       "ig": {"deletion": 0.2, "insertion": 0.4, "pointing_game": 1.0}}  # fmt: skip
     text = TRAIN.what_to_look_at([mon, InteractionMonitor()])
     assert "which method to trust?" in text and "interactions" in text
     assert "best on deletion (lower is better): ig 0.200, saliency 0.300" in text
     assert "best on insertion (higher is better): saliency 0.500, ig 0.400" in text
+    # every method at 1.0 is a tie, not a win for the first one listed (was "best on pointing_game: saliency 1.000")
+    assert "pointing_game (higher is better): every method 1.000, a tie" in text and "best on pointing_game" not in text
     assert TRAIN.what_to_look_at([]) == ""
 
 

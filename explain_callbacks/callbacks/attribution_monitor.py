@@ -36,6 +36,7 @@ from .base import ProbeCallback, class_indices, non_default_settings
 
 __all__ = [
     "AttributionMonitor",
+    "best_methods",
     "class_labels",
     "find_class_names",
     "find_vocab",
@@ -131,6 +132,17 @@ def class_labels(y: Tensor) -> Tensor | None:
     if y.ndim == 2 and y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
         return y.argmax(1)
     return class_indices(y)
+
+
+def best_methods(scores: Mapping[str, float], higher_is_better: bool) -> list[str]:
+    """The methods with the best score, all of them when several tie (equal to 6 significant digits: means over a
+    handful of probes, e.g. a pointing game of 1.0 for every method, tie exactly)."""
+    top = max(scores.values()) if higher_is_better else min(scores.values())
+    return [m for m, v in scores.items() if math.isclose(v, top, rel_tol=1e-6, abs_tol=1e-12)]
+
+
+def _short(v: float) -> str:
+    return f"{v:.4g}"
 
 
 class AttributionMonitor(ProbeCallback):
@@ -757,14 +769,19 @@ class AttributionMonitor(ProbeCallback):
             rows.append([name, *[s.get(c, float("nan")) for c in columns]])
         best = []
         for c in columns:
-            vals = {m: s[c] for m, s in self.last_scores.items() if c in s}
+            vals = {m: s[c] for m, s in self.last_scores.items() if c in s and math.isfinite(s[c])}
             if len(vals) < 2 or c == "seconds":
                 continue
             hib = self._higher_is_better(c)
             if hib is None:
                 continue
-            pick = max(vals, key=vals.get) if hib else min(vals, key=vals.get)
-            best.append(f"- best on **{c}** ({'higher' if hib else 'lower'} is better): `{pick}`")
+            picks = best_methods(vals, hib)
+            side = "higher" if hib else "lower"
+            if len(picks) == len(vals):  # was "best: saliency" where every method scored 1.0
+                best.append(f"- **{c}** ({side} is better): every method scores {_short(vals[picks[0]])}, a tie")
+                continue
+            tie = " (tie)" if len(picks) > 1 else ""
+            best.append(f"- best on **{c}** ({side} is better): " + ", ".join(f"`{m}`" for m in picks) + tie)
         return (["method", *columns], rows), "\n".join(best)
 
     def _higher_is_better(self, score: str) -> bool | None:
