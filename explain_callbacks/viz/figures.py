@@ -305,12 +305,23 @@ def _colorbar(fig: Any, im: Any, axes: list[Any], label: str, location: str = "b
     else:
         cb = fig.colorbar(im, ax=axes, location=location, shrink=0.9, aspect=15 if location == "bottom" else 25,
                           pad=0.02)  # fmt: skip
-    cb.locator = MaxNLocator(nbins=4, symmetric=im.norm.vmin == -im.norm.vmax)
-    cb.formatter = FuncFormatter(lambda v, _: f"{v:.2g}")
+    # 3 bins and short labels: a tile-wide bar of small values ("0 8e-05 0.00016 0.00024") ran its labels together
+    cb.locator = MaxNLocator(nbins=3, symmetric=im.norm.vmin == -im.norm.vmax)
+    cb.formatter = FuncFormatter(lambda v, _: tick_label(v))
     cb.update_ticks()
     cb.ax.tick_params(labelsize=6)
     cb.set_label(label, fontsize=7)
     return cb
+
+
+def tick_label(v: float) -> str:
+    """A short tick label: two significant digits, powers of ten as ``2.4e-4`` below 0.01 and from 10,000 on."""
+    if v == 0:
+        return "0"
+    if abs(v) < 1e-2 or abs(v) >= 1e4:
+        mantissa, exp = f"{v:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exp)}"
+    return f"{v:.2g}"
 
 
 def _fit(maps: Tensor, size: Sequence[int]) -> Tensor:
