@@ -57,6 +57,15 @@ def test_what_to_look_at_names_sections_and_ranks_the_methods():
     # every method at 1.0 is a tie, not a win for the first one listed (was "best on pointing_game: saliency 1.000")
     assert "pointing_game (higher is better): every method 1.000, a tie" in text and "best on pointing_game" not in text
     assert TRAIN.what_to_look_at([]) == ""
+    # the sections printed are those of the run's metrics (was: localisation and randomisation whatever was chosen)
+    assert "faithfulness  which method to trust? deletion (lower is better), insertion (higher is better)" in text
+    assert "localisation" not in text and "randomisation" not in text
+    mon.metric_names.append("pointing_game")
+    mon.last_scores["occlusion"] = {"pointing_game": 0.5}
+    text = TRAIN.what_to_look_at([mon])
+    assert "localisation  the right evidence? against the ground-truth masks: pointing_game (higher is better)" in text
+    tie = "best on pointing_game (higher is better): saliency 1.000, ig 1.000, occlusion 0.500 (saliency and ig tie)"
+    assert tie in text
 
 
 def test_fast_dev_run_writes_no_run_directory_and_runs_quietly(tmp_path):
