@@ -328,3 +328,5 @@ def test_ranking_names_ties_instead_of_a_winner():
     assert "- best on **deletion** (lower is better): `saliency`, `ig` (tie)" in lines
     assert "- best on **insertion** (higher is better): `occlusion`" in lines
     assert not any("best on **pointing_game**" in line for line in lines)
+    table = mon.ranking_table()  # a missing score is a dash (was "nan")
+    assert "| ig | 0.2 | – | 1 |" in table and "nan" not in table

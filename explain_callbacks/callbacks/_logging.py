@@ -338,10 +338,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(v: Any) -> str:
+    """A Markdown cell: a missing score (NaN: saliency has no completeness error) reads as a dash, not "nan"."""
+    if isinstance(v, Tensor) and v.numel() == 1:
+        v = float(v)
+    if isinstance(v, float) and v != v:
+        return "–"
+    return _fmt(v).replace("|", "\\|")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (TensorBoard's text plugin renders it)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
