@@ -118,7 +118,7 @@ def _metric_lines(monitor: Any) -> list[str]:
 
 def what_to_look_at(callbacks: list) -> str:
     """What the chosen callbacks show in TensorBoard and which question each part answers, and the methods
-    ranked by the last explanation's faithfulness scores (the test data's when ``test`` ran)."""
+    ranked by the last explanation's scores (after ``test``: the final model on the probe set kept from validation)."""
     names = {type(cb).__name__ for cb in callbacks}
     lines = []
     for cls, section, question in _SECTIONS:
