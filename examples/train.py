@@ -101,7 +101,10 @@ def _metric_lines(monitor: Any) -> list[str]:
     from explain_callbacks.callbacks._logging import metric_section
 
     by_section: dict[str, list[str]] = {}
+    scored = monitor.last_scores or {}
     for name in monitor.metric_names:
+        if scored and not any(name in s for s in scored.values()):
+            continue  # configured but never computed (the pointing games on data without masks)
         section = monitor._sections.get(name) or metric_section(name)
         hib = monitor._higher_is_better(name)
         side = "" if hib is None else f" ({'higher' if hib else 'lower'} is better)"

@@ -60,9 +60,10 @@ def test_what_to_look_at_names_sections_and_ranks_the_methods():
     # the sections printed are those of the run's metrics (was: localisation and randomisation whatever was chosen)
     assert "faithfulness  which method to trust? deletion (lower is better), insertion (higher is better)" in text
     assert "localisation" not in text and "randomisation" not in text
-    mon.metric_names.append("pointing_game")
+    mon.metric_names += ["pointing_game", "energy_pointing_game"]  # the second never scored: data without masks
     mon.last_scores["occlusion"] = {"pointing_game": 0.5}
     text = TRAIN.what_to_look_at([mon])
+    assert "energy_pointing_game" not in text
     assert "localisation  the right evidence? against the ground-truth masks: pointing_game (higher is better)" in text
     tie = "best on pointing_game (higher is better): saliency 1.000, ig 1.000, occlusion 0.500 (saliency and ig tie)"
     assert tie in text
