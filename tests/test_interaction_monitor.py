@@ -112,3 +112,15 @@ def test_hydra_configs_instantiate():
     dm.setup()
     xb, _ = next(iter(dm.train_dataloader()))
     assert xb.shape[1] == 10 and dm.truth[0, 1] and not dm.truth[0, 3]
+
+
+def test_matrix_axes_say_what_a_group_is():
+    """Patches of an image grid, windows of a sequence, features of tabular data (NID's 10 features were labelled
+    as windows of a sequence by a first version; before, every axis read "feature group")."""
+    from explain_callbacks.callbacks.interaction_monitor import group_axis_label
+    from explain_callbacks.interaction.base import make_groups
+
+    image, signal, table = torch.rand(2, 3, 16, 16), torch.rand(2, 2, 40), torch.rand(2, 10)
+    assert group_axis_label(make_groups(image, 4), image) == "patch (row, col) of the 4×4 grid"
+    assert group_axis_label(make_groups(table), table) == "feature"
+    assert group_axis_label(make_groups(signal, 8, channels_first=True), signal) == "window of the sequence (8 windows)"

@@ -22,6 +22,18 @@ __all__ = ["InteractionMonitor"]
 MethodSpec = str | Mapping[str, Any] | InteractionMethod
 
 
+def group_axis_label(groups: Groups, x: Tensor) -> str:
+    """What a group of the interaction matrices is, for their axes: a patch (row, col) of a grid over an image, a
+    window of a sequence, a feature of tabular data (was "feature group" everywhere, and "(1,2)" unexplained)."""
+    if groups.grid is not None and len(groups.grid) == 2 and x.ndim == 4:
+        return f"patch (row, col) of the {groups.grid[0]}×{groups.grid[1]} grid"
+    if groups.grid is not None and len(groups.grid) == 1 and x.ndim == 3:
+        return f"window of the sequence ({groups.grid[0]} windows)"
+    if x.ndim == 2 and groups.n == x.shape[1]:  # one group per feature (x0, x1, ... or the data's names)
+        return "feature"
+    return "feature group"
+
+
 class InteractionMonitor(ProbeCallback):
     """Pairwise interaction scores of a fixed probe set on every due validation epoch.
 
@@ -226,13 +238,7 @@ class InteractionMonitor(ProbeCallback):
             m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
             panels.append((f"{samples[s]} (signed)", m, True))
         labels = [self._label(groups, i) for i in range(p)]
-        # what a group is: a patch (row, col) of a grid over the image, a window of a sequence, or a feature
-        if groups.grid is not None and len(groups.grid) == 2 and x.ndim == 4:
-            axis = f"patch (row, col) of the {groups.grid[0]}×{groups.grid[1]} grid"
-        elif groups.grid is not None and len(groups.grid) == 1:
-            axis = f"window (of {groups.grid[0]}) along the sequence"
-        else:
-            axis = "feature" if self._label(groups, 0) != "0" else "feature group"
+        axis = group_axis_label(groups, x)
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
         fig = viz.matrix_figure(panels, labels, title=f"{name} interactions · {when}", axis_label=axis)
         self.log_image(trainer, f"interactions/matrix/{name}", fig)
