@@ -124,3 +124,26 @@ def test_matrix_axes_say_what_a_group_is():
     assert group_axis_label(make_groups(image, 4), image) == "patch (row, col) of the 4×4 grid"
     assert group_axis_label(make_groups(table), table) == "feature"
     assert group_axis_label(make_groups(signal, 8, channels_first=True), signal) == "window of the sequence (8 windows)"
+
+
+def test_mean_panel_leaves_the_main_effects_out(monkeypatch):
+    """The sample panels zero the diagonal (main effects, another quantity than a pair's interaction); the probe-mean
+    panel drew them, so a strong main effect outshone every pair there. Both now show pairs only."""
+    from types import SimpleNamespace
+
+    from explain_callbacks import viz
+    from explain_callbacks.interaction.base import make_groups
+
+    drawn = []
+    monkeypatch.setattr(viz, "matrix_figure", lambda panels, *a, **k: drawn.append(panels))
+    mon = InteractionMonitor(methods=["cd"], num_samples=2)
+    x = torch.rand(2, 10)
+    scores = torch.rand(2, 10, 10) + 10 * torch.eye(10)  # main effects far above the pairs
+    groups = make_groups(x)
+    summary = mon.summarise(scores, groups)
+    trainer = SimpleNamespace(global_rank=0, loggers=[], state=SimpleNamespace(fn=None), current_epoch=0,
+                              datamodule=None, val_dataloaders=None)  # fmt: skip
+    mon._log_pictures(trainer, "cd", x, scores, summary, groups, torch.tensor([0, 1]))
+    for _title, matrix, _signed in drawn[0]:
+        assert float(matrix.diagonal().abs().max()) == 0.0
+    assert drawn[0][1][0] == "sample 0 · 0 (signed)"  # no class names in the data: the label's index

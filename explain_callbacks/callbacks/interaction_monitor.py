@@ -232,7 +232,9 @@ class InteractionMonitor(ProbeCallback):
     ) -> None:  # fmt: skip
         p = scores.shape[-1]
         samples = self._sample_names(trainer, y, x.shape[0])
-        panels = [("mean |score| over the probe", summary["matrix"], False)]
+        mean = summary["matrix"].clone()
+        mean.fill_diagonal_(0.0)  # as in the sample panels: the diagonal holds main effects, another quantity
+        panels = [("mean |score| over the probe (pairs only)", mean, False)]
         for s in range(min(self.max_matrices, scores.shape[0])):
             m = scores[s].detach().cpu().clone()
             m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
