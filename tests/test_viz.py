@@ -228,3 +228,17 @@ def test_colour_bar_ticks_stay_short_for_tiny_values():
     fig.canvas.draw()
     labels = [t.get_text() for t in bar.get_xticklabels() if t.get_text()]
     assert 2 <= len(labels) <= 4 and all(len(t) <= 6 for t in labels), labels
+
+
+def test_three_line_captions_stay_clear_of_the_row_above():
+    """"true square · pred circle (0.52) · explains square" wraps onto three lines, which ran into the row above."""
+    pytest.importorskip("matplotlib")
+    from explain_callbacks.viz.figures import attribution_figure
+
+    caption = "true square · pred circle (0.52) · explains square"
+    fig = attribution_figure(torch.rand(2, 3, 8, 8), {"ig": torch.randn(2, 8, 8)}, captions=[caption, caption])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inputs = [ax for ax in fig.axes if "true" in ax.get_title()]  # the input tiles, one per row
+    above, below = inputs[0].get_window_extent(renderer), inputs[1].title.get_window_extent(renderer)
+    assert below.y1 <= above.y0 + 0.5, (below, above)  # display coordinates: y grows upwards

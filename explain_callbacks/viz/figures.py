@@ -211,7 +211,10 @@ def attribution_figure(
         return make_grid(upscale(tiles, 96), nrow=len(cols))
     ncol = 1 + len(names)
     # a fixed grid (no layout solver: constrained layout took seconds for 16 rows of 4 tiles)
-    gap, head, left = 0.14, 0.36, 0.12
+    # room above each row for its caption's lines (7 pt: about 0.12 in a line): a third line ("explains <class>")
+    # ran into the row above
+    lines = max((_wrap(c).count("\n") + 1 for c in captions), default=1) if captions is not None else 1
+    gap, head, left = 0.14, 0.12 + 0.12 * max(lines, 2), 0.12
     top, bottom = (0.4 if title else 0.1), 0.75
     fig, axes, box, height = _panel_grid(n, ncol, TILE_INCHES, TILE_INCHES, head, gap, left, left, top, bottom)
     for i in range(n):
