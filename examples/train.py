@@ -214,11 +214,13 @@ class _NoTips(logging.Filter):
 def quiet() -> None:
     """No warning floods in the example's output: Lightning's tips, its own deprecation of ``LeafSpec`` (a
     Lightning/torch version mismatch, nothing a user can act on) and the advice to add data-loader workers
-    (the in-memory example data sets load faster without them)."""
+    (the in-memory example data sets load faster without them), and the advice on the logging interval of a
+    shortened run (``+trainer.limit_train_batches=3``)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")  # shortened runs
 
 
 def _fast_dev_run(argv: list[str]) -> bool:

@@ -91,3 +91,16 @@ def test_fast_dev_run_detection():
     assert not TRAIN._fast_dev_run(["t", "trainer.max_epochs=1"])
     argv, tmp = TRAIN.no_run_dir_for_fast_dev_run(["t", "hydra.run.dir=mine", "+trainer.fast_dev_run=true"])
     assert tmp is None and argv[-1] == "+trainer.fast_dev_run=true"  # the user's own run directory is kept
+
+
+def test_quiet_drops_the_logging_interval_advice_of_shortened_runs():
+    """``+trainer.limit_train_batches=3`` printed Lightning's advice to lower log_every_n_steps in every shortened run
+    of the docs' commands; real warnings still show."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TRAIN.quiet()
+        warnings.warn("The number of training batches (3) is smaller than the logging interval", UserWarning, 1)
+        warnings.warn("AttributionMonitor explained nothing", UserWarning, 1)
+    assert [str(w.message) for w in caught] == ["AttributionMonitor explained nothing"]
