@@ -116,6 +116,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for tiny nets)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Lightning's own LeafSpec deprecation (a Lightning/torch version mismatch) and its advice on the logging
+    # interval of short epochs: nothing a user of the example acts on
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

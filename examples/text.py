@@ -50,6 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Lightning's own LeafSpec deprecation (a Lightning/torch version mismatch) and its advice on the logging
+    # interval of short epochs: nothing a user of the example acts on
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     pl.seed_everything(0, verbose=False)
 
     data = TextKeywordDataModule(n_samples=2000, max_len=16, batch_size=64, seed=0)

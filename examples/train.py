@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from explain_callbacks._internal.hydra_job import build_list, fit_net_to_data, instantiate_part
 from explain_callbacks._internal.hydra_job import hydra_config as _hydra_config
+from explain_callbacks.callbacks.attribution_monitor import best_methods
 
 # The repository's conf/; a copy of this script outside the repository uses the configs installed with the package.
 _REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -71,15 +72,19 @@ def can_test(model: pl.LightningModule, datamodule: Any) -> str | None:
     return None
 
 
+#: the AttributionMonitor's sections and the question each answers; the metrics named after it are the run's own
+_METRIC_QUESTIONS = {
+    "faithfulness": "which method to trust?",
+    "sanity": "do the maps depend on the weights?",
+    "robustness": "do the maps hold under small input changes?",
+    "localisation": "the right evidence? against the ground-truth masks:",
+    "metrics": "other scores:",
+}
+
 #: (callback class name, TensorBoard section, the question it answers)
 _SECTIONS = [
     ("AttributionMonitor", "maps", "where does the model look? input | one map per method, per probe sample; "
                                    "maps/drift: how the maps changed since the last explanation (1 = unchanged)"),
-    ("AttributionMonitor", "faithfulness", "which method to trust? deletion (lower is better), insertion (higher); "
-                                           "faithfulness/ranking ranks every method on every score"),
-    ("AttributionMonitor", "sanity", "do the maps depend on the weights? randomisation (lower is better)"),
-    ("AttributionMonitor", "localisation", "the right evidence? pointing games against the object's mask (data "
-                                           "with masks)"),
     ("InteractionMonitor", "interactions", "which patches or features act together (CD, top pairs)?"),
     ("SpRAyMonitor", "concepts", "how many prediction strategies per class (SpRAy)?"),
     ("ConceptMonitor", "concepts", "what does the model use? top concepts (channels) per sample and class (CRP)"),
@@ -91,11 +96,43 @@ _SECTIONS = [
 ]
 
 
+def _metric_lines(monitor: Any) -> list[str]:
+    """One line per section the AttributionMonitor's metrics log to: its question, each metric and its direction."""
+    from explain_callbacks.callbacks._logging import metric_section
+
+    by_section: dict[str, list[str]] = {}
+    scored = monitor.last_scores or {}
+    for name in monitor.metric_names:
+        if scored and not any(name in s for s in scored.values()):
+            continue  # configured but never computed (the pointing games on data without masks)
+        section = monitor._sections.get(name) or metric_section(name)
+        hib = monitor._higher_is_better(name)
+        side = "" if hib is None else f" ({'higher' if hib else 'lower'} is better)"
+        by_section.setdefault(section, []).append(name + side)
+    lines = []
+    for section, question in _METRIC_QUESTIONS.items():
+        if section in by_section:
+            tail = "; faithfulness/ranking ranks every method on every score" if section == "faithfulness" else ""
+            lines.append(f"  {section:<13} {question} {', '.join(by_section[section])}{tail}")
+    if "faithfulness" not in by_section:
+        lines.append(f"  {'faithfulness':<13} faithfulness/ranking: every method on every score")
+    return lines
+
+
 def what_to_look_at(callbacks: list) -> str:
     """What the chosen callbacks show in TensorBoard and which question each part answers, and the methods
-    ranked by the last explanation's faithfulness scores (the test data's when ``test`` ran)."""
+    ranked by the last explanation's scores (after ``test``: the final model on the probe set kept from validation)."""
     names = {type(cb).__name__ for cb in callbacks}
-    lines = [f"  {section:<13} {question}" for cls, section, question in _SECTIONS if cls in names]
+    lines = []
+    for cls, section, question in _SECTIONS:
+        if cls not in names:
+            continue
+        lines.append(f"  {section:<13} {question}")
+        if section == "maps":  # the sections of the metrics this run computes (was: a fixed list, printed for
+            # localisation and randomisation where the run computed neither)
+            for cb in callbacks:
+                if type(cb).__name__ == "AttributionMonitor":
+                    lines += _metric_lines(cb)
     if not lines:
         return ""
     head = ("\nWhat to look at (TensorBoard's SCALARS, IMAGES and TEXT tabs, tags by section; CUSTOM SCALARS: "
@@ -113,7 +150,13 @@ def what_to_look_at(callbacks: list) -> str:
                 continue
             ranked = sorted(vals, key=vals.get, reverse=hib)
             shown = ", ".join(f"{m} {vals[m]:.3f}" for m in ranked)
-            out.append(f"  best on {metric} ({'higher' if hib else 'lower'} is better): {shown}")
+            side = "higher" if hib else "lower"
+            picks = best_methods(vals, hib)
+            if len(picks) == len(vals):  # "best on pointing_game: saliency" read as a winner
+                out.append(f"  {metric} ({side} is better): every method {vals[ranked[0]]:.3f}, a tie")
+            else:
+                tie = f" ({' and '.join(picks)} tie)" if len(picks) > 1 else ""
+                out.append(f"  best on {metric} ({side} is better): {shown}{tie}")
     return "\n".join(out)
 
 
@@ -171,11 +214,13 @@ class _NoTips(logging.Filter):
 def quiet() -> None:
     """No warning floods in the example's output: Lightning's tips, its own deprecation of ``LeafSpec`` (a
     Lightning/torch version mismatch, nothing a user can act on) and the advice to add data-loader workers
-    (the in-memory example data sets load faster without them)."""
+    (the in-memory example data sets load faster without them), and the advice on the logging interval of a
+    shortened run (``+trainer.limit_train_batches=3``)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")  # shortened runs
 
 
 def _fast_dev_run(argv: list[str]) -> bool:

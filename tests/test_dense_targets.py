@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -244,9 +246,37 @@ def test_monitor_explains_a_region_of_a_segmentation_model(tmp_path):
     if titles:  # matplotlib: captions say what is explained, the predicted regions are outlined
         assert len(titles) == 4, titles
         assert contours >= 3  # a region's outline on the inputs (an empty or full predicted region has none)
+        # the explained channel is label + 1 (channel 0 the background): named as the label's shape, not by index
+        # (was "true square · class 2, 36 px": the data's names read one channel off)
+        assert model.class_names == ["background", *dm.class_names]
+        for title in titles:
+            found = re.fullmatch(r"true (\w+)\s*(?:·\s*)?class (\w+), \d+ px", title)  # wrapped at " · "
+            assert found is not None, title
+            truth, explained = found.groups()
+            assert truth == explained and truth in dm.class_names, title
     assert all("deletion" in s and "insertion" in s for s in mon.last_scores.values())
     tags = event_tags(tmp_path)
     assert "maps/attributions" in tags["images"] and "faithfulness/deletion_curve" in tags["images"]
+
+
+def test_captions_name_the_output_classes():
+    """describe() names classes by the output's class names (an index beyond them stays an index); the names of a
+    model's outputs are its own ``class_names`` when it has them, else the labels' names."""
+    from explain_callbacks.callbacks._logging import output_class_names
+
+    names = ["background", "circle", "square"]
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = True
+    region = RegionTarget(mask, torch.tensor([1, 5])).bind(2, "cpu")
+    assert region.describe(names) == ["class circle, 4 px", "class 5, 0 px"]
+    assert region.describe() == ["class 1, 4 px", "class 5, 0 px"]
+    assert PositionTarget(3, 2).bind(1, "cpu").describe(names) == ["position 3 · class square"]
+    assert BoxTarget(0, 2, score="coordinate").bind(1, "cpu").describe(names) == ["box 0 · coordinate 2"]
+    assert MultiTarget([1, 2]).stacked(1, torch.device("cpu")).describe(names) == ["class circle", "class square"]
+    net, lit = torch.nn.Linear(2, 3), torch.nn.Module()
+    assert output_class_names(net, lit, default=["a", "b", "c"]) == ["a", "b", "c"]  # a classifier: its labels
+    lit.class_names = names
+    assert output_class_names(net, lit, default=["circle", "square"]) == names
 
 
 def test_hydra_builds_the_segmentation_experiment():

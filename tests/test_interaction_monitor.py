@@ -112,3 +112,38 @@ def test_hydra_configs_instantiate():
     dm.setup()
     xb, _ = next(iter(dm.train_dataloader()))
     assert xb.shape[1] == 10 and dm.truth[0, 1] and not dm.truth[0, 3]
+
+
+def test_matrix_axes_say_what_a_group_is():
+    """Patches of an image grid, windows of a sequence, features of tabular data (NID's 10 features were labelled
+    as windows of a sequence by a first version; before, every axis read "feature group")."""
+    from explain_callbacks.callbacks.interaction_monitor import group_axis_label
+    from explain_callbacks.interaction.base import make_groups
+
+    image, signal, table = torch.rand(2, 3, 16, 16), torch.rand(2, 2, 40), torch.rand(2, 10)
+    assert group_axis_label(make_groups(image, 4), image) == "patch (row, col) of the 4×4 grid"
+    assert group_axis_label(make_groups(table), table) == "feature"
+    assert group_axis_label(make_groups(signal, 8, channels_first=True), signal) == "window of the sequence (8 windows)"
+
+
+def test_mean_panel_leaves_the_main_effects_out(monkeypatch):
+    """The sample panels zero the diagonal (main effects, another quantity than a pair's interaction); the probe-mean
+    panel drew them, so a strong main effect outshone every pair there. Both now show pairs only."""
+    from types import SimpleNamespace
+
+    from explain_callbacks import viz
+    from explain_callbacks.interaction.base import make_groups
+
+    drawn = []
+    monkeypatch.setattr(viz, "matrix_figure", lambda panels, *a, **k: drawn.append(panels))
+    mon = InteractionMonitor(methods=["cd"], num_samples=2)
+    x = torch.rand(2, 10)
+    scores = torch.rand(2, 10, 10) + 10 * torch.eye(10)  # main effects far above the pairs
+    groups = make_groups(x)
+    summary = mon.summarise(scores, groups)
+    trainer = SimpleNamespace(global_rank=0, loggers=[], state=SimpleNamespace(fn=None), current_epoch=0,
+                              datamodule=None, val_dataloaders=None)  # fmt: skip
+    mon._log_pictures(trainer, "cd", x, scores, summary, groups, torch.tensor([0, 1]))
+    for _title, matrix, _signed in drawn[0]:
+        assert float(matrix.diagonal().abs().max()) == 0.0
+    assert drawn[0][1][0] == "sample 0 · 0 (signed)"  # no class names in the data: the label's index

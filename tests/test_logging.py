@@ -288,7 +288,11 @@ def test_captions_name_true_class_prediction_and_probability():
     x = torch.tensor([[1.0, 0.0, 0.0, 5.0], [0.0, 0.0, 1.0, 5.0]])
     captions, wrong = mon._captions(Fixed(), x, torch.tensor([0, 1]), torch.tensor([0, 1]))
     p = float(torch.softmax(torch.tensor([0.0, 0.0, 10.0]), 0)[2])
-    assert captions == ["true cat · pred cat (1.00)", f"true dog · pred cow ({p:.2f})"] and wrong == [False, True]
+    # a wrong prediction says which class the maps explain (target="label": the true one)
+    assert captions == ["true cat · pred cat (1.00)", f"true dog · pred cow ({p:.2f}) · explains dog"]
+    assert wrong == [False, True]
+    captions, _ = mon._captions(Fixed(), x, torch.tensor([0, 1]), torch.tensor([1, 2]))  # target= other classes
+    assert captions == ["true cat · pred cat (1.00) · explains dog", f"true dog · pred cow ({p:.2f})"]
     # one output with class targets: sigmoid; regression (no target): the value
     one = torch.nn.Linear(4, 1)
     with torch.no_grad():
@@ -306,3 +310,23 @@ def test_captions_name_true_class_prediction_and_probability():
     loader = DataLoader(torch.utils.data.Subset(ds, [0]))
     assert find_class_names(SimpleNamespace(datamodule=None, val_dataloaders=loader)) == ["x", "y"]
     assert find_class_names(SimpleNamespace(datamodule=None, val_dataloaders=None)) is None
+
+
+def test_ranking_names_ties_instead_of_a_winner():
+    """A score every method shares (the pointing game at 1.0 for all three in the main job) is a tie, not a win for
+    the first method listed; a tie for the best names every tied method; NaN scores rank nothing."""
+    mon = AttributionMonitor(budget=None, methods=["saliency"])
+    mon._higher = {"pointing_game": True, "deletion": False, "insertion": True}
+    mon.last_scores = {
+        "saliency": {"pointing_game": 1.0, "deletion": 0.2, "insertion": 0.3},
+        "ig": {"pointing_game": 1.0, "deletion": 0.2, "insertion": float("nan")},
+        "occlusion": {"pointing_game": 1.0, "deletion": 0.3, "insertion": 0.8},
+    }
+    _, note = mon.ranking_rows()
+    lines = note.splitlines()
+    assert "- **pointing_game** (higher is better): every method scores 1, a tie" in lines
+    assert "- best on **deletion** (lower is better): `saliency`, `ig` (tie)" in lines
+    assert "- best on **insertion** (higher is better): `occlusion`" in lines
+    assert not any("best on **pointing_game**" in line for line in lines)
+    table = mon.ranking_table()  # a missing score is a dash (was "nan")
+    assert "| ig | 0.2 | – | 1 |" in table and "nan" not in table

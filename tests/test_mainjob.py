@@ -47,13 +47,26 @@ def test_default_main_job_shows_the_product():
 
 def test_what_to_look_at_names_sections_and_ranks_the_methods():
     mon = AttributionMonitor(budget=None, methods=["saliency", "ig"], metrics=["deletion", "insertion"])
-    mon._higher = {"deletion": False, "insertion": True}
-    mon.last_scores = {"saliency": {"deletion": 0.3, "insertion": 0.5}, "ig": {"deletion": 0.2, "insertion": 0.4}}
+    mon._higher = {"deletion": False, "insertion": True, "pointing_game": True}
+    mon.last_scores = {"saliency": {"deletion": 0.3, "insertion": 0.5, "pointing_game": 1.0},
+                       "ig": {"deletion": 0.2, "insertion": 0.4, "pointing_game": 1.0}}  # fmt: skip
     text = TRAIN.what_to_look_at([mon, InteractionMonitor()])
     assert "which method to trust?" in text and "interactions" in text
     assert "best on deletion (lower is better): ig 0.200, saliency 0.300" in text
     assert "best on insertion (higher is better): saliency 0.500, ig 0.400" in text
+    # every method at 1.0 is a tie, not a win for the first one listed (was "best on pointing_game: saliency 1.000")
+    assert "pointing_game (higher is better): every method 1.000, a tie" in text and "best on pointing_game" not in text
     assert TRAIN.what_to_look_at([]) == ""
+    # the sections printed are those of the run's metrics (was: localisation and randomisation whatever was chosen)
+    assert "faithfulness  which method to trust? deletion (lower is better), insertion (higher is better)" in text
+    assert "localisation" not in text and "randomisation" not in text
+    mon.metric_names += ["pointing_game", "energy_pointing_game"]  # the second never scored: data without masks
+    mon.last_scores["occlusion"] = {"pointing_game": 0.5}
+    text = TRAIN.what_to_look_at([mon])
+    assert "energy_pointing_game" not in text
+    assert "localisation  the right evidence? against the ground-truth masks: pointing_game (higher is better)" in text
+    tie = "best on pointing_game (higher is better): saliency 1.000, ig 1.000, occlusion 0.500 (saliency and ig tie)"
+    assert tie in text
 
 
 def test_fast_dev_run_writes_no_run_directory_and_runs_quietly(tmp_path):
@@ -78,3 +91,16 @@ def test_fast_dev_run_detection():
     assert not TRAIN._fast_dev_run(["t", "trainer.max_epochs=1"])
     argv, tmp = TRAIN.no_run_dir_for_fast_dev_run(["t", "hydra.run.dir=mine", "+trainer.fast_dev_run=true"])
     assert tmp is None and argv[-1] == "+trainer.fast_dev_run=true"  # the user's own run directory is kept
+
+
+def test_quiet_drops_the_logging_interval_advice_of_shortened_runs():
+    """``+trainer.limit_train_batches=3`` printed Lightning's advice to lower log_every_n_steps in every shortened run
+    of the docs' commands; real warnings still show."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TRAIN.quiet()
+        warnings.warn("The number of training batches (3) is smaller than the logging interval", UserWarning, 1)
+        warnings.warn("AttributionMonitor explained nothing", UserWarning, 1)
+    assert [str(w.message) for w in caught] == ["AttributionMonitor explained nothing"]

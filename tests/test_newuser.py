@@ -291,7 +291,9 @@ def test_forward_taking_the_batch_names_model_attr(tmp_path, callback):
         "distiller": lambda **kw: Distiller(students=["tree"], export=False, **kw),
         "masker": lambda **kw: SaliencyMasker(num_samples=4, **kw),
     }[callback]
-    with pytest.raises(TypeError, match=r"forward\(batch\) failed on the input tensor.*model_attr=.*\['backbone'\]"):
+    # the fix named for both shapes: one network (model_attr) or several in turn (forward takes the input tensor)
+    fixes = r"model_attr=.*\['backbone'\].*let forward take the input tensor"
+    with pytest.raises(TypeError, match=r"forward\(batch\) failed on the input tensor.*" + fixes):
         _fit(tmp_path / "a", lambda: BatchForward(CNN()), _loaders(x, y), [make(strict=True)], max_epochs=1)
     _, tr = _fit(
         tmp_path / "b", lambda: BatchForward(CNN()), _loaders(x, y), [make(strict=True, model_attr="backbone")]
@@ -301,6 +303,37 @@ def test_forward_taking_the_batch_names_model_attr(tmp_path, callback):
         callback, "maps/area/masker"
     )
     assert tag in tr.callback_metrics and tag in tr2.callback_metrics
+
+
+class TupleOut(nn.Module):
+    """A network returning ``(logits, features)``, as a new user's often does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = CNN()
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x), x.mean((1, 2, 3))
+
+
+def test_tuple_output_failure_reads_epoch_first_and_names_output_key(tmp_path):
+    """Was: "method 'saliency' failed: TypeError: ... returns the scores. at epoch 0. Skipped." (the epoch after the
+    error's full stop); the warning names the epoch first and the fix (output_key=0) stays in it."""
+    x, y = _data(n=32)
+
+    class Lit2(Lit):
+        def _loss(self, batch) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0])[0], batch[1])
+
+    mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4)
+    with pytest.warns(UserWarning) as record:
+        _fit(tmp_path, lambda: Lit2(TupleOut()), _loaders(x, y), [mon], max_epochs=1)
+    text = [str(w.message) for w in record if "failed" in str(w.message)]
+    assert any(
+        t.startswith("AttributionMonitor, epoch 0: method 'saliency' failed: TypeError: ") and "output_key=0" in t
+        and t.endswith("scores. Skipped. Later epochs with the same failure are not reported again.")
+        for t in text
+    ), text
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -211,3 +211,34 @@ def test_fallback_shares_one_scale_per_method(no_matplotlib):
     strong = pic[:, 2 + tile // 2, 2 + tile + 2 + tile // 2]
     weak = pic[:, 2 + tile + 2 + tile // 2, 2 + tile + 2 + tile // 2]
     assert strong[0] > strong[2] and weak.min() > 0.9  # red vs near-white
+
+
+def test_colour_bar_ticks_stay_short_for_tiny_values():
+    """Grad-CAM's bar in the segmentation experiment read "0 8e-05 0.00016 0.00024", labels running together under a
+    tile; the ticks are now at most four and each label short."""
+    pytest.importorskip("matplotlib")
+    from explain_callbacks.viz.figures import attribution_figure, tick_label
+
+    assert [tick_label(v) for v in (0, 8e-05, 0.00016, -0.0025, 0.5, 25000, 1.0)] == [
+        "0", "8e-5", "1.6e-4", "-2.5e-3", "0.5", "2.5e4", "1",
+    ]  # fmt: skip
+    maps = {"gradcam": torch.rand(2, 8, 8) * 2.4e-4}
+    fig = attribution_figure(torch.rand(2, 3, 8, 8), maps, {"gradcam": False})
+    bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in bar.get_xticklabels() if t.get_text()]
+    assert 2 <= len(labels) <= 4 and all(len(t) <= 6 for t in labels), labels
+
+
+def test_three_line_captions_stay_clear_of_the_row_above():
+    """"true square · pred circle (0.52) · explains square" wraps onto three lines, which ran into the row above."""
+    pytest.importorskip("matplotlib")
+    from explain_callbacks.viz.figures import attribution_figure
+
+    caption = "true square · pred circle (0.52) · explains square"
+    fig = attribution_figure(torch.rand(2, 3, 8, 8), {"ig": torch.randn(2, 8, 8)}, captions=[caption, caption])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inputs = [ax for ax in fig.axes if "true" in ax.get_title()]  # the input tiles, one per row
+    above, below = inputs[0].get_window_extent(renderer), inputs[1].title.get_window_extent(renderer)
+    assert below.y1 <= above.y0 + 0.5, (below, above)  # display coordinates: y grows upwards

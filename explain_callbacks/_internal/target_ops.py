@@ -204,12 +204,20 @@ class TargetOperator:
         figures), or None when the target has no spatial extent."""
         return None
 
-    def describe(self) -> list[str]:
-        """A short caption per row (figures): what is explained."""
-        return [self._describe_row(i) for i in range(self.shape[0])]
+    def describe(self, class_names: Sequence[str] | None = None) -> list[str]:
+        """A short caption per row (figures): what is explained. ``class_names``: the names of the output's
+        classes (``"class circle"`` instead of ``"class 1"``), index by index; classes beyond it keep their index."""
+        return [self._describe_row(i, class_names) for i in range(self.shape[0])]
 
-    def _describe_row(self, i: int) -> str:
+    def _describe_row(self, i: int, class_names: Sequence[str] | None = None) -> str:
         return type(self).__name__
+
+    def _class_text(self, i: int, class_names: Sequence[str] | None) -> str:
+        """``"class <name>"`` of row ``i``'s ``cls`` (its index when ``class_names`` does not name it)."""
+        k = self._row("cls", i)
+        if isinstance(k, int) and class_names is not None and 0 <= k < len(class_names):
+            return f"class {class_names[k]}"
+        return f"class {k}"
 
     def _row(self, name: str, i: int) -> Any:
         v = getattr(self, name)
@@ -253,8 +261,8 @@ class ClassTarget(TargetOperator):
         _check_int(cls, "cls")
         self.cls, self.key = cls, key
 
-    def _describe_row(self, i: int) -> str:
-        return "output" if self.cls is None else f"class {self._row('cls', i)}"
+    def _describe_row(self, i: int, class_names: Sequence[str] | None = None) -> str:
+        return "output" if self.cls is None else self._class_text(i, class_names)
 
     def select(self, out: Tensor) -> Tensor:
         if out.ndim == 1:
@@ -305,8 +313,8 @@ class RegionTarget(TargetOperator):
         self.mask, self.cls, self.reduce, self.spatial_dims, self.key = mask, cls, reduce, spatial_dims, key
         self.row_fields = {"mask": spatial_dims, "cls": 0}  # per instance: the mask's spatial rank
 
-    def _describe_row(self, i: int) -> str:
-        what = "region" if self.cls is None else f"class {self._row('cls', i)}"
+    def _describe_row(self, i: int, class_names: Sequence[str] | None = None) -> str:
+        what = "region" if self.cls is None else self._class_text(i, class_names)
         return f"{what}, {int((self.mask[i] > 0).sum())} px"
 
     def _weights(self, spatial: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -382,8 +390,8 @@ class PositionTarget(TargetOperator):
         self.position, self.cls, self.key = position, cls, key
         self.class_dim = 2 if class_dim == -1 else class_dim
 
-    def _describe_row(self, i: int) -> str:
-        what = "" if self.cls is None else f" · class {self._row('cls', i)}"
+    def _describe_row(self, i: int, class_names: Sequence[str] | None = None) -> str:
+        what = "" if self.cls is None else f" · {self._class_text(i, class_names)}"
         return f"position {self._row('position', i)}{what}"
 
     def select(self, out: Tensor) -> Tensor:
@@ -443,8 +451,8 @@ class BoxTarget(TargetOperator):
         _check_int(cls, "cls")
         self.box, self.cls, self.score, self.n_box_fields, self.key = box, cls, score, n_box_fields, key
 
-    def _describe_row(self, i: int) -> str:
-        what = {"class": f"class {self._row('cls', i)}", "objectness": "objectness"}.get(
+    def _describe_row(self, i: int, class_names: Sequence[str] | None = None) -> str:
+        what = {"class": self._class_text(i, class_names), "objectness": "objectness"}.get(
             self.score, f"coordinate {self._row('cls', i)}"
         )
         return f"box {self._row('box', i)} · {what}"
@@ -523,8 +531,8 @@ class StackedTarget(TargetOperator):
     def pick(self, out: Any) -> Tensor:
         return self.parts[0].pick(out)
 
-    def _describe_row(self, i: int) -> str:
-        return self.parts[int(self.which[i])]._describe_row(int(self.local[i]))
+    def _describe_row(self, i: int, class_names: Sequence[str] | None = None) -> str:
+        return self.parts[int(self.which[i])]._describe_row(int(self.local[i]), class_names)
 
     def region(self, spatial: Sequence[int]) -> Tensor | None:
         regions = [p.region(spatial) for p in self.parts]

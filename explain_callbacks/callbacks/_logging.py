@@ -42,6 +42,8 @@ from torch import Tensor
 __all__ = [
     "SECTIONS",
     "TEST_PREFIX",
+    "class_name",
+    "find_class_names",
     "global_step",
     "log_figure",
     "log_histogram",
@@ -52,6 +54,7 @@ __all__ = [
     "markdown_table",
     "media_loggers",
     "metric_section",
+    "output_class_names",
     "phase_prefix",
     "tensorboard_writers",
 ]
@@ -100,6 +103,51 @@ def metric_section(name: str, metric: Any = None) -> str:
         if base in names:
             return section
     return "metrics"
+
+
+# ---------------------------------------------------------------------------------------------- class names
+def _names(obj: Any) -> list[str] | None:
+    """``obj.class_names`` or ``obj.classes`` when it is a non-empty sequence of names (str or int)."""
+    for attr in ("class_names", "classes"):
+        names = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(names, (list, tuple)) and names and all(isinstance(c, (str, int)) for c in names):
+            return [str(c) for c in names]
+    return None
+
+
+def find_class_names(trainer: pl.Trainer) -> list[str] | None:
+    """The names of the data's labels, for captions: ``class_names`` or ``classes`` of the data module, else of the
+    first validation dataset (or the dataset a ``Subset`` wraps), when it is a sequence of names."""
+    candidates: list[Any] = [getattr(trainer, "datamodule", None)]
+    try:
+        loaders = trainer.val_dataloaders
+    except Exception:  # not available at setup in every Lightning version
+        loaders = None
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    ds = getattr(loader, "dataset", None)
+    candidates += [ds, getattr(ds, "dataset", None)]
+    for obj in candidates:
+        names = _names(obj)
+        if names is not None:
+            return names
+    return None
+
+
+def output_class_names(*modules: Any, default: Sequence[str] | None = None) -> list[str] | None:
+    """The names of a model's output classes: the ``class_names`` of the first of ``modules`` (the explained network,
+    then the LightningModule) that has them, else ``default`` (the labels' names: a classifier's outputs are its
+    labels). A segmentation net's outputs are not its image labels: channel 0 is the background
+    (:class:`~explain_callbacks.models.LitSegmenter` names it)."""
+    for module in modules:
+        names = _names(module)
+        if names is not None:
+            return names
+    return None if default is None else [str(c) for c in default]
+
+
+def class_name(names: Sequence[str] | None, k: int) -> str:
+    """Class ``k``'s name, or its index when ``names`` does not name it."""
+    return str(names[k]) if names is not None and 0 <= k < len(names) else str(k)
 
 
 # ---------------------------------------------------------------------------------------------- phase and step
@@ -290,10 +338,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(v: Any) -> str:
+    """A Markdown cell: a missing score (NaN: saliency has no completeness error) reads as a dash, not "nan"."""
+    if isinstance(v, Tensor) and v.numel() == 1:
+        v = float(v)
+    if isinstance(v, float) and v != v:
+        return "–"
+    return _fmt(v).replace("|", "\\|")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (TensorBoard's text plugin renders it)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

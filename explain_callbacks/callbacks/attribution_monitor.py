@@ -22,11 +22,21 @@ from ..attribution import TOKEN_REDUCTIONS, Attributor, TokenProbe, build_attrib
 from ..metrics.base import update_metric
 from ..metrics.functional import explanation_drift, sparseness
 from ..metrics.functional._utils import broadcast_map
-from ._logging import global_step, markdown_table, media_loggers, metric_section, phase_prefix
+from ._logging import (
+    class_name,
+    find_class_names,
+    global_step,
+    markdown_table,
+    media_loggers,
+    metric_section,
+    output_class_names,
+    phase_prefix,
+)
 from .base import ProbeCallback, class_indices, non_default_settings
 
 __all__ = [
     "AttributionMonitor",
+    "best_methods",
     "class_labels",
     "find_class_names",
     "find_vocab",
@@ -35,25 +45,6 @@ __all__ = [
 ]
 
 MethodSpec = str | Mapping[str, Any] | Attributor
-
-
-def find_class_names(trainer: pl.Trainer) -> list[str] | None:
-    """Class names for captions: ``class_names`` or ``classes`` of the data module, else of the first
-    validation dataset (or the dataset a ``Subset`` wraps), when it is a sequence of names."""
-    candidates: list[Any] = [getattr(trainer, "datamodule", None)]
-    try:
-        loaders = trainer.val_dataloaders
-    except Exception:  # not available at setup in every Lightning version
-        loaders = None
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-    ds = getattr(loader, "dataset", None)
-    candidates += [ds, getattr(ds, "dataset", None)]
-    for obj in candidates:
-        for attr in ("class_names", "classes"):
-            names = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(names, (list, tuple)) and names and all(isinstance(c, (str, int)) for c in names):
-                return [str(c) for c in names]
-    return None
 
 
 def find_vocab(trainer: pl.Trainer) -> list[str] | None:
@@ -141,6 +132,17 @@ def class_labels(y: Tensor) -> Tensor | None:
     if y.ndim == 2 and y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
         return y.argmax(1)
     return class_indices(y)
+
+
+def best_methods(scores: Mapping[str, float], higher_is_better: bool) -> list[str]:
+    """The methods with the best score, all of them when several tie (equal to 6 significant digits: means over a
+    handful of probes, e.g. a pointing game of 1.0 for every method, tie exactly)."""
+    top = max(scores.values()) if higher_is_better else min(scores.values())
+    return [m for m, v in scores.items() if math.isclose(v, top, rel_tol=1e-6, abs_tol=1e-12)]
+
+
+def _short(v: float) -> str:
+    return f"{v:.4g}"
 
 
 class AttributionMonitor(ProbeCallback):
@@ -624,7 +626,9 @@ class AttributionMonitor(ProbeCallback):
     ) -> None:  # fmt: skip
         """One figure of every method's maps (see the class docstring); a feature table for tabular maps."""
         n = min(self.max_images, x.shape[0])
-        captions, wrong = self._captions(model, x[:n], y, target)
+        # the model's output classes may not be its labels (a segmentation's channel 0 is the background)
+        outputs = output_class_names(model, trainer.lightning_module, default=self.class_names)
+        captions, wrong = self._captions(model, x[:n], y, target, outputs)
         signed = {k: bool((m < 0).any()) for k, m in drawn.items()}
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
         title = f"attributions · {when} · step {global_step(trainer)}"
@@ -663,17 +667,23 @@ class AttributionMonitor(ProbeCallback):
         self.log_image(trainer, "maps/attributions", fig)
 
     def _captions(
-        self, model: torch.nn.Module, x: Tensor, y: Tensor | None, target: Tensor | None
-    ) -> tuple[list[str], list[bool]]:
-        """Per sample "true <label> · pred <class> (p)" from one no-grad forward pass, and whether it is wrong.
+        self, model: torch.nn.Module, x: Tensor, y: Tensor | None, target: Tensor | None,
+        outputs: Sequence[str] | None = None,
+    ) -> tuple[list[str], list[bool]]:  # fmt: skip
+        """Per sample "true <label> · pred <class> (p)" from one no-grad forward pass, and whether it is wrong;
+        " · explains <class>" when the maps explain another class than the predicted one.
 
-        Classifiers (K > 1 outputs): softmax probability of the predicted class; one output with class
-        targets: sigmoid; regression (no target): the output value."""
+        Labels are named by ``class_names``, the model's output classes by ``outputs`` (defaults to the same
+        names). Classifiers (K > 1 outputs): softmax probability of the predicted class; one output with class
+        targets: sigmoid; regression (no target): the output value. Target operators (dense outputs): what they
+        explain, their classes named by ``outputs``."""
+        if outputs is None:
+            outputs = self.class_names
         with torch.no_grad():
             out = model(x)
         if isinstance(target, TargetOperator):  # a dense / multi-output model: say what is explained
             labels = None if y is None else class_labels(y[: x.shape[0]].cpu())
-            explained = target[: x.shape[0]].describe()
+            explained = target[: x.shape[0]].describe(outputs)
             captions = [
                 ("" if labels is None else f"true {self._class_name(int(labels[i]))} · ") + explained[i]
                 for i in range(x.shape[0])
@@ -698,7 +708,10 @@ class AttributionMonitor(ProbeCallback):
                 wrong.append(False)
                 continue
             truth = "" if labels is None else f"true {self._class_name(int(labels[i]))} · "
-            captions.append(f"{truth}pred {self._class_name(pred)} ({prob:.2f})")
+            explains = ""
+            if isinstance(target, Tensor) and target.ndim == 1 and out.shape[1] > 1 and int(target[i]) != pred:
+                explains = f" · explains {class_name(outputs, int(target[i]))}"  # target= another class than the pred
+            captions.append(f"{truth}pred {class_name(outputs, pred)} ({prob:.2f}){explains}")
             wrong.append(labels is not None and int(labels[i]) != pred)
         return captions, wrong
 
@@ -707,8 +720,8 @@ class AttributionMonitor(ProbeCallback):
         return vocab[token_id] if vocab is not None and 0 <= token_id < len(vocab) else str(token_id)
 
     def _class_name(self, k: int) -> str:
-        names = self.class_names
-        return str(names[k]) if names is not None and 0 <= k < len(names) else str(k)
+        """The name of label ``k``."""
+        return class_name(self.class_names, k)
 
     def _log_curves(self, trainer: pl.Trainer, mname: str, by_method: dict[str, Tensor], cx: Tensor | None) -> None:
         """One line per method on shared axes (deletion / insertion curves), with each method's score."""
@@ -756,14 +769,19 @@ class AttributionMonitor(ProbeCallback):
             rows.append([name, *[s.get(c, float("nan")) for c in columns]])
         best = []
         for c in columns:
-            vals = {m: s[c] for m, s in self.last_scores.items() if c in s}
+            vals = {m: s[c] for m, s in self.last_scores.items() if c in s and math.isfinite(s[c])}
             if len(vals) < 2 or c == "seconds":
                 continue
             hib = self._higher_is_better(c)
             if hib is None:
                 continue
-            pick = max(vals, key=vals.get) if hib else min(vals, key=vals.get)
-            best.append(f"- best on **{c}** ({'higher' if hib else 'lower'} is better): `{pick}`")
+            picks = best_methods(vals, hib)
+            side = "higher" if hib else "lower"
+            if len(picks) == len(vals):  # was "best: saliency" where every method scored 1.0
+                best.append(f"- **{c}** ({side} is better): every method scores {_short(vals[picks[0]])}, a tie")
+                continue
+            tie = " (tie)" if len(picks) > 1 else ""
+            best.append(f"- best on **{c}** ({side} is better): " + ", ".join(f"`{m}`" for m in picks) + tie)
         return (["method", *columns], rows), "\n".join(best)
 
     def _higher_is_better(self, score: str) -> bool | None:

@@ -127,7 +127,9 @@ def check_forward(model: nn.Module, inputs: Tensor | None = None) -> None:
             raise TypeError(
                 f"{type(model).__name__}.forward(batch) failed on the input tensor ({type(err).__name__}: {err}). The "
                 "callbacks call forward with the input tensor alone (input_key= says where it is in the batch); if "
-                f"forward unpacks the whole batch, pass model_attr= the network it calls (submodules: {nets[:10]})."
+                f"forward unpacks the whole batch, pass model_attr= the network it calls (submodules: {nets[:10]}), "
+                "or, when it calls several of them in turn, let forward take the input tensor and unpack the batch "
+                "in the steps (self(batch['x']))."
             ) from err
 
 
@@ -733,7 +735,8 @@ class ProbeCallback(RankStateCallback, Callback):
             self.report_failure(
                 agreement,
                 ("run", what),
-                lambda why: f"{type(self).__name__}: {what} {why} at epoch {trainer.current_epoch}. Skipped.",
+                # the epoch before the error's own text (was "... the scores. at epoch 0. Skipped.")
+                lambda why: f"{type(self).__name__}, epoch {trainer.current_epoch}: {what} {why.rstrip('.')}. Skipped.",
             )
             return None
         assert out is not None

@@ -39,7 +39,7 @@ from ..attribution.lrp import (
     layer_relevance,
     relevance_maximization,
 )
-from ._logging import media_loggers
+from ._logging import class_name, find_class_names, media_loggers, output_class_names
 from .base import ProbeCallback, float_dtype, non_default_settings
 
 __all__ = ["ConceptMonitor"]
@@ -315,8 +315,9 @@ class ConceptMonitor(ProbeCallback):
         self.log_scalar(pl_module, "cost/seconds/concepts", seconds + time.perf_counter() - start, sync=False)
 
     # ------------------------------------------------------------------ logging (rank zero)
-    def _changes(self) -> str:
-        """Concepts that entered or left a class's top since the previous due epoch (Markdown)."""
+    def _changes(self, names: list[str] | None = None) -> str:
+        """Concepts that entered or left a class's top since the previous due epoch (Markdown); ``names``: the
+        output classes' names."""
         if len(self.history) < 2:
             return ""
         (e0, s0), (_, s1) = self.history[-2], self.history[-1]
@@ -325,7 +326,7 @@ class ConceptMonitor(ProbeCallback):
         for c in range(s1.shape[0]):
             before, now = set(s0[c].topk(k).indices.tolist()), set(s1[c].topk(k).indices.tolist())
             if before != now:
-                notes.append(f"class {c}: new {sorted(now - before)}, gone {sorted(before - now)}")
+                notes.append(f"class {class_name(names, c)}: new {sorted(now - before)}, gone {sorted(before - now)}")
         if not notes:
             return f"Top concepts per class unchanged since epoch {e0}."
         return f"Changes since epoch {e0}: " + "; ".join(notes) + "."
@@ -335,11 +336,15 @@ class ConceptMonitor(ProbeCallback):
         atlas: ConceptAtlas,
     ) -> None:  # fmt: skip
         name = self.layer_name
+        # labels named by the data, the explained output classes by the model when it names them (else the same)
+        labels = find_class_names(trainer)
+        outputs = output_class_names(self.model(trainer.lightning_module), trainer.lightning_module, default=labels)
         headers = ["class", *[f"concept {r + 1} (share)" for r in range(atlas.concepts.shape[1])]]
-        rows = [[c, *[f"channel {int(ch)} ({float(s):.0%})" for ch, s in zip(atlas.concepts[i], atlas.relevance[i])]]
+        rows = [[class_name(outputs, c), *[f"channel {int(ch)} ({float(s):.0%})"
+                                           for ch, s in zip(atlas.concepts[i], atlas.relevance[i])]]
                 for i, c in enumerate(atlas.classes)]  # fmt: skip
         note = (f"Layer `{name}`, LRP composite `{found['lrp'].composite}`; share = mean concept relevance over "
-                f"the class's reference samples / the class's total relevance at the layer. " + self._changes())
+                f"the class's reference samples / the class's total relevance at the layer. " + self._changes(outputs))
         self.log_table(trainer, "concepts/atlas", headers, rows, note)
         ref, rm = found["ref"], self.references
         if rm is None or ref.ndim != 4:
@@ -356,9 +361,10 @@ class ConceptMonitor(ProbeCallback):
             pred = found["pred"]
             captions = []
             for i in range(n_draw):
-                label = "-" if y is None else str(int(y[i]))
-                explains = "" if label == str(int(target[i])) else f" · explains {int(target[i])}"
-                captions.append(f"y={label} · pred={int(pred[i])}{explains}")
+                truth = "" if y is None else f"true {class_name(labels, int(y[i]))} · "
+                same = y is not None and int(y[i]) == int(target[i]) and outputs == labels
+                explains = "" if same else f" · explains {class_name(outputs, int(target[i]))}"
+                captions.append(f"{truth}pred {class_name(outputs, int(pred[i]))}{explains}")
             groups = []
             for i in range(n_draw):
                 m = found["maps"][i].float().cpu().sum(1)  # (k, H, W): channels of the input summed
@@ -370,7 +376,8 @@ class ConceptMonitor(ProbeCallback):
             self.log_image(trainer, "concepts/probes", fig)
         groups = [[(None, f"channel {int(ch)}: {float(s):.0%}", crops(int(ch)))
                    for ch, s in zip(atlas.concepts[i], atlas.relevance[i])] for i in range(len(atlas.classes))]
-        fig = viz.concept_figure([None] * len(atlas.classes), [f"class {c}" for c in atlas.classes], groups,
+        heads = [f"class {class_name(outputs, c)}" for c in atlas.classes]
+        fig = viz.concept_figure([None] * len(atlas.classes), heads, groups,
                                  self.num_crops, title=f"Concept atlas of layer {name}: dominant concepts per class "
                                  f"(epoch {trainer.current_epoch})")  # fmt: skip
         self.log_image(trainer, "concepts/atlas", fig)

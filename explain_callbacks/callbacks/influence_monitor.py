@@ -38,7 +38,7 @@ from ..analysis.influence import (
     layer_parameters,
     per_sample_gradients,
 )
-from ._logging import markdown_table, tensorboard_writers
+from ._logging import class_name, find_class_names, markdown_table, tensorboard_writers
 from .base import ProbeCallback, class_indices, non_default_settings
 
 __all__ = ["InfluenceMonitor"]
@@ -431,7 +431,8 @@ class InfluenceMonitor(ProbeCallback):
             return
         assert self.train_x is not None and self.train_y is not None and self.train_indices is not None
         labels = class_indices(self.train_y)
-        lab = (lambda j: str(int(labels[j]))) if labels is not None else (lambda j: "-")
+        names = find_class_names(trainer)  # "circle" rather than "0" where the data names its classes
+        lab = (lambda j: class_name(names, int(labels[j]))) if labels is not None else (lambda j: "-")
         probe_labels = class_indices(y.cpu())
         self.log_histogram(trainer, "influence/self_influence", self.self_influence)
         k = min(self.log_self_top, self.self_influence.numel())
@@ -455,7 +456,7 @@ class InfluenceMonitor(ProbeCallback):
                           markdown_table(["kind", "rank", "dataset index", "label", "TracIn"], table))  # fmt: skip
             if not images:
                 continue
-            plabel = "-" if probe_labels is None else str(int(probe_labels[i]))
+            plabel = "-" if probe_labels is None else class_name(names, int(probe_labels[i]))
             idx = torch.cat([pro, opp])
             rows_x = torch.cat([x[i : i + 1].cpu().to(self.train_x.dtype), self.train_x[idx]])
             texts = [f"probe y={plabel}"] + [f"y={lab(j)} {float(s[j]):+.2g}" for j in idx.tolist()]

@@ -14,12 +14,24 @@ from .._internal.config import to_plain
 from ..interaction import ACD, Groups, InteractionMethod, build_interaction, top_pairs
 from ..interaction.acd import hierarchy_levels
 from ..interaction.base import GroupSpec, pair_index
-from ._logging import markdown_table, media_loggers
-from .base import ProbeCallback, non_default_settings
+from ._logging import class_name, find_class_names, markdown_table, media_loggers, phase_prefix
+from .base import ProbeCallback, class_indices, non_default_settings
 
 __all__ = ["InteractionMonitor"]
 
 MethodSpec = str | Mapping[str, Any] | InteractionMethod
+
+
+def group_axis_label(groups: Groups, x: Tensor) -> str:
+    """What a group of the interaction matrices is, for their axes: a patch (row, col) of a grid over an image, a
+    window of a sequence, a feature of tabular data (was "feature group" everywhere, and "(1,2)" unexplained)."""
+    if groups.grid is not None and len(groups.grid) == 2 and x.ndim == 4:
+        return f"patch (row, col) of the {groups.grid[0]}×{groups.grid[1]} grid"
+    if groups.grid is not None and len(groups.grid) == 1 and x.ndim == 3:
+        return f"window of the sequence ({groups.grid[0]} windows)"
+    if x.ndim == 2 and groups.n == x.shape[1]:  # one group per feature (x0, x1, ... or the data's names)
+        return "feature"
+    return "feature group"
 
 
 class InteractionMonitor(ProbeCallback):
@@ -150,7 +162,7 @@ class InteractionMonitor(ProbeCallback):
                 self.log_table(trainer, f"interactions/pairs/{name}", h1, r1)
                 self.log_table(trainer, f"interactions/pairs_per_sample/{name}", h2, r2)
                 if self.log_images:
-                    self._log_pictures(trainer, name, x, scores, summary, groups)
+                    self._log_pictures(trainer, name, x, scores, summary, groups, y)
         if self.acd_kwargs is not None and draw and self.log_images and x.ndim in (3, 4):
             self._log_acd(trainer, model, x, target)
 
@@ -208,17 +220,29 @@ class InteractionMonitor(ProbeCallback):
             ["sample", f"top {self.top_k} pairs"], per
         )
 
+    def _sample_names(self, trainer: pl.Trainer, y: Tensor | None, n: int) -> list[str]:
+        """``"sample <i> · <class>"`` per probe sample (the label's name where the data names its classes)."""
+        labels = None if y is None else class_indices(y.cpu())
+        names = find_class_names(trainer)
+        return [f"sample {s}" + ("" if labels is None else f" · {class_name(names, int(labels[s]))}") for s in range(n)]
+
     def _log_pictures(
-        self, trainer: pl.Trainer, name: str, x: Tensor, scores: Tensor, summary: dict[str, Any], groups: Groups
-    ) -> None:
+        self, trainer: pl.Trainer, name: str, x: Tensor, scores: Tensor, summary: dict[str, Any], groups: Groups,
+        y: Tensor | None = None,
+    ) -> None:  # fmt: skip
         p = scores.shape[-1]
-        panels = [("mean |score| over the probe", summary["matrix"], False)]
+        samples = self._sample_names(trainer, y, x.shape[0])
+        mean = summary["matrix"].clone()
+        mean.fill_diagonal_(0.0)  # as in the sample panels: the diagonal holds main effects, another quantity
+        panels = [("mean |score| over the probe (pairs only)", mean, False)]
         for s in range(min(self.max_matrices, scores.shape[0])):
             m = scores[s].detach().cpu().clone()
             m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
-            panels.append((f"sample {s} (signed)", m, True))
+            panels.append((f"{samples[s]} (signed)", m, True))
         labels = [self._label(groups, i) for i in range(p)]
-        fig = viz.matrix_figure(panels, labels, title=f"{name} interactions", axis_label="feature group")
+        axis = group_axis_label(groups, x)
+        when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
+        fig = viz.matrix_figure(panels, labels, title=f"{name} interactions · {when}", axis_label=axis)
         self.log_image(trainer, f"interactions/matrix/{name}", fig)
         if x.ndim == 4 and groups.masks.ndim == 4:
             n = min(self.max_matrices * 2, x.shape[0])
@@ -235,10 +259,14 @@ class InteractionMonitor(ProbeCallback):
             pic = base * 0.5 + 0.5 * (first.unsqueeze(1) * red + second.unsqueeze(1) * blue)
             pic = torch.where((first + second).unsqueeze(1) > 0, pic, base * 0.6)
             firsts = [summary["per_sample"][s][0] for s in range(n)]
-            titles = [f"{self._label(groups, a)} × {self._label(groups, c)}" for a, c, _ in firsts]
+            titles = [
+                f"{samples[s]}\n{self._label(groups, a)} × {self._label(groups, c)}: {v:+.3g}"
+                for s, (a, c, v) in enumerate(firsts)
+            ]
             fig = viz.tiles_figure(
-                list(pic.clamp(0, 1)), titles, title=f"{name}: strongest pair per sample (red × blue)"
-            )
+                list(pic.clamp(0, 1)), titles,
+                title=f"{name}: strongest pair per sample (red × blue patch, its signed score) · {when}",
+            )  # fmt: skip
             self.log_image(trainer, f"interactions/top_pairs/{name}", fig)
 
     def _log_acd(self, trainer: pl.Trainer, model: torch.nn.Module, x: Tensor, target: Tensor | None) -> None:

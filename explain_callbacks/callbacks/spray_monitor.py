@@ -21,7 +21,7 @@ from .. import viz
 from ..analysis.spray import SpectralClusters, spray
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
-from ._logging import media_loggers
+from ._logging import class_name, find_class_names, media_loggers, output_class_names
 from .base import ProbeCallback, class_indices
 
 __all__ = ["SpRAyMonitor"]
@@ -144,6 +144,11 @@ class SpRAyMonitor(ProbeCallback):
             )
         if not trainer.is_global_zero or not self.last_result:
             return
+        # the groups are labels (named by the data) or predicted output classes (named by the model, else the data)
+        names = find_class_names(trainer)
+        if labels is None:
+            names = output_class_names(model, pl_module, default=names)
+        rows = [(class_name(names, c), *rest) for c, *rest in rows]
         self.log_table(
             trainer, f"concepts/spray/{self.method_name}",
             ["class", "strategies (eigengap)", "cluster sizes", "smallest eigenvalues"], rows,
@@ -153,7 +158,8 @@ class SpRAyMonitor(ProbeCallback):
                 total = int(res.sizes.sum())
                 titles = [f"cluster {i}: {int(n)} of {total}" for i, n in enumerate(res.sizes)]
                 fig = viz.tiles_figure(
-                    list(res.means), titles, title=f"SpRAy ({self.method_name}): mean map per cluster, class {c}",
+                    list(res.means), titles,
+                    title=f"SpRAy ({self.method_name}): mean map per cluster, class {class_name(names, c)}",
                     colorbar_label="mean attribution",
                 )  # fmt: skip
                 self.log_image(trainer, f"concepts/cluster_means/class_{c}", fig)

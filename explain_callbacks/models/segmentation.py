@@ -9,6 +9,7 @@ input's resolution (dilated convolutions instead of pooling: no upsampling, ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,14 +64,27 @@ class LitSegmenter(pl.LightningModule):
         net: a network returning (B, num_classes + 1, H, W) logits.
         lr: Adam's learning rate.
         mask_key: where the masks are in a batch (default: the third item of a tuple, ``"mask"`` of a dict).
+        class_names: the names of the output channels, the background first; None: ``"background"`` and the data
+            module's ``class_names`` (taken at ``setup``). The monitors' captions name the explained and predicted
+            classes with them (the data's names would be one channel off).
     """
 
-    def __init__(self, net: nn.Module, lr: float = 3e-3, mask_key: int | str | None = None) -> None:
+    def __init__(
+        self, net: nn.Module, lr: float = 3e-3, mask_key: int | str | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.net = net
         self.lr = lr
         self.mask_key = mask_key
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.save_hyperparameters(ignore=["net"])
+
+    def setup(self, stage: str) -> None:
+        if self.class_names is None:  # the labels' names, one channel on: channel 0 is the background
+            names = getattr(getattr(self._trainer, "datamodule", None), "class_names", None)
+            if isinstance(names, (list, tuple)) and names:
+                self.class_names = ["background", *(str(c) for c in names)]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

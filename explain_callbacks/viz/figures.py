@@ -211,7 +211,10 @@ def attribution_figure(
         return make_grid(upscale(tiles, 96), nrow=len(cols))
     ncol = 1 + len(names)
     # a fixed grid (no layout solver: constrained layout took seconds for 16 rows of 4 tiles)
-    gap, head, left = 0.14, 0.36, 0.12
+    # room above each row for its caption's lines (7 pt: about 0.12 in a line): a third line ("explains <class>")
+    # ran into the row above
+    lines = max((_wrap(c).count("\n") + 1 for c in captions), default=1) if captions is not None else 1
+    gap, head, left = 0.14, 0.12 + 0.12 * max(lines, 2), 0.12
     top, bottom = (0.4 if title else 0.1), 0.75
     fig, axes, box, height = _panel_grid(n, ncol, TILE_INCHES, TILE_INCHES, head, gap, left, left, top, bottom)
     for i in range(n):
@@ -305,12 +308,23 @@ def _colorbar(fig: Any, im: Any, axes: list[Any], label: str, location: str = "b
     else:
         cb = fig.colorbar(im, ax=axes, location=location, shrink=0.9, aspect=15 if location == "bottom" else 25,
                           pad=0.02)  # fmt: skip
-    cb.locator = MaxNLocator(nbins=4, symmetric=im.norm.vmin == -im.norm.vmax)
-    cb.formatter = FuncFormatter(lambda v, _: f"{v:.2g}")
+    # 3 bins and short labels: a tile-wide bar of small values ("0 8e-05 0.00016 0.00024") ran its labels together
+    cb.locator = MaxNLocator(nbins=3, symmetric=im.norm.vmin == -im.norm.vmax)
+    cb.formatter = FuncFormatter(lambda v, _: tick_label(v))
     cb.update_ticks()
     cb.ax.tick_params(labelsize=6)
     cb.set_label(label, fontsize=7)
     return cb
+
+
+def tick_label(v: float) -> str:
+    """A short tick label: two significant digits, powers of ten as ``2.4e-4`` below 0.01 and from 10,000 on."""
+    if v == 0:
+        return "0"
+    if abs(v) < 1e-2 or abs(v) >= 1e4:
+        mantissa, exp = f"{v:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exp)}"
+    return f"{v:.2g}"
 
 
 def _fit(maps: Tensor, size: Sequence[int]) -> Tensor:
