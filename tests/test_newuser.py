@@ -415,3 +415,11 @@ def test_resume_with_every_callback_is_bit_identical_and_keeps_state(tmp_path):
     assert torch.equal(concepts.ref_x, first[-1].ref_x) and [e for e, _ in concepts.history] == [0, 1]
     assert masker._steps == 8 and [h["epoch"] for h in dist.history] == [0, 1]
     shutil.rmtree(tmp_path / "ckpt")
+
+
+def test_missing_input_key_error_lists_the_dict_keys() -> None:
+    from explain_callbacks._internal.batch import BatchAdapter
+
+    batch = {"pixels": torch.zeros(2, 3), "cls": torch.zeros(2)}
+    with pytest.raises(KeyError, match=r"keys \['cls', 'pixels'\].*input_key="):
+        BatchAdapter().inputs(batch)

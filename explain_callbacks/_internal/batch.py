@@ -85,8 +85,12 @@ class BatchAdapter:
             if len(batch) > idx:
                 return batch[idx]
         if required:
+            found = ""
+            if isinstance(batch, Mapping):
+                # name what is there, so the fix is one copy away
+                found = f" with keys {sorted(map(str, batch))[:12]}, none of them {list(defaults)}"
             raise KeyError(
-                f"Could not find the {what} in a batch of type {type(batch).__name__}; pass {what}_key= "
+                f"Could not find the {what} in a batch of type {type(batch).__name__}{found}; pass {what}_key= "
                 "(tuple index, dict key, or a function batch -> tensor) to the callback."
             )
         return None
