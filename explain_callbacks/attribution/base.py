@@ -25,6 +25,8 @@ from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = ["Attributor", "make_generator"]
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: the context of a method without beta
+
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     """A fresh generator on ``device`` (CPU generator for devices without one), seeded."""
@@ -142,7 +144,7 @@ class Attributor(RowsPerCall, ABC):
     def smoothed(self) -> contextlib.AbstractContextManager[None]:
         """The context the method's passes run in: ReLUs as softplus(``self.beta``) when ``beta`` is set
         (modules and functional calls, for this thread and this call only; the model is not modified)."""
-        return relu_as_softplus(self.beta)
+        return _NO_CONTEXT if self.beta is None else relu_as_softplus(self.beta)
 
     def _prepare(
         self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool = False

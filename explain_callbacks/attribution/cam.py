@@ -53,11 +53,12 @@ class GradCAM(Attributor):
         maps = []
         for sl in chunks(inputs.shape[0], self.batch_size):
             store: list[Tensor] = []
-            xc = inputs[sl]
-            if not xc.requires_grad:
-                xc = xc.detach().requires_grad_(True)  # makes activations part of a graph even if params are frozen
-            with capture_output(layer, store), twice_differentiable(create_graph):
-                y = select_output(model(xc), None if target is None else target[sl])
+            whole = sl.start == 0 and sl.stop == inputs.shape[0]
+            xc = inputs if whole else inputs[sl]
+            # the layer's output enters the graph there (leaf=True): with frozen parameters and an input
+            # without grad, nothing before the layer is recorded (Captum's LayerGradCam does the same)
+            with capture_output(layer, store, leaf=True), twice_differentiable(create_graph):
+                y = select_output(model(xc), None if target is None else (target if whole else target[sl]))
             act = captured(store, layer)
             if act.ndim != inputs.ndim:
                 raise ValueError(
@@ -73,4 +74,4 @@ class GradCAM(Attributor):
             if self.upsample:
                 cam = upsample_to(cam, tuple(inputs.shape[2:]))
             maps.append(cam if create_graph else cam.detach())  # no forward graph kept past the call
-        return torch.cat(maps)
+        return maps[0] if len(maps) == 1 else torch.cat(maps)

@@ -1,0 +1,140 @@
+"""The per-call fixed cost of a method: the model's structure is walked only when it may have changed
+(``_internal.batching.structure_id``), and Grad-CAM records the graph from its layer on only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from explain_callbacks._internal import batching
+from explain_callbacks._internal.batching import forget_model, model_facts, output_width, structure_id
+from explain_callbacks._internal.guard import model_guard
+from explain_callbacks.attribution import GradCAM, Saliency
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """The number of structure walks so far (a list, appended to per walk)."""
+    seen: list[int] = []
+    real = batching._walk_structure
+
+    def counting(model):
+        seen.append(1)
+        return real(model)
+
+    monkeypatch.setattr(batching, "_walk_structure", counting)
+    return seen
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_unchanged_model_is_walked_once(walks):
+    model, x = _mlp(), torch.randn(4, 6)
+    sid = structure_id(model)
+    for _ in range(5):
+        assert structure_id(model) == sid
+        Saliency(batch_size=2)(model, x, 1)
+    assert len(walks) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "parameter replaced",
+        "head replaced",
+        "module added",
+        "module appended",
+        "dtype moved",
+        "device moved",
+    ],
+)
+def test_structure_changes_are_seen(change, walks):
+    model, x = _mlp(), torch.randn(4, 6)
+    before = structure_id(model)
+    assert output_width(model, x) == 3
+    if change == "parameter replaced":
+        model[2].weight = nn.Parameter(torch.randn(5, 8))
+        model[2].bias = nn.Parameter(torch.randn(5))
+    elif change == "head replaced":
+        model[2] = nn.Linear(8, 5)
+    elif change == "module added":
+        model.add_module("extra", nn.Linear(3, 5))
+    elif change == "module appended":
+        model.append(nn.Linear(3, 5))
+    elif change == "dtype moved":
+        model.double()
+        x = x.double()
+    else:
+        model.to("meta")  # every parameter moves without a registration; the first one's device says so
+    after = structure_id(model)
+    assert after != before
+    assert len(walks) == 2
+    if change != "device moved":
+        # the facts are probed again for the new structure: the new output width
+        assert output_width(model, x) == 5 if change != "dtype moved" else 3
+        width = 5 if change != "dtype moved" else 3
+        Saliency(batch_size=None)(model, x, width - 1)
+        with pytest.raises(ValueError, match=f"lie in \\[0, {width - 1}\\]"):
+            Saliency(batch_size=None)(model, x, width)
+
+
+def test_registration_elsewhere_keeps_the_facts(monkeypatch):
+    """A module registered anywhere (another model, a layer built in a training step) moves the global
+    counter: the model's structure is walked again, found unchanged, and keeps its id and probed facts."""
+    model, x = _mlp(), torch.randn(4, 6)
+    sid, facts = structure_id(model), model_facts(model, x)
+    probes = []
+    real = batching._probe
+    monkeypatch.setattr(batching, "_probe", lambda *a, **k: probes.append(1) or real(*a, **k))
+    nn.Linear(2, 2)  # registers two parameters
+    assert structure_id(model) == sid
+    assert model_facts(model, x) == facts
+    assert probes == []
+
+
+def test_changes_bypassing_registration_after_forget_model():
+    """``param.data =`` a tensor of another shape registers nothing: the cached width stays until
+    :func:`forget_model`; a target that the stale width lets through still gets the clear error."""
+    model, x = _mlp(), torch.randn(4, 6)
+    assert output_width(model, x) == 3
+    with torch.no_grad():
+        model[2].weight.data = torch.randn(2, 8)
+        model[2].bias.data = torch.randn(2)
+    assert output_width(model, x) == 3  # stale: nothing registered
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        Saliency(batch_size=None)(model, x, 2)  # let through by the stale width; the gather names it
+    forget_model(model)
+    assert output_width(model, x) == 2
+
+
+def test_gradcam_records_the_graph_from_its_layer_on():
+    """With frozen parameters and an input without grad (the monitors' guard), the layers before Grad-CAM's
+    layer run outside the graph, and the map is the one a graph from the input gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.Flatten(), nn.Linear(5 * 36, 3)
+    ).eval()
+    x, t = torch.randn(2, 3, 6, 6), torch.tensor([0, 2])
+    first_out = []
+    model[1].register_forward_hook(lambda _m, _i, out: first_out.append(out.requires_grad))
+
+    def reference() -> torch.Tensor:  # the textbook computation, the graph taken from the input
+        xg = x.clone().requires_grad_(True)
+        act = model[:3](xg)
+        y = model[3:](act).gather(1, t.view(-1, 1)).sum()
+        (g,) = torch.autograd.grad(y, act)
+        cam = torch.relu((g.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+        return cam.detach()
+
+    with model_guard(model):
+        ours = GradCAM(layer="2", upsample=False)(model, x, t)
+        assert first_out and not any(first_out)  # nothing before the layer recorded (nor in the probe forward)
+        torch.testing.assert_close(ours, reference())
+    # parameters that require grad: the graph runs through them as before, and the map is the same
+    first_out.clear()
+    torch.testing.assert_close(GradCAM(layer="2", upsample=False)(model, x, t), ours)
+    assert first_out[-1]
