@@ -1,5 +1,6 @@
 """The per-call fixed cost of a method: the model's structure is walked only when it may have changed
-(``_internal.batching.structure_id``), and Grad-CAM records the graph from its layer on only."""
+(``_internal.batching.structure_id``), Grad-CAM records the graph from its layer on only, and path
+methods build and reduce a call's points per block of whole steps (``run_blocks``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ import torch
 from torch import nn
 
 from explain_callbacks._internal import batching
-from explain_callbacks._internal.batching import forget_model, model_facts, output_width, structure_id
+from explain_callbacks._internal.batching import (
+    flat_calls,
+    forget_model,
+    model_facts,
+    output_width,
+    run_blocks,
+    structure_id,
+)
 from explain_callbacks._internal.guard import model_guard
-from explain_callbacks.attribution import GradCAM, Saliency
+from explain_callbacks.attribution import ExpectedGradients, GradCAM, IntegratedGradients, Saliency
 
 
 @pytest.fixture
@@ -138,3 +146,32 @@ def test_gradcam_records_the_graph_from_its_layer_on():
     first_out.clear()
     torch.testing.assert_close(GradCAM(layer="2", upsample=False)(model, x, t), ours)
     assert first_out[-1]
+
+
+@pytest.mark.parametrize(
+    ("n_runs", "batch", "rows_per_call"), [(16, 8, 128), (7, 5, 3), (7, 5, 12), (3, 4, None), (5, 3, 1)]
+)
+def test_run_blocks_merge_whole_runs(n_runs, batch, rows_per_call):
+    for call, pieces in flat_calls(n_runs, batch, rows_per_call):
+        blocks = run_blocks(pieces, batch)
+        got = [(r, i) for r0, r1, s, _ in blocks for r in range(r0, r1) for i in range(s.start, s.stop)]
+        assert got == [(r, i) for r, s, _ in pieces for i in range(s.start, s.stop)]  # the same rows, in order
+        stops = [0] + [at.stop for *_, at in blocks]
+        assert [at.start for *_, at in blocks] == stops[:-1] and stops[-1] == call.stop - call.start
+        assert len(blocks) <= 3  # a partial run, the whole runs, a partial run
+
+
+@pytest.mark.parametrize("rows_per_call", [1, 3, 7, 10, 16, None])
+def test_path_methods_same_map_whatever_the_rows_per_call(rows_per_call):
+    """Blocks of whole steps and partial steps at the call's ends give the map of a single call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, t = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    for method in (
+        IntegratedGradients(n_steps=7, completeness=False, baseline="uniform"),
+        ExpectedGradients(reference=x[[4, 0, 2]], n_samples=7),
+    ):
+        method.batch_size = None
+        whole = method(model, x, t)
+        method.batch_size = rows_per_call
+        torch.testing.assert_close(method(model, x, t), whole, rtol=1e-12, atol=1e-14)
