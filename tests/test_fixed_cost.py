@@ -10,6 +10,7 @@ from torch import nn
 
 from explain_callbacks._internal import batching
 from explain_callbacks._internal.batching import (
+    auto_rows,
     flat_calls,
     forget_model,
     model_facts,
@@ -117,6 +118,26 @@ def test_changes_bypassing_registration_after_forget_model():
         Saliency(batch_size=None)(model, x, 2)  # let through by the stale width; the gather names it
     forget_model(model)
     assert output_width(model, x) == 2
+
+
+def test_call_plans_follow_the_setting_the_pass_and_forgotten_rows():
+    """A method's remembered call plan (facts and rows per call) is per kind of pass and setting, and is
+    dropped with the rows choices it holds (``auto_rows``/``forget_rows``)."""
+    model, x = _mlp(), torch.randn(4, 6)
+    sal = Saliency()
+    with auto_rows(measure=False):
+        for _ in range(2):
+            sal(model, x, 1)
+            assert (sal.rows_choice.how, sal.rows_choice.kind) == ("rule", "grad")
+        sal(model, x.double().float(), 1, create_graph=True)
+        assert sal.rows_choice.kind == "double"
+        sal.batch_size = 3
+        sal(model, x, 1)
+        assert (sal.rows_choice.how, sal.rows_choice.rows) == ("fixed", 3)
+        sal.batch_size = "auto"
+    with auto_rows(measure=True, budget_s=0.2):
+        sal(model, x, 1)
+        assert sal.rows_choice.how == "measured"
 
 
 def test_gradcam_records_the_graph_from_its_layer_on():

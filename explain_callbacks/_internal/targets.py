@@ -60,7 +60,7 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
             f"target must have shape ({batch},) (one class index per sample), got {tuple(target.shape)}; "
             "pass a 1-D LongTensor, or an int for the same class for every sample."
         )
-    if target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if target.is_floating_point():
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}; use target.long().")
     if n_outputs is not None and target.numel():
         lo, hi = _min_max(target)
@@ -111,6 +111,8 @@ def as_target_tensor(
     the ``batch`` rows on ``device``."""
     if target is None:
         return None
+    if isinstance(target, Tensor) and target.dtype == torch.long and target.ndim == 1 and target.device == device:
+        return target  # already the (B,) long tensor on the device: no conversion call
     if isinstance(target, TargetOperator):
         return target.bind(batch, device)
     if isinstance(target, int):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall, call_facts
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
 from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.outputs import OutputSpec, keyed_output, model_errors
@@ -102,6 +102,10 @@ class Attributor(RowsPerCall, ABC):
             )
         if isinstance(target, MultiTarget):
             return self._call_multi(model, inputs, target, create_graph=create_graph, output_key=output_key)
+        if output_key is None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            # _entry with nothing to switch (grad on, no output key): only the model's errors re-raised
+            with model_errors(model, inputs):
+                return self._call(model, normal_tensor(inputs), normal_tensor(target), create_graph=create_graph)
         with self._entry(model, inputs, target, output_key) as (model, inputs, target):
             return self._call(model, inputs, target, create_graph=create_graph)
 
@@ -160,9 +164,8 @@ class Attributor(RowsPerCall, ABC):
                 "use a gradient, path, CAM, LRP or another perturbation method for dense or multi-output targets."
             )
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
         kind = "double" if create_graph and self.passes == "grad" else self.passes
-        self._resolve_rows(model, inputs, facts, kind)
+        facts = self._resolve_call(model, inputs, tgt is not None, kind)  # one remembered lookup per call
         check_model_target(model, tgt, inputs, facts)
         self.last_info = {}
         return tgt
