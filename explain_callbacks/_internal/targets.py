@@ -80,7 +80,7 @@ def _min_max(target: Tensor) -> tuple[int, int]:
     """(min, max) of a non-empty integer tensor with one device-to-host copy (a short CPU tensor: its
     values as a list, cheaper than two reductions)."""
     if target.device.type == "cpu" and target.numel() <= 256:
-        values = target.reshape(-1).tolist()
+        values = (target if target.ndim == 1 else target.reshape(-1)).tolist()
         return min(values), max(values)
     lo, hi = torch.stack(torch.aminmax(target)).tolist()
     return int(lo), int(hi)
