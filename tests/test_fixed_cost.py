@@ -196,3 +196,24 @@ def test_path_methods_same_map_whatever_the_rows_per_call(rows_per_call):
         whole = method(model, x, t)
         method.batch_size = rows_per_call
         torch.testing.assert_close(method(model, x, t), whole, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_gradcam_with_an_inplace_relu_after_its_layer_matches_captum(frozen):
+    """The layer's output as the layer returned it (a VGG's ``ReLU(inplace=True)`` follows the last
+    convolution): the in-place op changes the forward's copy, not the stored activations (Captum's
+    LayerGradCam, which also clones)."""
+    captum_attr = pytest.importorskip("captum.attr")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(5 * 36, 3),
+    ).double().eval()  # fmt: skip
+    x, t = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 2])
+    ref = captum_attr.LayerGradCam(model, model[2]).attribute(x, target=t, relu_attributions=True)
+    if frozen:
+        with model_guard(model):
+            ours = GradCAM(layer="2", upsample=False)(model, x, t)
+    else:
+        ours = GradCAM(layer="2", upsample=False)(model, x, t)
+    torch.testing.assert_close(ours, ref)

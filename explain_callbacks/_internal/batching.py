@@ -166,8 +166,8 @@ def activation_elements(model: nn.Module, row: Tensor) -> int:
 
 
 # ----------------------------------------------------------------------------- model structure
-# A cached fact of a model (activations per row, output width, the measured rows per call, the layer
-# Grad-CAM looks at) depends on its structure: which submodules it holds and the shape, dtype and device
+# A cached fact of a model (activations per row, output width, the measured rows per call, a method call's
+# plan) depends on its structure: which submodules it holds and the shape, dtype and device
 # of every parameter. Walking all of them on every call cost more than a cheap model's own forward and
 # backward (measured on a 2-core CPU: 40-60 us for a 30-64-64-2 MLP whose 8-row saliency pass takes
 # ~180 us; 0.2-0.4 ms for a small ResNet; twice per call), so the walk runs only when the structure may
