@@ -214,8 +214,9 @@ def test_target_check_survives_replaced_heads():
 
 
 def test_one_probe_cache_lookup_per_method_call(monkeypatch):
-    """A method call resolving ``"auto"`` rows and checking a target looks the probe cache up once (its
-    key walks every submodule and parameter); so does a call with fixed rows (for the target)."""
+    """A method call resolving ``"auto"`` rows and checking a target looks the probe cache up at most once;
+    so does a call with fixed rows (for the target); a repeated call with the same model, input kind and
+    setting finds its remembered plan (``call_plan``) and looks nothing up but a fresh probe before an error."""
     import explain_callbacks._internal.batching as batching
 
     lookups = []
@@ -234,5 +235,7 @@ def test_one_probe_cache_lookup_per_method_call(monkeypatch):
     Saliency(batch_size=4)(model, x, y)
     assert len(lookups) == 3
     with pytest.raises(ValueError, match=r"lie in \[0, 9\]"):
-        Saliency()(model, x, y + 7)  # out of range: the cached width, then a fresh probe before the error
-    assert len(lookups) == 5
+        Saliency()(model, x, y + 7)  # out of range: the planned width, then a fresh probe before the error
+    assert len(lookups) == 4
+    Saliency(batch_size=4)(model, x, y)  # the plan of the third call
+    assert len(lookups) == 4

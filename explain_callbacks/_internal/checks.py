@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,7 +21,8 @@ __all__ = [
 def all_finite(t: Tensor) -> bool:
     """Whether ``t`` holds no NaN/Inf: one reduction first (NaN/Inf anywhere makes the sum non-finite),
     the element test only when the sum is not finite (it may just have overflowed)."""
-    return bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all())
+    total = (t.detach() if t.requires_grad else t).sum()
+    return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
 
 
 def check_inputs(inputs: Tensor, *, min_ndim: int = 2, max_ndim: int | None = None, name: str = "inputs") -> None:

@@ -60,10 +60,10 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
             f"target must have shape ({batch},) (one class index per sample), got {tuple(target.shape)}; "
             "pass a 1-D LongTensor, or an int for the same class for every sample."
         )
-    if target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if target.is_floating_point():
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}; use target.long().")
     if n_outputs is not None and target.numel():
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = _min_max(target)
         if lo < 0 or hi >= n_outputs:
             hint = (
                 " (a single-output model, regression or a one-logit binary classifier, takes target=None)"
@@ -74,6 +74,16 @@ def check_target(target: Tensor | None, n_outputs: int | None, batch: int) -> No
                 f"target values must lie in [0, {n_outputs - 1}] (the model has {n_outputs} outputs), "
                 f"got values in [{lo}, {hi}]; check the labels or the target policy{hint}."
             )
+
+
+def _min_max(target: Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor with one device-to-host copy (a short CPU tensor: its
+    values as a list, cheaper than two reductions)."""
+    if target.device.type == "cpu" and target.numel() <= 256:
+        values = (target if target.ndim == 1 else target.reshape(-1)).tolist()
+        return min(values), max(values)
+    lo, hi = torch.stack(torch.aminmax(target)).tolist()
+    return int(lo), int(hi)
 
 
 def check_model_target(
@@ -101,6 +111,8 @@ def as_target_tensor(
     the ``batch`` rows on ``device``."""
     if target is None:
         return None
+    if isinstance(target, Tensor) and target.dtype == torch.long and target.ndim == 1 and target.device == device:
+        return target  # already the (B,) long tensor on the device: no conversion call
     if isinstance(target, TargetOperator):
         return target.bind(batch, device)
     if isinstance(target, int):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall, call_facts
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
 from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.outputs import OutputSpec, keyed_output, model_errors
@@ -24,6 +24,8 @@ from .._internal.target_ops import MultiTarget, TargetOperator
 from .._internal.targets import as_target_tensor, check_model_target
 
 __all__ = ["Attributor", "make_generator"]
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: the context of a method without beta
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -100,6 +102,10 @@ class Attributor(RowsPerCall, ABC):
             )
         if isinstance(target, MultiTarget):
             return self._call_multi(model, inputs, target, create_graph=create_graph, output_key=output_key)
+        if output_key is None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            # _entry with nothing to switch (grad on, no output key): only the model's errors re-raised
+            with model_errors(model, inputs):
+                return self._call(model, normal_tensor(inputs), normal_tensor(target), create_graph=create_graph)
         with self._entry(model, inputs, target, output_key) as (model, inputs, target):
             return self._call(model, inputs, target, create_graph=create_graph)
 
@@ -142,7 +148,7 @@ class Attributor(RowsPerCall, ABC):
     def smoothed(self) -> contextlib.AbstractContextManager[None]:
         """The context the method's passes run in: ReLUs as softplus(``self.beta``) when ``beta`` is set
         (modules and functional calls, for this thread and this call only; the model is not modified)."""
-        return relu_as_softplus(self.beta)
+        return _NO_CONTEXT if self.beta is None else relu_as_softplus(self.beta)
 
     def _prepare(
         self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool = False
@@ -158,9 +164,8 @@ class Attributor(RowsPerCall, ABC):
                 "use a gradient, path, CAM, LRP or another perturbation method for dense or multi-output targets."
             )
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-        facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
         kind = "double" if create_graph and self.passes == "grad" else self.passes
-        self._resolve_rows(model, inputs, facts, kind)
+        facts = self._resolve_call(model, inputs, tgt is not None, kind)  # one remembered lookup per call
         check_model_target(model, tgt, inputs, facts)
         self.last_info = {}
         return tgt

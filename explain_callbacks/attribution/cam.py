@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, chunks, select_output, twice_differentiable
+from .._internal.batching import BatchSize, chunks, grad_of_selected, twice_differentiable
+from .._internal.checks import not_differentiable
 from .._internal.ops import upsample_to
 from .._internal.registry import ATTRIBUTIONS
 from .base import Attributor
@@ -53,11 +54,12 @@ class GradCAM(Attributor):
         maps = []
         for sl in chunks(inputs.shape[0], self.batch_size):
             store: list[Tensor] = []
-            xc = inputs[sl]
-            if not xc.requires_grad:
-                xc = xc.detach().requires_grad_(True)  # makes activations part of a graph even if params are frozen
-            with capture_output(layer, store), twice_differentiable(create_graph):
-                y = select_output(model(xc), None if target is None else target[sl])
+            whole = sl.start == 0 and sl.stop == inputs.shape[0]
+            xc = inputs if whole else inputs[sl]
+            # the layer's output enters the graph there (leaf=True): with frozen parameters and an input
+            # without grad, nothing before the layer is recorded (Captum's LayerGradCam does the same)
+            with capture_output(layer, store, leaf=True), twice_differentiable(create_graph):
+                out = model(xc)
             act = captured(store, layer)
             if act.ndim != inputs.ndim:
                 raise ValueError(
@@ -65,7 +67,10 @@ class GradCAM(Attributor):
                     f"{type(layer).__name__} gives shape {tuple(act.shape)}. Pick a convolutional layer "
                     "(layer=None takes the last convolution)."
                 )
-            (g,) = torch.autograd.grad(y.sum(), act, create_graph=create_graph)
+            tc = None if target is None else (target if whole else target[sl])
+            g, _ = grad_of_selected(out, tc, act, create_graph=create_graph)
+            if g is None:
+                raise not_differentiable(f"layer {type(layer).__name__}'s output")
             w = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
             cam = (w * act).sum(1, keepdim=True)
             if self.relu:
@@ -73,4 +78,4 @@ class GradCAM(Attributor):
             if self.upsample:
                 cam = upsample_to(cam, tuple(inputs.shape[2:]))
             maps.append(cam if create_graph else cam.detach())  # no forward graph kept past the call
-        return torch.cat(maps)
+        return maps[0] if len(maps) == 1 else torch.cat(maps)

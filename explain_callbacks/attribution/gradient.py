@@ -91,7 +91,7 @@ class InputXGradient(Attributor):
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
         attr = inputs * grad_selected(model, inputs, target, self.batch_size, create_graph=create_graph)
-        return attr if create_graph else attr.detach()  # inputs that require grad: no graph of x ⊙ g
+        return attr.detach() if attr.requires_grad and not create_graph else attr  # inputs with grad: no graph of x ⊙ g
 
 
 @ATTRIBUTIONS.register("smoothgrad")

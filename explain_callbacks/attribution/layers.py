@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["capture_output", "captured", "find_layer", "last_conv_layer"]
@@ -36,17 +37,34 @@ class _Stop(Exception):
 
 
 @contextmanager
-def capture_output(module: nn.Module, store: list[Tensor], stop: bool = False) -> Iterator[None]:
-    """Forward hook appending ``module``'s output to ``store`` (raising ``_Stop`` after if ``stop``)."""
+def capture_output(module: nn.Module, store: list[Tensor], stop: bool = False, *, leaf: bool = False) -> Iterator[None]:
+    """Forward hook appending ``module``'s output to ``store`` (raising ``_Stop`` after if ``stop``).
 
-    def hook(_m: nn.Module, _inp: object, out: Tensor) -> None:
+    ``leaf``: the stored tensor is the layer's output as the layer returned it, and the forward goes on
+    from a copy (as Captum's layer methods do): an in-place operation after the layer (a VGG's
+    ``ReLU(inplace=True)``) changes the copy, not the stored activations, and gradients w.r.t. the stored
+    tensor flow through the copy. When grad mode is on and the output is outside the autograd graph
+    (nothing before the layer requires grad: frozen parameters and an input without grad, as inside the
+    model guard), the stored tensor is a detached leaf that requires grad (the same storage), so autograd
+    records the network from the layer on only; without it the input must require grad and the forward
+    records every layer before this one for nothing (a small ResNet's Grad-CAM: ~20 % of the call). An
+    output already in the graph keeps it, so maps built with ``create_graph`` stay differentiable w.r.t.
+    whatever required grad."""
+
+    def hook(_m: nn.Module, _inp: object, out: Tensor) -> Tensor | None:
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"Layer {type(_m).__name__} returns {type(out).__name__}, not a Tensor; pick another layer."
             )
+        replaced = None
+        if leaf and torch.is_grad_enabled() and out.is_floating_point():
+            if not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            replaced = out.clone()
         store.append(out)
         if stop:
             raise _Stop
+        return replaced
 
     handle = module.register_forward_hook(hook)
     try:

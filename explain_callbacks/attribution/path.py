@@ -12,13 +12,14 @@ expectation of the IG integrand over baselines x' ~ D and α ~ U(0, 1).
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, flat_calls, forward_selected, grad_selected
+from .._internal.batching import BatchSize, flat_calls, forward_selected, grad_selected, run_blocks
 from .._internal.layout import check_channels_first, reads_channels_first
 from .._internal.ops import gaussian_blur
 from .._internal.registry import ATTRIBUTIONS
@@ -35,28 +36,38 @@ def quadrature(n_steps: int, rule: str = "gausslegendre") -> tuple[Tensor, Tenso
     """Nodes α in [0, 1] and weights (float64) of a quadrature rule for ∫₀¹.
 
     ``riemann_trapezoid`` is the true trapezoid rule (weights sum to 1); Captum's version of that
-    name uses weights 1/n with halved ends, which sum to (n − 1)/n.
+    name uses weights 1/n with halved ends, which sum to (n − 1)/n. Computed once per (n_steps, rule)
+    (numpy's Gauss-Legendre nodes take an eigen-decomposition: ~1 ms, more than a cheap model's whole
+    explanation); each call gets its own tensors.
     """
+    nodes, weights = _quadrature(n_steps, rule)
+    return torch.tensor(nodes, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _quadrature(n_steps: int, rule: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}.")
     n = n_steps
     if rule == "gausslegendre":
         t, w = np.polynomial.legendre.leggauss(n)
-        return torch.from_numpy((t + 1) / 2), torch.from_numpy(w / 2)
+        return tuple(((t + 1) / 2).tolist()), tuple((w / 2).tolist())
     i = torch.arange(n, dtype=torch.float64)
     if rule == "riemann_left":
-        return i / n, torch.full((n,), 1 / n, dtype=torch.float64)
-    if rule == "riemann_right":
-        return (i + 1) / n, torch.full((n,), 1 / n, dtype=torch.float64)
-    if rule == "riemann_middle":
-        return (i + 0.5) / n, torch.full((n,), 1 / n, dtype=torch.float64)
-    if rule == "riemann_trapezoid":
+        a, w = i / n, torch.full((n,), 1 / n, dtype=torch.float64)
+    elif rule == "riemann_right":
+        a, w = (i + 1) / n, torch.full((n,), 1 / n, dtype=torch.float64)
+    elif rule == "riemann_middle":
+        a, w = (i + 0.5) / n, torch.full((n,), 1 / n, dtype=torch.float64)
+    elif rule == "riemann_trapezoid":
         if n < 2:
             raise ValueError("riemann_trapezoid needs n_steps >= 2.")
         w = torch.full((n,), 1 / (n - 1), dtype=torch.float64)
         w[0] = w[-1] = 0.5 / (n - 1)
-        return i / (n - 1), w
-    raise ValueError(f"Unknown integration rule {rule!r}; choose one of {RULES}.")
+        a = i / (n - 1)
+    else:
+        raise ValueError(f"Unknown integration rule {rule!r}; choose one of {RULES}.")
+    return tuple(a.tolist()), tuple(w.tolist())
 
 
 def make_baseline(
@@ -165,7 +176,8 @@ class IntegratedGradients(Attributor):
             self.baseline,
             inputs,
             sigma=self.blur_sigma,
-            generator=self.generator(inputs.device),
+            # a generator only for the random baseline (seeding one costs more than a cheap model's pass)
+            generator=self.generator(inputs.device) if _is_random(self.baseline) else None,
             model=model,
             channels_first=self.channels_first,
         )
@@ -179,6 +191,11 @@ class IntegratedGradients(Attributor):
         if self.completeness:
             self.last_info.update(completeness_info(model, inputs, base, target, attr, self.batch_size))
         return attr
+
+
+def _is_random(baseline: Baseline) -> bool:
+    """Whether :func:`make_baseline` draws ``baseline`` at random (and needs a generator)."""
+    return isinstance(baseline, str) and baseline == "uniform"
 
 
 def integrate_path(
@@ -195,16 +212,24 @@ def integrate_path(
     """Σ_k w_k ∂f(x' + α_k (x − x'))/∂x over the ``n_steps * B`` path points, step-major, in calls of
     exactly ``batch_size`` rows (:func:`~explain_callbacks._internal.batching.flat_calls`: a call may
     end one step and start the next, so every call is as large as the chunk ``"auto"`` measured)."""
-    alphas = alphas.to(device=inputs.device, dtype=inputs.dtype).tolist()
+    alphas = alphas.to(device=inputs.device, dtype=inputs.dtype)
     weights = weights.to(device=inputs.device, dtype=inputs.dtype)
     diff = inputs - base
     total = torch.zeros_like(inputs)
-    for _, pieces in flat_calls(len(alphas), inputs.shape[0], batch_size):
-        pts = torch.cat([base[s] + alphas[k] * diff[s] for k, s, _ in pieces])
-        tgt = None if target is None else torch.cat([target[s] for _, s, _ in pieces])
-        g = grad_selected(model, pts, tgt, None, create_graph=create_graph)
-        for k, s, at in pieces:
-            total[s] += weights[k] * g[at]
+    b, shape = inputs.shape[0], inputs.shape[1:]
+    col = (-1,) + (1,) * inputs.ndim  # a value per step, broadcast over (steps, samples, *shape)
+    for _, pieces in flat_calls(len(alphas), b, batch_size):
+        # the call's points built and its gradients summed per block of steps (run_blocks: whole steps
+        # together), a few tensor ops per call instead of a few per step
+        blocks = run_blocks(pieces, b)
+        pts = [
+            (base[s].unsqueeze(0) + alphas[r0:r1].view(col) * diff[s].unsqueeze(0)).reshape(-1, *shape)
+            for r0, r1, s, _ in blocks
+        ]
+        tgt = None if target is None else torch.cat([target[s].repeat(r1 - r0) for r0, r1, s, _ in blocks])
+        g = grad_selected(model, pts[0] if len(pts) == 1 else torch.cat(pts), tgt, None, create_graph=create_graph)
+        for r0, r1, s, at in blocks:
+            total[s] += (weights[r0:r1].view(col) * g[at].view(r1 - r0, -1, *shape)).sum(0)
     return total
 
 
@@ -267,14 +292,22 @@ class ExpectedGradients(Attributor):
         gen = self.generator(inputs.device)
         idx = torch.randint(0, ref.shape[0], (k, b), generator=gen, device=inputs.device)
         alpha = torch.rand((k, b), generator=gen, device=inputs.device, dtype=inputs.dtype)
-        col = (-1,) + (1,) * (inputs.ndim - 1)
         total = torch.zeros_like(inputs)
-        # the k * B points, draw-major, in calls of exactly batch_size rows (a call may span two draws)
+        shape = inputs.shape[1:]
+        # the k * B points, draw-major, in calls of exactly batch_size rows (a call may span two draws),
+        # built and summed per block of whole draws (run_blocks): a few tensor ops per call, not per draw
         for _, pieces in flat_calls(k, b, self.batch_size):
-            diffs = [inputs[s] - ref[idx[r, s]] for r, s, _ in pieces]
-            pts = torch.cat([ref[idx[r, s]] + alpha[r, s].view(col) * d for (r, s, _), d in zip(pieces, diffs)])
-            tgt = None if target is None else torch.cat([target[s] for _, s, _ in pieces])
+            blocks = run_blocks(pieces, b)
+            parts, diffs = [], []
+            for r0, r1, s, _ in blocks:
+                refs = ref[idx[r0:r1, s]]  # (draws, samples, *shape)
+                d = inputs[s].unsqueeze(0) - refs
+                a = alpha[r0:r1, s].reshape(*refs.shape[:2], *([1] * len(shape)))
+                parts.append((refs + a * d).reshape(-1, *shape))
+                diffs.append(d)
+            tgt = None if target is None else torch.cat([target[s].repeat(r1 - r0) for r0, r1, s, _ in blocks])
+            pts = parts[0] if len(parts) == 1 else torch.cat(parts)
             g = grad_selected(model, pts, tgt, None, create_graph=create_graph)
-            for (_, s, at), d in zip(pieces, diffs):
-                total[s] += d * g[at]
+            for (_, _, s, at), d in zip(blocks, diffs):
+                total[s] += (d * g[at].view(d.shape)).sum(0)
         return total / k if create_graph else (total / k).detach()

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import Tensor, nn
 
-from .._internal.batching import BatchSize, RowsPerCall, call_facts
+from .._internal.batching import BatchSize, RowsPerCall
 from .._internal.checks import check_inputs
 from .._internal.guard import grad_enabled, normal_tensor
 from .._internal.layout import check_channels_first, reads_channels_first
@@ -263,8 +263,7 @@ class InteractionMethod(RowsPerCall, ABC):
             inputs, target = normal_tensor(inputs), normal_tensor(target)
             check_inputs(inputs)
             tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
-            facts = call_facts(model, inputs, self._batch_size, tgt is not None)  # one probe-cache lookup per call
-            self._resolve_rows(model, inputs, facts, self.passes)
+            facts = self._resolve_call(model, inputs, tgt is not None, self.passes)  # one remembered lookup per call
             check_model_target(model, tgt, inputs, facts)
             grp = make_groups(inputs, groups, channels_first=reads_channels_first(model, inputs, self.channels_first))
             self.last_info = {"groups": grp}
