@@ -107,7 +107,9 @@ def test_methods_and_metrics_chunk_by_the_resolved_rows_and_agree_with_ints():
     assert max(net.calls) <= rows
     torch.testing.assert_close(d, deletion(net, x, sal, y, step=64, batch_size=256))
     mu = mufidelity(net, x, sal, y, n_subsets=20, subset_size=30)
-    torch.testing.assert_close(mu, mufidelity(net, x, sal, y, n_subsets=20, subset_size=30, batch_size=7))
+    # f(x) is scored inside the first call, beside other rows: float32 kernels round by call size (~1e-6)
+    mu7 = mufidelity(net, x, sal, y, n_subsets=20, subset_size=30, batch_size=7)
+    torch.testing.assert_close(mu, mu7, rtol=1e-4, atol=1e-5)
 
 
 @auto_rows(measure=False)
