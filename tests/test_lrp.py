@@ -31,20 +31,33 @@ def relu_cnn(bias: bool) -> nn.Module:
 
 
 class ResidualNet(nn.Module):
-    """A residual block whose addition is written with Sum (LRP splits it) or as ``a + b`` (refused)."""
+    """A residual block whose addition is written with Sum, or as ``a + b``, ``torch.add``, ``+=``, ``add_``,
+    or a product ``a * b`` of two input-dependent tensors (no gate: refused)."""
 
-    def __init__(self, use_sum: bool) -> None:
+    def __init__(self, form: str = "sum") -> None:
         super().__init__()
         torch.manual_seed(5)
+        self.form = form
         self.inp = nn.Linear(6, 8, bias=False)
         self.block = nn.Sequential(nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU())
-        self.add = Sum() if use_sum else None
+        self.add = Sum()
         self.out = nn.Linear(8, 3, bias=False)
 
     def forward(self, x):
         h = self.inp(x)
         r = self.block(h)
-        h = self.add(h, r) if self.add is not None else h + r
+        if self.form == "sum":
+            h = self.add(h, r)
+        elif self.form == "plus":
+            h = h + r
+        elif self.form == "torch.add":
+            h = torch.add(r, h)
+        elif self.form == "iadd":  # in place on the output of a layer with a rule (torchvision's `out += identity`)
+            h += r
+        elif self.form == "add_":  # in place, result not rebound: aliases must see the sum
+            h.add_(r)
+        elif self.form == "product":
+            h = h * r
         return self.out(torch.relu(h))
 
 
@@ -73,12 +86,80 @@ def test_conservation_bias_free_relu_cnn(composite):
     assert float(lrp.last_info["completeness_error"].max()) > 1e-3
 
 
-def test_conservation_through_sum_residual():
-    model, x = ResidualNet(use_sum=True).double().eval(), _x(4, 6)
+@pytest.mark.parametrize("form", ["sum", "plus", "torch.add", "iadd", "add_"])
+def test_conservation_through_residual(form):
+    """Σ R = f_c through a residual addition however it is written: each form gets the sum rule (its
+    gradient would copy the relevance to both branches and break conservation)."""
+    model, x = ResidualNet(form).double().eval(), _x(4, 6)
     target = torch.tensor([0, 1, 2, 0])
-    rel = LRP("epsilon", epsilon=1e-9, stabilizer=1e-9)(model, x, target)
+    lrp = LRP("epsilon", epsilon=1e-9, stabilizer=1e-9)
+    rel = lrp(model, x, target)
     logit = model(x).gather(1, target[:, None])[:, 0].detach()
     torch.testing.assert_close(rel.sum(1), logit, rtol=1e-6, atol=1e-9)
+    assert float(lrp.last_info["completeness_error"].max()) < 1e-6
+
+
+@pytest.mark.parametrize("form", ["plus", "torch.add", "iadd", "add_"])
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon"])
+def test_residual_written_with_plus_equals_sum_module(form, composite):
+    """``a + b`` (and torch.add, +=, add_) is explained exactly as the model rewritten with lrp.Sum,
+    with the default stabilisers (not only where they vanish)."""
+    x, t = _x(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    ref = LRP(composite)(ResidualNet("sum").double().eval(), x, t)
+    torch.testing.assert_close(LRP(composite)(ResidualNet(form).double().eval(), x, t), ref, rtol=1e-12, atol=0)
+    # the sum rule is the composite's rule for Sum: a user's mapping of "sum" applies to `+` too
+    half = LRP(composite, layer_map={"sum": {"name": "norm", "stabilizer": 1.0}})
+    torch.testing.assert_close(half(ResidualNet(form).double().eval(), x, t),
+                               half(ResidualNet("sum").double().eval(), x, t), rtol=1e-12, atol=0)  # fmt: skip
+    assert not torch.allclose(half(ResidualNet(form).double().eval(), x, t), ref)
+
+
+def test_residual_sum_closed_form():
+    """f(x) = u·x + v·x (two bias-free branches, summed with ``+``): the sum rule hands each branch its own
+    contribution (u·x and v·x), the ε rule of each branch spreads it as x ⊙ u and x ⊙ v: R = x ⊙ (u + v).
+    The branches' gradient would hand each the whole f (relevance doubled, R = f·(x⊙u/(u·x) + x⊙v/(v·x)))."""
+
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(8)
+            self.u, self.v = nn.Linear(5, 1, bias=False), nn.Linear(5, 1, bias=False)
+
+        def forward(self, x):
+            return self.u(x) + self.v(x)
+
+    model, x = TwoBranch().double().eval(), _x(4, 5) + 0.5
+    rel = LRP("epsilon", epsilon=1e-12, stabilizer=1e-12)(model, x, torch.zeros(4, dtype=torch.long))
+    u, v = model.u.weight.detach()[0], model.v.weight.detach()[0]
+    torch.testing.assert_close(rel, x * (u + v), rtol=1e-9, atol=1e-12)
+    f = (x @ (u + v))[:, None]
+    doubled = f * (x * u / (x @ u)[:, None] + x * v / (x @ v)[:, None])
+    assert not torch.allclose(rel, doubled, rtol=1e-3)
+
+
+def test_inplace_on_a_rule_output():
+    """A layer output modified in place (``out += bias``, ``out.mul_(...)``-style code) works under LRP as
+    without it (a rule's output used to be a view of a custom Function, which autograd refuses to modify)."""
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(9)
+            self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 2)
+            self.register_buffer("offset", torch.full((8,), 0.25))
+
+        def forward(self, x):
+            h = self.fc(x)
+            if self.training is False and getattr(self, "inplace", True):
+                h += self.offset
+            else:
+                h = h + self.offset
+            return self.head(torch.relu(h))
+
+    model, x, t = Offset().double().eval(), _x(3, 6), torch.tensor([0, 1, 0])
+    got = LRP("epsilon")(model, x, t)
+    model.inplace = False
+    torch.testing.assert_close(got, LRP("epsilon")(model, x, t), rtol=0, atol=0)
 
 
 def test_lrp0_equals_gradient_times_input():
@@ -133,10 +214,10 @@ def test_no_side_effects():
 
 def test_no_side_effects_after_error():
     """A refusal raised in the middle of the LRP forward still removes every hook and restores flags."""
-    model = ResidualNet(use_sum=False)
+    model = ResidualNet("product")
     model.train()
     snap = _snapshot(model)
-    with pytest.raises(LRPUnsupportedError, match=r"lrp\.Sum.*ig, input_x_gradient"):
+    with pytest.raises(LRPUnsupportedError, match=r"'mul'.*neither factor is a gate.*ig, input_x_gradient"):
         LRP()(model, _x(2, 6).float(), torch.tensor([0, 1]))
     _assert_untouched(model, snap)
 
@@ -269,3 +350,69 @@ def test_linear_then_batchnorm_on_sequences_not_merged():
     assert probe_plan(model, x[:1]).merges == {}
     t = torch.tensor([0, 1, 0])
     torch.testing.assert_close(LRP()(model, x, t), LRP(canonize=False)(model, x, t))
+
+
+class Gated(nn.Module):
+    """out = head(gate ⊙ signal) with the gate written in several ways (Arras et al. 2017's LSTM gates)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        torch.manual_seed(10)
+        self.form = form
+        self.sig, self.gate = nn.Linear(5, 4, bias=False), nn.Linear(5, 8, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        s = self.sig(x)
+        if self.form == "gate*signal":
+            z = torch.sigmoid(self.gate(x))[:, :4] * s
+        elif self.form == "signal*gate":
+            z = s * self.gate(x).sigmoid()[:, 4:]
+        elif self.form == "module":
+            z = self.sigmoid(self.gate(x))[:, :4] * s
+        elif self.form == "chunk":
+            g1, _g2 = torch.sigmoid(self.gate(x)).chunk(2, dim=1)
+            z = s.mul(g1)
+        elif self.form == "imul":
+            z = s.clone()
+            z *= torch.sigmoid(self.gate(x))[:, :4]
+        elif self.form == "two signals":
+            z = s * self.gate(x)[:, :4]
+        elif self.form == "two gates":
+            g = torch.sigmoid(self.gate(x))
+            z = g[:, :4] * g[:, 4:]
+        elif self.form == "quotient":
+            z = s / (1 + self.gate(x)[:, :4].abs())
+        return self.head(z)
+
+
+@pytest.mark.parametrize("form", ["gate*signal", "signal*gate", "module", "chunk", "imul"])
+def test_gate_signal_take_all_closed_form(form):
+    """z = g ⊙ s: all relevance of z goes to the signal s (Arras et al. 2017), none to the gate. With ε rules
+    on bias-free layers: R_z = z ⊙ w_c (the head), R_x = x ⊙ W_sᵀ(R_z / s) and Σ R = f_c."""
+    model, x = Gated(form).double().eval(), _x(4, 5) + 0.2
+    t = torch.tensor([0, 1, 2, 0])
+    lrp = LRP("epsilon", epsilon=1e-12, stabilizer=1e-12)
+    rel = lrp(model, x, t)
+    with torch.no_grad():
+        s = model.sig(x)
+        g = torch.sigmoid(model.gate(x))
+        g = g[:, 4:] if form == "signal*gate" else g[:, :4]
+        r_z = (g * s) * model.head.weight[t]
+        ref = x * ((r_z / s) @ model.sig.weight)
+    torch.testing.assert_close(rel, ref, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(rel.sum(1), model(x).gather(1, t[:, None])[:, 0].detach(), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("form", "match"),
+    [
+        ("two signals", "neither factor is a gate"),
+        ("two gates", "both factors are gates"),
+        ("quotient", "'div'.*quotient"),
+    ],
+)
+def test_unresolved_products_refused(form, match):
+    with pytest.raises(LRPUnsupportedError, match=match + r".*input_x_gradient"):
+        LRP()(Gated(form).eval(), _x(2, 5).float(), torch.tensor([0, 1]))

@@ -77,24 +77,35 @@ def _sum(*ts: Tensor | None) -> Tensor:
 
 
 class _Relevance(torch.autograd.Function):
-    """Forward: the layer's output as it is (a view). Backward: ``fn(inputs, R)``, the rule's relevance
-    of each input (None for inputs that do not need it)."""
+    """Forward: the layer's output as it is. Backward: ``fn(inputs, R)``, the rule's relevance of each
+    input (None for inputs that do not need it).
+
+    The output is handed in a box (a one-element list), not as an input: a custom Function's output
+    that is one of its inputs (or a view of one) may not be modified in place afterwards, and models do
+    modify layer outputs in place (``out += identity`` in torchvision's ResNets). The boxed tensor is a
+    fresh ``detach()`` of the layer's output (the same storage, no copy), so it becomes the Function's
+    own output, which autograd lets the model modify in place as it would the layer's output."""
 
     @staticmethod
-    def forward(ctx: Any, fn: Callable, out: Tensor, *xs: Tensor) -> Tensor:
+    def forward(ctx: Any, fn: Callable, box: list[Tensor], keep: bool, *xs: Tensor) -> Tensor:
         ctx.fn = fn
-        ctx.save_for_backward(*xs)
-        return out.view_as(out)
+        if keep:
+            ctx.save_for_backward(*xs)
+        return box.pop()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rel = ctx.fn(ctx.saved_tensors, grad)
-        return (None, None, *rel)
+        return (None, None, None, *rel)
 
 
-def with_relevance(fn: Callable[[tuple[Tensor, ...], Tensor], list[Tensor | None]], out: Tensor, *xs: Tensor) -> Tensor:
-    """``out`` (same values) whose backward hands relevance R to ``xs`` as ``fn(xs, R)``."""
-    return _Relevance.apply(fn, out.detach(), *xs)
+def with_relevance(
+    fn: Callable[[tuple[Tensor, ...], Tensor], list[Tensor | None]], out: Tensor, *xs: Tensor, keep: bool = True
+) -> Tensor:
+    """``out`` (same values, same storage) whose backward hands relevance R to ``xs`` as ``fn(xs, R)``.
+    ``keep=False``: ``fn`` does not read the inputs' values and gets ``()``; they are not saved, so the
+    model may modify them in place afterwards (a ReLU's input, as PyTorch's own ReLU allows)."""
+    return _Relevance.apply(fn, [out.detach()], keep, *xs)
 
 
 def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -178,17 +189,19 @@ class _TermRule(Rule):
         w, b = params if params is not None else (module.weight, getattr(module, "bias", None))
         w, b = w.detach(), None if b is None else b.detach()
         z = output.detach()
-        if self.reuses_forward and params is None and output.requires_grad:
-            # ε with the layer's own parameters: the term's forward is the layer's own, whose graph is there:
-            # R = a ⊙ ∂z/∂a^T (R_out / s(z)) without a second forward.
-            def backward_reuse(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
-                (g,) = torch.autograd.grad(output, xs[0], grad * self.coefficients([z], z)[0])
-                return [xs[0].detach() * g]
+        # The model may modify the layer's output in place after the rule saw it (``out += identity``): z shares
+        # its storage, so then z is recomputed from the saved input (the layer's own output, as it was).
+        version = output._version
 
-            return with_relevance(backward_reuse, output, x)
+        def layer_output(xd: Tensor) -> Tensor:
+            if output._version == version:
+                return z
+            with torch.no_grad():
+                return _affine(module, xd, w, b)
 
         def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
             (xd,) = (a.detach() for a in xs)
+            z = layer_output(xd)
             with torch.enable_grad():
                 # A term of the negative inputs without bias is exactly 0 when no input is negative (after a
                 # ReLU): skipped, which saves half the work of z⁺, γ and α-β there.
@@ -216,6 +229,16 @@ class _TermRule(Rule):
                 rel = part if rel is None else rel + part
             return [rel]
 
+        if self.reuses_forward and params is None and output.requires_grad:
+            # ε with the layer's own parameters: the term's forward is the layer's own, whose graph is there:
+            # R = a ⊙ ∂z/∂a^T (R_out / s(z)) without a second forward.
+            def backward_reuse(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+                if output._version != version:  # the output was modified in place: its graph is not the layer's
+                    return backward(xs, grad)
+                (g,) = torch.autograd.grad(output, xs[0], grad * self.coefficients([z], z)[0])
+                return [xs[0].detach() * g]
+
+            return with_relevance(backward_reuse, output, x)
         return with_relevance(backward, output, x)
 
 
@@ -388,7 +411,6 @@ class Norm(Rule):
 
     def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor) and a.requires_grad]
-        z = output.detach()
 
         def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
             args = list(inputs)
@@ -398,7 +420,8 @@ class Norm(Rule):
                     args[i] = leaf
                 # the module's own forward (not __call__: no hooks)
                 out = module.forward(*args)
-                grads = torch.autograd.grad(out, leaves, grad * _inv_stab(z, self.stabilizer))
+                # z recomputed (not the forward's, whose storage the model may have modified in place since)
+                grads = torch.autograd.grad(out, leaves, grad * _inv_stab(out.detach(), self.stabilizer))
             return [leaf.detach() * g for leaf, g in zip(leaves, grads)]
 
         return with_relevance(backward, output, *(inputs[i] for i in positions))
@@ -424,7 +447,7 @@ class Pass(Rule):
                 f"The pass rule needs a layer that keeps its input's shape; {type(module).__name__} maps "
                 f"{tuple(x.shape)} to {tuple(output.shape)}."
             )
-        return with_relevance(_identity, output, x)
+        return with_relevance(_identity, output, x, keep=False)
 
 
 RULES: dict[str, type[Rule]] = {
