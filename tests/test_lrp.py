@@ -416,3 +416,13 @@ def test_gate_signal_take_all_closed_form(form):
 def test_unresolved_products_refused(form, match):
     with pytest.raises(LRPUnsupportedError, match=match + r".*input_x_gradient"):
         LRP()(Gated(form).eval(), _x(2, 5).float(), torch.tensor([0, 1]))
+
+
+def test_stabilize_sign_of_zero():
+    """s_ε(z) = z + ε·sign(z) with sign(0) = +1, for −0.0 too (as Zennit's stabiliser), bit for bit."""
+    from explain_callbacks.attribution.lrp import stabilize
+
+    z = torch.tensor([-2.5, -1e-30, -0.0, 0.0, 1e-30, 3.0], dtype=torch.float64)
+    ref = torch.tensor([-2.5 - 1e-6, -1e-30 - 1e-6, 1e-6, 1e-6, 1e-30 + 1e-6, 3.0 + 1e-6], dtype=torch.float64)
+    assert torch.equal(stabilize(z, 1e-6), ref)
+    assert torch.equal(stabilize(z.float(), 0.5), ref.float().sign().where(z != 0, 1.0) * (z.float().abs() + 0.5))

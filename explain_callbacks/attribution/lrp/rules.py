@@ -47,9 +47,10 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
-    """z + ε·sign(z), with sign(0) taken as +1 (a zero denominator becomes ε)."""
-    eps = z.new_tensor(epsilon)  # 0-d, in z's dtype (plain numbers would give the default dtype)
-    return z + torch.where(z >= 0, eps, -eps)  # one pass fewer than where(z >= 0, z + ε, z − ε)
+    """z + ε·sign(z), with sign(0) taken as +1 (a zero denominator becomes ε; −0.0 counts as 0)."""
+    # (|z| + ε) with z's sign: three passes and no torch.where (5x slower than these on the CPU); z + 0.0 turns
+    # −0.0 into +0.0, so a zero gets +ε as documented (copysign alone would give −0.0 a −ε)
+    return z.abs().add_(epsilon).copysign_(z + 0.0)
 
 
 def _inverse(d: Tensor) -> Tensor:
@@ -61,8 +62,9 @@ def _inverse(d: Tensor) -> Tensor:
 
 def _inv_stab(z: Tensor, epsilon: float) -> Tensor:
     """1 / s_ε(z); a positive ε never leaves a zero to guard against (|s_ε(z)| ≥ ε)."""
-    d = stabilize(z, epsilon)
-    return d.reciprocal() if epsilon > 0 else _inverse(d)
+    if epsilon > 0:
+        return stabilize(z, epsilon).reciprocal_()  # in place: s_ε(z) is a fresh tensor
+    return _inverse(z)  # ε = 0: s_0(z) = z
 
 
 def _sum(*ts: Tensor | None) -> Tensor:
@@ -184,7 +186,8 @@ class _TermRule(Rule):
     def apply(
         self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor, params: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
-        """``params``: (weight, bias) to use instead of the module's (a BatchNorm merged into it)."""
+        """``params``: (weight, bias) to use instead of the module's (a BatchNorm merged into it); ``output``'s
+        graph back to the input is then the layer and the BatchNorm (the same affine map)."""
         x = _single_input(module, inputs, self)
         w, b = params if params is not None else (module.weight, getattr(module, "bias", None))
         w, b = w.detach(), None if b is None else b.detach()
@@ -229,9 +232,10 @@ class _TermRule(Rule):
                 rel = part if rel is None else rel + part
             return [rel]
 
-        if self.reuses_forward and params is None and output.requires_grad:
-            # ε with the layer's own parameters: the term's forward is the layer's own, whose graph is there:
-            # R = a ⊙ ∂z/∂a^T (R_out / s(z)) without a second forward.
+        if self.reuses_forward and output.requires_grad:
+            # ε: the term's forward is the layer's own, whose graph is there: R = a ⊙ ∂z/∂a^T (R_out / s(z)) without
+            # a second forward. With a merged BatchNorm (``params``) the graph from the BatchNorm's output back to the
+            # layer's input is layer -> BatchNorm in eval mode, whose Jacobian is W·γ/σ: the merged weight itself.
             def backward_reuse(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
                 if output._version != version:  # the output was modified in place: its graph is not the layer's
                     return backward(xs, grad)
