@@ -67,6 +67,13 @@ def _inv_stab(z: Tensor, epsilon: float) -> Tensor:
     return _inverse(z)  # ε = 0: s_0(z) = z
 
 
+def _over_stab(r: Tensor, z: Tensor, epsilon: float) -> Tensor:
+    """r / s_ε(z) in one division (not r · (1/s_ε(z)): a pass fewer over the layer's output)."""
+    if epsilon > 0:
+        return r / stabilize(z, epsilon)
+    return r * _inverse(z)
+
+
 def _sum(*ts: Tensor | None) -> Tensor:
     """Sum of the terms that were computed (a skipped term is exactly zero)."""
     out = None
@@ -173,8 +180,12 @@ def _single_input(module: nn.Module, inputs: tuple[Any, ...], rule: Rule) -> Ten
 class _TermRule(Rule):
     """A rule given as terms (input and parameter modifiers) and output coefficients."""
 
-    #: the single term is the layer itself (input and parameters unmodified): its forward graph is reused
+    #: the single term is the layer itself (input and parameters unmodified): its forward graph is reused, and
+    #: ``scaled(R, z)`` gives R ⊙ c(z)
     reuses_forward = False
+
+    def scaled(self, grad: Tensor, z: Tensor) -> Tensor:
+        return grad * self.coefficients([z], z)[0]
 
     def terms(self) -> Sequence[Term]:
         raise NotImplementedError
@@ -217,7 +228,8 @@ class _TermRule(Rule):
                         leaves.append(None)
                         zs.append(None)
                         continue
-                    xi = term.input(xd).requires_grad_(True)
+                    # x⁺ of a non-negative input is the input itself: no copy (a detached alias as the leaf)
+                    xi = (xd.detach() if nonneg and term.input is _pos else term.input(xd)).requires_grad_(True)
                     bias = None if (b is None or term.bias is None) else term.bias(b)
                     leaves.append(xi)
                     zs.append(_affine(module, xi, term.weight(w), bias))
@@ -239,7 +251,7 @@ class _TermRule(Rule):
             def backward_reuse(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
                 if output._version != version:  # the output was modified in place: its graph is not the layer's
                     return backward(xs, grad)
-                (g,) = torch.autograd.grad(output, xs[0], grad * self.coefficients([z], z)[0])
+                (g,) = torch.autograd.grad(output, xs[0], self.scaled(grad, z))
                 return [xs[0].detach() * g]
 
             return with_relevance(backward_reuse, output, x)
@@ -261,6 +273,9 @@ class Epsilon(_TermRule):
 
     def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
         return [_inv_stab(zs[0], self.epsilon)]
+
+    def scaled(self, grad: Tensor, z: Tensor) -> Tensor:
+        return _over_stab(grad, z, self.epsilon)
 
 
 class ZPlus(_TermRule):
@@ -425,7 +440,7 @@ class Norm(Rule):
                 # the module's own forward (not __call__: no hooks)
                 out = module.forward(*args)
                 # z recomputed (not the forward's, whose storage the model may have modified in place since)
-                grads = torch.autograd.grad(out, leaves, grad * _inv_stab(out.detach(), self.stabilizer))
+                grads = torch.autograd.grad(out, leaves, _over_stab(grad, out.detach(), self.stabilizer))
             return [leaf.detach() * g for leaf, g in zip(leaves, grads)]
 
         return with_relevance(backward, output, *(inputs[i] for i in positions))
