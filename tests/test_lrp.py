@@ -426,3 +426,28 @@ def test_stabilize_sign_of_zero():
     ref = torch.tensor([-2.5 - 1e-6, -1e-30 - 1e-6, 1e-6, 1e-6, 1e-30 + 1e-6, 3.0 + 1e-6], dtype=torch.float64)
     assert torch.equal(stabilize(z, 1e-6), ref)
     assert torch.equal(stabilize(z.float(), 0.5), ref.float().sign().where(z != 0, 1.0) * (z.float().abs() + 0.5))
+
+
+def test_squeeze_excitation_gate_conserves():
+    """A squeeze-and-excitation block (Hu et al. 2018): x ⊙ σ(conv(pool(x))), the gate (B, C, 1, 1) broadcast
+    over the positions, from an nn.Sigmoid module: the gate takes no relevance, Σ R = f_c on a bias-free net
+    (the product's gradient would hand relevance to both factors and break it)."""
+
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(12)
+            self.conv = nn.Conv2d(2, 6, 3, padding=1, bias=False)
+            self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(6, 6, 1, bias=False), nn.Sigmoid())
+            self.head = nn.Sequential(nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(6 * 2 * 2, 3, bias=False))
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.head(h * self.squeeze(h))
+
+    model, x, t = SE().double().eval(), _x(3, 2, 8, 8), torch.tensor([0, 1, 2])
+    for composite in ("epsilon", "epsilon_plus_flat"):
+        lrp = LRP(composite, epsilon=1e-12, stabilizer=1e-12)
+        rel = lrp(model, x, t)
+        torch.testing.assert_close(rel.flatten(1).sum(1), model(x).gather(1, t[:, None])[:, 0].detach(), rtol=1e-7,
+                                   atol=1e-12)  # fmt: skip
