@@ -374,6 +374,9 @@ class Gated(nn.Module):
         elif self.form == "chunk":
             g1, _g2 = torch.sigmoid(self.gate(x)).chunk(2, dim=1)
             z = s.mul(g1)
+        elif self.form == "glu":  # F.glu(cat[a, b]) = a ⊙ σ(b): the gate is the second half
+            g = self.gate(x)[:, :4]
+            z = nn.GLU(dim=1)(torch.cat([s, g], 1))
         elif self.form == "imul":
             z = s.clone()
             z *= torch.sigmoid(self.gate(x))[:, :4]
@@ -387,7 +390,7 @@ class Gated(nn.Module):
         return self.head(z)
 
 
-@pytest.mark.parametrize("form", ["gate*signal", "signal*gate", "module", "chunk", "imul"])
+@pytest.mark.parametrize("form", ["gate*signal", "signal*gate", "module", "chunk", "imul", "glu"])
 def test_gate_signal_take_all_closed_form(form):
     """z = g ⊙ s: all relevance of z goes to the signal s (Arras et al. 2017), none to the gate. With ε rules
     on bias-free layers: R_z = z ⊙ w_c (the head), R_x = x ⊙ W_sᵀ(R_z / s) and Σ R = f_c."""

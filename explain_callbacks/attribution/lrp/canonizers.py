@@ -18,9 +18,10 @@ Nothing here rewrites the user's model or touches its parameters:
   layer), applied by the torch-function mode while the model runs: the same map as the model
   rewritten with :class:`Sum`, without rewriting it.
 - **Gates**: a product ``g * s`` of two input-dependent tensors where exactly one factor is a gate
-  (the output of a sigmoid or hard sigmoid, as a function or a module, or a view or chunk of one)
-  gets the signal-take-all rule of Arras et al. 2017 ("Explaining recurrent neural network
-  predictions in sentiment analysis"): all relevance goes to the signal ``s``, none to the gate.
+  (the output of a sigmoid or hard sigmoid, as a function or a module, or a view or chunk of one;
+  ``F.glu`` / ``nn.GLU``, whose second half gates the first) gets the signal-take-all rule of Arras
+  et al. 2017 ("Explaining recurrent neural network predictions in sentiment analysis"): all
+  relevance goes to the signal ``s``, none to the gate.
   Other products and quotients of two input-dependent tensors (``x * x``, ``a / b``, matmul, einsum
   outside a layer with a rule) are refused with :class:`LRPUnsupportedError`: no rule says how to
   split their relevance; the error names the gradient methods that explain such a model.
@@ -271,6 +272,8 @@ class FunctionGuard(TorchFunctionMode):
             if func in _GATE_FUNCS:
                 self.gates.add(out)
             return out
+        if func is F.glu and args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            return self._glu(args, kwargs)
         if func in _SHAPE_FUNCS:
             out = func(*args, **kwargs)
             if args and args[0] in self.gates:
@@ -324,6 +327,17 @@ class FunctionGuard(TorchFunctionMode):
             return [grad.sum_to_size(shape)]  # a broadcast signal collects the relevance of its copies
 
         return with_relevance(to_signal, out, signal, keep=False)
+
+    def _glu(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """GLU (Dauphin et al. 2017), a ⊙ σ(b) of the two halves of x: a gate, all relevance to the signal a."""
+        x = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+        out = F.glu(*args, **kwargs)
+
+        def to_signal(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+            return [torch.cat([grad, torch.zeros_like(grad)], dim)]
+
+        return with_relevance(to_signal, out, x, keep=False)
 
     def _inplace(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """``a += b`` (and ``-=``, ``*=``, ``add_``...): the out-of-place rule on a clone of ``a``, whose
