@@ -454,3 +454,38 @@ def test_squeeze_excitation_gate_conserves():
         rel = lrp(model, x, t)
         torch.testing.assert_close(rel.flatten(1).sum(1), model(x).gather(1, t[:, None])[:, 0].detach(), rtol=1e-7,
                                    atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2, bias=False),
+        nn.Conv1d(3, 4, 5, stride=3),
+        nn.Conv3d(3, 2, 2, padding=1),
+        nn.Conv2d(4, 6, 3, groups=2),  # the general terms
+        nn.Conv2d(3, 4, 3, padding="same"),  # the general terms
+        nn.Linear(6, 5),
+    ],
+    ids=["conv2d", "conv2d-strided-dilated", "conv1d", "conv3d", "grouped", "padding-same", "linear"],
+)
+def test_flat_fast_path_equals_terms(layer):
+    """The flat rule's one-channel computation equals its general term form (ones through the layer)."""
+    from explain_callbacks.attribution.lrp import Flat
+    from explain_callbacks.attribution.lrp.rules import _TermRule
+
+    class TermFlat(Flat):
+        apply = _TermRule.apply
+
+    torch.manual_seed(13)
+    shape = {nn.Conv1d: (3, 3, 17), nn.Conv3d: (3, 3, 5, 6, 4), nn.Linear: (3, 6)}.get(type(layer), (3, 3, 9, 10))
+    if getattr(layer, "groups", 1) == 2:
+        shape = (3, 4, 9, 10)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = _x(*shape)
+    model(x)
+    t = torch.tensor([0, 2, 1])
+    got = LRP("epsilon", name_map={"0": Flat()})(model, x, t)
+    ref = LRP("epsilon", name_map={"0": TermFlat()})(model, x, t)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    assert got.abs().sum() > 0

@@ -362,6 +362,43 @@ class Flat(_TermRule):
     def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
         return [_inv_stab(zs[0], self.stabilizer)]
 
+    def apply(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor, params: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """With all inputs and weights 1, z_k is the same for every sample and output channel (the number of
+        inputs in k's receptive field), and R_j = Σ_k R_k / s(z_k) over the k that see j: the relevance summed
+        over the output channels, divided by one (1, 1, ...) map of z, spread back by a one-channel transposed
+        convolution and broadcast over the input channels. The same map as the general term computation, without
+        its two full-width convolutions and its elementwise passes over the whole output (the input layer's,
+        usually the largest of the network)."""
+        x = _single_input(module, inputs, self)
+        if isinstance(module, nn.Linear):
+            n_in = module.in_features
+
+            def backward_linear(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+                z = grad.new_full((), float(n_in))
+                q = _over_stab(grad.sum(-1, keepdim=True), z, self.stabilizer)
+                return [q.expand(*grad.shape[:-1], n_in).contiguous()]
+
+            return with_relevance(backward_linear, output, x, keep=False)
+        dims = x.ndim - 2
+        plain = isinstance(module, _CONV) and module.groups == 1 and module.padding_mode == "zeros"
+        if not plain or isinstance(module.padding, str) or dims != len(module.kernel_size):  # the general terms
+            return super().apply(module, inputs, output, params)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        conv_input = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[dims - 1]
+        shape, n_in = x.shape, module.in_channels
+        kw = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+
+        def backward_conv(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            ones_w = grad.new_ones(1, 1, *module.kernel_size)
+            z = n_in * conv(grad.new_ones(1, 1, *shape[2:]), ones_w, **kw)  # (1, 1, *out): inputs seen by each output
+            q = _over_stab(grad.sum(1, keepdim=True), z, self.stabilizer)
+            rel = conv_input((shape[0], 1, *shape[2:]), ones_w, q, **kw)
+            return [rel.expand(shape).contiguous()]
+
+        return with_relevance(backward_conv, output, x, keep=False)
+
 
 class WSquare(_TermRule):
     """w² (Montavon et al. 2017): a = 1, ρ(w) = w² (and b²): relevance in proportion to the squared
