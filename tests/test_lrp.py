@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from explain_callbacks.attribution import LRP, InputXGradient, build_attributor
@@ -489,3 +490,120 @@ def test_flat_fast_path_equals_terms(layer):
     ref = LRP("epsilon", name_map={"0": TermFlat()})(model, x, t)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     assert got.abs().sum() > 0
+
+
+class TinyAttention(nn.Module):
+    """One head of F.scaled_dot_product_attention over (B, T, 4) tokens, bias-free, then a linear head on the
+    mean token. ``fixed_qk``: queries and keys are parameters (attention weights independent of the input)."""
+
+    def __init__(self, fixed_qk: bool = False, mask: str = "none") -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.fixed_qk, self.mask = fixed_qk, mask
+        self.q, self.k, self.v = (nn.Linear(4, 4, bias=False) for _ in range(3))
+        self.qk = nn.Parameter(torch.randn(2, 5, 4))
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        q, k = (self.qk[0], self.qk[1]) if self.fixed_qk else (self.q(x), self.k(x))
+        q, k = q.expand(x.shape[0], -1, -1), k.expand(x.shape[0], -1, -1)
+        m = None
+        if self.mask == "bool":
+            m = torch.ones(5, 5, dtype=torch.bool).tril()
+        elif self.mask == "float":
+            m = torch.linspace(-1, 1, 25, dtype=x.dtype).view(5, 5)
+        o = F.scaled_dot_product_attention(q, k, self.v(x), attn_mask=m, is_causal=self.mask == "causal")
+        return self.head(o.mean(1))
+
+
+def test_attention_with_fixed_weights_is_linear_and_conserves():
+    """With input-independent attention weights A, O = A V is linear in V: the rule gives V all of O's
+    relevance (the ε rule), Σ R = f_c exactly on the bias-free net."""
+    model, x, t = TinyAttention(fixed_qk=True).double().eval(), _x(3, 5, 4) + 0.2, torch.tensor([0, 1, 2])
+    lrp = LRP("epsilon", epsilon=1e-12, stabilizer=1e-12)
+    rel = lrp(model, x, t)
+    torch.testing.assert_close(rel.flatten(1).sum(1), model(x).gather(1, t[:, None])[:, 0].detach(), rtol=1e-8,
+                               atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "float"])
+def test_attnlrp_relevance_total_closed_form(mask):
+    """AttnLRP (Achtibat et al. 2024) on one attention layer: the uniform rule splits each bilinear product in
+    halves that each conserve, the softmax rule gives S ⊙ (R_A − A ΣR_A), an additive mask absorbs its share.
+    Σ R over the input then has the closed form ½ΣR_O + Σ_ij raw_ij/S_ij (S_ij R_A,ij − S_ij A_ij ΣR_A,i)
+    with R_A,ij = ½ A_ij Σ_p V_jp R_O,ip / O_ip, from the forward quantities alone."""
+    model, x, t = TinyAttention(mask=mask).double().eval(), _x(2, 5, 4) + 0.2, torch.tensor([0, 2])
+    rel = LRP("epsilon", epsilon=1e-12, stabilizer=1e-12)(model, x, t)
+    with torch.no_grad():
+        q, k, v = model.q(x), model.k(x), model.v(x)
+        raw = q @ k.transpose(-2, -1) / 2.0  # scale 1/sqrt(4)
+        s = raw.clone()
+        if mask in ("causal", "bool"):
+            s = s.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+        elif mask == "float":
+            s = s + torch.linspace(-1, 1, 25, dtype=x.dtype).view(5, 5)
+        a = torch.softmax(s, -1)
+        o = a @ v
+        # the head's ε rule gives the mean token m R_m = m ⊙ w_c; the mean's gradient hands each token R_m / 5
+        r_o = (o.mean(1, keepdim=True) * model.head.weight[t][:, None, :] / 5).expand_as(o)
+        r_a = 0.5 * a * ((r_o / o) @ v.transpose(-2, -1))
+        fin = torch.isfinite(s)
+        s0 = torch.where(fin, s, torch.zeros_like(s))
+        r_s = torch.where(fin, s0 * (r_a - a * r_a.sum(-1, keepdim=True)), torch.zeros_like(s))
+        r_raw = r_s * torch.where(fin, raw / torch.where(fin, s0, torch.ones_like(s0)), torch.zeros_like(s))
+        total = 0.5 * r_o.sum((1, 2)) + r_raw.sum((1, 2))
+    torch.testing.assert_close(rel.flatten(1).sum(1), total, rtol=1e-7, atol=1e-10)
+    # not conservative (the softmax's constant term is absorbed): the closed form is not the logit
+    assert not torch.allclose(total, model(x).gather(1, t[:, None])[:, 0].detach(), rtol=1e-3)
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, one pre-activation-free transformer block written as most code writes it (a module named
+    ``SelfAttention`` with q/k/v/out projections and F.scaled_dot_product_attention, residuals with ``+``, a
+    ReLU MLP), mean over tokens, a linear head; bias-free so that only the softmax absorbs relevance."""
+
+    class SelfAttention(nn.Module):
+        def __init__(self, d: int, heads: int) -> None:
+            super().__init__()
+            self.heads = heads
+            self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+
+        def forward(self, x):
+            b, n, d = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(15)
+        self.embed = nn.Linear(4, 8, bias=False)
+        self.attn = self.SelfAttention(8, 2)
+        self.mlp = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False))
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h)
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
+def test_attnlrp_tiny_transformer():
+    """A tiny transformer is explained (it was refused by the name of its attention module): finite maps, not
+    the gradient × input ones. Not conservative: the softmax rule absorbs the constant term of its expansion
+    (test_attnlrp_relevance_total_closed_form gives the total of one layer exactly); with attention weights
+    independent of the input the rules conserve (test_attention_with_fixed_weights_is_linear_and_conserves)."""
+    model, x = TinyTransformer().double().eval(), _x(4, 6, 4) + 0.1
+    t = torch.tensor([0, 1, 2, 0])
+    rel = LRP("epsilon", epsilon=1e-12, stabilizer=1e-12)(model, x, t)
+    assert torch.isfinite(rel).all() and rel.abs().sum() > 0
+    ixg = InputXGradient(batch_size=None)(model, x, t)
+    assert not torch.allclose(rel, ixg, rtol=1e-2)
+
+    class Dropped(TinyTransformer.SelfAttention):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, x, x, dropout_p=0.1)
+
+    with pytest.raises(LRPUnsupportedError, match=r"without dropout.*input_x_gradient"):
+        LRP()(nn.Sequential(Dropped(4, 1), nn.Flatten(), nn.Linear(24, 2)).eval(), x.float(), t % 2)

@@ -29,9 +29,10 @@ Nothing here rewrites the user's model or touches its parameters:
   pass-through as their module forms.
 - **Flatten / view / reshape / concatenation** need nothing: their gradient moves the relevance
   unchanged.
-- **Attention** (``nn.MultiheadAttention``, transformer layers, modules named ``*Attention*``,
-  ``F.scaled_dot_product_attention``) is refused by name: AttnLRP (Achtibat et al. 2024) is not
-  implemented; the error names the methods that handle transformers.
+- **Attention** through ``F.scaled_dot_product_attention`` (in an attention module of the user's own)
+  gets AttnLRP (Achtibat et al. 2024): the uniform rule on its two bilinear products and the softmax
+  rule, see :meth:`FunctionGuard._attention`. ``nn.MultiheadAttention`` and the transformer layers are
+  refused by type: their fused forward hides its products from the torch-function mode.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .rules import Rule, _identity, with_relevance
+from .rules import Rule, _identity, _over_stab, with_relevance
 
 __all__ = ["LRPUnsupportedError", "Sum"]
 
@@ -75,12 +76,16 @@ _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerD
 
 
 def refuse_attention(model: nn.Module) -> None:
-    """Raise :class:`LRPUnsupportedError` naming the first attention block of ``model``."""
+    """Raise :class:`LRPUnsupportedError` naming the first ``nn.MultiheadAttention`` or transformer layer of
+    ``model``: their forward runs as one fused function whose inside the torch-function mode cannot see (an
+    attention of the user's own, through ``F.scaled_dot_product_attention``, gets AttnLRP; one through
+    matmul and softmax is refused at the matmul)."""
     for name, m in model.named_modules():
-        if isinstance(m, _ATTENTION) or "attention" in type(m).__name__.lower():
+        if isinstance(m, _ATTENTION):
             raise LRPUnsupportedError(
-                f"LRP cannot explain the attention block {name or '<model>'!r} ({type(m).__name__}): AttnLRP "
-                f"(Achtibat et al. 2024) is not implemented. Use a gradient method for this model: {ALTERNATIVES}."
+                f"LRP cannot explain the attention block {name or '<model>'!r} ({type(m).__name__}): its fused forward "
+                "is not open to LRP's rules (AttnLRP is applied to F.scaled_dot_product_attention in your own "
+                f"attention module). Use a gradient method for this model: {ALTERNATIVES}."
             )
 
 
@@ -189,7 +194,9 @@ _INPLACE = {
 }  # fmt: skip
 _OTHER_MERGES = _fns(
     torch.div, Tensor.div, Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__itruediv__, Tensor.div_,
-    torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.einsum, torch.mm, Tensor.mm,
+    torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.bmm, Tensor.bmm, torch.einsum, torch.mm,
+    Tensor.mm, torch.baddbmm, Tensor.baddbmm, torch.addbmm, torch.addmm, Tensor.addmm, torch.tensordot, torch.outer,
+    torch.bilinear, F.bilinear,
 )  # fmt: skip
 #: functions whose output is a gate (values in [0, 1] that scale another signal: Arras et al. 2017)
 _GATE_FUNCS = _fns(torch.sigmoid, Tensor.sigmoid, F.sigmoid, F.hardsigmoid, getattr(torch.special, "expit", None))
@@ -259,6 +266,7 @@ class FunctionGuard(TorchFunctionMode):
         self.merged: dict[nn.Module, nn.Module] = {}
         self.sum_rule = sum_rule
         self.gates = _TensorSet()
+        self.attention_epsilon = 1e-6
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -293,12 +301,62 @@ class FunctionGuard(TorchFunctionMode):
                     "with a rule: no LRP rule here says how to split its relevance between the two. Explain this "
                     f"model with a gradient method: {ALTERNATIVES}."
                 )
-        if func is F.scaled_dot_product_attention:
-            raise LRPUnsupportedError(
-                "LRP cannot explain scaled_dot_product_attention: AttnLRP (Achtibat et al. 2024) is not "
-                f"implemented. Use a gradient method for this model: {ALTERNATIVES}."
-            )
+        if func is F.scaled_dot_product_attention and _graph_tensors(args[:3]):
+            return self._attention(args, kwargs)
         return func(*args, **kwargs)
+
+    def _attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """AttnLRP (Achtibat et al. 2024, "AttnLRP: attention-aware layer-wise relevance propagation for
+        transformers", ICML) for O = softmax(scale · QKᵀ + M) V, the forward value the fused kernel's:
+
+        - O = A V and QKᵀ, bilinear in two input-dependent factors: the uniform rule, each factor half of the
+          ε-rule's relevance (R_A = ½ A ⊙ (R_O / s(O)) Vᵀ, R_V = ½ V ⊙ Aᵀ (R_O / s(O)), likewise Q and K);
+        - A = softmax(S): R_S = S ⊙ (R_A − A · Σ_j R_A), row by row (the softmax's Taylor expansion at S; the
+          constant term is absorbed);
+        - the mask M (additive, or −inf where masked) is a bias: R_raw = scale·QKᵀ / s(S) · R_S, masked entries 0.
+        """
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if float(a.get("dropout_p") or 0.0) > 0 or a.get("enable_gqa"):
+            raise LRPUnsupportedError(
+                "LRP's attention rule (AttnLRP) needs scaled_dot_product_attention without dropout (dropout_p=0 in "
+                f"eval) and without enable_gqa (repeat key/value heads first), or a gradient method: {ALTERNATIVES}."
+            )
+        out = F.scaled_dot_product_attention(*args, **kwargs)
+        mask, causal, scale = a.get("attn_mask"), bool(a.get("is_causal")), a.get("scale")
+        eps = self.attention_epsilon
+        live_in = [i for i, t in enumerate((q, k, v)) if isinstance(t, Tensor) and t.requires_grad]
+
+        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            qd, kd, vd = (t.detach() for t in (q, k, v))
+            sc = scale if scale is not None else qd.shape[-1] ** -0.5
+            raw = sc * (qd @ kd.transpose(-2, -1))
+            s = raw
+            if causal:
+                keep = torch.ones(raw.shape[-2:], dtype=torch.bool, device=raw.device).tril()
+                s = s.masked_fill(~keep, float("-inf"))
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.detach()
+            attn = torch.softmax(s, -1)
+            o = attn @ vd
+            # the uniform rule halves only between two input-dependent factors; one alone is the ε rule (all of it)
+            dep_a, dep_v = 0 in live_in or 1 in live_in, 2 in live_in
+            c = _over_stab(grad, o, eps) / (2 if dep_a and dep_v else 1)
+            r_a = attn * (c @ vd.transpose(-2, -1))
+            r_v = vd * (attn.transpose(-2, -1) @ c)
+            live = attn > 0
+            s_safe = torch.where(live, s, torch.zeros_like(s))
+            r_s = torch.where(live, s_safe * (r_a - attn * r_a.sum(-1, keepdim=True)), torch.zeros_like(s))
+            r_raw = r_s if (mask is None or mask.dtype == torch.bool) else raw * _over_stab(r_s, s_safe, eps)
+            c2 = sc * _over_stab(r_raw, raw, eps) / (2 if 0 in live_in and 1 in live_in else 1)  # ∂raw/∂q = sc·k
+            r_q = qd * (c2 @ kd)
+            r_k = kd * (c2.transpose(-2, -1) @ qd)
+            rel = (r_q, r_k, r_v)
+            return [rel[i] for i in live_in]  # q, k and v may be one tensor: autograd sums its three parts
+
+        return with_relevance(backward, out, *((q, k, v)[i] for i in live_in), keep=False)
 
     def _sum(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """``a + b`` as if written with :class:`Sum`: the composite's sum rule on the function itself."""

@@ -101,6 +101,8 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
         plan = probe_plan(model, row)
         # additions met in the forward (a + b) get the rule the composite gives a Sum module
         guard = FunctionGuard(sum_rule=composite.rule("<add>", _FunctionSum(torch.add, {}), False))
+        # AttnLRP's ε: the composite's stabiliser for parameter-free merges (that of its sum rule)
+        guard.attention_epsilon = float(getattr(guard.sum_rule, "stabilizer", 1e-6))
         names = {m: n for n, m in model.named_modules()}
         merged = {}
         if canonize:
@@ -172,8 +174,10 @@ class LRP(Attributor):
     ``completeness_error`` = |ΣR − f_c| / |f_c| per sample (0 on bias-free ReLU nets with z⁺/ε).
     Residual additions written ``a + b`` / ``torch.add`` / ``+=`` get the composite's rule for
     :class:`~.canonizers.Sum` (split in proportion to the summands), a product of a sigmoid gate and a
-    signal gives all relevance to the signal (Arras et al. 2017); other products of two
-    input-dependent tensors and attention blocks are refused, the errors naming the alternative methods.
+    signal gives all relevance to the signal (Arras et al. 2017); ``F.scaled_dot_product_attention`` gets
+    AttnLRP (Achtibat et al. 2024; not conservative: the softmax rule absorbs a part); other products of two
+    input-dependent tensors and ``nn.MultiheadAttention`` / transformer layers are refused, the errors naming
+    the alternative methods.
     Not differentiable w.r.t. the parameters (``create_graph=True`` is refused).
     """
 
