@@ -132,3 +132,68 @@ def test_default_eps_gap_is_zennits_eps():
         ref = _zennit_map(model, x, target, EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]))
         gaps[eps] = float((LRP()(model, x, target) - ref).abs().max() / ref.abs().max())
     assert 1e-7 < gaps[1e-5] < 3 * 1.5e-5 and gaps[1e-12] < 1e-10, gaps
+
+
+def heldout_resnet(eps: float = 1e-12) -> nn.Module:
+    """The held-out small ResNet of benchmarks/heldout_models.py (residuals written ``a + b``), in float64 with
+    random BatchNorm statistics and affine parameters (a trained-looking BatchNorm, not the identity)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from heldout_models import make
+    finally:
+        sys.path.pop(0)
+    m = make("resnet").double()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
+                mod.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g, dtype=torch.float64))
+                mod.weight.copy_(0.5 + torch.rand(n, generator=g, dtype=torch.float64))
+                mod.bias.copy_(0.6 * torch.rand(n, generator=g, dtype=torch.float64) - 0.3)
+                mod.eps = eps
+    return m.eval()
+
+
+def zennit_resnet_canonizers():
+    """Zennit's ResNet canonizer for the held-out BasicBlock (Zennit's own targets torchvision's class): the
+    block's forward rewritten to sum ``stack([shortcut, out])`` with Zennit's Sum layer (Norm rule), and
+    SequentialMergeBatchNorm for every Conv -> BatchNorm pair."""
+    from zennit.canonizers import AttributeCanonizer, SequentialMergeBatchNorm
+    from zennit.layer import Sum as ZSum
+
+    def forward(self, x):
+        h = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.canonizer_sum(torch.stack([self.short(x), self.bn2(self.conv2(h))], dim=-1)))
+
+    def attribute_map(_name, module):
+        if type(module).__name__ == "BasicBlock":
+            return {"forward": forward.__get__(module), "canonizer_sum": ZSum()}
+        return None
+
+    return [SequentialMergeBatchNorm(), AttributeCanonizer(attribute_map)]
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus_flat", "epsilon_alpha2_beta1"])
+def test_heldout_resnet_with_plus_equals_zennit_resnet_canonizer(name):
+    """The held-out ResNet, its residuals written ``a + b``: our sum rule at the ``+`` equals Zennit with its
+    ResNet canonizer (blocks rewritten with its Sum layer, BatchNorm merged), to 1e-8 of the largest |R|
+    (float64; BatchNorm eps 1e-12, see bn_net: Zennit's merge changes each BatchNorm by eps/2)."""
+    from zennit.composites import EpsilonAlpha2Beta1, EpsilonPlusFlat
+
+    model = heldout_resnet()
+    x = torch.nn.functional.interpolate(_inputs()[:3], size=32)
+    target = torch.tensor([0, 1, 3])
+    ref_cls = {"epsilon_plus_flat": EpsilonPlusFlat, "epsilon_alpha2_beta1": EpsilonAlpha2Beta1}[name]
+    ref = _zennit_map(model, x, target, ref_cls(canonizers=zennit_resnet_canonizers()))
+    got = LRP(name)(model, x, target)
+    scale = float(ref.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(got, ref, atol=1e-8 * scale, rtol=1e-6)  # measured: 5e-10 of the largest |R|
+    if name == "epsilon_plus_flat":  # without the ResNet canonizer (the gradient copies the relevance at each +)
+        doubled = _zennit_map(model, x, target, ref_cls(canonizers=zennit_resnet_canonizers()[:1]))
+        assert (doubled - ref).abs().max() > 1e-2 * scale  # Zennit's map is another one: the check can tell

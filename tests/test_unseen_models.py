@@ -189,7 +189,7 @@ ALL_METHODS = [
     {"name": "sobol", "grid_size": 3, "n_designs": 4}, {"name": "hsic", "grid_size": 3, "n_designs": 16},
     {"name": "meaningful_perturbation", "n_steps": 3}, {"name": "extremal_perturbation", "n_steps": 3},
     {"name": "sound_mask", "n_steps": 3, "n_fills": 2}, {"name": "neflag", "n_points": 2},
-    {"name": "nonlinear_saliency", "max_steps": 3}, "cd",
+    {"name": "nonlinear_saliency", "max_steps": 3}, "cd", "lrp",
 ]  # fmt: skip
 ALL_METRICS = [
     {"name": "deletion", "n_steps": 4}, {"name": "insertion", "n_steps": 4},

@@ -10,24 +10,34 @@ Nothing here rewrites the user's model or touches its parameters:
   BatchNorm: both layers still compute their own outputs, bit for bit.
 - **In-place activations** (``nn.ReLU(inplace=True)``) run out of place during the call (their flag
   restored after), so the pass rule sees their input.
-- **Residual additions**: a ``+`` of two tensors that both depend on the input cannot be seen by
-  module hooks, and its gradient copies the relevance to both branches (doubling it instead of
-  splitting it). Such merges (add, sub, mul, div, matmul, einsum of two input-dependent tensors outside
-  a layer with a rule) are detected during the call and refused with :class:`LRPUnsupportedError`,
-  naming the fixes: write the addition with the :class:`Sum` module (``self.add = Sum()``,
-  ``out = self.add(x, identity)``), which LRP splits in proportion to the summands (the norm rule),
-  or explain the model with a gradient method (``ig``, ``input_x_gradient``, ``expected_gradients``).
+- **Residual additions** written ``a + b``, ``torch.add(a, b)``, ``a += b`` or ``a - b`` of two tensors
+  that both depend on the input cannot be seen by module hooks, and their gradient would copy the
+  relevance to both branches (doubling it instead of splitting it). They get the rule of a
+  :class:`Sum` (the norm rule of the composite: R_i = a_i / s_ε(Σa) · R, each summand in proportion
+  to its contribution, as Zennit's ResNet canonizer does by rewriting the block with its ``Sum``
+  layer), applied by the torch-function mode while the model runs: the same map as the model
+  rewritten with :class:`Sum`, without rewriting it.
+- **Gates**: a product ``g * s`` of two input-dependent tensors where exactly one factor is a gate
+  (the output of a sigmoid or hard sigmoid, as a function or a module, or a view or chunk of one;
+  ``F.glu`` / ``nn.GLU``, whose second half gates the first) gets the signal-take-all rule of Arras
+  et al. 2017 ("Explaining recurrent neural network predictions in sentiment analysis"): all
+  relevance goes to the signal ``s``, none to the gate.
+  Other products and quotients of two input-dependent tensors (``x * x``, ``a / b``, matmul, einsum
+  outside a layer with a rule) are refused with :class:`LRPUnsupportedError`: no rule says how to
+  split their relevance; the error names the gradient methods that explain such a model.
 - **Functional activations** (``torch.relu(x)``, ``F.gelu(x)``, ``x.tanh()``) get the same
   pass-through as their module forms.
 - **Flatten / view / reshape / concatenation** need nothing: their gradient moves the relevance
   unchanged.
-- **Attention** (``nn.MultiheadAttention``, transformer layers, modules named ``*Attention*``,
-  ``F.scaled_dot_product_attention``) is refused by name: AttnLRP (Achtibat et al. 2024) is not
-  implemented; the error names the methods that handle transformers.
+- **Attention** through ``F.scaled_dot_product_attention`` (in an attention module of the user's own)
+  gets AttnLRP (Achtibat et al. 2024): the uniform rule on its two bilinear products and the softmax
+  rule, see :meth:`FunctionGuard._attention`. ``nn.MultiheadAttention`` and the transformer layers are
+  refused by type: their fused forward hides its products from the torch-function mode.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .rules import _identity, with_relevance
+from .rules import Rule, _identity, _over_stab, with_relevance
 
 __all__ = ["LRPUnsupportedError", "Sum"]
 
@@ -48,9 +58,10 @@ class LRPUnsupportedError(ValueError):
 
 
 class Sum(nn.Module):
-    """``Sum()(a, b, ...)`` = a + b + ...: a residual addition LRP can see. Its relevance is split
-    in proportion to each summand's contribution (R_i = a_i / s(Σa) · R, the norm rule), so it is
-    conserved; a plain ``a + b`` is refused by the LRP engine."""
+    """``Sum()(a, b, ...)`` = a + b + ...: a residual addition as a module, so that a composite can map
+    it by type or name. Its relevance is split in proportion to each summand's contribution
+    (R_i = a_i / s(Σa) · R, the norm rule), so it is conserved; a plain ``a + b`` of two input-dependent
+    tensors gets the same rule from the LRP engine."""
 
     def forward(self, *tensors: Tensor) -> Tensor:
         if not tensors:
@@ -65,12 +76,16 @@ _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerD
 
 
 def refuse_attention(model: nn.Module) -> None:
-    """Raise :class:`LRPUnsupportedError` naming the first attention block of ``model``."""
+    """Raise :class:`LRPUnsupportedError` naming the first ``nn.MultiheadAttention`` or transformer layer of
+    ``model``: their forward runs as one fused function whose inside the torch-function mode cannot see (an
+    attention of the user's own, through ``F.scaled_dot_product_attention``, gets AttnLRP; one through
+    matmul and softmax is refused at the matmul)."""
     for name, m in model.named_modules():
-        if isinstance(m, _ATTENTION) or "attention" in type(m).__name__.lower():
+        if isinstance(m, _ATTENTION):
             raise LRPUnsupportedError(
-                f"LRP cannot explain the attention block {name or '<model>'!r} ({type(m).__name__}): AttnLRP "
-                f"(Achtibat et al. 2024) is not implemented. Use a gradient method for this model: {ALTERNATIVES}."
+                f"LRP cannot explain the attention block {name or '<model>'!r} ({type(m).__name__}): its fused forward "
+                "is not open to LRP's rules (AttnLRP is applied to F.scaled_dot_product_attention in your own "
+                f"attention module). Use a gradient method for this model: {ALTERNATIVES}."
             )
 
 
@@ -168,13 +183,59 @@ _ACTIVATION_FUNCS = _fns(
     torch.tanh, Tensor.tanh, F.tanh, torch.sigmoid, Tensor.sigmoid, F.sigmoid, F.softplus, F.softsign, F.hardtanh,
     F.hardswish, F.hardsigmoid, F.logsigmoid, F.tanhshrink, getattr(torch.special, "expit", None),
 )  # fmt: skip
-_MERGE_FUNCS = _fns(
-    torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_,
-    torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__, Tensor.sub_,
-    torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_,
-    torch.div, Tensor.div, Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__itruediv__, Tensor.div_,
-    torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.einsum, torch.mm, Tensor.mm,
+_SUM_FUNCS = _fns(
+    torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__,
 )  # fmt: skip
+_MUL_FUNCS = _fns(torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
+#: in-place forms: computed out of place on a clone, then copied into the tensor (aliases see the new value)
+_INPLACE = {
+    Tensor.__iadd__: torch.add, Tensor.add_: torch.add, Tensor.__isub__: torch.sub, Tensor.sub_: torch.sub,
+    Tensor.__imul__: torch.mul, Tensor.mul_: torch.mul,
+}  # fmt: skip
+_OTHER_MERGES = _fns(
+    torch.div, Tensor.div, Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__itruediv__, Tensor.div_,
+    torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.bmm, Tensor.bmm, torch.einsum, torch.mm,
+    Tensor.mm, torch.baddbmm, Tensor.baddbmm, torch.addbmm, torch.addmm, Tensor.addmm, torch.tensordot, torch.outer,
+    torch.bilinear, F.bilinear,
+)  # fmt: skip
+#: functions whose output is a gate (values in [0, 1] that scale another signal: Arras et al. 2017)
+_GATE_FUNCS = _fns(torch.sigmoid, Tensor.sigmoid, F.sigmoid, F.hardsigmoid, getattr(torch.special, "expit", None))
+GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+#: functions whose outputs are views or pieces of their first argument: a gate's stay gates
+_SHAPE_FUNCS = _fns(
+    Tensor.view, Tensor.view_as, Tensor.reshape, Tensor.reshape_as, torch.reshape, Tensor.flatten, torch.flatten,
+    Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze, torch.squeeze, Tensor.expand, Tensor.expand_as,
+    Tensor.__getitem__, Tensor.chunk, torch.chunk, Tensor.split, torch.split, Tensor.unbind, torch.unbind,
+    Tensor.permute, torch.permute, Tensor.transpose, torch.transpose, Tensor.contiguous, Tensor.narrow,
+)  # fmt: skip
+
+
+class _FunctionSum(Sum):
+    """The function of an addition met in the model's forward (``torch.add``, ``+``, ``-``), as a
+    :class:`Sum` module: the composite's rule for sums applies to it, by type or by the ``sum`` group."""
+
+    def __init__(self, func: Any, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.func, self.kwargs = func, kwargs
+
+    def forward(self, *args: Any) -> Tensor:
+        return self.func(*args, **self.kwargs)
+
+
+class _TensorSet:
+    """Tensors by identity, without keeping them alive (``in`` on a WeakSet would compare tensors with ``==``)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, t: Any) -> None:
+        for x in t if isinstance(t, (tuple, list)) else (t,):
+            if isinstance(x, Tensor):
+                self._refs[id(x)] = weakref.ref(x)
+
+    def __contains__(self, t: Any) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
 
 
 def _graph_tensors(args: tuple[Any, ...]) -> list[Tensor]:
@@ -188,37 +249,164 @@ def _graph_tensors(args: tuple[Any, ...]) -> list[Tensor]:
 
 
 class FunctionGuard(TorchFunctionMode):
-    """While the model runs under LRP: pass-through for functional activations, and a clear refusal
-    of merges of two input-dependent tensors and of attention (parameters are frozen during the call,
-    so ``requires_grad`` means "depends on the input"). Operations inside a layer whose output a rule
-    replaces are not looked at (``depth`` > 0: their graph is cut by the rule)."""
+    """While the model runs under LRP (parameters are frozen during the call, so ``requires_grad``
+    means "depends on the input"):
 
-    def __init__(self) -> None:
+    - functional activations get the pass rule, like their module forms;
+    - additions of two input-dependent tensors get the composite's rule for :class:`Sum` (``sum_rule``);
+    - products of a gate and a signal give all relevance to the signal (Arras et al. 2017);
+    - other merges of two input-dependent tensors and ``scaled_dot_product_attention`` are refused.
+
+    Operations inside a layer whose output a rule replaces are not looked at (``depth`` > 0: their
+    graph is cut by the rule)."""
+
+    def __init__(self, sum_rule: Rule | None = None) -> None:
         super().__init__()
         self.depth = 0
         self.merged: dict[nn.Module, nn.Module] = {}
+        self.sum_rule = sum_rule
+        self.gates = _TensorSet()
+        self.attention_epsilon = 1e-6
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.depth == 0:
-            if func in _ACTIVATION_FUNCS and not kwargs.get("inplace", False):
-                x = args[0] if args else None
-                out = func(*args, **kwargs)
-                if isinstance(x, Tensor) and x.requires_grad and isinstance(out, Tensor) and out.shape == x.shape:
-                    return with_relevance(_identity, out, x)
-                return out
-            if func in _MERGE_FUNCS and len(_graph_tensors(args)) >= 2:
+        if self.depth > 0:
+            return func(*args, **kwargs)
+        if func in _ACTIVATION_FUNCS and not kwargs.get("inplace", False):
+            x = args[0] if args else None
+            out = func(*args, **kwargs)
+            if isinstance(x, Tensor) and x.requires_grad and isinstance(out, Tensor) and out.shape == x.shape:
+                out = with_relevance(_identity, out, x, keep=False)
+            if func in _GATE_FUNCS:
+                self.gates.add(out)
+            return out
+        if func is F.glu and args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            return self._glu(args, kwargs)
+        if func in _SHAPE_FUNCS:
+            out = func(*args, **kwargs)
+            if args and args[0] in self.gates:
+                self.gates.add(out)
+            return out
+        if len(_graph_tensors(args)) >= 2:
+            if func in _INPLACE:
+                return self._inplace(func, args, kwargs)
+            if func in _SUM_FUNCS:
+                return self._sum(func, args, kwargs)
+            if func in _MUL_FUNCS:
+                return self._gate(func, args, kwargs)
+            if func in _OTHER_MERGES:
                 raise LRPUnsupportedError(
-                    f"LRP met '{getattr(func, '__name__', func)}' of two tensors that both depend on the input "
-                    "(a residual addition, a gate or a product) outside any layer with a rule: its gradient would "
-                    "copy the relevance to both branches instead of splitting it. Write residual additions with "
-                    "explain_callbacks.attribution.lrp.Sum (out = self.add(x, identity)), or use a gradient method "
-                    f"for this model: {ALTERNATIVES}."
+                    f"LRP met '{_name(func)}' of two tensors that both depend on the input (a quotient, a matrix "
+                    "product or an einsum, e.g. attention scores or a hand-written normalisation) outside any layer "
+                    "with a rule: no LRP rule here says how to split its relevance between the two. Explain this "
+                    f"model with a gradient method: {ALTERNATIVES}."
                 )
-            if func is F.scaled_dot_product_attention:
-                raise LRPUnsupportedError(
-                    "LRP cannot explain scaled_dot_product_attention: AttnLRP (Achtibat et al. 2024) is not "
-                    f"implemented. Use a gradient method for this model: {ALTERNATIVES}."
-                )
+        if func is F.scaled_dot_product_attention and _graph_tensors(args[:3]):
+            return self._attention(args, kwargs)
         return func(*args, **kwargs)
 
+    def _attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """AttnLRP (Achtibat et al. 2024, "AttnLRP: attention-aware layer-wise relevance propagation for
+        transformers", ICML) for O = softmax(scale · QKᵀ + M) V, the forward value the fused kernel's:
+
+        - O = A V and QKᵀ, bilinear in two input-dependent factors: the uniform rule, each factor half of the
+          ε-rule's relevance (R_A = ½ A ⊙ (R_O / s(O)) Vᵀ, R_V = ½ V ⊙ Aᵀ (R_O / s(O)), likewise Q and K);
+        - A = softmax(S): R_S = S ⊙ (R_A − A · Σ_j R_A), row by row (the softmax's Taylor expansion at S; the
+          constant term is absorbed);
+        - the mask M (additive, or −inf where masked) is a bias: R_raw = scale·QKᵀ / s(S) · R_S, masked entries 0.
+        """
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if float(a.get("dropout_p") or 0.0) > 0 or a.get("enable_gqa"):
+            raise LRPUnsupportedError(
+                "LRP's attention rule (AttnLRP) needs scaled_dot_product_attention without dropout (dropout_p=0 in "
+                f"eval) and without enable_gqa (repeat key/value heads first), or a gradient method: {ALTERNATIVES}."
+            )
+        out = F.scaled_dot_product_attention(*args, **kwargs)
+        mask, causal, scale = a.get("attn_mask"), bool(a.get("is_causal")), a.get("scale")
+        eps = self.attention_epsilon
+        live_in = [i for i, t in enumerate((q, k, v)) if isinstance(t, Tensor) and t.requires_grad]
+
+        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            qd, kd, vd = (t.detach() for t in (q, k, v))
+            sc = scale if scale is not None else qd.shape[-1] ** -0.5
+            raw = sc * (qd @ kd.transpose(-2, -1))
+            s = raw
+            if causal:
+                keep = torch.ones(raw.shape[-2:], dtype=torch.bool, device=raw.device).tril()
+                s = s.masked_fill(~keep, float("-inf"))
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.detach()
+            attn = torch.softmax(s, -1)
+            o = attn @ vd
+            # the uniform rule halves only between two input-dependent factors; one alone is the ε rule (all of it)
+            dep_a, dep_v = 0 in live_in or 1 in live_in, 2 in live_in
+            c = _over_stab(grad, o, eps) / (2 if dep_a and dep_v else 1)
+            r_a = attn * (c @ vd.transpose(-2, -1))
+            r_v = vd * (attn.transpose(-2, -1) @ c)
+            live = attn > 0
+            s_safe = torch.where(live, s, torch.zeros_like(s))
+            r_s = torch.where(live, s_safe * (r_a - attn * r_a.sum(-1, keepdim=True)), torch.zeros_like(s))
+            r_raw = r_s if (mask is None or mask.dtype == torch.bool) else raw * _over_stab(r_s, s_safe, eps)
+            c2 = sc * _over_stab(r_raw, raw, eps) / (2 if 0 in live_in and 1 in live_in else 1)  # ∂raw/∂q = sc·k
+            r_q = qd * (c2 @ kd)
+            r_k = kd * (c2.transpose(-2, -1) @ qd)
+            rel = (r_q, r_k, r_v)
+            return [rel[i] for i in live_in]  # q, k and v may be one tensor: autograd sums its three parts
+
+        return with_relevance(backward, out, *((q, k, v)[i] for i in live_in), keep=False)
+
+    def _sum(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """``a + b`` as if written with :class:`Sum`: the composite's sum rule on the function itself."""
+        out = func(*args, **kwargs)
+        if self.sum_rule is None:  # a composite without a rule for Sum: what a Sum module would get (its gradient)
+            return out
+        return self.sum_rule.apply(_FunctionSum(func, kwargs), args, out)
+
+    def _gate(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """Signal-take-all (Arras et al. 2017): the relevance of ``gate * signal`` all goes to the signal."""
+        a, b = args[0], args[1]
+        if (a in self.gates) == (b in self.gates):
+            which = "both factors are gates" if a in self.gates else "neither factor is a gate (a sigmoid's output)"
+            raise LRPUnsupportedError(
+                f"LRP met '{_name(func)}' of two tensors that both depend on the input, and {which}: LRP gives a "
+                "gate's product all relevance to the other factor (Arras et al. 2017), but for this product no rule "
+                "says how to split it. Compute gates with torch.sigmoid / nn.Sigmoid, or explain this model with a "
+                f"gradient method: {ALTERNATIVES}."
+            )
+        signal = b if a in self.gates else a
+        out = func(*args, **kwargs)
+
+        shape = signal.shape
+
+        def to_signal(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+            return [grad.sum_to_size(shape)]  # a broadcast signal collects the relevance of its copies
+
+        return with_relevance(to_signal, out, signal, keep=False)
+
+    def _glu(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """GLU (Dauphin et al. 2017), a ⊙ σ(b) of the two halves of x: a gate, all relevance to the signal a."""
+        x = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+        out = F.glu(*args, **kwargs)
+
+        def to_signal(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+            return [torch.cat([grad, torch.zeros_like(grad)], dim)]
+
+        return with_relevance(to_signal, out, x, keep=False)
+
+    def _inplace(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """``a += b`` (and ``-=``, ``*=``, ``add_``...): the out-of-place rule on a clone of ``a``, whose
+        result is copied into ``a``: aliases of ``a`` see the new value, and the relevance reaches
+        ``a``'s old value through the clone (the copy gives that old value a zero gradient)."""
+        op = _INPLACE[func]
+        a = args[0]
+        new = self.__torch_function__(op, (), (a.clone(), *args[1:]), kwargs)
+        a.copy_(new)
+        return a
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", str(func))

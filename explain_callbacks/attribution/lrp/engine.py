@@ -22,7 +22,15 @@ from ..._internal.outputs import read_scores
 from ..._internal.registry import ATTRIBUTIONS
 from ..._internal.target_ops import TargetOperator
 from ..base import Attributor
-from .canonizers import FunctionGuard, InplaceOff, merged_params, probe_plan, refuse_attention
+from .canonizers import (
+    GATE_MODULES,
+    FunctionGuard,
+    InplaceOff,
+    _FunctionSum,
+    merged_params,
+    probe_plan,
+    refuse_attention,
+)
 from .composites import Composite, build_composite
 from .rules import Rule, _TermRule
 
@@ -40,7 +48,10 @@ def _rule_hooks(guard: FunctionGuard, module: nn.Module, rule: Rule, name: str) 
                     f"LRP rule {rule.name!r} on layer {name!r} ({type(m).__name__}) needs a tensor output, got "
                     f"{type(out).__name__}; give this layer another rule (name_map={{{name!r}: ...}}) or composite."
                 )
-            return rule.apply(m, args, out)
+            result = rule.apply(m, args, out)
+            if isinstance(m, GATE_MODULES):
+                guard.gates.add(result)  # nn.Sigmoid's output scales another signal: a gate (Arras et al. 2017)
+            return result
         finally:
             guard.depth -= 1  # after the rule: its own operations are not the model's
 
@@ -88,7 +99,10 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
             p.requires_grad_(False)
         inplace.apply(model)
         plan = probe_plan(model, row)
-        guard = FunctionGuard()
+        # additions met in the forward (a + b) get the rule the composite gives a Sum module
+        guard = FunctionGuard(sum_rule=composite.rule("<add>", _FunctionSum(torch.add, {}), False))
+        # AttnLRP's ε: the composite's stabiliser for parameter-free merges (that of its sum rule)
+        guard.attention_epsilon = float(getattr(guard.sum_rule, "stabilizer", 1e-6))
         names = {m: n for n, m in model.named_modules()}
         merged = {}
         if canonize:
@@ -158,8 +172,12 @@ class LRP(Attributor):
     The map has the input's shape and sums to the explained score f_c(x) up to the relevance that
     biases and stabilisers absorb; ``last_info`` holds ``relevance_sum``, ``explained_output`` and
     ``completeness_error`` = |ΣR − f_c| / |f_c| per sample (0 on bias-free ReLU nets with z⁺/ε).
-    Models with residual additions written as ``a + b`` are refused (use
-    :class:`~.canonizers.Sum`), as are attention blocks; the errors name the alternative methods.
+    Residual additions written ``a + b`` / ``torch.add`` / ``+=`` get the composite's rule for
+    :class:`~.canonizers.Sum` (split in proportion to the summands), a product of a sigmoid gate and a
+    signal gives all relevance to the signal (Arras et al. 2017); ``F.scaled_dot_product_attention`` gets
+    AttnLRP (Achtibat et al. 2024; not conservative: the softmax rule absorbs a part); other products of two
+    input-dependent tensors and ``nn.MultiheadAttention`` / transformer layers are refused, the errors naming
+    the alternative methods.
     Not differentiable w.r.t. the parameters (``create_graph=True`` is refused).
     """
 
