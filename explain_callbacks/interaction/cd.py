@@ -89,10 +89,12 @@ __all__ = [
     "CDUnsupportedError",
     "Decomposition",
     "cd_batched",
+    "cd_forward",
     "cd_logits",
     "cd_propagate",
     "cd_scores",
     "supported_operations",
+    "update_norm_stats",
 ]
 
 _EPS = 1e-20
@@ -101,6 +103,12 @@ BIAS_AT_ZERO = ("half", "rest")
 # "half" (the acd reference): ε on both, so where both streams are exactly 0 each gets half the bias;
 # "rest": the bias goes to γ there (and wherever r = 0), so β stays exactly 0 where S has no influence.
 _BIAS_EPS: contextvars.ContextVar[tuple[float, float]] = contextvars.ContextVar("cd_bias_eps", default=(_EPS, _EPS))
+STREAMS = ("pair", "total")
+# BatchNorm layers in training mode normalise with the batch statistics of β + γ; when a list is set here
+# each such layer appends (module, mean, biased var, values per channel), so that a caller whose task
+# forward *is* this pass can update the running statistics once (:func:`update_norm_stats`).
+NormStats = list[tuple[nn.modules.batchnorm._BatchNorm, Tensor, Tensor, int]]
+_NORM_STATS: contextvars.ContextVar[NormStats | None] = contextvars.ContextVar("cd_norm_stats", default=None)
 
 
 class CDUnsupportedError(NotImplementedError):
@@ -218,11 +226,15 @@ def _split_stacked(both: Tensor, bias: Tensor | None) -> Decomposition:
 
 def _affine(x: Decomposition, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
     """Linear/conv rule. Both streams go through ``lin`` (bias-free) as one stacked batch."""
+    if isinstance(x, _Led):
+        return _led_affine(x, lin, bias)
     return _split_stacked(lin(x.stacked), bias)
 
 
 def _elementwise(x: Decomposition, act: Callable[[Tensor], Tensor]) -> Decomposition:
-    """``β' = σ(β)``, ``γ' = σ(β + γ) − σ(β)`` (the reference ``propagate_relu``)."""
+    """``β' = σ(β)``, ``γ' = σ(β + γ) − σ(β)`` (the reference ``propagate_relu``); for ``(z, β)``: σ(z), σ(β)."""
+    if isinstance(x, _Led):
+        return _Led(act(x.z), act(x.rel))
     rel = act(x.rel)
     return Decomposition(rel, act(x.total) - rel)
 
@@ -266,7 +278,9 @@ class _ReluRule(torch.autograd.Function):
 
 def _relu(x: Decomposition) -> Decomposition:
     """The ReLU rule; on stacked streams one fused operation (:class:`_ReluRule`), without autograd
-    written in place into one stacked buffer."""
+    written in place into one stacked buffer. For ``(z, β)`` the model's own ReLU on both."""
+    if isinstance(x, _Led):
+        return _Led(led=torch.relu(x.zb)) if x.zb is not None else _Led(torch.relu(x.z), torch.relu(x.rel))
     if torch.is_grad_enabled() and (x.rel.requires_grad or x.irr.requires_grad):
         if x.both is None:
             return _elementwise(x, torch.relu)
@@ -275,12 +289,17 @@ def _relu(x: Decomposition) -> Decomposition:
 
 
 def _each(x: Decomposition, fn: Callable[[Tensor], Any]) -> Any:
-    """Apply a linear, bias-free map to each stream; tuples of outputs become tuples of Decs."""
-    a, b = fn(x.rel), fn(x.irr)
+    """Apply a linear, bias-free map to each stream; tuples of outputs become tuples of Decs. For
+    ``(z, β)`` the map applies to z and β (it maps β + γ to the sum of the images)."""
+    led = isinstance(x, _Led)
+    make: Callable[[Tensor, Tensor], Decomposition] = _Led if led else Decomposition
+    a, b = (fn(x.z), fn(x.rel)) if led else (fn(x.rel), fn(x.irr))
+    if led and isinstance(a, (tuple, list)):
+        return type(a)(make(u, v) for u, v in zip(a, b))
     if isinstance(a, Tensor):
-        return Decomposition(a, b)
+        return make(a, b)
     if isinstance(a, (tuple, list)):
-        return type(a)(Decomposition(u, v) for u, v in zip(a, b))
+        return type(a)(make(u, v) for u, v in zip(a, b))
     return a  # sizes, dtypes, ...
 
 
@@ -294,6 +313,9 @@ def _gather_pool(x: Decomposition, idx: Tensor) -> Decomposition:
 
 
 def _maxpool(x: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Decomposition:
+    if isinstance(x, _Led):  # the model's own pooling of z, and β gathered at its arg-max
+        z, idx = pool_with_indices(x.z)
+        return _Led(z, x.rel.flatten(2).gather(2, idx.flatten(2)).view_as(idx))
     with torch.no_grad():  # only the arg-max positions are needed
         _, idx = pool_with_indices(x.total)
     if x.both is None:
@@ -340,6 +362,9 @@ def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decompo
     if use_batch_stats:
         dims = [0, *range(2, total.ndim)]
         var, mean = torch.var_mean(total, dims, unbiased=False)
+        pending = _NORM_STATS.get()
+        if pending is not None and bn.training and bn.track_running_stats and bn.running_mean is not None:
+            pending.append((bn, mean.detach(), var.detach(), total.numel() // max(1, total.shape[1])))
     else:
         mean, var = bn.running_mean, bn.running_var
     return _affine_norm(x, mean, var, bn.weight, bn.bias, bn.eps, shape, total)
@@ -364,6 +389,13 @@ def _affine_norm(
     if bias is not None:
         shift = shift + bias
     scale, shift = scale.view(shape), shift.view(shape)
+    if isinstance(x, _Led):  # the normalisation of z itself, and β's share of the shift
+        out = torch.addcmul(shift, x.z, scale)
+        r = x.rel * scale
+        if torch.is_grad_enabled() and (r.requires_grad or shift.requires_grad or out.requires_grad):
+            return _Led(out, _LedShiftSplit.apply(r, shift, out))
+        rt, _, a, inv = _led_shift_values(r, shift, out)
+        return _Led(out, a.mul_(inv).mul_(shift).add_(rt))
     z = x.stacked * scale  # both streams in one operation
     out = torch.addcmul(shift, x.total if total is None else total, scale)
     if torch.is_grad_enabled() and (z.requires_grad or shift.requires_grad or out.requires_grad):
@@ -481,6 +513,8 @@ def _dropout(x: Decomposition, p: float, training: bool) -> Decomposition:
     if not training or p == 0.0:
         return x
     keep = torch.empty_like(x.rel).bernoulli_(1.0 - p) / (1.0 - p)
+    if isinstance(x, _Led):
+        return _Led(x.z * keep, x.rel * keep)
     return Decomposition(x.rel * keep, x.irr * keep)
 
 
@@ -580,6 +614,163 @@ def _lstm_direction(
         out_r.append(hr)
         out_i.append(hi)
     return torch.stack(out_r), torch.stack(out_i), cr, ci
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams led by the total: (z, β), γ = z − β
+# ----------------------------------------------------------------------------------------------
+#
+# The same decomposition carried as the true activation z and β instead of β and γ (γ = z − β at every
+# layer). A linear layer needs no second stream for γ (W·γ = W·z − W·β), ReLU and max-pooling are the
+# model's own operations on z and on β, and z is the forward pass of the task itself: a training step that
+# takes its logits from z needs no separate forward. The rules below are the reference rules rewritten for
+# this pair (equal to rounding); every other rule reads γ = z − β and carries β and γ.
+
+
+class _Led(Decomposition):
+    """``(z, β)`` with ``z = β + γ`` the true activation; optionally stacked ``[z; β]`` (2N, ...) for the next
+    linear layer. ``irr`` (γ = z − β) is formed only where a rule without a ``(z, β)`` form asks for it."""
+
+    def __init__(self, total: Tensor | None = None, rel: Tensor | None = None, led: Tensor | None = None) -> None:
+        if led is not None:
+            n = led.shape[0] // 2
+            total, rel = led[:n], led[n:]
+        assert total is not None and rel is not None
+        self.z = total
+        self.rel = rel
+        self.zb = led
+        self.both = None  # the stacked (β, γ) pair of the other form: never
+        self._irr: Tensor | None = None
+
+    @property
+    def irr(self) -> Tensor:  # type: ignore[override]
+        if self._irr is None:
+            self._irr = self.z - self.rel
+        return self._irr
+
+    @property
+    def total(self) -> Tensor:
+        return self.z
+
+    @property
+    def led(self) -> Tensor:
+        """``[z; β]`` stacked along the batch dimension."""
+        return self.zb if self.zb is not None else torch.cat([self.z, self.rel], 0)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Decomposition:
+        return _Led(fn(self.z), fn(self.rel))
+
+
+def _led_bias_values(both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
+    """``[c + b; r + b·a_r/(a_r + a_i)]`` from the bias-free layer outputs ``[c; r]`` of ``[z; β]``, with
+    ``i = c − r`` (the layer applied to γ) and ``a_k = |·| + ε_k``: the linear rule's bias split."""
+    c, r = _pair(both)
+    e_rel, e_irr = eps
+    a = r.abs()
+    if e_rel:
+        a.add_(e_rel)
+    den = torch.sub(c, r).abs_().add_(a)
+    if e_irr:
+        den.add_(e_irr)
+    out = torch.empty_like(both)
+    o = _pair(out)
+    torch.add(c, bias, out=o[0])
+    torch.addcdiv(r, a.mul_(bias), den, out=o[1])
+    return out
+
+
+class _LedBiasSplit(torch.autograd.Function):
+    """The linear rule on ``[c; r]`` (bias-free outputs of ``[z; β]``) with a hand-written backward.
+
+    ``out_z = c + b``, ``out_β = r + b·A/D`` with ``i = c − r``, ``A = |r| + ε_β``, ``I = |i| + ε_γ``,
+    ``D = A + I``; with ``w = b·g_β``: ``∂r = g_β + w·(sgn(r)·I/D + sgn(i)·A/D)/D``,
+    ``∂c = g_z − w·sgn(i)·(A/D)/D``, ``∂b = Σ g_z + g_β·A/D``. The shares A/D, I/D ≤ 1 are formed before the
+    last division by D, so that where both streams vanish (D = ε) the zero signs give 0, never 0·∞."""
+
+    @staticmethod
+    def forward(ctx: Any, both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
+        ctx.save_for_backward(both, bias)
+        ctx.eps = eps
+        return _led_bias_values(both, bias, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+        both, bias = ctx.saved_tensors
+        e_rel, e_irr = ctx.eps
+        c, r = _pair(both)
+        gz, gb = _pair(grad)
+        i = torch.sub(c, r)
+        si = i.sign()
+        pi = i.abs_()  # I, then I/D
+        if e_irr:
+            pi.add_(e_irr)
+        pa = r.abs()  # A, then A/D
+        if e_rel:
+            pa.add_(e_rel)
+        den = torch.add(pa, pi)
+        pa.div_(den)
+        pi.div_(den)
+        dbias = None
+        if ctx.needs_input_grad[1]:
+            dbias = gz.sum_to_size(bias.shape) + torch.mul(gb, pa).sum_to_size(bias.shape)
+        w = torch.mul(gb, bias).div_(den)  # b·g_β/D
+        d = torch.empty_like(both)
+        dd = _pair(d)
+        sa = si.mul_(pa)  # sgn(i)·A/D
+        torch.addcmul(gz, sa, w, value=-1.0, out=dd[0])
+        torch.addcmul(sa, pi, r.sign(), out=dd[1])  # sgn(r)·I/D + sgn(i)·A/D
+        dd[1].mul_(w).add_(gb)
+        return d, dbias, None
+
+
+def _led_affine(x: _Led, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> _Led:
+    """The linear rule for ``(z, β)``: the layer (bias-free) on ``[z; β]`` in one call, then the bias split."""
+    both = lin(x.led)
+    if bias is None:
+        return _Led(led=both)
+    eps = _BIAS_EPS.get()
+    if torch.is_grad_enabled() and (both.requires_grad or bias.requires_grad):
+        return _Led(led=_LedBiasSplit.apply(both, bias, eps))
+    return _Led(led=_led_bias_values(both, bias, eps))
+
+
+def _led_shift_values(r: Tensor, shift: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The BatchNorm rule's rounded streams ``r̃ = (r + t) − t`` (the reference's ``bn(β) − bn(0)``) and
+    ``ĩ = (out − r) − t`` (γ through the normalisation's linear part), ``|r̃|`` and ``1/D``,
+    ``D = |r̃| + |ĩ|`` (clamped to the smallest normal number: where D = 0 both numerators are 0)."""
+    rt = (r + shift).sub_(shift)
+    it = torch.sub(out, r).sub_(shift)
+    a = rt.abs()
+    inv = it.abs().add_(a).clamp_min_(torch.finfo(a.dtype).tiny).reciprocal_()
+    return rt, it, a, inv
+
+
+class _LedShiftSplit(torch.autograd.Function):
+    """The BatchNorm rule (:func:`_split_shift`) for ``(z, β)``: ``(r, t, out) -> β' = r̃ + t·p``, ``p = |r̃|/D``,
+    with ``r = s·β``, ``out = s·z + t`` and ``ĩ = out − r − t`` (= s·γ); 0/0 = 0 as in the reference.
+    Hand-written backward with ``u = g·t·sgn(r̃)·(|ĩ|/D)/D``, ``v = −g·t·sgn(ĩ)·p/D`` (0 where D = 0):
+    ``∂r = g + u − v``, ``∂out = v``, ``∂t = Σ g·p − v``."""
+
+    @staticmethod
+    def forward(ctx: Any, r: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+        rt, _, a, inv = _led_shift_values(r, shift, out)
+        ctx.save_for_backward(r, shift, out)
+        return a.mul_(inv).mul_(shift).add_(rt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        r, shift, out = ctx.saved_tensors
+        rt, it, a, inv = _led_shift_values(r, shift, out)
+        p = a.mul_(inv)
+        gt = grad * shift
+        v = it.sign().mul_(p).mul_(gt).mul_(inv).neg_()
+        u = it.abs_().mul_(inv).mul_(rt.sign_()).mul_(gt).mul_(inv)
+        dshift = None
+        if ctx.needs_input_grad[1]:
+            dshift = (grad * p).sub_(v).sum_to_size(shift.shape)
+        return u.add_(grad).sub_(v), dshift, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -993,6 +1184,8 @@ def _fn_name(target: Any) -> str:
 
 def _add(a: Any, b: Any) -> Any:
     da, db = isinstance(a, Decomposition), isinstance(b, Decomposition)
+    if isinstance(a, _Led) and isinstance(b, _Led):
+        return _Led(a.z + b.z, a.rel + b.rel)
     if da and db:
         return Decomposition(a.rel + b.rel, a.irr + b.irr)
     if da:
@@ -1148,6 +1341,8 @@ def _call_function(node: fx.Node, fn: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(obj, Decomposition):
             if _has_dec(idx):
                 raise _unsupported(node, "indexing with a decomposed tensor")
+            if isinstance(obj, _Led):
+                return _Led(obj.z[idx], obj.rel[idx])
             return Decomposition(obj.rel[idx], obj.irr[idx])
         return obj[idx]
     if fn is getattr:
@@ -1269,7 +1464,15 @@ def _call_method(node: fx.Node, name: str, args: tuple, kwargs: dict) -> Any:
     raise _unsupported(node, f"method .{name}()", hint)
 
 
-def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor, *, bias_at_zero: str = "half") -> Decomposition:
+def cd_propagate(
+    model: nn.Module,
+    rel: Tensor,
+    irr: Tensor,
+    *,
+    bias_at_zero: str = "half",
+    streams: str = "pair",
+    norm_stats: NormStats | None = None,
+) -> Decomposition:
     """Propagate given input streams (β₀, γ₀) through ``model``; returns the output decomposition.
 
     The model is traced once with torch.fx and cached per module instance. The first positional
@@ -1279,18 +1482,75 @@ def cd_propagate(model: nn.Module, rel: Tensor, irr: Tensor, *, bias_at_zero: st
     convolution over zero background): ``"half"`` (the acd reference's ``+1e-20`` on both shares)
     or ``"rest"`` (all of it to γ, so β is exactly 0 wherever the group S has no influence; the
     CDEP penalty's choice). Elsewhere the two agree to ~1e-20 relative.
+
+    ``streams``: ``"pair"`` carries β and γ (the reference's form); ``"total"`` carries the true
+    activation z = β + γ and β, with γ = z − β: the same rules rewritten for that pair (equal to float
+    rounding), where z goes through the model's own operations (ReLU, max-pooling, the normalisation),
+    a linear layer needs one extra batch (β) instead of two, and the returned decomposition's ``total``
+    is the model's forward pass itself (what a training step that takes its logits from the CD pass
+    uses; see :func:`~explain_callbacks.regularize.functional.cdep_penalty`).
+
+    ``norm_stats``: a list that receives the batch statistics of every BatchNorm layer in training
+    mode (running statistics are never updated by the pass itself); :func:`update_norm_stats` applies
+    them as the model's own forward would have.
     """
+    return cd_forward(model, rel, irr, bias_at_zero=bias_at_zero, streams=streams, norm_stats=norm_stats)[0]
+
+
+def cd_forward(
+    model: nn.Module,
+    rel: Tensor,
+    irr: Tensor,
+    *,
+    bias_at_zero: str = "half",
+    streams: str = "total",
+    norm_stats: NormStats | None = None,
+) -> tuple[Decomposition, Any]:
+    """:func:`cd_propagate`, and the model's output as its ``forward`` returns it (the same structure, every
+    decomposed tensor replaced by its total β + γ): the CD pass and the forward pass in one. With
+    ``streams="total"`` (default here) the totals are the model's own operations on z."""
     if bias_at_zero not in BIAS_AT_ZERO:
         raise ValueError(f"bias_at_zero must be one of {BIAS_AT_ZERO}, got {bias_at_zero!r}.")
+    if streams not in STREAMS:
+        raise ValueError(f"streams must be one of {STREAMS}, got {streams!r}.")
     token = _BIAS_EPS.set((_EPS, _EPS) if bias_at_zero == "half" else (0.0, 2 * _EPS))
+    stats_token = _NORM_STATS.set(norm_stats)
     try:
-        return _propagate(model, rel, irr)
+        first = _Led(rel + irr, rel) if streams == "total" else Decomposition(rel, irr)
+        raw = _run(model, first)
+        return _output(model, raw), _pick(raw, "total")
     finally:
+        _NORM_STATS.reset(stats_token)
         _BIAS_EPS.reset(token)
 
 
+def update_norm_stats(norm_stats: NormStats, replicas: int = 1) -> None:
+    """Update the running statistics of the BatchNorm layers recorded by :func:`cd_propagate` (``norm_stats=``)
+    once, as ``nn.BatchNorm`` does in a training-mode forward: ``num_batches_tracked += 1`` and the running
+    mean/variance moved by ``momentum`` (or the cumulative average when it is None) towards the batch mean and
+    the unbiased batch variance. ``replicas``: how many times each sample was repeated in the decomposed rows
+    (G feature groups per sample), so that the unbiased variance counts the samples of the batch once."""
+    with torch.no_grad():
+        for bn, mean, var, count in norm_stats:
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
+            else:
+                factor = bn.momentum
+            n = count // max(1, replicas)
+            unbiased = var * (n / (n - 1)) if n > 1 else var
+            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
 def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
-    graph = _trace(model, rel + irr)
+    return _output(model, _run(model, Decomposition(rel, irr)))
+
+
+def _run(model: nn.Module, dec: Decomposition) -> Any:
+    """Interpret the traced graph of ``model`` on ``dec``; the raw output (Decompositions in place of tensors)."""
+    graph = _trace(model, dec.total)
     modules = _MODULES.setdefault(model, {})
     env: dict[str, Any] = {}
     first = True
@@ -1299,7 +1559,7 @@ def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
         op = node.op
         if op == "placeholder":
             if first:
-                env[node.name] = Decomposition(rel, irr)
+                env[node.name] = dec
                 first = False
             elif node.args:
                 env[node.name] = node.args[0]
@@ -1337,6 +1597,11 @@ def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
             env[node.name] = _call_method(node, str(node.target), args, kwargs)
         else:  # pragma: no cover - fx has no other op kinds
             raise _unsupported(node, f"fx op {op}")
+    return out
+
+
+def _output(model: nn.Module, out: Any) -> Decomposition:
+    """The decomposition of the scores in a raw output (a tensor, a tuple's first entry or ``"logits"``)."""
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Decomposition):
         out = out[0]
     elif isinstance(out, Mapping) and isinstance(out.get("logits"), Decomposition):
@@ -1349,7 +1614,9 @@ def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     return out
 
 
-def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor, *, bias_at_zero: str = "half") -> tuple[Tensor, Tensor]:
+def cd_logits(
+    model: nn.Module, inputs: Tensor, mask: Tensor, *, bias_at_zero: str = "half", streams: str = "pair"
+) -> tuple[Tensor, Tensor]:
     """Contextual decomposition of ``model(inputs)`` for the feature group ``mask``.
 
     Args:
@@ -1358,6 +1625,8 @@ def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor, *, bias_at_zero: s
         mask: broadcastable to ``inputs``; 1 marks the feature group S (fractional values are
             allowed: ``β₀ = M ⊙ x``, ``γ₀ = (1 − M) ⊙ x``).
         bias_at_zero: ``"half"`` (acd) or ``"rest"``, see :func:`cd_propagate`.
+        streams: ``"pair"`` (β and γ, the reference's form) or ``"total"`` (β + γ and β), see
+            :func:`cd_propagate`; equal to float rounding.
 
     Returns:
         ``(beta, gamma)``, each of the model's output shape, with ``beta + gamma = model(inputs)``
@@ -1374,7 +1643,7 @@ def cd_logits(model: nn.Module, inputs: Tensor, mask: Tensor, *, bias_at_zero: s
         ) from err
     rel = (mask * inputs).expand_as(inputs)
     irr = ((1 - mask) * inputs).expand_as(inputs)
-    out = cd_propagate(model, rel, irr, bias_at_zero=bias_at_zero)
+    out = cd_propagate(model, rel, irr, bias_at_zero=bias_at_zero, streams=streams)
     return out.rel, out.irr
 
 
