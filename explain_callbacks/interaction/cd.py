@@ -204,10 +204,12 @@ class _BiasSplit(torch.autograd.Function):
         z, g = _pair(both), _pair(grad)
         a = _abs_eps(z, ctx.eps)
         den = a[0] + a[1]
-        q = (g[0] - g[1]).mul_(bias).div_(den.square())
+        # q = b·(g₀ − g₁)/D times the shares a_k/D ≤ 1: where both streams are 0 (D = ε) the zero signs give 0;
+        # b·(g₀ − g₁)/D² there overflowed to inf for gradients above ~0.1, and inf·0 made the gradient NaN
+        q = (g[0] - g[1]).mul_(bias).div_(den)
         dz = torch.empty_like(z)
-        torch.addcmul(g[0], q.mul(a[1]), z[0].sign(), out=dz[0])
-        torch.addcmul(g[1], q.mul_(a[0]), z[1].sign(), value=-1.0, out=dz[1])
+        torch.addcmul(g[0], q * a[1].div(den), z[0].sign(), out=dz[0])
+        torch.addcmul(g[1], q.mul_(a[0].div(den)), z[1].sign(), value=-1.0, out=dz[1])
         dbias = None
         if ctx.needs_input_grad[1]:
             dbias = torch.addcmul(g[0] * a[0], g[1], a[1]).div_(den).sum_to_size(bias.shape)
@@ -393,7 +395,8 @@ def _led_batchnorm(x: _Led, bn: nn.modules.batchnorm._BatchNorm, use_batch_stats
     else:
         mean, var = bn.running_mean, bn.running_var
     both = x.led
-    if torch.is_grad_enabled() and (both.requires_grad or any(p is not None and p.requires_grad for p in (bn.weight, bn.bias))):
+    params = [t for t in (bn.weight, bn.bias) if t is not None]
+    if torch.is_grad_enabled() and (both.requires_grad or any(t.requires_grad for t in params)):
         return _Led(led=_LedNorm.apply(both, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats))
     with torch.no_grad():
         return _Led(led=_LedNorm.forward(_NoCtx(), both, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats))
@@ -425,12 +428,8 @@ def _affine_norm(
     if bias is not None:
         shift = shift + bias
     scale, shift = scale.view(shape), shift.view(shape)
-    if isinstance(x, _Led):  # the normalisation of z itself, and β's share of the shift
-        out = torch.addcmul(shift, x.z, scale)
-        r = x.rel * scale
-        if torch.is_grad_enabled() and (r.requires_grad or shift.requires_grad or out.requires_grad):
-            return _Led(out, _LedShiftSplit.apply(r, shift, out))
-        return _Led(out, _led_shift_rule(r, shift, out))
+    if isinstance(x, _Led):  # (InstanceNorm with running statistics) the pair form: β and γ = z − β
+        x = Decomposition(x.rel, x.irr)
     z = x.stacked * scale  # both streams in one operation
     out = torch.addcmul(shift, x.total if total is None else total, scale)
     if torch.is_grad_enabled() and (z.requires_grad or shift.requires_grad or out.requires_grad):
@@ -804,61 +803,35 @@ def _led_shift_values(r: Tensor, shift: Tensor, out: Tensor) -> tuple[Tensor, Te
     return rt, it, a, inv
 
 
-def _led_shift_rule(r: Tensor, shift: Tensor, out: Tensor) -> Tensor:
-    """``β' = r̃ + t·|r̃|/D`` (:class:`_LedShiftSplit`), piece by piece."""
-    res = torch.empty_like(r)
-    for sl in _pieces(r):
-        rt, _, a, inv = _led_shift_values(r[sl], shift, out[sl])
-        torch.addcmul(rt, a.mul_(inv), shift, out=res[sl])
-    return res
-
-
-class _LedShiftSplit(torch.autograd.Function):
-    """The BatchNorm rule (:func:`_split_shift`) for ``(z, β)``: ``(r, t, out) -> β' = r̃ + t·p``, ``p = |r̃|/D``,
-    with ``r = s·β``, ``out = s·z + t`` and ``ĩ = out − r − t`` (= s·γ); 0/0 = 0 as in the reference.
-    Hand-written backward with ``u = g·t·sgn(r̃)·(|ĩ|/D)/D``, ``v = −g·t·sgn(ĩ)·p/D`` (0 where D = 0):
-    ``∂r = g + u − v``, ``∂out = v``, ``∂t = Σ g·p − v``."""
-
-    @staticmethod
-    def forward(ctx: Any, r: Tensor, shift: Tensor, out: Tensor) -> Tensor:
-        ctx.save_for_backward(r, shift, out)
-        return _led_shift_rule(r, shift, out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        r_all, shift, out_all = ctx.saved_tensors
-        dr_all = torch.empty_like(r_all)
-        dout_all = torch.empty_like(r_all)
-        dshift = torch.zeros_like(shift) if ctx.needs_input_grad[1] else None
-        for sl in _pieces(r_all):
-            g = grad[sl]
-            rt, it, a, inv = _led_shift_values(r_all[sl], shift, out_all[sl])
-            p = a.mul_(inv)
-            gt = g * shift
-            v = torch.mul(it.sign(), p, out=dout_all[sl]).mul_(gt).mul_(inv).neg_()
-            u = it.abs_().mul_(inv).mul_(rt.sign_()).mul_(gt).mul_(inv)
-            if dshift is not None:
-                dshift += p.mul_(g).sub_(v).sum_to_size(shift.shape)
-            torch.add(u, g, out=dr_all[sl]).sub_(v)
-        return dr_all, dshift, dout_all
-
-
-def _led_norm_piece(z: Tensor, b: Tensor, scale: Tensor, shift: Tensor, oz: Tensor, ob: Tensor) -> None:
-    """One piece of the BatchNorm rule for ``(z, β)``: ``oz = s·z + t`` and ``ob = β'`` (:class:`_LedShiftSplit`)."""
+def _led_norm_piece(
+    z: Tensor, b: Tensor, scale: Tensor, shift: Tensor, oz: Tensor, ob: Tensor, ep: Tensor | None,
+    eu: Tensor | None, ev: Tensor | None,
+) -> None:  # fmt: skip
+    """One piece of the BatchNorm rule for ``(z, β)``: ``oz = s·z + t`` and ``ob = β' = r̃ + t·p`` with ``r = s·β``,
+    ``p = |r̃|/D`` (:func:`_led_shift_values`; 0/0 = 0 as in the reference);
+    for the backward (when given) the local derivatives ``ep = p``, ``eu = sgn(r̃)·(1 − p)/D`` and
+    ``ev = sgn(ĩ)·p/D`` (0 where D = 0: both signs are 0 there)."""
     torch.addcmul(shift, z, scale, out=oz)
-    r = b * scale
-    rt, _, a, inv = _led_shift_values(r, shift, oz)
-    torch.addcmul(rt, a.mul_(inv), shift, out=ob)
+    rt, it, a, inv = _led_shift_values(b * scale, shift, oz)
+    p = a.mul_(inv)
+    torch.addcmul(rt, p, shift, out=ob)
+    if ep is not None and eu is not None and ev is not None:
+        ep.copy_(p)
+        sr = rt.sign_()
+        torch.addcmul(sr, sr, p, value=-1.0, out=eu).mul_(inv)
+        torch.mul(it.sign_(), p, out=ev).mul_(inv)
 
 
 class _LedNorm(torch.autograd.Function):
     """A whole BatchNorm layer for stacked ``[z; β]``: ``[s·z + t; β']`` with ``s = w/√(var + ε)``,
-    ``t = b − μ·s`` (batch statistics of z, or the running ones) and β' of :class:`_LedShiftSplit`, with a
+    ``t = b − μ·s`` (batch statistics of z, or the running ones) and β' the reference's share of the shift
+    (:func:`_split_shift`, with ``ĩ = out − r − t`` = s·γ), with a
     hand-written backward including the batch statistics' own gradient (as ``nn.BatchNorm``'s backward),
-    piece by piece. With ``a = g_z + v`` and ``c = g_β + u − v`` (u, v of :class:`_LedShiftSplit`, ``ĩ = s·γ``):
-    ``∂z = s·a``, ``∂β = s·c``, ``∂s = Σ z·a + β·c``, ``∂t = Σ g_z + g_β·p``; then ``∂w = (∂s − μ·∂t)/σ``,
-    ``∂b = ∂t`` and, with batch statistics, ``∂z += (−s·∂t + 2·∂var·(z − μ))/M``, ``∂var = −w·(∂s − μ·∂t)/(2σ³)``."""
+    piece by piece. With ``h = g_β·t``, ``u = h·sgn(r̃)·(1 − p)/D``, ``v' = h·sgn(ĩ)·p/D`` (``ĩ = s·γ``),
+    ``a = g_z − v'`` and ``c = g_β + u + v'``: ``∂z = s·a``, ``∂β = s·c``, ``∂s = Σ z·a + β·c``,
+    ``∂t = Σ g_z + g_β·p``; then ``∂w = (∂s − μ·∂t)/σ``, ``∂b = ∂t`` and, with batch statistics,
+    ``∂z += (−s·∂t + 2·∂var·(z − μ))/M`` with ``∂var = −w·(∂s − μ·∂t)/(2σ³)``. The local derivatives are
+    kept from the forward pass (three tensors of z's size) rather than recomputed."""
 
     @staticmethod
     def forward(
@@ -873,16 +846,20 @@ class _LedNorm(torch.autograd.Function):
         scale, shift = scale.view(shape), shift.view(shape)
         out = torch.empty_like(both)
         oz_all, ob_all = _pair(out)
+        local = None  # the local derivatives, only when autograd will call backward
+        if not isinstance(ctx, _NoCtx):
+            local = torch.empty((3, *z_all.shape), dtype=z_all.dtype, device=z_all.device)
         for sl in _pieces(z_all):
-            _led_norm_piece(z_all[sl], b_all[sl], scale, shift, oz_all[sl], ob_all[sl])
-        ctx.save_for_backward(both, weight, mean, invstd, scale, shift)
+            ep, eu, ev = (local[0][sl], local[1][sl], local[2][sl]) if local is not None else (None, None, None)
+            _led_norm_piece(z_all[sl], b_all[sl], scale, shift, oz_all[sl], ob_all[sl], ep, eu, ev)
+        ctx.save_for_backward(both, weight, mean, invstd, scale, shift, local)
         ctx.batch_stats = batch_stats
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        both, weight, mean, invstd, scale, shift = ctx.saved_tensors
+        both, weight, mean, invstd, scale, shift, local = ctx.saved_tensors
         z_all, b_all = _pair(both)
         gz_all, gb_all = _pair(grad)
         d = torch.empty_like(both)
@@ -892,15 +869,12 @@ class _LedNorm(torch.autograd.Function):
         dt = torch.zeros_like(mean)
         for sl in _pieces(z_all):
             z, b, gz, gb = z_all[sl], b_all[sl], gz_all[sl], gb_all[sl]
-            out = torch.addcmul(shift, z, scale)
-            rt, it, a, inv = _led_shift_values(b * scale, shift, out)
-            p = a.mul_(inv)
-            gt = gb * shift
-            v = it.sign().mul_(p).mul_(gt).mul_(inv).neg_()
-            u = it.abs_().mul_(inv).mul_(rt.sign_()).mul_(gt).mul_(inv)
+            p, eu, ev = local[0][sl], local[1][sl], local[2][sl]
             dt += torch.addcmul(gz, gb, p).sum(dims)
-            ga = v.add_(gz)  # a = g_z + v
-            gc = u.add_(gb).sub_(v).add_(gz)  # c = g_β + u − v  (v = a − g_z)
+            h = gb * shift
+            v = ev * h  # v' (the saved derivatives stay as they are: a retained graph may run backward again)
+            ga = torch.sub(gz, v)
+            gc = torch.addcmul(gb, eu, h).add_(v)
             ds += torch.addcmul(z * ga, b, gc).sum(dims)
             torch.mul(ga, scale, out=dz_all[sl])
             torch.mul(gc, scale, out=db_all[sl])
