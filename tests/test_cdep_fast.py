@@ -274,3 +274,44 @@ def test_mixin_penalized_forward_equals_penalized_loss():
     loss_b = b.penalized_loss(F.cross_entropy(b.net(x), y), x, y, m)
     assert abs(loss_a.item() - loss_b.item()) <= 1e-6 * loss_b.item()
     assert _close(_grads(a, loss_a), _grads(b, loss_b), 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn_bn_maxpool", "resnet_functional", "lstm", "layernorm_cat", "train_bn"])
+def test_total_streams_equal_pair_streams_on_every_architecture(arch):
+    """Rules without a (z, β) form (LSTM, LayerNorm, GELU/tanh, products, cat) read γ = z − β and continue in the
+    (β, γ) form: the decomposition is the same, and the totals are the model's forward."""
+    from .test_interaction_cd import _CNN, _LSTMClassifier, _mlp, _ResNet, _warm_bn
+
+    torch.manual_seed(0)
+
+    class LayerNormCat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.ln, self.out = nn.Linear(6, 8), nn.Linear(6, 8), nn.LayerNorm(16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = torch.cat([F.gelu(self.a(x)), torch.tanh(self.b(x))], dim=1)
+            h = self.ln(h) + 0.5 * h
+            return self.out(h * 2.0 - 1.0)
+
+    make, shape = {
+        "mlp": (_mlp, (10,)),
+        "cnn_bn_maxpool": (lambda: _warm_bn(_CNN(), (2, 12, 12)), (2, 12, 12)),
+        "resnet_functional": (lambda: _warm_bn(_ResNet(), (1, 10, 10)), (1, 10, 10)),
+        "lstm": (_LSTMClassifier, (7, 6)),
+        "layernorm_cat": (LayerNormCat, (6,)),
+        "train_bn": (lambda: _CNN().train(), (2, 12, 12)),
+    }[arch]
+    model = make().double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    mask = (torch.rand(shape) > 0.5).double()
+    torch.manual_seed(1)  # train mode: the same dropout mask in every pass
+    bp, gp = C.cd_logits(model, x, mask, streams="pair")
+    torch.manual_seed(1)
+    bt, gt = C.cd_logits(model, x, mask, streams="total")
+    torch.testing.assert_close(bt, bp, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(gt, gp, atol=1e-10, rtol=1e-9)
+    torch.manual_seed(1)
+    _, out = C.cd_forward(model, mask * x, (1 - mask) * x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, model(x), atol=1e-10, rtol=1e-9)
