@@ -742,46 +742,50 @@ class _LedBiasSplit(torch.autograd.Function):
     ``out_z = c + b``, ``out_β = r + b·A/D`` with ``i = c − r``, ``A = |r| + ε_β``, ``I = |i| + ε_γ``,
     ``D = A + I``; with ``w = b·g_β``: ``∂r = g_β + w·(sgn(r)·I/D + sgn(i)·A/D)/D``,
     ``∂c = g_z − w·sgn(i)·(A/D)/D``, ``∂b = Σ g_z + g_β·A/D``. The shares A/D, I/D ≤ 1 are formed before the
-    last division by D, so that where both streams vanish (D = ε) the zero signs give 0, never 0·∞."""
+    last division by D, so that where both streams vanish (D = ε) the zero signs give 0, never 0·∞. The three
+    local derivatives (A/D and the two bracketed factors over D) are kept from the forward pass."""
 
     @staticmethod
     def forward(ctx: Any, both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
-        ctx.save_for_backward(both, bias)
-        ctx.eps = eps
-        return _led_bias_values(both, bias, eps)
+        e_rel, e_irr = eps
+        c_all, r_all = _pair(both)
+        out = torch.empty_like(both)
+        oz_all, ob_all = _pair(out)
+        local = torch.empty((3, *c_all.shape), dtype=both.dtype, device=both.device)
+        for sl in _pieces(c_all):
+            c, r = c_all[sl], r_all[sl]
+            i = torch.sub(c, r)
+            a = r.abs()
+            if e_rel:
+                a.add_(e_rel)
+            ai = i.abs()
+            if e_irr:
+                ai.add_(e_irr)
+            den = torch.add(a, ai)
+            torch.add(c, bias, out=oz_all[sl])
+            pa = torch.div(a, den, out=local[0][sl])  # A/D
+            torch.addcmul(r, pa, bias, out=ob_all[sl])
+            sa = i.sign_().mul_(pa)  # sgn(i)·A/D
+            torch.addcmul(sa, ai.div_(den), r.sign(), out=local[1][sl]).div_(den)  # (sgn(r)·I/D + sgn(i)·A/D)/D
+            torch.div(sa, den, out=local[2][sl])  # sgn(i)·(A/D)/D
+        ctx.save_for_backward(bias, local)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
-        both, bias = ctx.saved_tensors
-        e_rel, e_irr = ctx.eps
-        c_all, r_all = _pair(both)
+        bias, local = ctx.saved_tensors
         gz_all, gb_all = _pair(grad)
-        d = torch.empty_like(both)
+        d = torch.empty_like(grad)
         dz_all, dr_all = _pair(d)
-        want_bias = ctx.needs_input_grad[1]
-        dbias = torch.zeros_like(bias) if want_bias else None
-        for sl in _pieces(c_all):
-            c, r, gz, gb = c_all[sl], r_all[sl], gz_all[sl], gb_all[sl]
-            i = torch.sub(c, r)
-            si = i.sign()
-            pi = i.abs_()  # I, then I/D
-            if e_irr:
-                pi.add_(e_irr)
-            pa = r.abs()  # A, then A/D
-            if e_rel:
-                pa.add_(e_rel)
-            den = torch.add(pa, pi)
-            pa.div_(den)
-            pi.div_(den)
+        dbias = torch.zeros_like(bias) if ctx.needs_input_grad[1] else None
+        for sl in _pieces(gz_all):
+            gz, gb = gz_all[sl], gb_all[sl]
+            w = gb * bias  # b·g_β
+            torch.addcmul(gz, w, local[2][sl], value=-1.0, out=dz_all[sl])
+            torch.addcmul(gb, w, local[1][sl], out=dr_all[sl])
             if dbias is not None:
-                dbias += gz.sum_to_size(bias.shape) + torch.mul(gb, pa).sum_to_size(bias.shape)
-            w = torch.mul(gb, bias).div_(den)  # b·g_β/D
-            sa = si.mul_(pa)  # sgn(i)·A/D
-            torch.addcmul(gz, sa, w, value=-1.0, out=dz_all[sl])
-            dr = dr_all[sl]
-            torch.addcmul(sa, pi, r.sign(), out=dr)  # sgn(r)·I/D + sgn(i)·A/D
-            dr.mul_(w).add_(gb)
+                dbias += gz.sum_to_size(bias.shape) + torch.mul(gb, local[0][sl]).sum_to_size(bias.shape)
         return d, dbias, None
 
 
@@ -796,34 +800,29 @@ def _led_affine(x: _Led, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -
     return _Led(led=_led_bias_values(both, bias, eps))
 
 
-def _led_shift_values(r: Tensor, shift: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The BatchNorm rule's rounded streams ``r̃ = (r + t) − t`` (the reference's ``bn(β) − bn(0)``) and
-    ``ĩ = (out − r) − t`` (γ through the normalisation's linear part), ``|r̃|`` and ``1/D``,
-    ``D = |r̃| + |ĩ|`` (clamped to the smallest normal number: where D = 0 both numerators are 0)."""
-    rt = (r + shift).sub_(shift)
-    it = torch.sub(out, r).sub_(shift)
-    a = rt.abs()
-    inv = it.abs().add_(a).clamp_min_(torch.finfo(a.dtype).tiny).reciprocal_()
-    return rt, it, a, inv
-
-
 def _led_norm_piece(
     z: Tensor, b: Tensor, scale: Tensor, shift: Tensor, oz: Tensor, ob: Tensor, ep: Tensor | None,
     eu: Tensor | None, ev: Tensor | None,
 ) -> None:  # fmt: skip
     """One piece of the BatchNorm rule for ``(z, β)``: ``oz = s·z + t`` and ``ob = β' = r̃ + t·p`` with ``r = s·β``,
-    ``p = |r̃|/D`` (:func:`_led_shift_values`; 0/0 = 0 as in the reference);
-    for the backward (when given) the local derivatives ``ep = p``, ``eu = sgn(r̃)·(1 − p)/D`` and
-    ``ev = sgn(ĩ)·p/D`` (0 where D = 0: both signs are 0 there)."""
+    the reference's rounded streams ``r̃ = (r + t) − t`` (its ``bn(β) − bn(0)``) and ``ĩ = (oz − r) − t`` (γ
+    through the normalisation's linear part), ``p = |r̃|/D``, ``D = |r̃| + |ĩ|`` (clamped to the smallest normal
+    number: 0/0 = 0 as in the reference); for the backward (when given) the local derivatives ``ep = p``,
+    ``eu = sgn(r̃)·(1 − p)/D`` and ``ev = sgn(ĩ)·p/D`` (0 where D = 0: both signs are 0 there)."""
     torch.addcmul(shift, z, scale, out=oz)
-    rt, it, a, inv = _led_shift_values(b * scale, shift, oz)
-    p = a.mul_(inv)
+    r = b * scale
+    rt = (r + shift).sub_(shift)
+    it = torch.sub(oz, r).sub_(shift)
+    a = rt.abs()
+    den = it.abs().add_(a).clamp_min_(torch.finfo(a.dtype).tiny)
+    if ep is None or eu is None or ev is None:
+        torch.addcmul(rt, a.div_(den), shift, out=ob)
+        return
+    p = torch.div(a, den, out=ep)
     torch.addcmul(rt, p, shift, out=ob)
-    if ep is not None and eu is not None and ev is not None:
-        ep.copy_(p)
-        sr = rt.sign_()
-        torch.addcmul(sr, sr, p, value=-1.0, out=eu).mul_(inv)
-        torch.mul(it.sign_(), p, out=ev).mul_(inv)
+    sr = rt.sign_()
+    torch.addcmul(sr, sr, p, value=-1.0, out=eu).div_(den)
+    torch.mul(it.sign_(), p, out=ev).div_(den)
 
 
 class _LedNorm(torch.autograd.Function):
