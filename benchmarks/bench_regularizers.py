@@ -197,7 +197,7 @@ def step_costs(rounds: int, archs: list[str]) -> str:
 
     import torch.nn.functional as F
 
-    from explain_callbacks.models import MLP, SmallCNN
+    from explain_callbacks.models import MLP, DecoyCNN, SmallCNN
     from explain_callbacks.regularize.functional import cdep_penalty
 
     cfg = compose_row("decoy", "vanilla", 0, 1, [])
@@ -239,7 +239,8 @@ def step_costs(rounds: int, archs: list[str]) -> str:
     out = []
     for arch in archs:
         torch.manual_seed(0)
-        base = MLP(1024, 10, hidden=(256, 256)) if arch == "MLP" else SmallCNN(in_channels=1)
+        makers = {"MLP": lambda: MLP(1024, 10, hidden=(256, 256)), "SmallCNN": lambda: SmallCNN(in_channels=1)}
+        base = makers.get(arch, lambda: DecoyCNN(1, size=32))()  # DecoyCNN: the CDEP paper's network
         nets = {row: copy.deepcopy(base) for row in rows}
         opts = {row: torch.optim.Adam(n.parameters(), lr=1e-3) for row, n in nets.items()}
         times: dict[str, list[float]] = {row: [] for row in rows}
@@ -418,6 +419,8 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=None, help="write the raw results as JSON here")
     ap.add_argument("--step-rounds", type=int, default=None, help="rounds of the interleaved step timing")
     ap.add_argument("--skip-training", action="store_true", help="only the interleaved step timing")
+    ap.add_argument("--step-archs", nargs="+", default=None, choices=["MLP", "SmallCNN", "DecoyCNN"],
+                    help="networks of the step timing (default: MLP and SmallCNN; MLP with --quick)")
     ap.add_argument("--paper", action="store_true", help="the CDEP paper's protocol: DecoyCNN on 28x28 DecoyDigits")
     ap.add_argument("--paper-tune", action="store_true", help="with --paper: the λ search (seed 100, validation)")
     ap.add_argument("--patch", type=int, default=10, help="with --paper: side of the decoy patch on 28x28")
@@ -475,7 +478,7 @@ def main() -> None:
         print(table(results, datasets, rows))
     if not args.tune:
         rounds = args.step_rounds or (10 if args.quick else 60)
-        archs = ["MLP"] if args.quick else ["MLP", "SmallCNN"]
+        archs = args.step_archs or (["MLP"] if args.quick else ["MLP", "SmallCNN"])
         print(f"\nTraining-step cost, interleaved ({rounds} rounds, batch 64, DecoyDigits):\n")
         print(step_costs(rounds, archs))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
