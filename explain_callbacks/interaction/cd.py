@@ -792,8 +792,15 @@ class _LedBiasSplit(torch.autograd.Function):
             torch.addcmul(gz, w, local[2][sl], value=-1.0, out=dz_all[sl])
             torch.addcmul(gb, w, local[1][sl], out=dr_all[sl])
             if dbias is not None:
-                dbias += gz.sum_to_size(bias.shape) + torch.mul(gb, local[0][sl]).sum_to_size(bias.shape)
+                dbias += _sum_to(torch.addcmul(gz, gb, local[0][sl]), bias.shape)
         return d, dbias, None
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.sum_to_size(shape)`` as one reduction over explicit dimensions (``sum_to_size`` is ~10x slower on CPU)."""
+    lead = t.ndim - len(shape)
+    dims = [*range(lead), *(lead + k for k, n in enumerate(shape) if n == 1 and t.shape[lead + k] != 1)]
+    return t.sum(dims, keepdim=True).view(shape) if dims else t
 
 
 def _led_affine(x: _Led, lin: Callable[[Tensor], Tensor], bias: Tensor | None) -> _Led:
