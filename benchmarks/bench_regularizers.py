@@ -44,6 +44,7 @@ import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch import Tensor, nn
 
 from explain_callbacks.callbacks._logging import markdown_table
 
@@ -188,12 +189,16 @@ def step_costs(rounds: int, archs: list[str]) -> str:
     """Median wall time of one training step (forward, penalty, backward, Adam step) per penalty, the
     steps of all rows interleaved round by round on the same DecoyDigits batches (rotating order),
     so that a busy machine slows every row alike; Lightning's own per-step overhead is left out
-    (the ratio is the stricter for it)."""
+    (the ratio is the stricter for it). CDEP three ways: the (β, γ) form of the reference (``streams="pair"``),
+    the default (z, β) form beside the task's own forward, and the task's logits served by the CD pass
+    (``return_logits=True``, what ``AttributionRegularizer(serve_forward=True)`` does). Reported: the median
+    step with its min–max, and the median and min–max over rounds of the step / the same round's vanilla step."""
     import copy
 
     import torch.nn.functional as F
 
-    from explain_callbacks.models import MLP, SmallCNN
+    from explain_callbacks.models import MLP, DecoyCNN, SmallCNN
+    from explain_callbacks.regularize.functional import cdep_penalty
 
     cfg = compose_row("decoy", "vanilla", 0, 1, [])
     dm = instantiate(cfg.data)
@@ -204,32 +209,60 @@ def step_costs(rounds: int, archs: list[str]) -> str:
         (entry,) = compose_row("decoy", row, 0, 1, []).callbacks.values()
         cb = instantiate(entry)
         pens[row] = (cb.penalty, cb.weight)
+    rows = ["vanilla", "cdep_pair", "cdep", "cdep_served", "cdep_l1", "cdep_l1_served", "rrr", "eg"]
+    labels = {
+        **LABELS,
+        "cdep_pair": "CDEP (softmax), (β, γ) streams: the previous form",
+        "cdep": "CDEP (softmax), (z, β) streams, task forward separate",
+        "cdep_served": "CDEP (softmax), task forward served by the CD pass",
+        "cdep_l1": "CDEP (‖β‖₁), task forward separate",
+        "cdep_l1_served": "CDEP (‖β‖₁), task forward served by the CD pass",
+    }
+
+    def step(row: str, net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, m: Tensor, i: int) -> None:
+        base = row.removesuffix("_served").removesuffix("_pair")
+        pen, lam = pens[base]
+        if row.endswith("_served"):
+            logits, r = cdep_penalty(net, x, m, form=pen.form, bias_at_zero=pen.bias_at_zero, return_logits=True)
+            loss = F.cross_entropy(logits, y) + lam * r
+        else:
+            loss = F.cross_entropy(net(x), y)
+            if row == "cdep_pair":
+                r = cdep_penalty(net, x, m, form=pen.form, bias_at_zero=pen.bias_at_zero, streams="pair")
+                loss = loss + lam * r
+            elif pen is not None:
+                loss = loss + lam * pen(net, x, y, m, step=i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
     out = []
     for arch in archs:
         torch.manual_seed(0)
-        base = MLP(1024, 10, hidden=(256, 256)) if arch == "MLP" else SmallCNN(in_channels=1)
-        nets = {row: copy.deepcopy(base) for row in pens}
+        makers = {"MLP": lambda: MLP(1024, 10, hidden=(256, 256)), "SmallCNN": lambda: SmallCNN(in_channels=1)}
+        base = makers.get(arch, lambda: DecoyCNN(1, size=32))()  # DecoyCNN: the CDEP paper's network
+        nets = {row: copy.deepcopy(base) for row in rows}
         opts = {row: torch.optim.Adam(n.parameters(), lr=1e-3) for row, n in nets.items()}
-        times: dict[str, list[float]] = {row: [] for row in pens}
-        order = list(pens)
+        times: dict[str, list[float]] = {row: [] for row in rows}
         for i in range(rounds + 2):
             x, y, m = batches[i % len(batches)]
-            for row in order[i % len(order) :] + order[: i % len(order)]:
-                net, opt, (pen, lam) = nets[row], opts[row], pens[row]
+            for row in rows[i % len(rows) :] + rows[: i % len(rows)]:
                 t0 = time.perf_counter()
-                loss = F.cross_entropy(net(x), y)
-                if pen is not None:
-                    loss = loss + lam * pen(net, x, y, m, step=i)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                step(row, nets[row], opts[row], x, y, m, i)
                 if i >= 2:  # the first rounds trace and warm up
                     times[row].append(time.perf_counter() - t0)
-        van = statistics.median(times["vanilla"])
-        for row in pens:
-            med = statistics.median(times[row])
-            out.append([arch, LABELS[row], f"{1000 * med:.2f}", f"{med / van:.2f}×"])
-    return markdown_table(["network", "row", "median step ms", "vs vanilla"], out)
+        van = times["vanilla"]
+        for row in rows:
+            ts = times[row]
+            ratios = [a / b for a, b in zip(ts, van)]
+            out.append([
+                arch, labels[row], f"{1000 * statistics.median(ts):.1f} ({1000 * min(ts):.0f}–{1000 * max(ts):.0f})",
+                f"{statistics.median(ts) / statistics.median(van):.2f}×",
+                f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})",
+            ])  # fmt: skip
+    return markdown_table(
+        ["network", "row", "median step ms (min–max)", "vs vanilla (medians)", "per round vs vanilla (min–max)"], out
+    )
 
 
 # ---------------------------------------------------------------------- the paper's experiment
@@ -386,6 +419,8 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=None, help="write the raw results as JSON here")
     ap.add_argument("--step-rounds", type=int, default=None, help="rounds of the interleaved step timing")
     ap.add_argument("--skip-training", action="store_true", help="only the interleaved step timing")
+    ap.add_argument("--step-archs", nargs="+", default=None, choices=["MLP", "SmallCNN", "DecoyCNN"],
+                    help="networks of the step timing (default: MLP and SmallCNN; MLP with --quick)")
     ap.add_argument("--paper", action="store_true", help="the CDEP paper's protocol: DecoyCNN on 28x28 DecoyDigits")
     ap.add_argument("--paper-tune", action="store_true", help="with --paper: the λ search (seed 100, validation)")
     ap.add_argument("--patch", type=int, default=10, help="with --paper: side of the decoy patch on 28x28")
@@ -443,7 +478,7 @@ def main() -> None:
         print(table(results, datasets, rows))
     if not args.tune:
         rounds = args.step_rounds or (10 if args.quick else 60)
-        archs = ["MLP"] if args.quick else ["MLP", "SmallCNN"]
+        archs = args.step_archs or (["MLP"] if args.quick else ["MLP", "SmallCNN"])
         print(f"\nTraining-step cost, interleaved ({rounds} rounds, batch 64, DecoyDigits):\n")
         print(step_costs(rounds, archs))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")

@@ -23,6 +23,16 @@ def test_bias_split_gradient_matches_autograd_of_the_formula():
     assert torch.allclose(C._BiasSplit.apply(both, bias, (C._EPS, C._EPS)), plain, atol=1e-15)
 
 
+def test_bias_split_gradient_is_finite_where_both_streams_vanish():
+    # "rest" (ε = 0, 2e-20): D = 2e-20 where both streams are 0; b·Δg/D² overflowed float32 for |b·Δg| > 0.14
+    # (a loss scaled by AMP, a large λ) and 0·inf turned the gradient into NaN
+    both = torch.zeros(4, 3, requires_grad=True)
+    bias = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    out = C._BiasSplit.apply(both, bias, (0.0, 2 * C._EPS))
+    out.backward(torch.tensor([[1.0, 2, 3], [4, 5, 6], [1, 1, 1], [2, 2, 2]]) * 1e3)
+    assert torch.isfinite(both.grad).all() and torch.isfinite(bias.grad).all()
+
+
 def test_relu_rule_gradient_matches_autograd_of_the_formula():
     g = torch.Generator().manual_seed(1)
     both = _away_from_kinks(torch.randn(8, 5, generator=g, dtype=torch.float64)).requires_grad_()

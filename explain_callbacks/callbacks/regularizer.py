@@ -22,10 +22,12 @@ from typing import Any, Union
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .._internal.batch import BatchAdapter, InputSpec, take
 from .._internal.outputs import OutputSpec, output_adapter
+from ..interaction.cd import update_norm_stats
 from ..regularize.penalties import Penalty, build_penalty
 from . import _logging
 from .base import class_indices, eager_forward, uncompiled
@@ -69,6 +71,15 @@ class AttributionRegularizer(Callback):
         name: the log name (``regularizers/penalty/<name>``; default the penalty's name).
         sync_dist: passed to ``pl_module.log`` (off by default: a collective per step costs time;
             the epoch means are then those of rank zero).
+        serve_forward: compute the penalty *before* the user's ``training_step`` and serve the step's own call
+            of the penalised model on the batch's inputs (``self(x)`` or ``self.net(x)`` with ``model_attr``,
+            the very tensor of the batch) from the penalty's pass, so that the task's forward and backward are
+            not run a second time. For CDEP, whose contextual decomposition carries the true activation through
+            the model: the same loss and gradients to float rounding, BatchNorm running statistics updated once
+            (when the call is served), one dropout mask shared by the task and the penalty; about half the
+            step's cost on SmallCNN. Penalties that cannot give the model's output are refused at
+            construction; a step that never calls the model on that tensor runs its forward as usual (warned
+            once).
 
     Raises:
         MisconfigurationException: at ``setup`` under manual optimisation (there is no returned loss
@@ -92,6 +103,7 @@ class AttributionRegularizer(Callback):
         output_key: OutputSpec = None,
         name: str | None = None,
         sync_dist: bool = False,
+        serve_forward: bool = False,
     ) -> None:
         if weight < 0:
             raise ValueError(f"weight (λ) must be >= 0, got {weight}.")
@@ -109,6 +121,13 @@ class AttributionRegularizer(Callback):
                 "epochs (start_epochs, warmup_epochs)."
             )
         self.penalty = build_penalty(penalty)
+        if serve_forward and not getattr(self.penalty, "serves_forward", False):
+            raise ValueError(
+                f"serve_forward=True needs a penalty whose pass computes the model's output (CDEP); {self.penalty!r} "
+                "does not. Leave serve_forward=False."
+            )
+        self.serve_forward = bool(serve_forward)
+        self._unserved_warned = False
         self.weight = float(weight)
         self.warmup_steps = int(warmup_steps)
         self.warmup_epochs = float(warmup_epochs)
@@ -191,6 +210,36 @@ class AttributionRegularizer(Callback):
 
     def compute(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, int]:
         """The penalty R on this batch (unweighted) and the batch size."""
+        inputs, targets, mask, model, step = self._prepare(pl_module, batch)
+        # the penalty's model calls see the scores, through the original forward of a LightningModule Lightning
+        # compiled (double backward does not go through compiled graphs)
+        with eager_forward(pl_module), output_adapter(model, self.output_key):
+            if isinstance(self.penalty, Penalty):
+                r = self.penalty(model, inputs, targets, mask, step=step)
+            else:
+                r = self.penalty(model, inputs, targets, mask)
+        return self._scalar(r), int(inputs.shape[0])
+
+    def compute_with_output(
+        self, pl_module: pl.LightningModule, batch: Any
+    ) -> tuple[Tensor, int, _ForwardServer | None]:
+        """The penalty R on this batch, the batch size and a server of the model's output for the user's step
+        (None when the pass gave none, e.g. an empty batch)."""
+        inputs, targets, mask, model, _ = self._prepare(pl_module, batch)
+        with eager_forward(pl_module), output_adapter(model, self.output_key):
+            r, output, stats, replicas = self.penalty.with_output(model, inputs, targets, mask)
+        server = None if output is None else _ForwardServer(model, inputs, output, stats, replicas)
+        return self._scalar(r), int(inputs.shape[0]), server
+
+    def _scalar(self, r: Any) -> Tensor:
+        if not isinstance(r, Tensor) or r.numel() != 1:
+            raise TypeError(f"The penalty {self.name!r} must return a scalar tensor, got {r!r}.")
+        return r.reshape(())
+
+    def _prepare(
+        self, pl_module: pl.LightningModule, batch: Any
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, nn.Module, int]:
+        """Inputs, class targets, mask and model of this batch, and the step number that seeds the draws."""
         inputs, labels = self.adapter(batch)
         # class indices from int, integral float or (B, 1) labels; None for real-valued or multi-hot ones
         targets = None if labels is None else class_indices(labels)
@@ -207,16 +256,7 @@ class AttributionRegularizer(Callback):
         trainer = pl_module.trainer
         step = self._calls * max(1, trainer.world_size) + trainer.global_rank  # distinct draws per rank
         self._calls += 1
-        # the penalty's model calls see the scores, through the original forward of a LightningModule Lightning
-        # compiled (double backward does not go through compiled graphs)
-        with eager_forward(pl_module), output_adapter(model, self.output_key):
-            if isinstance(self.penalty, Penalty):
-                r = self.penalty(model, inputs, targets, mask, step=step)
-            else:
-                r = self.penalty(model, inputs, targets, mask)
-        if not isinstance(r, Tensor) or r.numel() != 1:
-            raise TypeError(f"The penalty {self.name!r} must return a scalar tensor, got {r!r}.")
-        return r.reshape(()), int(inputs.shape[0])
+        return inputs, targets, mask, model, step
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -298,7 +338,35 @@ def _uninstall(pl_module: pl.LightningModule, reg: AttributionRegularizer) -> No
 def _regularized_step(
     pl_module: pl.LightningModule, step_fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    out = step_fn(*args, **kwargs)
+    batch = args[0] if args else kwargs.get("batch")
+    trainer = pl_module.trainer
+    batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx")
+    if not isinstance(batch_idx, int):  # a training_step(self, batch): Lightning passes no index (warm-up by epochs)
+        batch_idx = int(getattr(getattr(trainer, "fit_loop", None), "batch_idx", 0))
+    regs: list[AttributionRegularizer] = pl_module.__dict__.get(_REGS, [])
+    # serve_forward: the penalty first, and the step's forward of the batch served from its pass (one server)
+    early: dict[int, tuple[float, Tensor, int]] = {}
+    server: _ForwardServer | None = None
+    for reg in regs:
+        if reg.serve_forward and server is None:
+            lam = reg.current_weight(trainer, int(batch_idx))
+            if lam != 0:
+                r, bsz, server = reg.compute_with_output(pl_module, batch)
+                early[id(reg)] = (lam, r, bsz)
+    if server is None:
+        out = step_fn(*args, **kwargs)
+    else:
+        with server:
+            out = step_fn(*args, **kwargs)
+        owner = next(reg for reg in regs if id(reg) in early)
+        if not server.used and not owner._unserved_warned:
+            owner._unserved_warned = True
+            rank_zero_warn(
+                f"AttributionRegularizer {owner.name!r} (serve_forward=True): training_step did not call "
+                f"{type(server.model).__name__} on the batch's inputs tensor, so its forward ran separately and the "
+                "step saved nothing. Call the penalised model (model_attr) on the very tensor of the batch, or set "
+                "serve_forward=False."
+            )
     if out is None:  # the user skipped this batch
         return out
     if isinstance(out, Tensor):
@@ -310,12 +378,6 @@ def _regularized_step(
             "AttributionRegularizer needs training_step to return the loss tensor or a dict with a 'loss' tensor, "
             f"got {type(out).__name__}."
         )
-    batch = args[0] if args else kwargs.get("batch")
-    trainer = pl_module.trainer
-    batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx")
-    if not isinstance(batch_idx, int):  # a training_step(self, batch): Lightning passes no index (warm-up by epochs)
-        batch_idx = int(getattr(getattr(trainer, "fit_loop", None), "batch_idx", 0))
-    regs: list[AttributionRegularizer] = pl_module.__dict__.get(_REGS, [])
     total = loss
     if regs:
         first = regs[0]
@@ -324,10 +386,13 @@ def _regularized_step(
             pl_module, "regularizers/task_loss", loss, first.sync_dist, on_step=True, on_epoch=True, batch_size=bsz
         )
     for reg in list(regs):
-        lam = reg.current_weight(trainer, int(batch_idx))
-        if lam == 0:  # not computed at all: λ = 0 trains exactly as without the regularizer
-            continue
-        r, bsz = reg.compute(pl_module, batch)
+        if id(reg) in early:
+            lam, r, bsz = early[id(reg)]
+        else:
+            lam = reg.current_weight(trainer, int(batch_idx))
+            if lam == 0:  # not computed at all: λ = 0 trains exactly as without the regularizer
+                continue
+            r, bsz = reg.compute(pl_module, batch)
         total = total + lam * r
         _logging.log_scalar(
             pl_module, f"regularizers/penalty/{reg.name}", r, reg.sync_dist, on_step=True, on_epoch=True, batch_size=bsz
@@ -340,6 +405,39 @@ def _regularized_step(
     if isinstance(out, Tensor):
         return total
     return {**out, "loss": total}
+
+
+class _ForwardServer:
+    """Inside the block, the first call ``model(inputs)`` on the very tensor ``inputs`` returns ``output`` (computed
+    by the penalty's pass) and applies that pass's BatchNorm statistics once; every other call runs the model."""
+
+    def __init__(self, model: nn.Module, inputs: Tensor, output: Any, stats: list, replicas: int) -> None:
+        self.model, self.inputs, self.output = model, inputs, output
+        self.stats, self.replicas = stats, replicas
+        self.used = False
+        self._saved: Any = _MISSING
+
+    def __enter__(self) -> _ForwardServer:
+        model = self.model
+        self._saved = model.__dict__.get("forward", _MISSING)
+        original = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not self.used and not kwargs and len(args) == 1 and args[0] is self.inputs:
+                self.used = True
+                update_norm_stats(self.stats, self.replicas)
+                return self.output
+            return original(*args, **kwargs)
+
+        model.__dict__["forward"] = forward
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._saved is _MISSING:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.__dict__["forward"] = self._saved
+        self.output = None  # the graph of an unserved pass is not kept alive
 
 
 def _batch_size(reg: AttributionRegularizer, batch: Any) -> int:

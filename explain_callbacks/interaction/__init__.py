@@ -13,10 +13,12 @@ from .cd import (
     CDUnsupportedError,
     Decomposition,
     cd_batched,
+    cd_forward,
     cd_logits,
     cd_propagate,
     cd_scores,
     supported_operations,
+    update_norm_stats,
 )
 from .contextual import CDInteraction, ContextualDecomposition, patch_groups
 from .integrated_hessians import IntegratedHessians, relu_as_softplus
@@ -36,6 +38,7 @@ __all__ = [
     "SobolInteraction",
     "build_interaction",
     "cd_batched",
+    "cd_forward",
     "cd_logits",
     "cd_propagate",
     "cd_scores",
@@ -46,4 +49,5 @@ __all__ = [
     "relu_as_softplus",
     "supported_operations",
     "top_pairs",
+    "update_norm_stats",
 ]

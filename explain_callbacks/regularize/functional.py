@@ -49,6 +49,7 @@ from .._internal.softplus import relu_as_softplus
 __all__ = [
     "attribution_penalty",
     "cdep_penalty",
+    "cdep_terms",
     "check_penalty_inputs",
     "eg_mask_prior",
     "eg_sparsity_prior",
@@ -109,6 +110,8 @@ def _penalty(what: str, *, output_key: bool = True) -> Callable[[_F], _F]:
             key: OutputSpec = kwargs.pop("output_key", None) if output_key else None
             check_penalty_inputs(inputs, what)
             if inputs.ndim > 0 and inputs.shape[0] == 0:
+                if kwargs.get("return_logits"):  # the forward of an empty batch is the model's own business
+                    return model(inputs), zero_penalty(model, inputs)
                 return zero_penalty(model, inputs)
             with model_errors(model, inputs), keyed_output(model, key) as called:
                 return fn(called, inputs, *args, **kwargs)
@@ -227,7 +230,9 @@ def cdep_penalty(
     cd_fn: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     keep_norm_stats: bool = True,
     bias_at_zero: str = "rest",
-) -> Tensor:
+    streams: str = "total",
+    return_logits: bool = False,
+) -> Tensor | tuple[Any, Tensor]:
     """Contextual Decomposition Explanation Penalty (Rieger et al. 2020).
 
     Contextual decomposition splits the logits into β (the contribution of the masked, spurious
@@ -241,34 +246,105 @@ def cdep_penalty(
     G separate regions per sample, decomposed in one batched call and summed over groups, as the
     authors' code sums one CDEP term per blob (ColorMNIST: 8 random single pixels per step).
 
+    **The task's forward from the CD pass** (``return_logits=True``): the decomposition carries the true
+    activation β + γ through the model's own operations (``streams="total"``), so its output *is* the
+    forward pass of the batch. ``logits, r = cdep_penalty(model, x, mask, return_logits=True)`` and
+    ``loss = task(logits, y) + λ·r`` train exactly as ``task(model(x), y) + λ·cdep_penalty(model, x, mask)``
+    (equal to float rounding) without the separate forward and backward of the task. The BatchNorm running
+    statistics are then updated once, from this pass, as the model's forward would have (with
+    ``keep_norm_stats`` as it is: the pass replaces that forward); dropout draws one mask, shared by the task
+    and the penalty. ``logits`` has the structure of the model's output (a tuple/dict with every tensor the
+    true one); with grouped masks it holds the B rows of the first group.
+
     Args:
         cd_fn: the decomposition ``(model, inputs, mask) -> (beta, gamma)``; default
-            :func:`explain_callbacks.interaction.cd.cd_logits`.
+            :func:`explain_callbacks.interaction.cd.cd_logits`. Not with ``return_logits``.
+        keep_norm_stats: restore BatchNorm running statistics after a ``cd_fn`` that calls the model (the
+            default decomposition never updates them).
+        bias_at_zero: how the linear rule splits a bias where both streams vanish, see
+            :func:`~explain_callbacks.interaction.cd.cd_propagate` (``"rest"``: β stays 0 outside S's reach).
+        streams: ``"total"`` (default; β + γ and β carried, the faster form) or ``"pair"`` (β and γ, the
+            reference's form); the two agree to float rounding.
+        return_logits: return ``(output, penalty)``, the output the model's forward of ``inputs`` would give.
     """
+    if return_logits and cd_fn is not None:
+        raise ValueError(
+            "return_logits=True takes the model's output from the default decomposition (streams='total'); "
+            "a custom cd_fn returns only (beta, gamma). Drop cd_fn, or call the model for the logits yourself."
+        )
+    r, output, stats, groups = cdep_terms(
+        model, inputs, mask, form=form, cd_fn=cd_fn, keep_norm_stats=keep_norm_stats, bias_at_zero=bias_at_zero,
+        streams="total" if return_logits else streams, stats=return_logits,
+    )  # fmt: skip
+    if not return_logits:
+        return r
+    from ..interaction.cd import update_norm_stats
+
+    update_norm_stats(stats, replicas=groups)
+    return output, r
+
+
+def cdep_terms(
+    model: nn.Module,
+    inputs: Tensor,
+    mask: Tensor,
+    *,
+    form: str = "softmax",
+    cd_fn: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    keep_norm_stats: bool = True,
+    bias_at_zero: str = "rest",
+    streams: str = "total",
+    stats: bool = False,
+) -> tuple[Tensor, Any, list, int]:
+    """The CDEP penalty of :func:`cdep_penalty` and what its CD pass gives besides: the model's output for
+    ``inputs`` (None with a custom ``cd_fn``), the batch statistics of its BatchNorm layers in training mode
+    (with ``stats``: for :func:`~explain_callbacks.interaction.cd.update_norm_stats`, when the output serves
+    as the step's forward) and the number of feature groups per sample. No input checks (the callers'
+    :func:`cdep_penalty` and the regularizer callback do them)."""
     if form not in ("softmax", "l1"):
         raise ValueError(f"form must be 'softmax' (the authors' code) or 'l1' (the paper's ‖β‖₁), got {form!r}.")
-    if cd_fn is None:
-        from ..interaction.cd import cd_logits
-
-        cd_fn = functools.partial(cd_logits, bias_at_zero=bias_at_zero)
     m = prepare_mask(mask, inputs, what="CDEP penalty", groups=True)
     x = inputs.detach()
     n_groups = 1
+    b = inputs.shape[0]
     if m.ndim == inputs.ndim + 1:  # (B|1, G, *sample): one row per (sample, group)
         n_groups = m.shape[1]
-        b = inputs.shape[0]
         m = m.expand(b, n_groups, *inputs.shape[1:]).reshape(b * n_groups, *inputs.shape[1:])
         x = x.unsqueeze(1).expand(b, n_groups, *inputs.shape[1:]).reshape(b * n_groups, *inputs.shape[1:])
     else:
         m = m.expand_as(inputs)
+    output: Any = None
+    recorded: list = []
     with norm_stats_kept(model, keep_norm_stats):
-        beta, gamma = cd_fn(model, x, m)
+        if cd_fn is None:
+            from ..interaction.cd import cd_forward
+
+            dec, output = cd_forward(
+                model, m * x, (1 - m) * x, bias_at_zero=bias_at_zero, streams=streams,
+                norm_stats=recorded if stats else None,
+            )  # fmt: skip
+            beta, gamma = dec.rel, dec.irr
+        else:
+            beta, gamma = cd_fn(model, x, m)
+    if n_groups > 1 and output is not None:
+        output = _first_group(output, b, n_groups)
     beta = _up(beta).reshape(beta.shape[0], -1)
     gamma = _up(gamma).reshape(gamma.shape[0], -1)
     # softmax(stack([β, γ]))[β] = σ(β − γ), averaged over classes; or ‖β‖₁ per row
     per_row = torch.sigmoid(beta - gamma).mean(1) if form == "softmax" else beta.abs().sum(1)
     # mean over samples, sum over groups
-    return per_row.mean() * n_groups
+    return per_row.mean() * n_groups, output, recorded, n_groups
+
+
+def _first_group(obj: Any, b: int, g: int) -> Any:
+    """The rows of the first feature group in every tensor of a (nested) output of B·G rows."""
+    if isinstance(obj, Tensor) and obj.ndim and obj.shape[0] == b * g:
+        return obj.view(b, g, *obj.shape[1:])[:, 0]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_group(o, b, g) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _first_group(v, b, g) for k, v in obj.items()}
+    return obj
 
 
 # --------------------------------------------------------------------------- RRR

@@ -44,6 +44,8 @@ class Penalty(ABC):
     name: ClassVar[str] = "penalty"
     needs_mask: ClassVar[bool] = True
     needs_targets: ClassVar[bool] = False
+    #: whether :meth:`with_output` gives the model's output of the batch from the penalty's own pass
+    serves_forward: ClassVar[bool] = False
 
     def __init__(self, keep_norm_stats: bool = True, seed: int = 0) -> None:
         self.keep_norm_stats = keep_norm_stats
@@ -77,6 +79,14 @@ class Penalty(ABC):
         with keyed_output(model, output_key) as called:
             return self.compute(called, inputs, targets, mask, seed=self.seed + int(step))
 
+    def with_output(
+        self, model: nn.Module, inputs: Tensor, targets: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Any, list, int]:
+        """``(penalty, output, norm_stats, replicas)``: the penalty and the model's output for ``inputs`` from the
+        same pass, with the BatchNorm statistics that pass recorded (see
+        :func:`~explain_callbacks.interaction.cd.update_norm_stats`); only where :attr:`serves_forward`."""
+        raise NotImplementedError(f"The {self.name} penalty does not compute the model's output.")
+
     @abstractmethod
     def compute(
         self, model: nn.Module, inputs: Tensor, targets: Tensor | None, mask: Tensor | None, *, seed: int
@@ -96,6 +106,7 @@ class CDEPPenalty(Penalty):
     :func:`~explain_callbacks.regularize.functional.cdep_penalty`."""
 
     name = "cdep"
+    serves_forward = True
 
     def __init__(self, form: str = "softmax", keep_norm_stats: bool = True, bias_at_zero: str = "rest") -> None:
         super().__init__(keep_norm_stats=keep_norm_stats)
@@ -112,6 +123,20 @@ class CDEPPenalty(Penalty):
         return RF.cdep_penalty(
             model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats, bias_at_zero=self.bias_at_zero
         )
+
+    def with_output(self, model, inputs, targets=None, mask=None):
+        """The penalty and the model's output of ``inputs`` from one CD pass (:func:`RF.cdep_terms`)."""
+        if mask is None:
+            raise ValueError(f"The {self.name} penalty needs a mask of the penalised features; pass mask=.")
+        RF.check_penalty_inputs(inputs, "CDEP penalty")
+        check_floating(inputs)
+        self._calls += 1
+        if inputs.ndim > 0 and inputs.shape[0] == 0:  # no pass to serve: the caller runs the model's forward
+            return RF.zero_penalty(model, inputs), None, [], 1
+        return RF.cdep_terms(
+            model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats,
+            bias_at_zero=self.bias_at_zero, streams="total", stats=True,
+        )  # fmt: skip
 
 
 @PENALTIES.register("rrr", "right_reasons")
