@@ -13,11 +13,19 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.layout import StepsLast, reads_channels_first
-from ..._internal.masks import OUTPUTS, score_outputs
+from ..._internal.masks import OUTPUTS, score_outputs, score_seed
 from ..._internal.outputs import read_scores
 from ..base import Attributor
 
-__all__ = ["AdamState", "PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
+__all__ = [
+    "AdamState",
+    "PerturbationAttributor",
+    "grad_scores",
+    "mask_resolution",
+    "score_grad",
+    "total_variation",
+    "upsample_mask",
+]
 
 
 class PerturbationAttributor(Attributor):
@@ -116,14 +124,9 @@ def grad_scores(
     with torch.enable_grad():
         for sl in chunks(x.shape[0], batch_size):
             xc = x[sl].detach().requires_grad_(True)
-            raw = read_scores(model(xc))
-            y = score_outputs(raw, None if target is None else target[sl], output)
-            require_graph(y)
-            (g,) = torch.autograd.grad(y.sum(), xc, allow_unused=True)
-            if g is None:
-                raise not_differentiable()
+            g, y, raw = score_grad(model, xc, None if target is None else target[sl], output)
             grads.append(g)
-            outs.append(y.detach())
+            outs.append(y)
             if return_argmax:
                 multi = raw.ndim == 2 and raw.shape[1] > 1
                 preds.append(raw.detach().argmax(1) if multi else torch.full_like(y, -1, dtype=torch.long))
@@ -134,6 +137,31 @@ def grad_scores(
     if return_argmax:
         return cat(grads), cat(outs), cat(preds)
     return cat(grads), cat(outs)
+
+
+def score_grad(
+    model: nn.Module, x: Tensor, target: object, output: str, *, read: bool = True
+) -> tuple[Tensor, Tensor, Any]:
+    """(∂f/∂x, f, the model's output) of the explained scalar f per row for ``x`` that requires grad: one
+    forward and one input-gradient backward, the scalar's own gradient seeded in closed form where
+    :func:`~explain_callbacks._internal.masks.score_seed` has it (bit-identical, fewer autograd nodes), else
+    differentiated. ``read``: the output goes through ``read_scores`` first (else a target operator reads
+    it as returned). Run it with grad enabled; ∂f/∂x and f are detached."""
+    raw = model(x)
+    if read:
+        raw = read_scores(raw)
+    seed = score_seed(raw, target, output)
+    if seed is None:
+        y = score_outputs(raw, target, output)
+        require_graph(y)
+        (g,) = torch.autograd.grad(y.sum(), x, allow_unused=True)
+    else:
+        y, dz = seed
+        require_graph(raw)
+        (g,) = torch.autograd.grad(raw, x, dz, allow_unused=True)
+    if g is None:
+        raise not_differentiable()
+    return g, y.detach(), raw
 
 
 def total_variation(m: Tensor, beta: float = 2.0) -> Tensor:

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
-from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.layout import check_channels_first
-from ..._internal.masks import make_substrate, score_outputs
+from ..._internal.masks import make_substrate
 from ..._internal.registry import ATTRIBUTIONS
-from ._common import AdamState, PerturbationAttributor, _interp_matrix, mask_resolution
+from ._common import AdamState, PerturbationAttributor, _interp_matrix, mask_resolution, score_grad
 
 __all__ = ["MeaningfulPerturbation", "extremal_perturbation"]
 
@@ -287,11 +286,7 @@ class _MaskProblem:
             ups = m
         pert = torch.addcmul(sub, diff, ups).requires_grad_(True)  # Φ = P s + P(x − s) ⊙ (S_0 m S_1ᵀ)
         with torch.enable_grad():
-            f = score_outputs(model(pert), target, mp.output)
-            require_graph(f)
-            (g,) = torch.autograd.grad(f.sum(), pert, allow_unused=True)
-            if g is None:
-                raise not_differentiable()
+            g = score_grad(model, pert, target, mp.output, read=False)[0]
         gd = g.mul_(diff)
         if k and gd.shape[1] > 1:
             gd = gd.sum(1, keepdim=True)
