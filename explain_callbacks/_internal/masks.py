@@ -382,7 +382,9 @@ def score_outputs(out: Tensor, target: Tensor | None, output: str = "logit") -> 
     return select_output(z, target)
 
 
-def score_seed(out: object, target: object, output: str) -> tuple[Tensor, Tensor] | None:
+def score_seed(
+    out: object, target: object, output: str, onehot: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
     """The explained scalar f per row of a (N, K > 1) class-score output at class indices ``target`` (N,),
     and its gradient ∂f/∂out, both outside autograd: ``torch.autograd.grad(out, x, seed)`` then gives
     ∂f/∂x with the model's own backward pass alone, without the nodes of the softmax, the gather and the
@@ -392,7 +394,8 @@ def score_seed(out: object, target: object, output: str) -> tuple[Tensor, Tensor
     one-hot e_t (what the gather's backward scatters); ``softmax`` seeds ``(e_t − p_t)·p``, the softmax
     backward of a one-hot, ``(g − Σ g·p)·p`` with Σ g·p = p_t exactly. None for every other case (target
     operators, single-output or dense outputs, ``log_softmax``, ``sigmoid``): the caller differentiates
-    :func:`score_outputs`.
+    :func:`score_outputs`. ``onehot``: e_t of these rows when the caller holds it (a loop over steps with
+    fixed targets builds it once).
     """
     if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2:
         return None
@@ -405,12 +408,13 @@ def score_seed(out: object, target: object, output: str) -> tuple[Tensor, Tensor
     with torch.no_grad():
         z = out.detach()
         idx = target.view(-1, 1)
-        onehot = torch.zeros_like(z).scatter_(1, idx, 1.0)
+        if onehot is None or onehot.shape != z.shape:
+            onehot = torch.zeros_like(z).scatter_(1, idx, 1.0)
         if output == "logit":
             return z.gather(1, idx).view(-1), onehot
         p = z.softmax(1)
         pt = p.gather(1, idx)
-        return pt.view(-1), onehot.sub_(pt).mul_(p)
+        return pt.view(-1), torch.sub(onehot, pt).mul_(p)
 
 
 def fit_budget(

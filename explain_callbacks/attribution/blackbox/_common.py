@@ -113,9 +113,11 @@ def grad_scores(
     batch_size: int | None,
     *,
     return_argmax: bool = False,
+    onehot: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Per-row input gradient of the explained scalar and the scalar itself (and, with
-    ``return_argmax``, the model's arg-max class, −1 for single-output models), chunked by ``batch_size``.
+    ``return_argmax``, the model's arg-max class, −1 for single-output models), chunked by ``batch_size``;
+    ``onehot``: the targets' one-hot rows (N, K), when the caller holds them (:func:`score_grad`).
 
     Rows must be independent (eval-mode BatchNorm). Uses ``torch.autograd.grad`` (parameter ``.grad``
     untouched); the results are detached.
@@ -124,7 +126,8 @@ def grad_scores(
     with torch.enable_grad():
         for sl in chunks(x.shape[0], batch_size):
             xc = x[sl].detach().requires_grad_(True)
-            g, y, raw = score_grad(model, xc, None if target is None else target[sl], output)
+            oh = None if onehot is None else onehot[sl]
+            g, y, raw = score_grad(model, xc, None if target is None else target[sl], output, onehot=oh)
             grads.append(g)
             outs.append(y)
             if return_argmax:
@@ -140,17 +143,18 @@ def grad_scores(
 
 
 def score_grad(
-    model: nn.Module, x: Tensor, target: object, output: str, *, read: bool = True
+    model: nn.Module, x: Tensor, target: object, output: str, *, read: bool = True, onehot: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Any]:
     """(∂f/∂x, f, the model's output) of the explained scalar f per row for ``x`` that requires grad: one
     forward and one input-gradient backward, the scalar's own gradient seeded in closed form where
     :func:`~explain_callbacks._internal.masks.score_seed` has it (bit-identical, fewer autograd nodes), else
     differentiated. ``read``: the output goes through ``read_scores`` first (else a target operator reads
-    it as returned). Run it with grad enabled; ∂f/∂x and f are detached."""
+    it as returned); ``onehot``: the targets' one-hot rows, when the caller holds them. Run it with grad
+    enabled; ∂f/∂x and f are detached."""
     raw = model(x)
     if read:
         raw = read_scores(raw)
-    seed = score_seed(raw, target, output)
+    seed = score_seed(raw, target, output, onehot)
     if seed is None:
         y = score_outputs(raw, target, output)
         require_graph(y)
