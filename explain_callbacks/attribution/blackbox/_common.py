@@ -23,6 +23,7 @@ __all__ = [
     "grad_scores",
     "mask_resolution",
     "score_grad",
+    "target_onehot",
     "total_variation",
     "upsample_mask",
 ]
@@ -166,6 +167,17 @@ def score_grad(
     if g is None:
         raise not_differentiable()
     return g, y.detach(), raw
+
+
+def target_onehot(out: object, target: object) -> Tensor | None:
+    """The one-hot rows (N, K) of class indices ``target`` (N,) for a (N, K > 1) output like ``out``: built
+    once by a loop over steps with fixed targets, for :func:`score_grad`'s seed; None where the target is
+    not class indices or the output not K > 1 class scores (the seed then decides per call)."""
+    if not isinstance(target, Tensor) or target.ndim != 1 or target.is_floating_point():
+        return None
+    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2 or out.shape[0] != target.shape[0]:
+        return None
+    return torch.zeros(out.shape, dtype=out.dtype, device=out.device).scatter_(1, target.view(-1, 1), 1.0)
 
 
 def total_variation(m: Tensor, beta: float = 2.0) -> Tensor:

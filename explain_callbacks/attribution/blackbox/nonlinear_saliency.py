@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, output_width
 from ..._internal.registry import ATTRIBUTIONS
-from ._common import PerturbationAttributor, grad_scores
+from ._common import PerturbationAttributor, grad_scores, target_onehot
 
 __all__ = ["NonlinearSaliency"]
 
@@ -77,17 +77,6 @@ class NonlinearSaliency(PerturbationAttributor):
     def n_forwards(self, input_shape: tuple[int, ...]) -> int:
         return self.max_steps + 1
 
-    @staticmethod
-    def _onehot(model: nn.Module, target: Tensor | None, x: Tensor) -> Tensor | None:
-        """The targets' one-hot rows (B, K) for the seeded score gradient, built once rather than once per
-        step, for class indices of a K-class output; None otherwise (``score_seed`` then decides per call)."""
-        if not isinstance(target, Tensor) or target.ndim != 1 or target.is_floating_point():
-            return None
-        k = output_width(model, x)
-        if not k or k < 2:
-            return None
-        return torch.zeros((x.shape[0], k), dtype=x.dtype, device=x.device).scatter_(1, target.view(-1, 1), 1.0)
-
     def attribute(
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, *, create_graph: bool = False
     ) -> Tensor:
@@ -110,7 +99,9 @@ class NonlinearSaliency(PerturbationAttributor):
         steps = torch.zeros(b, dtype=torch.long, device=x0.device)
         act = torch.arange(b, device=x0.device)
         p0, tgt = pred0, target
-        onehot = self._onehot(model, target, x0)
+        # the targets' one-hot for the seeded score gradient, built once (the output width is cached per module)
+        width = output_width(model, x0) if isinstance(model, nn.Module) else None
+        onehot = target_onehot(x0.new_empty((b, width)), target) if width else None
         done = sv[:, 1] <= 1e-12  # no gradient: nowhere to go
         for step in range(self.max_steps + 1):
             if step == self.max_steps:
