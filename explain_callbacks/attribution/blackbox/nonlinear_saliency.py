@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, output_width
+from ..._internal.batching import BatchSize
 from ..._internal.registry import ATTRIBUTIONS
-from ._common import PerturbationAttributor, grad_scores, target_onehot
+from ._common import PerturbationAttributor, grad_scores
 
 __all__ = ["NonlinearSaliency"]
 
@@ -89,52 +89,45 @@ class NonlinearSaliency(PerturbationAttributor):
         g, f0, pred0 = grad_scores(model, x0, target, self.output, self.batch_size, return_argmax=True)
         classify = self.stop_on_class_change and bool((pred0 >= 0).all())
         g = g.reshape(b, -1)
-        # The state of the samples still moving, packed so that dropping the stopped ones (on the steps
-        # where some stop) is one index per tensor: st (3, n, d) = [x, ∇f_c, ∫], each row block contiguous;
-        # sv (n, 4) = [f_c, ‖∇f_c‖, −h, the stopping threshold of f_c]. Results are written when a sample stops.
-        st = torch.stack([flat0, g, torch.zeros_like(flat0)])
-        sv = torch.stack([f0, g.norm(dim=1), -h, f0 - self.drop * f0.abs()], 1)
-        res = torch.empty_like(st)
-        f = f0.clone()
+        # Outputs, written when a sample stops; the state of the samples still moving is kept compact
+        # (re-indexed only on the steps where some sample stops).
+        x, f = flat0.clone(), f0.clone()
+        integral = torch.zeros_like(flat0)
         steps = torch.zeros(b, dtype=torch.long, device=x0.device)
         act = torch.arange(b, device=x0.device)
-        p0, tgt = pred0, target
-        # the targets' one-hot for the seeded score gradient, built once (the output width is cached per module)
-        width = output_width(model, x0) if isinstance(model, nn.Module) else None
-        onehot = target_onehot(x0.new_empty((b, width)), target) if width else None
-        done = sv[:, 1] <= 1e-12  # no gradient: nowhere to go
+        xa, ga, fa, ia = flat0, g, f0, torch.zeros_like(flat0)
+        gna = ga.norm(dim=1, keepdim=True)
+        state = {
+            "thr": f0 - self.drop * f0.abs(),
+            "p0": pred0,
+            "h": h.unsqueeze(1),
+            "tgt": target,
+        }
+        done = gna.squeeze(1) <= 1e-12  # no gradient: nowhere to go
         for step in range(self.max_steps + 1):
             if step == self.max_steps:
                 done = torch.ones_like(done)
             if bool(done.any()):
                 fin = done.nonzero().squeeze(1)
                 ids = act[fin]
-                res[:, ids] = st[:, fin]
-                f[ids] = sv[fin, 0]
-                steps[ids] = step
+                x[ids], f[ids], integral[ids], steps[ids] = xa[fin], fa[fin], ia[fin], step
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
-                act, st, sv, p0 = act[keep], st[:, keep], sv[keep], p0[keep]
-                tgt = None if tgt is None else tgt[keep]
-                onehot = None if onehot is None else onehot[keep]
-            xa, ga, ia = st
-            dx = ga * (sv[:, 2:3] / sv[:, 1:2])  # a step of length h down the gradient
-            nxt = torch.empty_like(st)
-            torch.add(xa, dx, out=nxt[0])
+                act, xa, ga, gna, fa, ia = act[keep], xa[keep], ga[keep], gna[keep], fa[keep], ia[keep]
+                state = {k: None if v is None else v[keep] for k, v in state.items()}
+            dx = ga * (-state["h"] / gna)
+            xa = xa + dx
             g_new, fa, pred = grad_scores(
-                model, nxt[0].view(-1, *x0.shape[1:]), tgt, self.output, self.batch_size, return_argmax=True,
-                onehot=onehot,
-            )  # fmt: skip
-            nxt[1] = g_new.reshape(act.numel(), -1)
-            torch.addcmul(ia, ga + nxt[1], dx, value=0.5, out=nxt[2])  # trapezoid rule: ½ (g_k + g_k+1) · Δx
-            st = nxt
-            sv[:, 0] = fa
-            sv[:, 1] = nxt[1].norm(dim=1)
-            done = (fa <= sv[:, 3]) | (sv[:, 1] <= 1e-12)
+                model, xa.reshape(-1, *x0.shape[1:]), state["tgt"], self.output, self.batch_size, return_argmax=True
+            )
+            g_new = g_new.reshape(act.numel(), -1)
+            ia = ia.addcmul(ga + g_new, dx, value=0.5)  # trapezoid rule: ½ (g_k + g_k+1) · Δx
+            ga = g_new
+            gna = ga.norm(dim=1, keepdim=True)
+            done = (fa <= state["thr"]) | (gna.squeeze(1) <= 1e-12)
             if classify:
-                done |= pred != p0
-        x, integral = res[0], res[2]
+                done = done | (pred != state["p0"])
         disp = x - flat0
         dist2 = disp.pow(2).sum(1, keepdim=True)
         secant = torch.where(dist2 > 0, -disp * (f0 - f).unsqueeze(1) / dist2.clamp_min(1e-30), torch.zeros_like(disp))
