@@ -91,6 +91,51 @@ def test_masked_scores_equal_one_call_per_mask(monkeypatch, substrate, small_blo
         assert len({msl.start for _, msl in seen}) > 3
 
 
+@pytest.mark.parametrize(("b", "bs", "zero"), [(8, 18, True), (5, 3, False), (6, 6, True), (4, 1000, False)])
+def test_masked_scores_flat_calls_of_exactly_batch_size_rows(monkeypatch, b, bs, zero):
+    # the (mask, sample) rows are one flat sequence cut into calls of batch_size rows: B = 8 and
+    # batch_size=18 give calls of 18 rows (whole masks would give 16), B = 5 and 3 rows cut masks apart
+    monkeypatch.setattr(masks_mod, "ROW_ELEMENTS", 200)  # several blocks, each a whole number of calls
+    model = _mlp()
+    sizes: list[int] = []
+    h = model.register_forward_pre_hook(lambda _m, a: sizes.append(a[0].shape[0]))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, 6, generator=g)
+    t = torch.arange(b) % 3
+    n = 11
+    all_masks = torch.rand(n, 6, generator=g)
+    s = torch.zeros_like(x) if zero else make_substrate(x, "mean")
+    seen = torch.zeros(b, n, dtype=torch.long)
+    fm = torch.zeros(b, 6, dtype=torch.float64)
+
+    def accumulate(ssl, msl, m, sc):
+        assert m.shape[0] == msl.stop - msl.start and sc.shape == (ssl.stop - ssl.start, m.shape[0])
+        seen[ssl, msl] += 1
+        fm[ssl] += sc.double() @ m.double()
+
+    got = masked_scores(model, x, t, n, lambda sl: all_masks[sl], s, batch_size=bs, output="softmax",
+                        accumulate=accumulate)  # fmt: skip
+    h.remove()
+    rows = n * b
+    assert sizes == [min(bs, rows)] * (rows // min(bs, rows)) + ([rows % bs] if rows % min(bs, rows) else [])
+    want = _naive_scores(model, x, t, all_masks, s, "softmax")
+    _close(got, want)
+    assert bool((seen == 1).all())
+    _close(fm, want.double() @ all_masks.double())
+
+
+def test_masked_scores_with_a_target_operator_cut_across_masks():
+    from explain_callbacks.targets import ClassTarget
+
+    model = _mlp()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([2, 0, 1, 1, 0])
+    masks = torch.rand(7, 6, generator=torch.Generator().manual_seed(6))
+    op = ClassTarget(t).bind(5)
+    got = masked_scores(model, x, op, 7, lambda sl: masks[sl], None, batch_size=4, output="softmax")
+    _close(got, _naive_scores(model, x, t, masks, torch.zeros_like(x), "softmax"))
+
+
 def test_masked_scores_render_masks_once_per_block_not_per_call():
     model = _mlp()
     x = torch.rand(4, 6)

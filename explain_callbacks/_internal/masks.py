@@ -51,6 +51,7 @@ __all__ = [
     "resize_map",
     "sample_designs",
     "score_outputs",
+    "score_seed",
     "sobol_points",
 ]
 
@@ -59,6 +60,8 @@ UPSAMPLING = ("nearest", "bilinear", "bicubic")
 SUBSTRATES = ("zeros", "mean", "blur")
 #: mask elements rendered at a time by :func:`masked_scores` (16 MiB of float32)
 RENDER_ELEMENTS = 1 << 22
+#: input elements of the perturbed rows :func:`masked_scores` builds at a time (16 MiB of float32)
+ROW_ELEMENTS = 1 << 22
 #: model-output elements held by :func:`masked_scores` before scoring them in one go
 SCORE_ELEMENTS = 1 << 20
 OUTPUTS = ("auto", "logit", "softmax", "log_softmax", "sigmoid")
@@ -379,6 +382,41 @@ def score_outputs(out: Tensor, target: Tensor | None, output: str = "logit") -> 
     return select_output(z, target)
 
 
+def score_seed(
+    out: object, target: object, output: str, onehot: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """The explained scalar f per row of a (N, K > 1) class-score output at class indices ``target`` (N,),
+    and its gradient ∂f/∂out, both outside autograd: ``torch.autograd.grad(out, x, seed)`` then gives
+    ∂f/∂x with the model's own backward pass alone, without the nodes of the softmax, the gather and the
+    sum of :func:`score_outputs` (on a small MLP they cost a quarter of its forward+backward).
+
+    Equal bit for bit to differentiating ``score_outputs(out, target, output).sum()``: ``logit`` seeds the
+    one-hot e_t (what the gather's backward scatters); ``softmax`` seeds ``(e_t − p_t)·p``, the softmax
+    backward of a one-hot, ``(g − Σ g·p)·p`` with Σ g·p = p_t exactly. None for every other case (target
+    operators, single-output or dense outputs, ``log_softmax``, ``sigmoid``): the caller differentiates
+    :func:`score_outputs`. ``onehot``: e_t of these rows when the caller holds it (a loop over steps with
+    fixed targets builds it once).
+    """
+    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2:
+        return None
+    if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] != out.shape[0]:
+        return None
+    if output == "auto":
+        output = "softmax"  # score_outputs' choice for a classifier
+    if output not in ("logit", "softmax"):
+        return None
+    with torch.no_grad():
+        z = out.detach()
+        idx = target.view(-1, 1)
+        if onehot is None or onehot.shape != z.shape:
+            onehot = torch.zeros_like(z).scatter_(1, idx, 1.0)
+        if output == "logit":
+            return z.gather(1, idx).view(-1), onehot
+        p = z.softmax(1)
+        pt = p.gather(1, idx)
+        return pt.view(-1), torch.sub(onehot, pt).mul_(p)
+
+
 def fit_budget(
     requested: int,
     *,
@@ -431,76 +469,120 @@ def masked_scores(
 ) -> Tensor:
     """Scores ``f_c(s + (x − s) ⊙ M_k)`` for every sample x (B) and mask M_k (n_masks): (B, n_masks).
 
+    The n_masks·B (mask, sample) rows are one flat, mask-major sequence (all samples for mask k, then
+    mask k+1), cut into model calls of exactly ``batch_size`` rows (the last one shorter), whatever B:
+    a call may span masks, or part of a mask's samples, so it is never smaller than asked for (B = 8 and
+    ``batch_size=18`` gives calls of 18 rows, not 16) nor larger (B = 32 and ``batch_size=18``: calls of
+    18 rows, not 32), and calls far larger than B are possible.
+    Calls are grouped in blocks of about :data:`ROW_ELEMENTS` input elements: each block renders its
+    masks once and builds its rows in a few tensor operations into one buffer reused by every block
+    (memory bounded by the block, not by the number of masks).
+
     Args:
         render: ``render(mask_slice)`` returns the full-resolution masks of that slice, shape
             (k, *per-sample mask shape) broadcastable to one input sample (e.g. (k,1,H,W) for images).
-            It is called once per block of masks that serves several model calls (about
-            :data:`RENDER_ELEMENTS` mask elements, a whole number of calls), so rendering costs a few
-            tensor operations per block rather than per call, and memory stays bounded. It must treat
-            masks independently (the masks of a slice do not depend on how the range is cut).
+            It is called once per block (at most about :data:`RENDER_ELEMENTS` mask elements, a whole
+            number of calls), so rendering costs a few tensor operations per block rather than per call.
+            It must treat masks independently (the masks of a slice do not depend on how the range is
+            cut); neighbouring blocks may both render a mask whose samples they share.
         substrate: (B, ...) fill of the masked-out part; zeros when None (x ⊙ M).
-        batch_size: at most this many rows per model call: samples are taken in blocks of
-            min(B, batch_size) and masks in chunks of batch_size // block.
+        batch_size: at most this many rows per model call (None: all rows in one call).
         accumulate: optional ``accumulate(sample_slice, mask_slice, masks, scores)`` called with the
-            rendered masks and the (block, k) scores of consecutive model calls (one group of at most
+            rendered masks of ``mask_slice`` and their (samples, masks) scores, once for every (sample,
+            mask) pair, in rectangles of consecutive rows (one group of calls of at most
             :data:`SCORE_ELEMENTS` output elements, scored together), e.g. to sum f · M (RISE).
-
-    Rows within a call are mask-major (all samples of a block for mask k, then mask k+1).
     """
     b = inputs.shape[0]
-    bs = b if not batch_size else max(1, min(b, int(batch_size)))
-    per_call = n_masks if not batch_size else max(1, int(batch_size) // bs)
+    n_rows = n_masks * b
     x = inputs.detach()
-    zero_fill = substrate is None or not bool(substrate.detach().any())  # x ⊙ M: one multiply per call
+    out = torch.empty((n_masks, b), device=x.device, dtype=x.dtype)  # mask-major, as the flat rows
+    if n_rows == 0:
+        return out.t().contiguous()
+    bs = n_rows if not batch_size else max(1, min(n_rows, int(batch_size)))
+    zero_fill = substrate is None or not bool(substrate.detach().any())  # x ⊙ M: one multiply per block
     s = None if zero_fill else substrate.detach()
     diff = x if s is None else x - s
-    out = torch.empty((n_masks, b), device=x.device, dtype=x.dtype)  # mask-major, as the rows of a call
-    # Masks are rendered for several model calls at once (a whole multiple of per_call, about
-    # RENDER_ELEMENTS mask elements): rendering is a handful of tensor ops whatever the count, so
-    # per call they cost as much as a small model's forward (a tabular MLP spends 0.3 µs per row).
+    per_row = max(1, x[0].numel())
     per_mask = max(1, math.prod(x.shape[2:]) if x.ndim > 2 else x.shape[1])
-    per_render = min(n_masks, per_call * max(1, RENDER_ELEMENTS // max(per_mask * per_call, 1)))
-    for rsl in chunks(n_masks, per_render):
-        rendered = render(rsl).to(device=x.device, dtype=x.dtype)
-        n_r = rsl.stop - rsl.start
-        for ssl in chunks(b, bs):
+    # A block: a whole number of calls, about ROW_ELEMENTS input elements and RENDER_ELEMENTS mask
+    # elements (its masks: rows / B, plus the partial masks at its two ends).
+    calls = min(ROW_ELEMENTS // (bs * per_row), (RENDER_ELEMENTS // per_mask - 2) * b // bs)
+    block = min(n_rows, bs * max(1, calls))
+    buf = torch.empty((block, *x.shape[1:]), device=x.device, dtype=x.dtype)
+    flat_out = out.view(-1)
+    for r0 in range(0, n_rows, block):
+        r1 = min(r0 + block, n_rows)
+        m0, m1 = r0 // b, -(-r1 // b)
+        rendered = render(slice(m0, m1)).to(device=x.device, dtype=x.dtype)
+        rows = buf[: r1 - r0]
+        for msl, ssl, rsl in _rectangles(r0, r1, b):
+            m = rendered[msl.start - m0 : msl.stop - m0].unsqueeze(1)  # (k, 1, ...)
             d_s = diff[ssl]
-            s_s = None if s is None else s[ssl]
-            raw: list[Tensor] = []  # raw outputs of consecutive calls, scored together
-            done = 0  # masks of this render block scored so far
-            held = 0  # output elements held in raw
-            for csl in chunks(n_r, per_call):
-                m = rendered[csl].unsqueeze(1)
-                rows = d_s * m if s_s is None else torch.addcmul(s_s, d_s, m)  # (k, nb, ...)
-                raw.append(read_scores(model(rows.reshape(-1, *x.shape[1:]))))
-                held += raw[-1].numel()
-                if held >= SCORE_ELEMENTS or csl.stop == n_r:
-                    # the target's score (softmax, gather) once per group of calls, not per call
-                    _score_group(raw, rendered[done : csl.stop], target, ssl, output, out, rsl.start + done, accumulate)
-                    raw, done, held = [], csl.stop, 0
+            dst = rows[rsl].view(msl.stop - msl.start, ssl.stop - ssl.start, *x.shape[1:])
+            if s is None:
+                torch.mul(d_s, m, out=dst)
+            else:
+                torch.addcmul(s[ssl], d_s, m, out=dst)
+        raw: list[Tensor] = []  # raw outputs of consecutive calls, scored together
+        g0, held = r0, 0  # first row of the group, output elements held in raw
+        for c0 in range(r0, r1, bs):
+            c1 = min(c0 + bs, r1)
+            raw.append(read_scores(model(rows[c0 - r0 : c1 - r0])))
+            held += raw[-1].numel()
+            if held >= SCORE_ELEMENTS or c1 == r1:  # the target's score once per group of calls, not per call
+                _score_group(raw, rendered, m0, target, g0, c1, b, output, flat_out, accumulate)
+                raw, g0, held = [], c1, 0
     return out.t().contiguous()
+
+
+def _rectangles(r0: int, r1: int, b: int) -> list[tuple[slice, slice, slice]]:
+    """The flat mask-major rows [r0, r1) of B samples per mask as at most three rectangles
+    (masks, samples, their rows relative to r0): a partial first mask, whole masks, a partial last mask."""
+    rects = []
+    m, i = divmod(r0, b)
+    r = r0
+    if i:  # the rest of mask m's samples
+        j = min(b, i + r1 - r0)
+        rects.append((slice(m, m + 1), slice(i, j), slice(0, j - i)))
+        r, m = r + j - i, m + 1
+    k = (r1 - r) // b
+    if k:
+        rects.append((slice(m, m + k), slice(0, b), slice(r - r0, r - r0 + k * b)))
+        r, m = r + k * b, m + k
+    if r < r1:
+        rects.append((slice(m, m + 1), slice(0, r1 - r), slice(r - r0, r1 - r0)))
+    return rects
 
 
 def _score_group(
     raw: list[Tensor],
-    masks: Tensor,
-    target: Tensor | None,
-    ssl: slice,
-    output: str,
-    out: Tensor,
+    rendered: Tensor,
     m0: int,
+    target: Tensor | None,
+    g0: int,
+    g1: int,
+    b: int,
+    output: str,
+    flat_out: Tensor,
     accumulate: Callable[[slice, slice, Tensor, Tensor], None] | None,
 ) -> None:
-    """Scores of the outputs ``raw`` of consecutive calls (masks ``m0 ...`` of samples ``ssl``, rows
-    mask-major) into ``out`` (n_masks, B), and the ``accumulate`` callback on them."""
-    nb, k = ssl.stop - ssl.start, masks.shape[0]
+    """Scores of the outputs ``raw`` of consecutive calls (the flat rows [g0, g1), mask-major) into
+    ``flat_out`` (the (n_masks, B) scores, flattened), and the ``accumulate`` callback on them; ``rendered``
+    holds the masks from ``m0`` on."""
     z = raw[0] if len(raw) == 1 else torch.cat(raw)
-    tgt = None if target is None else target[ssl].repeat(k)
-    sc = score_outputs(z, tgt, output).view(k, nb)
-    msl = slice(m0, m0 + k)
-    out[msl, ssl] = sc
+    tgt = None
+    if target is not None and g0 % b == 0 and g1 % b == 0:  # whole masks: the targets repeated
+        tgt = target.repeat((g1 - g0) // b)
+    elif target is not None:  # a target operator indexes its rows with a CPU index
+        idx = torch.arange(g0, g1, device=target.device if isinstance(target, Tensor) else "cpu") % b
+        tgt = target[idx]
+    sc = score_outputs(z, tgt, output).reshape(-1)
+    flat_out[g0:g1] = sc
     if accumulate is not None:
-        accumulate(ssl, msl, masks, sc.t())
+        for msl, ssl, rsl in _rectangles(g0, g1, b):
+            k, nb = msl.stop - msl.start, ssl.stop - ssl.start
+            masks = rendered[msl.start - m0 : msl.stop - m0]
+            accumulate(ssl, msl, masks, sc[rsl].view(k, nb).t())
 
 
 @torch.no_grad()

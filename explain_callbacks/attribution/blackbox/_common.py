@@ -13,11 +13,20 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.layout import StepsLast, reads_channels_first
-from ..._internal.masks import OUTPUTS, score_outputs
+from ..._internal.masks import OUTPUTS, score_outputs, score_seed
 from ..._internal.outputs import read_scores
 from ..base import Attributor
 
-__all__ = ["AdamState", "PerturbationAttributor", "grad_scores", "mask_resolution", "total_variation", "upsample_mask"]
+__all__ = [
+    "AdamState",
+    "PerturbationAttributor",
+    "grad_scores",
+    "mask_resolution",
+    "score_grad",
+    "target_onehot",
+    "total_variation",
+    "upsample_mask",
+]
 
 
 class PerturbationAttributor(Attributor):
@@ -105,9 +114,11 @@ def grad_scores(
     batch_size: int | None,
     *,
     return_argmax: bool = False,
+    onehot: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Per-row input gradient of the explained scalar and the scalar itself (and, with
-    ``return_argmax``, the model's arg-max class, −1 for single-output models), chunked by ``batch_size``.
+    ``return_argmax``, the model's arg-max class, −1 for single-output models), chunked by ``batch_size``;
+    ``onehot``: the targets' one-hot rows (N, K), when the caller holds them (:func:`score_grad`).
 
     Rows must be independent (eval-mode BatchNorm). Uses ``torch.autograd.grad`` (parameter ``.grad``
     untouched); the results are detached.
@@ -116,14 +127,10 @@ def grad_scores(
     with torch.enable_grad():
         for sl in chunks(x.shape[0], batch_size):
             xc = x[sl].detach().requires_grad_(True)
-            raw = read_scores(model(xc))
-            y = score_outputs(raw, None if target is None else target[sl], output)
-            require_graph(y)
-            (g,) = torch.autograd.grad(y.sum(), xc, allow_unused=True)
-            if g is None:
-                raise not_differentiable()
+            oh = None if onehot is None else onehot[sl]
+            g, y, raw = score_grad(model, xc, None if target is None else target[sl], output, onehot=oh)
             grads.append(g)
-            outs.append(y.detach())
+            outs.append(y)
             if return_argmax:
                 multi = raw.ndim == 2 and raw.shape[1] > 1
                 preds.append(raw.detach().argmax(1) if multi else torch.full_like(y, -1, dtype=torch.long))
@@ -134,6 +141,43 @@ def grad_scores(
     if return_argmax:
         return cat(grads), cat(outs), cat(preds)
     return cat(grads), cat(outs)
+
+
+def score_grad(
+    model: nn.Module, x: Tensor, target: object, output: str, *, read: bool = True, onehot: Tensor | None = None
+) -> tuple[Tensor, Tensor, Any]:
+    """(∂f/∂x, f, the model's output) of the explained scalar f per row for ``x`` that requires grad: one
+    forward and one input-gradient backward, the scalar's own gradient seeded in closed form where
+    :func:`~explain_callbacks._internal.masks.score_seed` has it (bit-identical, fewer autograd nodes), else
+    differentiated. ``read``: the output goes through ``read_scores`` first (else a target operator reads
+    it as returned); ``onehot``: the targets' one-hot rows, when the caller holds them. Run it with grad
+    enabled; ∂f/∂x and f are detached."""
+    raw = model(x)
+    if read:
+        raw = read_scores(raw)
+    seed = score_seed(raw, target, output, onehot)
+    if seed is None:
+        y = score_outputs(raw, target, output)
+        require_graph(y)
+        (g,) = torch.autograd.grad(y.sum(), x, allow_unused=True)
+    else:
+        y, dz = seed
+        require_graph(raw)
+        (g,) = torch.autograd.grad(raw, x, dz, allow_unused=True)
+    if g is None:
+        raise not_differentiable()
+    return g, y.detach(), raw
+
+
+def target_onehot(out: object, target: object) -> Tensor | None:
+    """The one-hot rows (N, K) of class indices ``target`` (N,) for a (N, K > 1) output like ``out``: built
+    once by a loop over steps with fixed targets, for :func:`score_grad`'s seed; None where the target is
+    not class indices or the output not K > 1 class scores (the seed then decides per call)."""
+    if not isinstance(target, Tensor) or target.ndim != 1 or target.is_floating_point():
+        return None
+    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2 or out.shape[0] != target.shape[0]:
+        return None
+    return torch.zeros(out.shape, dtype=out.dtype, device=out.device).scatter_(1, target.view(-1, 1), 1.0)
 
 
 def total_variation(m: Tensor, beta: float = 2.0) -> Tensor:

@@ -11,11 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
-from ..._internal.checks import not_differentiable, require_graph
 from ..._internal.layout import check_channels_first
-from ..._internal.masks import make_substrate, score_outputs
+from ..._internal.masks import make_substrate
 from ..._internal.registry import ATTRIBUTIONS
-from ._common import AdamState, PerturbationAttributor, _interp_matrix, mask_resolution
+from ._common import (
+    AdamState,
+    PerturbationAttributor,
+    _interp_matrix,
+    mask_resolution,
+    score_grad,
+    target_onehot,
+)
 
 __all__ = ["MeaningfulPerturbation", "extremal_perturbation"]
 
@@ -145,7 +151,10 @@ class MeaningfulPerturbation(PerturbationAttributor):
         sub = make_substrate(x, spec, sigma=self.blur_sigma)
         gen = self.generator(x.device)
         j = self.jitter if x.ndim > 2 else 0
-        shifts = torch.randint(-j, j + 1, (self.n_steps, 2), generator=gen, device=gen.device).tolist()
+        if j:
+            shifts = torch.randint(-j, j + 1, (self.n_steps, 2), generator=gen, device=gen.device).tolist()
+        else:  # no jitter (tabular inputs, or jitter=0): no draw
+            shifts = [[0, 0]] * self.n_steps
         out = []
         for sl in chunks(x.shape[0], self.batch_size):
             out.append(self._optimise(model, x[sl], sub[sl], None if target is None else target[sl], low, size, shifts))
@@ -199,6 +208,7 @@ class _MaskProblem:
         self, mp: MeaningfulPerturbation, x: Tensor, sub: Tensor, low: tuple[int, ...], size: tuple[int, ...]
     ) -> None:
         self.mp = mp
+        self.onehot: Tensor | None = None  # the targets' one-hot rows for the seeded score gradient
         self.k = k = x.ndim - 2 if x.ndim > 2 else 0  # spatial axes
         self.j = j = mp.jitter if k else 0
         self.size = size
@@ -287,11 +297,9 @@ class _MaskProblem:
             ups = m
         pert = torch.addcmul(sub, diff, ups).requires_grad_(True)  # Φ = P s + P(x − s) ⊙ (S_0 m S_1ᵀ)
         with torch.enable_grad():
-            f = score_outputs(model(pert), target, mp.output)
-            require_graph(f)
-            (g,) = torch.autograd.grad(f.sum(), pert, allow_unused=True)
-            if g is None:
-                raise not_differentiable()
+            g, _, raw = score_grad(model, pert, target, mp.output, read=False, onehot=self.onehot)
+        if self.onehot is None and t == 0:  # the same targets every step: their one-hot built once
+            self.onehot = target_onehot(raw, target)
         gd = g.mul_(diff)
         if k and gd.shape[1] > 1:
             gd = gd.sum(1, keepdim=True)
@@ -303,8 +311,8 @@ class _MaskProblem:
             grad = gd @ self.back[ix]
             up = ups if dx == 0 else self.upsample(m)
             grad.add_(self._smooth_grad(up) @ self.R[0])
-        else:
-            grad = gd.mul_(self.sign).add_(self.l1)
+        else:  # tabular: sign · g ⊙ (x − s) − λ1 (the sign is ±1: multiplying by +1 changes nothing)
+            grad = (gd if self.sign == 1.0 else gd.neg_()).add_(self.l1)
         if mp.variant == "extremal":
             flat = m.reshape(m.shape[0], -1)
             srt, idx = flat.sort(1)
