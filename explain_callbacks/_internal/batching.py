@@ -63,6 +63,7 @@ __all__ = [
     "known_rows",
     "map_chunks",
     "measure_clock",
+    "measuring_seconds",
     "model_facts",
     "output_width",
     "resolve_batch_size",
@@ -563,12 +564,24 @@ def choose_rows(
     elif _candidates(start, upper) == ([min(start, upper)], []):
         choice = RowsChoice(min(start, upper), "rule", kind, reason="the only candidate within the memory bound")
     else:
+        began = time.perf_counter()
         try:
             choice = _measure(model, inputs, kind, start, upper)  # type: ignore[arg-type]
         except Exception as e:  # e.g. out of memory, an output that is not scores: the rule's choice
             choice = RowsChoice(min(start, upper), "rule", kind, reason=f"activation rule; measuring failed: {e}")
+        finally:
+            _MEASURING[0] += time.perf_counter() - began
     per_model[key] = choice
     return choice
+
+
+_MEASURING = [0.0]  # wall seconds spent timing candidate rows per call, in this process
+
+
+def measuring_seconds() -> float:
+    """Wall seconds this process has spent measuring rows per call (``batch_size="auto"``): callers that
+    report what a method cost subtract the difference over the call, since the measurement happens once."""
+    return _MEASURING[0]
 
 
 def known_rows(batch_size: BatchSize, model: object, inputs: Tensor, kind: str = "forward") -> RowsChoice | None:
