@@ -143,16 +143,7 @@ def test_distiller_fits_on_the_rows_the_budget_allows(tmp_path, monkeypatch):
     budget 1/8 the first fit measures on budget_rows=128 rows, later fits take floor(A / cost) rows when that is at
     least 128 (else skip), the newest training rows and the validation rows in proportion."""
     mon, rows = _distill(tmp_path, monkeypatch, budget=0.125)
-    expected, spent = [], 0.0
-    for e in range(6):
-        n = 96 * (e + 1) + 48
-        allowed = 0.125 * 6 * (e + 1) - spent
-        k = min(n, 128) if not expected else int(min(n, allowed // (1 / 64)))
-        if allowed <= 0 or k < min(n, 128):
-            continue
-        expected.append((e, k))
-        spent += k / 64
-    assert mon.budget_log == expected == [(0, 128), (5, 160)]
+    assert mon.budget_log == _distill_paper(0.125, 6, 6.0, 1 / 64) == [(0, 128), (5, 160)]
     assert rows == [128, 160]
     assert [r["epoch"] for r in mon.history] == [0, 5]
     assert mon.students["tree"].fitted
@@ -238,3 +229,40 @@ def test_landscape_monitor_hops_for_the_seconds_the_budget_leaves(tmp_path, monk
     free = LandscapeMonitor(budget=None, n_hops=2, num_train=32, align=False, compare_with=None)
     trainer(tmp_path / "free", [free], max_epochs=1, logger=False).fit(lit(), *image_loaders())
     assert seen["limit"] is None and free.result.sample.n_minimisations == 3
+
+
+def _distill_paper(budget: float, epochs: int, per_epoch: float, cost: float) -> list[tuple[int, int]]:
+    """The Distiller's rule on paper for image_loaders (96 training rows an epoch, 48 validation rows)."""
+    log, spent = [], 0.0
+    for e in range(epochs):
+        n = 96 * (e + 1) + 48
+        allowed = budget * per_epoch * (e + 1) - spent
+        k = min(n, 128) if not log else int(min(n, allowed // cost))
+        if allowed <= 0 or k < min(n, 128):
+            continue
+        log.append((e, k))
+        spent += k * cost
+    return log
+
+
+@pytest.mark.ddp
+def test_distiller_budget_decisions_agree_under_ddp():
+    """Rank 1's teacher pass is 4x slower per row: deciding alone, the ranks would fit different rows (their gathers
+    and student fits are collectives: a hang or different students). Agreed on the maximum times, both follow the
+    slow rank's cost."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PL_DISABLE_FORK="1")
+    out = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "ddp_distill_budget.py")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    logs = dict(re.findall(r"RANK(\d) LOG (\[[^\]]*\])", out.stdout))
+    assert set(logs) == {"0", "1"}, out.stdout[-2000:]
+    slow = _distill_paper(0.25, 6, 3.0, 1 / 256)
+    assert logs["0"] == logs["1"] == str(slow)
+    assert slow != _distill_paper(0.25, 6, 3.0, 1 / 1024)  # what rank 0 alone would have done
