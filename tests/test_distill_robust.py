@@ -93,7 +93,8 @@ def test_a_nan_teacher_skips_the_fit_with_one_warning_and_logs_no_fidelity(tmp_p
     assert dist.history == [] and dist.exported == {}
     assert not (Path(tr.log_dir) / "distill").exists()
     with pytest.raises(FloatingPointError, match="NaN/Inf on 192 of 192 rows"):  # 128 buffered + 64 validation
-        _fit(tmp_path / "strict", [Distiller(students=["tree"], buffer_size=128, strict=True)], net=NanInEval())
+        strict = Distiller(students=["tree"], buffer_size=128, strict=True, budget=None)
+        _fit(tmp_path / "strict", [strict], net=NanInEval())
 
 
 def test_students_fail_independently_and_a_failed_one_is_restored_not_exported(tmp_path):
