@@ -263,6 +263,6 @@ def test_distiller_budget_decisions_agree_under_ddp():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     logs = dict(re.findall(r"RANK(\d) LOG (\[[^\]]*\])", out.stdout))
     assert set(logs) == {"0", "1"}, out.stdout[-2000:]
-    slow = _distill_paper(0.25, 6, 3.0, 1 / 256)
+    slow = _distill_paper(0.25, 4, 3.0, 1 / 256)
     assert logs["0"] == logs["1"] == str(slow)
-    assert slow != _distill_paper(0.25, 6, 3.0, 1 / 1024)  # what rank 0 alone would have done
+    assert slow != _distill_paper(0.25, 4, 3.0, 1 / 1024)  # what rank 0 alone would have done

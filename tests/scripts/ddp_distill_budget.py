@@ -44,7 +44,7 @@ def main() -> None:
     dist = Distiller(students="tree", budget=0.25, export=False, log_students=False)
     dist.clock = CLOCK
     tr = pl.Trainer(
-        max_epochs=6, accelerator="cpu", devices=2, strategy="ddp", callbacks=[Ticks(), dist], logger=False,
+        max_epochs=4, accelerator="cpu", devices=2, strategy="ddp", callbacks=[Ticks(), dist], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True,
     )  # fmt: skip
     tr.fit(lit(), train, val)
