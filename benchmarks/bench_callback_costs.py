@@ -7,6 +7,8 @@
     python benchmarks/bench_callback_costs.py --resnet --repeats 3  # AttributionMonitor() on a small ResNet
     python benchmarks/bench_callback_costs.py interaction --epochs 5 --budget 0.05 --tag _ih \
         --override 'callbacks.interaction.methods=[cd,integrated_hessians]'   # a slow method under a budget
+    python benchmarks/bench_callback_costs.py --heldout resnet mlp          # every callback's Python defaults
+    python benchmarks/bench_callback_costs.py --heldout mlp --monitors interaction --variants default
 
 Each config runs the main job (``python examples/train.py``: shapes, the example CNN, its epochs) with
 ``callbacks=<config>``, in this process, logging to TensorBoard in a temporary directory. Two numbers per config:
@@ -234,6 +236,142 @@ def resnet_main(args: argparse.Namespace) -> None:
         (out / "bench_callback_costs_resnet.json").write_text(json.dumps(raw, indent=1, default=float))
 
 
+#: the callbacks --heldout measures, by their Python defaults ("default") and on the fixed schedule ("fixed":
+#: budget=None, every due epoch on every probe, the defaults before the budget)
+HELDOUT_CALLBACKS = ("attribution", "interaction", "concepts", "influence", "landscape", "spray", "saliency_masker",
+                     "distiller")  # fmt: skip
+#: callbacks that do not apply to a model (why, in the table)
+NOT_APPLICABLE = {
+    ("mlp", "concepts"): "needs a convolution (concepts are its channels)",
+    ("mlp", "saliency_masker"): "images only",
+}
+
+
+def make_callback(name: str, variant: str) -> pl.Callback:
+    """``name``'s callback with its Python defaults (``variant="default"``) or on the fixed schedule (``"fixed"``)."""
+    import explain_callbacks.callbacks as C
+
+    cls = {"attribution": C.AttributionMonitor, "interaction": C.InteractionMonitor, "concepts": C.ConceptMonitor,
+           "influence": C.InfluenceMonitor, "landscape": C.LandscapeMonitor, "spray": C.SpRAyMonitor,
+           "saliency_masker": C.SaliencyMasker, "distiller": C.Distiller}[name]  # fmt: skip
+    if variant == "default":
+        return cls()
+    if variant == "fixed":
+        return cls(budget=None)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def heldout_data(model: str, n_train: int, seed: int = 0) -> tuple[DataLoader, DataLoader, nn.Module]:
+    """Training and validation loaders (batch 64 / 128) and the network: the small ResNet on ``n_train`` synthetic
+    3×32×32 images (10 classes, a class-dependent blob on noise; as :func:`resnet_run`), or the tabular MLP of
+    ``benchmarks/heldout_models.py`` (30 features, 64-64 hidden, 2 classes) on ``n_train`` rows of its task."""
+    n = n_train + 500
+    if model == "resnet":
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = 0.5 * torch.randn(n, 3, 32, 32, generator=g)
+        for c in range(10):
+            r, q = divmod(c, 4)
+            x[y == c, c % 3, 8 * r : 8 * r + 8, 8 * q : 8 * q + 8] += 1.5
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = small_resnet()
+    elif model == "mlp":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import heldout_models
+
+        x, y = heldout_models.data("mlp", n, seed)
+        net = heldout_models.make("mlp")
+    else:
+        raise ValueError(f"unknown model {model!r}: resnet or mlp")
+    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=128)
+    return train, val, net
+
+
+def heldout_run(model: str, callbacks: list[pl.Callback], epochs: int, n_train: int, seed: int = 0) -> dict[str, Any]:
+    """One fit of ``model`` with ``callbacks``: CPU seconds of fit and of the callbacks' hooks, explanations."""
+    from explain_callbacks.models import LitClassifier
+
+    train, val, net = heldout_data(model, n_train, seed)
+    pl.seed_everything(seed, verbose=False)
+    module = LitClassifier(net, lr=3e-3)
+    clock = HookClock()
+    for cb in callbacks:
+        clock.wrap(cb)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=TensorBoardLogger(tmp),
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0, accelerator="cpu", devices=1)  # fmt: skip
+        cpu, wall = time.process_time(), time.perf_counter()
+        trainer.fit(module, train, val)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    runs = [int(getattr(cb, "_fit_explanations", len(getattr(cb, "history", [])))) for cb in callbacks]
+    return {"fit_cpu": cpu, "fit_wall": wall, "hooks_cpu": clock.seconds, "explanations": sum(runs)}
+
+
+def heldout_main(args: argparse.Namespace) -> None:
+    """``--heldout``: every callback's default cost as a share of training on the held-out models, each run in a
+    child process under ``--timeout`` seconds (a fixed schedule that does not finish says so)."""
+    import subprocess
+
+    rows, raw = [], {}
+    names = args.monitors or list(HELDOUT_CALLBACKS)
+    for model in args.heldout:
+        n_train = args.n_train if model == "resnet" else args.mlp_train
+        base = heldout_run(model, [], args.epochs or 3, n_train)
+        raw[model] = {"none": base}
+        print(f"{model}: fit without callbacks {base['fit_cpu']:.1f} CPU s", flush=True)
+        for name in names:
+            for variant in args.variants:
+                if (model, name) in NOT_APPLICABLE:
+                    if variant == args.variants[0]:
+                        rows.append(f"| {model} | `{name}` | n/a: {NOT_APPLICABLE[(model, name)]} | | | | |")
+                    continue
+                cmd = [sys.executable, __file__, "--heldout-one", model, name, variant, "--epochs",
+                       str(args.epochs or 3), "--n-train", str(n_train), "--threads", str(args.threads)]  # fmt: skip
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+                    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                    if not line:
+                        raise RuntimeError(out.stderr[-600:])
+                    r = json.loads(line[-1][7:])
+                except subprocess.TimeoutExpired:
+                    r = {"timeout": args.timeout}
+                raw[model][f"{name}:{variant}"] = r
+                if "timeout" in r:
+                    row = f"| {model} | `{name}` | {variant} | – | – | > {args.timeout} s wall (stopped) | – |"
+                else:
+                    frac = r["hooks_cpu"] / max(r["fit_cpu"] - r["hooks_cpu"], 1e-9)
+                    over = r["fit_cpu"] / base["fit_cpu"] - 1
+                    row = (f"| {model} | `{name}` | {variant} | {r['explanations']} | {r['hooks_cpu']:.2f} | "
+                           f"{100 * frac:.2f} % | {100 * over:+.1f} % |")  # fmt: skip
+                rows.append(row)
+                print(row, flush=True)
+    head = ("| model | callback | settings | explanations / fits | hooks CPU s | hooks / training | fit overhead |\n"
+            "|---|---|---|---:|---:|---:|---:|")  # fmt: skip
+    machine = f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, shared 2-core CPU"
+    base_s = ", ".join(f"{m} {raw[m]['none']['fit_cpu']:.1f} CPU s" for m in args.heldout)
+    note = (f"Held-out models, {args.epochs or 3} epochs, batch 64, TensorBoard logger: small ResNet on "
+            f"{args.n_train} images 3×32×32, tabular MLP on {args.mlp_train} rows of 30 features; fit without "
+            f"callbacks: {base_s}; one run per callback; {machine}. 'default': the Python defaults; 'fixed': "
+            "budget=None (every due epoch, every probe: the defaults before the time budget)")  # fmt: skip
+    table = head + "\n" + "\n".join(rows)
+    print(f"\n{note}\n\n{table}")
+    if not args.no_write:
+        out = ROOT / "benchmarks" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"bench_callback_costs_heldout{args.tag}.md").write_text(f"{note}\n\n{table}\n")
+        (out / f"bench_callback_costs_heldout{args.tag}.json").write_text(json.dumps(raw, indent=1, default=float))
+
+
+def heldout_one(args: argparse.Namespace) -> None:
+    model, name, variant = args.heldout_one
+    r = heldout_run(model, [make_callback(name, variant)], args.epochs or 3, args.n_train)
+    print("RESULT " + json.dumps(r), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help="conf/callbacks names (default: all but none)")
@@ -258,7 +396,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="AttributionMonitor() on the small ResNet, 2,000 images, 3 epochs (issue 22)")  # fmt: skip
     parser.add_argument("--resnet-fixed", action="store_true", help="--resnet: also budget=None (the fixed schedule)")
     parser.add_argument("--n-train", type=int, default=2000, help="--resnet: training images")
+    parser.add_argument("--heldout", nargs="+", choices=("resnet", "mlp"),
+                        help="every callback's default cost on these held-out models (3 epochs)")  # fmt: skip
+    parser.add_argument("--monitors", nargs="+", choices=HELDOUT_CALLBACKS, help="--heldout: these callbacks")
+    parser.add_argument("--variants", nargs="+", default=["default", "fixed"], choices=("default", "fixed"))
+    parser.add_argument("--mlp-train", type=int, default=20000, help="--heldout: MLP training rows")
+    parser.add_argument("--timeout", type=float, default=300.0, help="--heldout: seconds per run")
+    parser.add_argument("--heldout-one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.heldout_one or args.heldout:
+        torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore")
+        (heldout_one if args.heldout_one else heldout_main)(args)
+        return
     if args.resnet:
         torch.set_num_threads(args.threads)
         warnings.filterwarnings("ignore")

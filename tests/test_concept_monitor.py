@@ -36,7 +36,9 @@ def _fit(tmp_path, callbacks, epochs=2, logger=True):
 def test_logs_and_equals_the_crp_functions(tmp_path):
     """Tags in the concepts section; shares equal concept_atlas over the reference set; the probe's top concepts
     are the largest concept relevances of layer_relevance; the references come from relevance maximisation."""
-    mon = ConceptMonitor(num_reference=24, num_samples=4, model_attr="net", strict=True, atlas_top=2, top_k=2)
+    mon = ConceptMonitor(
+        num_reference=24, num_samples=4, model_attr="net", strict=True, atlas_top=2, top_k=2, budget=None
+    )
     model = _fit(tmp_path, [mon])
     assert mon.layer_name == "features.0"  # the last convolution, found as Grad-CAM finds it
     assert [e for e, _ in mon.history] == [0, 1] and mon.ref_x.shape[0] == 24
@@ -66,7 +68,9 @@ def test_bit_identical_weights_and_rng(tmp_path):
     off = _fit(tmp_path / "off", [], logger=False)
     rng_off = torch.get_rng_state()
     torch.manual_seed(0)
-    on = _fit(tmp_path / "on", [ConceptMonitor(num_reference=16, num_samples=4, model_attr="net", strict=True)])
+    on = _fit(
+        tmp_path / "on", [ConceptMonitor(num_reference=16, num_samples=4, model_attr="net", strict=True, budget=None)]
+    )
     rng_on = torch.get_rng_state()
     for (n, a), b in zip(off.state_dict().items(), on.state_dict().values()):
         assert torch.equal(a, b), n
@@ -98,7 +102,9 @@ def test_planted_watermark_concept_found_while_training(tmp_path):
     )  # fmt: skip
     train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1))
     val = DataLoader(TensorDataset(xv, yv), batch_size=32)
-    mon = ConceptMonitor(num_reference=48, num_samples=8, model_attr="net", strict=True, atlas_top=2, every_n_epochs=3)
+    mon = ConceptMonitor(
+        num_reference=48, num_samples=8, model_attr="net", strict=True, atlas_top=2, every_n_epochs=3, budget=None
+    )
     trainer(tmp_path, [mon], max_epochs=3).fit(LitClassifier(net, lr=0.01), train, val)
     assert mon.layer_name == "3" and [e for e, _ in mon.history] == [2]
     rm = mon.references
@@ -139,7 +145,9 @@ def test_planted_detector_conditional_map_on_the_mark(tmp_path):
         where[i] = (r, c)
     model = LitClassifier(net, lr=0.0)  # lr 0: the planted weights stay as they are
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    mon = ConceptMonitor(num_reference=24, num_samples=4, model_attr="net", strict=True, top_k=2, atlas_top=2)
+    mon = ConceptMonitor(
+        num_reference=24, num_samples=4, model_attr="net", strict=True, top_k=2, atlas_top=2, budget=None
+    )
     trainer(tmp_path, [mon], max_epochs=1).fit(model, loader, loader)
     assert int(mon.atlas.concepts[1, 0]) == 2 and float(mon.atlas.relevance[1, 0]) > 0.5
     rm = mon.references
@@ -236,11 +244,11 @@ def test_resume_keeps_references_and_history_and_test_logs_under_test(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     train, val = image_loaders()
-    mon1 = ConceptMonitor(num_reference=16, num_samples=4, model_attr="net")
+    mon1 = ConceptMonitor(budget=None, num_reference=16, num_samples=4, model_attr="net")
     trainer(tmp_path / "a", [mon1, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)], logger=False).fit(
         lit(), train, val
     )
-    mon2 = ConceptMonitor(num_reference=16, num_samples=4, model_attr="net", strict=True)
+    mon2 = ConceptMonitor(budget=None, num_reference=16, num_samples=4, model_attr="net", strict=True)
     tr = trainer(tmp_path / "b", [mon2], max_epochs=3)
     tr.fit(lit(), train, val, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert torch.equal(mon2.ref_x, mon1.ref_x)

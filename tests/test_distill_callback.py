@@ -60,6 +60,7 @@ def test_distiller_does_not_change_training(tmp_path):
         (  # captured outputs and layer features, an online student trained every step
             LitClassifier,
             Distiller(
+                budget=None,
                 students=["tree", "online", {"name": "sparse_logistic", "max_nonzeros": 4}],
                 teacher_outputs="captured", layer="net.net.4", every_n_epochs=1, buffer_size=64, strict=True,
             ),
@@ -67,13 +68,14 @@ def test_distiller_does_not_change_training(tmp_path):
         (  # refreshed outputs, attributions of the teacher, a per-batch subsample (own generator)
             LitClassifier,
             Distiller(
+                budget=None,
                 students=[{"name": "attribution_linear", "k": 3, "max_samples": 32}, "rules"],
                 per_batch=8, every_n_epochs=2, buffer_size=64, strict=True,
             ),
         ),
         (  # the forward hook cannot fire: a guarded no-grad forward on the buffered rows instead
             LitNoForward,
-            Distiller(students=["online", "tree"], teacher_outputs="captured", per_batch=4, strict=True),
+            Distiller(budget=None, students=["online", "tree"], teacher_outputs="captured", per_batch=4, strict=True),
         ),
     ]  # fmt: skip
     for i, (cls, dist) in enumerate(variants):
@@ -96,6 +98,7 @@ def test_distiller_does_not_change_training(tmp_path):
 
 def test_breast_cancer_students_agree_with_the_teacher_and_are_exported(tmp_path):
     dist = Distiller(
+        budget=None,
         students={"tree": {"name": "tree", "max_depth": 3},
                   "logistic": {"name": "sparse_logistic", "max_nonzeros": 10}},
         every_n_epochs=4, buffer_size=512, strict=True,
@@ -132,7 +135,7 @@ def test_breast_cancer_students_agree_with_the_teacher_and_are_exported(tmp_path
     # checkpoint state round trip: the rows are left out by default, kept with checkpoint_buffer=True
     state = dist.state_dict()
     assert "buffer" not in state and "val" not in state
-    other = Distiller(students="tree")
+    other = Distiller(budget=None, students="tree")
     other.load_state_dict(state)
     assert len(other.buffer) == 0 and other.history == dist.history
     dist.checkpoint_buffer = True
@@ -148,9 +151,9 @@ def test_bad_arguments_fail_early_with_clear_messages():
         Distiller(students=["attribution_linear"], layer="net.0")
     with pytest.raises(KeyError, match="Unknown student"):
         Distiller(students=["nope"])
-    d = Distiller(students={"a": "tree", "b": None, "c": {"name": "tree", "max_depth": 1}})
+    d = Distiller(budget=None, students={"a": "tree", "b": None, "c": {"name": "tree", "max_depth": 1}})
     assert list(d.students) == ["a", "c"]
-    d = Distiller(students=["tree", "tree"])
+    d = Distiller(budget=None, students=["tree", "tree"])
     assert list(d.students) == ["tree", "tree_2"]
 
 
@@ -208,7 +211,7 @@ def test_rows_with_non_finite_inputs_are_dropped_at_fit_time(tmp_path):
     dm = _NanRowsBreastCancer(batch_size=32, seed=0)
     model = LitClassifier(torch.nn.Sequential(_NanToZero(), MLP(30, 2, hidden=(16,))), lr=3e-3)
     dist = Distiller(students={"logistic": {"name": "sparse_logistic", "max_nonzeros": 5}}, buffer_size=512,
-                     strict=True, export=False)  # fmt: skip
+                     strict=True, export=False, budget=None)  # fmt: skip
     seen: list[int] = []
     student = dist.students["logistic"]
     fit = student.fit

@@ -31,6 +31,7 @@ def main(out_dir: str) -> None:
     dm = BreastCancerDataModule(batch_size=32, seed=0)
     model = LitClassifier(MLP(30, 2, hidden=(16,)), lr=3e-3)
     dist = Distiller(
+        budget=None,
         students=["tree", {"name": "sparse_logistic", "max_nonzeros": 5}], buffer_size=4096, every_n_epochs=1,
         strict=True,
     )  # fmt: skip

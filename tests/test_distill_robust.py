@@ -84,7 +84,7 @@ def _fit(tmp_path, callbacks, net=None, epochs: int = 2, logger: bool = True, lo
 
 
 def test_a_nan_teacher_skips_the_fit_with_one_warning_and_logs_no_fidelity(tmp_path):
-    dist = Distiller(students=["tree", {"name": "sparse_logistic", "max_nonzeros": 3}], buffer_size=128)
+    dist = Distiller(budget=None, students=["tree", {"name": "sparse_logistic", "max_nonzeros": 3}], buffer_size=128)
     tr, messages = _fit(tmp_path, [dist], net=NanInEval(), epochs=3)
     nan = [m for m in messages if "NaN/Inf" in m and "teacher" in m]
     assert len(nan) == 1, messages  # once, not per epoch
@@ -93,13 +93,14 @@ def test_a_nan_teacher_skips_the_fit_with_one_warning_and_logs_no_fidelity(tmp_p
     assert dist.history == [] and dist.exported == {}
     assert not (Path(tr.log_dir) / "distill").exists()
     with pytest.raises(FloatingPointError, match="NaN/Inf on 192 of 192 rows"):  # 128 buffered + 64 validation
-        _fit(tmp_path / "strict", [Distiller(students=["tree"], buffer_size=128, strict=True)], net=NanInEval())
+        strict = Distiller(students=["tree"], buffer_size=128, strict=True, budget=None)
+        _fit(tmp_path / "strict", [strict], net=NanInEval())
 
 
 def test_students_fail_independently_and_a_failed_one_is_restored_not_exported(tmp_path):
     later = FailsOnFit("later", fail_from=2, max_depth=2)  # fits at epoch 0, fails from epoch 1 on
     never = FailsOnFit("never", fail_from=1, max_depth=2)  # fails at once
-    dist = Distiller(students={"later": later, "never": never, "tree": "tree"}, buffer_size=128)
+    dist = Distiller(budget=None, students={"later": later, "never": never, "tree": "tree"}, buffer_size=128)
     x0 = _loaders()[1].dataset.tensors[0]
     first: dict[str, torch.Tensor] = {}
 
@@ -139,13 +140,13 @@ def test_exports_stay_in_the_export_folder_and_never_in_the_working_directory(tm
     work.mkdir()
     monkeypatch.chdir(work)
     # no logger, no export_dir: nothing written (was <cwd>/distill), one warning naming export_dir
-    dist = Distiller(students=["tree"], buffer_size=64)
+    dist = Distiller(budget=None, students=["tree"], buffer_size=64)
     _, messages = _fit(tmp_path / "a", [dist], logger=False, epochs=1)
     assert list(work.iterdir()) == [] and dist.exported == {} and dist.students["tree"].fitted
     assert sum("no log directory" in m and "export_dir" in m for m in messages) == 1
     # an explicit export_dir; a key slipped in after __init__ cannot leave it
     out = tmp_path / "exports"
-    dist = Distiller(students=["tree"], buffer_size=64, export_dir=str(out))
+    dist = Distiller(budget=None, students=["tree"], buffer_size=64, export_dir=str(out))
     dist.students["../escaped"] = TreeStudent()
     _, messages = _fit(tmp_path / "b", [dist], logger=False, epochs=1)
     assert set(dist.exported) == {"tree"} and Path(dist.exported["tree"]).parent == out
@@ -165,7 +166,7 @@ def test_buffer_bounded_in_bytes():
     with pytest.raises(ValueError, match="max_bytes"):
         RingBuffer(10, max_bytes=0)
     # the Distiller's two buffers share max_buffer_mb in proportion to their rows: 3 MB, 3:1 -> 2.25 and 0.75 MB
-    dist = Distiller(students=["tree"], buffer_size=3000, val_size=1000, max_buffer_mb=3)
+    dist = Distiller(budget=None, students=["tree"], buffer_size=3000, val_size=1000, max_buffer_mb=3)
     row = 3 * 32 * 32 * 4  # 12 KB
     assert dist.buffer.rows_for({"x": torch.zeros(1, 3, 32, 32)}) == int(2.25 * 2**20) // row == 192
     assert dist.val.rows_for({"x": torch.zeros(1, 3, 32, 32)}) == int(0.75 * 2**20) // row == 64
@@ -173,7 +174,7 @@ def test_buffer_bounded_in_bytes():
 
 def _checkpoint_bytes(tmp_path, **kw) -> tuple[int, Distiller]:
     """One epoch on 3x32x32 inputs with a Distiller (256 training, 128 validation rows) and a checkpoint."""
-    dist = Distiller(students=["tree"], buffer_size=256, val_size=128, export=False, **kw)
+    dist = Distiller(budget=None, students=["tree"], buffer_size=256, val_size=128, export=False, **kw)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))
     _fit(tmp_path, [dist, ckpt], net=net, epochs=1, logger=False, loaders=_loaders(256, (3, 32, 32)))
@@ -188,10 +189,10 @@ def test_the_buffer_is_kept_out_of_checkpoints_unless_asked(tmp_path):
     # a resume without the rows starts with empty buffers and refills them from the next batches
     state = torch.load(tmp_path / "a" / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][dist.state_key]
     assert "buffer" not in state["per_rank"][0] and state["world_size"] == 1
-    fresh = Distiller(students=["tree"], buffer_size=256, val_size=128, export=False)
+    fresh = Distiller(budget=None, students=["tree"], buffer_size=256, val_size=128, export=False)
     fresh.load_state_dict(state)
     assert len(fresh.buffer) == 0 and len(fresh.val) == 0 and not fresh._val_frozen
-    kept = Distiller(students=["tree"], buffer_size=256, val_size=128, export=False)
+    kept = Distiller(budget=None, students=["tree"], buffer_size=256, val_size=128, export=False)
     saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][dist.state_key]
     kept.load_state_dict(saved)
     assert torch.equal(kept.buffer.get()["x"], dist.buffer.get()["x"]) and kept._val_frozen

@@ -231,10 +231,10 @@ def test_save_student_suffix(tmp_path):
 def test_distiller_checkpoint_with_an_online_student_loads_weights_only():
     from explain_callbacks.callbacks.distiller import Distiller
 
-    dist = Distiller(students={"online": "online", "tree": "tree"})
+    dist = Distiller(budget=None, students={"online": "online", "tree": "tree"})
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
     dist.students["online"].partial_fit(x, torch.stack([x[:, 0], -x[:, 0]], 1))
     state = torch.load(_saved(dist.state_dict()), weights_only=True)
-    fresh = Distiller(students={"online": "online", "tree": "tree"})
+    fresh = Distiller(budget=None, students={"online": "online", "tree": "tree"})
     fresh.load_state_dict(state)
     assert torch.equal(fresh.students["online"].predict(x), dist.students["online"].predict(x))

@@ -224,7 +224,7 @@ def test_recurrent_sequence_model_with_interactions(tmp_path):
     w0 = _fit(tmp_path / "a", GRUClassifier, loaders, logger=False)
     mon = AttributionMonitor(
         budget=None, methods=["saliency", "ig", "smoothgrad"], metrics=["deletion"], num_samples=4, strict=True)
-    inter = InteractionMonitor(methods=["integrated_hessians"], num_samples=2, strict=True)
+    inter = InteractionMonitor(budget=None, methods=["integrated_hessians"], num_samples=2, strict=True)
     w1 = _fit(tmp_path / "b", GRUClassifier, loaders, callbacks=[mon, inter])
     _assert_same(w0, w1)
     assert torch.isfinite(torch.as_tensor(mon.last_scores["ig"]["deletion"]))
@@ -284,6 +284,7 @@ def test_distiller_with_dict_batches_and_tuple_outputs(tmp_path, style):
     make = lambda: DictModule(TupleCNN(style=style))  # noqa: E731
     w0 = _fit(tmp_path / "a", make, _loaders(x, y), logger=False)
     dist = Distiller(
+        budget=None,
         students=["tree", {"name": "sparse_logistic", "max_nonzeros": 20}, {"name": "attribution_linear", "k": 8}],
         model_attr="net", output_key=0 if style == "tuple" else None, every_n_epochs=1, buffer_size=256,
         export=False, strict=True,

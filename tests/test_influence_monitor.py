@@ -42,7 +42,9 @@ def _fit(tmp_path, callbacks, epochs=2, seed=0):
 def test_live_scores_equal_functional_on_the_same_checkpoints(tmp_path, metric):
     net_names = layer_parameters(lit().net, "last")
     snaps = Snapshots(net_names)
-    mon = InfluenceMonitor(num_train=40, num_samples=6, model_attr="net", optimizer_metric=metric, batch_size=16)
+    mon = InfluenceMonitor(
+        budget=None, num_train=40, num_samples=6, model_attr="net", optimizer_metric=metric, batch_size=16
+    )
     with pytest.warns(UserWarning, match="Adam-like") if metric == "sgd" else contextlib.nullcontext():
         model, _ = _fit(tmp_path, [snaps, mon], epochs=3)
     assert mon.epochs == [0, 1, 2] and mon.lrs == [0.01] * 3
@@ -66,7 +68,7 @@ def test_bit_identical_weights_rng_and_no_side_effects(tmp_path):
     """Monitor on vs off: the same weights bit for bit and the same global RNG (BatchNorm, Dropout, Adam)."""
     off, _ = _fit(tmp_path / "off", [])
     rng_off = torch.get_rng_state()
-    mon = InfluenceMonitor(num_train=32, num_samples=4, model_attr="net", layers=None, projection_dim=16)
+    mon = InfluenceMonitor(budget=None, num_train=32, num_samples=4, model_attr="net", layers=None, projection_dim=16)
     on, _ = _fit(tmp_path / "on", [mon])
     rng_on = torch.get_rng_state()
     assert mon.epochs == [0, 1]
@@ -108,7 +110,9 @@ def test_monitor_self_influence_finds_planted_flips(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     model = LitClassifier(net, lr=0.01)
-    mon = InfluenceMonitor(num_train=600, num_samples=4, model_attr="net", batch_size=600, optimizer_metric="adam")
+    mon = InfluenceMonitor(
+        budget=None, num_train=600, num_samples=4, model_attr="net", batch_size=600, optimizer_metric="adam"
+    )
     tr = trainer(tmp_path, [mon], max_epochs=5)
     tr.fit(model, train, val)
     tags = event_tags(tmp_path)  # tabular inputs: tables and histogram, no images
@@ -133,7 +137,7 @@ class _Stream(IterableDataset):
 def test_streamed_subset_and_errors(tmp_path):
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-    mon = InfluenceMonitor(num_train=20, num_samples=4, model_attr="net", layers=["features.0"])
+    mon = InfluenceMonitor(budget=None, num_train=20, num_samples=4, model_attr="net", layers=["features.0"])
     tr = trainer(tmp_path, [mon], max_epochs=1, logger=False)
     tr.fit(lit(), DataLoader(_Stream(x, y), batch_size=16), DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8))
     assert torch.equal(mon.train_x, x[:20]) and torch.equal(mon.train_indices, torch.full((20,), -1))
@@ -145,7 +149,7 @@ def test_streamed_subset_and_errors(tmp_path):
     with pytest.raises(ValueError, match="train_source"):
         InfluenceMonitor(train_source="files")
     # a wrong layer name: a clear error under strict, a warning (training goes on) otherwise
-    bad = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", layers=["head.9"])
+    bad = InfluenceMonitor(budget=None, num_train=8, num_samples=2, model_attr="net", layers=["head.9"])
     with pytest.warns(UserWarning, match="no module named 'head.9'"):
         trainer(tmp_path / "bad", [bad], max_epochs=1, logger=False).fit(
             lit(), *image_loaders()
@@ -163,7 +167,7 @@ def test_untrained_layers_fail_clearly(tmp_path):
             return torch.optim.SGD(self.net.features.parameters(), lr=0.1)
 
     frozen = Frozen(model.net, lr=0.1)
-    mon = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", strict=True)
+    mon = InfluenceMonitor(budget=None, num_train=8, num_samples=2, model_attr="net", strict=True)
     train, val = image_loaders()
     with pytest.raises(ValueError, match="is trained by an optimizer"):
         trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(frozen, train, val)
@@ -174,7 +178,7 @@ def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
 
     names = layer_parameters(lit().net, "last")
     train, val = image_loaders()
-    snaps1, mon1 = Snapshots(names), InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
+    snaps1, mon1 = Snapshots(names), InfluenceMonitor(budget=None, num_train=24, num_samples=4, model_attr="net")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     model = lit()
     trainer(tmp_path, [snaps1, mon1, ckpt], max_epochs=2, logger=False).fit(model, train, val)
@@ -184,7 +188,7 @@ def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
     from_snapshot = self_influence([snaps1.states[-1]], mon1.train_x, mon1.train_y, layers="last", lrs=0.01,
                                    model=lit().net)  # fmt: skip
     assert torch.allclose(from_file, from_snapshot, rtol=1e-6)
-    snaps2, mon2 = Snapshots(names), InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
+    snaps2, mon2 = Snapshots(names), InfluenceMonitor(budget=None, num_train=24, num_samples=4, model_attr="net")
     tr = trainer(tmp_path, [snaps2, mon2, ModelCheckpoint(dirpath=tmp_path / "ck2")], max_epochs=3, logger=False)
     tr.fit(lit(), train, val, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert mon2.epochs == [0, 1, 2] and torch.equal(mon2.train_indices, mon1.train_indices)
@@ -194,7 +198,7 @@ def test_resume_continues_the_sum_and_validate_adds_nothing(tmp_path):
     before = mon2.scores.clone()
     tr.validate(tr.lightning_module, val)  # adds no checkpoint
     assert mon2.epochs == [0, 1, 2] and torch.equal(mon2.scores, before)
-    alone = InfluenceMonitor(num_train=24, num_samples=4, model_attr="net")
+    alone = InfluenceMonitor(budget=None, num_train=24, num_samples=4, model_attr="net")
     with pytest.warns(UserWarning, match="add nothing"):  # attached to validate only: said why nothing happens
         trainer(tmp_path, [alone], logger=False).validate(lit(), val)
     assert alone.epochs == [] and alone.scores is None
@@ -225,10 +229,10 @@ def test_figures_with_and_without_matplotlib(monkeypatch):
 def test_unreadable_training_subset_warns_and_training_goes_on(tmp_path):
     """A subset it cannot read (wrong label_key) is a warning, not a crash (strict=False); strict raises."""
     train, val = image_loaders()
-    mon = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", label_key="nope")
+    mon = InfluenceMonitor(budget=None, num_train=8, num_samples=2, model_attr="net", label_key="nope")
     with pytest.warns(UserWarning, match="could not read its training subset"):
         trainer(tmp_path, [mon], max_epochs=1, logger=False).fit(lit(), train, val)
     assert mon.train_x is None and mon.scores is None
-    strict = InfluenceMonitor(num_train=8, num_samples=2, model_attr="net", label_key="nope", strict=True)
+    strict = InfluenceMonitor(budget=None, num_train=8, num_samples=2, model_attr="net", label_key="nope", strict=True)
     with pytest.raises(KeyError):
         trainer(tmp_path, [strict], max_epochs=1, logger=False).fit(lit(), train, val)

@@ -31,6 +31,7 @@ def test_images_no_side_effects_and_logging(tmp_path):
     train, val = image_loaders()
     m1 = lit()
     mon = InteractionMonitor(
+        budget=None,
         methods=["cd", {"name": "integrated_hessians", "n_steps": 3}],
         groups=2,
         acd={"tile": 2, "percentile": 90, "num_iters": 2},
@@ -62,6 +63,7 @@ def test_tabular_planted_interaction_and_table(tmp_path):
     torch.manual_seed(0)
     model = LitClassifier(MLP(4, 2, hidden=(32, 32)), lr=0.02)
     mon = InteractionMonitor(
+        budget=None,
         methods=[{"name": "integrated_hessians", "n_steps": 4}],
         num_samples=32,
         top_k=3,
@@ -89,7 +91,7 @@ def test_errors_become_warnings_unless_strict(tmp_path):
 
     train, val = image_loaders()
     model = LitClassifier(Softmaxed())
-    mon = InteractionMonitor(methods=["cd"], num_samples=4)
+    mon = InteractionMonitor(budget=None, methods=["cd"], num_samples=4)
     with pytest.warns(UserWarning, match="no rule for"):
         trainer(tmp_path, callbacks=[mon], max_epochs=1, logger=False).fit(model, train, val)
     with pytest.raises(ValueError, match="at least one method"):

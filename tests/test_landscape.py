@@ -211,3 +211,16 @@ def test_conv_first_layer_scores_per_channel_and_position():
     res = landscape_analysis(model, x, y, n_hops=3, weight_decay=1e-3, max_iter=300)
     assert res.scores.score.shape == (2, 3, 3)
     assert res.channel_scores.shape == (2,) and float(res.channel_scores[1]) > float(res.channel_scores[0])
+
+
+def test_a_window_falling_back_into_one_basin_doubles_the_step():
+    """A convex landscape (a linear model with L2) has one minimum: every hop falls back into it. The acceptance rule
+    alone grew the step by 1/0.9 per window (those hops are accepted), so a basin deeper than the step was never
+    left; a window whose every hop fell back doubles the step."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    s = basin_hopping(model, x, y, n_hops=6, seed=0, adapt_interval=2, weight_decay=1e-2)
+    torch.testing.assert_close(s.step_sizes[1:], torch.tensor([0.3, 0.3, 0.6, 0.6, 1.2, 1.2], dtype=torch.float64))
+    assert float((s.minima - s.minima[0]).pow(2).mean(1).sqrt().max()) <= 1e-3  # one minimum, found by every hop

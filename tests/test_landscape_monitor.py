@@ -39,7 +39,7 @@ def test_monitor_bit_identical_logs_and_ranks_drivers(tmp_path):
     off = _fit(tmp_path / "off", [])
     rng_off = torch.get_rng_state()
     mon = LandscapeMonitor(num_train=256, n_hops=6, weight_decay=1e-3, model_attr="net", snapshot_every_n_epochs=3,
-                           num_samples=32)  # fmt: skip
+                           num_samples=32, budget=None)  # fmt: skip
     on = _fit(tmp_path / "on", [mon])
     rng_on = torch.get_rng_state()
     for (n, a), b in zip(off.state_dict().items(), on.state_dict().values()):
@@ -61,7 +61,7 @@ def test_monitor_bit_identical_logs_and_ranks_drivers(tmp_path):
 
 def test_every_n_epochs_and_errors(tmp_path):
     # model_attr=None: the LightningModule itself is deep-copied (its trainer shared, not copied)
-    mon = LandscapeMonitor(num_train=64, n_hops=1, weight_decay=1e-3, every_n_epochs=1, compare_with=None,
+    mon = LandscapeMonitor(budget=None, num_train=64, n_hops=1, weight_decay=1e-3, every_n_epochs=1, compare_with=None,
                            num_samples=8)  # fmt: skip
     calls = []
     original = mon.explain
@@ -79,7 +79,7 @@ def test_unsupported_network_warns_and_training_continues(tmp_path):
     train, val = _loaders()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
-    mon = LandscapeMonitor(num_train=64, n_hops=1, model_attr="net", num_samples=8)
+    mon = LandscapeMonitor(budget=None, num_train=64, n_hops=1, model_attr="net", num_samples=8)
     with pytest.warns(UserWarning, match=r"BatchNorm1d.*align=False"):
         trainer(tmp_path, [mon], max_epochs=1).fit(LitClassifier(net, lr=0.05), train, val)
     assert mon.result is None
@@ -91,7 +91,7 @@ def test_conv_network_without_alignment_and_state_roundtrip(tmp_path):
     from .helpers_lightning import image_loaders, lit
 
     train, val = image_loaders()
-    mon = LandscapeMonitor(num_train=48, n_hops=2, weight_decay=1e-3, model_attr="net", align=False,
+    mon = LandscapeMonitor(budget=None, num_train=48, n_hops=2, weight_decay=1e-3, model_attr="net", align=False,
                            snapshot_every_n_epochs=1, num_samples=8, max_iter=200, gtol=1e-3)  # fmt: skip
     trainer(tmp_path, [mon], max_epochs=2).fit(lit(), train, val)
     res = mon.result
@@ -99,7 +99,7 @@ def test_conv_network_without_alignment_and_state_roundtrip(tmp_path):
     assert mon.attribution_scores is not None and mon.attribution_scores.shape == (1,)
     assert len(mon.snapshots) == 2 and res.sample.n_minimisations == 1 + 2 + 2
     state = mon.state_dict()
-    other = LandscapeMonitor(num_train=48, n_hops=2, model_attr="net", align=False, num_samples=8)
+    other = LandscapeMonitor(budget=None, num_train=48, n_hops=2, model_attr="net", align=False, num_samples=8)
     other.load_state_dict(state)
     assert torch.equal(other.train_x, mon.train_x) and all(
         torch.equal(a, b) for a, b in zip(other.snapshots, mon.snapshots)

@@ -143,8 +143,8 @@ def _monitors(strict: bool = True) -> list:
             num_samples=4,
             strict=strict,
         ),
-        InteractionMonitor(num_samples=4, strict=strict),
-        Distiller(students=["tree", "online"], buffer_size=64, export=False, strict=strict),
+        InteractionMonitor(budget=None, num_samples=4, strict=strict),
+        Distiller(budget=None, students=["tree", "online"], buffer_size=64, export=False, strict=strict),
     ]
 
 
@@ -164,7 +164,9 @@ def test_distiller_skips_validation_batches_it_cannot_read(tmp_path):
         return train, DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8)
 
     base, _ = _fit(tmp_path / "a", loaders=loaders, max_epochs=3)
-    dist = Distiller(students=["tree"], input_key=lambda b: b["image"], label_key=lambda b: b["label"], export=False)
+    dist = Distiller(
+        budget=None, students=["tree"], input_key=lambda b: b["image"], label_key=lambda b: b["label"], export=False
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         module, tr = _fit(tmp_path / "b", [dist], loaders=loaders, max_epochs=3)
@@ -181,17 +183,18 @@ def test_distiller_skips_validation_batches_it_cannot_read(tmp_path):
 def _pairs() -> list:
     """Two callbacks of each type that differ only in settings outside the former state keys."""
     return [
-        InteractionMonitor(num_samples=4, groups=2, strict=True),
-        InteractionMonitor(num_samples=4, groups=4, strict=True),
+        InteractionMonitor(budget=None, num_samples=4, groups=2, strict=True),
+        InteractionMonitor(budget=None, num_samples=4, groups=4, strict=True),
         AttributionMonitor(budget=None, methods=[{"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
         AttributionMonitor(budget=None, methods=[{"name": "ig", "n_steps": 8}], num_samples=4, strict=True),
         # rows in the checkpoint (checkpoint_buffer=True; left out by default): each buffer restores its own
-        Distiller(students=["tree"], buffer_size=16, export=False, strict=True, checkpoint_buffer=True),
+        Distiller(budget=None, students=["tree"], buffer_size=16, export=False, strict=True, checkpoint_buffer=True),
         Distiller(
+            budget=None,
             students=["tree"], buffer_size=64, every_n_epochs=2, export=False, strict=True, checkpoint_buffer=True
         ),
-        SaliencyMasker(num_samples=4, width=4, strict=True),
-        SaliencyMasker(num_samples=4, width=8, strict=True),
+        SaliencyMasker(budget=None, num_samples=4, width=4, strict=True),
+        SaliencyMasker(budget=None, num_samples=4, width=8, strict=True),
     ]
 
 
@@ -224,11 +227,13 @@ def test_a_checkpoint_with_the_former_state_keys_still_restores(tmp_path):
 
     def callbacks():
         return [
-            InteractionMonitor(num_samples=4, groups=2, strict=True),
+            InteractionMonitor(budget=None, num_samples=4, groups=2, strict=True),
             AttributionMonitor(
                 budget=None, methods=["saliency", {"name": "ig", "n_steps": 4}], num_samples=4, strict=True),
-            Distiller(students=["tree"], every_n_epochs=5, export=False, strict=True, checkpoint_buffer=True),
-            SaliencyMasker(num_samples=4, width=4, strict=True),
+            Distiller(
+                budget=None, students=["tree"], every_n_epochs=5, export=False, strict=True, checkpoint_buffer=True
+            ),
+            SaliencyMasker(budget=None, num_samples=4, width=4, strict=True),
         ]
 
     first = callbacks()
@@ -260,7 +265,8 @@ def test_a_method_failing_every_epoch_warns_once(tmp_path):
     batch and per epoch: a screenful per run."""
     bad_metric = {"name": "deletion", "n_steps": 4, "substrate": "no_such_substrate"}
     mon = AttributionMonitor(budget=None, methods=[Boom(), "saliency"], num_samples=4, metrics=[bad_metric])
-    dist = Distiller(students=["tree"], input_key="image", export=False)  # tuple batches: nothing to buffer
+    # tuple batches: nothing to buffer
+    dist = Distiller(budget=None, students=["tree"], input_key="image", export=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _fit(tmp_path, [mon, dist], max_epochs=3)
@@ -388,7 +394,9 @@ def test_every_n_epochs_with_check_val_every_n_epoch(tmp_path):
 def test_fast_dev_run_writes_no_distiller_files(tmp_path, monkeypatch):
     """Was: the students exported to ``<cwd>/distill`` by a debugging run (Lightning writes nothing then)."""
     monkeypatch.chdir(tmp_path)
-    dist = Distiller(students=["tree"], every_n_epochs=5, strict=True)  # export=True, dir from the disabled logger
+    dist = Distiller(
+        budget=None, students=["tree"], every_n_epochs=5, strict=True
+    )  # export=True, dir from the disabled logger
     _, tr = _fit(tmp_path, [dist], fast_dev_run=True)
     assert dist.exported == {} and [h["epoch"] for h in dist.history] == [0]
     assert "distillation/fidelity/tree" in tr.callback_metrics  # logged although every_n_epochs=5 (smoke test)
@@ -398,7 +406,7 @@ def test_fast_dev_run_writes_no_distiller_files(tmp_path, monkeypatch):
 def test_spray_with_too_few_maps_per_class_says_so(tmp_path):
     """Many classes or a small probe (here 12 maps over 3 classes, min_per_class=12): every class was skipped
     and nothing logged, silently. Now one warning names the counts and the fix."""
-    spray = SpRAyMonitor(num_samples=12, per_class=None, min_per_class=12, every_n_epochs=1, strict=True)
+    spray = SpRAyMonitor(budget=None, num_samples=12, per_class=None, min_per_class=12, every_n_epochs=1, strict=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _fit(tmp_path, [spray], max_epochs=2)
@@ -422,7 +430,7 @@ def test_lightning_module_compiled_whole(tmp_path):
 
     base = fit(tmp_path / "a", [])
     mon = AttributionMonitor(budget=None, methods=["gradcam", "saliency"], num_samples=4, strict=True)
-    module = fit(tmp_path / "b", [mon, SaliencyMasker(num_samples=4, strict=True)])
+    module = fit(tmp_path / "b", [mon, SaliencyMasker(budget=None, num_samples=4, strict=True)])
     _same_weights(base, module)
     assert set(mon.last_scores) == {"gradcam", "saliency"}
     assert module.forward is not module._compiler_ctx["original_forward"]  # the compiled forward is back
@@ -441,7 +449,7 @@ def test_interaction_pictures_and_acd_only_where_a_logger_takes_them(tmp_path, m
     )
     for logger in (False, CSVLogger(str(tmp_path / "csv")), TensorBoardLogger(str(tmp_path / "tb"))):
         calls.clear()
-        mon = InteractionMonitor(num_samples=4, acd=True, strict=True)
+        mon = InteractionMonitor(budget=None, num_samples=4, acd=True, strict=True)
         _, tr = _fit(tmp_path, [mon], max_epochs=2, logger=logger)
         assert "interactions/top_pair/cd" in tr.callback_metrics
         assert len(calls) == (0 if logger is False else 2)
@@ -486,8 +494,10 @@ def test_without_validation_step_monitors_say_so_and_distiller_fits(tmp_path):
 
 
 def test_validate_test_predict_without_fit_and_fit_twice(tmp_path):
-    cbs = [*_monitors(), SaliencyMasker(num_samples=4, strict=True),
-           SpRAyMonitor(num_samples=12, per_class=None, min_per_class=4, every_n_epochs=1, strict=True)]  # fmt: skip
+    cbs = [*_monitors(), SaliencyMasker(budget=None, num_samples=4, strict=True),
+           SpRAyMonitor(
+               budget=None, num_samples=12, per_class=None, min_per_class=4, every_n_epochs=1, strict=True
+           )]  # fmt: skip
     torch.manual_seed(0)
     module = Lit()
     train, val = _loaders()
@@ -511,7 +521,7 @@ def test_drift_after_resume_equals_the_uninterrupted_run(tmp_path):
     score (drift against the previous epoch's maps kept in the checkpoint included) must be the same."""
 
     def callbacks():
-        return [*_monitors(), SaliencyMasker(num_samples=4, strict=True)]
+        return [*_monitors(), SaliencyMasker(budget=None, num_samples=4, strict=True)]
 
     make, loaders = (lambda: Lit(dropout=0.0)), (lambda: _loaders(shuffle=False))
     full = callbacks()

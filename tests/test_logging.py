@@ -98,7 +98,7 @@ def test_custom_scalars_layout_one_chart_per_metric_every_method_a_line(tmp_path
 
     from explain_callbacks.callbacks import AttributionRegularizer
 
-    inter = InteractionMonitor(methods=["cd"], num_samples=4, strict=True)
+    inter = InteractionMonitor(budget=None, methods=["cd"], num_samples=4, strict=True)
     reg = AttributionRegularizer("rrr", weight=0.1, mask=lambda b: torch.ones_like(b[0]))
     _fit(_tb(tmp_path), [_monitor(), inter, reg], max_epochs=1, test=True)
     acc = _events(tmp_path)
@@ -248,7 +248,7 @@ def test_without_matplotlib_pictures_are_plain_grids_and_curves_tables(tmp_path,
 
 def test_runs_are_quiet(tmp_path):
     """Logging figures, tables and the layout raises no warning (matplotlib, TensorBoard, our own)."""
-    inter = InteractionMonitor(methods=["cd"], num_samples=4, strict=True)
+    inter = InteractionMonitor(budget=None, methods=["cd"], num_samples=4, strict=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(_tb(tmp_path), [_monitor(), inter], max_epochs=1, test=True)

@@ -139,11 +139,11 @@ def test_masker_on_multilabel_data_trains_on_the_predictions(tmp_path):
     x, _ = _data()
     loaders = _loaders(x, _multi_hot())
     base, _ = _fit(tmp_path / "a", lambda: Lit(CNN(), "bce"), loaders)
-    masker = SaliencyMasker(num_samples=4, target="prediction", strict=True)
+    masker = SaliencyMasker(budget=None, num_samples=4, target="prediction", strict=True)
     module, tr = _fit(tmp_path / "b", lambda: Lit(CNN(), "bce"), loaders, [masker])
     _assert_same_weights(base, module)
     assert masker._steps == 8 and "faithfulness/saliency_metric/masker" in tr.callback_metrics
-    masker = SaliencyMasker(num_samples=4, strict=True)  # the default target="label" names the fix
+    masker = SaliencyMasker(budget=None, num_samples=4, strict=True)  # the default target="label" names the fix
     with pytest.raises(ValueError, match="target='prediction'"):
         _fit(tmp_path / "c", lambda: Lit(CNN(), "bce"), loaders, [masker])
     with pytest.raises(ValueError, match="not None"):
@@ -157,7 +157,7 @@ def test_masker_on_float64_and_dict_output_networks(tmp_path, kind):
     x, y = _data(dtype=torch.float64 if kind == "float64" else torch.float32)
     make = (lambda: Lit(CNN()).double()) if kind == "float64" else (lambda: Lit(CNN(as_dict=True)))
     base, _ = _fit(tmp_path / "a", make, _loaders(x, y))
-    masker = SaliencyMasker(num_samples=4, strict=True)
+    masker = SaliencyMasker(budget=None, num_samples=4, strict=True)
     module, tr = _fit(tmp_path / "b", make, _loaders(x, y), [masker])
     _assert_same_weights(base, module)
     assert masker._steps == 8 and torch.isfinite(tr.callback_metrics["faithfulness/saliency_metric/masker"])
@@ -173,7 +173,7 @@ def test_distiller_accuracy_with_float_column_and_multi_hot_labels(tmp_path, lab
     x, y = _data()
     ys = {"float": y.float(), "column": y.view(-1, 1), "multi_hot": _multi_hot()}[labels]
     loss = "bce" if labels == "multi_hot" else "ce"
-    dist = Distiller(students=["tree"], export=False, strict=True)
+    dist = Distiller(budget=None, students=["tree"], export=False, strict=True)
     _, tr = _fit(tmp_path, lambda: Lit(CNN(), loss), _loaders(x, ys), [dist], max_epochs=1)
     assert "distillation/fidelity/tree" in tr.callback_metrics
     assert ("distillation/accuracy/tree" in tr.callback_metrics) == (labels != "multi_hot")
@@ -186,14 +186,18 @@ def test_spray_groups_column_labels_like_flat_ones(tmp_path):
     x, y = _data()
     results = []
     for labels in (y, y.view(-1, 1)):
-        spray = SpRAyMonitor(num_samples=24, per_class=None, min_per_class=4, every_n_epochs=1, strict=True)
+        spray = SpRAyMonitor(
+            budget=None, num_samples=24, per_class=None, min_per_class=4, every_n_epochs=1, strict=True
+        )
         _fit(tmp_path / str(labels.ndim), lambda: Lit(CNN()), _loaders(x, labels), [spray], max_epochs=1)
         results.append(spray.last_result)
     assert results[0].keys() == results[1].keys() == {0, 1, 2}
     for c, res in results[1].items():
         assert res.means.shape[1:] == (8, 8) and torch.equal(res.sizes, results[0][c].sizes)
         assert torch.allclose(res.means, results[0][c].means)
-    spray = SpRAyMonitor(num_samples=24, per_class=None, every_n_epochs=1, target="prediction", strict=True)
+    spray = SpRAyMonitor(
+        budget=None, num_samples=24, per_class=None, every_n_epochs=1, target="prediction", strict=True
+    )
     with pytest.raises(ValueError, match="group_by='prediction'"):
         _fit(tmp_path / "m", lambda: Lit(CNN(), "bce"), _loaders(x, _multi_hot()), [spray], max_epochs=1)
 
@@ -224,7 +228,7 @@ def test_probe_that_cannot_be_taken_warns_and_training_goes_on(tmp_path):
     x, _ = _data()
     loaders = _loaders(x, _multi_hot())
     base, _ = _fit(tmp_path / "a", lambda: Lit(CNN(), "bce"), loaders)
-    spray = SpRAyMonitor(num_samples=12, min_per_class=4, every_n_epochs=1, target="prediction")
+    spray = SpRAyMonitor(budget=None, num_samples=12, min_per_class=4, every_n_epochs=1, target="prediction")
     mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=4, target="prediction", input_key="image")
     with pytest.warns(UserWarning, match="could not take its probe set") as record:
         module, _ = _fit(tmp_path / "b", lambda: Lit(CNN(), "bce"), loaders, [spray, mon])
@@ -288,8 +292,8 @@ def test_forward_taking_the_batch_names_model_attr(tmp_path, callback):
     x, y = _data(n=32)
     make = {
         "monitor": lambda **kw: AttributionMonitor(budget=None, methods=["saliency", "occlusion"], num_samples=4, **kw),
-        "distiller": lambda **kw: Distiller(students=["tree"], export=False, **kw),
-        "masker": lambda **kw: SaliencyMasker(num_samples=4, **kw),
+        "distiller": lambda **kw: Distiller(budget=None, students=["tree"], export=False, **kw),
+        "masker": lambda **kw: SaliencyMasker(budget=None, num_samples=4, **kw),
     }[callback]
     # the fix named for both shapes: one network (model_attr) or several in turn (forward takes the input tensor)
     fixes = r"model_attr=.*\['backbone'\].*let forward take the input tensor"
@@ -365,11 +369,11 @@ def _all_callbacks(strict: bool = True) -> list:
             num_samples=4,
             strict=strict,
         ),
-        InteractionMonitor(num_samples=4, strict=strict),
-        SpRAyMonitor(num_samples=12, per_class=None, min_per_class=4, every_n_epochs=1, strict=strict),
-        SaliencyMasker(num_samples=4, strict=strict),
-        Distiller(students=["tree", "online"], buffer_size=64, export=False, strict=strict),
-        ConceptMonitor(num_samples=4, num_reference=8, strict=strict),
+        InteractionMonitor(budget=None, num_samples=4, strict=strict),
+        SpRAyMonitor(budget=None, num_samples=12, per_class=None, min_per_class=4, every_n_epochs=1, strict=strict),
+        SaliencyMasker(budget=None, num_samples=4, strict=strict),
+        Distiller(budget=None, students=["tree", "online"], buffer_size=64, export=False, strict=strict),
+        ConceptMonitor(budget=None, num_samples=4, num_reference=8, strict=strict),
     ]
 
 

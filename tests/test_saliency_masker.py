@@ -100,7 +100,7 @@ def _fit(callbacks: list, tmp_path: Path, logger: bool = False) -> tuple[LitClas
 def test_callback_leaves_the_classifier_bit_identical_and_logs(tmp_path):
     plain, _ = _fit([], tmp_path / "a")
     rng_plain = torch.get_rng_state()
-    cb = SaliencyMasker(width=4, num_samples=8, batch_size=16, strict=True)
+    cb = SaliencyMasker(budget=None, width=4, num_samples=8, batch_size=16, strict=True)
     with_cb, trainer = _fit([cb], tmp_path / "b", logger=True)
     assert torch.equal(torch.get_rng_state(), rng_plain)
     for (k, a), (_, b) in zip(plain.state_dict().items(), with_cb.state_dict().items()):
@@ -112,7 +112,7 @@ def test_callback_leaves_the_classifier_bit_identical_and_logs(tmp_path):
     assert any((tmp_path / "b").rglob("events.out.tfevents*"))
     # The checkpointed state rebuilds the same masker.
     state = cb.state_dict()
-    cb2 = SaliencyMasker(width=4, num_samples=8)
+    cb2 = SaliencyMasker(budget=None, width=4, num_samples=8)
     cb2.load_state_dict(state)
     cb2._build(with_cb, cb.probe_x[:2])
     for a, b in zip(cb.masker.state_dict().values(), cb2.masker.state_dict().values()):
@@ -146,7 +146,7 @@ def test_a_failing_masker_step_stops_the_masker_not_training(tmp_path):
     """Unlabelled batches (here: the label key points nowhere) stop the masker with a warning; the
     classifier trains on, bit-identically. strict=True raises instead."""
     plain, _ = _fit([], tmp_path / "a")
-    cb = SaliencyMasker(width=4, num_samples=8, label_key=lambda batch: None)
+    cb = SaliencyMasker(budget=None, width=4, num_samples=8, label_key=lambda batch: None)
     with pytest.warns(UserWarning, match="stopped training its masker"):
         with_cb, _ = _fit([cb], tmp_path / "b")
     assert cb.masker is None and cb._disabled

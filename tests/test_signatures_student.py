@@ -153,6 +153,7 @@ def test_distiller_fits_the_signature_student_on_a_gru(tmp_path):
     pl.seed_everything(0)
     dm = AreaData(batch_size=64, seed=0)
     dist = Distiller(
+        budget=None,
         students={"sig": {"name": "signature", "depth": 3, "max_nonzeros": 6},
                   "raw": {"name": "sparse_logistic", "max_nonzeros": 10}},
         every_n_epochs=100, buffer_size=1024, strict=True, export_dir=str(tmp_path / "students"),

@@ -130,7 +130,7 @@ def test_callback_finds_the_watermark_subgroup(tmp_path):
     x[marked, :, :4, :4] = 1.0
     y = torch.zeros(n, dtype=torch.long)
     loaders = (DataLoader(TensorDataset(x, y), batch_size=32), DataLoader(TensorDataset(x, y), batch_size=32))
-    mon = SpRAyMonitor(method="saliency", num_samples=64, per_class=None, every_n_epochs=1, strict=True)
+    mon = SpRAyMonitor(budget=None, method="saliency", num_samples=64, per_class=None, every_n_epochs=1, strict=True)
     torch.manual_seed(0)
     trainer(tmp_path, callbacks=[mon], max_epochs=1).fit(Lit(), *loaders)
     res = mon.last_result[0]
@@ -154,7 +154,9 @@ def test_degenerate_classes_skipped_with_one_warning(tmp_path):
     x = torch.rand(28, 1, 32, 32, generator=g)
     y = torch.tensor([0] * 20 + [1, 2, 3, 4] * 2)  # classes 1-4: two maps each
     loaders = (DataLoader(TensorDataset(x, y), batch_size=28), DataLoader(TensorDataset(x, y), batch_size=28))
-    mon = SpRAyMonitor(method="saliency", num_samples=28, per_class=None, min_per_class=1, every_n_epochs=1)
+    mon = SpRAyMonitor(
+        budget=None, method="saliency", num_samples=28, per_class=None, min_per_class=1, every_n_epochs=1
+    )
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -28,6 +28,7 @@ from . import _logging
 
 __all__ = [
     "ProbeCallback",
+    "TimeBudget",
     "check_forward",
     "class_indices",
     "compiled_children",
@@ -201,7 +202,129 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
-class ProbeCallback(RankStateCallback, Callback):
+class TimeBudget:
+    """A share of ``fit``'s wall time that a callback may spend on its own work (explanations, student fits, a
+    masker's steps): mixed into :class:`ProbeCallback`, the :class:`~explain_callbacks.callbacks.Distiller` and
+    the :class:`~explain_callbacks.callbacks.SaliencyMasker`, so all of them decide by one rule.
+
+    The rule (:meth:`budget_units`): with ``E`` the seconds since the fit started and ``S`` the seconds this callback
+    spent, the work allowed now is ``A = budget × (E − S) − S`` (the training time is the fit's time less the
+    callback's); a piece of work of ``u`` seconds per unit (a probe, a buffered row, a step) takes
+    ``floor(A / u)`` units, none when ``A <= 0``; before any measurement a first, small piece measures ``u``.
+    Under DDP the three times are agreed across ranks (their maximum) first, so every rank decides the same.
+    The spent time, the training time so far and the cost per unit are kept in checkpoints: a resumed fit goes
+    on with the budget where it stopped instead of granting a fresh one.
+    """
+
+    budget: float | None
+    #: the clock the budget reads (seconds); tests replace it to make the decisions reproducible
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
+
+    @staticmethod
+    def _check_budget(budget: float | None) -> float | None:
+        if budget is not None and not 0.0 < float(budget) <= 1.0:
+            raise ValueError(f"budget is a fraction of the training time in (0, 1], e.g. 0.05; got {budget}.")
+        return None if budget is None else float(budget)
+
+    def _budget_reset(self) -> None:
+        self._fit_started: float | None = None
+        self._spent = 0.0  # seconds spent in this fit (this rank)
+        # seconds per unit of the last measured piece of work of each kind ("probe", "row", "step"; this rank)
+        self._per_units: dict[str, float] = {}
+        self._budget_skipped = 0  # pieces of work the budget skipped
+        self.budget_log: list[tuple[int, int]] = []  # (epoch, units done) of this fit
+
+    def _budget_start(self) -> None:
+        """At ``on_fit_start``: a fresh budget, or the one restored from a checkpoint (its training time so far,
+        spent time and cost per unit), so a resumed run stays within the budget of the whole training."""
+        resume = self.__dict__.pop("_budget_resume", None)
+        self._budget_reset()
+        now = self.clock()
+        self._fit_started = now
+        if resume is not None:
+            elapsed, self._spent, per_units = resume
+            self._per_units = dict(per_units)
+            self._fit_started = now - elapsed
+
+    def budget_state(self) -> dict[str, Any]:
+        """The budget's state for a checkpoint (empty outside a fit)."""
+        if self._fit_started is None:
+            return {}
+        return {"budget_elapsed": self.clock() - self._fit_started, "budget_spent": self._spent,
+                "budget_per_unit": dict(self._per_units)}  # fmt: skip
+
+    def load_budget_state(self, state: Mapping[str, Any]) -> None:
+        """Keep a checkpoint's budget state for the next ``on_fit_start`` (Lightning restores callbacks first)."""
+        if state.get("budget_elapsed") is None:
+            return
+        per = state.get("budget_per_unit") or {}
+        self._budget_resume = (float(state["budget_elapsed"]), float(state.get("budget_spent") or 0.0),
+                               {str(k): float(v) for k, v in per.items()})  # fmt: skip
+
+    @property
+    def _per_probe(self) -> float | None:  # seconds per probe of the last explanation
+        return self._per_units.get("probe")
+
+    @_per_probe.setter
+    def _per_probe(self, value: float | None) -> None:
+        if value is None:
+            self._per_units.pop("probe", None)
+        else:
+            self._per_units["probe"] = float(value)
+
+    def budget_units(self, trainer: pl.Trainer, n: int, first: int = 1, scales: bool = True,
+                     agreed: bool = True, kind: str = "probe") -> int:  # fmt: skip
+        """How many of ``n`` units (of ``kind``) the work due now may take under the budget: 0 skips it, ``first``
+        before any measurement of that kind; with ``scales=False`` all ``n`` or none. ``agreed``: the times are the
+        ranks' maximum (a collective: every rank calls this at the same point); False decides on this rank's
+        times, for local work that no collective depends on."""
+        measured = self.budget_allowed(trainer, agreed, kind)
+        if measured is None:
+            return n
+        allowed, per_unit = measured
+        if allowed <= 0:
+            return 0
+        if per_unit < 0:  # nothing measured yet: a first piece measures the cost
+            return min(first, n)
+        k = n if per_unit == 0 else int(min(n, allowed // per_unit))
+        if not scales:
+            return n if k >= n else 0
+        return max(k, 0)
+
+    def budget_allowed(
+        self, trainer: pl.Trainer, agreed: bool = True, kind: str = "probe"
+    ) -> tuple[float, float] | None:
+        """``(A, u)``: the seconds the budget allows now and the measured seconds per unit of ``kind`` (−1: none
+        yet); None when no budget applies (``budget=None``, outside ``fit``, ``fast_dev_run``). ``agreed``: as in
+        :meth:`budget_units`."""
+        if self.budget is None or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
+            return None
+        now = self.clock()
+        started = now if self._fit_started is None else self._fit_started
+        per_unit = self._per_units.get(kind, -1.0)
+        times = [now - started, self._spent, per_unit]
+        elapsed, spent, per_unit = self._agreed_max(trainer, times) if agreed else times
+        return self.budget * max(elapsed - spent, 0.0) - spent, per_unit
+
+    def budget_spend(self, seconds: float, units: int, epoch: int | None, kind: str = "probe") -> None:
+        """Record ``seconds`` spent on ``units`` units of ``kind`` (the next decisions read it), and ``(epoch,
+        units)`` in :attr:`budget_log` unless ``epoch`` is None (work done at every step)."""
+        self._spent += seconds
+        if units > 0:
+            self._per_units[kind] = seconds / units
+        if epoch is not None:
+            self.budget_log.append((epoch, units))
+
+    @staticmethod
+    def _agreed_max(trainer: pl.Trainer, values: list[float]) -> list[float]:
+        """Each value's maximum over the ranks (every rank calls this at the same point)."""
+        if trainer.world_size <= 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+        return [float(v) for v in trainer.strategy.all_gather(t).reshape(-1, len(values)).max(0).values]
+
+
+class ProbeCallback(TimeBudget, RankStateCallback, Callback):
     """Captures a fixed probe set from validation data and explains it on due validation epochs.
 
     The probe set is the first ``num_samples`` finite samples of the first validation dataloader
@@ -250,8 +373,6 @@ class ProbeCallback(RankStateCallback, Callback):
 
     #: whether a budget may explain fewer probes (False: the subclass needs the whole probe set)
     budget_scales_probes: bool = True
-    #: the clock the budget reads (seconds); tests replace it to make the decisions reproducible
-    clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     def __init__(
         self,
@@ -268,8 +389,7 @@ class ProbeCallback(RankStateCallback, Callback):
         strict: bool = False,
         budget: float | None = None,
     ) -> None:
-        if budget is not None and not 0.0 < float(budget) <= 1.0:
-            raise ValueError(f"budget is a fraction of the training time in (0, 1], e.g. 0.05; got {budget}.")
+        budget = self._check_budget(budget)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if every_n_epochs < 1:
@@ -285,7 +405,7 @@ class ProbeCallback(RankStateCallback, Callback):
         self.model_attr = model_attr
         self.output_key = output_key
         self.strict = strict
-        self.budget = None if budget is None else float(budget)
+        self.budget = budget
         self._budget_reset()
         self.probe_x: Tensor | None = None
         self.probe_y: Tensor | None = None
@@ -342,6 +462,7 @@ class ProbeCallback(RankStateCallback, Callback):
             "probe_y": self.probe_y,
             "probe_mask": self.probe_mask,
             "frozen": self._frozen,
+            **self.budget_state(),
             **self.extra_state(),
         }
 
@@ -350,6 +471,7 @@ class ProbeCallback(RankStateCallback, Callback):
         self.probe_y = state_dict.get("probe_y")
         self.probe_mask = state_dict.get("probe_mask")
         self._frozen = bool(state_dict.get("frozen", self.probe_x is not None))
+        self.load_budget_state(state_dict)
         self.load_extra_state(state_dict)
 
     def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
@@ -479,50 +601,18 @@ class ProbeCallback(RankStateCallback, Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_validations = self._fit_explanations = 0
-        self._budget_reset()
-        self._fit_started = self.clock()
+        self._budget_start()
 
     # ------------------------------------------------------------------ time budget
-    def _budget_reset(self) -> None:
-        self._fit_started: float | None = None
-        self._spent = 0.0  # seconds spent explaining in this fit (this rank)
-        self._per_probe: float | None = None  # seconds per probe of the last explanation (this rank)
-        self._budget_skipped = 0  # due epochs skipped by the budget
-        self.budget_log: list[tuple[int, int]] = []  # (epoch, probes explained) of this fit
-
     def budget_probes(self, trainer: pl.Trainer) -> int:
-        """How many probes a due epoch of ``fit`` explains under the budget: 0 skips the epoch.
-
-        Allowed seconds ``A = budget × (elapsed − spent) − spent`` (the training time is the fit's elapsed time
-        less this callback's); ``k = floor(A / seconds per probe)`` probes, at most ``num_samples``, at least one
-        (or all, when ``budget_scales_probes`` is False) or the epoch is skipped. Before any measurement one probe
-        (all, without scaling) is explained, when ``A > 0``. The three times are agreed across ranks first (their
-        maximum), so the decision is the same on every rank.
+        """How many probes a due epoch of ``fit`` explains under the budget (:meth:`TimeBudget.budget_units`, a probe
+        as the unit): 0 skips the epoch; at most ``num_samples``, at least one (or all, when
+        ``budget_scales_probes`` is False) or the epoch is skipped. Before any measurement one probe (all, without
+        scaling) is explained. The times are agreed across ranks first, so the decision is the same on every rank.
         """
         n = self.num_samples if self.probe_x is None else self.probe_size
-        if self.budget is None or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
-            return n
-        now = self.clock()
-        started = now if self._fit_started is None else self._fit_started
-        per_probe = -1.0 if self._per_probe is None else self._per_probe
-        elapsed, spent, per_probe = self._agreed_max(trainer, [now - started, self._spent, per_probe])
-        allowed = self.budget * max(elapsed - spent, 0.0) - spent
-        if allowed <= 0:
-            return 0
-        if per_probe < 0:  # nothing measured yet: one probe measures the cost
-            return 1 if self.budget_scales_probes else n
-        k = n if per_probe == 0 else int(min(n, allowed // per_probe))
-        if not self.budget_scales_probes:
-            return n if k >= n else 0
-        return max(k, 0)
-
-    @staticmethod
-    def _agreed_max(trainer: pl.Trainer, values: list[float]) -> list[float]:
-        """Each value's maximum over the ranks (every rank calls this at the same point)."""
-        if trainer.world_size <= 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
-        return [float(v) for v in trainer.strategy.all_gather(t).reshape(-1, len(values)).max(0).values]
+        return self.budget_units(trainer, n, first=1 if self.budget_scales_probes else n,
+                                 scales=self.budget_scales_probes)  # fmt: skip
 
     def _explain_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``run_explain`` on the probes the budget allows, timing it for the next decision."""
@@ -542,10 +632,8 @@ class ProbeCallback(RankStateCallback, Callback):
         finally:
             seconds = self.clock() - start
             self.probe_x, self.probe_y, self.probe_mask = full
-        self._spent += seconds
-        self._per_probe = seconds / k
+        self.budget_spend(seconds, k, trainer.current_epoch)
         self._fit_explanations += 1
-        self.budget_log.append((trainer.current_epoch, k))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -75,6 +75,8 @@ class ConceptMonitor(ProbeCallback):
         log_probes: probe samples (of rank zero) drawn in the figure.
         num_samples: probe size per rank.
         batch_size: rows per LRP call (``"auto"``: sized to memory).
+        budget: the share of the training time the monitor may spend during ``fit`` (:class:`ProbeCallback`; 2 %
+            by default: fewer epochs and probes, the reference set whole); ``budget=None`` explains every due epoch.
         **kwargs: :class:`ProbeCallback` arguments (``every_n_epochs``, ``target``, ``input_key``,
             ``label_key``, ``model_attr``, ``output_key``, ``strict``, ...).
 
@@ -103,9 +105,10 @@ class ConceptMonitor(ProbeCallback):
         log_probes: int = 4,
         num_samples: int = 8,
         batch_size: Any = "auto",
+        budget: float | None = 0.02,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, batch_size=batch_size, **kwargs)
+        super().__init__(num_samples=num_samples, batch_size=batch_size, budget=budget, **kwargs)
         for name, value in (("top_k", top_k), ("num_reference", num_reference), ("num_crops", num_crops),
                             ("atlas_top", atlas_top)):  # fmt: skip
             if not isinstance(value, int) or value < 1:

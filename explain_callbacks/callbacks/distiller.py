@@ -31,6 +31,15 @@ inputs are dropped at fit time). A fit runs the teacher once over the buffer and
 together, then the students (L1 paths are warm-started from the previous fit); students that do not
 call the teacher run under an RNG guard only, without the model guard.
 
+Time budget (``budget``, 2 % of the training time by default; the rule of
+:class:`~explain_callbacks.callbacks.base.TimeBudget`): a fit (the gathers, the teacher pass, the students and their
+logging) takes as many rows as ``budget`` × the training time allows at the measured seconds per row, the newest
+buffered rows and the first validation rows in proportion; the first fit measures on at most ``budget_rows`` rows,
+a fit that cannot take ``budget_rows`` rows is skipped (the students keep their previous fit; the final export is
+the latest fit). The decision reads times agreed across ranks, so every rank fits the same rows or skips.
+``budget=None``: every due epoch on the whole buffer (the fixed schedule). Online students train at every step,
+outside the budget.
+
 Side effects: none on the training. The buffer copies are detached; every model call and every
 fit runs under :func:`model_guard` (eval mode, modes/requires_grad/.grad restored, global CPU/CUDA
 RNG restored); students draw randomness from their own seeded generators; the per-batch subsample
@@ -90,7 +99,15 @@ from ..distill.base import Student, build_student, infer_task, save_student, stu
 from ..distill.buffer import RingBuffer, gather_rows
 from ..distill.fidelity import fidelity, student_score
 from . import _logging
-from .base import check_forward, class_indices, eager_forward, float_dtype, non_default_settings, resolve_model
+from .base import (
+    TimeBudget,
+    check_forward,
+    class_indices,
+    eager_forward,
+    float_dtype,
+    non_default_settings,
+    resolve_model,
+)
 
 __all__ = ["Distiller"]
 
@@ -130,7 +147,7 @@ DEFAULT_STUDENTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 )
 
 
-class Distiller(RankStateCallback, Callback):
+class Distiller(TimeBudget, RankStateCallback, Callback):
     """Distil the training network into simple students and track their fidelity.
 
     Args:
@@ -167,6 +184,10 @@ class Distiller(RankStateCallback, Callback):
             resume; by default they are left out (see the module docstring for what a resume does then).
         max_buffer_mb: bound of the two buffers together, in MB per rank (split between them in proportion
             to ``buffer_size`` and ``val_size``); None: rows only.
+        budget: the share of the training time the fits may take (2 % by default: fits on fewer rows, or
+            skipped; see the module docstring); None: every due epoch on every buffered row.
+        budget_rows: rows (training and validation together) of the first, measuring fit under the budget, and
+            the fewest a fit takes (fewer: skipped).
     """
 
     def __init__(
@@ -192,6 +213,8 @@ class Distiller(RankStateCallback, Callback):
         strict: bool = False,
         checkpoint_buffer: bool = False,
         max_buffer_mb: float | None = 512.0,
+        budget: float | None = 0.02,
+        budget_rows: int = 128,
     ) -> None:
         if teacher_outputs not in ("refresh", "captured"):
             raise ValueError(f"teacher_outputs must be 'refresh' or 'captured', got {teacher_outputs!r}.")
@@ -203,6 +226,12 @@ class Distiller(RankStateCallback, Callback):
             raise ValueError(f"task must be 'auto', 'classification' or 'regression', got {task!r}.")
         if max_buffer_mb is not None and not max_buffer_mb > 0:
             raise ValueError(f"max_buffer_mb must be > 0 or None, got {max_buffer_mb}.")
+        if budget_rows < 4:
+            raise ValueError(f"budget_rows must be >= 4 (a student needs rows to fit), got {budget_rows}.")
+        self.budget = self._check_budget(budget)
+        self.budget_rows = budget_rows
+        self._budget_reset()
+        self._fit_rows: int | None = None  # rows the current fit took under the budget (None: not fitted)
         self.students: dict[str, Student] = self._build_students(students)
         if layer is not None:
             bad = [k for k, s in self.students.items() if s.needs_teacher]
@@ -584,7 +613,11 @@ class Distiller(RankStateCallback, Callback):
             return None
         return names
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._budget_start()
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
+        start, self._fit_rows = self.clock(), None
         try:
             # students that query the teacher (attribution, AWD) see the outputs, not a tuple/dict
             with output_adapter(self.teacher(pl_module), self.output_key):
@@ -595,6 +628,29 @@ class Distiller(RankStateCallback, Callback):
             )
         finally:
             self._fitted_step = trainer.global_step
+            if self._fit_rows:  # the budget's measurement: the whole fit's seconds per row
+                epoch = int(trainer.current_epoch) - (0 if log else 1)
+                self.budget_spend(self.clock() - start, self._fit_rows, epoch, kind="row")
+
+    def _budget_cut(
+        self, trainer: pl.Trainer, rows: dict[str, Tensor], val: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+        """The rows a fit takes under the budget (every rank calls this after the gathers: an agreed decision):
+        the newest training rows and the first validation rows in proportion, or None to skip the fit."""
+        n_train = rows["x"].shape[0]
+        n_val = val["x"].shape[0] if val else 0
+        n = n_train + n_val
+        k = self.budget_units(trainer, n, first=min(n, self.budget_rows), kind="row")
+        if k >= n:
+            return rows, val
+        if k < min(n, self.budget_rows):
+            self._budget_skipped += 1
+            return None
+        k_val = min(n_val, k * n_val // n)
+        k_train = k - k_val
+        rows = {name: t[n_train - k_train :] for name, t in rows.items()}  # the newest rows
+        val = {name: t[:k_val] for name, t in val.items()} if val else val
+        return rows, val
 
     def _teacher_pass(
         self, pl_module: pl.LightningModule, x: Tensor, rows: dict[str, Tensor], val: dict[str, Tensor] | None
@@ -634,6 +690,11 @@ class Distiller(RankStateCallback, Callback):
                 warned.add(("no rows",))
                 rank_zero_warn("Distiller: fewer than 2 buffered training rows; nothing to fit yet.")
             return
+        cut = self._budget_cut(trainer, rows, val)
+        if cut is None:  # the budget skips this fit on every rank; the students keep their previous fit
+            return
+        rows, val = cut
+        self._fit_rows = rows["x"].shape[0] + (val["x"].shape[0] if val else 0)
         x = rows["x"]
         has_val = bool(val) and val["x"].shape[0] > 0
         # at on_train_end the epoch counter has already moved past the last epoch
@@ -828,6 +889,7 @@ class Distiller(RankStateCallback, Callback):
             "history": self.history,
             "online": online,
             "generator": self._gen.get_state(),
+            **self.budget_state(),
         }
         if self.checkpoint_buffer:  # raw inputs: left out by default (~38 MB per checkpoint at 3x32x32)
             state.update(buffer=self.buffer.state_dict(), val=self.val.state_dict(), val_frozen=self._val_frozen)
@@ -852,6 +914,7 @@ class Distiller(RankStateCallback, Callback):
                 self.students[k] = student_from_dict(d)
         if "generator" in state_dict:
             self._gen.set_state(state_dict["generator"])
+        self.load_budget_state(state_dict)
 
     def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
         """Another world size: the saved rows of all ranks are dealt out round-robin, oldest first, so none is

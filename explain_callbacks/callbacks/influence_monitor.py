@@ -80,6 +80,10 @@ class InfluenceMonitor(ProbeCallback):
         log_probes: probe samples (of rank zero) whose proponents are drawn.
         log_self_top: most self-influential samples shown.
         batch_size: rows per per-sample-gradient call.
+        budget: the share of the training time the monitor may spend during ``fit`` (:class:`ProbeCallback`; 2 % by
+            default): an epoch whose TracIn step does not fit is left out of the sum (TracIn over fewer checkpoints,
+            listed in :attr:`epochs`), never a part of the probe; ``budget=None`` adds every due epoch (the paper's
+            checkpoints).
         **kwargs: :class:`ProbeCallback` arguments (``every_n_epochs``, ``input_key``, ``label_key``,
             ``model_attr``, ``output_key``, ``strict``, ...).
 
@@ -91,6 +95,7 @@ class InfluenceMonitor(ProbeCallback):
     """
 
     probe_bound_state = ("influence_local", "self_influence_local", "influence_epochs")
+    budget_scales_probes = False  # the sums are over the whole probe: a budget leaves epochs out, never probes
 
     def __init__(
         self,
@@ -106,9 +111,10 @@ class InfluenceMonitor(ProbeCallback):
         log_probes: int = 4,
         log_self_top: int = 16,
         batch_size: int = 64,
+        budget: float | None = 0.02,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, batch_size=batch_size, **kwargs)
+        super().__init__(num_samples=num_samples, batch_size=batch_size, budget=budget, **kwargs)
         if num_train < 1:
             raise ValueError(f"num_train must be >= 1, got {num_train}.")
         if not isinstance(batch_size, int) or batch_size < 1:

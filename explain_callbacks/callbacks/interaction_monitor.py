@@ -68,6 +68,9 @@ class InteractionMonitor(ProbeCallback):
         feature_names: names of tabular features (default: the data module's ``feature_names``).
         log_images: turn image logging off (scalars and text stay).
         num_samples: probe size (per rank).
+        budget: the share of the training time the monitor may spend during ``fit`` (:class:`ProbeCallback`): by
+            default 2 %, fewer epochs and fewer probes when CD costs more; ``budget=None`` explains every probe on
+            every due epoch (the fixed schedule).
         **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
             input_key, label_key, batch_size, model_attr, strict).
     """
@@ -83,11 +86,12 @@ class InteractionMonitor(ProbeCallback):
         feature_names: Sequence[str] | None = None,
         log_images: bool = True,
         num_samples: int = 2,
+        budget: float | None = 0.02,
         **kwargs: Any,
     ) -> None:
-        # 2 probes every epoch: CD over a 4x4 patch grid is 136 decompositions per probe; 4 cost 16 % of the main
-        # job's training time (benchmarks/bench_callback_costs.py). More probes, less often: every_n_epochs.
-        super().__init__(num_samples=num_samples, **kwargs)
+        # CD over a 4x4 patch grid is 136 decompositions per probe: on 2 probes every epoch it cost 8 % of the main
+        # job's training and 36 % of a small ResNet's (benchmarks/bench_callback_costs.py), hence the budget.
+        super().__init__(num_samples=num_samples, budget=budget, **kwargs)
         methods = to_plain(methods)
         if isinstance(methods, (str, Mapping, InteractionMethod)):
             methods = [methods]

@@ -57,6 +57,11 @@ class LandscapeMonitor(ProbeCallback):
         max_snapshots: snapshots kept (the latest).
         compare_with: the attribution method (registry name or instance) whose global ranking is shown beside.
         top_k: features shown in the figure and table.
+        budget: the share of the training time the analysis may take during ``fit`` (2 % by default): the basin
+            hopping gets ``budget × training time`` seconds (``max_seconds`` of
+            :func:`~explain_callbacks.analysis.basin_hopping`: the start is always quenched, then hops while they
+            fit; the table's note says when the limit stopped it). ``budget=None``: all ``n_hops`` hops (the
+            paper-sized sampling); ``trainer.validate``/``test`` ignore it.
         **kwargs: :class:`ProbeCallback` arguments (``num_samples``, ``input_key``, ``label_key``, ``target``,
             ``model_attr``, ``output_key``, ``strict``, ``batch_size``...).
 
@@ -88,9 +93,11 @@ class LandscapeMonitor(ProbeCallback):
         top_k: int = 10,
         num_samples: int = 64,
         batch_size: int = 256,
+        budget: float | None = 0.02,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, every_n_epochs=every_n_epochs or 1, batch_size=batch_size, **kwargs)
+        super().__init__(num_samples=num_samples, every_n_epochs=every_n_epochs or 1, batch_size=batch_size,
+                         budget=budget, **kwargs)  # fmt: skip
         if num_train < 1:
             raise ValueError(f"num_train must be >= 1, got {num_train}.")
         if isinstance(loss, str) and loss not in LOSSES:
@@ -173,6 +180,13 @@ class LandscapeMonitor(ProbeCallback):
             return False  # at the end of fit only
         return super().is_due(trainer)
 
+    def budget_probes(self, trainer: pl.Trainer) -> int:
+        """The whole probe on a due epoch while the budget allows any time (the time limit inside the analysis
+        shrinks the sampling), none when it is spent."""
+        n = self.num_samples if self.probe_x is None else self.probe_size
+        allowed = self.budget_allowed(trainer)
+        return n if allowed is None or allowed[0] > 0 else 0
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.landscape_every is None and not trainer.fast_dev_run:
             if self.probe_x is None and self.train_x is not None:  # no validation data: probe the training rows
@@ -180,7 +194,9 @@ class LandscapeMonitor(ProbeCallback):
                 self.probe_y = self.train_y[: self.num_samples].clone() if self.train_y is not None else None
             if self._agree_on_probe(trainer):
                 self._fit_explanations += 1
+                start = self.clock()
                 self.run_explain(trainer, pl_module)
+                self.budget_spend(self.clock() - start, self.probe_size, trainer.current_epoch)
         super().on_fit_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ explaining
@@ -193,9 +209,13 @@ class LandscapeMonitor(ProbeCallback):
             raise RuntimeError("LandscapeMonitor: no training rows were seen (it takes them from training batches).")
         model = self.model(pl_module)
         start = time.perf_counter()
+        # under the budget: the seconds left of budget × training time (this rank's clock: rank zero alone runs it)
+        allowed = self.budget_allowed(trainer, agreed=False)
+        limit = None if allowed is None else max(allowed[0], 0.0)
         result = landscape_analysis(
-            model, self.train_x, self.train_y, self.loss, starts=self.snapshots, batch_size=self.rows, **self.options
-        )
+            model, self.train_x, self.train_y, self.loss, starts=self.snapshots, batch_size=self.rows,
+            max_seconds=limit, clock=self.clock, **self.options,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         self.result = result
         self.attribution_scores, self.agreement, method_name = None, None, None

@@ -50,6 +50,13 @@ class SaliencyMasker(ProbeCallback):
         objective: a :class:`MaskerObjective`, or a dict of its fields.
         seed: seed of the masker's initialisation and of its generator.
         max_images: masks drawn per logged grid.
+        budget: the share of the training time the masker may take during ``fit``, its training steps and its
+            explanations together (2 % by default). A batch trains the masker only while the time spent so far plus
+            one step (measured) stays within ``budget`` × the training time, so a masker step costing several
+            classifier steps is taken on every few hundredth batch: enough to watch it, not to train a masker that
+            explains well. ``budget=None`` trains on every ``every_n_steps``-th batch (the paper's schedule: one
+            masker step per classifier step, several times the classifier's cost). The decision is each rank's own
+            (no collective depends on a step; the maskers are averaged at each epoch's end).
         **kwargs: :class:`ProbeCallback` arguments (num_samples, every_n_epochs, target, ...). ``target``
             also picks the classes the masker trains on: the batch's labels (``"label"``), the classifier's
             predictions (``"prediction"``: multi-label or unlabelled data) or one class (an int).
@@ -69,9 +76,10 @@ class SaliencyMasker(ProbeCallback):
         max_images: int = 16,
         log_images: bool = True,
         num_samples: int = 16,
+        budget: float | None = 0.02,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, **kwargs)
+        super().__init__(num_samples=num_samples, budget=budget, **kwargs)
         if self.target is None:
             raise ValueError(
                 "SaliencyMasker trains and explains class-conditional masks: target must be 'label', "
@@ -183,8 +191,14 @@ class SaliencyMasker(ProbeCallback):
     ) -> None:
         if trainer.current_epoch < self.start_epoch or batch_idx % self.every_n_steps != 0 or self._disabled:
             return
+        # the budget, on this rank's times (a per-batch collective would cost more than it saves)
+        if self.budget_units(trainer, 1, agreed=False, kind="step") < 1:
+            self._budget_skipped += 1
+            return
+        start = self.clock()
         try:
             self._train_step(pl_module, batch)
+            self.budget_spend(self.clock() - start, 1, None, kind="step")
         except Exception as err:
             if self.strict:
                 raise

@@ -37,7 +37,11 @@ class SpRAyMonitor(ProbeCallback):
         group_by: ``"label"`` or ``"prediction"``: which class a sample's map belongs to.
         n_clusters: fixed number of clusters, or None for the eigengap's choice.
         size, k, n_eigen, max_clusters: passed to :func:`~explain_callbacks.analysis.spray`.
-        **kwargs: :class:`ProbeCallback` arguments (``every_n_epochs`` defaults to 5).
+        every_n_epochs: analyse every n-th epoch (5).
+        budget: the share of the training time the monitor may spend during ``fit`` (:class:`ProbeCallback`; 2 % by
+            default): a due epoch that does not fit is skipped (the clusters need the whole probe);
+            ``budget=None`` analyses every due epoch.
+        **kwargs: :class:`ProbeCallback` arguments.
 
     Logs ``concepts/strategies/class_<c>`` (eigengap's count) and ``concepts/largest_share/class_<c>``
     (share of the class in its largest cluster), a figure of the cluster means per class
@@ -60,9 +64,11 @@ class SpRAyMonitor(ProbeCallback):
         n_eigen: int = 32,
         max_clusters: int = 6,
         every_n_epochs: int = 5,
+        budget: float | None = 0.02,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, per_class=per_class, every_n_epochs=every_n_epochs, **kwargs)
+        super().__init__(num_samples=num_samples, per_class=per_class, every_n_epochs=every_n_epochs, budget=budget,
+                         **kwargs)  # fmt: skip
         if group_by not in ("label", "prediction"):
             raise ValueError(f"group_by must be 'label' or 'prediction', got {group_by!r}.")
         if isinstance(method, str):

@@ -27,7 +27,7 @@ def _trainer(out_dir: str, mon: ConceptMonitor, logger: bool) -> pl.Trainer:
 def main(out_dir: str) -> None:
     pl.seed_everything(0)
     train, val = image_loaders()
-    mon = ConceptMonitor(num_reference=16, num_samples=3, model_attr="net", strict=True, atlas_top=2)
+    mon = ConceptMonitor(budget=None, num_reference=16, num_samples=3, model_attr="net", strict=True, atlas_top=2)
     tr = _trainer(out_dir, mon, True)
     m = lit()
     tr.fit(m, train, val)
@@ -45,7 +45,9 @@ def main(out_dir: str) -> None:
     assert torch.allclose(atlas.relevance, mon.atlas.relevance, atol=1e-5)
 
     # a failure on rank 1 alone (a layer it does not have): both ranks skip the epoch, nobody hangs, training goes on
-    bad = ConceptMonitor(num_reference=8, num_samples=2, model_attr="net", layer="nope" if tr.global_rank else None)
+    bad = ConceptMonitor(
+        budget=None, num_reference=8, num_samples=2, model_attr="net", layer="nope" if tr.global_rank else None
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(out_dir, bad, False).fit(lit(), train, val)

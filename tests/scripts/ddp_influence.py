@@ -31,7 +31,7 @@ def main(out_dir: str) -> None:
     train, val = image_loaders()
     snaps = Snapshots()
     # 31 training rows: the ranks hold 16 and 15 of them (uneven shares exercise the padded gather)
-    mon = InfluenceMonitor(num_train=31, num_samples=3, model_attr="net", batch_size=8, strict=True)
+    mon = InfluenceMonitor(budget=None, num_train=31, num_samples=3, model_attr="net", batch_size=8, strict=True)
     tr = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[snaps, mon],
         logger=TensorBoardLogger(out_dir, name="tb"), enable_checkpointing=False, enable_progress_bar=False,

@@ -51,10 +51,12 @@ def main(out_dir: str) -> None:
     train, val = image_loaders()
     methods = ["saliency", {"name": "ig", "n_steps": 8}, FailsOnRankOne()]
     mon = AttributionMonitor(budget=None, methods=methods, metrics=["deletion"], num_samples=6)
-    inter = InteractionMonitor(methods=[{"name": "ih", "n_steps": 4}, FlakyHessians(n_steps=4)], num_samples=2)
+    inter = InteractionMonitor(
+        budget=None, methods=[{"name": "ih", "n_steps": 4}, FlakyHessians(n_steps=4)], num_samples=2
+    )
     broken = PreparationFailsOnRankOne(methods=["saliency"], num_samples=2, target="prediction")
-    spr = SpRAyMonitor(num_samples=12, per_class=None, min_per_class=3, every_n_epochs=1, strict=True)
-    masker = SaliencyMasker(width=4, num_samples=4, strict=True)
+    spr = SpRAyMonitor(budget=None, num_samples=12, per_class=None, min_per_class=3, every_n_epochs=1, strict=True)
+    masker = SaliencyMasker(budget=None, width=4, num_samples=4, strict=True)
     tr = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[mon, inter, broken, spr, masker],
         logger=TensorBoardLogger(out_dir, name="tb"), enable_checkpointing=False, enable_progress_bar=False,

@@ -68,6 +68,7 @@ def main(out_dir: str) -> None:
         budget=None, methods=["input_x_gradient", FailsOnRankOne()], num_samples=4, input_key=finite_inputs
     )
     dist = Distiller(
+        budget=None,
         students={"tree": "tree", "flaky": TreeFailingOnRankOne(max_depth=2)}, buffer_size=128, val_size=32,
     )  # fmt: skip
     tr = pl.Trainer(

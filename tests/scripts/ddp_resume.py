@@ -24,7 +24,9 @@ from tests.scripts import run_main
 def callbacks() -> tuple[AttributionMonitor, Distiller]:
     mon = AttributionMonitor(budget=None, methods=["saliency"], num_samples=5)
     # 30 training and 24 validation rows per rank: in one process the buffers hold both ranks' rows
-    dist = Distiller(students=["tree"], buffer_size=64, val_size=64, per_batch=10, export=False, checkpoint_buffer=True)
+    dist = Distiller(
+        budget=None, students=["tree"], buffer_size=64, val_size=64, per_batch=10, export=False, checkpoint_buffer=True
+    )
     return mon, dist
 
 
