@@ -170,7 +170,7 @@ def students_quality(tmp: Path, epochs: int) -> None:
         "attribution_linear_5": {"name": "attribution_linear", "k": 5},
         "online": {"name": "online"},
     }
-    dist = Distiller(students=students, buffer_size=512, every_n_epochs=10, teacher_outputs="captured")
+    dist = Distiller(students=students, buffer_size=512, every_n_epochs=10, teacher_outputs="captured", budget=None)
     _, model, dm = _fit_bc(tmp / "quality", epochs, dist)
     x, y = dm.test_set.tensors
     model.eval()

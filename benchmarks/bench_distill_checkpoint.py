@@ -68,8 +68,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, dist in [
             ("no Distiller", None),
-            ("Distiller (default: rows left out)", Distiller(students=["tree"], export=False)),
-            ("Distiller, checkpoint_buffer=True", Distiller(students=["tree"], export=False, checkpoint_buffer=True)),
+            ("Distiller (default: rows left out)", Distiller(students=["tree"], export=False, budget=None)),
+            (
+                "Distiller, checkpoint_buffer=True",
+                Distiller(students=["tree"], export=False, checkpoint_buffer=True, budget=None),
+            ),
         ]:
             mb = checkpoint_mb(Path(tmp, str(len(rows))), dist)
             held = "" if dist is None else f"{dist.buffer.nbytes / 2**20 + dist.val.nbytes / 2**20:.1f}"
@@ -78,7 +81,7 @@ def main() -> None:
     print("| run | checkpoint MB | buffers in memory, MB per rank |\n|---|---:|---:|")
     for label, mb, held in rows:
         print(f"| {label} | {mb:.2f} | {held} |")
-    d = Distiller(students=["tree"])
+    d = Distiller(students=["tree"], budget=None)
     row = {"x": torch.zeros(1, 3, 224, 224)}
     tr, va = d.buffer.rows_for(row), d.val.rows_for(row)
     mb = (tr + va) * 3 * 224 * 224 * 4 / 2**20

@@ -60,7 +60,7 @@ def breast_cancer(out: Path, epochs: int) -> None:
     dist = Distiller(
         students={"tree": {"name": "tree", "max_depth": 3},
                   "sparse_logistic": {"name": "sparse_logistic", "max_nonzeros": 10}},
-        buffer_size=512, every_n_epochs=15,
+        buffer_size=512, every_n_epochs=15, budget=None,  # every buffered row: the students are the point
     )  # fmt: skip
     _trainer(out, "breast_cancer", epochs, dist).fit(model, dm)
     x, y = dm.test_set.tensors
@@ -84,7 +84,7 @@ def signals_awd(out: Path, epochs: int) -> None:
             "sparse_linear": {"name": "sparse_linear", "max_nonzeros": 10},
             "tree": {"name": "tree", "max_depth": 3},
         },
-        buffer_size=1024, every_n_epochs=max(1, epochs // 2),
+        buffer_size=1024, every_n_epochs=max(1, epochs // 2), budget=None,  # every buffered row
     )  # fmt: skip
     _trainer(out, "signals_awd", epochs, dist).fit(model, dm)
     x, y, _ = dm.test_set.tensors
@@ -101,7 +101,7 @@ def digits_awd(out: Path, epochs: int) -> None:
     dist = Distiller(
         students={"awd": {"name": "awd", "wavelet": "db2", "levels": 3, "n_coefficients": 4, "epochs": 3,
                           "lr": 1e-2, "lam_l1attr": 0.001}, "tree": {"name": "tree", "max_depth": 6}},
-        buffer_size=1024, every_n_epochs=epochs,
+        buffer_size=1024, every_n_epochs=epochs, budget=None,  # every buffered row: the students are the point
     )  # fmt: skip
     _trainer(out, "digits_awd", epochs, dist).fit(model, dm)
     x, y = dm.test_set.tensors

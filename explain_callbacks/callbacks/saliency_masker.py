@@ -53,11 +53,11 @@ class SaliencyMasker(ProbeCallback):
         budget: the share of the training time the masker may take during ``fit``, its training steps and its
             explanations together. None (the default): the masker is what this callback trains, so it trains on
             every ``every_n_steps``-th batch (the paper's schedule: one masker step per classifier step, several
-            times the classifier's cost). With a share (``budget=0.02``) a batch trains the masker only while the time spent so far plus
-            one step (measured) stays within ``budget`` × the training time, so a masker step costing several
-            classifier steps is taken on every few hundredth batch: enough to watch it, not to train a masker that
-            explains well. The decision is each rank's own
-            (no collective depends on a step; the maskers are averaged at each epoch's end).
+            times the classifier's cost). With a share (``budget=0.02``) a batch trains the masker only while the
+            time spent so far plus one step (measured) stays within ``budget`` × the training time, so a masker
+            step costing several classifier steps is taken on every few hundredth batch: enough to watch it, not
+            to train a masker that explains well. The decision is each rank's own (no collective depends on a
+            step; the maskers are averaged at each epoch's end).
         **kwargs: :class:`ProbeCallback` arguments (num_samples, every_n_epochs, target, ...). ``target``
             also picks the classes the masker trains on: the batch's labels (``"label"``), the classifier's
             predictions (``"prediction"``: multi-label or unlabelled data) or one class (an int).
