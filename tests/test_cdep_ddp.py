@@ -1,0 +1,64 @@
+"""CDEP's served forward (``AttributionRegularizer("cdep", serve_forward=True)``) under 2-process DDP (gloo, CPU):
+no hang, the same training as the unserved regularizer, parameters identical across ranks, BatchNorm running
+statistics updated once per step, and the step's forward really served from the CD pass."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3  # tests/scripts/ddp_cdep_serve.py: 3 batches per rank, one epoch
+
+# float32: the CD pass computes the logits on stacked (z, β) streams, in another order of operations than the
+# network's own forward, so the two runs differ by rounding (2.5e-6 at most over 3 SGD steps here). The bound is 4x
+# that and 500x below how far every parameter tensor moved (>= 5.7e-3), so a missing or doubled penalty, a second
+# BatchNorm update or a different batch would fail it.
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+@pytest.mark.ddp
+def test_cdep_serve_forward_under_ddp(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PL_DISABLE_FORK="1")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_cdep_serve.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run = {
+        (mode, rank): torch.load(tmp_path / f"{mode}_rank{rank}.pt", weights_only=True)
+        for mode in ("served", "plain")
+        for rank in (0, 1)
+    }
+    for rank in (0, 1):
+        served, plain = run["served", rank], run["plain", rank]
+        assert served["steps"] == plain["steps"] == STEPS
+        # the step called net(x) once per step in both runs; the network itself ran only in the unserved one
+        assert served["net_calls"] == plain["net_calls"] == STEPS
+        assert plain["bn_runs"] == STEPS and served["bn_runs"] == 0
+        assert not served["wrapped_after"] and not plain["wrapped_after"]  # training_step and forward restored
+        # the same penalty on the same batches (rank-local data), and not a vacuous one
+        torch.testing.assert_close(served["penalties"], plain["penalties"], **TOL)
+        assert served["penalties"].shape == (STEPS,) and bool((served["penalties"] > 0.1).all())
+        for name, p in plain["params"].items():
+            assert (p - plain["init"][name]).abs().max() > 1e-3, name  # the weights moved
+            torch.testing.assert_close(served["params"][name], p, **TOL, msg=name)
+        for name, b in plain["buffers"].items():
+            # running statistics: moved once per step, as by the unserved run's forward (num_batches_tracked exact)
+            if name.endswith("num_batches_tracked"):
+                assert int(served["buffers"][name]) == int(b) == STEPS, name
+            else:
+                torch.testing.assert_close(served["buffers"][name], b, **TOL, msg=name)
+    for mode in ("served", "plain"):
+        # DDP averages the gradients: every rank holds bit-identical parameters ...
+        for name, p in run[mode, 0]["params"].items():
+            assert torch.equal(p, run[mode, 1]["params"][name]), (mode, name)
+        # ... while the last step's BatchNorm statistics are each rank's own batch (DDP broadcasts rank 0's buffers
+        # at the start of the next forward): they differ, so the per-rank comparison above is a real one
+        mean = "net.features.1.running_mean"
+        assert not torch.allclose(run[mode, 0]["buffers"][mean], run[mode, 1]["buffers"][mean], **TOL)
