@@ -1,6 +1,7 @@
 """CDEP's served forward (``AttributionRegularizer("cdep", serve_forward=True)``) under 2-process DDP (gloo, CPU):
 no hang, the same training as the unserved regularizer, parameters identical across ranks, BatchNorm running
-statistics updated once per step, and the step's forward really served from the CD pass."""
+statistics updated once per step, and the step's forward really served from the CD pass. With SyncBatchNorm
+(DDP's sync_batchnorm=True) the forward is not served."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from explain_callbacks.callbacks import AttributionRegularizer
+from explain_callbacks.callbacks import regularizer as R
+
+from .test_regularize_callback import Tiny, dataset, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3  # tests/scripts/ddp_cdep_serve.py: 3 batches per rank, one epoch
@@ -62,3 +70,33 @@ def test_cdep_serve_forward_under_ddp(tmp_path):
         # at the start of the next forward): they differ, so the per-rank comparison above is a real one
         mean = "net.features.1.running_mean"
         assert not torch.allclose(run[mode, 0]["buffers"][mean], run[mode, 1]["buffers"][mean], **TOL)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_synchronised_batchnorm_is_not_served(monkeypatch, processes):
+    """A SyncBatchNorm in training mode normalises with the statistics of every process's batch, the CD pass with
+    this process's alone: served, the task's logits and running statistics would be a plain BatchNorm's. DDP accepts
+    SyncBatchNorm only on GPU modules, so the group of several processes is simulated here (the layers, not
+    synchronising in one process, compute as BatchNorm): where they would synchronise, the forward runs and the
+    step trains bit-identically to serve_forward=False."""
+    monkeypatch.setattr(R, "_world_size", lambda group: processes, raising=False)
+    models = []
+    for serve in (True, False):
+        torch.manual_seed(0)
+        model = Tiny()
+        model.net = nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
+        runs: list[int] = []
+        model.net[1].register_forward_pre_hook(lambda *_, runs=runs: runs.append(1))
+        cb = AttributionRegularizer("cdep", weight=3.0, mask=2, model_attr="net", serve_forward=serve)
+        if serve and processes > 1:
+            with pytest.warns(UserWarning, match="SyncBatchNorm"):
+                trainer([cb], limit_train_batches=2).fit(model, DataLoader(dataset(8), batch_size=4))
+        else:
+            trainer([cb], limit_train_batches=2).fit(model, DataLoader(dataset(8), batch_size=4))
+        # the SyncBatchNorm module runs only in the network's own forward (the CD pass applies its rule)
+        assert len(runs) == (0 if serve and processes == 1 else 2)
+        models.append(model)
+    served, plain = models
+    if processes > 1:
+        for (n, a), (_, b) in zip(served.state_dict().items(), plain.state_dict().items()):
+            assert torch.equal(a, b), n
