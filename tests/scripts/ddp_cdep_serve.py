@@ -1,8 +1,8 @@
 """Run by tests/test_cdep_ddp.py: AttributionRegularizer("cdep") under 2-process DDP (gloo, CPU) on a small BatchNorm
-CNN, trained with ``serve_forward=True`` and then with ``serve_forward=False`` from the same seed, in the same two
-processes (the second Trainer finds the process group of the first). Each rank saves its initial and final parameters,
-buffers, forward counts and penalties to ``<argv[1]>/<mode>_rank<r>.pt`` (tensors and ints only: loaded with
-weights_only=True)."""
+CNN in float64, trained with ``serve_forward=True`` and then with ``serve_forward=False`` from the same seed, in the
+same two processes (the second Trainer finds the process group of the first). Each rank saves its initial and final
+parameters, buffers, forward counts and penalties to ``<argv[1]>/<mode>_rank<r>.pt`` (tensors and ints only: loaded
+with weights_only=True)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def data() -> TensorDataset:
     y = torch.randint(0, 3, (n,), generator=g)
     m = torch.zeros(n, 1, SIDE, SIDE)
     m[:, :, :4, :4] = 1.0
-    return TensorDataset(x, y, m)
+    return TensorDataset(x.double(), y, m.double())
 
 
 class Penalties(pl.Callback):
@@ -62,7 +62,7 @@ class Penalties(pl.Callback):
 
 def fit(mode: str, out_dir: str) -> None:
     pl.seed_everything(0)
-    model = Lit()
+    model = Lit().double()  # float64: the two runs then differ by rounding far below the bound of the test
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     pens = Penalties()
     reg = AttributionRegularizer("cdep", weight=2.0, mask=2, model_attr="net", serve_forward=mode == "served")
