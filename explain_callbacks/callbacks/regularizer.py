@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -79,7 +80,8 @@ class AttributionRegularizer(Callback):
             (when the call is served), one dropout mask shared by the task and the penalty; about half the
             step's cost on SmallCNN. Penalties that cannot give the model's output are refused at
             construction; a step that never calls the model on that tensor runs its forward as usual (warned
-            once).
+            once). Under DDP with ``sync_batchnorm=True`` the forward is not served (warned once): SyncBatchNorm
+            normalises with the statistics of all processes' batches, the CD pass with this process's own.
 
     Raises:
         MisconfigurationException: at ``setup`` under manual optimisation (there is no returned loss
@@ -128,6 +130,7 @@ class AttributionRegularizer(Callback):
             )
         self.serve_forward = bool(serve_forward)
         self._unserved_warned = False
+        self._sync_warned = False
         self.weight = float(weight)
         self.warmup_steps = int(warmup_steps)
         self.warmup_epochs = float(warmup_epochs)
@@ -258,6 +261,21 @@ class AttributionRegularizer(Callback):
         self._calls += 1
         return inputs, targets, mask, model, step
 
+    def _can_serve(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the penalty's pass can stand for the model's forward in this step: not where a SyncBatchNorm would
+        normalise with the statistics of every process's batch (the CD pass has this process's alone, so the served
+        logits and running statistics would be a plain BatchNorm's). The same answer on every rank (the same model
+        and process group), so every rank serves or none does and SyncBatchNorm's collective is reached by all."""
+        synced = _synchronised_norms(self.penalty_model(pl_module))
+        if synced and not self._sync_warned:
+            self._sync_warned = True
+            rank_zero_warn(
+                f"AttributionRegularizer {self.name!r} (serve_forward=True): {synced[0]!r} is a SyncBatchNorm that "
+                "synchronises its batch statistics across processes (sync_batchnorm=True), which the CD pass does "
+                "not, so the step's forward runs as usual. Set serve_forward=False, or sync_batchnorm=False to serve."
+            )
+        return not synced
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -350,7 +368,7 @@ def _regularized_step(
     for reg in regs:
         if reg.serve_forward and server is None:
             lam = reg.current_weight(trainer, int(batch_idx))
-            if lam != 0:
+            if lam != 0 and reg._can_serve(pl_module):
                 r, bsz, server = reg.compute_with_output(pl_module, batch)
                 early[id(reg)] = (lam, r, bsz)
     if server is None:
@@ -438,6 +456,23 @@ class _ForwardServer:
         else:
             self.model.__dict__["forward"] = self._saved
         self.output = None  # the graph of an unserved pass is not kept alive
+
+
+def _world_size(group: Any) -> int:
+    """Processes in ``group`` (None: the default group); 1 outside torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def _synchronised_norms(model: nn.Module) -> list[str]:
+    """Names of the SyncBatchNorm layers of ``model`` that synchronise in a forward now: in training mode (batch
+    statistics) with a process group of several processes, as ``nn.SyncBatchNorm.forward`` decides."""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.SyncBatchNorm) and m.training and _world_size(m.process_group) > 1
+    ]
 
 
 def _batch_size(reg: AttributionRegularizer, batch: Any) -> int:
