@@ -370,6 +370,16 @@ def metric_cases(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, sal: Any, bs
     return cases
 
 
+def quantus_refusal(e: Exception) -> str:
+    """The table's note for a metric Quantus did not run: its two known refusals in words, else the error."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if "dimensions of attribution and input per sample" in text:
+        return "Quantus refuses (B,T,D) maps"
+    if "'subset_size' must be smaller than input size" in text:
+        return "Quantus refuses subsets of this size on a table"
+    return f"Quantus failed: {type(e).__name__}: {text[:70]}"
+
+
 # ----------------------------------------------------------------------------- running
 def verdict(kind: str, r_bare: float | None, r_ref: float | None, cnn: bool) -> str:
     """'yes' / 'no' against issue 22's target of the row's kind."""
@@ -476,9 +486,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                         r_q = pairs(case["ours"], case["quantus"], max(1, args.repeats // 2), device)[1]
                         row.update(r_ref=r_q, ref="Quantus", diff=rel_diff(case["value"](case["ours"]()), qv))
                     except Exception as e:
-                        row["note"] = (row["note"] + "; " if row["note"] else "") + (
-                            f"Quantus failed: {type(e).__name__}: {str(e).splitlines()[0][:70]}"
-                        )
+                        row["note"] = (row["note"] + "; " if row["note"] else "") + quantus_refusal(e)
                 row["ok"] = verdict("metric", med(r_bare), med(row.get("r_ref")), cnn) if sent else (
                     "yes" if row.get("r_ref") and med(row["r_ref"]) < 1 else "—")  # fmt: skip
                 rows.append(row)
