@@ -160,37 +160,6 @@ def small_resnet(classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def resnet_run(callbacks: list[pl.Callback], epochs: int, n_train: int, seed: int = 0) -> dict[str, float]:
-    """One fit of the small ResNet on ``n_train`` synthetic 3×32×32 images (10 classes: a class-dependent
-    blob on noise) and 500 validation images, batch 64, TensorBoard logging; CPU seconds of fit and hooks."""
-    from explain_callbacks.models import LitClassifier
-
-    g = torch.Generator().manual_seed(seed)
-    n = n_train + 500
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = 0.5 * torch.randn(n, 3, 32, 32, generator=g)
-    for c in range(10):  # a blob per class at a class-dependent place and colour channel
-        r, q = divmod(c, 4)
-        x[y == c, c % 3, 8 * r : 8 * r + 8, 8 * q : 8 * q + 8] += 1.5
-    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=64, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=128)
-    pl.seed_everything(seed, verbose=False)
-    model = LitClassifier(small_resnet(), lr=3e-3)
-    clock = HookClock()
-    for cb in callbacks:
-        clock.wrap(cb)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=TensorBoardLogger(tmp),
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                             num_sanity_val_steps=0, accelerator="cpu", devices=1)  # fmt: skip
-        cpu = time.process_time()
-        trainer.fit(model, train, val)
-        cpu = time.process_time() - cpu
-    explained = sum(int(getattr(cb, "_fit_explanations", 0)) for cb in callbacks)
-    return {"fit_cpu": cpu, "hooks_cpu": clock.seconds, "explanations": explained}
-
-
 def resnet_main(args: argparse.Namespace) -> None:
     """``--resnet``: what ``AttributionMonitor()`` with its defaults costs on the small ResNet (issue 22, item 3):
     hooks CPU over the rest of fit, and fit CPU against a fit without callbacks (pairs, median)."""
@@ -203,8 +172,8 @@ def resnet_main(args: argparse.Namespace) -> None:
     for name, make in specs.items():
         pairs = []
         for _ in range(args.repeats):
-            base = resnet_run([], args.epochs or 3, args.n_train)
-            run = resnet_run([make()], args.epochs or 3, args.n_train)
+            base = heldout_run("resnet", [], args.epochs or 3, args.n_train)
+            run = heldout_run("resnet", [make()], args.epochs or 3, args.n_train)
             pairs.append((base, run))
         hooks = statistics.median(r["hooks_cpu"] / max(r["fit_cpu"] - r["hooks_cpu"], 1e-9) for _, r in pairs)
         fit = statistics.median(r["fit_cpu"] / b["fit_cpu"] - 1 for b, r in pairs)
@@ -263,7 +232,7 @@ def make_callback(name: str, variant: str) -> pl.Callback:
 
 def heldout_data(model: str, n_train: int, seed: int = 0) -> tuple[DataLoader, DataLoader, nn.Module]:
     """Training and validation loaders (batch 64 / 128) and the network: the small ResNet on ``n_train`` synthetic
-    3×32×32 images (10 classes, a class-dependent blob on noise; as :func:`resnet_run`), or the tabular MLP of
+    3×32×32 images (10 classes, a class-dependent blob on noise) and 500 validation images, or the tabular MLP of
     ``benchmarks/heldout_models.py`` (30 features, 64-64 hidden, 2 classes) on ``n_train`` rows of its task."""
     n = n_train + 500
     if model == "resnet":
