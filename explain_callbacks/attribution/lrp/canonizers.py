@@ -72,20 +72,18 @@ class Sum(nn.Module):
         return out
 
 
-_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer)
-
-
-def refuse_attention(model: nn.Module) -> None:
-    """Raise :class:`LRPUnsupportedError` naming the first ``nn.MultiheadAttention`` or transformer layer of
-    ``model``: their forward runs as one fused function whose inside the torch-function mode cannot see (an
-    attention of the user's own, through ``F.scaled_dot_product_attention``, gets AttnLRP; one through
-    matmul and softmax is refused at the matmul)."""
+def refuse_unsupported(model: nn.Module) -> None:
+    """Raise :class:`LRPUnsupportedError` naming the first recurrent layer (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) of
+    ``model``: their forward runs as one fused kernel whose gates and products the torch-function mode cannot see,
+    so their gradient would pass for relevance. (An LSTM written from ``nn.Linear`` and ``torch.sigmoid`` gates is
+    explained: its gate products get the signal-take-all rule of Arras et al. 2017.)"""
     for name, m in model.named_modules():
-        if isinstance(m, _ATTENTION):
+        if isinstance(m, nn.RNNBase):
             raise LRPUnsupportedError(
-                f"LRP cannot explain the attention block {name or '<model>'!r} ({type(m).__name__}): its fused forward "
-                "is not open to LRP's rules (AttnLRP is applied to F.scaled_dot_product_attention in your own "
-                f"attention module). Use a gradient method for this model: {ALTERNATIVES}."
+                f"LRP cannot explain the recurrent layer {name or '<model>'!r} ({type(m).__name__}): its fused kernel "
+                "hides the gate products that LRP's LSTM rules (Arras et al. 2017) need; write the cell from "
+                "nn.Linear and torch.sigmoid/torch.tanh (its gates then get the signal-take-all rule), or explain this "
+                f"model with a gradient method: {ALTERNATIVES}."
             )
 
 
@@ -248,6 +246,71 @@ def _graph_tensors(args: tuple[Any, ...]) -> list[Tensor]:
     return out
 
 
+_MHA_ARGS = (
+    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+    "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias",
+)  # fmt: skip
+
+
+def _mha_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, causal: bool, batch: int, heads: int,
+              tgt: int, src: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:  # fmt: skip
+    """``nn.MultiheadAttention``'s masks as one additive float mask (B, H, T, S): a boolean entry True means
+    "not attended" (−inf) there, unlike in ``scaled_dot_product_attention``."""
+
+    def additive(m: Tensor) -> Tensor:
+        m = m.detach()
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    total = None
+    if attn_mask is None and causal:
+        attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=device).triu(1)
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        total = m.reshape(batch, heads, tgt, src) if m.ndim == 3 else m.expand(batch, heads, tgt, src)
+    if key_padding_mask is not None:
+        kp = additive(key_padding_mask).reshape(batch, 1, 1, src)
+        total = kp if total is None else total + kp
+    return None if total is None else total.expand(batch, heads, tgt, src)
+
+
+def attention_relevance(
+    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, mask: Tensor | None, causal: bool, scale: float | None, eps: float,
+    live_in: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AttnLRP (Achtibat et al. 2024) of O = softmax(scale · QKᵀ + M) V for the relevance ``grad`` of O, from
+    detached q, k, v (..., L, E): (R_q, R_k, R_v). ``live_in``: which of q, k, v depend on the input (the
+    uniform rule halves a bilinear product's relevance only between two input-dependent factors).
+
+    - O = A V and QKᵀ, bilinear: the uniform rule, each factor half of the ε-rule's relevance
+      (R_A = ½ A ⊙ (R_O / s(O)) Vᵀ, R_V = ½ V ⊙ Aᵀ (R_O / s(O)), likewise Q and K);
+    - A = softmax(S): R_S = S ⊙ (R_A − A · Σ_j R_A), row by row (the softmax's Taylor expansion at S; the
+      constant term is absorbed);
+    - the mask M (additive, or −inf where masked) is a bias: R_raw = scale·QKᵀ / s(S) · R_S, masked entries 0.
+    """
+    sc = scale if scale is not None else q.shape[-1] ** -0.5
+    raw = sc * (q @ k.transpose(-2, -1))
+    s = raw
+    if causal:
+        keep = torch.ones(raw.shape[-2:], dtype=torch.bool, device=raw.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.detach()
+    attn = torch.softmax(s, -1)
+    o = attn @ v
+    dep_a, dep_v = 0 in live_in or 1 in live_in, 2 in live_in
+    c = _over_stab(grad, o, eps) / (2 if dep_a and dep_v else 1)
+    r_a = attn * (c @ v.transpose(-2, -1))
+    r_v = v * (attn.transpose(-2, -1) @ c)
+    live = attn > 0
+    s_safe = torch.where(live, s, torch.zeros_like(s))
+    r_s = torch.where(live, s_safe * (r_a - attn * r_a.sum(-1, keepdim=True)), torch.zeros_like(s))
+    r_raw = r_s if (mask is None or mask.dtype == torch.bool) else raw * _over_stab(r_s, s_safe, eps)
+    c2 = sc * _over_stab(r_raw, raw, eps) / (2 if 0 in live_in and 1 in live_in else 1)  # ∂raw/∂q = sc·k
+    return q * (c2 @ k), k * (c2.transpose(-2, -1) @ q), r_v
+
+
 class FunctionGuard(TorchFunctionMode):
     """While the model runs under LRP (parameters are frozen during the call, so ``requires_grad``
     means "depends on the input"):
@@ -303,6 +366,10 @@ class FunctionGuard(TorchFunctionMode):
                 )
         if func is F.scaled_dot_product_attention and _graph_tensors(args[:3]):
             return self._attention(args, kwargs)
+        if func is F.multi_head_attention_forward and _graph_tensors(args[:3]):
+            return self._mha(args, kwargs)
+        if func is F.layer_norm and args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            return self._layer_norm(args, kwargs)
         return func(*args, **kwargs)
 
     def _attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -329,34 +396,104 @@ class FunctionGuard(TorchFunctionMode):
         eps = self.attention_epsilon
         live_in = [i for i, t in enumerate((q, k, v)) if isinstance(t, Tensor) and t.requires_grad]
 
-        def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+        def backward(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
             qd, kd, vd = (t.detach() for t in (q, k, v))
-            sc = scale if scale is not None else qd.shape[-1] ** -0.5
-            raw = sc * (qd @ kd.transpose(-2, -1))
-            s = raw
-            if causal:
-                keep = torch.ones(raw.shape[-2:], dtype=torch.bool, device=raw.device).tril()
-                s = s.masked_fill(~keep, float("-inf"))
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.detach()
-            attn = torch.softmax(s, -1)
-            o = attn @ vd
-            # the uniform rule halves only between two input-dependent factors; one alone is the ε rule (all of it)
-            dep_a, dep_v = 0 in live_in or 1 in live_in, 2 in live_in
-            c = _over_stab(grad, o, eps) / (2 if dep_a and dep_v else 1)
-            r_a = attn * (c @ vd.transpose(-2, -1))
-            r_v = vd * (attn.transpose(-2, -1) @ c)
-            live = attn > 0
-            s_safe = torch.where(live, s, torch.zeros_like(s))
-            r_s = torch.where(live, s_safe * (r_a - attn * r_a.sum(-1, keepdim=True)), torch.zeros_like(s))
-            r_raw = r_s if (mask is None or mask.dtype == torch.bool) else raw * _over_stab(r_s, s_safe, eps)
-            c2 = sc * _over_stab(r_raw, raw, eps) / (2 if 0 in live_in and 1 in live_in else 1)  # ∂raw/∂q = sc·k
-            r_q = qd * (c2 @ kd)
-            r_k = kd * (c2.transpose(-2, -1) @ qd)
-            rel = (r_q, r_k, r_v)
+            rel = attention_relevance(qd, kd, vd, grad, mask, causal, scale, eps, live_in)
             return [rel[i] for i in live_in]  # q, k and v may be one tensor: autograd sums its three parts
 
         return with_relevance(backward, out, *((q, k, v)[i] for i in live_in), keep=False)
+
+    def _mha(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``F.multi_head_attention_forward`` (``nn.MultiheadAttention`` and the transformer layers): AttnLRP
+        (Achtibat et al. 2024) on its own parameters. The forward is the function's own (its values unchanged);
+        the backward recomputes the projections and hands the relevance back through the ε rule on the output
+        projection, :func:`attention_relevance` on the heads, and the ε rule on the q/k/v projections (biases
+        absorb their share). Attention weights it returns (``need_weights=True``) carry no relevance."""
+        a = dict(zip(_MHA_ARGS, args))
+        a.update(kwargs)
+        unsupported = [n for n in ("bias_k", "bias_v", "static_k", "static_v") if a.get(n) is not None]
+        if a.get("add_zero_attn"):
+            unsupported.append("add_zero_attn")
+        if a.get("training", True) and float(a.get("dropout_p") or 0.0) > 0:
+            unsupported.append("dropout in training mode")
+        if unsupported:
+            raise LRPUnsupportedError(
+                f"LRP's attention rule (AttnLRP) does not cover nn.MultiheadAttention with {', '.join(unsupported)}; "
+                f"build the attention without it, or explain this model with a gradient method: {ALTERNATIVES}."
+            )
+        out, weights = F.multi_head_attention_forward(*args, **kwargs)
+        query, key, value = a["query"], a["key"], a["value"]
+        live_in = [i for i, t in enumerate((query, key, value)) if isinstance(t, Tensor) and t.requires_grad]
+        if not live_in:
+            return out, weights
+        eps, heads = self.attention_epsilon, int(a["num_heads"])
+        if a.get("use_separate_proj_weight"):
+            w_q, w_k, w_v = (a[f"{n}_proj_weight"].detach() for n in "qkv")
+        else:
+            w_q, w_k, w_v = a["in_proj_weight"].detach().chunk(3)
+        b_in = a.get("in_proj_bias")
+        b_q, b_k, b_v = (None, None, None) if b_in is None else b_in.detach().chunk(3)
+        w_o = a["out_proj_weight"].detach()
+        b_o = None if a.get("out_proj_bias") is None else a["out_proj_bias"].detach()
+        batched = query.ndim == 3
+        tgt, src = query.shape[0], key.shape[0]
+        batch = query.shape[1] if batched else 1
+        mask = _mha_mask(a.get("attn_mask"), a.get("key_padding_mask"), bool(a.get("is_causal")), batch, heads,
+                         tgt, src, query.dtype, query.device)  # fmt: skip
+        qd, kd, vd = (t.detach() for t in (query, key, value))
+
+        def backward(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
+            xq, xk, xv, r_out = (t if batched else t.unsqueeze(1) for t in (qd, kd, vd, grad))  # (L, B, E)
+
+            def heads_first(t: Tensor) -> Tensor:  # (L, B, E) -> (B, H, L, E/H)
+                return t.reshape(t.shape[0], batch, heads, -1).permute(1, 2, 0, 3)
+
+            q, k, v = F.linear(xq, w_q, b_q), F.linear(xk, w_k, b_k), F.linear(xv, w_v, b_v)
+            o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask)
+            h = o.permute(2, 0, 1, 3).reshape(tgt, batch, -1)  # the heads concatenated: (T, B, E)
+            r_h = h * (_over_stab(r_out, F.linear(h, w_o, b_o), eps) @ w_o)  # ε on the output projection
+            dep = (0 in live_in, 1 in live_in, 2 in live_in)
+            r_q, r_k, r_v = attention_relevance(heads_first(q), heads_first(k), heads_first(v),
+                                                heads_first(r_h), mask, False, None, eps,
+                                                [i for i in range(3) if dep[i]])  # fmt: skip
+
+            def tokens_first(t: Tensor) -> Tensor:  # (B, H, L, E/H) -> (L, B, E)
+                return t.permute(2, 0, 1, 3).reshape(t.shape[2], batch, -1)
+
+            rel = []
+            for i, (x, z, r, w) in enumerate(((xq, q, r_q, w_q), (xk, k, r_k, w_k), (xv, v, r_v, w_v))):
+                if dep[i]:  # ε on the projection: R_x = x ⊙ Wᵀ (R_z / s(z))
+                    rx = x * (_over_stab(tokens_first(r), z, eps) @ w)
+                    rel.append(rx if batched else rx.squeeze(1))
+            return rel
+
+        wrapped = with_relevance(backward, out, *((query, key, value)[i] for i in live_in), keep=False)
+        return wrapped, None if weights is None else weights.detach()
+
+    def _layer_norm(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """``F.layer_norm`` (``nn.LayerNorm``) by AttnLRP's rule (Achtibat et al. 2024, §3.3; Ali et al. 2022):
+        the division by the standard deviation σ is taken as a constant (the identity rule on the
+        normalisation), which leaves y = γ ⊙ (x − mean(x)) / σ + β linear in x, explained by the ε rule:
+        R_x = x ⊙ Jᵀ (R_y / s(y)) with Jᵀu = γ/σ ⊙ u − mean(γ/σ ⊙ u). Conservative up to what β and ε absorb."""
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        x, shape = a["input"], tuple(a["normalized_shape"])
+        weight, ln_eps = a.get("weight"), float(a.get("eps", 1e-5))
+        out = F.layer_norm(*args, **kwargs)
+        dims = tuple(range(-len(shape), 0))
+        eps = self.attention_epsilon
+        xd = x.detach()
+        gamma = None if weight is None else weight.detach()
+
+        def backward(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+            y = F.layer_norm(xd, shape, weight, a.get("bias"), ln_eps).detach()  # recomputed: not modified in place
+            u = _over_stab(grad, y, eps) * (xd.var(dims, unbiased=False, keepdim=True) + ln_eps).rsqrt()
+            if gamma is not None:
+                u = u * gamma
+            return [xd * (u - u.mean(dims, keepdim=True))]
+
+        return with_relevance(backward, out, x, keep=False)
 
     def _sum(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """``a + b`` as if written with :class:`Sum`: the composite's sum rule on the function itself."""

@@ -29,7 +29,7 @@ from .canonizers import (
     _FunctionSum,
     merged_params,
     probe_plan,
-    refuse_attention,
+    refuse_unsupported,
 )
 from .composites import Composite, build_composite
 from .rules import Rule, _TermRule
@@ -89,7 +89,7 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
     on exit (also on an error) every hook is removed and modes, ``requires_grad`` flags, ``.grad``
     and ``inplace`` flags are restored. No parameter or buffer is written at any point.
     """
-    refuse_attention(model)
+    refuse_unsupported(model)
     state = ModelState.capture(model)
     inplace = InplaceOff()
     handles: list[Any] = []
