@@ -19,6 +19,7 @@ divides by zero and the relevance it absorbs is the documented ε term.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,72 @@ def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
     )
 
 
+def _input_grad(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, out_grad: Tensor) -> Tensor:
+    """(∂f/∂x)ᵀ out_grad of the module's affine map f(x; weight, bias), as the transposed map itself (no autograd
+    graph recorded: the rules' terms need no second-order anything). Convolutions with another padding mode or a
+    string padding go through autograd."""
+    if isinstance(module, nn.Linear):
+        return out_grad @ weight
+    plain = isinstance(module, _CONV) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if plain and x.ndim == len(module.kernel_size) + 2:
+        conv_input = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)
+        return conv_input[x.ndim - 3](x.shape, weight, out_grad, module.stride, module.padding, module.dilation,
+                                      module.groups)  # fmt: skip
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(_affine(module, xl, weight, bias), xl, out_grad)
+    return g
+
+
+class _DerivedCache:
+    """``fn(t)`` of a parameter-like tensor, kept while ``t`` lives and is unchanged: keyed by its identity, its
+    version counter (bumped by every in-place write: optimizer steps, ``load_state_dict``) and its storage, so
+    the z⁺ rule's positive weights and a BatchNorm merge are computed once per parameter update, not per call.
+    Only for module-level functions (a closure made per call would never hit and only fill the cache)."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[int, ...], tuple[Any, tuple[Any, ...], Any]] = {}
+
+    @staticmethod
+    def stamp(t: Tensor | None) -> tuple[Any, ...]:
+        return (None,) if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+
+    def get(self, owner: Any, sources: Sequence[Tensor | None], fn: Callable[[], Any], tag: Any = None,
+            extra: Any = None) -> Any:  # fmt: skip
+        """``fn()``, cached for ``owner`` (held weakly) and ``tag`` (a module-level object) until one of ``sources``
+        changes or ``extra`` (other hashable settings) differs."""
+        key = (id(owner), id(tag))
+        stamp = (*(self.stamp(t) for t in sources), extra)
+        hit = self._store.get(key)
+        if hit is not None and hit[0]() is owner and hit[1] == stamp:
+            return hit[2]
+        with torch.no_grad():
+            value = fn()
+
+        def drop(ref: Any, key: tuple[int, ...] = key) -> None:
+            entry = self._store.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._store[key]
+
+        self._store[key] = (weakref.ref(owner, drop), stamp, value)
+        return value
+
+
+#: derived parameters (positive/negative parts, merged BatchNorms), shared by all LRP calls of the process
+DERIVED = _DerivedCache()
+
+
+def _modified(t: Tensor | None, fn: Callable[[Tensor], Tensor] | None) -> Tensor | None:
+    """``fn(t)``: from the cache for the built-in parameter modifiers, computed for others."""
+    if t is None or fn is None:
+        return None
+    if fn is _same:
+        return t
+    if fn in _CACHED_MODIFIERS:
+        return DERIVED.get(t, (t,), lambda: fn(t), tag=fn)
+    return fn(t)
+
+
 @dataclass(frozen=True)
 class Term:
     """One summand of a rule: a' = input(a), w' = weight(w), b' = bias(b) (None: bias dropped)."""
@@ -152,6 +219,9 @@ def _neg(t: Tensor) -> Tensor:
 
 def _ones(t: Tensor) -> Tensor:
     return torch.ones_like(t)
+
+
+_CACHED_MODIFIERS = (_pos, _neg)
 
 
 class Rule:
@@ -194,14 +264,21 @@ class _TermRule(Rule):
         """c_i per output element from the terms' outputs ``zs`` and the layer's output ``z``."""
         raise NotImplementedError
 
+    def scaled_terms(self, grad: Tensor, zs: list[Tensor | None], z: Tensor) -> list[Tensor | None]:
+        """c_i ⊙ R per term (None for a skipped term); terms sharing a coefficient share the product."""
+        cs = self.coefficients(zs, z)
+        scaled: dict[int, Tensor] = {}
+        return [None if zi is None else scaled.setdefault(id(cs[i]), grad * cs[i]) for i, zi in enumerate(zs)]
+
     def apply(
         self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor, params: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """``params``: (weight, bias) to use instead of the module's (a BatchNorm merged into it); ``output``'s
         graph back to the input is then the layer and the BatchNorm (the same affine map)."""
         x = _single_input(module, inputs, self)
+        # the parameters themselves (frozen during the call; every use runs without grad), so that the z⁺ rule's
+        # positive parts are cached per parameter (DERIVED), not per detached alias of each call
         w, b = params if params is not None else (module.weight, getattr(module, "bias", None))
-        w, b = w.detach(), None if b is None else b.detach()
         z = output.detach()
         # The model may modify the layer's output in place after the rule saw it (``out += identity``): z shares
         # its storage, so then z is recomputed from the saved input (the layer's own output, as it was).
@@ -216,32 +293,33 @@ class _TermRule(Rule):
         def backward(xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor | None]:
             (xd,) = (a.detach() for a in xs)
             z = layer_output(xd)
-            with torch.enable_grad():
-                # A term of the negative inputs without bias is exactly 0 when no input is negative (after a
-                # ReLU): skipped, which saves half the work of z⁺, γ and α-β there.
-                terms = self.terms()
-                nonneg = any(t.input is _neg for t in terms) and bool(xd.min() >= 0)
-                leaves: list[Tensor | None] = []
-                zs: list[Tensor | None] = []
+            # A term of the negative inputs without bias is exactly 0 when no input is negative (after a ReLU):
+            # skipped, which saves half the work of z⁺, γ and α-β there.
+            terms = self.terms()
+            nonneg = any(t.input is _neg for t in terms) and bool(xd.min() >= 0)
+            inputs: list[Tensor | None] = []
+            weights: list[Tensor | None] = []
+            zs: list[Tensor | None] = []
+            with torch.no_grad():
                 for term in terms:
                     if nonneg and term.input is _neg and term.bias is None:
-                        leaves.append(None)
+                        inputs.append(None)
+                        weights.append(None)
                         zs.append(None)
                         continue
-                    # x⁺ of a non-negative input is the input itself: no copy (a detached alias as the leaf)
-                    xi = (xd.detach() if nonneg and term.input is _pos else term.input(xd)).requires_grad_(True)
-                    bias = None if (b is None or term.bias is None) else term.bias(b)
-                    leaves.append(xi)
-                    zs.append(_affine(module, xi, term.weight(w), bias))
-                cs = self.coefficients([None if zi is None else zi.detach() for zi in zs], z)
-                live = [i for i, zi in enumerate(zs) if zi is not None]
-                scaled: dict[int, Tensor] = {}  # terms sharing a coefficient share its product with R
-                outs = [scaled.setdefault(id(cs[i]), grad * cs[i]) for i in live]
-                grads = torch.autograd.grad([zs[i] for i in live], [leaves[i] for i in live], outs)
-            rel = None
-            for i, g in zip(live, grads):
-                part = leaves[i].detach() * g
-                rel = part if rel is None else rel + part
+                    # x⁺ of a non-negative input is the input itself: no copy
+                    xi = xd if nonneg and term.input is _pos else term.input(xd)
+                    wi = _modified(w, term.weight)
+                    inputs.append(xi)
+                    weights.append(wi)
+                    zs.append(_affine(module, xi, wi, _modified(b, term.bias)))
+                outs = self.scaled_terms(grad, zs, z)
+                rel = None
+                for xi, wi, zi, out in zip(inputs, weights, zs, outs):
+                    if zi is None:
+                        continue
+                    part = xi * _input_grad(module, xi, wi, None, out)  # a' ⊙ ρ(W)ᵀ (c ⊙ R)
+                    rel = part if rel is None else rel.add_(part)
             return [rel]
 
         if self.reuses_forward and output.requires_grad:
@@ -293,6 +371,13 @@ class ZPlus(_TermRule):
     def coefficients(self, zs: list[Tensor | None], z: Tensor) -> list[Tensor]:
         c = _inv_stab(_sum(zs[0], zs[1]), self.stabilizer)
         return [c, c]
+
+    def scaled_terms(self, grad: Tensor, zs: list[Tensor | None], z: Tensor) -> list[Tensor | None]:
+        """R / s(z⁺ + z⁻) in two passes: the denominator a⁺w⁺ + a⁻w⁻ + b⁺ is a sum of non-negative products,
+        so s_ε(d) = d + ε (sign(0) = +1) without the sign's passes; the term outputs are fresh tensors."""
+        d = _sum(zs[0], zs[1])
+        q = grad / d.add_(self.stabilizer) if self.stabilizer > 0 else grad * _inverse(d)
+        return [None if zi is None else q for zi in zs]
 
 
 class AlphaBeta(_TermRule):
