@@ -241,3 +241,55 @@ def test_unsupported_attention_options_are_refused():
 
     with pytest.raises(LRPUnsupportedError, match=r"bias_k, bias_v.*input_x_gradient"):
         LRP()(M().eval(), _x(2, 5, 4).float(), torch.tensor([0, 1]))
+
+
+# ----------------------------------------------------------------------------- what LRP keeps between calls
+def _bn_cnn() -> nn.Module:
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                      nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))  # fmt: skip
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m.double().eval()
+
+
+def test_cached_parameters_follow_optimizer_steps():
+    """The z⁺ rule's positive weights and the merged BatchNorms are cached per parameter version: after an in-place
+    optimizer step (and a load_state_dict) the map is that of the new parameters (equal to a fresh copy's)."""
+    import copy
+
+    model, x, t = _bn_cnn(), _x(3, 2, 6, 6, seed=7), torch.tensor([0, 1, 2])
+    lrp = LRP(batch_size=None)
+    before = lrp(model, x, t)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    F.cross_entropy(model(x), t).backward()
+    opt.step()
+    model.eval()
+    after = lrp(model, x, t)
+    fresh = LRP(batch_size=None)(copy.deepcopy(model), x, t)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    assert (after - before).abs().max() > 1e-3 * before.abs().max()  # the step changed the map
+    model.load_state_dict(copy.deepcopy(_bn_cnn().state_dict()))  # in place, back to the first parameters
+    torch.testing.assert_close(lrp(model, x, t), before, rtol=0, atol=0)
+
+
+def test_setup_probed_once_and_redone_when_modules_change():
+    """Which rule goes where is found by one probe forward per model and row shape; a replaced submodule is seen."""
+    model, x, t = _bn_cnn(), _x(3, 2, 6, 6, seed=8), torch.tensor([0, 1, 2])
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[0]))
+    lrp = LRP(batch_size=None)
+    lrp(model, x, t)
+    n_first = len(rows)
+    lrp(model, x, t)
+    assert rows[n_first:] == [3]  # the second call: the batch only, no probe row
+    model[4] = nn.Identity()  # the second BatchNorm removed: a new setup (no merge there)
+    rows.clear()
+    got = lrp(model, x, t)
+    assert 1 in rows  # probed again
+    import copy
+
+    torch.testing.assert_close(got, LRP(batch_size=None)(copy.deepcopy(model), x, t), rtol=0, atol=0)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .rules import Rule, _identity, _over_stab, with_relevance
+from .rules import Norm, Rule, _identity, _over_stab, with_relevance
 
 __all__ = ["LRPUnsupportedError", "Sum"]
 
@@ -161,7 +161,11 @@ class InplaceOff:
     saved: list[tuple[nn.Module, bool]] = field(default_factory=list)
 
     def apply(self, model: nn.Module) -> None:
-        for m in model.modules():
+        self.apply_to(model.modules())
+
+    def apply_to(self, modules: Any) -> None:
+        """The same, for the given modules (e.g. a list already walked)."""
+        for m in modules:
             if isinstance(getattr(m, "inplace", None), bool) and m.inplace:
                 self.saved.append((m, True))
                 m.inplace = False
@@ -218,6 +222,21 @@ class _FunctionSum(Sum):
 
     def forward(self, *args: Any) -> Tensor:
         return self.func(*args, **self.kwargs)
+
+
+_PLAIN_ADDS = _fns(torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
+
+
+def _plain_sum(a: Tensor, b: Tensor, out: Tensor, stabilizer: float) -> Tensor:
+    """The norm rule on ``a + b`` of one shape (a residual addition), written out: q = R / s(a + b), R_a = a ⊙ q,
+    R_b = b ⊙ q; the values of the general form (which differentiates the addition again), without its graph."""
+    ad, bd = a.detach(), b.detach()
+
+    def backward(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+        q = _over_stab(grad, ad + bd, stabilizer)  # a + b recomputed: the model may modify `out` in place
+        return [ad * q, bd * q]
+
+    return with_relevance(backward, out, a, b, keep=False)
 
 
 class _TensorSet:
@@ -500,7 +519,11 @@ class FunctionGuard(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.sum_rule is None:  # a composite without a rule for Sum: what a Sum module would get (its gradient)
             return out
-        return self.sum_rule.apply(_FunctionSum(func, kwargs), args, out)
+        rule = self.sum_rule
+        if (type(rule) is Norm and func in _PLAIN_ADDS and not kwargs and len(args) == 2
+                and all(isinstance(t, Tensor) and t.requires_grad and t.shape == out.shape for t in args)):  # fmt: skip
+            return _plain_sum(args[0], args[1], out, rule.stabilizer)
+        return rule.apply(_FunctionSum(func, kwargs), args, out)
 
     def _gate(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """Signal-take-all (Arras et al. 2017): the relevance of ``gate * signal`` all goes to the signal."""

@@ -12,6 +12,7 @@ the window's winner, reshapes and concatenations move it unchanged.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -87,6 +88,9 @@ class Composite:
         self.first_map = [(k, build_rule(r)) for k, r in first_map]
         self.name_map = {k: build_rule(r) for k, r in (name_map or {}).items()}
         self.name = name
+        #: the LRP engine's per-model setups under this composite (which rule on which module), kept while the
+        #: model lives
+        self._setups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def rule(self, name: str, module: nn.Module, first: bool) -> Rule | None:
         """The rule for ``module`` (None: its gradient)."""

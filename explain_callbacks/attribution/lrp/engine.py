@@ -10,7 +10,9 @@ each layer's rule, chosen by a :class:`~.composites.Composite`.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,6 +85,60 @@ def _merged_hooks(
     return layer.register_forward_pre_hook(save), bn.register_forward_pre_hook(pre), bn.register_forward_hook(post)
 
 
+@dataclass
+class _Setup:
+    """What one probe of a model found under one composite: its modules (held weakly, in ``modules()`` order),
+    which ones get which rule, which BatchNorms are merged into which layer.
+    Reused while the model's module tree is the same (same objects, same order): each call then skips the probe
+    forward, the refusal and the rule lookups."""
+
+    refs: list[weakref.ref]
+    rules: list[tuple[int, str, Rule]]  # (module index, name, rule)
+    merges: list[tuple[int, int, _TermRule]]  # (BatchNorm index, layer index, the layer's rule)
+    sum_rule: Rule | None
+
+    def valid(self, modules: list[nn.Module]) -> bool:
+        return len(modules) == len(self.refs) and all(r() is m for r, m in zip(self.refs, modules))
+
+
+def _signature(m: nn.Module) -> Any:
+    """What of a module, beyond its identity, decides its part of the setup: a BatchNorm without running
+    statistics is not merged."""
+    return getattr(m, "running_mean", 0) is None
+
+
+def _setup(model: nn.Module, modules: list[nn.Module], composite: Composite, row: Tensor, canonize: bool) -> _Setup:
+    """The cached setup of ``model`` under ``composite`` for rows like ``row``, or a new one (probe forward)."""
+    key = (canonize, tuple(row.shape[1:]), row.dtype, row.device, tuple(_signature(m) for m in modules))
+    per_model = composite._setups.setdefault(model, {})
+    setup = per_model.get(key)
+    if setup is not None and setup.valid(modules):
+        return setup
+    refuse_unsupported(model)
+    plan = probe_plan(model, row)
+    index = {m: i for i, m in enumerate(modules)}
+    names = {m: n for n, m in model.named_modules()}
+    merges = []
+    if canonize:
+        for bn, layer in plan.merges.items():
+            rule = composite.rule(names[layer], layer, layer is plan.first)
+            if isinstance(rule, _TermRule):
+                merges.append((index[bn], index[layer], rule))
+    skip = {i for bn, layer, _ in merges for i in (bn, layer)}
+    rules = []
+    for i, m in enumerate(modules):
+        if i in skip:
+            continue
+        rule = composite.rule(names[m], m, m is plan.first)
+        if rule is not None:
+            rules.append((i, names[m], rule))
+    # additions met in the forward (a + b) get the rule the composite gives a Sum module
+    sum_rule = composite.rule("<add>", _FunctionSum(torch.add, {}), False)
+    setup = _Setup([weakref.ref(m) for m in modules], rules, merges, sum_rule)
+    per_model[key] = setup
+    return setup
+
+
 @contextlib.contextmanager
 def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: bool = True) -> Iterator[FunctionGuard]:
     """Within the block, the model's backward pass is LRP under ``composite``; the forward values
@@ -90,9 +146,10 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
 
     The model is put in eval mode, its parameters frozen and in-place activations run out of place;
     on exit (also on an error) every hook is removed and modes, ``requires_grad`` flags, ``.grad``
-    and ``inplace`` flags are restored. No parameter or buffer is written at any point.
+    and ``inplace`` flags are restored. No parameter or buffer is written at any point. Which rule goes
+    where is found by one probe forward of ``row`` per model, composite and row shape, and reused while the
+    model's modules are the same objects.
     """
-    refuse_unsupported(model)
     state = ModelState.capture(model)
     inplace = InplaceOff()
     handles: list[Any] = []
@@ -100,28 +157,17 @@ def lrp_hooks(model: nn.Module, composite: Composite, row: Tensor, canonize: boo
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        inplace.apply(model)
-        plan = probe_plan(model, row)
-        # additions met in the forward (a + b) get the rule the composite gives a Sum module
-        guard = FunctionGuard(sum_rule=composite.rule("<add>", _FunctionSum(torch.add, {}), False))
+        modules = list(model.modules())
+        inplace.apply_to(modules)
+        setup = _setup(model, modules, composite, row, canonize)
+        guard = FunctionGuard(sum_rule=setup.sum_rule)
         # AttnLRP's ε: the composite's stabiliser for parameter-free merges (that of its sum rule)
         guard.attention_epsilon = float(getattr(guard.sum_rule, "stabilizer", 1e-6))
-        names = {m: n for n, m in model.named_modules()}
-        merged = {}
-        if canonize:
-            for bn, layer in plan.merges.items():
-                rule = composite.rule(names[layer], layer, layer is plan.first)
-                if isinstance(rule, _TermRule):
-                    merged[bn] = layer
-                    handles.extend(_merged_hooks(guard, layer, bn, rule))
-        skip = set(merged) | set(merged.values())
-        for m, name in names.items():
-            if m in skip:
-                continue
-            rule = composite.rule(name, m, m is plan.first)
-            if rule is not None:
-                handles.extend(_rule_hooks(guard, m, rule, name))
-        guard.merged = {layer: bn for bn, layer in merged.items()}  # layer -> the BatchNorm it is explained with
+        for bn, layer, rule in setup.merges:
+            handles.extend(_merged_hooks(guard, modules[layer], modules[bn], rule))
+        for i, name, rule in setup.rules:
+            handles.extend(_rule_hooks(guard, modules[i], rule, name))
+        guard.merged = {modules[layer]: modules[bn] for bn, layer, _ in setup.merges}  # layer -> its BatchNorm
         yield guard
     finally:
         for h in handles:
