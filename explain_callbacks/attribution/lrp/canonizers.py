@@ -294,9 +294,26 @@ def _mha_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, causal:
     return None if total is None else total.expand(batch, heads, tgt, src)
 
 
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None
+) -> tuple[float, Tensor, Tensor, Tensor, Tensor]:
+    """(scale, raw = scale·QKᵀ, S = raw + M, A = softmax(S), O = A V) of detached q, k, v."""
+    sc = scale if scale is not None else q.shape[-1] ** -0.5
+    raw = sc * (q @ k.transpose(-2, -1))
+    s = raw
+    if causal:
+        keep = torch.ones(raw.shape[-2:], dtype=torch.bool, device=raw.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.detach()
+    attn = torch.softmax(s, -1)
+    return sc, raw, s, attn, attn @ v
+
+
 def attention_relevance(
     q: Tensor, k: Tensor, v: Tensor, grad: Tensor, mask: Tensor | None, causal: bool, scale: float | None, eps: float,
     live_in: list[int],
+    fwd: tuple[float, Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """AttnLRP (Achtibat et al. 2024) of O = softmax(scale · QKᵀ + M) V for the relevance ``grad`` of O, from
     detached q, k, v (..., L, E): (R_q, R_k, R_v). ``live_in``: which of q, k, v depend on the input (the
@@ -307,17 +324,10 @@ def attention_relevance(
     - A = softmax(S): R_S = S ⊙ (R_A − A · Σ_j R_A), row by row (the softmax's Taylor expansion at S; the
       constant term is absorbed);
     - the mask M (additive, or −inf where masked) is a bias: R_raw = scale·QKᵀ / s(S) · R_S, masked entries 0.
+
+    ``fwd``: :func:`attention_forward` of the same arguments, when the caller has it already.
     """
-    sc = scale if scale is not None else q.shape[-1] ** -0.5
-    raw = sc * (q @ k.transpose(-2, -1))
-    s = raw
-    if causal:
-        keep = torch.ones(raw.shape[-2:], dtype=torch.bool, device=raw.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.detach()
-    attn = torch.softmax(s, -1)
-    o = attn @ v
+    sc, raw, s, attn, o = fwd if fwd is not None else attention_forward(q, k, v, mask, causal, scale)
     dep_a, dep_v = 0 in live_in or 1 in live_in, 2 in live_in
     c = _over_stab(grad, o, eps) / (2 if dep_a and dep_v else 1)
     r_a = attn * (c @ v.transpose(-2, -1))
@@ -468,13 +478,13 @@ class FunctionGuard(TorchFunctionMode):
                 return t.reshape(t.shape[0], batch, heads, -1).permute(1, 2, 0, 3)
 
             q, k, v = F.linear(xq, w_q, b_q), F.linear(xk, w_k, b_k), F.linear(xv, w_v, b_v)
-            o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask)
-            h = o.permute(2, 0, 1, 3).reshape(tgt, batch, -1)  # the heads concatenated: (T, B, E)
+            qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+            fwd = attention_forward(qh, kh, vh, mask, False, None)
+            h = fwd[-1].permute(2, 0, 1, 3).reshape(tgt, batch, -1)  # the heads concatenated: (T, B, E)
             r_h = h * (_over_stab(r_out, F.linear(h, w_o, b_o), eps) @ w_o)  # ε on the output projection
             dep = (0 in live_in, 1 in live_in, 2 in live_in)
-            r_q, r_k, r_v = attention_relevance(heads_first(q), heads_first(k), heads_first(v),
-                                                heads_first(r_h), mask, False, None, eps,
-                                                [i for i in range(3) if dep[i]])  # fmt: skip
+            r_q, r_k, r_v = attention_relevance(qh, kh, vh, heads_first(r_h), mask, False, None, eps,
+                                                [i for i in range(3) if dep[i]], fwd)  # fmt: skip
 
             def tokens_first(t: Tensor) -> Tensor:  # (B, H, L, E/H) -> (L, B, E)
                 return t.permute(2, 0, 1, 3).reshape(t.shape[2], batch, -1)
