@@ -12,7 +12,8 @@ canonizer written for that block, as in ``tests/test_lrp_zennit.py``).
     python benchmarks/bench_lrp.py --quick
     python benchmarks/bench_lrp.py --faithfulness   # deletion / insertion vs IG on the shapes data (~30 s)
 
-Prints a Markdown table. Target: LRP at most 1.2x one forward+backward.
+Prints a Markdown table. Target: LRP at most 1.05x Zennit's time with the same rules (an LRP pass does more than a
+forward+backward by definition; that ratio is reported).
 """
 
 from __future__ import annotations
