@@ -251,9 +251,9 @@ def test_forward_values_unchanged_under_hooks():
 
 
 def test_refuses_fused_recurrent_layer_by_name():
-    """A fused LSTM hides its gates from the rules: refused by the module's name, the error naming the alternatives
-    (nn.TransformerEncoderLayer is explained: tests/test_lrp_transformer.py)."""
-    model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8, batch_first=True))
+    """A fused GRU hides its gates from the rules: refused by the module's name, the error naming the alternatives
+    (nn.TransformerEncoderLayer and nn.LSTM are explained: tests/test_lrp_transformer.py)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.GRU(8, 8, batch_first=True))
     with pytest.raises(LRPUnsupportedError, match=r"'1'.*Arras.*input_x_gradient"):
         LRP()(model, torch.rand(2, 1, 4), torch.tensor([0, 1]))
 

@@ -220,12 +220,84 @@ def test_key_padding_mask_and_forward_values():
     assert torch.equal(out.detach(), plain)
 
 
+class CellLSTM(nn.Module):
+    """The LSTM of ``lstm`` written step by step from nn.Linear and torch.sigmoid/tanh (PyTorch's gate order i, f, g,
+    o): the engine's generic rules explain it (gate products: all to the signal; sums: in proportion; linear maps:
+    ε), an independent reference for the fused layer's rule. Biases sit in the input map only (the fused layer's
+    b_hh is 0), as a step-by-step ε rule with h_0 = 0 needs."""
+
+    def __init__(self, lstm: nn.LSTM, head: nn.Linear, out: str) -> None:
+        super().__init__()
+        d, hdim = lstm.input_size, lstm.hidden_size
+        self.lin_x, self.lin_h, self.head, self.out, self.hdim = nn.Linear(d, 4 * hdim), nn.Linear(
+            hdim, 4 * hdim, bias=False), head, out, hdim  # fmt: skip
+        with torch.no_grad():
+            self.lin_x.weight.copy_(lstm.weight_ih_l0)
+            self.lin_x.bias.copy_(lstm.bias_ih_l0 + lstm.bias_hh_l0)
+            self.lin_h.weight.copy_(lstm.weight_hh_l0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(x.shape[0], self.hdim, dtype=x.dtype)
+        hs = []
+        for t in range(x.shape[1]):
+            z = self.lin_x(x[:, t]) if t == 0 else self.lin_x(x[:, t]) + self.lin_h(h)  # h_0 = 0: no term
+            i, f, g, o = z.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g) if t else torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h)
+        return self.head(h if self.out == "h_n" else torch.stack(hs, 1).mean(1))
+
+
+class FusedLSTM(nn.Module):
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.lstm, self.head, self.out = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 2), out
+        with torch.no_grad():
+            self.lstm.bias_hh_l0.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq, (h_n, _) = self.lstm(x)
+        return self.head(h_n[0] if self.out == "h_n" else seq.mean(1))
+
+
+@pytest.mark.parametrize("out", ["h_n", "mean"])
+def test_fused_lstm_equals_the_cell_written_out(out):
+    """nn.LSTM by Arras et al. 2017's rules (LSTMRule, through h_n or the output sequence) equals the same LSTM
+    written from nn.Linear and sigmoid gates, explained by the engine's generic gate, sum and ε rules, to 1e-8; it is
+    not the gradient × input map (which the fused kernel's gradient would give)."""
+    model = FusedLSTM(out).double().eval()
+    cell = CellLSTM(model.lstm, model.head, out).double().eval()
+    x, t = _x(3, 6, 3, seed=14), torch.tensor([0, 1, 1])
+    torch.testing.assert_close(model(x), cell(x))
+    lrp = LRP("epsilon", epsilon=TINY, stabilizer=TINY)  # no first-layer rule: the cell's first layer is lin_x
+    got, ref = lrp(model, x, t), lrp(cell, x, t)
+    scale = float(ref.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(got, ref, atol=1e-8 * scale, rtol=1e-6)
+    assert (got - InputXGradient(batch_size=None)(model, x, t)).abs().max() > 1e-2 * scale
+
+
 def test_recurrent_layers_are_refused():
-    """nn.LSTM/GRU/RNN run as one fused kernel: their gradient would pass for relevance, so LRP refuses them."""
-    for cell in (nn.LSTM, nn.GRU, nn.RNN):
+    """nn.GRU/RNN run as one fused kernel without LRP rules (their gradient would pass for relevance): refused; so
+    are LSTMs the rules do not cover (stacked, bidirectional)."""
+    for cell in (nn.GRU, nn.RNN):
         model = nn.Sequential(cell(3, 4, batch_first=True))
         with pytest.raises(LRPUnsupportedError, match=r"recurrent layer '0'.*Arras.*input_x_gradient"):
             LRP()(model, _x(2, 5, 3).float(), None)
+    for kw in ({"num_layers": 2}, {"bidirectional": True}):
+        with pytest.raises(LRPUnsupportedError, match=r"one layer, one direction.*input_x_gradient"):
+            LRP()(_LSTMHead(kw).eval(), _x(2, 5, 3).float(), torch.tensor([0, 1]))
+
+
+class _LSTMHead(nn.Module):
+    def __init__(self, kw: dict) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True, **kw)
+        self.head = nn.Linear(8 if kw.get("bidirectional") else 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0].mean(1))
 
 
 def test_unsupported_attention_options_are_refused():

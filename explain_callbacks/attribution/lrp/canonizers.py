@@ -46,15 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .rules import Norm, Rule, _identity, _over_stab, with_relevance
+from .rules import LRPUnsupportedError, Norm, Rule, _identity, _over_stab, with_relevance
 
 __all__ = ["LRPUnsupportedError", "Sum"]
 
 ALTERNATIVES = "ig, input_x_gradient, expected_gradients, smoothgrad or gradcam"
-
-
-class LRPUnsupportedError(ValueError):
-    """The model holds a construct LRP cannot explain faithfully; the message names the fix."""
 
 
 class Sum(nn.Module):
@@ -73,12 +69,12 @@ class Sum(nn.Module):
 
 
 def refuse_unsupported(model: nn.Module) -> None:
-    """Raise :class:`LRPUnsupportedError` naming the first recurrent layer (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) of
-    ``model``: their forward runs as one fused kernel whose gates and products the torch-function mode cannot see,
-    so their gradient would pass for relevance. (An LSTM written from ``nn.Linear`` and ``torch.sigmoid`` gates is
-    explained: its gate products get the signal-take-all rule of Arras et al. 2017.)"""
+    """Raise :class:`LRPUnsupportedError` naming the first fused recurrent layer without LRP rules (``nn.GRU``,
+    ``nn.RNN``) of ``model``: their forward runs as one fused kernel whose gates and products the torch-function
+    mode cannot see, so their gradient would pass for relevance. (``nn.LSTM`` gets :class:`~.rules.LSTMRule`; a cell
+    written from ``nn.Linear`` and ``torch.sigmoid`` gates gets the signal-take-all rule of Arras et al. 2017.)"""
     for name, m in model.named_modules():
-        if isinstance(m, nn.RNNBase):
+        if isinstance(m, nn.RNNBase) and not isinstance(m, nn.LSTM):
             raise LRPUnsupportedError(
                 f"LRP cannot explain the recurrent layer {name or '<model>'!r} ({type(m).__name__}): its fused kernel "
                 "hides the gate products that LRP's LSTM rules (Arras et al. 2017) need; write the cell from "
@@ -116,7 +112,7 @@ def probe_plan(model: nn.Module, row: Tensor) -> MergePlan:
 
     try:
         for m in model.modules():
-            if isinstance(m, (*_AFFINE, nn.modules.batchnorm._BatchNorm)):
+            if isinstance(m, (*_AFFINE, nn.RNNBase, nn.modules.batchnorm._BatchNorm)):
                 handles.append(m.register_forward_hook(record))
         with torch.no_grad():
             model(row)
@@ -128,7 +124,7 @@ def probe_plan(model: nn.Module, row: Tensor) -> MergePlan:
     for m, _, _ in calls:
         counts[m] = counts.get(m, 0) + 1
     for i, (m, x, _) in enumerate(calls):
-        if plan.first is None and isinstance(m, _AFFINE):
+        if plan.first is None and isinstance(m, (*_AFFINE, nn.RNNBase)):  # an LSTM first: the input layer
             plan.first = m
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and counts[m] == 1:
             for layer, _, out in reversed(calls[:i]):

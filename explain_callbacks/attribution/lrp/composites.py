@@ -19,7 +19,7 @@ from typing import Any, Union
 from torch import nn
 
 from .canonizers import Sum
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, ZBox, ZPlus, build_rule
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, LSTMRule, Norm, Pass, Rule, ZBox, ZPlus, build_rule
 
 __all__ = [
     "COMPOSITES",
@@ -121,7 +121,8 @@ class Composite:
 
 
 def _base(stabilizer: float) -> list[tuple[LayerKey, Rule]]:
-    return [(ACTIVATIONS, Pass()), (Sum, Norm(stabilizer)), (AVGPOOL, Norm(stabilizer)), (BATCHNORM, Pass())]
+    return [(ACTIVATIONS, Pass()), (Sum, Norm(stabilizer)), (AVGPOOL, Norm(stabilizer)), (BATCHNORM, Pass()),
+            (nn.LSTM, LSTMRule(stabilizer))]  # fmt: skip
 
 
 def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:

@@ -45,7 +45,7 @@ def _rule_hooks(guard: FunctionGuard, module: nn.Module, rule: Rule, name: str) 
 
     def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor:
         try:
-            if not isinstance(out, Tensor):
+            if not isinstance(out, Tensor) and not getattr(rule, "tuple_output", False):
                 raise TypeError(
                     f"LRP rule {rule.name!r} on layer {name!r} ({type(m).__name__}) needs a tensor output, got "
                     f"{type(out).__name__}; give this layer another rule (name_map={{{name!r}: ...}}) or composite."

@@ -33,6 +33,7 @@ __all__ = [
     "Epsilon",
     "Flat",
     "Gamma",
+    "LSTMRule",
     "Norm",
     "Pass",
     "Rule",
@@ -84,6 +85,10 @@ def _sum(*ts: Tensor | None) -> Tensor:
     if out is None:  # cannot happen with the built-in rules: their first term carries the bias and is never skipped
         raise ValueError("An LRP rule skipped all its terms; give its first term a bias modifier.")
     return out
+
+
+class LRPUnsupportedError(ValueError):
+    """The model holds a construct LRP cannot explain faithfully; the message names the fix."""
 
 
 class _Relevance(torch.autograd.Function):
@@ -572,6 +577,88 @@ def _identity(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
     return [grad]
 
 
+class LSTMRule(Rule):
+    """Arras et al. 2017 ("Explaining recurrent neural network predictions in sentiment analysis") on a fused
+    ``nn.LSTM`` (one layer, one direction, no projection, batched input), step by step backwards in time:
+
+    - h_t = o_t ⊙ tanh(c_t): a gate times a signal, all relevance to the signal, through the tanh to c_t;
+    - c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t: the ε rule between the two summands (in proportion to each), then each gate
+      product gives all of its share to its signal, c_{t-1} and g_t;
+    - g_t = tanh(W_g x_t + U_g h_{t-1} + b): through the tanh, the ε rule of the linear map to x_t and h_{t-1};
+      the relevance of h_{t-1} joins what the output hands it at step t-1. The biases absorb their share; so do
+      given initial states (h_0, c_0), as constants.
+
+    The forward is the kernel's own. Relevance reaches the inputs through the output sequence and through h_n (a
+    view of its last step, same values); c_n carries none."""
+
+    name = "lstm"
+    tuple_output = True
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = float(epsilon)
+
+    def apply(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        x = inputs[0] if inputs else None
+        problems = []
+        if not isinstance(x, Tensor) or x.ndim != 3:
+            problems.append("a batched (B, T, D) / (T, B, D) tensor input (not unbatched or packed)")
+        if module.num_layers != 1 or module.bidirectional or module.proj_size:
+            problems.append("one layer, one direction, no projection (stack single-layer nn.LSTMs instead)")
+        if problems:
+            raise LRPUnsupportedError(
+                f"LRP's LSTM rules (Arras et al. 2017) need {'; '.join(problems)}; or explain this model with a "
+                "gradient method: ig, input_x_gradient, expected_gradients or smoothgrad."
+            )
+        out, (_, c_n) = output
+        if not x.requires_grad:
+            return output
+        state = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+        xd = x.detach()
+        bf = module.batch_first
+        w_ih, w_hh = module.weight_ih_l0.detach(), module.weight_hh_l0.detach()
+        b = None
+        if module.bias:
+            b = (module.bias_ih_l0 + module.bias_hh_l0).detach()
+        h0 = None if state is None else state[0].detach()[0]
+        c0 = None if state is None else state[1].detach()[0]
+        eps = self.epsilon
+
+        def backward(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
+            xs = xd if bf else xd.transpose(0, 1)  # (B, T, D)
+            r_out = grad if bf else grad.transpose(0, 1)
+            batch, steps, hidden = xs.shape[0], xs.shape[1], w_hh.shape[1]
+            h = xs.new_zeros(batch, hidden) if h0 is None else h0
+            c = xs.new_zeros(batch, hidden) if c0 is None else c0
+            hs, cs, gates = [h], [c], []
+            for t in range(steps):  # the forward again, keeping what the rules read
+                z = xs[:, t] @ w_ih.T + h @ w_hh.T + (0 if b is None else b)
+                i, f, g, o = z.chunk(4, 1)
+                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+                c = f * c + i * g
+                h = o * c.tanh()
+                gates.append((i, f, g, z.chunk(4, 1)[2]))
+                hs.append(h)
+                cs.append(c)
+            r_x = torch.zeros_like(xs)
+            r_h = torch.zeros_like(hs[0])
+            r_c = torch.zeros_like(cs[0])
+            w_g, u_g = w_ih.chunk(4, 0)[2], w_hh.chunk(4, 0)[2]
+            for t in range(steps - 1, -1, -1):
+                r_c = r_c + r_h + r_out[:, t]  # h_t's relevance to tanh(c_t), all of it (o_t is a gate)
+                i, f, g, zg = gates[t]
+                q = _over_stab(r_c, cs[t + 1], eps)
+                r_g = i * g * q  # i_t ⊙ g_t's share, all to g_t, through the tanh
+                r_c = f * cs[t] * q  # f_t ⊙ c_{t-1}'s share, all to c_{t-1}
+                q2 = _over_stab(r_g, zg, eps)
+                r_x[:, t] = xs[:, t] * (q2 @ w_g)
+                r_h = hs[t] * (q2 @ u_g)
+            return [r_x if bf else r_x.transpose(0, 1)]
+
+        wrapped = with_relevance(backward, out, x, keep=False)
+        last = (wrapped[:, -1] if bf else wrapped[-1]).unsqueeze(0)  # h_n: the output's last step, as a view
+        return wrapped, (last, c_n.detach())
+
+
 class Pass(Rule):
     """Pass-through: the relevance of the output is the relevance of the input (elementwise
     activations, unmerged BatchNorm). The layer must keep the input's shape."""
@@ -607,6 +694,7 @@ RULES: dict[str, type[Rule]] = {
     "z_box": ZBox,
     "norm": Norm,
     "pass": Pass,
+    "lstm": LSTMRule,
 }
 
 
