@@ -203,11 +203,14 @@ LRP_NOTE = ("an LRP pass does more than a gradient by definition (z⁺: a second
             "stabilised divisions): judged against Zennit")  # fmt: skip
 
 
+NO_PEER = {"lstm": "LSTMs (ours: Arras et al. 2017)", "transformer": "attention or LayerNorm (ours: AttnLRP)"}
+
+
 def zennit_lrp(name: str, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], Tensor]]:
     """Zennit (Anders et al. 2021; LGPL, benchmark-only) with the same composite as ours: EpsilonPlusFlat, BatchNorm
     merged into the layer before it (SequentialMergeBatchNorm) and, on the ResNet, each block's ``+`` as Zennit's
     Sum layer (the canonizer of tests/test_lrp_zennit.py), on a copy of the model (Zennit's canonizers rewrite
-    the model while they run). Empty where Zennit has no rules (attention, LayerNorm, the fused LSTM)."""
+    the model while they run). Empty where Zennit has no rules (attention, LayerNorm, LSTMs)."""
     if name not in ("resnet", "mlp"):
         return {}
     import copy
@@ -281,8 +284,8 @@ def method_cases(
             bare_note="bare: forwards only (its backward to the layer is not replayed); judged against Captum",
         )  # fmt: skip
     zen = zennit_lrp(name, model, x, y)
-    add("lrp (epsilon_plus_flat)", "lrp", "lrp", zen, peer="Zennit",
-        note=LRP_NOTE + ("" if zen else "; no peer: Zennit has no rules for attention or LayerNorm"))  # fmt: skip
+    no_peer = "" if zen else f"; no peer: Zennit has no rules for {NO_PEER.get(name, 'this model')}"
+    add("lrp (epsilon_plus_flat)", "lrp", "lrp", zen, peer="Zennit", note=LRP_NOTE + no_peer)
     if image:
         st = 4 if quick else 2
         win, stride = (3, 4, 4), (3, st, st)
