@@ -622,6 +622,7 @@ class LSTMRule(Rule):
         h0 = None if state is None else state[0].detach()[0]
         c0 = None if state is None else state[1].detach()[0]
         eps = self.epsilon
+        hidden_seq = out.detach().clone()  # a copy: the model may modify its output in place afterwards
 
         def backward(_xs: tuple[Tensor, ...], grad: Tensor) -> list[Tensor]:
             xs = xd if bf else xd.transpose(0, 1)  # (B, T, D)
@@ -629,29 +630,28 @@ class LSTMRule(Rule):
             batch, steps, hidden = xs.shape[0], xs.shape[1], w_hh.shape[1]
             h = xs.new_zeros(batch, hidden) if h0 is None else h0
             c = xs.new_zeros(batch, hidden) if c0 is None else c0
-            hs, cs, gates = [h], [c], []
-            for t in range(steps):  # the forward again, keeping what the rules read
-                z = xs[:, t] @ w_ih.T + h @ w_hh.T + (0 if b is None else b)
-                i, f, g, o = z.chunk(4, 1)
-                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-                c = f * c + i * g
-                h = o * c.tanh()
-                gates.append((i, f, g, z.chunk(4, 1)[2]))
-                hs.append(h)
-                cs.append(c)
-            r_x = torch.zeros_like(xs)
-            r_h = torch.zeros_like(hs[0])
-            r_c = torch.zeros_like(cs[0])
+            # the forward again, keeping what the rules read: h_{t-1} is the output's previous step (the kernel's
+            # own values), so every step's pre-activations come from one matmul; only c_t is a recurrence
+            seq = hidden_seq if bf else hidden_seq.transpose(0, 1)
+            h_prev = torch.cat([h[:, None], seq[:, :-1]], 1)  # (B, T, H): h_{t-1}
+            z = xs @ w_ih.T + h_prev @ w_hh.T + (0 if b is None else b)
+            zi, zf, zg, _ = z.chunk(4, -1)
+            i, f, g = zi.sigmoid(), zf.sigmoid(), zg.tanh()
+            ig = i * g
+            cs = [c]
+            for t in range(steps):
+                cs.append(f[:, t] * cs[-1] + ig[:, t])
             w_g, u_g = w_ih.chunk(4, 0)[2], w_hh.chunk(4, 0)[2]
+            q2 = torch.empty_like(zg)
+            r_h = torch.zeros_like(h)
+            r_c = torch.zeros_like(c)
             for t in range(steps - 1, -1, -1):
                 r_c = r_c + r_h + r_out[:, t]  # h_t's relevance to tanh(c_t), all of it (o_t is a gate)
-                i, f, g, zg = gates[t]
                 q = _over_stab(r_c, cs[t + 1], eps)
-                r_g = i * g * q  # i_t ⊙ g_t's share, all to g_t, through the tanh
-                r_c = f * cs[t] * q  # f_t ⊙ c_{t-1}'s share, all to c_{t-1}
-                q2 = _over_stab(r_g, zg, eps)
-                r_x[:, t] = xs[:, t] * (q2 @ w_g)
-                r_h = hs[t] * (q2 @ u_g)
+                q2[:, t] = _over_stab(ig[:, t] * q, zg[:, t], eps)  # i_t ⊙ g_t's share, all to g_t, through the tanh
+                r_c = f[:, t] * cs[t] * q  # f_t ⊙ c_{t-1}'s share, all to c_{t-1}
+                r_h = h_prev[:, t] * (q2[:, t] @ u_g)
+            r_x = xs * (q2 @ w_g)  # the input's share of every step's candidate, in one matmul
             return [r_x if bf else r_x.transpose(0, 1)]
 
         wrapped = with_relevance(backward, out, x, keep=False)
