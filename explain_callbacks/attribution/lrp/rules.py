@@ -700,7 +700,7 @@ RULES: dict[str, type[Rule]] = {
 
 def build_rule(spec: Rule | str | Mapping[str, Any]) -> Rule:
     """A rule from an instance, a name (``"epsilon"``, ``"gamma"``, ``"zplus"``, ``"alpha_beta"``,
-    ``"flat"``, ``"wsquare"``, ``"zbox"``, ``"norm"``, ``"pass"``) or ``{"name": ..., **kwargs}``."""
+    ``"flat"``, ``"wsquare"``, ``"zbox"``, ``"norm"``, ``"pass"``, ``"lstm"``) or ``{"name": ..., **kwargs}``."""
     if isinstance(spec, Rule):
         return spec
     kwargs: dict[str, Any] = {}
