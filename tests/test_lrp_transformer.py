@@ -135,6 +135,22 @@ def test_encoder_layer_equals_hand_written_attnlrp(bias):
     assert scale > 0
     torch.testing.assert_close(got, ref, atol=1e-8 * scale, rtol=1e-6)
     assert (got - InputXGradient(batch_size=None)(model, x, t)).abs().max() > 1e-2 * scale
+    # the same layer sequence-first (batch_first=False: the attention's (L, B, E) layout): the same map
+    seq_first = SeqFirst(model).eval()
+    torch.testing.assert_close(LRP("epsilon", epsilon=TINY, stabilizer=TINY)(seq_first, x, t), got, rtol=1e-9,
+                               atol=1e-12 * scale)  # fmt: skip
+
+
+class SeqFirst(nn.Module):
+    def __init__(self, enc: Encoder) -> None:
+        super().__init__()
+        import copy
+
+        self.m = copy.deepcopy(enc)
+        self.m.layer.batch_first = self.m.layer.self_attn.batch_first = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m.head(self.m.layer(self.m.embed(x).transpose(0, 1)).mean(0))
 
 
 def test_layer_norm_rule_conserves():
