@@ -34,7 +34,7 @@ from .canonizers import (
     refuse_unsupported,
 )
 from .composites import Composite, build_composite
-from .rules import DERIVED, Rule, _TermRule
+from .rules import Rule, _TermRule
 
 __all__ = ["LRP", "lrp_hooks"]
 
@@ -75,10 +75,7 @@ def _merged_hooks(
 
     def post(m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> Tensor:
         try:
-            # W·γ/σ and its bias once per parameter update (cached on the BatchNorm), not once per call
-            sources = (layer.weight, layer.bias, m.running_mean, m.running_var, m.weight, m.bias)
-            params = DERIVED.get(m, sources, lambda: merged_params(layer, m), tag=merged_params, extra=m.eps)
-            return rule.apply(layer, (seen[0],), out, params=params)
+            return rule.apply(layer, (seen[0],), out, params=merged_params(layer, m))
         finally:
             guard.depth -= 1
 
