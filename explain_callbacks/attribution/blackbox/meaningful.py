@@ -225,6 +225,7 @@ class _MaskProblem:
             sub = F.pad(sub, pad, mode="replicate")
             diff = F.pad(diff, pad, mode="replicate")
         self.sub, self.diff = sub, diff
+        self._windows: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         # Gradient of λ1·Σ(1 − U) with respect to U: the constant −λ1 (deletion only).
         self.l1 = -mp.l1 if mp.variant == "deletion" else 0.0
         if k == 0:  # tabular: ∂/∂m = sign · g ⊙ (x − s) − λ1, one addcmul from this constant
@@ -233,7 +234,8 @@ class _MaskProblem:
             # Sequences: U = m R_0ᵀ, so the finite differences are ΔU = m (D R_0)ᵀ, one product with the
             # precomputed (cells × (T − 1)) matrix DR_0ᵀ, and ∂TV_β/∂m = (β|ΔU|^(β−1) sign ΔU) · DR_0; the L1
             # term's gradient is the constant row −λ1 · 1ᵀ R_0.
-            self.dr, self.drt = dr  # (T − 1, cells), (cells, T − 1)
+            # (T − 1, cells) with the TV slope's constant factor β·λ2 folded in, and (cells, T − 1)
+            self.dr, self.drt = dr[0] * (mp.tv_beta * mp.tv), dr[1]
             self.l1_row = (self.l1 * self.R[0].sum(0)).unsqueeze(0)  # (1, cells)
         if mp.variant == "extremal":
             n_cells = math.prod(low)
@@ -280,22 +282,15 @@ class _MaskProblem:
             G.narrow(dim, 1, n - 1).add_(q)
         return G
 
-    def _tv_slope(self, d: Tensor) -> Tensor:
-        """λ2 · ∂|d|^β/∂d = λ2·β·|d|^(β−1)·sign(d) of finite differences d (a new tensor)."""
-        mp = self.mp
-        beta = mp.tv_beta
-        if beta == 2:
-            return d.mul(2.0 * mp.tv)
-        if beta == 3:
-            return d.abs().mul_(d).mul_(3.0 * mp.tv)
-        return d.abs().pow_(beta - 1).mul_(d.sign()).mul_(beta * mp.tv)
-
     def grad(self, model: nn.Module, m: Tensor, target: Tensor | None, t: int, shift: list[int]) -> Tensor:
         """∂loss/∂m at step t (one forward and one input-gradient backward pass of the model)."""
         mp, k = self.mp, self.k
         dy, dx = shift if self.j else (0, 0)
         iy, ix = dy + self.j, dx + self.j
-        sub, diff = self._window(self.sub, dy, dx), self._window(self.diff, dy, dx)
+        win = self._windows.get((dy, dx))
+        if win is None:  # the jittered views of the padded substrate and x − s, made once per shift
+            win = self._windows[(dy, dx)] = (self._window(self.sub, dy, dx), self._window(self.diff, dy, dx))
+        sub, diff = win
         if k == 2:
             ups = self.S[0][iy] @ m @ self.St[1][ix]
         elif k == 1:
@@ -318,7 +313,9 @@ class _MaskProblem:
             grad = torch.addmm(self.l1_row, torch.linalg.vecdot(g, diff, dim=1), self.back[ix])
             if mp.tv and self.dr.shape[0]:
                 d = m2 @ self.drt  # ΔU of the unjittered mask
-                grad.addmm_(self._tv_slope(d), self.dr)
+                beta = mp.tv_beta  # |ΔU|^(β−1)·sign(ΔU), times β·λ2 D R_0
+                slope = d if beta == 2 else d.abs().mul_(d) if beta == 3 else d.abs().pow_(beta - 1).mul_(d.sign())
+                grad.addmm_(slope, self.dr)
             grad = grad.view(m.shape)
         else:  # tabular: sign · g ⊙ (x − s) − λ1 (the sign is ±1)
             grad = torch.addcmul(self.l1_const, g, diff, value=self.sign)
