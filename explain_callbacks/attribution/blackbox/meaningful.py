@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.layout import check_channels_first
-from ..._internal.masks import make_substrate
+from ..._internal.masks import make_substrate, score_seeder
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import (
     AdamState,
@@ -211,13 +212,14 @@ class _MaskProblem:
     ) -> None:
         self.mp = mp
         self.onehot: Tensor | None = None  # the targets' one-hot rows for the seeded score gradient
+        self.seed: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # (y, ∂y/∂out) of an output
         self.k = k = x.ndim - 2 if x.ndim > 2 else 0  # spatial axes
         self.j = j = mp.jitter if k else 0
         self.size = size
         dev, dt = x.device, x.dtype
         self.sign = 1.0 if mp.variant == "deletion" else -1.0  # deletion minimises f_c, extremal maximises it
         # The interpolation matrices (made once per shape, jitter, sign, device and dtype, and cached).
-        mats = _mask_matrices(k, tuple(low), tuple(size), j, self.sign, dev, dt)
+        mats = _mask_matrices(k, tuple(low), tuple(size), j, self.sign, dev, dt) if k else ([], [], [], [], None, None)
         self.R, self.Rt, self.S, self.St, self.back, dr = mats
         diff = x - sub
         if j:
@@ -298,10 +300,17 @@ class _MaskProblem:
         else:
             ups = m
         pert = torch.addcmul(sub, diff, ups).requires_grad_(True)  # Φ = P s + P(x − s) ⊙ (S_0 m S_1ᵀ)
-        with torch.enable_grad():
-            g, _, raw = score_grad(model, pert, target, mp.output, read=False, onehot=self.onehot)
-        if self.onehot is None and t == 0:  # the same targets every step: their one-hot built once
-            self.onehot = target_onehot(raw, target)
+        seed = self.seed
+        if seed is not None and torch.is_grad_enabled():  # a later step: the checks were made on the first
+            raw = model(pert)
+            (g,) = torch.autograd.grad(raw, pert, seed(raw.detach())[1])
+        else:
+            with torch.enable_grad():
+                g, _, raw = score_grad(model, pert, target, mp.output, read=False, onehot=self.onehot)
+            if self.onehot is None and t == 0:  # the same targets every step: their one-hot built once
+                self.onehot = target_onehot(raw, target)
+                # score_grad's closed-form seed as a function of the output alone (None: differentiated)
+                self.seed = score_seeder(raw, target, mp.output, self.onehot)
         if k == 2:
             gd = torch.linalg.vecdot(g, diff, dim=1).unsqueeze(1)  # Σ_channels g ⊙ P(x − s)
             grad = self.back[iy] @ gd @ self.S[1][ix]
