@@ -121,3 +121,59 @@ def test_nonlinear_saliency_single_output_and_zero_gradient(monkeypatch):
             m.last_info["steps"], torch.zeros(4, dtype=torch.long)
         )
         assert torch.equal(m.last_info["forwards"], torch.ones(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("output", ["logit", "softmax", "auto"])
+def test_score_seeder_equals_score_seed_and_autograd(output):
+    """The seed the step loops reuse (bound once to targets and one-hot rows) is score_seed's, bit for bit,
+    and differentiating through it gives autograd's gradient of the explained scalar."""
+    from explain_callbacks._internal.masks import score_seed, score_seeder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 4))
+    x = torch.randn(5, 6, requires_grad=True)
+    t = torch.tensor([0, 3, 1, 2, 3])
+    out = model(x)
+    seed = score_seeder(out, t, output)
+    y, dz = seed(out.detach())
+    y2, dz2 = score_seed(out, t, output)
+    assert torch.equal(y, y2) and torch.equal(dz, dz2)
+    (g,) = torch.autograd.grad(out, x, dz, retain_graph=True)
+    (ref,) = torch.autograd.grad(score_outputs(out, t, output).sum(), x)
+    torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y, score_outputs(out, t, output).detach())
+    assert score_seeder(out, t, "log_softmax") is None and score_seeder(out[:, :1], t, "logit") is None
+
+
+@pytest.mark.parametrize("variant", ["deletion", "extremal"])
+def test_meaningful_later_steps_gradient_equals_autograd(variant):
+    """Steps after the first take the seeded fast path (no score_grad): their closed-form gradient still
+    equals autograd of the objective as written, for images, sequences and tabular inputs."""
+    from explain_callbacks._internal.masks import make_substrate
+    from explain_callbacks.attribution import MeaningfulPerturbation
+    from explain_callbacks.attribution.blackbox.meaningful import _MaskProblem
+    from tests.test_blackbox_learned import _objective_as_written
+
+    torch.manual_seed(0)
+    conv2d = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(360, 4))
+    cases = [
+        ((3, 2, 12, 10), conv2d, (5, 4)),
+        ((3, 2, 16), nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)), (6,)),
+        ((3, 6), nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)), (6,)),
+    ]
+    tgt = torch.tensor([0, 1, 3])
+    for shape, model, low in cases:
+        model = model.double()
+        x = torch.rand(shape, dtype=torch.float64)
+        tab = x.ndim == 2
+        mp = MeaningfulPerturbation(variant=variant, n_steps=10, substrate="mean" if tab else "blur")
+        sub = make_substrate(x, mp.substrate, sigma=1.0)
+        size = (x.shape[1],) if tab else tuple(x.shape[2:])
+        prob = _MaskProblem(mp, x, sub, low, size)
+        mshape = (3, *low) if tab else (3, 1, *low)
+        prob.grad(model, torch.rand(mshape, dtype=torch.float64), tgt, 0, [0, 0])  # the first step
+        assert prob.seed is not None  # later steps seed the score's gradient in closed form
+        for t, shift in ((1, [1, -2]), (4, [-2, 2]), (7, [0, 0])):
+            m = torch.rand(mshape, dtype=torch.float64, requires_grad=True)
+            (ref,) = torch.autograd.grad(_objective_as_written(mp, model, x, sub, m, tgt, t, shift, size), m)
+            torch.testing.assert_close(prob.grad(model, m.detach(), tgt, t, shift), ref, rtol=1e-9, atol=1e-12)
