@@ -158,13 +158,15 @@ class NonlinearSaliency(PerturbationAttributor):
             calls.index_fill_(0, rows, taken + 1)
         disp = x - flat0
         dist2 = disp.pow(2).sum(1, keepdim=True)
-        secant = torch.where(dist2 > 0, -disp * (f0 - f).unsqueeze(1) / dist2.clamp_min(1e-30), 0.0)
+        change = f - f0
+        # (x(0) − x(T)) · (f_c(x(0)) − f_c(x(T))) / ‖x(T) − x(0)‖², written with the signs cancelled (exactly)
+        secant = torch.where(dist2 > 0, disp * change.unsqueeze(1) / dist2.clamp_min(1e-30), 0.0)
         self.last_info.update(
             secant=secant.reshape(shape),
             path_integral=integral.reshape(shape),
             displacement=disp.reshape(shape),
             steps=steps.cpu(),
-            output_change=(f - f0).cpu(),
+            output_change=change.cpu(),
             forwards=calls.cpu(),
         )
         return self.last_info[self.map]
