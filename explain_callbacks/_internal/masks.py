@@ -52,6 +52,7 @@ __all__ = [
     "sample_designs",
     "score_outputs",
     "score_seed",
+    "score_seeder",
     "sobol_points",
 ]
 
@@ -382,9 +383,7 @@ def score_outputs(out: Tensor, target: Tensor | None, output: str = "logit") -> 
     return select_output(z, target)
 
 
-def score_seed(
-    out: object, target: object, output: str, onehot: Tensor | None = None
-) -> tuple[Tensor, Tensor] | None:
+def score_seed(out: object, target: object, output: str, onehot: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
     """The explained scalar f per row of a (N, K > 1) class-score output at class indices ``target`` (N,),
     and its gradient ∂f/∂out, both outside autograd: ``torch.autograd.grad(out, x, seed)`` then gives
     ∂f/∂x with the model's own backward pass alone, without the nodes of the softmax, the gather and the
@@ -397,6 +396,16 @@ def score_seed(
     :func:`score_outputs`. ``onehot``: e_t of these rows when the caller holds it (a loop over steps with
     fixed targets builds it once).
     """
+    seed = score_seeder(out, target, output, onehot)
+    return None if seed is None else seed(out.detach())  # type: ignore[union-attr]
+
+
+def score_seeder(
+    out: object, target: object, output: str, onehot: Tensor | None = None
+) -> Callable[[Tensor], tuple[Tensor, Tensor]] | None:
+    """:func:`score_seed` as a function of the (detached) output alone, for outputs shaped like ``out`` and
+    the same ``target``: a loop over steps with fixed targets checks the case and builds the one-hot rows
+    once, then pays only the seed's own tensor operations per step. None where :func:`score_seed` is."""
     if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2:
         return None
     if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] != out.shape[0]:
@@ -405,16 +414,24 @@ def score_seed(
         output = "softmax"  # score_outputs' choice for a classifier
     if output not in ("logit", "softmax"):
         return None
-    with torch.no_grad():
-        z = out.detach()
-        idx = target.view(-1, 1)
-        if onehot is None or onehot.shape != z.shape:
-            onehot = torch.zeros_like(z).scatter_(1, idx, 1.0)
-        if output == "logit":
-            return z.gather(1, idx).view(-1), onehot
+    idx = target.view(-1, 1)
+    if onehot is None or onehot.shape != out.shape:
+        onehot = torch.zeros(out.shape, dtype=out.dtype, device=out.device).scatter_(1, idx, 1.0)
+    e_t = onehot
+
+    if output == "logit":
+
+        def seed(z: Tensor) -> tuple[Tensor, Tensor]:
+            return z.gather(1, idx).view(-1), e_t
+
+        return seed
+
+    def seed_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
         p = z.softmax(1)
         pt = p.gather(1, idx)
-        return pt.view(-1), torch.sub(onehot, pt).mul_(p)
+        return pt.view(-1), torch.sub(e_t, pt).mul_(p)
+
+    return seed_softmax
 
 
 def fit_budget(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from typing import Any, ClassVar
@@ -211,9 +212,15 @@ class AdamState:
         self.t = 0
         self._step = torch.zeros((), dtype=torch.float32, device=param.device)
         self._fused = param.device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adam_")
+        # in-place updates of a tensor that requires grad need no_grad; a plain tensor's do not, and
+        # entering the context every step costs as much as one of the step's tensor operations
+        self._context = torch.no_grad if param.requires_grad else contextlib.nullcontext
 
-    @torch.no_grad()
     def step(self, grad: Tensor) -> None:
+        with self._context():
+            self._update(grad)
+
+    def _update(self, grad: Tensor) -> None:
         self.t += 1
         if self._fused:
             self._step.fill_(self.t)

@@ -4,7 +4,9 @@ Masks", arXiv:1910.08485)."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, chunks
 from ..._internal.layout import check_channels_first
-from ..._internal.masks import make_substrate
+from ..._internal.masks import make_substrate, score_seeder
 from ..._internal.registry import ATTRIBUTIONS
 from ._common import (
     AdamState,
@@ -149,17 +151,18 @@ class MeaningfulPerturbation(PerturbationAttributor):
         if isinstance(spec, str) and spec == "auto":  # blur needs positions; a table's features have none
             spec = "blur" if x.ndim > 2 else "zeros"
         sub = make_substrate(x, spec, sigma=self.blur_sigma)
-        gen = self.generator(x.device)
         j = self.jitter if x.ndim > 2 else 0
         if j:
+            gen = self.generator(x.device)
             shifts = torch.randint(-j, j + 1, (self.n_steps, 2), generator=gen, device=gen.device).tolist()
         else:  # no jitter (tabular inputs, or jitter=0): no draw
             shifts = [[0, 0]] * self.n_steps
-        out = []
-        for sl in chunks(x.shape[0], self.batch_size):
-            out.append(self._optimise(model, x[sl], sub[sl], None if target is None else target[sl], low, size, shifts))
+        out = [
+            self._optimise(model, x[sl], sub[sl], None if target is None else target[sl], low, size, shifts)
+            for sl in chunks(x.shape[0], self.batch_size)
+        ]
         self._record_forwards(inputs, self.n_steps)
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _optimise(
         self,
@@ -209,35 +212,33 @@ class _MaskProblem:
     ) -> None:
         self.mp = mp
         self.onehot: Tensor | None = None  # the targets' one-hot rows for the seeded score gradient
+        self.seed: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # (y, ∂y/∂out) of an output
         self.k = k = x.ndim - 2 if x.ndim > 2 else 0  # spatial axes
         self.j = j = mp.jitter if k else 0
         self.size = size
         dev, dt = x.device, x.dtype
         self.sign = 1.0 if mp.variant == "deletion" else -1.0  # deletion minimises f_c, extremal maximises it
-        self.R = [_interp_matrix(lo, n, dev, dt) for lo, n in zip(low, size)] if k else []  # (side, cells)
-        self.Rt = [r.t().contiguous() for r in self.R]
-        # Jittered interpolation matrices, one per shift s in [-j, j] and axis: S[a][s + j] = P_s R_a.
-        self.S: list[Tensor] = []
-        self.St: list[Tensor] = []
-        for a, r in enumerate(self.R):
-            n = size[a]
-            s = torch.stack([r[(torch.arange(n, device=dev) - sh).clamp_(0, n - 1)] for sh in range(-j, j + 1)])
-            self.S.append(s)
-            self.St.append(s.transpose(1, 2).contiguous())
-        # The back-projection of the f_c term carries the sign on its first factor.
-        self.back = None
-        if k == 2:
-            self.back = self.St[0] * self.sign
-        elif k == 1:
-            self.back = self.S[0] * self.sign
+        # The interpolation matrices (made once per shape, jitter, sign, device and dtype, and cached).
+        mats = _mask_matrices(k, tuple(low), tuple(size), j, self.sign, dev, dt) if k else ([], [], [], [], None, None)
+        self.R, self.Rt, self.S, self.St, self.back, dr = mats
         diff = x - sub
         if j:
             pad = (j, j) * k
             sub = F.pad(sub, pad, mode="replicate")
             diff = F.pad(diff, pad, mode="replicate")
         self.sub, self.diff = sub, diff
+        self._windows: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         # Gradient of λ1·Σ(1 − U) with respect to U: the constant −λ1 (deletion only).
         self.l1 = -mp.l1 if mp.variant == "deletion" else 0.0
+        if k == 0:  # tabular: ∂/∂m = sign · g ⊙ (x − s) − λ1, one addcmul from this constant
+            self.l1_const = torch.tensor(self.l1, device=dev, dtype=dt)
+        if k == 1:
+            # Sequences: U = m R_0ᵀ, so the finite differences are ΔU = m (D R_0)ᵀ, one product with the
+            # precomputed (cells × (T − 1)) matrix DR_0ᵀ, and ∂TV_β/∂m = (β|ΔU|^(β−1) sign ΔU) · DR_0; the L1
+            # term's gradient is the constant row −λ1 · 1ᵀ R_0.
+            # (T − 1, cells) with the TV slope's constant factor β·λ2 folded in, and (cells, T − 1)
+            self.dr, self.drt = dr[0] * (mp.tv_beta * mp.tv), dr[1]
+            self.l1_row = (self.l1 * self.R[0].sum(0)).unsqueeze(0)  # (1, cells)
         if mp.variant == "extremal":
             n_cells = math.prod(low)
             kk = round(mp.area * n_cells)
@@ -288,7 +289,10 @@ class _MaskProblem:
         mp, k = self.mp, self.k
         dy, dx = shift if self.j else (0, 0)
         iy, ix = dy + self.j, dx + self.j
-        sub, diff = self._window(self.sub, dy, dx), self._window(self.diff, dy, dx)
+        win = self._windows.get((dy, dx))
+        if win is None:  # the jittered views of the padded substrate and x − s, made once per shift
+            win = self._windows[(dy, dx)] = (self._window(self.sub, dy, dx), self._window(self.diff, dy, dx))
+        sub, diff = win
         if k == 2:
             ups = self.S[0][iy] @ m @ self.St[1][ix]
         elif k == 1:
@@ -296,29 +300,68 @@ class _MaskProblem:
         else:
             ups = m
         pert = torch.addcmul(sub, diff, ups).requires_grad_(True)  # Φ = P s + P(x − s) ⊙ (S_0 m S_1ᵀ)
-        with torch.enable_grad():
-            g, _, raw = score_grad(model, pert, target, mp.output, read=False, onehot=self.onehot)
-        if self.onehot is None and t == 0:  # the same targets every step: their one-hot built once
-            self.onehot = target_onehot(raw, target)
-        gd = g.mul_(diff)
-        if k and gd.shape[1] > 1:
-            gd = gd.sum(1, keepdim=True)
+        seed = self.seed
+        if seed is not None and torch.is_grad_enabled():  # a later step: the checks were made on the first
+            raw = model(pert)
+            (g,) = torch.autograd.grad(raw, pert, seed(raw.detach())[1])
+        else:
+            with torch.enable_grad():
+                g, _, raw = score_grad(model, pert, target, mp.output, read=False, onehot=self.onehot)
+            if self.onehot is None and t == 0:  # the same targets every step: their one-hot built once
+                self.onehot = target_onehot(raw, target)
+                # score_grad's closed-form seed as a function of the output alone (None: differentiated)
+                self.seed = score_seeder(raw, target, mp.output, self.onehot)
         if k == 2:
+            gd = torch.linalg.vecdot(g, diff, dim=1).unsqueeze(1)  # Σ_channels g ⊙ P(x − s)
             grad = self.back[iy] @ gd @ self.S[1][ix]
             up = ups if (dy, dx) == (0, 0) else self.upsample(m)
             grad.add_(self.Rt[0] @ self._smooth_grad(up) @ self.R[1])
         elif k == 1:
-            grad = gd @ self.back[ix]
-            up = ups if dx == 0 else self.upsample(m)
-            grad.add_(self._smooth_grad(up) @ self.R[0])
-        else:  # tabular: sign · g ⊙ (x − s) − λ1 (the sign is ±1: multiplying by +1 changes nothing)
-            grad = (gd if self.sign == 1.0 else gd.neg_()).add_(self.l1)
+            b = m.shape[0]
+            m2 = m.view(b, -1)
+            grad = torch.addmm(self.l1_row, torch.linalg.vecdot(g, diff, dim=1), self.back[ix])
+            if mp.tv and self.dr.shape[0]:
+                d = m2 @ self.drt  # ΔU of the unjittered mask
+                beta = mp.tv_beta  # |ΔU|^(β−1)·sign(ΔU), times β·λ2 D R_0
+                slope = d if beta == 2 else d.abs().mul_(d) if beta == 3 else d.abs().pow_(beta - 1).mul_(d.sign())
+                grad.addmm_(slope, self.dr)
+            grad = grad.view(m.shape)
+        else:  # tabular: sign · g ⊙ (x − s) − λ1 (the sign is ±1)
+            grad = torch.addcmul(self.l1_const, g, diff, value=self.sign)
         if mp.variant == "extremal":
             flat = m.reshape(m.shape[0], -1)
             srt, idx = flat.sort(1)
             gs = srt.sub_(self.ref).mul_(2.0 * self.growth**t / self.n_cells)
             grad.view(m.shape[0], -1).scatter_add_(1, idx, gs)
         return grad
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_matrices(
+    k: int, low: tuple[int, ...], size: tuple[int, ...], j: int, sign: float, device: torch.device, dtype: torch.dtype
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor | None, tuple[Tensor, Tensor] | None]:
+    """The matrices of :class:`_MaskProblem` for masks of ``low`` cells on inputs of ``size`` with ``k``
+    spatial axes (2: images, 1: sequences; 0: tabular inputs, which have none): R_a (side × cells) per
+    spatial axis and Rᵀ, the jittered S[a][s + j] = P_s R_a for shifts s in [−j, j] and their transposes,
+    the back-projection of the f_c term with ``sign`` on its first factor, and for sequences the
+    differenced (D R_0, (D R_0)ᵀ).
+    Cached (read-only to their users), and always normal tensors (never inference-mode ones)."""
+    with torch.inference_mode(False), torch.no_grad():
+        R = [_interp_matrix(lo, n, device, dtype) for lo, n in zip(low, size)] if k else []
+        Rt = [r.t().contiguous() for r in R]
+        S: list[Tensor] = []
+        St: list[Tensor] = []
+        for a, r in enumerate(R):
+            n = size[a]
+            s = torch.stack([r[(torch.arange(n, device=device) - sh).clamp_(0, n - 1)] for sh in range(-j, j + 1)])
+            S.append(s)
+            St.append(s.transpose(1, 2).contiguous())
+        back = St[0] * sign if k == 2 else S[0] * sign if k == 1 else None
+        dr = None
+        if k == 1:
+            d = (R[0][1:] - R[0][:-1]).contiguous()
+            dr = (d, d.t().contiguous())
+    return R, Rt, S, St, back, dr
 
 
 @ATTRIBUTIONS.register("extremal_perturbation", "extremal")
