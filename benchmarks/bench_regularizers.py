@@ -186,7 +186,7 @@ def run(ds: str, row: str, seed: int, epochs: int, extra: list[str] | None = Non
 
 # ---------------------------------------------------------------------- interleaved step cost
 def step_costs(rounds: int, archs: list[str]) -> str:
-    """Median wall time of one training step (forward, penalty, backward, Adam step) per penalty, the
+    """Median CPU time of the process for one training step (forward, penalty, backward, Adam step) per penalty, the
     steps of all rows interleaved round by round on the same DecoyDigits batches (rotating order),
     so that a busy machine slows every row alike; Lightning's own per-step overhead is left out
     (the ratio is the stricter for it). CDEP three ways: the (β, γ) form of the reference (``streams="pair"``),
@@ -247,10 +247,10 @@ def step_costs(rounds: int, archs: list[str]) -> str:
         for i in range(rounds + 2):
             x, y, m = batches[i % len(batches)]
             for row in rows[i % len(rows) :] + rows[: i % len(rows)]:
-                t0 = time.perf_counter()
+                t0 = time.process_time()  # CPU time: other jobs on a shared machine do not count
                 step(row, nets[row], opts[row], x, y, m, i)
                 if i >= 2:  # the first rounds trace and warm up
-                    times[row].append(time.perf_counter() - t0)
+                    times[row].append(time.process_time() - t0)
         van = times["vanilla"]
         for row in rows:
             ts = times[row]

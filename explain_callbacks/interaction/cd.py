@@ -370,11 +370,13 @@ def _split_shift(r: Tensor, i: Tensor, shift: Tensor | None, out: Tensor) -> Dec
     return Decomposition(rel, out - rel)
 
 
-def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decomposition:
-    """BatchNorm as an affine map ``y = s·x + t`` (eval: running statistics), the reference rule."""
+def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm, relu: bool = False) -> Decomposition:
+    """BatchNorm as an affine map ``y = s·x + t`` (eval: running statistics), the reference rule. ``relu``: the
+    ReLU rule that follows it, fused into the same pass (only for ``(z, β)``, where the ReLU rule is the model's
+    own ReLU on each stream; the caller checks ``isinstance(x, _Led)``)."""
     use_batch_stats = bn.training or bn.running_mean is None
     if isinstance(x, _Led):
-        return _led_batchnorm(x, bn, use_batch_stats)
+        return _led_batchnorm(x, bn, use_batch_stats, relu)
     total = x.total
     shape = [1, -1] + [1] * (total.ndim - 2)
     if use_batch_stats:
@@ -388,8 +390,9 @@ def _batchnorm(x: Decomposition, bn: nn.modules.batchnorm._BatchNorm) -> Decompo
     return _affine_norm(x, mean, var, bn.weight, bn.bias, bn.eps, shape, total)
 
 
-def _led_batchnorm(x: _Led, bn: nn.modules.batchnorm._BatchNorm, use_batch_stats: bool) -> _Led:
-    """BatchNorm for ``(z, β)`` in one operation on the stacked streams (:class:`_LedNorm`)."""
+def _led_batchnorm(x: _Led, bn: nn.modules.batchnorm._BatchNorm, use_batch_stats: bool, relu: bool = False) -> _Led:
+    """BatchNorm for ``(z, β)`` in one operation on the stacked streams (:class:`_LedNorm`), with the ReLU that
+    follows it when ``relu``."""
     z = x.z
     if use_batch_stats:
         with torch.no_grad():  # two passes over (N, C, L): torch.var_mean over dims (0, 2, 3) is ~15x slower on CPU
@@ -404,9 +407,11 @@ def _led_batchnorm(x: _Led, bn: nn.modules.batchnorm._BatchNorm, use_batch_stats
     both = x.led
     params = [t for t in (bn.weight, bn.bias) if t is not None]
     if torch.is_grad_enabled() and (both.requires_grad or any(t.requires_grad for t in params)):
-        return _Led(led=_LedNorm.apply(both, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats))
+        return _Led(led=_LedNorm.apply(both, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats, relu))
     with torch.no_grad():
-        return _Led(led=_LedNorm.forward(_NoCtx(), both, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats))
+        return _Led(
+            led=_LedNorm.forward(_NoCtx(), both, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats, relu)
+        )
 
 
 class _NoCtx:
@@ -839,6 +844,9 @@ def _led_norm_piece(
     torch.mul(it.sign_(), p, out=ev).div_(den)
 
 
+_threshold_backward = torch.ops.aten.threshold_backward  # ReLU's own backward: g where the output > 0, else 0
+
+
 class _LedNorm(torch.autograd.Function):
     """A whole BatchNorm layer for stacked ``[z; β]``: ``[s·z + t; β']`` with ``s = w/√(var + ε)``,
     ``t = b − μ·s`` (batch statistics of z, or the running ones) and β' the reference's share of the shift
@@ -848,12 +856,16 @@ class _LedNorm(torch.autograd.Function):
     ``a = g_z − v'`` and ``c = g_β + u + v'``: ``∂z = s·a``, ``∂β = s·c``, ``∂s = Σ z·a + β·c``,
     ``∂t = Σ g_z + g_β·p``; then ``∂w = (∂s − μ·∂t)/σ``, ``∂b = ∂t`` and, with batch statistics,
     ``∂z += (−s·∂t + 2·∂var·(z − μ))/M`` with ``∂var = −w·(∂s − μ·∂t)/(2σ³)``. The local derivatives are
-    kept from the forward pass (three tensors of z's size) rather than recomputed."""
+    kept from the forward pass (three tensors of z's size) rather than recomputed.
+
+    ``relu``: the ReLU rule of the next layer in the same pass (``[relu(s·z + t); relu(β')]``, the model's ReLU on
+    each stream); its backward (ReLU's own, the gradient where the output is positive) opens the backward of
+    each piece. Fused, the two streams are not read and written once more by a separate ReLU and its backward."""
 
     @staticmethod
     def forward(
         ctx: Any, both: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float,
-        batch_stats: bool,
+        batch_stats: bool, relu: bool = False,
     ) -> Tensor:  # fmt: skip
         z_all, b_all = _pair(both)
         shape = [1, -1] + [1] * (z_all.ndim - 2)
@@ -869,16 +881,20 @@ class _LedNorm(torch.autograd.Function):
         for sl in _pieces(z_all):
             ep, eu, ev = (local[0][sl], local[1][sl], local[2][sl]) if local is not None else (None, None, None)
             _led_norm_piece(z_all[sl], b_all[sl], scale, shift, oz_all[sl], ob_all[sl], ep, eu, ev)
-        ctx.save_for_backward(both, weight, mean, invstd, scale, shift, local)
+            if relu:
+                oz_all[sl].relu_()
+                ob_all[sl].relu_()
+        ctx.save_for_backward(both, weight, mean, invstd, scale, shift, local, out if relu else None)
         ctx.batch_stats = batch_stats
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        both, weight, mean, invstd, scale, shift, local = ctx.saved_tensors
+        both, weight, mean, invstd, scale, shift, local, out = ctx.saved_tensors
         z_all, b_all = _pair(both)
         gz_all, gb_all = _pair(grad)
+        oz_all, ob_all = _pair(out) if out is not None else (None, None)
         d = torch.empty_like(both)
         dz_all, db_all = _pair(d)
         dims = [0, *range(2, z_all.ndim)]
@@ -886,6 +902,8 @@ class _LedNorm(torch.autograd.Function):
         dt = torch.zeros_like(mean)
         for sl in _pieces(z_all):
             z, b, gz, gb = z_all[sl], b_all[sl], gz_all[sl], gb_all[sl]
+            if oz_all is not None and ob_all is not None:  # the fused ReLU's backward
+                gz, gb = _threshold_backward(gz, oz_all[sl], 0), _threshold_backward(gb, ob_all[sl], 0)
             p, eu, ev = local[0][sl], local[1][sl], local[2][sl]
             dt += torch.addcmul(gz, gb, p).sum(dims)
             h = gb * shift
@@ -907,7 +925,7 @@ class _LedNorm(torch.autograd.Function):
             c0 = ((-scale.flatten() * dt) / m - 2.0 * dvar * mean / m).view(shape)
             for sl in _pieces(z_all):
                 dz_all[sl].addcmul_(z_all[sl], k).add_(c0)
-        return d, dweight, dbias, None, None, None, None
+        return d, dweight, dbias, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1685,15 +1703,53 @@ def _propagate(model: nn.Module, rel: Tensor, irr: Tensor) -> Decomposition:
     return _output(model, _run(model, Decomposition(rel, irr)))
 
 
+def _module(model: nn.Module, modules: dict[str, nn.Module], node: fx.Node) -> nn.Module:
+    mod = modules.get(node.name)
+    if mod is None:
+        mod = modules[node.name] = model.get_submodule(str(node.target))
+    return mod
+
+
+def _is_relu_of(node: fx.Node, src: fx.Node, model: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a plain ReLU of ``src`` alone (module, ``F.relu``/``torch.relu`` or ``.relu()``)."""
+    if not node.args or node.args[0] is not src or any(k != "inplace" for k in node.kwargs):
+        return False
+    if node.op == "call_module":
+        return len(node.args) == 1 and type(_module(model, modules, node)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and len(node.args) <= 2
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _norm_relu_pairs(graph: fx.Graph, model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, fx.Node]:
+    """BatchNorm module nodes whose only user is a ReLU of their output: {BatchNorm node: its ReLU node}. For
+    ``(z, β)`` the two rules run as one pass (:class:`_LedNorm` with ``relu``)."""
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        if not isinstance(_module(model, modules, node), nn.modules.batchnorm._BatchNorm):
+            continue
+        (user,) = node.users
+        if _is_relu_of(user, node, model, modules):
+            pairs[node.name] = user
+    return pairs
+
+
 def _run(model: nn.Module, dec: Decomposition) -> Any:
     """Interpret the traced graph of ``model`` on ``dec``; the raw output (Decompositions in place of tensors)."""
     graph = _trace(model, dec.total)
     modules = _MODULES.setdefault(model, {})
+    pairs = _norm_relu_pairs(graph, model, modules) if isinstance(dec, _Led) else {}
+    fused: set[fx.Node] = set()  # ReLU nodes already applied by the BatchNorm before them
     env: dict[str, Any] = {}
     first = True
     out: Any = None
     for node in graph.nodes:
         op = node.op
+        if node in fused:
+            env[node.name] = env[node.args[0].name]  # type: ignore[union-attr]
+            continue
         if op == "placeholder":
             if first:
                 env[node.name] = dec
@@ -1718,10 +1774,13 @@ def _run(model: nn.Module, dec: Decomposition) -> Any:
         args = _load(node.args, env)
         kwargs = _load(node.kwargs, env)
         if op == "call_module":
-            mod = modules.get(node.name)
-            if mod is None:
-                mod = modules[node.name] = model.get_submodule(str(node.target))
-            env[node.name] = _call_module(node, mod, args, kwargs)
+            mod = _module(model, modules, node)
+            relu = pairs.get(node.name)
+            if relu is not None and len(args) == 1 and not kwargs and isinstance(args[0], _Led):
+                env[node.name] = _batchnorm(args[0], mod, relu=True)  # type: ignore[arg-type]
+                fused.add(relu)
+            else:
+                env[node.name] = _call_module(node, mod, args, kwargs)
         elif not _has_dec(args) and not _has_dec(kwargs):
             # input-independent computation (shapes, constants): run it as is
             if op == "call_function":
