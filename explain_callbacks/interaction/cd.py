@@ -78,6 +78,7 @@ import contextvars
 import operator
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ STREAMS = ("pair", "total")
 # forward *is* this pass can update the running statistics once (:func:`update_norm_stats`).
 NormStats = list[tuple[nn.modules.batchnorm._BatchNorm, Tensor, Tensor, int]]
 _NORM_STATS: contextvars.ContextVar[NormStats | None] = contextvars.ContextVar("cd_norm_stats", default=None)
+# The (z, β) rules of linear layers and BatchNorm as kernels compiled by torch.compile (cd_forward(compiled=True))
+_COMPILED: contextvars.ContextVar[bool] = contextvars.ContextVar("cd_compiled", default=False)
 
 
 class CDUnsupportedError(NotImplementedError):
@@ -760,6 +763,11 @@ class _LedBiasSplit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, both: Tensor, bias: Tensor, eps: tuple[float, float]) -> Tensor:
         e_rel, e_irr = eps
+        res = _run_kernel("_k_bias_fwd", _COMPILED.get(), both, bias, float(e_rel), float(e_irr))
+        ctx.compiled = res is not None
+        if res is not None:
+            ctx.save_for_backward(bias, res[1])
+            return res[0]
         c_all, r_all = _pair(both)
         out = torch.empty_like(both)
         oz_all, ob_all = _pair(out)
@@ -787,6 +795,11 @@ class _LedBiasSplit(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
         bias, local = ctx.saved_tensors
+        lead = grad.ndim - bias.ndim
+        dims = (*range(lead), *(lead + k for k, n in enumerate(bias.shape) if n == 1 and grad.shape[lead + k] != 1))
+        res = _run_kernel("_k_bias_bwd", ctx.compiled, grad.contiguous(), bias, local, dims)
+        if res is not None:
+            return res[0], res[1].view(bias.shape) if ctx.needs_input_grad[1] else None, None
         gz_all, gb_all = _pair(grad)
         d = torch.empty_like(grad)
         dz_all, dr_all = _pair(d)
@@ -873,6 +886,13 @@ class _LedNorm(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         scale, shift = scale.view(shape), shift.view(shape)
+        res = None if isinstance(ctx, _NoCtx) else _run_kernel("_k_norm_fwd", _COMPILED.get(), both, scale, shift, relu)
+        ctx.compiled = res is not None
+        ctx.batch_stats = batch_stats
+        if res is not None:
+            out, local = res
+            ctx.save_for_backward(both, weight, mean, invstd, scale, shift, local, out if relu else None)
+            return out
         out = torch.empty_like(both)
         oz_all, ob_all = _pair(out)
         local = None  # the local derivatives, only when autograd will call backward
@@ -892,27 +912,11 @@ class _LedNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         both, weight, mean, invstd, scale, shift, local, out = ctx.saved_tensors
-        z_all, b_all = _pair(both)
-        gz_all, gb_all = _pair(grad)
-        oz_all, ob_all = _pair(out) if out is not None else (None, None)
-        d = torch.empty_like(both)
-        dz_all, db_all = _pair(d)
+        z_all = _pair(both)[0]
         dims = [0, *range(2, z_all.ndim)]
-        ds = torch.zeros_like(mean)
-        dt = torch.zeros_like(mean)
-        for sl in _pieces(z_all):
-            z, b, gz, gb = z_all[sl], b_all[sl], gz_all[sl], gb_all[sl]
-            if oz_all is not None and ob_all is not None:  # the fused ReLU's backward
-                gz, gb = _threshold_backward(gz, oz_all[sl], 0), _threshold_backward(gb, ob_all[sl], 0)
-            p, eu, ev = local[0][sl], local[1][sl], local[2][sl]
-            dt += torch.addcmul(gz, gb, p).sum(dims)
-            h = gb * shift
-            v = ev * h  # v' (the saved derivatives stay as they are: a retained graph may run backward again)
-            ga = torch.sub(gz, v)
-            gc = torch.addcmul(gb, eu, h).add_(v)
-            ds += torch.addcmul(z * ga, b, gc).sum(dims)
-            torch.mul(ga, scale, out=dz_all[sl])
-            torch.mul(gc, scale, out=db_all[sl])
+        res = _run_kernel("_k_norm_bwd", ctx.compiled, grad.contiguous(), both, out, local, scale, shift, tuple(dims))
+        d, ds, dt = res if res is not None else _led_norm_backward_pieces(grad, both, out, local, scale, shift, dims)
+        dz_all = _pair(d)[0]
         centred = ds - mean * dt  # ∂L/∂(w·σ⁻¹) up to the factor w
         dweight = centred * invstd if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dt if ctx.needs_input_grad[2] else None
@@ -926,6 +930,133 @@ class _LedNorm(torch.autograd.Function):
             for sl in _pieces(z_all):
                 dz_all[sl].addcmul_(z_all[sl], k).add_(c0)
         return d, dweight, dbias, None, None, None, None, None
+
+
+def _led_norm_backward_pieces(
+    grad: Tensor, both: Tensor, out: Tensor | None, local: Tensor, scale: Tensor, shift: Tensor, dims: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_LedNorm`'s backward up to the batch statistics' term, piece by piece: ``[s·a; s·c]``, ``∂s``, ``∂t``."""
+    z_all, b_all = _pair(both)
+    gz_all, gb_all = _pair(grad)
+    oz_all, ob_all = _pair(out) if out is not None else (None, None)
+    d = torch.empty_like(both)
+    dz_all, db_all = _pair(d)
+    ds = torch.zeros(scale.numel(), dtype=scale.dtype, device=scale.device)
+    dt = torch.zeros_like(ds)
+    for sl in _pieces(z_all):
+        z, b, gz, gb = z_all[sl], b_all[sl], gz_all[sl], gb_all[sl]
+        if oz_all is not None and ob_all is not None:  # the fused ReLU's backward
+            gz, gb = _threshold_backward(gz, oz_all[sl], 0), _threshold_backward(gb, ob_all[sl], 0)
+        p, eu, ev = local[0][sl], local[1][sl], local[2][sl]
+        dt += torch.addcmul(gz, gb, p).sum(dims)
+        h = gb * shift
+        v = ev * h  # v' (the saved derivatives stay as they are: a retained graph may run backward again)
+        ga = torch.sub(gz, v)
+        gc = torch.addcmul(gb, eu, h).add_(v)
+        ds += torch.addcmul(z * ga, b, gc).sum(dims)
+        torch.mul(ga, scale, out=dz_all[sl])
+        torch.mul(gc, scale, out=db_all[sl])
+    return d, ds, dt
+
+
+# ----------------------------------------------------------------------------------------------
+# The same rules compiled (optional: ``cd_forward(compiled=True)``)
+# ----------------------------------------------------------------------------------------------
+#
+# Each rule above makes a dozen passes over its piece of the streams, and its local derivatives go to memory and
+# back. Compiled by torch.compile (inductor: one C++ loop per kernel on the CPU, which needs a C++ compiler at run
+# time), a rule is one pass that reads its inputs once and writes its outputs once. The formulas are those of the
+# eager rules; the arithmetic may differ in rounding (fused multiply-adds, the compiler's order), so the values
+# agree with the eager rules to float rounding, not bit for bit. Compiled on first use per shape and dtype; when
+# compilation fails (no compiler, an unsupported platform) a warning says so once and the eager rules run.
+
+
+def _k_bias_fwd(both: Tensor, bias: Tensor, e_rel: float, e_irr: float) -> tuple[Tensor, Tensor]:
+    """:class:`_LedBiasSplit`'s forward: the stacked output and the three local derivatives (stacked)."""
+    n = both.shape[0] // 2
+    c, r = both[:n], both[n:]
+    i = c - r
+    a = r.abs() + e_rel
+    ai = i.abs() + e_irr
+    den = a + ai
+    pa = a / den
+    sa = torch.sign(i) * pa
+    l1 = (sa + (ai / den) * torch.sign(r)) / den
+    return torch.cat([c + bias, r + pa * bias]), torch.stack([pa, l1, sa / den])
+
+
+def _k_bias_bwd(grad: Tensor, bias: Tensor, local: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """:class:`_LedBiasSplit`'s backward: the stacked input gradient and the bias gradient summed over ``dims``."""
+    n = grad.shape[0] // 2
+    gz, gb = grad[:n], grad[n:]
+    w = gb * bias
+    d = torch.cat([gz - w * local[2], gb + w * local[1]])
+    return d, (gz + gb * local[0]).sum(dims, keepdim=True)
+
+
+def _k_norm_fwd(both: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+    """:class:`_LedNorm`'s forward (:func:`_led_norm_piece` on the whole layer, then the ReLU when ``relu``)."""
+    n = both.shape[0] // 2
+    z, b = both[:n], both[n:]
+    oz = shift + z * scale
+    r = b * scale
+    rt = (r + shift) - shift
+    it = (oz - r) - shift
+    a = rt.abs()
+    den = (it.abs() + a).clamp_min(torch.finfo(a.dtype).tiny)
+    p = a / den
+    ob = rt + p * shift
+    sr = torch.sign(rt)
+    eu = (sr - sr * p) / den
+    ev = torch.sign(it) * p / den
+    if relu:
+        oz, ob = torch.relu(oz), torch.relu(ob)
+    return torch.cat([oz, ob]), torch.stack([p, eu, ev])
+
+
+def _k_norm_bwd(
+    grad: Tensor, both: Tensor, out: Tensor | None, local: Tensor, scale: Tensor, shift: Tensor, dims: tuple[int, ...]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_LedNorm`'s backward up to the batch statistics' term: ``[s·a; s·c]``, ``∂s`` and ``∂t``."""
+    n = grad.shape[0] // 2
+    z, b = both[:n], both[n:]
+    gz, gb = grad[:n], grad[n:]
+    if out is not None:  # the fused ReLU's backward
+        gz = torch.where(out[:n] > 0, gz, 0.0)
+        gb = torch.where(out[n:] > 0, gb, 0.0)
+    p, eu, ev = local[0], local[1], local[2]
+    h = gb * shift
+    v = ev * h
+    ga = gz - v
+    gc = gb + eu * h + v
+    return torch.cat([ga * scale, gc * scale]), (z * ga + b * gc).sum(dims), (gz + gb * p).sum(dims)
+
+
+_KERNELS: dict[str, Callable[..., Any]] = {}
+_COMPILE_FAILED: list[str] = []  # the first compilation error, once
+
+
+def _run_kernel(name: str, enabled: bool, *args: Any) -> Any:
+    """Call the compiled kernel ``name`` when ``enabled`` (a forward: the pass's ``compiled``; a backward: whether
+    its forward ran compiled); None when not, or when compilation failed: then a warning, once, and compilation
+    stays off for the process (the caller runs the eager rule)."""
+    if not enabled or _COMPILE_FAILED:
+        return None
+    fn = _KERNELS.get(name)
+    if fn is None:
+        fn = _KERNELS[name] = torch.compile(globals()[name], dynamic=None)
+    try:
+        return fn(*args)
+    except Exception as err:  # torch.compile raises backend-specific errors (no C++ compiler, codegen, ...)
+        _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
+        warnings.warn(
+            "cd_forward(compiled=True): torch.compile could not compile the contextual-decomposition rules "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the eager rules run instead "
+            "(same values, slower). A C++ compiler (gcc/clang) on the PATH is what inductor needs on the CPU.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1660,21 +1791,30 @@ def cd_forward(
     bias_at_zero: str = "half",
     streams: str = "total",
     norm_stats: NormStats | None = None,
+    compiled: bool = False,
 ) -> tuple[Decomposition, Any]:
     """:func:`cd_propagate`, and the model's output as its ``forward`` returns it (the same structure, every
     decomposed tensor replaced by its total β + γ): the CD pass and the forward pass in one. With
-    ``streams="total"`` (default here) the totals are the model's own operations on z."""
+    ``streams="total"`` (default here) the totals are the model's own operations on z.
+
+    ``compiled``: run the ``(z, β)`` rules of the linear/convolution layers and of BatchNorm (with the ReLU after
+    it) as kernels compiled by ``torch.compile`` (one pass each instead of a dozen; compiled on first use per shape
+    and dtype, which takes tens of seconds; inductor needs a C++ compiler on the CPU). The values equal the eager
+    rules' to float rounding, not bit for bit. Where compilation fails, a warning says so once and the eager
+    rules run. Off by default: no compiler is assumed."""
     if bias_at_zero not in BIAS_AT_ZERO:
         raise ValueError(f"bias_at_zero must be one of {BIAS_AT_ZERO}, got {bias_at_zero!r}.")
     if streams not in STREAMS:
         raise ValueError(f"streams must be one of {STREAMS}, got {streams!r}.")
     token = _BIAS_EPS.set((_EPS, _EPS) if bias_at_zero == "half" else (0.0, 2 * _EPS))
     stats_token = _NORM_STATS.set(norm_stats)
+    compiled_token = _COMPILED.set(bool(compiled))
     try:
         first = _Led(rel + irr, rel) if streams == "total" else Decomposition(rel, irr)
         raw = _run(model, first)
         return _output(model, raw), _pick(raw, "total")
     finally:
+        _COMPILED.reset(compiled_token)
         _NORM_STATS.reset(stats_token)
         _BIAS_EPS.reset(token)
 
