@@ -121,3 +121,67 @@ def test_fused_pass_equals_the_unfused_pass(monkeypatch, train, arch):
     assert all((u - v).abs().max().item() <= 1e-12 * scale for u, v in zip(got[2], expect[2]))
     for a, b in zip(fused_net.buffers(), plain_net.buffers()):  # running statistics updated alike
         assert torch.equal(a, b)
+
+
+def _decoy_batch(side: int = 32, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(side)
+    x = torch.rand(n, 1, side, side, generator=g, dtype=torch.float64)
+    x[:, :, :, : side // 3] = 0.0
+    m = torch.zeros(1, side, side, dtype=torch.float64)
+    m[:, :5, :5] = 1
+    return x, m
+
+
+def _penalty_and_grads(net: nn.Module, x: torch.Tensor, m: torch.Tensor, compiled: bool):
+    logits, r = cdep_penalty(net, x, m, return_logits=True, compiled=compiled)
+    loss = r + logits.square().mean()
+    return loss.detach(), list(torch.autograd.grad(loss, list(net.parameters())))
+
+
+def test_compiled_without_a_compiler_warns_once_and_runs_the_eager_rules(monkeypatch):
+    """When torch.compile fails (no C++ compiler, say), the pass warns once and gives the eager values exactly."""
+
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return fails
+
+    monkeypatch.setattr(C, "_KERNELS", {})
+    monkeypatch.setattr(C, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(C.torch, "compile", no_compiler)
+    torch.manual_seed(0)
+    net = SmallCNN(1, dropout=0.0).double()
+    x, m = _decoy_batch()
+    expect = _penalty_and_grads(copy.deepcopy(net), x, m, compiled=False)
+    with pytest.warns(RuntimeWarning, match="could not compile.*no C\\+\\+ compiler"):
+        got = _penalty_and_grads(copy.deepcopy(net), x, m, compiled=True)
+    assert torch.equal(got[0], expect[0]) and all(torch.equal(u, v) for u, v in zip(got[1], expect[1]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next pass neither retries nor warns
+        again = _penalty_and_grads(copy.deepcopy(net), x, m, compiled=True)
+    assert torch.equal(again[0], expect[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["smallcnn-train", "smallcnn-eval", "decoycnn"])
+def test_compiled_rules_equal_the_eager_rules(arch):
+    """The compiled kernels (minutes of compilation on a small CPU): penalty and parameter gradients equal the eager
+    rules' to 1e-6 in float64 (served logits included)."""
+    from explain_callbacks.models import DecoyCNN
+
+    torch.manual_seed(0)
+    net = {
+        "smallcnn-train": lambda: SmallCNN(1, dropout=0.0).train(),
+        "smallcnn-eval": lambda: SmallCNN(1).eval(),
+        "decoycnn": lambda: DecoyCNN(1, size=32),
+    }[arch]().double()
+    x, m = _decoy_batch()
+    expect = _penalty_and_grads(copy.deepcopy(net), x, m, compiled=False)
+    got = _penalty_and_grads(copy.deepcopy(net), x, m, compiled=True)
+    assert C._COMPILE_FAILED == []  # the compiled kernels ran
+    scale = max(g.abs().max().item() for g in expect[1])
+    assert abs(got[0].item() - expect[0].item()) <= 1e-6 * abs(expect[0].item())
+    assert all((u - v).abs().max().item() <= 1e-6 * scale for u, v in zip(got[1], expect[1]))
