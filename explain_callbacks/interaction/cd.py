@@ -1001,7 +1001,10 @@ def _k_norm_fwd(both: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> tuple
     oz = shift + z * scale
     r = b * scale
     rt = (r + shift) - shift
-    it = (oz - r) - shift
+    # ĩ = s·γ rounded as the reference rounds bn(γ) − bn(0), from γ = z − β itself: exactly 0 where γ is. The eager
+    # rule's (oz − r) − t is the same number up to rounding, which here (no fused multiply-add in oz) would leave
+    # noise of either sign where γ = 0 and flip the |ĩ| kink: float32 gradients 10 % off their float64 value
+    it = ((z - b) * scale + shift) - shift
     a = rt.abs()
     den = (it.abs() + a).clamp_min(torch.finfo(a.dtype).tiny)
     p = a / den
