@@ -185,14 +185,16 @@ def run(ds: str, row: str, seed: int, epochs: int, extra: list[str] | None = Non
 
 
 # ---------------------------------------------------------------------- interleaved step cost
-def step_costs(rounds: int, archs: list[str]) -> str:
-    """Median wall time of one training step (forward, penalty, backward, Adam step) per penalty, the
+def step_costs(rounds: int, archs: list[str], compiled: bool = False) -> str:
+    """Median CPU time of the process for one training step (forward, penalty, backward, Adam step) per penalty, the
     steps of all rows interleaved round by round on the same DecoyDigits batches (rotating order),
     so that a busy machine slows every row alike; Lightning's own per-step overhead is left out
     (the ratio is the stricter for it). CDEP three ways: the (β, γ) form of the reference (``streams="pair"``),
     the default (z, β) form beside the task's own forward, and the task's logits served by the CD pass
     (``return_logits=True``, what ``AttributionRegularizer(serve_forward=True)`` does). Reported: the median
-    step with its min–max, and the median and min–max over rounds of the step / the same round's vanilla step."""
+    step with its min–max, and the median and min–max over rounds of the step / the same round's vanilla step.
+    ``compiled``: also the served CDEP step with the decomposition's rules compiled (``compiled=True``), compiled
+    before the timed rounds (the one-off compilation time is printed, not timed)."""
     import copy
 
     import torch.nn.functional as F
@@ -210,7 +212,10 @@ def step_costs(rounds: int, archs: list[str]) -> str:
         cb = instantiate(entry)
         pens[row] = (cb.penalty, cb.weight)
     rows = ["vanilla", "cdep_pair", "cdep", "cdep_served", "cdep_l1", "cdep_l1_served", "rrr", "eg"]
+    if compiled:
+        rows.insert(4, "cdep_served_compiled")
     labels = {
+        "cdep_served_compiled": "CDEP (softmax), served, rules compiled (`compiled=True`)",
         **LABELS,
         "cdep_pair": "CDEP (softmax), (β, γ) streams: the previous form",
         "cdep": "CDEP (softmax), (z, β) streams, task forward separate",
@@ -219,11 +224,16 @@ def step_costs(rounds: int, archs: list[str]) -> str:
         "cdep_l1_served": "CDEP (‖β‖₁), task forward served by the CD pass",
     }
 
-    def step(row: str, net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, m: Tensor, i: int) -> None:
-        base = row.removesuffix("_served").removesuffix("_pair")
+    def step(
+        row: str, net: nn.Module, opt: torch.optim.Optimizer | None, x: Tensor, y: Tensor, m: Tensor, i: int
+    ) -> None:
+        base = row.removesuffix("_compiled").removesuffix("_served").removesuffix("_pair")
         pen, lam = pens[base]
-        if row.endswith("_served"):
-            logits, r = cdep_penalty(net, x, m, form=pen.form, bias_at_zero=pen.bias_at_zero, return_logits=True)
+        if row.endswith(("_served", "_compiled")):
+            logits, r = cdep_penalty(
+                net, x, m, form=pen.form, bias_at_zero=pen.bias_at_zero, return_logits=True,
+                compiled=row.endswith("_compiled"),
+            )  # fmt: skip
             loss = F.cross_entropy(logits, y) + lam * r
         else:
             loss = F.cross_entropy(net(x), y)
@@ -232,6 +242,9 @@ def step_costs(rounds: int, archs: list[str]) -> str:
                 loss = loss + lam * r
             elif pen is not None:
                 loss = loss + lam * pen(net, x, y, m, step=i)
+        if opt is None:  # compilation warm-up
+            loss.backward()
+            return
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -244,13 +257,18 @@ def step_costs(rounds: int, archs: list[str]) -> str:
         nets = {row: copy.deepcopy(base) for row in rows}
         opts = {row: torch.optim.Adam(n.parameters(), lr=1e-3) for row, n in nets.items()}
         times: dict[str, list[float]] = {row: [] for row in rows}
+        if compiled:  # compile on the first two batches (shapes, then dynamic shapes), outside the timed rounds
+            t0 = time.perf_counter()
+            for i in range(2):
+                step("cdep_served_compiled", copy.deepcopy(base), None, *batches[i], i)
+            print(f"{arch}: compiling the CD rules took {time.perf_counter() - t0:.0f} s (wall)", flush=True)
         for i in range(rounds + 2):
             x, y, m = batches[i % len(batches)]
             for row in rows[i % len(rows) :] + rows[: i % len(rows)]:
-                t0 = time.perf_counter()
+                t0 = time.process_time()  # CPU time: other jobs on a shared machine do not count
                 step(row, nets[row], opts[row], x, y, m, i)
                 if i >= 2:  # the first rounds trace and warm up
-                    times[row].append(time.perf_counter() - t0)
+                    times[row].append(time.process_time() - t0)
         van = times["vanilla"]
         for row in rows:
             ts = times[row]
@@ -419,6 +437,7 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=None, help="write the raw results as JSON here")
     ap.add_argument("--step-rounds", type=int, default=None, help="rounds of the interleaved step timing")
     ap.add_argument("--skip-training", action="store_true", help="only the interleaved step timing")
+    ap.add_argument("--compiled", action="store_true", help="step timing: also CDEP with torch.compile'd rules")
     ap.add_argument("--step-archs", nargs="+", default=None, choices=["MLP", "SmallCNN", "DecoyCNN"],
                     help="networks of the step timing (default: MLP and SmallCNN; MLP with --quick)")
     ap.add_argument("--paper", action="store_true", help="the CDEP paper's protocol: DecoyCNN on 28x28 DecoyDigits")
@@ -480,7 +499,7 @@ def main() -> None:
         rounds = args.step_rounds or (10 if args.quick else 60)
         archs = args.step_archs or (["MLP"] if args.quick else ["MLP", "SmallCNN"])
         print(f"\nTraining-step cost, interleaved ({rounds} rounds, batch 64, DecoyDigits):\n")
-        print(step_costs(rounds, archs))
+        print(step_costs(rounds, archs, compiled=args.compiled))
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -102,13 +102,16 @@ class Penalty(ABC):
 class CDEPPenalty(Penalty):
     """CDEP (Rieger et al. 2020, arXiv:1909.13584): penalise the contextual-decomposition share of
     the masked features in the logits. ``form="softmax"`` (default, the authors' code):
-    mean of σ(β_c − γ_c); ``form="l1"`` (the paper's equation): ‖β‖₁. See
-    :func:`~explain_callbacks.regularize.functional.cdep_penalty`."""
+    mean of σ(β_c − γ_c); ``form="l1"`` (the paper's equation): ‖β‖₁. ``compiled=True``: the decomposition's
+    rules as ``torch.compile`` kernels (faster steps after a one-off compilation; needs a C++ compiler; eager
+    fallback with a warning). See :func:`~explain_callbacks.regularize.functional.cdep_penalty`."""
 
     name = "cdep"
     serves_forward = True
 
-    def __init__(self, form: str = "softmax", keep_norm_stats: bool = True, bias_at_zero: str = "rest") -> None:
+    def __init__(
+        self, form: str = "softmax", keep_norm_stats: bool = True, bias_at_zero: str = "rest", compiled: bool = False
+    ) -> None:
         super().__init__(keep_norm_stats=keep_norm_stats)
         if form not in ("softmax", "l1"):
             raise ValueError(f"form must be 'softmax' or 'l1', got {form!r}.")
@@ -118,11 +121,13 @@ class CDEPPenalty(Penalty):
             raise ValueError(f"bias_at_zero must be one of {BIAS_AT_ZERO}, got {bias_at_zero!r}.")
         self.form = form
         self.bias_at_zero = bias_at_zero
+        self.compiled = bool(compiled)
 
     def compute(self, model, inputs, targets, mask, *, seed):
         return RF.cdep_penalty(
-            model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats, bias_at_zero=self.bias_at_zero
-        )
+            model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats, bias_at_zero=self.bias_at_zero,
+            compiled=self.compiled,
+        )  # fmt: skip
 
     def with_output(self, model, inputs, targets=None, mask=None):
         """The penalty and the model's output of ``inputs`` from one CD pass (:func:`RF.cdep_terms`)."""
@@ -135,7 +140,7 @@ class CDEPPenalty(Penalty):
             return RF.zero_penalty(model, inputs), None, [], 1
         return RF.cdep_terms(
             model, inputs, mask, form=self.form, keep_norm_stats=self.keep_norm_stats,
-            bias_at_zero=self.bias_at_zero, streams="total", stats=True,
+            bias_at_zero=self.bias_at_zero, streams="total", stats=True, compiled=self.compiled,
         )  # fmt: skip
 
 
