@@ -19,6 +19,7 @@ its map h(x̃) approaches a chosen target map h_t while the output g stays fixed
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from .._internal.guard import model_guard
 from .._internal.ops import rankdata, spearman_to
 from .._internal.outputs import read_scores
-from .._internal.softplus import relu_as_softplus
+from .._internal.softplus import flush_denormals, relu_as_softplus
 from .._internal.targets import as_target_tensor
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
@@ -204,8 +205,12 @@ def fragility_attack(
         xa = x.clone()
         for _ in range(steps):
             xg = xa.detach().requires_grad_(True)
-            with relu_as_softplus(softplus_beta):  # the attack direction on the softplus network, both backwards
-                imp = _importance(attributor(model, xg, tgt, create_graph=True)).flatten(1)
+            with relu_as_softplus(softplus_beta):  # the attack direction on the softplus network
+                maps = attributor(model, xg, tgt, create_graph=True)
+            # the loss and the double backward outside the function mode (it dispatches every tensor op and
+            # attribute read through Python), with subnormals flushed as inside it
+            with flush_denormals() if softplus_beta is not None else contextlib.nullcontext():
+                imp = _importance(maps).flatten(1)
                 if objective == "topk":  # lower the share of the original top-k features
                     share = (imp * top0_w).sum(1) / imp.sum(1).clamp_min(1e-12)
                     loss = -share.sum()
