@@ -19,6 +19,7 @@ its map h(x̃) approaches a chosen target map h_t while the output g stays fixed
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from .._internal.guard import model_guard
 from .._internal.ops import rankdata, spearman_to
 from .._internal.outputs import read_scores
-from .._internal.softplus import relu_as_softplus
+from .._internal.softplus import flush_denormals, relu_as_softplus
 from .._internal.targets import as_target_tensor
 from ..attribution import build_attributor
 from ..attribution.base import Attributor
@@ -70,6 +71,16 @@ def _centre(imp: Tensor) -> Tensor:
         marginal = imp.sum(other) if other else imp
         coords.append((marginal * pos).sum(1) / total)
     return torch.stack(coords, 1)
+
+
+def _box(x: Tensor, epsilon: float, clamp: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
+    """Per-element bounds (lo, hi) of the L∞ ball around x intersected with ``clamp``: clamping to them
+    equals clamping to the ball, then to ``clamp`` (clamps compose: clamp(clamp(v, a, b), c, d) =
+    clamp(v, clamp(a, c, d), clamp(b, c, d)) for a <= b, c <= d)."""
+    lo, hi = x - epsilon, x + epsilon
+    if clamp is not None:
+        lo, hi = lo.clamp(*clamp), hi.clamp(*clamp)
+    return lo, hi
 
 
 def _input_grad(loss: Tensor, xg: Tensor) -> Tensor:
@@ -136,64 +147,87 @@ def fragility_attack(
         imp0 = _importance(a0.detach())
         n_feat = imp0[0].numel()
         k = max(1, min(n_feat, round(top_k * n_feat) if isinstance(top_k, float) else int(top_k)))
+        flat0 = imp0.flatten(1)
         top0 = _topk_mask(imp0, k)
         centre0 = _centre(imp0)
-        # the ranks of x's map, centred, once: each candidate's map is then ranked alone (ops.spearman_to)
-        r0 = rankdata(imp0.flatten(1)).sub_((n_feat + 1) / 2)
-        ss0 = torch.linalg.vecdot(r0, r0)
+        lo, hi = _box(x, epsilon, clamp)
 
-        def scores(xa: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            imp = _importance(attributor(model, xa, tgt).detach())
-            inter = (_topk_mask(imp, k) & top0).sum(1).to(x.dtype) / k
-            rho = spearman_to(r0, ss0, imp.flatten(1))
-            shift = (_centre(imp) - centre0).norm(dim=1)
+        def project(xa: Tensor) -> Tensor:
+            # clamp(clamp(v, x - ε, x + ε), c0, c1) = clamp(v, clamp(x - ε, c0, c1), clamp(x + ε, c0, c1)): one op
+            return torch.clamp(xa, lo, hi)
+
+        def scored(xa: Tensor) -> tuple[Tensor, Tensor]:
+            """(importance map of x̃ flattened (B, N), whether x̃ keeps the output)."""
+            flat = _importance(attributor(model, xa, tgt).detach()).flatten(1)
             with torch.no_grad():
                 # the output kept: the same class, or for a dense output (segmentation) the same class at every
                 # output position
                 kept = (read_scores(model(xa)).argmax(1) == label).reshape(xa.shape[0], -1).all(1)
-            return inter, rho, shift, kept
+            return flat, kept
 
-        def project(xa: Tensor) -> Tensor:
-            xa = torch.maximum(torch.minimum(xa, x + epsilon), x - epsilon)
-            return xa.clamp(*clamp) if clamp is not None else xa
+        def intersection(flat: Tensor) -> Tensor:
+            """Share of x's top-k features among the top-k of each row of ``flat``."""
+            return top0.gather(1, flat.topk(k, dim=1).indices).sum(1).to(x.dtype) / k
+
+        def shift_of(flat: Tensor) -> Tensor:
+            return (_centre(flat.view(imp0.shape)) - centre0).norm(dim=1)
+
+        def outcome(flat: Tensor, kept: Tensor, inter: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            """(intersection, Spearman, shift) of the maps ``flat``; a sample whose output was not kept scores
+            as unchanged (1, 1, 0). The ranks of x's map are computed once (each map is ranked alone,
+            ops.spearman_to)."""
+            r0 = rankdata(flat0).sub_((n_feat + 1) / 2)
+            rho = spearman_to(r0, torch.linalg.vecdot(r0, r0), flat).to(x.dtype)
+            inter = intersection(flat) if inter is None else inter
+            one = torch.ones_like(inter)
+            return (
+                torch.where(kept, inter, one), torch.where(kept, rho, one),
+                torch.where(kept, shift_of(flat), torch.zeros_like(inter)),
+            )  # fmt: skip
 
         if objective == "random":
             g = torch.Generator(device=x.device).manual_seed(seed)
             sign = torch.randint(0, 2, x.shape, generator=g, device=x.device).to(x.dtype) * 2 - 1
             best = project(x + epsilon * sign)
-            inter, rho, shift, kept = scores(best)
+            flat, kept = scored(best)
             best = torch.where(kept.view(-1, *[1] * (x.ndim - 1)), best, x)
-            one = torch.ones_like(inter)
-            return FragilityResult(
-                best, torch.where(kept, inter, one), torch.where(kept, rho.to(one.dtype), one),
-                torch.where(kept, shift, torch.zeros_like(shift)), kept,
-            )  # fmt: skip
+            return FragilityResult(best, *outcome(flat, kept), kept)
 
+        # Per step only what picks the best candidate is computed (its top-k intersection, or its centre shift);
+        # the Spearman correlation and the other scores of the kept candidates once, after the last step.
         best = x.clone()
-        best_inter = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-        best_rho = torch.ones_like(best_inter)
-        best_shift = torch.zeros_like(best_inter)
+        best_flat = flat0.clone()
+        best_score = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)  # intersection, or -shift
+        if objective == "mass_centre":
+            best_score.zero_()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        top0_w = top0.to(flat0.dtype)
         xa = x.clone()
         for _ in range(steps):
             xg = xa.detach().requires_grad_(True)
-            with relu_as_softplus(softplus_beta):
-                imp = _importance(attributor(model, xg, tgt, create_graph=True))
-            if objective == "topk":  # lower the share of the original top-k features
-                share = (imp.flatten(1) * top0).sum(1) / imp.flatten(1).sum(1).clamp_min(1e-12)
-                loss = -share.sum()
-            else:
-                loss = (_centre(imp) - centre0).norm(dim=1).sum()
-            grad = _input_grad(loss, xg)
-            xa = project(xa + step_size * grad.sign())
-            inter, rho, shift, kept = scores(xa)
-            better = kept & ((inter < best_inter) if objective == "topk" else (shift > best_shift))
-            sel = better.view(-1, *[1] * (x.ndim - 1))
-            best = torch.where(sel, xa, best)
-            best_inter = torch.where(better, inter, best_inter)
-            best_rho = torch.where(better, rho.to(best_rho.dtype), best_rho)
-            best_shift = torch.where(better, shift, best_shift)
+            with relu_as_softplus(softplus_beta):  # the attack direction on the softplus network
+                maps = attributor(model, xg, tgt, create_graph=True)
+            # the loss and the double backward outside the function mode (it dispatches every tensor op and
+            # attribute read through Python), with subnormals flushed as inside it
+            with flush_denormals() if softplus_beta is not None else contextlib.nullcontext():
+                imp = _importance(maps).flatten(1)
+                if objective == "topk":  # lower the share of the original top-k features
+                    share = (imp * top0_w).sum(1) / imp.sum(1).clamp_min(1e-12)
+                    loss = -share.sum()
+                else:
+                    loss = (_centre(imp.view(imp0.shape)) - centre0).norm(dim=1).sum()
+                grad = _input_grad(loss, xg)
+            xa = project(xa.add(grad.sign(), alpha=step_size))  # = xa + step_size·sign: the product is exact
+            flat, kept = scored(xa)
+            score = intersection(flat) if objective == "topk" else -shift_of(flat)
+            better = kept & (score < best_score)
+            best = torch.where(better.view(-1, *[1] * (x.ndim - 1)), xa, best)
+            best_flat = torch.where(better.view(-1, 1), flat, best_flat)
+            best_score = torch.where(better, score, best_score)
             found |= better
+        best_inter, best_rho, best_shift = outcome(
+            best_flat, found, best_score if objective == "topk" else None
+        )  # fmt: skip
     return FragilityResult(best.detach(), best_inter, best_rho, best_shift, found)
 
 

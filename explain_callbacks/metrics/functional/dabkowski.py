@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
 from ._guard import model_left_as_found
-from ._utils import Target, feature_relevance, prepare_target, scores_chunked, validate
+from ._utils import Target, broadcast_map, check_finite_map, feature_relevance, prepare_target, scores_chunked
 
 __all__ = ["dabkowski_saliency", "largest_component", "saliency_boxes"]
 
@@ -142,6 +142,27 @@ def _boxes_scipy(fg: np.ndarray) -> np.ndarray:
     return np.stack([y0, x0, y1, x1], 1)
 
 
+def _foreground(attributions: Tensor, ref: Tensor) -> Tensor:
+    """(B, H, W) mask of the map's channel-summed relevance above its mean (float64 mean and comparison)."""
+    if ref.ndim != 4:
+        raise ValueError(f"the Dabkowski metric needs images (B,C,H,W), got shape {tuple(ref.shape)}.")
+    b, h, w = ref.shape[0], ref.shape[2], ref.shape[3]
+    if attributions.shape == ref.shape and attributions.device == ref.device:
+        rel = attributions.detach().sum(1)  # feature_relevance's "pixel" relevance without its wrappers
+    else:
+        rel = feature_relevance(attributions, ref, "pixel")[0].view(b, h, w)
+    rel = rel.double()
+    return rel > rel.mean((1, 2), keepdim=True)
+
+
+def _use_scipy(fg: Tensor, backend: str) -> bool:
+    if backend not in ("auto", "scipy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'scipy' or 'torch', got {backend!r}.")
+    if backend == "auto":
+        backend = "scipy" if fg.device.type == "cpu" and _HAS_SCIPY else "torch"
+    return backend == "scipy" and fg.numel() > 0
+
+
 def saliency_boxes(attributions: Tensor, inputs: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Boxes (B, 4) = (y0, x0, y1, x1), inclusive pixel indices (int64), around the largest component
     of the map thresholded at its mean (the whole image for a constant map).
@@ -149,18 +170,8 @@ def saliency_boxes(attributions: Tensor, inputs: Tensor | None = None, backend: 
     ``backend`` as in :func:`largest_component`; both give the same boxes (``"scipy"`` computes them in
     NumPy from the labels, ``"torch"`` from the component mask).
     """
-    if backend not in ("auto", "scipy", "torch"):
-        raise ValueError(f"backend must be 'auto', 'scipy' or 'torch', got {backend!r}.")
-    ref = inputs if inputs is not None else attributions
-    if ref.ndim != 4:
-        raise ValueError(f"the Dabkowski metric needs images (B,C,H,W), got shape {tuple(ref.shape)}.")
-    rel, _ = feature_relevance(attributions, ref, "pixel")
-    b, h, w = ref.shape[0], ref.shape[2], ref.shape[3]
-    rel = rel.view(b, h, w).double()
-    fg = rel > rel.mean((1, 2), keepdim=True)
-    if backend == "auto":
-        backend = "scipy" if fg.device.type == "cpu" and _HAS_SCIPY else "torch"
-    if backend == "scipy" and fg.numel() > 0:
+    fg = _foreground(attributions, inputs if inputs is not None else attributions)
+    if _use_scipy(fg, backend):
         return torch.from_numpy(_boxes_scipy(fg.cpu().numpy())).to(device=fg.device, dtype=torch.long)
     return _boxes_of(largest_component(fg, backend))
 
@@ -174,18 +185,28 @@ def _crop_axis(lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
     return (2 * (lo[:, None] + u) + 1) / n - 1
 
 
-def crop_resize(inputs: Tensor, boxes: Tensor) -> Tensor:
+def crop_resize(inputs: Tensor, boxes: Tensor | np.ndarray) -> Tensor:
     """Crop each image to its box (inclusive pixel indices) and resize the crop back to the input size,
     bilinearly, exactly as ``F.interpolate(crop, size, mode="bilinear", align_corners=False)`` per sample
     (samples never leave the crop), all samples in one ``grid_sample`` call. The (B, H) and (B, W)
     sampling coordinates are a few operations on B boxes, done in NumPy on the host (no per-op
-    dispatch); only the grid is assembled on the inputs' device."""
+    dispatch), and for float32/float64 inputs the whole grid too (one copy to the inputs' device)."""
     b, _, h, w = inputs.shape
-    bx = boxes.cpu().numpy()
-    grid = torch.empty(b, h, w, 2, dtype=inputs.dtype, device=inputs.device)
-    grid[..., 0] = torch.from_numpy(_crop_axis(bx[:, 1], bx[:, 3], w)).to(grid).view(b, 1, w)
-    grid[..., 1] = torch.from_numpy(_crop_axis(bx[:, 0], bx[:, 2], h)).to(grid).view(b, h, 1)
+    bx = boxes if isinstance(boxes, np.ndarray) else boxes.cpu().numpy()
+    gx, gy = _crop_axis(bx[:, 1], bx[:, 3], w), _crop_axis(bx[:, 0], bx[:, 2], h)
+    if inputs.dtype in _NUMPY_FLOATS:
+        grid_np = np.empty((b, h, w, 2), dtype=_NUMPY_FLOATS[inputs.dtype])  # the casts round as torch's .to
+        grid_np[..., 0] = gx[:, None, :]
+        grid_np[..., 1] = gy[:, :, None]
+        grid = torch.from_numpy(grid_np).to(inputs.device)
+    else:
+        grid = torch.empty(b, h, w, 2, dtype=inputs.dtype, device=inputs.device)
+        grid[..., 0] = torch.from_numpy(gx).to(grid).view(b, 1, w)
+        grid[..., 1] = torch.from_numpy(gy).to(grid).view(b, h, 1)
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @model_left_as_found
@@ -200,12 +221,15 @@ def dabkowski_saliency(
 ) -> Tensor:
     """s = log(max(a, min_area)) − log p per sample (B,); lower is better."""
     batch_size = resolve_batch_size(batch_size, model, inputs)
-    target = prepare_target(model, inputs, target)
-    validate(inputs, attributions, target)
+    target = prepare_target(model, inputs, target)  # checks the inputs and the target's shape and range
     x = inputs.detach()
-    boxes = saliency_boxes(attributions, x)
+    broadcast_map(attributions, x)  # the map's shape (validate() without checking the inputs again)
+    check_finite_map(attributions)
     h, w = x.shape[2], x.shape[3]
-    area = (boxes[:, 2:] - boxes[:, :2] + 1).prod(1).double() / (h * w)  # box height · width / image
-    crops = crop_resize(x, boxes)
+    fg = _foreground(attributions, x)
+    # the boxes stay on the host (NumPy) from the labels to the crops' sampling grid
+    bx = _boxes_scipy(fg.cpu().numpy()) if _use_scipy(fg, "auto") else _boxes_of(largest_component(fg)).cpu().numpy()
+    area = torch.from_numpy((bx[:, 2:] - bx[:, :2] + 1).prod(1) / (h * w)).to(x.device)  # box area / image
+    crops = crop_resize(x, bx)
     p = scores_chunked(model, crops, target, "probability", batch_size)
     return area.clamp_min(min_area).log() - p.clamp_min(1e-30).log()
