@@ -245,3 +245,57 @@ def test_guard_state_restored_around_a_call():
     assert model.training and model[1].training
     assert model[0].weight.grad is g0 and model[0].weight.requires_grad
     assert torch.equal(model[1].running_mean, stats)
+
+
+class _Dense(nn.Module):
+    """(B, 6) -> (B, 3, 2, 2) dense scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).view(-1, 3, 2, 2)
+
+
+class _Logits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+@pytest.mark.parametrize(
+    "model, bad, match",
+    [
+        (nn.Linear(6, 1), 1, r"\[0, 0\] \(the model has 1 outputs\).*takes target=None"),
+        (_Dense(), 3, r"target values must lie in \[0, 2\]"),
+        (_Dense(), -1, r"target values must lie in \[0, 2\]"),
+        (_Logits(), 3, r"target values must lie in \[0, 2\]"),
+    ],
+)
+@pytest.mark.parametrize("method", [Saliency, InputXGradient])
+def test_range_checked_where_the_indices_are_used(model, bad, match, method):
+    # on the CPU the one-pass methods leave the range of class indices to the index ops of their pass
+    # (one_hot_seed, select_output's gathers): every output kind still gives the target error
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=match):
+        method()(model, x, torch.tensor([0, 0, bad, 0]))
+
+
+def test_one_pass_methods_skip_the_separate_range_check(monkeypatch):
+    import explain_callbacks.attribution.base as base
+
+    seen: list[int] = []
+    real = base.check_model_target
+    monkeypatch.setattr(base, "check_model_target", lambda *a, **k: (seen.append(1), real(*a, **k))[1])
+    model, x, y = _mlp(), torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    Saliency()(model, x, y)
+    InputXGradient()(model, x, y)
+    assert seen == []
+    IntegratedGradients(n_steps=2, completeness=False)(model, x, y)  # its target reaches other code: checked first
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match="integer class indices"):
+        Saliency()(model, x, y.float())  # not class indices: the full check, as before

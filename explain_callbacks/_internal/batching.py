@@ -788,7 +788,13 @@ def select_output(out: Tensor, target: Tensor | TargetOperator | None) -> Tensor
             f"The model returns {out.shape[1]} outputs per sample but no target was given; "
             "pass target=<class indices of shape (B,)> or use a target policy ('label', 'prediction')."
         )
-    sel = out.gather(1, target.view(-1, *([1] * (out.ndim - 1))).expand(-1, 1, *out.shape[2:]))
+    try:
+        sel = out.gather(1, target.view(-1, *([1] * (out.ndim - 1))).expand(-1, 1, *out.shape[2:]))
+    except RuntimeError:  # a target outside [0, K) (the entry points may leave the range to this check)
+        from .targets import check_target
+
+        check_target(target, out.shape[1], out.shape[0])
+        raise
     return sel.reshape(out.shape[0], -1).sum(1)
 
 
