@@ -277,25 +277,18 @@ class _Logits(nn.Module):
     ],
 )
 @pytest.mark.parametrize("method", [Saliency, InputXGradient])
-def test_range_checked_where_the_indices_are_used(model, bad, match, method):
-    # on the CPU the one-pass methods leave the range of class indices to the index ops of their pass
-    # (one_hot_seed, select_output's gathers): every output kind still gives the target error
+def test_out_of_range_class_indices_for_every_output_kind(model, bad, match, method):
+    # the one-step check of CPU class indices and the index ops of the pass: every output kind gives the
+    # target error (a single output with its hint, dense scores, dict logits, negative indices)
     x = torch.randn(4, 6)
     with pytest.raises(ValueError, match=match):
         method()(model, x, torch.tensor([0, 0, bad, 0]))
 
 
-def test_one_pass_methods_skip_the_separate_range_check(monkeypatch):
-    import explain_callbacks.attribution.base as base
+@pytest.mark.parametrize("bad", [3, -1])
+def test_dense_gather_of_an_out_of_range_target_raises_the_target_error(bad):
+    # a target a stale cached width let through reaches select_output's gather: the error names the fix
+    from explain_callbacks._internal.batching import select_output
 
-    seen: list[int] = []
-    real = base.check_model_target
-    monkeypatch.setattr(base, "check_model_target", lambda *a, **k: (seen.append(1), real(*a, **k))[1])
-    model, x, y = _mlp(), torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
-    Saliency()(model, x, y)
-    InputXGradient()(model, x, y)
-    assert seen == []
-    IntegratedGradients(n_steps=2, completeness=False)(model, x, y)  # its target reaches other code: checked first
-    assert len(seen) == 1
-    with pytest.raises(TypeError, match="integer class indices"):
-        Saliency()(model, x, y.float())  # not class indices: the full check, as before
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 2\]"):
+        select_output(torch.randn(2, 3, 2, 2), torch.tensor([0, bad]))

@@ -790,7 +790,7 @@ def select_output(out: Tensor, target: Tensor | TargetOperator | None) -> Tensor
         )
     try:
         sel = out.gather(1, target.view(-1, *([1] * (out.ndim - 1))).expand(-1, 1, *out.shape[2:]))
-    except RuntimeError:  # a target outside [0, K) (the entry points may leave the range to this check)
+    except RuntimeError:  # a target the cached output width let through (see structure_id): say so
         from .targets import check_target
 
         check_target(target, out.shape[1], out.shape[0])

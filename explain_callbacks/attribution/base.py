@@ -74,13 +74,6 @@ class Attributor(RowsPerCall, ABC):
     #: ``create_graph=True`` call measures ``"double"``) or ``"forward"`` (black-box methods).
     passes: ClassVar[str] = "grad"
 
-    #: whether every use of class indices in the method's passes checks their range itself
-    #: (``_internal.batching.one_hot_seed`` and ``select_output``: the index ops raise for an index outside
-    #: [0, K) on the CPU, translated into the target error that names the fix), so that a CPU call skips
-    #: the separate check of the range (a few us, a few percent of a tabular MLP's 8-row pass). On other
-    #: devices an index op out of range is a device-side assert, so the range is checked first there.
-    range_checked_in_passes: ClassVar[bool] = False
-
     #: whether the method explains any target operator (a region, a position, a box); False: it needs class
     #: indices of a classifier (e.g. a cross-entropy against the label)
     takes_target_operators: ClassVar[bool] = True
@@ -175,16 +168,7 @@ class Attributor(RowsPerCall, ABC):
         tgt = as_target_tensor(target, inputs.shape[0], inputs.device)
         kind = "double" if create_graph and self.passes == "grad" else self.passes
         facts = self._resolve_call(model, inputs, tgt is not None, kind)  # one remembered lookup per call
-        if not (
-            self.range_checked_in_passes
-            and facts is not None  # the probe ran (a failed one is raised by the check, naming the shape)
-            and type(tgt) is Tensor
-            and tgt.device.type == "cpu"
-            and tgt.dtype == torch.long
-            and tgt.ndim == 1
-            and tgt.shape[0] == inputs.shape[0]
-        ):  # class indices of the right shape on the CPU: their range is checked where they are used
-            check_model_target(model, tgt, inputs, facts)
+        check_model_target(model, tgt, inputs, facts)
         self.last_info = {}
         return tgt
 

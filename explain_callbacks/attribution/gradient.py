@@ -39,7 +39,6 @@ class Saliency(Attributor):
 
     name = "saliency"
     REDUCTIONS = (None, "max")
-    range_checked_in_passes = True  # its one pass takes the target through the seeded backward only
 
     def __init__(
         self,
@@ -83,7 +82,6 @@ class InputXGradient(Attributor):
     """
 
     name = "input_x_gradient"
-    range_checked_in_passes = True  # its one pass takes the target through the seeded backward only
 
     def __init__(self, batch_size: BatchSize = "auto", beta: float | None = None) -> None:
         super().__init__(batch_size=batch_size)
