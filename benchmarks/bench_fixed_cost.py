@@ -14,6 +14,11 @@ other jobs' time slices). ``batch_size="auto"`` is resolved (and its measurement
 
     python benchmarks/bench_fixed_cost.py                      # about a minute on 2 busy cores
     python benchmarks/bench_fixed_cost.py --models mlp,lstm --rounds 31
+    python benchmarks/bench_fixed_cost.py --ops --models mlp   # the tensor ops ours runs that bare does not
+
+``--ops`` lists, per model and method, the operators (``torch.profiler``, CPU) one call of ours runs more or
+fewer times than the bare pass (counts per call): what a call adds to the model's own passes, op by op (the
+rest of the difference is Python).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,14 +113,54 @@ def run_model(name: str, batch: int, n_rounds: int) -> list[str]:
     return lines
 
 
+def op_counts(fn: Callable[[], object], n: int = 10) -> Counter:
+    """Operator and autograd-node calls per call of ``fn`` (``torch.profiler``, CPU), after a warm-up."""
+    fn()
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn()
+    counts: Counter = Counter(e.name for e in prof.events())
+    return Counter({k: v / n for k, v in counts.items()})
+
+
+def op_lines(name: str, batch: int) -> list[str]:
+    """Per method: the ops one call of ours runs more (+) or fewer (-) times than the bare pass."""
+    model, x, y = build(name, n=batch)
+    lines = []
+    with model_guard(model):
+
+        def bare() -> None:
+            xb = x.detach().requires_grad_(True)
+            torch.autograd.grad(model(xb)[:, 0].sum(), xb)
+
+        ref = op_counts(bare)
+        for method in ("saliency", "input_x_gradient"):
+            m = ATTRIBUTIONS.build(method)
+            ours = op_counts(lambda m=m: m(model, x, y))
+            diff = {k: ours.get(k, 0) - ref.get(k, 0) for k in set(ours) | set(ref)}
+            more = ", ".join(f"{k} {d:+g}" for k, d in sorted(diff.items()) if d > 0)
+            fewer = ", ".join(f"{k} {d:+g}" for k, d in sorted(diff.items()) if d < 0)
+            lines.append(f"| {name} | {method} | {more or '—'} | {fewer or '—'} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--ops", action="store_true", help="list the ops ours runs more or fewer times than bare")
     args = p.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # Captum warns that the inputs did not require grad
+    if args.ops:
+        print("| model | method | ours runs more (per call) | ours runs fewer (per call) |")
+        print("|---|---|---|---|")
+        for name in args.models.split(","):
+            op_lines(name, args.batch)
+        return
     print("| model | method | ours (ms) | bare (ms) | ours / bare | Captum (ms) | ours / Captum |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):

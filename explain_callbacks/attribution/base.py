@@ -142,6 +142,8 @@ class Attributor(RowsPerCall, ABC):
     def _call(self, model: nn.Module, inputs: Tensor, target: Tensor | int | None, *, create_graph: bool) -> Tensor:
         """``__call__`` inside :meth:`_entry`: validate, then :meth:`attribute`."""
         tgt = self._prepare(model, inputs, target, create_graph=create_graph)
+        if self.beta is None:  # no context to enter (a few us of a cheap model's call)
+            return self.attribute(model, inputs, tgt, create_graph=create_graph)
         with self.smoothed():
             return self.attribute(model, inputs, tgt, create_graph=create_graph)
 
