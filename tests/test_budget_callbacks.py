@@ -42,20 +42,23 @@ def test_every_monitoring_callback_defaults_to_two_percent(cls):
 
 def _paper(budget: float, epochs: int, per_epoch: float, cost: float, n: int, scales: bool) -> list[tuple[int, int]]:
     """The rule on paper for probes: after epoch e's training, A = budget * training - spent; before a measurement
-    one probe (all without scaling), then floor(A / cost) probes capped at n (without scaling all n or none)."""
-    log, spent, measured = [], 0.0, False
+    one probe (all without scaling), then floor(A / cost) probes capped at n and at twice the largest piece so far
+    (geometric growth from the first; without scaling all n or none)."""
+    log, spent, measured, largest = [], 0.0, False, 0
     for e in range(epochs):
         allowed = budget * (e + 1) * per_epoch - spent
         if allowed <= 0:
             continue
         k = (1 if scales else n) if not measured else int(min(n, allowed // cost))
+        if scales and measured:
+            k = min(k, 2 * largest)
         if not scales and k < n:
             k = 0
         if k <= 0:
             continue
         log.append((e, k))
         spent += k * cost
-        measured = True
+        measured, largest = True, max(largest, k)
     return log
 
 

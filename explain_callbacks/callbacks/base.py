@@ -210,15 +210,23 @@ class TimeBudget:
     The rule (:meth:`budget_units`): with ``E`` the seconds since the fit started and ``S`` the seconds this callback
     spent, the work allowed now is ``A = budget × (E − S) − S`` (the training time is the fit's time less the
     callback's); a piece of work of ``u`` seconds per unit (a probe, a buffered row, a step) takes
-    ``floor(A / u)`` units, none when ``A <= 0``; before any measurement a first, small piece measures ``u``.
-    Under DDP the three times are agreed across ranks (their maximum) first, so every rank decides the same.
-    The spent time, the training time so far and the cost per unit are kept in checkpoints: a resumed fit goes
-    on with the budget where it stopped instead of granting a fresh one.
+    ``floor(A / u)`` units, none when ``A <= 0``. Before any measurement a first piece of the smallest unit of work
+    the callback has (one probe, a few student-fit rows, one masker step; ``first``) measures ``u``, whatever the
+    budget, so that piece must be small: on a short run a whole probe of contextual decomposition was 8 % of the
+    training. From there the piece grows geometrically while the budget allows: a piece that scales takes at most
+    ``growth`` × the largest piece measured so far (:attr:`budget_growth`), so a cost per unit measured on a small
+    piece (where fixed costs weigh and caches are warm) is extrapolated at most that far.
+    Under DDP the times and piece sizes are agreed across ranks (their maximum) first, so every rank decides the
+    same. The spent time, the training time so far, the cost per unit and the largest piece are kept in
+    checkpoints: a resumed fit goes on with the budget where it stopped instead of granting a fresh one.
     """
 
     budget: float | None
     #: the clock the budget reads (seconds); tests replace it to make the decisions reproducible
     clock: Callable[[], float] = staticmethod(time.perf_counter)
+    #: how much larger than the largest measured piece of its kind the next scaling piece may be (geometric growth
+    #: from the first, smallest piece; the budget's ``floor(A / u)`` caps it too)
+    budget_growth: float = 2.0
 
     @staticmethod
     def _check_budget(budget: float | None) -> float | None:
@@ -231,6 +239,8 @@ class TimeBudget:
         self._spent = 0.0  # seconds spent in this fit (this rank)
         # seconds per unit of the last measured piece of work of each kind ("probe", "row", "step"; this rank)
         self._per_units: dict[str, float] = {}
+        # units of the largest measured piece of each kind (this rank): the next piece grows from it
+        self._piece_units: dict[str, int] = {}
         self._budget_skipped = 0  # pieces of work the budget skipped
         self.budget_log: list[tuple[int, int]] = []  # (epoch, units done) of this fit
 
@@ -242,8 +252,9 @@ class TimeBudget:
         now = self.clock()
         self._fit_started = now
         if resume is not None:
-            elapsed, self._spent, per_units = resume
+            elapsed, self._spent, per_units, pieces = resume
             self._per_units = dict(per_units)
+            self._piece_units = dict(pieces)
             self._fit_started = now - elapsed
 
     def budget_state(self) -> dict[str, Any]:
@@ -251,15 +262,20 @@ class TimeBudget:
         if self._fit_started is None:
             return {}
         return {"budget_elapsed": self.clock() - self._fit_started, "budget_spent": self._spent,
-                "budget_per_unit": dict(self._per_units)}  # fmt: skip
+                "budget_per_unit": dict(self._per_units), "budget_piece_units": dict(self._piece_units)}  # fmt: skip
 
     def load_budget_state(self, state: Mapping[str, Any]) -> None:
         """Keep a checkpoint's budget state for the next ``on_fit_start`` (Lightning restores callbacks first)."""
         if state.get("budget_elapsed") is None:
             return
         per = state.get("budget_per_unit") or {}
+        # checkpoints written before the growth rule have no piece sizes: the measured cost alone then decides
+        pieces = state.get("budget_piece_units")
+        if pieces is None:
+            pieces = {str(k): 2**30 for k in per}
         self._budget_resume = (float(state["budget_elapsed"]), float(state.get("budget_spent") or 0.0),
-                               {str(k): float(v) for k, v in per.items()})  # fmt: skip
+                               {str(k): float(v) for k, v in per.items()},
+                               {str(k): int(v) for k, v in pieces.items()})  # fmt: skip
 
     @property
     def _per_probe(self) -> float | None:  # seconds per probe of the last explanation
@@ -275,21 +291,24 @@ class TimeBudget:
     def budget_units(self, trainer: pl.Trainer, n: int, first: int = 1, scales: bool = True,
                      agreed: bool = True, kind: str = "probe") -> int:  # fmt: skip
         """How many of ``n`` units (of ``kind``) the work due now may take under the budget: 0 skips it, ``first``
-        before any measurement of that kind; with ``scales=False`` all ``n`` or none. ``agreed``: the times are the
-        ranks' maximum (a collective: every rank calls this at the same point); False decides on this rank's
-        times, for local work that no collective depends on."""
+        (the smallest piece) before any measurement of that kind; then ``floor(A / u)``, at most
+        :attr:`budget_growth` × the largest piece measured so far (at least ``first``); with ``scales=False`` all
+        ``n`` or none. ``agreed``: the times are the ranks' maximum (a collective: every rank calls this at the same
+        point); False decides on this rank's times, for local work that no collective depends on."""
         measured = self.budget_allowed(trainer, agreed, kind)
         if measured is None:
             return n
         allowed, per_unit = measured
         if allowed <= 0:
             return 0
-        if per_unit < 0:  # nothing measured yet: a first piece measures the cost
+        if per_unit < 0:  # nothing measured yet: a first, smallest piece measures the cost
             return min(first, n)
         k = n if per_unit == 0 else int(min(n, allowed // per_unit))
         if not scales:
             return n if k >= n else 0
-        return max(k, 0)
+        # geometric growth from the largest measured piece (the same on every rank: the pieces were agreed)
+        grown = max(first, int(self.budget_growth * self._piece_units.get(kind, 2**30)))
+        return max(min(k, grown), 0)
 
     def budget_allowed(
         self, trainer: pl.Trainer, agreed: bool = True, kind: str = "probe"
@@ -312,6 +331,7 @@ class TimeBudget:
         self._spent += seconds
         if units > 0:
             self._per_units[kind] = seconds / units
+            self._piece_units[kind] = max(units, self._piece_units.get(kind, 0))
         if epoch is not None:
             self.budget_log.append((epoch, units))
 
@@ -634,6 +654,21 @@ class ProbeCallback(TimeBudget, RankStateCallback, Callback):
             self.probe_x, self.probe_y, self.probe_mask = full
         self.budget_spend(seconds, k, trainer.current_epoch)
         self._fit_explanations += 1
+        if k < self.probe_size:
+            self.log_budget_note(trainer, f"probes 0–{k - 1} of {self.probe_size}")
+
+    def log_budget_note(self, trainer: pl.Trainer, what: str) -> None:
+        """Say, as text beside the figures (``cost/budget/<callback>``), what a piece of work under the budget covered
+        when it was not everything (``what``: e.g. "probes 0–1 of 8"): the figures and scalars of that epoch are of
+        those probes only (a figure draws the probes explained, never empty panels)."""
+        share = f"{100 * self.budget:g} %" if self.budget is not None else "none"
+        self.log_text(
+            trainer,
+            f"cost/budget/{type(self).__name__}",
+            f"Epoch {trainer.current_epoch}: explained {what}, as the time budget ({share} of the training time) "
+            "allowed; the figures and scalars of this epoch are of these only. The piece grows (at most "
+            f"{self.budget_growth:g}× the largest so far) while the budget allows.",
+        )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
