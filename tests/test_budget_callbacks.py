@@ -65,7 +65,8 @@ def _paper(budget: float, epochs: int, per_epoch: float, cost: float, n: int, sc
 @pytest.mark.parametrize(
     ("cls", "kwargs", "scales"),
     [
-        (InteractionMonitor, {}, True),
+        # probes as the unit: a method whose pair scores depend on every group (CD alone: tests/test_budget_pieces.py)
+        (InteractionMonitor, {"methods": ["integrated_hessians"]}, True),
         (ConceptMonitor, {}, True),
         (InfluenceMonitor, {}, False),  # TracIn sums over the whole probe: epochs are left out, never probes
         (SpRAyMonitor, {"every_n_epochs": 1, "per_class": None, "num_samples": 8}, False),  # clusters: whole probe

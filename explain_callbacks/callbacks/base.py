@@ -241,6 +241,9 @@ class TimeBudget:
         self._per_units: dict[str, float] = {}
         # units of the largest measured piece of each kind (this rank): the next piece grows from it
         self._piece_units: dict[str, int] = {}
+        # seconds of the last piece of each kind that did not scale with its units (its figures and tables), where
+        # the callback measured them apart: a piece of k units is then expected to cost fixed + k × per unit
+        self._fixed: dict[str, float] = {}
         self._budget_skipped = 0  # pieces of work the budget skipped
         self.budget_log: list[tuple[int, int]] = []  # (epoch, units done) of this fit
 
@@ -252,9 +255,10 @@ class TimeBudget:
         now = self.clock()
         self._fit_started = now
         if resume is not None:
-            elapsed, self._spent, per_units, pieces = resume
+            elapsed, self._spent, per_units, pieces, fixed = resume
             self._per_units = dict(per_units)
             self._piece_units = dict(pieces)
+            self._fixed = dict(fixed)
             self._fit_started = now - elapsed
 
     def budget_state(self) -> dict[str, Any]:
@@ -262,7 +266,8 @@ class TimeBudget:
         if self._fit_started is None:
             return {}
         return {"budget_elapsed": self.clock() - self._fit_started, "budget_spent": self._spent,
-                "budget_per_unit": dict(self._per_units), "budget_piece_units": dict(self._piece_units)}  # fmt: skip
+                "budget_per_unit": dict(self._per_units), "budget_piece_units": dict(self._piece_units),
+                "budget_fixed": dict(self._fixed)}  # fmt: skip
 
     def load_budget_state(self, state: Mapping[str, Any]) -> None:
         """Keep a checkpoint's budget state for the next ``on_fit_start`` (Lightning restores callbacks first)."""
@@ -275,7 +280,8 @@ class TimeBudget:
             pieces = {str(k): 2**30 for k in per}
         self._budget_resume = (float(state["budget_elapsed"]), float(state.get("budget_spent") or 0.0),
                                {str(k): float(v) for k, v in per.items()},
-                               {str(k): int(v) for k, v in pieces.items()})  # fmt: skip
+                               {str(k): int(v) for k, v in pieces.items()},
+                               {str(k): float(v) for k, v in (state.get("budget_fixed") or {}).items()})  # fmt: skip
 
     @property
     def _per_probe(self) -> float | None:  # seconds per probe of the last explanation
@@ -295,15 +301,16 @@ class TimeBudget:
         :attr:`budget_growth` × the largest piece measured so far (at least ``first``); with ``scales=False`` all
         ``n`` or none. ``agreed``: the times are the ranks' maximum (a collective: every rank calls this at the same
         point); False decides on this rank's times, for local work that no collective depends on."""
-        measured = self.budget_allowed(trainer, agreed, kind)
+        measured = self._budget_times(trainer, agreed, kind)
         if measured is None:
             return n
-        allowed, per_unit = measured
+        allowed, per_unit, fixed = measured
         if allowed <= 0:
             return 0
         if per_unit < 0:  # nothing measured yet: a first, smallest piece measures the cost
             return min(first, n)
-        k = n if per_unit == 0 else int(min(n, allowed // per_unit))
+        allowed -= fixed  # what a piece costs whatever its size (measured apart by the callback, else 0)
+        k = n if per_unit == 0 else int(min(n, max(allowed, 0.0) // per_unit))
         if not scales:
             return n if k >= n else 0
         # geometric growth from the largest measured piece (the same on every rank: the pieces were agreed)
@@ -316,22 +323,36 @@ class TimeBudget:
         """``(A, u)``: the seconds the budget allows now and the measured seconds per unit of ``kind`` (−1: none
         yet); None when no budget applies (``budget=None``, outside ``fit``, ``fast_dev_run``). ``agreed``: as in
         :meth:`budget_units`."""
+        times = self._budget_times(trainer, agreed, kind)
+        return None if times is None else times[:2]
+
+    def _budget_times(self, trainer: pl.Trainer, agreed: bool, kind: str) -> tuple[float, float, float] | None:
+        """``(A, u, F)``: :meth:`budget_allowed` and the fixed seconds of a piece of ``kind`` (0 when not measured
+        apart), agreed across ranks in one gather."""
         if self.budget is None or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
             return None
         now = self.clock()
         started = now if self._fit_started is None else self._fit_started
         per_unit = self._per_units.get(kind, -1.0)
-        times = [now - started, self._spent, per_unit]
-        elapsed, spent, per_unit = self._agreed_max(trainer, times) if agreed else times
-        return self.budget * max(elapsed - spent, 0.0) - spent, per_unit
+        times = [now - started, self._spent, per_unit, self._fixed.get(kind, 0.0)]
+        elapsed, spent, per_unit, fixed = self._agreed_max(trainer, times) if agreed else times
+        return self.budget * max(elapsed - spent, 0.0) - spent, per_unit, fixed
 
-    def budget_spend(self, seconds: float, units: int, epoch: int | None, kind: str = "probe") -> None:
+    def budget_spend(
+        self, seconds: float, units: int, epoch: int | None, kind: str = "probe", fixed: float | None = None
+    ) -> None:
         """Record ``seconds`` spent on ``units`` units of ``kind`` (the next decisions read it), and ``(epoch,
-        units)`` in :attr:`budget_log` unless ``epoch`` is None (work done at every step)."""
+        units)`` in :attr:`budget_log` unless ``epoch`` is None (work done at every step). ``fixed``: the part of
+        ``seconds`` that does not scale with the units (figures, tables), where the callback measured it apart:
+        the cost per unit is then the rest over ``units``, so a small first piece is not charged its figures per
+        unit (which would keep the next pieces small for no reason)."""
         self._spent += seconds
         if units > 0:
-            self._per_units[kind] = seconds / units
+            f = 0.0 if fixed is None else min(max(fixed, 0.0), seconds)
+            self._per_units[kind] = (seconds - f) / units
             self._piece_units[kind] = max(units, self._piece_units.get(kind, 0))
+            if fixed is not None:
+                self._fixed[kind] = f
         if epoch is not None:
             self.budget_log.append((epoch, units))
 
@@ -438,6 +459,7 @@ class ProbeCallback(TimeBudget, RankStateCallback, Callback):
         self._warned_failures: set[Any] = set()
         self._fit_validations = 0  # validation epochs and explanations of the current fit
         self._fit_explanations = 0
+        self._piece_compute: float | None = None  # see _timed_explain
 
     # ------------------------------------------------------------------ state
     @property
@@ -646,16 +668,24 @@ class ProbeCallback(TimeBudget, RankStateCallback, Callback):
         k = min(k, self.probe_size)
         if k < self.probe_size:  # the first k probes: the same samples every epoch, so maps stay comparable
             self.probe_x, self.probe_y, self.probe_mask = (None if t is None else t[:k] for t in full)
+        seconds, compute = self._timed_explain(trainer, pl_module)
+        self.probe_x, self.probe_y, self.probe_mask = full
+        self.budget_spend(seconds, k, trainer.current_epoch, fixed=None if compute is None else seconds - compute)
+        self._fit_explanations += 1
+        if k < self.probe_size:
+            self.log_budget_note(trainer, f"probes 0–{k - 1} of {self.probe_size}")
+
+    def _timed_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float | None]:
+        """``run_explain`` on the budget's clock: its seconds, and the seconds of the work that scales with the piece
+        where the subclass measured them apart (adding to ``self._piece_compute`` in :meth:`explain`; None
+        otherwise: the whole explanation then counts per unit)."""
+        self._piece_compute = None
         start = self.clock()
         try:
             self.run_explain(trainer, pl_module)
         finally:
             seconds = self.clock() - start
-            self.probe_x, self.probe_y, self.probe_mask = full
-        self.budget_spend(seconds, k, trainer.current_epoch)
-        self._fit_explanations += 1
-        if k < self.probe_size:
-            self.log_budget_note(trainer, f"probes 0–{k - 1} of {self.probe_size}")
+        return seconds, self._piece_compute
 
     def log_budget_note(self, trainer: pl.Trainer, what: str) -> None:
         """Say, as text beside the figures (``cost/budget/<callback>``), what a piece of work under the budget covered
