@@ -68,7 +68,6 @@ def _paper(budget: float, epochs: int, per_epoch: float, cost: float, n: int, sc
         # probes as the unit: a method whose pair scores depend on every group (CD alone: tests/test_budget_pieces.py)
         (InteractionMonitor, {"methods": ["integrated_hessians"]}, True),
         (ConceptMonitor, {}, True),
-        (InfluenceMonitor, {}, False),  # TracIn sums over the whole probe: epochs are left out, never probes
         (SpRAyMonitor, {"every_n_epochs": 1, "per_class": None, "num_samples": 8}, False),  # clusters: whole probe
     ],
     ids=lambda v: getattr(v, "__name__", ""),
@@ -257,7 +256,7 @@ def _distill_paper(budget: float, epochs: int, per_epoch: float, cost: float) ->
 def test_distiller_budget_decisions_agree_under_ddp():
     """Rank 1's teacher pass is 4x slower per row: deciding alone, the ranks would fit different rows (their gathers
     and student fits are collectives: a hang or different students). Agreed on the maximum times, both follow the
-    slow rank's cost."""
+    slow rank's cost. The Interaction and Influence monitors' pieces likewise, in the same run."""
     import os
     import re
     import subprocess
@@ -274,3 +273,9 @@ def test_distiller_budget_decisions_agree_under_ddp():
     slow = _distill_paper(0.25, 4, 3.0, 1 / 256)
     assert logs["0"] == logs["1"] == str(slow)
     assert slow != _distill_paper(0.25, 4, 3.0, 1 / 1024)  # what rank 0 alone would have done
+    # the budget's pieces (tests/test_budget_pieces.py), in the same processes: CD decompositions and TracIn rows
+    inter = dict(re.findall(r"RANK(\d) INTER (.*)", out.stdout))
+    infl = dict(re.findall(r"RANK(\d) INFL (.*)", out.stdout))
+    assert set(inter) == set(infl) == {"0", "1"}, out.stdout[-2000:]
+    assert inter["0"] == inter["1"] and infl["0"] == infl["1"]
+    assert inter["0"].startswith("[(1, 2), (1, 3)")  # the first pair, then growing

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from explain_callbacks.callbacks import InteractionMonitor
+from explain_callbacks.callbacks import InfluenceMonitor, InteractionMonitor
 from explain_callbacks.interaction import build_interaction
 
 from .helpers_lightning import event_tags, image_loaders, lit, trainer
@@ -140,3 +140,46 @@ def test_piece_sizes_and_fixed_seconds_are_checkpointed():
     other.load_budget_state(old)  # a checkpoint from before the growth rule: the measured cost alone decides
     other._budget_start()
     assert other._piece_units["d"] >= 2**30 and other._fixed == {}
+
+
+def _influence(tmp_path, monkeypatch, budget, cost, epochs):
+    """InfluenceMonitor on 32 training rows and 4 probes, every gradient row costing ``cost`` fake seconds."""
+    import explain_callbacks.callbacks.influence_monitor as im
+
+    clock = FakeClock()
+    original = im.per_sample_gradients
+    pieces: list[int] = []
+
+    def grads(model, x, *args, **kw):
+        clock.now += cost * x.shape[0]
+        pieces.append(x.shape[0])
+        return original(model, x, *args, **kw)
+
+    monkeypatch.setattr(im, "per_sample_gradients", grads)
+    mon = InfluenceMonitor(budget=budget, num_train=32, num_samples=4, model_attr="net")
+    mon.clock = clock
+    trainer(tmp_path, [Ticks(clock, 1.0), mon], max_epochs=epochs, logger=False).fit(lit(), *image_loaders())
+    return mon, pieces
+
+
+def test_influence_measures_on_one_row_and_drops_a_step_the_budget_cannot_finish(tmp_path, monkeypatch):
+    """Budget 1/8 of 6 s epochs, 1/16 s per gradient row: epoch 0 measures on the probe and one row, and the 31 rows
+    left (1.94 s) do not fit the 0.69 s left, so its gradients are dropped; the next step is whole, when
+    budget x training - spent - the step's fixed part (the probe's gradients, 0.25 s) covers 32 rows: epoch 3."""
+    mon, pieces = _influence(tmp_path, monkeypatch, 0.125, 1 / 16, 6)
+    assert pieces == [4, 1, 4, 32]
+    assert mon.epochs == [3] and mon.budget_log == [(3, 32)]
+    assert mon._spent == pytest.approx(0.25 + 1 / 16 + 0.25 + 2.0)
+    assert mon._spent <= 0.125 * 36
+
+
+def test_influence_pieces_sum_to_the_whole_step(tmp_path, monkeypatch):
+    """Cheap rows under a generous budget: the first step grows 1, 2, 4, 8, 16 rows and the last one, and its TracIn
+    scores equal those of the whole step (budget=None) on the same epoch."""
+    mon, pieces = _influence(tmp_path / "b", monkeypatch, 1.0, 1 / 1024, 1)
+    assert pieces == [4, 1, 2, 4, 8, 16, 1]
+    whole, _ = _influence(tmp_path / "w", monkeypatch, None, 0.0, 1)
+    assert mon.epochs == whole.epochs == [0]
+    torch.testing.assert_close(mon.scores, whole.scores, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(mon.self_influence, whole.self_influence, rtol=1e-6, atol=1e-9)
+
