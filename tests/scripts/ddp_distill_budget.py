@@ -1,5 +1,5 @@
-"""Run by tests/test_budget_callbacks.py: the time budget under 2-process DDP (gloo, CPU). A buffered row costs 1/1024
-fake seconds in rank 0's teacher pass and 1/256 in rank 1's; both ranks must fit the same rows on the same epochs (the
+"""Run by tests/test_budget_callbacks.py: the time budget under 2-process DDP (gloo, CPU). A buffered row costs 1/64
+fake seconds in rank 0's teacher pass and 1/16 in rank 1's; both ranks must fit the same rows on the same epochs (the
 slower rank's cost decides: its gathers and student fits are collectives), and print their decisions. Beside it, on
 clocks of their own, the budget's pieces of the InteractionMonitor (CD decompositions) and the InfluenceMonitor
 (gradient rows), rank 1's again 4x slower: the same pieces on both ranks, every collective reached."""
@@ -64,7 +64,7 @@ def monitors() -> tuple[InteractionMonitor, InfluenceMonitor, list[tuple[int, in
 
 
 def forward(self, pl_module, x):
-    CLOCK.now += (1 / 256 if torch.distributed.get_rank() == 1 else 1 / 1024) * x.shape[0]
+    CLOCK.now += (1 / 16 if torch.distributed.get_rank() == 1 else 1 / 64) * x.shape[0]
     return PASS(self, pl_module, x)
 
 
