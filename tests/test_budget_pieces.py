@@ -183,3 +183,27 @@ def test_influence_pieces_sum_to_the_whole_step(tmp_path, monkeypatch):
     torch.testing.assert_close(mon.scores, whole.scores, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(mon.self_influence, whole.self_influence, rtol=1e-6, atol=1e-9)
 
+
+
+def test_a_partial_piece_says_which_probes_it_explained(tmp_path):
+    """AttributionMonitor under a budget explaining 1, then 2 of 8 probes: the text cost/budget/AttributionMonitor
+    says so beside the figures; with budget=None every probe is explained and no such text is written."""
+    from explain_callbacks.callbacks import AttributionMonitor
+
+    from .test_budget import SlowSaliency
+
+    def run(path, budget):
+        clock = FakeClock()
+        method = SlowSaliency(clock, 0.25)
+        mon = AttributionMonitor(methods=[method], num_samples=8, budget=budget, log_images=False,
+                                 log_histograms=False)  # fmt: skip
+        mon.clock = clock
+        trainer(path, [Ticks(clock, 1.0), mon], max_epochs=2).fit(lit(), *image_loaders())
+        texts = {t.split("/text_summary")[0] for t in event_tags(path).get("text", set())}
+        return method.calls, texts
+
+    calls, texts = run(tmp_path / "b", 0.125)
+    assert calls == [1, 2]
+    assert "cost/budget/AttributionMonitor" in texts
+    calls, texts = run(tmp_path / "n", None)
+    assert calls == [8, 8] and "cost/budget/AttributionMonitor" not in texts

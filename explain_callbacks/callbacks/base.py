@@ -202,6 +202,11 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
+def first_of(k: int, n: int, what: str) -> str:
+    """``"probe 0 of 8"``, ``"probes 0–3 of 8"``: the first ``k`` of ``n`` (for the budget's notes)."""
+    return f"{what} 0 of {n}" if k == 1 else f"{what}s 0–{k - 1} of {n}"
+
+
 class TimeBudget:
     """A share of ``fit``'s wall time that a callback may spend on its own work (explanations, student fits, a
     masker's steps): mixed into :class:`ProbeCallback`, the :class:`~explain_callbacks.callbacks.Distiller` and
@@ -673,7 +678,7 @@ class ProbeCallback(TimeBudget, RankStateCallback, Callback):
         self.budget_spend(seconds, k, trainer.current_epoch, fixed=None if compute is None else seconds - compute)
         self._fit_explanations += 1
         if k < self.probe_size:
-            self.log_budget_note(trainer, f"probes 0–{k - 1} of {self.probe_size}")
+            self.log_budget_note(trainer, first_of(k, self.probe_size, "probe"))
 
     def _timed_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float | None]:
         """``run_explain`` on the budget's clock: its seconds, and the seconds of the work that scales with the piece

@@ -17,7 +17,7 @@ from ..interaction.acd import hierarchy_levels
 from ..interaction.base import GroupSpec, make_groups, pair_index
 from ..interaction.contextual import CDInteraction
 from ._logging import class_name, find_class_names, markdown_table, media_loggers, phase_prefix
-from .base import ProbeCallback, class_indices, non_default_settings
+from .base import ProbeCallback, class_indices, first_of, non_default_settings
 
 __all__ = ["InteractionMonitor"]
 
@@ -200,7 +200,7 @@ class InteractionMonitor(ProbeCallback):
         self._fit_explanations += 1
         if b < self.probe_size or g < p:
             groups = f"the pairs among groups 0–{g - 1} of {p}" if g < p else f"all {p} groups"
-            self.log_budget_note(trainer, f"probes 0–{b - 1} of {self.probe_size}, {groups}")
+            self.log_budget_note(trainer, f"{first_of(b, self.probe_size, 'probe')}, {groups}")
 
     # ------------------------------------------------------------------ explaining
     def explain(
