@@ -207,3 +207,17 @@ def test_a_partial_piece_says_which_probes_it_explained(tmp_path):
     assert "cost/budget/AttributionMonitor" in texts
     calls, texts = run(tmp_path / "n", None)
     assert calls == [8, 8] and "cost/budget/AttributionMonitor" not in texts
+
+
+def test_one_off_seconds_are_spent_but_not_expected_again():
+    """The first call's measurement of rows per call (batch_size="auto") happens once: a piece's one-off seconds count
+    in the time spent, not in the cost per unit or the fixed cost the next pieces are sized by; a test's clock sees
+    no one-off seconds (the measurement is on the real clock)."""
+    clock = FakeClock()
+    mon, _ = _budgeted(clock)
+    mon.budget_spend(1.0 + 0.25 + 3 / 64, 3, 0, kind="d", fixed=0.25, one_off=1.0)
+    assert mon._spent == pytest.approx(1.0 + 0.25 + 3 / 64)
+    assert mon._per_units["d"] == pytest.approx(1 / 64) and mon._fixed["d"] == 0.25
+    assert mon.one_off_mark() == 0.0
+    real = InteractionMonitor()
+    assert real.one_off_mark() >= 0.0 and real.one_off_since(real.one_off_mark()) == 0.0

@@ -622,6 +622,7 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
         start, self._fit_rows, self._log_seconds = self.clock(), None, 0.0
+        mark = self.one_off_mark()
         try:
             # students that query the teacher (attribution, AWD) see the outputs, not a tuple/dict
             with output_adapter(self.teacher(pl_module), self.output_key):
@@ -634,7 +635,8 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
             self._fitted_step = trainer.global_step
             if self._fit_rows:  # the budget's measurement: the whole fit's seconds per row
                 epoch = int(trainer.current_epoch) - (0 if log else 1)
-                self.budget_spend(self.clock() - start, self._fit_rows, epoch, kind="row", fixed=self._log_seconds)
+                self.budget_spend(self.clock() - start, self._fit_rows, epoch, kind="row", fixed=self._log_seconds,
+                                  one_off=self.one_off_since(mark))  # fmt: skip
 
     def _budget_cut(
         self, trainer: pl.Trainer, rows: dict[str, Tensor], val: dict[str, Tensor]

@@ -191,12 +191,12 @@ class InteractionMonitor(ProbeCallback):
             self.probe_x, self.probe_y, self.probe_mask = (None if t is None else t[:b] for t in full)
         self._piece_groups = g if g < p else None
         try:
-            seconds, compute = self._timed_explain(trainer, pl_module)
+            seconds, compute, once = self._timed_explain(trainer, pl_module)
         finally:
             self.probe_x, self.probe_y, self.probe_mask = full
             self._piece_groups = None
         self.budget_spend(seconds, b * g * (g + 1) // 2, trainer.current_epoch, kind="decomposition",
-                          fixed=None if compute is None else seconds - compute)  # fmt: skip
+                          fixed=None if compute is None else seconds - compute, one_off=once)  # fmt: skip
         self._fit_explanations += 1
         if b < self.probe_size or g < p:
             groups = f"the pairs among groups 0–{g - 1} of {p}" if g < p else f"all {p} groups"
