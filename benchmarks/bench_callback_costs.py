@@ -328,7 +328,8 @@ def heldout_main(args: argparse.Namespace) -> None:
     note = (f"Held-out models, {args.epochs or 3} epochs, batch 64, TensorBoard logger: small ResNet on "
             f"{args.n_train} images 3×32×32, tabular MLP on {args.mlp_train} rows of 30 features; fit without "
             f"callbacks: {base_s}; one run per callback; {machine}. 'default': the Python defaults; 'fixed': "
-            "budget=None (every due epoch, every probe: the defaults before the time budget)")  # fmt: skip
+            "budget=None (every due epoch, every probe: the defaults before the time budget); 'rows64': the "
+            "defaults with batch_size=64 (no measurement of batch_size='auto')")  # fmt: skip
     table = head + "\n" + "\n".join(rows)
     print(f"\n{note}\n\n{table}")
     if not args.no_write:
