@@ -63,19 +63,20 @@ def _fit(tmp_path, budget: float | None, epochs: int = 6, cost: float = 0.3):
 
 def _expected_log(budget: float, epochs: int, per_epoch: float, cost: float, n: int) -> list[tuple[int, int]]:
     """The budget rule on paper: after epoch e's training (per_epoch fake seconds each), with S spent so far,
-    A = budget * (elapsed - S) - S; k = 1 before any measurement, else floor(A / cost) capped at n, 0 skips."""
-    log, spent, measured = [], 0.0, False
+    A = budget * (elapsed - S) - S; k = 1 before any measurement, else floor(A / cost) capped at n and at twice the
+    largest piece so far (the piece grows geometrically from the first), 0 skips."""
+    log, spent, measured, largest = [], 0.0, False, 0
     for e in range(epochs):
         elapsed = (e + 1) * per_epoch + spent
         allowed = budget * (elapsed - spent) - spent
         if allowed <= 0:
             continue
-        k = 1 if not measured else int(min(n, allowed // cost))
+        k = 1 if not measured else int(min(n, allowed // cost, 2 * largest))
         if k <= 0:
             continue
         log.append((e, k))
         spent += k * cost
-        measured = True
+        measured, largest = True, max(largest, k)
     return log
 
 
@@ -95,14 +96,14 @@ def test_budget_explains_less_often_and_within_budget(tmp_path):
 
 def test_budget_explains_fewer_probes_when_all_would_not_fit(tmp_path):
     mon, _, _ = _fit(tmp_path, budget=0.125, cost=0.25)
-    assert mon.budget_log == _expected_log(0.125, 6, 6.0, 0.25, 8) == [(0, 1), (1, 5), (2, 3), (3, 3), (4, 3), (5, 3)]
+    assert mon.budget_log == _expected_log(0.125, 6, 6.0, 0.25, 8) == [(0, 1), (1, 2), (2, 4), (3, 5), (4, 3), (5, 3)]
     assert mon._spent <= 0.125 * 36
     assert "drift" in mon.last_scores["slow"]  # drift over the probes both epochs explained
 
 
 def test_a_generous_budget_explains_every_epoch_on_every_probe_after_measuring(tmp_path):
     _, method, _ = _fit(tmp_path, budget=1.0, cost=1 / 64)
-    assert method.calls == [1, 8, 8, 8, 8, 8]  # one probe measures the cost, then all
+    assert method.calls == [1, 2, 4, 8, 8, 8]  # one probe measures the cost, then the piece doubles up to all
 
 
 def test_validate_and_test_ignore_the_budget(tmp_path):

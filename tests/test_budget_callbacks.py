@@ -42,29 +42,32 @@ def test_every_monitoring_callback_defaults_to_two_percent(cls):
 
 def _paper(budget: float, epochs: int, per_epoch: float, cost: float, n: int, scales: bool) -> list[tuple[int, int]]:
     """The rule on paper for probes: after epoch e's training, A = budget * training - spent; before a measurement
-    one probe (all without scaling), then floor(A / cost) probes capped at n (without scaling all n or none)."""
-    log, spent, measured = [], 0.0, False
+    one probe (all without scaling), then floor(A / cost) probes capped at n and at twice the largest piece so far
+    (geometric growth from the first; without scaling all n or none)."""
+    log, spent, measured, largest = [], 0.0, False, 0
     for e in range(epochs):
         allowed = budget * (e + 1) * per_epoch - spent
         if allowed <= 0:
             continue
         k = (1 if scales else n) if not measured else int(min(n, allowed // cost))
+        if scales and measured:
+            k = min(k, 2 * largest)
         if not scales and k < n:
             k = 0
         if k <= 0:
             continue
         log.append((e, k))
         spent += k * cost
-        measured = True
+        measured, largest = True, max(largest, k)
     return log
 
 
 @pytest.mark.parametrize(
     ("cls", "kwargs", "scales"),
     [
-        (InteractionMonitor, {}, True),
+        # probes as the unit: a method whose pair scores depend on every group (CD alone: tests/test_budget_pieces.py)
+        (InteractionMonitor, {"methods": ["integrated_hessians"]}, True),
         (ConceptMonitor, {}, True),
-        (InfluenceMonitor, {}, False),  # TracIn sums over the whole probe: epochs are left out, never probes
         (SpRAyMonitor, {"every_n_epochs": 1, "per_class": None, "num_samples": 8}, False),  # clusters: whole probe
     ],
     ids=lambda v: getattr(v, "__name__", ""),
@@ -144,12 +147,14 @@ def _distill(tmp_path, monkeypatch, budget, cost=1 / 64, epochs=6, clock=None, c
 
 def test_distiller_fits_on_the_rows_the_budget_allows(tmp_path, monkeypatch):
     """96 training rows a (6 s) epoch accumulate in the buffer, 48 validation rows; a row costs 1/64 fake s. Under
-    budget 1/8 the first fit measures on budget_rows=128 rows, later fits take floor(A / cost) rows when that is at
-    least 128 (else skip), the newest training rows and the validation rows in proportion."""
+    budget 1/8 the first fit measures on budget_rows=16 rows, later fits take floor(A / cost) rows, at most twice the
+    largest fit so far, when that is at least 16 (else skip), the newest training rows and the validation rows in
+    proportion."""
     mon, rows = _distill(tmp_path, monkeypatch, budget=0.125)
-    assert mon.budget_log == _distill_paper(0.125, 6, 6.0, 1 / 64) == [(0, 128), (5, 160)]
-    assert rows == [128, 160]
-    assert [r["epoch"] for r in mon.history] == [0, 5]
+    expected = [(0, 16), (1, 32), (2, 64), (3, 80), (4, 48), (5, 48)]
+    assert mon.budget_log == _distill_paper(0.125, 6, 6.0, 1 / 64) == expected
+    assert rows == [k for _, k in expected]
+    assert [r["epoch"] for r in mon.history] == [e for e, _ in expected]
     assert mon.students["tree"].fitted
     free, rows = _distill(tmp_path / "free", monkeypatch, budget=None, epochs=3)
     assert rows == [144, 240, 336] and len(free.history) == 3  # every epoch on every row
@@ -167,7 +172,7 @@ def test_budget_state_survives_a_resume(tmp_path, monkeypatch):
     assert first.budget_log + resumed.budget_log == whole.budget_log
     assert resumed._spent == pytest.approx(whole._spent)
     fresh, _ = _distill(tmp_path / "c", monkeypatch, budget=0.125, epochs=3)
-    assert fresh.budget_log == [(0, 128)]  # without a checkpoint: a fresh budget, measured again
+    assert fresh.budget_log == [(0, 16), (1, 32), (2, 64)]  # without a checkpoint: a fresh budget, measured again
 
 
 def _counting_clock():
@@ -236,16 +241,18 @@ def test_landscape_monitor_hops_for_the_seconds_the_budget_leaves(tmp_path, monk
 
 
 def _distill_paper(budget: float, epochs: int, per_epoch: float, cost: float) -> list[tuple[int, int]]:
-    """The Distiller's rule on paper for image_loaders (96 training rows an epoch, 48 validation rows)."""
-    log, spent = [], 0.0
+    """The Distiller's rule on paper for image_loaders (96 training rows an epoch, 48 validation rows): the first fit on
+    budget_rows=16 rows, then floor(A / cost) rows capped at twice the largest fit so far, skipped below 16."""
+    log, spent, largest = [], 0.0, 0
     for e in range(epochs):
         n = 96 * (e + 1) + 48
         allowed = budget * per_epoch * (e + 1) - spent
-        k = min(n, 128) if not log else int(min(n, allowed // cost))
-        if allowed <= 0 or k < min(n, 128):
+        k = min(n, 16) if not log else int(min(n, allowed // cost, max(16, 2 * largest)))
+        if allowed <= 0 or k < min(n, 16):
             continue
         log.append((e, k))
         spent += k * cost
+        largest = max(largest, k)
     return log
 
 
@@ -253,7 +260,7 @@ def _distill_paper(budget: float, epochs: int, per_epoch: float, cost: float) ->
 def test_distiller_budget_decisions_agree_under_ddp():
     """Rank 1's teacher pass is 4x slower per row: deciding alone, the ranks would fit different rows (their gathers
     and student fits are collectives: a hang or different students). Agreed on the maximum times, both follow the
-    slow rank's cost."""
+    slow rank's cost. The Interaction and Influence monitors' pieces likewise, in the same run."""
     import os
     import re
     import subprocess
@@ -267,6 +274,12 @@ def test_distiller_budget_decisions_agree_under_ddp():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     logs = dict(re.findall(r"RANK(\d) LOG (\[[^\]]*\])", out.stdout))
     assert set(logs) == {"0", "1"}, out.stdout[-2000:]
-    slow = _distill_paper(0.25, 4, 3.0, 1 / 256)
+    slow = _distill_paper(0.25, 4, 3.0, 1 / 16)
     assert logs["0"] == logs["1"] == str(slow)
-    assert slow != _distill_paper(0.25, 4, 3.0, 1 / 1024)  # what rank 0 alone would have done
+    assert slow != _distill_paper(0.25, 4, 3.0, 1 / 64)  # what rank 0 alone would have done
+    # the budget's pieces (tests/test_budget_pieces.py), in the same processes: CD decompositions and TracIn rows
+    inter = dict(re.findall(r"RANK(\d) INTER (.*)", out.stdout))
+    infl = dict(re.findall(r"RANK(\d) INFL (.*)", out.stdout))
+    assert set(inter) == set(infl) == {"0", "1"}, out.stdout[-2000:]
+    assert inter["0"] == inter["1"] and infl["0"] == infl["1"]
+    assert inter["0"].startswith("[(1, 2), (1, 3)")  # the first pair, then growing

@@ -202,6 +202,11 @@ def _plain(value: Any) -> Any:
     return _NOT_PLAIN
 
 
+def first_of(k: int, n: int, what: str) -> str:
+    """``"probe 0 of 8"``, ``"probes 0–3 of 8"``: the first ``k`` of ``n`` (for the budget's notes)."""
+    return f"{what} 0 of {n}" if k == 1 else f"{what}s 0–{k - 1} of {n}"
+
+
 class TimeBudget:
     """A share of ``fit``'s wall time that a callback may spend on its own work (explanations, student fits, a
     masker's steps): mixed into :class:`ProbeCallback`, the :class:`~explain_callbacks.callbacks.Distiller` and
@@ -210,15 +215,23 @@ class TimeBudget:
     The rule (:meth:`budget_units`): with ``E`` the seconds since the fit started and ``S`` the seconds this callback
     spent, the work allowed now is ``A = budget × (E − S) − S`` (the training time is the fit's time less the
     callback's); a piece of work of ``u`` seconds per unit (a probe, a buffered row, a step) takes
-    ``floor(A / u)`` units, none when ``A <= 0``; before any measurement a first, small piece measures ``u``.
-    Under DDP the three times are agreed across ranks (their maximum) first, so every rank decides the same.
-    The spent time, the training time so far and the cost per unit are kept in checkpoints: a resumed fit goes
-    on with the budget where it stopped instead of granting a fresh one.
+    ``floor(A / u)`` units, none when ``A <= 0``. Before any measurement a first piece of the smallest unit of work
+    the callback has (one probe, a few student-fit rows, one masker step; ``first``) measures ``u``, whatever the
+    budget, so that piece must be small: on a short run a whole probe of contextual decomposition was 8 % of the
+    training. From there the piece grows geometrically while the budget allows: a piece that scales takes at most
+    ``growth`` × the largest piece measured so far (:attr:`budget_growth`), so a cost per unit measured on a small
+    piece (where fixed costs weigh and caches are warm) is extrapolated at most that far.
+    Under DDP the times and piece sizes are agreed across ranks (their maximum) first, so every rank decides the
+    same. The spent time, the training time so far, the cost per unit and the largest piece are kept in
+    checkpoints: a resumed fit goes on with the budget where it stopped instead of granting a fresh one.
     """
 
     budget: float | None
     #: the clock the budget reads (seconds); tests replace it to make the decisions reproducible
     clock: Callable[[], float] = staticmethod(time.perf_counter)
+    #: how much larger than the largest measured piece of its kind the next scaling piece may be (geometric growth
+    #: from the first, smallest piece; the budget's ``floor(A / u)`` caps it too)
+    budget_growth: float = 2.0
 
     @staticmethod
     def _check_budget(budget: float | None) -> float | None:
@@ -231,6 +244,11 @@ class TimeBudget:
         self._spent = 0.0  # seconds spent in this fit (this rank)
         # seconds per unit of the last measured piece of work of each kind ("probe", "row", "step"; this rank)
         self._per_units: dict[str, float] = {}
+        # units of the largest measured piece of each kind (this rank): the next piece grows from it
+        self._piece_units: dict[str, int] = {}
+        # seconds of the last piece of each kind that did not scale with its units (its figures and tables), where
+        # the callback measured them apart: a piece of k units is then expected to cost fixed + k × per unit
+        self._fixed: dict[str, float] = {}
         self._budget_skipped = 0  # pieces of work the budget skipped
         self.budget_log: list[tuple[int, int]] = []  # (epoch, units done) of this fit
 
@@ -242,8 +260,10 @@ class TimeBudget:
         now = self.clock()
         self._fit_started = now
         if resume is not None:
-            elapsed, self._spent, per_units = resume
+            elapsed, self._spent, per_units, pieces, fixed = resume
             self._per_units = dict(per_units)
+            self._piece_units = dict(pieces)
+            self._fixed = dict(fixed)
             self._fit_started = now - elapsed
 
     def budget_state(self) -> dict[str, Any]:
@@ -251,15 +271,22 @@ class TimeBudget:
         if self._fit_started is None:
             return {}
         return {"budget_elapsed": self.clock() - self._fit_started, "budget_spent": self._spent,
-                "budget_per_unit": dict(self._per_units)}  # fmt: skip
+                "budget_per_unit": dict(self._per_units), "budget_piece_units": dict(self._piece_units),
+                "budget_fixed": dict(self._fixed)}  # fmt: skip
 
     def load_budget_state(self, state: Mapping[str, Any]) -> None:
         """Keep a checkpoint's budget state for the next ``on_fit_start`` (Lightning restores callbacks first)."""
         if state.get("budget_elapsed") is None:
             return
         per = state.get("budget_per_unit") or {}
+        # checkpoints written before the growth rule have no piece sizes: the measured cost alone then decides
+        pieces = state.get("budget_piece_units")
+        if pieces is None:
+            pieces = {str(k): 2**30 for k in per}
         self._budget_resume = (float(state["budget_elapsed"]), float(state.get("budget_spent") or 0.0),
-                               {str(k): float(v) for k, v in per.items()})  # fmt: skip
+                               {str(k): float(v) for k, v in per.items()},
+                               {str(k): int(v) for k, v in pieces.items()},
+                               {str(k): float(v) for k, v in (state.get("budget_fixed") or {}).items()})  # fmt: skip
 
     @property
     def _per_probe(self) -> float | None:  # seconds per probe of the last explanation
@@ -275,21 +302,25 @@ class TimeBudget:
     def budget_units(self, trainer: pl.Trainer, n: int, first: int = 1, scales: bool = True,
                      agreed: bool = True, kind: str = "probe") -> int:  # fmt: skip
         """How many of ``n`` units (of ``kind``) the work due now may take under the budget: 0 skips it, ``first``
-        before any measurement of that kind; with ``scales=False`` all ``n`` or none. ``agreed``: the times are the
-        ranks' maximum (a collective: every rank calls this at the same point); False decides on this rank's
-        times, for local work that no collective depends on."""
-        measured = self.budget_allowed(trainer, agreed, kind)
+        (the smallest piece) before any measurement of that kind; then ``floor(A / u)``, at most
+        :attr:`budget_growth` × the largest piece measured so far (at least ``first``); with ``scales=False`` all
+        ``n`` or none. ``agreed``: the times are the ranks' maximum (a collective: every rank calls this at the same
+        point); False decides on this rank's times, for local work that no collective depends on."""
+        measured = self._budget_times(trainer, agreed, kind)
         if measured is None:
             return n
-        allowed, per_unit = measured
+        allowed, per_unit, fixed = measured
         if allowed <= 0:
             return 0
-        if per_unit < 0:  # nothing measured yet: a first piece measures the cost
+        if per_unit < 0:  # nothing measured yet: a first, smallest piece measures the cost
             return min(first, n)
-        k = n if per_unit == 0 else int(min(n, allowed // per_unit))
+        allowed -= fixed  # what a piece costs whatever its size (measured apart by the callback, else 0)
+        k = n if per_unit == 0 else int(min(n, max(allowed, 0.0) // per_unit))
         if not scales:
             return n if k >= n else 0
-        return max(k, 0)
+        # geometric growth from the largest measured piece (the same on every rank: the pieces were agreed)
+        grown = max(first, int(self.budget_growth * self._piece_units.get(kind, 2**30)))
+        return max(min(k, grown), 0)
 
     def budget_allowed(
         self, trainer: pl.Trainer, agreed: bool = True, kind: str = "probe"
@@ -297,21 +328,49 @@ class TimeBudget:
         """``(A, u)``: the seconds the budget allows now and the measured seconds per unit of ``kind`` (−1: none
         yet); None when no budget applies (``budget=None``, outside ``fit``, ``fast_dev_run``). ``agreed``: as in
         :meth:`budget_units`."""
+        times = self._budget_times(trainer, agreed, kind)
+        return None if times is None else times[:2]
+
+    def _budget_times(self, trainer: pl.Trainer, agreed: bool, kind: str) -> tuple[float, float, float] | None:
+        """``(A, u, F)``: :meth:`budget_allowed` and the fixed seconds of a piece of ``kind`` (0 when not measured
+        apart), agreed across ranks in one gather."""
         if self.budget is None or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
             return None
         now = self.clock()
         started = now if self._fit_started is None else self._fit_started
         per_unit = self._per_units.get(kind, -1.0)
-        times = [now - started, self._spent, per_unit]
-        elapsed, spent, per_unit = self._agreed_max(trainer, times) if agreed else times
-        return self.budget * max(elapsed - spent, 0.0) - spent, per_unit
+        times = [now - started, self._spent, per_unit, self._fixed.get(kind, 0.0)]
+        elapsed, spent, per_unit, fixed = self._agreed_max(trainer, times) if agreed else times
+        return self.budget * max(elapsed - spent, 0.0) - spent, per_unit, fixed
 
-    def budget_spend(self, seconds: float, units: int, epoch: int | None, kind: str = "probe") -> None:
+    def one_off_mark(self) -> float:
+        """A mark for :meth:`one_off_since`: the seconds this process has spent measuring rows per call
+        (``batch_size="auto"``, once per model and row shape), on the real clock; 0 under a test's clock."""
+        return measuring_seconds() if self.clock is time.perf_counter else 0.0
+
+    def one_off_since(self, mark: float) -> float:
+        """Seconds of one-off measurement since ``mark`` (:meth:`one_off_mark`)."""
+        return max(self.one_off_mark() - mark, 0.0)
+
+    def budget_spend(
+        self, seconds: float, units: int, epoch: int | None, kind: str = "probe", fixed: float | None = None,
+        one_off: float = 0.0,
+    ) -> None:  # fmt: skip
         """Record ``seconds`` spent on ``units`` units of ``kind`` (the next decisions read it), and ``(epoch,
-        units)`` in :attr:`budget_log` unless ``epoch`` is None (work done at every step)."""
+        units)`` in :attr:`budget_log` unless ``epoch`` is None (work done at every step). ``fixed``: the part of
+        ``seconds`` that does not scale with the units (figures, tables), where the callback measured it apart:
+        the cost per unit is then the rest over ``units``, so a small first piece is not charged its figures per
+        unit (which would keep the next pieces small for no reason). ``one_off``: seconds of ``seconds`` that will
+        not recur (the first call's measurement of rows per call: on the held-out ResNet 0.9 s of a 1 s first piece
+        of CD); spent, but neither per unit nor fixed."""
         self._spent += seconds
         if units > 0:
-            self._per_units[kind] = seconds / units
+            f = 0.0 if fixed is None else min(max(fixed, 0.0), seconds)
+            once = min(max(one_off, 0.0), seconds - f)
+            self._per_units[kind] = (seconds - f - once) / units
+            self._piece_units[kind] = max(units, self._piece_units.get(kind, 0))
+            if fixed is not None:
+                self._fixed[kind] = f
         if epoch is not None:
             self.budget_log.append((epoch, units))
 
@@ -418,6 +477,7 @@ class ProbeCallback(TimeBudget, RankStateCallback, Callback):
         self._warned_failures: set[Any] = set()
         self._fit_validations = 0  # validation epochs and explanations of the current fit
         self._fit_explanations = 0
+        self._piece_compute: float | None = None  # see _timed_explain
 
     # ------------------------------------------------------------------ state
     @property
@@ -626,14 +686,41 @@ class ProbeCallback(TimeBudget, RankStateCallback, Callback):
         k = min(k, self.probe_size)
         if k < self.probe_size:  # the first k probes: the same samples every epoch, so maps stay comparable
             self.probe_x, self.probe_y, self.probe_mask = (None if t is None else t[:k] for t in full)
-        start = self.clock()
+        seconds, compute, once = self._timed_explain(trainer, pl_module)
+        self.probe_x, self.probe_y, self.probe_mask = full
+        self.budget_spend(seconds, k, trainer.current_epoch, fixed=None if compute is None else seconds - compute,
+                          one_off=once)  # fmt: skip
+        self._fit_explanations += 1
+        if k < self.probe_size:
+            self.log_budget_note(trainer, first_of(k, self.probe_size, "probe"))
+
+    def _timed_explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[float, float | None, float]:
+        """``run_explain`` on the budget's clock: its seconds; the seconds of the work that scales with the piece
+        where the subclass measured them apart (adding to ``self._piece_compute`` in :meth:`explain`; None
+        otherwise: the whole explanation then counts per unit, figures included); and the seconds of one-off
+        measurements inside it (:meth:`one_off_mark`), which the next pieces will not pay."""
+        self._piece_compute = None
+        start, mark = self.clock(), self.one_off_mark()
         try:
             self.run_explain(trainer, pl_module)
         finally:
             seconds = self.clock() - start
-            self.probe_x, self.probe_y, self.probe_mask = full
-        self.budget_spend(seconds, k, trainer.current_epoch)
-        self._fit_explanations += 1
+        return seconds, self._piece_compute, min(self.one_off_since(mark), seconds)
+
+    def log_budget_note(self, trainer: pl.Trainer, what: str) -> None:
+        """Say, as text beside the figures (``cost/budget/<callback>``), what a piece of work under the budget covered
+        when it was not everything (``what``: e.g. "probes 0–1 of 8"): the figures and scalars of that epoch are of
+        those probes only (a figure draws the probes explained, never empty panels)."""
+        share = f"{100 * self.budget:g} %" if self.budget is not None else "none"
+        self.log_text(
+            trainer,
+            f"cost/budget/{type(self).__name__}",
+            f"Epoch {trainer.current_epoch}: explained {what}, as the time budget ({share} of the training time) "
+            "allowed; the figures and scalars of this epoch are of these only. The piece grows (at most "
+            f"{self.budget_growth:g}× the largest so far) while the budget allows.",
+        )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -34,9 +34,12 @@ call the teacher run under an RNG guard only, without the model guard.
 Time budget (``budget``, 2 % of the training time by default; the rule of
 :class:`~explain_callbacks.callbacks.base.TimeBudget`): a fit (the gathers, the teacher pass, the students and their
 logging) takes as many rows as ``budget`` × the training time allows at the measured seconds per row, the newest
-buffered rows and the first validation rows in proportion; the first fit measures on at most ``budget_rows`` rows,
-a fit that cannot take ``budget_rows`` rows is skipped (the students keep their previous fit; the final export is
-the latest fit). The decision reads times agreed across ranks, so every rank fits the same rows or skips.
+buffered rows and the first validation rows in proportion; the first fit measures on ``budget_rows`` rows (16: a
+small first piece, so that a short run stays near its share too), later fits grow from there, at most twice the
+largest fit so far (:attr:`~explain_callbacks.callbacks.base.TimeBudget.budget_growth`); the seconds of the students'
+text and figures are charged as the fit's fixed cost, apart from the cost per row. A fit that cannot take
+``budget_rows`` rows is skipped (the students keep their previous fit; the final export is the latest fit). The
+decision reads times agreed across ranks, so every rank fits the same rows or skips.
 ``budget=None``: every due epoch on the whole buffer (the fixed schedule). Online students train at every step,
 outside the budget.
 
@@ -187,7 +190,7 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
         budget: the share of the training time the fits may take (2 % by default: fits on fewer rows, or
             skipped; see the module docstring); None: every due epoch on every buffered row.
         budget_rows: rows (training and validation together) of the first, measuring fit under the budget, and
-            the fewest a fit takes (fewer: skipped).
+            the fewest a fit takes (fewer: skipped); later fits grow from it while the budget allows.
     """
 
     def __init__(
@@ -214,7 +217,7 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
         checkpoint_buffer: bool = False,
         max_buffer_mb: float | None = 512.0,
         budget: float | None = 0.02,
-        budget_rows: int = 128,
+        budget_rows: int = 16,
     ) -> None:
         if teacher_outputs not in ("refresh", "captured"):
             raise ValueError(f"teacher_outputs must be 'refresh' or 'captured', got {teacher_outputs!r}.")
@@ -232,6 +235,7 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
         self.budget_rows = budget_rows
         self._budget_reset()
         self._fit_rows: int | None = None  # rows the current fit took under the budget (None: not fitted)
+        self._log_seconds = 0.0  # seconds of the current fit's logging (its fixed cost for the budget)
         self.students: dict[str, Student] = self._build_students(students)
         if layer is not None:
             bad = [k for k, s in self.students.items() if s.needs_teacher]
@@ -617,7 +621,8 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
         self._budget_start()
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
-        start, self._fit_rows = self.clock(), None
+        start, self._fit_rows, self._log_seconds = self.clock(), None, 0.0
+        mark = self.one_off_mark()
         try:
             # students that query the teacher (attribution, AWD) see the outputs, not a tuple/dict
             with output_adapter(self.teacher(pl_module), self.output_key):
@@ -630,7 +635,8 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
             self._fitted_step = trainer.global_step
             if self._fit_rows:  # the budget's measurement: the whole fit's seconds per row
                 epoch = int(trainer.current_epoch) - (0 if log else 1)
-                self.budget_spend(self.clock() - start, self._fit_rows, epoch, kind="row")
+                self.budget_spend(self.clock() - start, self._fit_rows, epoch, kind="row", fixed=self._log_seconds,
+                                  one_off=self.one_off_since(mark))  # fmt: skip
 
     def _budget_cut(
         self, trainer: pl.Trainer, rows: dict[str, Tensor], val: dict[str, Tensor]
@@ -783,6 +789,7 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
             self._failed.discard(key)
             record[key] = result
             if log:
+                logged = self.clock()  # the students' logging: the fit's fixed cost for the budget (not per row)
                 # scalars: fidelity, own score and the headline complexity (the rest is in the text and history);
                 # the in-sample fidelity only when there is no validation data
                 comp_keys = list(student.complexity())
@@ -799,6 +806,7 @@ class Distiller(TimeBudget, RankStateCallback, Callback):
                     img = student.image()
                     if img is not None:
                         _logging.log_figure(trainer, f"distillation/figure/{key}", img)
+                self._log_seconds += self.clock() - logged
         self.history.append(record)
 
     # ------------------------------------------------------------------ export

@@ -17,6 +17,7 @@ samples (the likely mislabelled ones). The functional twins are
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -82,8 +83,11 @@ class InfluenceMonitor(ProbeCallback):
         batch_size: rows per per-sample-gradient call.
         budget: the share of the training time the monitor may spend during ``fit`` (:class:`ProbeCallback`; 2 % by
             default): an epoch whose TracIn step does not fit is left out of the sum (TracIn over fewer checkpoints,
-            listed in :attr:`epochs`), never a part of the probe; ``budget=None`` adds every due epoch (the paper's
-            checkpoints).
+            listed in :attr:`epochs`), never a part of the probe or of the training subset; ``budget=None`` adds every
+            due epoch (the paper's checkpoints). The unit of work is one row of the training subset: before a
+            measurement the step starts with the probe's gradients and one row, then goes on in pieces that double
+            while the budget covers the rows left at the measured cost per row; when it does not, the epoch's
+            gradients are dropped and the epoch left out (so a first step costs at most the budget and one row).
         **kwargs: :class:`ProbeCallback` arguments (``every_n_epochs``, ``input_key``, ``label_key``,
             ``model_attr``, ``output_key``, ``strict``, ...).
 
@@ -154,6 +158,10 @@ class InfluenceMonitor(ProbeCallback):
         # gathered results (every rank)
         self.scores: Tensor | None = None
         self.self_influence: Tensor | None = None
+        # under the budget, within a step: the rows of its first piece and the rows' seconds spent so far
+        self._first_rows: int | None = None
+        self._row_seconds = 0.0
+        self._piece_rows_seconds = 0.0
 
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "num_train": self.num_train, "layers": str(self.layers)}
@@ -309,6 +317,44 @@ class InfluenceMonitor(ProbeCallback):
         first = next(lr_of[id(params[n])] for n in names if id(params[n]) in lr_of)
         return scales, first
 
+    def _explain_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A TracIn step under the budget, in rows of the training subset (see ``budget``): the rows' seconds give
+        the cost per row, the rest of the step (the probe's gradients, the gathers, the figures) its fixed cost."""
+        n = self.num_train if self.train_x is None else int(self.train_x.shape[0])
+        k = self.budget_units(trainer, n, first=1, scales=False, kind="row")  # 1 before a measurement, else n or 0
+        if k <= 0:
+            self._budget_skipped += 1
+            return
+        self._first_rows, self._row_seconds = k, 0.0
+        epochs = len(self.epochs)
+        start = self.clock()
+        try:
+            self.run_explain(trainer, pl_module)
+        finally:
+            seconds = self.clock() - start
+            self._first_rows = None
+        rest = max(seconds - self._row_seconds, 0.0)  # the rows' seconds were spent piece by piece
+        self._spent += rest
+        if len(self.epochs) > epochs:  # the step was added to the sum
+            self._fixed["row"] = rest
+            self.budget_log.append((int(trainer.current_epoch), n))
+            self._fit_explanations += 1
+        else:
+            self._budget_skipped += 1
+
+    def _rows_allowed(self, trainer: pl.Trainer, done: int, last: int, n: int) -> int:
+        """The rows of the next piece of a budgeted step (0: the rows left do not fit; the step is dropped): twice
+        the ``last`` piece's rows, when the budget covers every row left at the measured cost per row (agreed)."""
+        if self._first_rows is None:
+            return n - done
+        times = self._budget_times(trainer, True, "row")
+        if times is None:
+            return n - done
+        allowed, per_row, fixed = times
+        if allowed - fixed < per_row * (n - done):
+            return 0
+        return min(n - done, max(1, int(self.budget_growth * last)))
+
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
     ) -> None:
@@ -339,8 +385,22 @@ class InfluenceMonitor(ProbeCallback):
         model = self.model(pl_module)
         device = pl_module.device
         rank, world = trainer.global_rank, max(trainer.world_size, 1)
-        own = torch.arange(rank, self.train_x.shape[0], world)
+        n = int(self.train_x.shape[0])
+        own = torch.arange(rank, n, world)
         dtype = x.dtype
+        kw: dict[str, Any] = {}
+        empty: list[Tensor] = [torch.empty(0)]  # (0, gradient dims), set with the probe's gradients
+
+        def rows_of(a: int, b: int) -> Tensor:
+            """This rank's rows among rows [a, b) of the subset, as gradients (timed on the budget's clock)."""
+            start = self.clock()
+            mine = own[(own >= a) & (own < b)]
+            if mine.numel() == 0:  # a piece smaller than the world: no row of it on this rank
+                return empty[0]
+            tx = self.train_x[mine].to(device, dtype if self.train_x.is_floating_point() else None)
+            g = per_sample_gradients(model, tx, self.train_y[mine].to(device), self.loss_fn, **kw)
+            self._piece_rows_seconds = self.clock() - start
+            return g
 
         def compute() -> Tensor:
             # inside run_agreed: a bad layers= fails here on every rank, under the error policy, before any gather
@@ -350,18 +410,37 @@ class InfluenceMonitor(ProbeCallback):
                 self._projection = RandomProjection(dim, self.projection_dim, self.seed)
             scales, lr = self._scales(trainer, model, names)
             self._last_lr = lr
-            kw = dict(names=names, scale=scales, projection=self._projection, batch_size=self.rows)
+            kw.update(names=names, scale=scales, projection=self._projection, batch_size=self.rows)
             g_probe = per_sample_gradients(model, x, y, self.loss_fn, **kw)
-            tx = self.train_x[own].to(device, dtype if self.train_x.is_floating_point() else None)
-            g_train = per_sample_gradients(model, tx, self.train_y[own].to(device), self.loss_fn, **kw)
-            # one tensor for the agreement's finiteness check: probe rows first, then this rank's share
-            return torch.cat([g_probe, g_train])
+            empty[0] = g_probe[:0]
+            # one tensor for the agreement's finiteness check: probe rows first, then this rank's first rows
+            return torch.cat([g_probe, rows_of(0, first)])
 
+        # the first rows: all of them, or under a budget not measured yet one (then pieces while the budget allows)
+        first = n if self._first_rows is None else min(self._first_rows, n)
+        self._piece_rows_seconds = 0.0
         done = self.run_agreed(trainer, "TracIn gradients", compute, "are NaN/Inf (check the loss and the model)")
+        self._spend_rows(first)
         if done is None:
             return
         grads, seconds = done
-        g_probe, g_train = grads[: x.shape[0]], grads[x.shape[0] :]
+        g_probe, parts = grads[: x.shape[0]], [grads[x.shape[0] :]]
+        covered = k = first
+        while covered < n:
+            k = self._rows_allowed(trainer, covered, k, n)
+            if k <= 0:  # the rows left do not fit the budget: this epoch is left out of the sum, on every rank
+                return
+            a = covered
+            self._piece_rows_seconds = 0.0
+            more = self.run_agreed(trainer, "TracIn gradients", functools.partial(rows_of, a, a + k),
+                                   "are NaN/Inf (check the loss and the model)")  # fmt: skip
+            self._spend_rows(k)
+            if more is None:
+                return
+            parts.append(more[0])
+            seconds += more[1]
+            covered += k
+        g_train = torch.cat(parts)
         start = time.perf_counter()
         g_all = self.gather_rows(trainer, g_probe)  # every rank's probe: scores for all probe rows
         if self._acc is None or self._acc.shape != (g_all.shape[0], own.numel()):
@@ -376,6 +455,13 @@ class InfluenceMonitor(ProbeCallback):
         self._collect(trainer)
         self.log_scalar(pl_module, "cost/seconds/influence", seconds + time.perf_counter() - start, sync=False)
         self._log(trainer, x, y)
+
+    def _spend_rows(self, rows: int) -> None:
+        """Charge a budgeted step's piece of ``rows`` rows to the budget (its seconds per row for the next piece)."""
+        if self._first_rows is None or not self._piece_rows_seconds:
+            return
+        self.budget_spend(self._piece_rows_seconds, rows, None, kind="row")
+        self._row_seconds += self._piece_rows_seconds
 
     def _collect(self, trainer: pl.Trainer) -> None:
         """Gather every rank's columns once (one all_gather of a packed tensor), in subset order."""

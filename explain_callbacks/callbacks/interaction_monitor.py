@@ -11,11 +11,13 @@ from torch import Tensor
 
 from .. import viz
 from .._internal.config import to_plain
+from .._internal.layout import reads_channels_first
 from ..interaction import ACD, Groups, InteractionMethod, build_interaction, top_pairs
 from ..interaction.acd import hierarchy_levels
-from ..interaction.base import GroupSpec, pair_index
+from ..interaction.base import GroupSpec, make_groups, pair_index
+from ..interaction.contextual import CDInteraction
 from ._logging import class_name, find_class_names, markdown_table, media_loggers, phase_prefix
-from .base import ProbeCallback, class_indices, non_default_settings
+from .base import ProbeCallback, class_indices, first_of, non_default_settings
 
 __all__ = ["InteractionMonitor"]
 
@@ -70,7 +72,12 @@ class InteractionMonitor(ProbeCallback):
         num_samples: probe size (per rank).
         budget: the share of the training time the monitor may spend during ``fit`` (:class:`ProbeCallback`): by
             default 2 %, fewer epochs and fewer probes when CD costs more; ``budget=None`` explains every probe on
-            every due epoch (the fixed schedule).
+            every due epoch (the fixed schedule). With CD alone (the default) the unit of work is one decomposition
+            rather than one probe, since one probe over a 4×4 grid is 136 of them (2 s on a small ResNet, more than
+            2 % of a short run): the first piece is the pairs among the first two groups of the first probe (three
+            decompositions), and the pieces grow while the budget allows, over the first groups (the pairs among
+            them: exact, as CD's pair score depends on the pair alone), then over probes. The logged text
+            ``cost/budget/InteractionMonitor`` says what a partial piece covered.
         **kwargs: :class:`ProbeCallback` arguments (num_samples, per_class, every_n_epochs, target,
             input_key, label_key, batch_size, model_attr, strict).
     """
@@ -119,6 +126,7 @@ class InteractionMonitor(ProbeCallback):
         self.feature_names = list(feature_names) if feature_names is not None else None
         self.log_images = log_images
         self.last_scores: dict[str, dict[str, Any]] = {}
+        self._piece_groups: int | None = None  # under the budget: explain the pairs among the first groups only
 
     def key_fields(self) -> dict[str, Any]:
         return {**super().key_fields(), "methods": sorted(self.methods)}
@@ -133,6 +141,67 @@ class InteractionMonitor(ProbeCallback):
             if names:
                 self.feature_names = list(names)
 
+    # ------------------------------------------------------------------ the budget's pieces
+    def _separable(self) -> bool:
+        """Whether every method's pair score depends on the pair alone (CD: ``CD(S_p ∪ S_q) − CD(S_p) − CD(S_q)``),
+        so the pairs among the first groups are the full matrix's block, exactly."""
+        return all(type(m) is CDInteraction for m in self.methods.values())
+
+    def _full_groups(self, model: torch.nn.Module, x: Tensor) -> Groups:
+        """The groups every method explains ``x`` over, as the methods resolve them."""
+        method = next(iter(self.methods.values()))
+        cf = reads_channels_first(model, x, method.channels_first)
+        return make_groups(x, self.groups, channels_first=cf)
+
+    def first_groups(self, model: torch.nn.Module, x: Tensor, g: int) -> tuple[Groups, str]:
+        """The first ``g`` of the groups ``x`` is explained over (named as in the full matrix), and the axis label of
+        their matrices: a separable method over them gives the block of the full matrix."""
+        full = self._full_groups(model, x)
+        names = [self._label(full, i) for i in range(g)]
+        ids = None if full.ids is None else full.ids.masked_fill(full.ids >= g, -1)
+        return Groups(full.masks[:g], ids, None, names), (
+            f"{group_axis_label(full, x)}: the first {g} of {full.n} (the time budget's piece)"
+        )
+
+    def _explain_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under the budget with CD alone: pieces of decompositions (see ``budget``); otherwise probes."""
+        p = None
+        if self._separable() and self.probe_x is not None:
+            try:
+                p = self._full_groups(self.model(pl_module), self.probe_x).n
+            except Exception:  # the explanation says what is wrong with the groups; here: probes as the unit
+                p = None
+        # every rank reaches the same decision: the probe set's shape (and so p) is the same on every rank
+        if p is None or p < 2 or self.probe_x is None:
+            super()._explain_within_budget(trainer, pl_module)
+            return
+        per_probe = p * (p + 1) // 2  # p main effects and p(p-1)/2 pairs
+        units = self.budget_units(trainer, self.probe_size * per_probe, first=3, kind="decomposition")
+        if units < 3:  # not even the pair of the first two groups
+            self._budget_skipped += 1
+            return
+        if units >= per_probe:
+            b, g = min(self.probe_size, units // per_probe), p
+        else:  # one probe, the largest block of groups g(g+1)/2 <= units (at least two groups: one pair)
+            b, g = 1, 2
+            while (g + 1) * (g + 2) // 2 <= units and g + 1 <= p:
+                g += 1
+        full = (self.probe_x, self.probe_y, self.probe_mask)
+        if b < self.probe_size:  # the first b probes: the same samples every epoch
+            self.probe_x, self.probe_y, self.probe_mask = (None if t is None else t[:b] for t in full)
+        self._piece_groups = g if g < p else None
+        try:
+            seconds, compute, once = self._timed_explain(trainer, pl_module)
+        finally:
+            self.probe_x, self.probe_y, self.probe_mask = full
+            self._piece_groups = None
+        self.budget_spend(seconds, b * g * (g + 1) // 2, trainer.current_epoch, kind="decomposition",
+                          fixed=None if compute is None else seconds - compute, one_off=once)  # fmt: skip
+        self._fit_explanations += 1
+        if b < self.probe_size or g < p:
+            groups = f"the pairs among groups 0–{g - 1} of {p}" if g < p else f"all {p} groups"
+            self.log_budget_note(trainer, f"{first_of(b, self.probe_size, 'probe')}, {groups}")
+
     # ------------------------------------------------------------------ explaining
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
@@ -142,15 +211,22 @@ class InteractionMonitor(ProbeCallback):
         # text and pictures only where a TensorBoard writer takes them (rank zero): ACD hierarchies and the
         # pictures were computed for nothing under CSVLogger or logger=False
         draw = bool(media_loggers(trainer))
+        spec: GroupSpec | Groups = self.groups
+        axis = None
+        if self._piece_groups is not None:  # a piece of the budget: the block of the first groups (see budget)
+            spec, axis = self.first_groups(model, x, self._piece_groups)
         for name, method in self.methods.items():
 
             def run(method: InteractionMethod = method) -> Tensor:
                 with torch.enable_grad() if method.needs_grad else torch.no_grad():
-                    return method(model, x, target, groups=self.groups)
+                    return method(model, x, target, groups=spec)
 
+            start = self.clock()
             done = self.run_agreed(
                 trainer, f"method {name!r}", run, "produced NaN/Inf scores (check the model for non-finite outputs)"
             )
+            # the work that scales with the piece, on the budget's clock (the figures below are its fixed cost)
+            self._piece_compute = (self._piece_compute or 0.0) + self.clock() - start
             if done is None:  # the scalars below are reduced across ranks: logged on every rank or on none
                 continue
             scores, seconds = done
@@ -166,7 +242,7 @@ class InteractionMonitor(ProbeCallback):
                 self.log_table(trainer, f"interactions/pairs/{name}", h1, r1)
                 self.log_table(trainer, f"interactions/pairs_per_sample/{name}", h2, r2)
                 if self.log_images:
-                    self._log_pictures(trainer, name, x, scores, summary, groups, y)
+                    self._log_pictures(trainer, name, x, scores, summary, groups, y, axis)
         if self.acd_kwargs is not None and draw and self.log_images and x.ndim in (3, 4):
             self._log_acd(trainer, model, x, target)
 
@@ -232,7 +308,7 @@ class InteractionMonitor(ProbeCallback):
 
     def _log_pictures(
         self, trainer: pl.Trainer, name: str, x: Tensor, scores: Tensor, summary: dict[str, Any], groups: Groups,
-        y: Tensor | None = None,
+        y: Tensor | None = None, axis: str | None = None,
     ) -> None:  # fmt: skip
         p = scores.shape[-1]
         samples = self._sample_names(trainer, y, x.shape[0])
@@ -244,7 +320,7 @@ class InteractionMonitor(ProbeCallback):
             m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
             panels.append((f"{samples[s]} (signed)", m, True))
         labels = [self._label(groups, i) for i in range(p)]
-        axis = group_axis_label(groups, x)
+        axis = axis or group_axis_label(groups, x)
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
         fig = viz.matrix_figure(panels, labels, title=f"{name} interactions · {when}", axis_label=axis)
         self.log_image(trainer, f"interactions/matrix/{name}", fig)
@@ -290,4 +366,3 @@ class InteractionMonitor(ProbeCallback):
             image = x[s].detach().cpu() if x.ndim == 4 else None
             fig = viz.hierarchy_figure(hierarchy_levels(h), image, title=f"ACD hierarchy, sample {s}")
             self.log_image(trainer, f"interactions/acd_hierarchy/sample_{s}", fig)
-
