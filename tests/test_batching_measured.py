@@ -90,13 +90,24 @@ def test_budget_and_tolerance_bound_the_search():
         choice = choose_rows("auto", model, x, kind="forward")
         assert choice.rows == AUTO_ROWS_MAX and [r for r, _ in choice.timings] == [256]
     # a flat cost within the tolerance: the search climbs to rows_max and keeps the largest of equals
+    # (min_gain=0: every doubling is worth timing)
     model.cost = lambda n: n / 1024  # exact in binary: equal per-row times compare equal
+    with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024, min_gain=0.0):
+        choice = choose_rows("auto", model, x, kind="forward")
+        assert [r for r, _ in choice.timings] == [256, 512, 1024] and choice.rows == 1024
+    # by default a doubling that gains less than 5 % per row ends the search (the next would cost twice
+    # the rows to time for less): flat costs stop at the first doubling, the larger of equals kept
+    with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024):
+        choice = choose_rows("auto", model, x, kind="forward")
+        assert [r for r, _ in choice.timings] == [256, 512] and choice.rows == 512
+    # gains of 10 % per doubling go on: 256 -> 512 -> 1024
+    model.cost = lambda n: n / 1024 * {256: 1.0, 512: 0.9}.get(n, 0.81)
     with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024):
         choice = choose_rows("auto", model, x, kind="forward")
         assert [r for r, _ in choice.timings] == [256, 512, 1024] and choice.rows == 1024
     # within the tolerance (5 %) the larger call wins: 512 rows 3 % slower per row than 256, 1024 20 % slower
     model.cost = lambda n: n / 1024 * {256: 1.0, 512: 1.03}.get(n, 1.2)
-    with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024):
+    with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024, min_gain=0.0):
         choice = choose_rows("auto", model, x, kind="forward")
         assert [r for r, _ in choice.timings] == [256, 512, 1024, 128] and choice.rows == 512  # 128: no new best
     # the memory bound: candidates stop where the activation elements per call would exceed it
