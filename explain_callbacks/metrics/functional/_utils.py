@@ -18,11 +18,12 @@ from ..._internal.ops import descending_order
 from ..._internal.outputs import read_scores
 from ..._internal.target_ops import MultiTarget, TargetOperator
 from ..._internal.targets import as_target_tensor, check_model_target, check_target
-from ...attribution.base import make_generator
+from ...attribution.base import Attributor, make_generator
 
 __all__ = [
     "FEATURES",
     "OUTPUTS",
+    "MethodRuns",
     "RunDraws",
     "ScoreRows",
     "Substrate",
@@ -84,6 +85,47 @@ def method_grad() -> Iterator[None]:
     """Gradients on for a method re-run by an explainer metric, also under ``torch.inference_mode``."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
+
+
+class MethodRuns:
+    """The runs of an attribution method inside one call of an explainer metric (randomisation's re-runs,
+    the perturbed copies of sensitivity, the other labels of soundness), all on one model and inputs of
+    one row shape: ``runs(model, x, target)`` gives the detached map, with gradients on.
+
+    The first run goes through the method's public entry: it validates the inputs and the target against
+    the model's output width and resolves the rows per call for this model and row shape. The later runs
+    take the same model and rows the metric built from inputs it validated itself, with class indices
+    it checked (or None), so those checks would only repeat: an :class:`Attributor` that does not
+    override its entry (``__call__``, ``_call``, ``_prepare``) is then run through what its ``_call`` runs
+    after the checks (``last_info`` reset, the ``smoothed`` context, :meth:`Attributor.attribute`), with
+    the rows per call the first run resolved (they depend on the row shape, which does not change). On a
+    cheap model the checks cost as much as a third of the method's own passes, and after randomisation
+    swaps a layer's weights, the model's structure is walked again on every checked run. Any other method
+    (a function, a Captum adapter, a method with its own entry) and target operators go through the
+    public entry every time.
+    """
+
+    def __init__(self, method: Callable[..., Tensor]) -> None:
+        self.method = method
+        cls = type(method)
+        self._direct = (
+            isinstance(method, Attributor)
+            and cls.__call__ is Attributor.__call__
+            and cls._call is Attributor._call
+            and cls._prepare is Attributor._prepare
+        )
+        self._checked = False
+
+    def __call__(self, model: Any, x: Tensor, target: Tensor | None) -> Tensor:
+        with method_grad():
+            if self._checked and (target is None or isinstance(target, Tensor)):
+                m: Attributor = self.method  # type: ignore[assignment]
+                m.last_info = {}
+                with m.smoothed():
+                    return m.attribute(model, x, target).detach()
+            a = self.method(model, x, target).detach()
+            self._checked = self._direct
+            return a
 
 
 def check_finite_map(attributions: Tensor) -> None:

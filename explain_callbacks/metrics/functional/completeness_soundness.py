@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks, resolve_batch_size
 from ..._internal.outputs import read_scores
 from ._guard import model_left_as_found
-from ._utils import Substrate, Target, method_grad, method_inputs, prepare_target, row_blocks, trapezoid, validate
+from ._utils import MethodRuns, Substrate, Target, method_inputs, prepare_target, row_blocks, trapezoid, validate
 from .deletion import perturbation_curve
 
 __all__ = ["completeness_soundness"]
@@ -84,12 +84,12 @@ def completeness_soundness(
     if attributions is not None:
         maps.append(attributions.detach().to(x.device).unsqueeze(0).expand(1, *attributions.shape))
     n_runs = labels.shape[0] - first
+    runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
     for rs, bs in row_blocks(n_runs, b, batch_size):
         nr = rs.stop - rs.start
         rows = x[bs].repeat(nr, *([1] * (x.ndim - 1)))
         tgt = labels[first + rs.start : first + rs.stop, bs].reshape(-1)
-        with method_grad():
-            a = method(model, rows, tgt).detach()
+        a = runs(model, rows, tgt)
         if attributions is not None and a.shape[1:] != attributions.shape[1:]:
             raise ValueError(
                 f"attributions of shape {tuple(attributions.shape)} are not this method's maps (it gives "

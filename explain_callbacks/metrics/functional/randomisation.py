@@ -32,7 +32,7 @@ from ..._internal.batching import BatchSize, resolve_batch_size
 from ..._internal.ops import rankdata, spearman_to
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import Target, check_finite_map, method_grad, method_inputs, prepare_target, row_blocks, validate
+from ._utils import MethodRuns, Target, check_finite_map, method_inputs, prepare_target, row_blocks, validate
 
 __all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "randomise_layer", "randomised_view"]
 
@@ -215,12 +215,11 @@ def layer_generator(device: torch.device, seed: int, layer_index: int) -> torch.
     return make_generator(device, (seed + 1) * 1_000_003 + 7919 * (layer_index + 1))
 
 
-def _maps(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor | None, bs: int | None) -> Tensor:
-    parts = []
-    with method_grad():
-        for _, sl in row_blocks(1, x.shape[0], bs):
-            parts.append(method(model, x[sl], None if target is None else target[sl]).detach())
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _maps(runs: MethodRuns, model: nn.Module, x: Tensor, target: Tensor | None, bs: int | None) -> Tensor:
+    if bs is None or bs >= x.shape[0]:  # one block (the method chunks its own calls)
+        return runs(model, x, target)
+    parts = [runs(model, x[sl], None if target is None else target[sl]) for _, sl in row_blocks(1, x.shape[0], bs)]
+    return torch.cat(parts)
 
 
 @model_left_as_found
@@ -257,7 +256,8 @@ def model_randomisation(
     validate(inputs, None, target)
     x = method_inputs(inputs)
     b = x.shape[0]
-    a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach().to(x.device)
+    runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
+    a0 = _maps(runs, model, x, target, batch_size) if attributions is None else attributions.detach().to(x.device)
     check_finite_map(a0)  # NaN ranks would correlate as numbers
     all_layers = randomisable_layers(model)
     index = {n: i for i, (n, _) in enumerate(all_layers)}
@@ -295,7 +295,7 @@ def model_randomisation(
     def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> None:
         for n in names:
             view[1](n, gen(n))
-        a = _maps(method, view[0], x, target, batch_size)
+        a = _maps(runs, view[0], x, target, batch_size)
         if a.shape != a0.shape:
             raise ValueError(
                 f"the method's maps have shape {tuple(a.shape)} but attributions= has {tuple(a0.shape)}; pass "

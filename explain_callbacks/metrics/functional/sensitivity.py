@@ -18,18 +18,23 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.checks import all_finite
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import RunDraws, Target, check_finite_map, method_grad, method_inputs, prepare_target, row_blocks, validate
+from ._utils import (
+    MethodRuns,
+    RunDraws,
+    Target,
+    check_finite_map,
+    method_inputs,
+    prepare_target,
+    row_blocks,
+    validate,
+)
 
 __all__ = ["avg_sensitivity", "local_lipschitz", "max_sensitivity", "sensitivity"]
 
 Method = Callable[..., Tensor]
-
-
-def _explain(method: Method, model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
-    with method_grad():
-        return method(model, x, target).detach()
 
 
 def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | None, seed: int) -> tuple[RunDraws, int]:
@@ -44,6 +49,8 @@ def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | N
             )
         if p.shape[1] < 1:
             raise ValueError("perturbations hold no draw (R = 0); pass at least one per sample.")
+        if not all_finite(p):  # checked here once: the method's re-runs on x + δ do not check their inputs again
+            raise ValueError("perturbations contain NaN or Inf; pass finite noise δ (B, R, *input_shape).")
         return RunDraws(lambda r: p[:, r]), p.shape[1]
     g = make_generator(x.device, seed)
     if kind == "uniform":
@@ -72,7 +79,8 @@ def _ratios(
     validate(inputs, None, target)
     x = method_inputs(inputs)
     b = x.shape[0]
-    a0 = _explain(method, model, x, target) if attributions is None else attributions.detach().to(x.device)
+    runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
+    a0 = runs(model, x, target) if attributions is None else attributions.detach().to(x.device)
     if a0.shape[0] != b:
         raise ValueError(f"attributions have {a0.shape[0]} samples, inputs {b}.")
     check_finite_map(a0)  # a NaN map has no distance to anything: every ratio would be NaN
@@ -84,7 +92,7 @@ def _ratios(
         nr, nb = noise.shape[:2]
         y = (x[bs].unsqueeze(0) + noise).flatten(0, 1)
         tgt = None if target is None else target[bs].repeat(nr)
-        ay = _explain(method, model, y, tgt)
+        ay = runs(model, y, tgt)
         if attributions is not None and ay.shape[1:] != a0.shape[1:]:
             raise ValueError(
                 f"attributions of shape {tuple(a0.shape)} are not this method's maps (it gives "
