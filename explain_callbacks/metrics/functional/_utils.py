@@ -46,6 +46,7 @@ __all__ = [
     "score_outputs",
     "scores_chunked",
     "steps_last",
+    "tile_rows",
     "transposed_sequence",
     "validate",
 ]
@@ -69,6 +70,12 @@ def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor 
             f"target must have shape ({inputs.shape[0]},) (one class index per sample) or be None for a "
             f"single-output model, got {tuple(target.shape)}."
         )
+
+
+def tile_rows(t: Tensor, n: int) -> Tensor:
+    """``n`` copies of ``t`` one after the other along dim 0 (``t.repeat(n, 1, ...)``): one ``cat``, whose
+    dispatch costs a fraction of ``repeat``'s on small tensors (measured: 1.5 us against 9.7 us for 8 x 30)."""
+    return t if n == 1 else torch.cat([t] * n)
 
 
 def method_inputs(inputs: Tensor) -> Tensor:
@@ -452,7 +459,7 @@ def flat_call_scores(
     (on a cheap model a fill's few tensor operations per run cost as much as the model's forward). The
     runs a call holds part of still go through ``fill``, in run order."""
     b = x.shape[0]
-    tgt = None if target is None else target.repeat(n_runs)
+    tgt = None if target is None else tile_rows(target, n_runs)
     scores = ScoreRows(n_runs * b, tgt, output, x.device)
     buf: Tensor | None = None
     with torch.no_grad():
@@ -549,6 +556,13 @@ def scores_chunked(
     model: nn.Module, x: Tensor, target: Tensor | None, output: str = "probability", batch_size: BatchSize = "auto"
 ) -> Tensor:
     """:func:`output_scores` of every row of ``x`` (float64, (N,)), at most ``batch_size`` rows per call."""
+    if (rows(batch_size) or x.shape[0]) >= x.shape[0] and not isinstance(target, TargetOperator):
+        # one call (completeness error: f(x) and f(baseline) together): scored as ScoreRows scores one
+        # call's output, without its buffer and bookkeeping (on a cheap model as costly as the call itself)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        with torch.no_grad():
+            return score_outputs(read_scores(model(x)).detach(), target, output).to(torch.float64)
     scores = ScoreRows(x.shape[0], target, output, x.device)
     with torch.no_grad():
         for sl in chunks(x.shape[0], batch_size):

@@ -26,7 +26,17 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks, resolve_batch_size
 from ..._internal.outputs import read_scores
 from ._guard import model_left_as_found
-from ._utils import MethodRuns, Substrate, Target, method_inputs, prepare_target, row_blocks, trapezoid, validate
+from ._utils import (
+    MethodRuns,
+    Substrate,
+    Target,
+    method_inputs,
+    prepare_target,
+    row_blocks,
+    tile_rows,
+    trapezoid,
+    validate,
+)
 from .deletion import perturbation_curve
 
 __all__ = ["completeness_soundness"]
@@ -87,7 +97,7 @@ def completeness_soundness(
     runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
     for rs, bs in row_blocks(n_runs, b, batch_size):
         nr = rs.stop - rs.start
-        rows = x[bs].repeat(nr, *([1] * (x.ndim - 1)))
+        rows = tile_rows(x[bs], nr)
         tgt = labels[first + rs.start : first + rs.stop, bs].reshape(-1)
         a = runs(model, rows, tgt)
         if attributions is not None and a.shape[1:] != attributions.shape[1:]:
@@ -97,7 +107,7 @@ def completeness_soundness(
             )
         maps.append(a.view(nr, bs.stop - bs.start, *a.shape[1:]))
     maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
-    flat_x = x.repeat(labels.shape[0], *([1] * (x.ndim - 1)))
+    flat_x = tile_rows(x, labels.shape[0])
     # the undecorated curve: this call already runs under the metrics' guard (model_left_as_found), on its view
     curve, fr = perturbation_curve.__wrapped__(
         model, flat_x, maps_t.flatten(0, 1), labels.reshape(-1), mode="insertion", substrate=substrate,

@@ -29,6 +29,7 @@ from ._utils import (
     method_inputs,
     prepare_target,
     row_blocks,
+    tile_rows,
     validate,
 )
 
@@ -91,7 +92,7 @@ def _ratios(
         noise = draws.get(rs)[:, bs]
         nr, nb = noise.shape[:2]
         y = (x[bs].unsqueeze(0) + noise).flatten(0, 1)
-        tgt = None if target is None else target[bs].repeat(nr)
+        tgt = None if target is None else tile_rows(target[bs], nr)
         ay = runs(model, y, tgt)
         if attributions is not None and ay.shape[1:] != a0.shape[1:]:
             raise ValueError(
