@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.batching import BatchSize, _structure_changed, resolve_batch_size
 from ..._internal.ops import rankdata, spearman_to
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
@@ -55,7 +55,13 @@ _NORM_NAMES = _subclass_names(_NORMS)  # TorchScript modules keep their class na
 
 def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules owning parameters directly, in registration (input-to-output) order."""
-    return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    return [(n, m) for n, m in model.named_modules() if _owns_parameters(m)]
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):  # its _parameters is a wrapper of the compiled module's
+        return next(module.parameters(recurse=False), None) is not None
+    return any(p is not None for p in module._parameters.values())  # parameters(recurse=False), without a walk
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -70,16 +76,16 @@ def _fresh_parameters(module: nn.Module, generator: torch.Generator) -> dict[str
     ≥2-D weight: N(0, 1)). Each is a fresh contiguous tensor: in-place draws fill memory order, so a
     channels_last weight would get other values at each index than the same weight stored contiguously.
     Fresh tensors that do not require grad: no grad mode needed."""
-    params = {n: p for n, p in module._parameters.items() if p is not None}
-    big = [p for p in params.values() if p.ndim >= 2]
-    fan_in = big[0][0].numel() if big else None
+    params = [(n, p) for n, p in module._parameters.items() if p is not None]
+    # fan-in: the elements of one output row of the first >=2-D parameter (p[0].numel(), without a view)
+    fan_in = next((math.prod(p.shape[1:]) for _, p in params if p.ndim >= 2), None)
     out = {}
-    for name, p in params.items():
+    for name, p in params:
         fresh = torch.empty(p.shape, dtype=p.dtype, device=p.device)
         if p.ndim < 2 and fan_in is None:
             fresh.normal_(generator=generator)
         else:
-            bound = 1.0 / math.sqrt(max(1, p[0].numel() if p.ndim >= 2 else fan_in))
+            bound = 1.0 / math.sqrt(max(1, math.prod(p.shape[1:]) if p.ndim >= 2 else fan_in))
             fresh.uniform_(-bound, bound, generator=generator)
         out[name] = fresh
     return out
@@ -153,9 +159,14 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     def put(owner: nn.Module, name: str, is_buffer: bool, t: Tensor) -> None:
         if is_buffer:  # straight into the buffer dict: setattr would turn a Parameter into a parameter slot
             owner._buffers[name] = t
-        elif type(owner).__setattr__ is nn.Module.__setattr__ and owner._parameters.get(name) is not None and (
-            not global_hooks
-        ):  # what setattr of a Parameter into an existing slot does, without its checks (a third of a swap)
+        elif (
+            type(owner).__setattr__ is nn.Module.__setattr__
+            and owner._parameters.get(name) is not None
+            and all(h is _structure_changed for h in global_hooks.values())
+        ):  # what setattr of a Parameter into an existing slot does, without its checks (a third of a swap).
+            # The one global hook allowed is the package's own structure counter (installed on first use):
+            # a swap keeps every module, shape, dtype and device, so it is no structure change, and telling
+            # the counter would make the next method call walk the whole model again
             owner._parameters[name] = t
         else:  # setattr: modules that keep other references to their weights (nn.LSTM) follow
             setattr(owner, name, t)
