@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, _structure_changed, resolve_batch_size
-from ..._internal.ops import rankdata, spearman_to
+from ..._internal.ops import rankdata
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
 from ._utils import MethodRuns, Target, check_finite_map, method_inputs, prepare_target, row_blocks, validate
@@ -287,21 +287,29 @@ def model_randomisation(
     def gen(name: str) -> torch.Generator:
         return layer_generator(device, seed, index[name])
 
-    # the trained maps are ranked, centred and normed once for every step. Each step's maps are kept and
-    # ranked together with the next steps' (one sort of all their rows and one product with the trained
-    # ranks, instead of a sort's fixed cost per step), in groups of at most _RANK_ELEMENTS map elements, so
-    # memory stays bounded whatever the depth
+    # Each step's maps are kept and ranked together with the next steps' (one sort of all their rows instead
+    # of a sort's fixed cost per step; the trained maps ride along in the first group, so they cost no sort
+    # of their own), in groups of at most _RANK_ELEMENTS map elements, so memory stays bounded whatever the
+    # depth. Spearman = Pearson of the average ranks, whose mean is (n + 1) / 2 in every row: centred ranks,
+    # one product per row with the trained ones; 0 where either side is constant (as ops.spearman_to)
     n_el = a0[0].numel()
-    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_((n_el + 1) / 2)
-    ss0 = torch.linalg.vecdot(r0, r0)
-    pending: list[Tensor] = []
+    pending: list[Tensor] = [a0]
+    trained: list[Tensor] = []  # [centred ranks of the trained maps (B, n), their sums of squares (B,)]
     rows: list[Tensor] = []
 
     def flush() -> None:
-        if pending:
-            q = torch.stack(pending).reshape(len(pending), b, n_el).to(a0.dtype)
-            rows.extend(spearman_to(r0.expand(q.shape), ss0, q.abs() if abs else q).unbind(0))
-            pending.clear()
+        if not pending:
+            return
+        q = torch.stack([p.to(a0.dtype) for p in pending]).reshape(len(pending), b, n_el)
+        r = rankdata(q.abs() if abs else q).sub_((n_el + 1) / 2)
+        pending.clear()
+        if not trained:
+            trained.extend((r[0], torch.linalg.vecdot(r[0], r[0])))
+            r = r[1:]
+        if r.shape[0]:
+            den = (trained[1] * torch.linalg.vecdot(r, r)).sqrt()
+            rho = torch.linalg.vecdot(r, trained[0].expand_as(r)) / den.clamp_min(1e-300)
+            rows.extend(torch.where(den > 0, rho, 0.0).unbind(0))
 
     def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> None:
         for n in names:
