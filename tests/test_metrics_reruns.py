@@ -121,14 +121,17 @@ def test_local_lipschitz_reruns_equal_a_loop_over_the_draws(net, monkeypatch) ->
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
 
 
-def test_soundness_reruns_equal_the_public_entry_every_time(monkeypatch) -> None:
+@pytest.mark.parametrize("batch_size", [4, None])  # blocks of part of a label's rows / of whole labels
+@pytest.mark.parametrize("given", [False, True])
+def test_soundness_reruns_equal_the_public_entry_every_time(monkeypatch, batch_size, given) -> None:
     model = _mlp()
     x, y = _data(model)
     method = Saliency(batch_size=4)  # the other labels' rows in several calls
     public = lambda m, inp, t: method(m, inp, t)  # noqa: E731  (a function: the public entry every run)
-    ref = MF.completeness_soundness(model, x, y, public, n_other=2, batch_size=4)
+    a = method(model, x, y) if given else None
+    ref = MF.completeness_soundness(model, x, y, public, a, n_other=2, batch_size=batch_size)
     counting = _Counting(monkeypatch)
-    ours = MF.completeness_soundness(model, x, y, method, n_other=2, batch_size=4)
+    ours = MF.completeness_soundness(model, x, y, method, a, n_other=2, batch_size=batch_size)
     assert counting.n == 1
     for o, r in zip(ours, ref):
         torch.testing.assert_close(o, r, rtol=0, atol=0)

@@ -59,9 +59,13 @@ FEATURES = ("auto", "pixel", "element")
 OUTPUTS = ("probability", "logit", "sigmoid")
 
 
-def validate(inputs: Tensor, attributions: Tensor | None = None, target: Tensor | None = None) -> None:
-    """Check inputs, the map's shape (input-shaped, or one channel broadcast over channels) and target."""
-    check_inputs(inputs)
+def validate(
+    inputs: Tensor, attributions: Tensor | None = None, target: Tensor | None = None, *, inputs_checked: bool = False
+) -> None:
+    """Check inputs, the map's shape (input-shaped, or one channel broadcast over channels) and target.
+    ``inputs_checked``: :func:`prepare_target` has checked the inputs already (not again: a pass over them)."""
+    if not inputs_checked:
+        check_inputs(inputs)
     if attributions is not None:
         broadcast_map(attributions, inputs)
         check_finite_map(attributions)

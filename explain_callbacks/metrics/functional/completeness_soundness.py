@@ -77,7 +77,7 @@ def completeness_soundness(
             f"completeness/soundness compare the explained class with the other classes of a classifier; got the "
             f"target operator {target!r}. Use deletion/insertion, mufidelity or infidelity for such targets."
         )
-    validate(inputs, attributions, target)
+    validate(inputs, attributions, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
     b = x.shape[0]
     with torch.no_grad():
@@ -106,7 +106,10 @@ def completeness_soundness(
                 f"{tuple(a.shape[1:])} per sample); pass the maps the same method produced, or attributions=None."
             )
         maps.append(a.view(nr, bs.stop - bs.start, *a.shape[1:]))
-    maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
+    if all(m.shape[1] == b for m in maps):  # blocks of whole runs (batch_size >= B): in label order already
+        maps_t = maps[0] if len(maps) == 1 else torch.cat([m.to(maps[0].dtype) for m in maps])  # as _assemble
+    else:
+        maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
     flat_x = tile_rows(x, labels.shape[0])
     # the undecorated curve: this call already runs under the metrics' guard (model_left_as_found), on its view
     curve, fr = perturbation_curve.__wrapped__(

@@ -264,7 +264,7 @@ def model_randomisation(
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
     target = prepare_target(model, inputs, target)
-    validate(inputs, None, target)
+    validate(inputs, None, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
     b = x.shape[0]
     runs = MethodRuns(method)  # checked once, then re-run without repeating the checks

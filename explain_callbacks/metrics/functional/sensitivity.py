@@ -77,7 +77,7 @@ def _ratios(
 ) -> Tensor:
     """(R, B) ratios ‖A(y) − A(x)‖ / ‖A(x)‖ (or / ‖y − x‖ when ``lipschitz``)."""
     target = prepare_target(model, inputs, target)
-    validate(inputs, None, target)
+    validate(inputs, None, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
     b = x.shape[0]
     runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
