@@ -38,7 +38,20 @@ __all__ = ["avg_sensitivity", "local_lipschitz", "max_sensitivity", "sensitivity
 Method = Callable[..., Tensor]
 
 
-def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | None, seed: int) -> tuple[RunDraws, int]:
+class _GivenDraws:
+    """Explicit perturbations (B, R, *input_shape): runs ``rs`` as (len(rs), B, ...), one view of them (what
+    :class:`RunDraws` of ``lambda r: p[:, r]`` stacks run by run)."""
+
+    def __init__(self, p: Tensor) -> None:
+        self.p = p
+
+    def get(self, rs: slice) -> Tensor:
+        return self.p[:, rs].transpose(0, 1)
+
+
+def _draws(
+    x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | None, seed: int
+) -> tuple[RunDraws | _GivenDraws, int]:
     if perturbations is None and n < 1:
         raise ValueError(f"n_samples must be >= 1 (draws per sample), got {n}.")
     if perturbations is not None:
@@ -52,7 +65,7 @@ def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | N
             raise ValueError("perturbations hold no draw (R = 0); pass at least one per sample.")
         if not all_finite(p):  # checked here once: the method's re-runs on x + δ do not check their inputs again
             raise ValueError("perturbations contain NaN or Inf; pass finite noise δ (B, R, *input_shape).")
-        return RunDraws(lambda r: p[:, r]), p.shape[1]
+        return _GivenDraws(p), p.shape[1]
     g = make_generator(x.device, seed)
     if kind == "uniform":
         return RunDraws(lambda r: (torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * scale), n
@@ -102,7 +115,7 @@ def _ratios(
         ay = ay.reshape(nr, nb, -1).double()
         num = torch.linalg.vector_norm(ay - a0f[bs].unsqueeze(0), ord=_ord(norm), dim=-1)
         if lipschitz:
-            den = torch.linalg.vector_norm(noise.reshape(nr, nb, -1).double(), ord=_ord(norm), dim=-1)
+            den = torch.linalg.vector_norm(noise.reshape(nr, nb, -1), ord=_ord(norm), dim=-1, dtype=torch.float64)
         else:
             den = torch.linalg.vector_norm(a0f[bs], ord=_ord(norm), dim=-1).unsqueeze(0)
             den = torch.where(den == 0, torch.ones_like(den), den)  # Captum's convention
