@@ -37,7 +37,7 @@ def completeness_error(
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
     target = prepare_target(model, inputs, target)
-    validate(inputs, attributions, target)
+    validate(inputs, attributions, target, inputs_checked=True)  # prepare_target checked them
     x = inputs.detach()
     base = make_substrate(baseline, x, blur_sigma=blur_sigma).to(x.dtype)
     b = x.shape[0]

@@ -26,7 +26,17 @@ from torch import Tensor, nn
 from ..._internal.batching import BatchSize, chunks, resolve_batch_size
 from ..._internal.outputs import read_scores
 from ._guard import model_left_as_found
-from ._utils import Substrate, Target, method_grad, method_inputs, prepare_target, row_blocks, trapezoid, validate
+from ._utils import (
+    MethodRuns,
+    Substrate,
+    Target,
+    method_inputs,
+    prepare_target,
+    row_blocks,
+    tile_rows,
+    trapezoid,
+    validate,
+)
 from .deletion import perturbation_curve
 
 __all__ = ["completeness_soundness"]
@@ -67,7 +77,7 @@ def completeness_soundness(
             f"completeness/soundness compare the explained class with the other classes of a classifier; got the "
             f"target operator {target!r}. Use deletion/insertion, mufidelity or infidelity for such targets."
         )
-    validate(inputs, attributions, target)
+    validate(inputs, attributions, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
     b = x.shape[0]
     with torch.no_grad():
@@ -84,20 +94,23 @@ def completeness_soundness(
     if attributions is not None:
         maps.append(attributions.detach().to(x.device).unsqueeze(0).expand(1, *attributions.shape))
     n_runs = labels.shape[0] - first
+    runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
     for rs, bs in row_blocks(n_runs, b, batch_size):
         nr = rs.stop - rs.start
-        rows = x[bs].repeat(nr, *([1] * (x.ndim - 1)))
+        rows = tile_rows(x[bs], nr)
         tgt = labels[first + rs.start : first + rs.stop, bs].reshape(-1)
-        with method_grad():
-            a = method(model, rows, tgt).detach()
+        a = runs(model, rows, tgt)
         if attributions is not None and a.shape[1:] != attributions.shape[1:]:
             raise ValueError(
                 f"attributions of shape {tuple(attributions.shape)} are not this method's maps (it gives "
                 f"{tuple(a.shape[1:])} per sample); pass the maps the same method produced, or attributions=None."
             )
         maps.append(a.view(nr, bs.stop - bs.start, *a.shape[1:]))
-    maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
-    flat_x = x.repeat(labels.shape[0], *([1] * (x.ndim - 1)))
+    if all(m.shape[1] == b for m in maps):  # blocks of whole runs (batch_size >= B): in label order already
+        maps_t = maps[0] if len(maps) == 1 else torch.cat([m.to(maps[0].dtype) for m in maps])  # as _assemble
+    else:
+        maps_t = _assemble(maps, n_runs + first, b, rows_first=first, batch_size=batch_size)
+    flat_x = tile_rows(x, labels.shape[0])
     # the undecorated curve: this call already runs under the metrics' guard (model_left_as_found), on its view
     curve, fr = perturbation_curve.__wrapped__(
         model, flat_x, maps_t.flatten(0, 1), labels.reshape(-1), mode="insertion", substrate=substrate,

@@ -28,11 +28,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..._internal.batching import BatchSize, resolve_batch_size
-from ..._internal.ops import rankdata, spearman_to
+from ..._internal.batching import BatchSize, _structure_changed, resolve_batch_size
+from ..._internal.ops import rankdata
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import Target, check_finite_map, method_grad, method_inputs, prepare_target, row_blocks, validate
+from ._utils import MethodRuns, Target, check_finite_map, method_inputs, prepare_target, row_blocks, validate
 
 __all__ = ["layer_generator", "model_randomisation", "randomisable_layers", "randomise_layer", "randomised_view"]
 
@@ -55,7 +55,13 @@ _NORM_NAMES = _subclass_names(_NORMS)  # TorchScript modules keep their class na
 
 def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules owning parameters directly, in registration (input-to-output) order."""
-    return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    return [(n, m) for n, m in model.named_modules() if _owns_parameters(m)]
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):  # its _parameters is a wrapper of the compiled module's
+        return next(module.parameters(recurse=False), None) is not None
+    return any(p is not None for p in module._parameters.values())  # parameters(recurse=False), without a walk
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -70,16 +76,16 @@ def _fresh_parameters(module: nn.Module, generator: torch.Generator) -> dict[str
     ≥2-D weight: N(0, 1)). Each is a fresh contiguous tensor: in-place draws fill memory order, so a
     channels_last weight would get other values at each index than the same weight stored contiguously.
     Fresh tensors that do not require grad: no grad mode needed."""
-    params = {n: p for n, p in module._parameters.items() if p is not None}
-    big = [p for p in params.values() if p.ndim >= 2]
-    fan_in = big[0][0].numel() if big else None
+    params = [(n, p) for n, p in module._parameters.items() if p is not None]
+    # fan-in: the elements of one output row of the first >=2-D parameter (p[0].numel(), without a view)
+    fan_in = next((math.prod(p.shape[1:]) for _, p in params if p.ndim >= 2), None)
     out = {}
-    for name, p in params.items():
+    for name, p in params:
         fresh = torch.empty(p.shape, dtype=p.dtype, device=p.device)
         if p.ndim < 2 and fan_in is None:
             fresh.normal_(generator=generator)
         else:
-            bound = 1.0 / math.sqrt(max(1, p[0].numel() if p.ndim >= 2 else fan_in))
+            bound = 1.0 / math.sqrt(max(1, math.prod(p.shape[1:]) if p.ndim >= 2 else fan_in))
             fresh.uniform_(-bound, bound, generator=generator)
         out[name] = fresh
     return out
@@ -153,9 +159,14 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     def put(owner: nn.Module, name: str, is_buffer: bool, t: Tensor) -> None:
         if is_buffer:  # straight into the buffer dict: setattr would turn a Parameter into a parameter slot
             owner._buffers[name] = t
-        elif type(owner).__setattr__ is nn.Module.__setattr__ and owner._parameters.get(name) is not None and (
-            not global_hooks
-        ):  # what setattr of a Parameter into an existing slot does, without its checks (a third of a swap)
+        elif (
+            type(owner).__setattr__ is nn.Module.__setattr__
+            and owner._parameters.get(name) is not None
+            and all(h is _structure_changed for h in global_hooks.values())
+        ):  # what setattr of a Parameter into an existing slot does, without its checks (a third of a swap).
+            # The one global hook allowed is the package's own structure counter (installed on first use):
+            # a swap keeps every module, shape, dtype and device, so it is no structure change, and telling
+            # the counter would make the next method call walk the whole model again
             owner._parameters[name] = t
         else:  # setattr: modules that keep other references to their weights (nn.LSTM) follow
             setattr(owner, name, t)
@@ -215,12 +226,11 @@ def layer_generator(device: torch.device, seed: int, layer_index: int) -> torch.
     return make_generator(device, (seed + 1) * 1_000_003 + 7919 * (layer_index + 1))
 
 
-def _maps(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor | None, bs: int | None) -> Tensor:
-    parts = []
-    with method_grad():
-        for _, sl in row_blocks(1, x.shape[0], bs):
-            parts.append(method(model, x[sl], None if target is None else target[sl]).detach())
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _maps(runs: MethodRuns, model: nn.Module, x: Tensor, target: Tensor | None, bs: int | None) -> Tensor:
+    if bs is None or bs >= x.shape[0]:  # one block (the method chunks its own calls)
+        return runs(model, x, target)
+    parts = [runs(model, x[sl], None if target is None else target[sl]) for _, sl in row_blocks(1, x.shape[0], bs)]
+    return torch.cat(parts)
 
 
 @model_left_as_found
@@ -254,10 +264,11 @@ def model_randomisation(
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
     target = prepare_target(model, inputs, target)
-    validate(inputs, None, target)
+    validate(inputs, None, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
     b = x.shape[0]
-    a0 = _maps(method, model, x, target, batch_size) if attributions is None else attributions.detach().to(x.device)
+    runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
+    a0 = _maps(runs, model, x, target, batch_size) if attributions is None else attributions.detach().to(x.device)
     check_finite_map(a0)  # NaN ranks would correlate as numbers
     all_layers = randomisable_layers(model)
     index = {n: i for i, (n, _) in enumerate(all_layers)}
@@ -276,26 +287,34 @@ def model_randomisation(
     def gen(name: str) -> torch.Generator:
         return layer_generator(device, seed, index[name])
 
-    # the trained maps are ranked, centred and normed once for every step. Each step's maps are kept and
-    # ranked together with the next steps' (one sort of all their rows and one product with the trained
-    # ranks, instead of a sort's fixed cost per step), in groups of at most _RANK_ELEMENTS map elements, so
-    # memory stays bounded whatever the depth
+    # Each step's maps are kept and ranked together with the next steps' (one sort of all their rows instead
+    # of a sort's fixed cost per step; the trained maps ride along in the first group, so they cost no sort
+    # of their own), in groups of at most _RANK_ELEMENTS map elements, so memory stays bounded whatever the
+    # depth. Spearman = Pearson of the average ranks, whose mean is (n + 1) / 2 in every row: centred ranks,
+    # one product per row with the trained ones; 0 where either side is constant (as ops.spearman_to)
     n_el = a0[0].numel()
-    r0 = rankdata((a0.abs() if abs else a0).reshape(b, -1)).sub_((n_el + 1) / 2)
-    ss0 = torch.linalg.vecdot(r0, r0)
-    pending: list[Tensor] = []
+    pending: list[Tensor] = [a0]
+    trained: list[Tensor] = []  # [centred ranks of the trained maps (B, n), their sums of squares (B,)]
     rows: list[Tensor] = []
 
     def flush() -> None:
-        if pending:
-            q = torch.stack(pending).reshape(len(pending), b, n_el).to(a0.dtype)
-            rows.extend(spearman_to(r0.expand(q.shape), ss0, q.abs() if abs else q).unbind(0))
-            pending.clear()
+        if not pending:
+            return
+        q = torch.stack([p.to(a0.dtype) for p in pending]).reshape(len(pending), b, n_el)
+        r = rankdata(q.abs() if abs else q).sub_((n_el + 1) / 2)
+        pending.clear()
+        if not trained:
+            trained.extend((r[0], torch.linalg.vecdot(r[0], r[0])))
+            r = r[1:]
+        if r.shape[0]:
+            den = (trained[1] * torch.linalg.vecdot(r, r)).sqrt()
+            rho = torch.linalg.vecdot(r, trained[0].expand_as(r)) / den.clamp_min(1e-300)
+            rows.extend(torch.where(den > 0, rho, 0.0).unbind(0))
 
     def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> None:
         for n in names:
             view[1](n, gen(n))
-        a = _maps(method, view[0], x, target, batch_size)
+        a = _maps(runs, view[0], x, target, batch_size)
         if a.shape != a0.shape:
             raise ValueError(
                 f"the method's maps have shape {tuple(a.shape)} but attributions= has {tuple(a0.shape)}; pass "

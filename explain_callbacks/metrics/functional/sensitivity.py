@@ -18,21 +18,40 @@ import torch
 from torch import Tensor, nn
 
 from ..._internal.batching import BatchSize, resolve_batch_size
+from ..._internal.checks import all_finite
 from ...attribution.base import make_generator
 from ._guard import model_left_as_found
-from ._utils import RunDraws, Target, check_finite_map, method_grad, method_inputs, prepare_target, row_blocks, validate
+from ._utils import (
+    MethodRuns,
+    RunDraws,
+    Target,
+    check_finite_map,
+    method_inputs,
+    prepare_target,
+    row_blocks,
+    tile_rows,
+    validate,
+)
 
 __all__ = ["avg_sensitivity", "local_lipschitz", "max_sensitivity", "sensitivity"]
 
 Method = Callable[..., Tensor]
 
 
-def _explain(method: Method, model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
-    with method_grad():
-        return method(model, x, target).detach()
+class _GivenDraws:
+    """Explicit perturbations (B, R, *input_shape): runs ``rs`` as (len(rs), B, ...), one view of them (what
+    :class:`RunDraws` of ``lambda r: p[:, r]`` stacks run by run)."""
+
+    def __init__(self, p: Tensor) -> None:
+        self.p = p
+
+    def get(self, rs: slice) -> Tensor:
+        return self.p[:, rs].transpose(0, 1)
 
 
-def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | None, seed: int) -> tuple[RunDraws, int]:
+def _draws(
+    x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | None, seed: int
+) -> tuple[RunDraws | _GivenDraws, int]:
     if perturbations is None and n < 1:
         raise ValueError(f"n_samples must be >= 1 (draws per sample), got {n}.")
     if perturbations is not None:
@@ -44,7 +63,9 @@ def _draws(x: Tensor, n: int, kind: str, scale: float, perturbations: Tensor | N
             )
         if p.shape[1] < 1:
             raise ValueError("perturbations hold no draw (R = 0); pass at least one per sample.")
-        return RunDraws(lambda r: p[:, r]), p.shape[1]
+        if not all_finite(p):  # checked here once: the method's re-runs on x + δ do not check their inputs again
+            raise ValueError("perturbations contain NaN or Inf; pass finite noise δ (B, R, *input_shape).")
+        return _GivenDraws(p), p.shape[1]
     g = make_generator(x.device, seed)
     if kind == "uniform":
         return RunDraws(lambda r: (torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * scale), n
@@ -69,10 +90,11 @@ def _ratios(
 ) -> Tensor:
     """(R, B) ratios ‖A(y) − A(x)‖ / ‖A(x)‖ (or / ‖y − x‖ when ``lipschitz``)."""
     target = prepare_target(model, inputs, target)
-    validate(inputs, None, target)
+    validate(inputs, None, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
     b = x.shape[0]
-    a0 = _explain(method, model, x, target) if attributions is None else attributions.detach().to(x.device)
+    runs = MethodRuns(method)  # checked once, then re-run without repeating the checks
+    a0 = runs(model, x, target) if attributions is None else attributions.detach().to(x.device)
     if a0.shape[0] != b:
         raise ValueError(f"attributions have {a0.shape[0]} samples, inputs {b}.")
     check_finite_map(a0)  # a NaN map has no distance to anything: every ratio would be NaN
@@ -83,8 +105,8 @@ def _ratios(
         noise = draws.get(rs)[:, bs]
         nr, nb = noise.shape[:2]
         y = (x[bs].unsqueeze(0) + noise).flatten(0, 1)
-        tgt = None if target is None else target[bs].repeat(nr)
-        ay = _explain(method, model, y, tgt)
+        tgt = None if target is None else tile_rows(target[bs], nr)
+        ay = runs(model, y, tgt)
         if attributions is not None and ay.shape[1:] != a0.shape[1:]:
             raise ValueError(
                 f"attributions of shape {tuple(a0.shape)} are not this method's maps (it gives "
@@ -93,7 +115,7 @@ def _ratios(
         ay = ay.reshape(nr, nb, -1).double()
         num = torch.linalg.vector_norm(ay - a0f[bs].unsqueeze(0), ord=_ord(norm), dim=-1)
         if lipschitz:
-            den = torch.linalg.vector_norm(noise.reshape(nr, nb, -1).double(), ord=_ord(norm), dim=-1)
+            den = torch.linalg.vector_norm(noise.reshape(nr, nb, -1), ord=_ord(norm), dim=-1, dtype=torch.float64)
         else:
             den = torch.linalg.vector_norm(a0f[bs], ord=_ord(norm), dim=-1).unsqueeze(0)
             den = torch.where(den == 0, torch.ones_like(den), den)  # Captum's convention
