@@ -95,7 +95,7 @@ def test_budget_and_tolerance_bound_the_search():
     with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024, min_gain=0.0):
         choice = choose_rows("auto", model, x, kind="forward")
         assert [r for r, _ in choice.timings] == [256, 512, 1024] and choice.rows == 1024
-    # by default a doubling that gains less than 5 % per row ends the search (the next would cost twice
+    # by default a doubling that gains less than 2 % per row ends the search (the next would cost twice
     # the rows to time for less): flat costs stop at the first doubling, the larger of equals kept
     with auto_rows(measure=True, clock=clock, budget_s=1e9, rows_max=1024):
         choice = choose_rows("auto", model, x, kind="forward")

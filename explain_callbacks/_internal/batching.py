@@ -345,9 +345,9 @@ class AutoRows:
     measure: bool = os.environ.get("EXPLAIN_CALLBACKS_AUTO_ROWS", "measure") != "rule"
     clock: Callable[[], float] | None = None
     repeats: int = 2
-    budget_s: float = 3.0
+    budget_s: float = 1.0
     tolerance: float = 0.05
-    min_gain: float = 0.05
+    min_gain: float = 0.02
     rows_max: int = 1024
     elements_max: int = 1 << 27
 
