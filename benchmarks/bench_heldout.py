@@ -406,11 +406,16 @@ def metric_cases(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, sal: Any, bs
         lambda: MF.fragility(model, x, y, sal, a, steps=n_att),
         note="bare: each attack step's double backward replayed as one (ReLU as softplus, as the attack)",
     )
-    n_layers = len(randomisable_layers(model))
-    add(f"randomisation (cascade, {n_layers} layers)",
-        lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True, batch_size=bs),
+    layers = randomisable_layers(model)
+    # Quantus MPRT's draws (each layer's reset_parameters after torch.manual_seed(43)) where every layer has one
+    resets = all(callable(getattr(m, "reset_parameters", None)) for _, m in layers)
+    draws = {"draws": "reset_parameters", "seed": 42} if resets else {}
+    add(f"randomisation (cascade, {len(layers)} layers)",
+        lambda: MF.model_randomisation(model, x, y, sal, a, return_cascade=True, batch_size=bs, **draws),
         lambda: q_call(quantus.MPRT(return_last_correlation=True, disable_warnings=True), explain_func=q_explain)(),
-        ours_value=lambda v: v[1][-1], note="different re-initialisation: values not comparable")  # fmt: skip
+        ours_value=lambda v: v[1][-1],
+        note="draws='reset_parameters', seed=42: Quantus MPRT's draws" if resets
+        else "seeded draws (a layer without reset_parameters): values not comparable")  # fmt: skip
     return cases
 
 

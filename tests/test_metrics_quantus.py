@@ -140,3 +140,37 @@ def test_explainer_robustness_equals_quantus_with_the_same_noise(monkeypatch, na
                           explain_func=explain, device="cpu"))  # fmt: skip
     ours = getattr(MF, name)(model, x, y, sal, a, perturbations=noise)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-4, atol=TOL)
+
+
+def test_randomisation_with_reset_draws_equals_quantus_mprt():
+    """Cascading randomisation (Adebayo et al. 2018) with ``draws="reset_parameters"`` re-draws each layer as
+    Quantus' MPRT (``torch.manual_seed(seed + 1)``, then the layer's ``reset_parameters()``): equal values, and
+    the global RNG left as found (Quantus moves it)."""
+    from explain_callbacks.attribution import Saliency
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16),
+        nn.ReLU(), nn.Linear(16, 4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # trained-looking statistics, so that the reset of BatchNorm changes the maps
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x, _, y = _data()
+    sal = Saliency()
+    a = sal(model, x, y).detach()
+
+    def explain(model, inputs, targets, **_):
+        return sal(model, torch.as_tensor(inputs), torch.as_tensor(targets).long()).detach().numpy()
+
+    state = torch.get_rng_state()
+    ours = MF.model_randomisation(model, x, y, sal, a, draws="reset_parameters", seed=42)
+    assert torch.equal(torch.get_rng_state(), state)
+    q = quantus.MPRT(return_last_correlation=True, disable_warnings=True)  # seed=42, top-down, |A|, Spearman
+    ref = np.array(_quiet(q, model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy().copy(),
+                          explain_func=explain, device="cpu"))  # fmt: skip
+    np.testing.assert_allclose(ours.numpy(), ref.reshape(-1), rtol=1e-5, atol=TOL)
+    # the seeded default draws other weights: other values (the check is not vacuous)
+    assert not np.allclose(MF.model_randomisation(model, x, y, sal, a, seed=42).numpy(), ref.reshape(-1), atol=1e-3)
+    with pytest.raises(ValueError, match="draws must be"):
+        MF.model_randomisation(model, x, y, sal, a, draws="global")

@@ -291,3 +291,22 @@ def test_steps_ranked_together_or_in_groups_equal_the_step_by_step_reference(mon
     torch.testing.assert_close(rows, _reference(model, x, y, _raw_gradient, a0, names), rtol=0, atol=1e-12)
     full = MF.model_randomisation(model, x, y, _raw_gradient, a0)
     torch.testing.assert_close(full, rows[-1], rtol=0, atol=1e-12)
+
+
+def test_reset_draws_name_layers_without_reset_parameters():
+    """draws="reset_parameters" needs each randomised layer's own initialisation: a layer without one is named."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.w
+
+    model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Linear(4, 2)).eval()
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"\['1'\] have none"):
+        MF.model_randomisation(model, x, y, Saliency(), draws="reset_parameters")
+    rho = MF.model_randomisation(model, x, y, Saliency(), draws="reset_parameters", layers=["0", "2"])
+    assert rho.shape == (5,) and torch.isfinite(rho).all()

@@ -232,7 +232,9 @@ class Randomisation(CurveStates, ExplainerMetric):
     With ``cascade=True`` every step of the cascade is computed (one method call per layer): ``curve``
     holds the mean correlation after each layer (top-down; over every process after ``compute`` under
     DDP), ``curve_x`` the fraction of layers randomised and ``layer_names`` their names; the reported
-    value is still the last step.
+    value is still the last step. ``draws="reset_parameters"`` re-draws each layer as Quantus' ``MPRT`` does
+    (its own ``reset_parameters()`` after ``torch.manual_seed(seed + 1)``, the global RNG left as found): with
+    ``seed=`` Quantus' seed the values are equal.
     """
 
     short_name = "randomisation"
@@ -244,11 +246,14 @@ class Randomisation(CurveStates, ExplainerMetric):
         abs: bool = True,
         layers: list[str] | None = None,
         seed: int = 0,
+        draws: str = "seeded",
         batch_size: BatchSize = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
-        self.cascade, self.abs, self.layers, self.seed = cascade, abs, layers, seed
+        if draws not in ("seeded", "reset_parameters"):
+            raise ValueError(f"draws must be 'seeded' or 'reset_parameters', got {draws!r}.")
+        self.cascade, self.abs, self.layers, self.seed, self.draws = cascade, abs, layers, seed, draws
         self.curve: Tensor | None = None
         self.curve_x: Tensor | None = None
         self.layer_names: list[str] = []
@@ -267,7 +272,7 @@ class Randomisation(CurveStates, ExplainerMetric):
         self, model: nn.Module, inputs: Tensor, target: Tensor | None, method: Any, attributions: Tensor | None,
         masks: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        kw = dict(abs=self.abs, layers=self.layers, seed=self.seed, batch_size=self.batch_size)
+        kw = dict(abs=self.abs, layers=self.layers, seed=self.seed, draws=self.draws, batch_size=self.batch_size)
         if not self.cascade:
             return model_randomisation(model, inputs, target, method, attributions, **kw)
         names, rows = model_randomisation(model, inputs, target, method, attributions, return_cascade=True, **kw)

@@ -106,7 +106,7 @@ def randomise_layer(module: nn.Module, generator: torch.Generator) -> None:
         module._parameters[name].copy_(fresh)
 
 
-Randomise = Callable[[str, torch.Generator], None]
+Randomise = Callable[[str, torch.Generator | None], None]
 
 
 def _deepcopy_sharing_trainer(model: nn.Module) -> nn.Module:
@@ -125,7 +125,9 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     """A context in which layers of ``model`` can be re-initialised without touching its tensors.
 
     Yields ``(view, randomise)``: run the method on ``view``; ``randomise(name, generator)`` re-draws the
-    layer ``name`` (of :func:`randomisable_layers`) with :func:`randomise_layer`. ``view`` is ``model``
+    layer ``name`` (of :func:`randomisable_layers`) with :func:`randomise_layer`; ``randomise(name, None)``
+    calls the layer's own ``reset_parameters()`` on the clones, drawing from the global RNG (fork and seed it
+    around the call). ``view`` is ``model``
     itself: the layer's parameters (in every slot that shares them, so tied weights stay tied) and
     buffers are replaced by clones, which are then re-drawn in place. On entry every buffer of the model
     is replaced by a clone as well (a forward pass in training mode updates BatchNorm statistics in
@@ -140,7 +142,11 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     if any(isinstance(m, torch.jit.ScriptModule) for m in mods.values()):
         copy_ = _deepcopy_sharing_trainer(model)
         copies = dict(copy_.named_modules())
-        yield copy_, lambda name, generator: randomise_layer(copies[name], generator)
+        def randomise_copy(name: str, generator: torch.Generator | None) -> None:
+            with torch.no_grad():
+                copies[name].reset_parameters() if generator is None else randomise_layer(copies[name], generator)
+
+        yield copy_, randomise_copy
         return
     # id(original tensor) -> the slots holding it: (owner, name, is it a buffer slot)
     slots: dict[int, list[tuple[nn.Module, str, bool]]] = {}
@@ -188,14 +194,17 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
             put(owner, name, is_buffer, new)
 
     @torch.no_grad()
-    def randomise(name: str, generator: torch.Generator) -> None:
+    def randomise(name: str, generator: torch.Generator | None) -> None:
         module = mods[name]
-        if _is_norm(module):  # reset in place, on clones
+        if generator is None or _is_norm(module):  # reset in place, on clones
             for store in (module._parameters, module._buffers):
                 for t in list(store.values()):
                     if t is not None:
                         swap(t)
-            randomise_layer(module, generator)
+            if generator is None:  # the layer's own initialisation, from the global RNG (seeded by the caller)
+                module.reset_parameters()
+            else:
+                randomise_layer(module, generator)
             return
         # the fresh draws go into the slots themselves (no clone of the trained values to overwrite)
         fresh = _fresh_parameters(module, generator)
@@ -246,6 +255,7 @@ def model_randomisation(
     abs: bool = True,
     return_cascade: bool = False,
     seed: int = 0,
+    draws: str = "seeded",
     batch_size: BatchSize = "auto",
 ) -> Tensor | tuple[list[str], Tensor]:
     """Spearman correlation of trained vs randomised maps.
@@ -259,10 +269,18 @@ def model_randomisation(
         attributions: maps of the trained model if already computed.
         layers: names of the layers to randomise (default: every module that owns parameters).
         abs: correlate |A| (the paper's default display) instead of signed maps.
+        seed: the fresh weights' seed.
+        draws: ``"seeded"`` (default): each layer from its own generator (:func:`layer_generator`), the global
+            RNG untouched; ``"reset_parameters"``: each layer's own ``reset_parameters()`` after
+            ``torch.manual_seed(seed + 1)``, in a forked global RNG (left as found) — the draws of Quantus'
+            ``MPRT`` (Hedström et al. 2023) with ``seed=`` its seed, so the two give equal values; every
+            chosen layer needs a ``reset_parameters`` method.
     """
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
+    if draws not in ("seeded", "reset_parameters"):
+        raise ValueError(f"draws must be 'seeded' or 'reset_parameters', got {draws!r}.")
     target = prepare_target(model, inputs, target)
     validate(inputs, None, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
@@ -283,9 +301,35 @@ def model_randomisation(
         raise ValueError("the model has no parameters to randomise.")
     order = list(reversed(chosen))  # top-down
     device = next(model.parameters()).device
+    if draws == "reset_parameters":
+        modules = dict(model.named_modules())
+        no_reset = [n for n in chosen if not callable(getattr(modules[n], "reset_parameters", None))]
+        if no_reset:
+            raise ValueError(
+                f"draws='reset_parameters' needs a reset_parameters() method on every layer randomised; {no_reset} "
+                "have none. Pass layers= without them, or draws='seeded'."
+            )
+    cuda = device.type == "cuda"
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
 
-    def gen(name: str) -> torch.Generator:
-        return layer_generator(device, seed, index[name])
+    def redraw(randomise: Randomise, name: str) -> None:
+        if draws == "seeded":
+            randomise(name, layer_generator(device, seed, index[name]))
+            return
+        if cuda:
+            with torch.random.fork_rng(devices=devices):  # the global RNGs are left as found
+                torch.manual_seed(seed + 1)  # before each layer, as Quantus' random-layer generator
+                randomise(name, None)
+            return
+        # the CPU generator alone: torch.manual_seed also seeds every accelerator (~100 us a layer, as much as an
+        # 8-row pass of a small MLP); the CPU draws are the same
+        cpu = torch.default_generator
+        state = cpu.get_state()
+        try:
+            cpu.manual_seed(seed + 1)
+            randomise(name, None)
+        finally:
+            cpu.set_state(state)
 
     # Each step's maps are kept and ranked together with the next steps' (one sort of all their rows instead
     # of a sort's fixed cost per step; the trained maps ride along in the first group, so they cost no sort
@@ -313,7 +357,7 @@ def model_randomisation(
 
     def randomised_maps(view: tuple[nn.Module, Randomise], names: Sequence[str]) -> None:
         for n in names:
-            view[1](n, gen(n))
+            redraw(view[1], n)
         a = _maps(runs, view[0], x, target, batch_size)
         if a.shape != a0.shape:
             raise ValueError(
