@@ -331,11 +331,11 @@ class AutoRows:
             than the best so far, and the largest candidate within it of the fastest is kept (timings on
             a busy machine are noisy; fewer calls cost less outside the model).
         min_gain: the search also stops at a candidate that is not at least this much faster per row
-            than the one before it (0: no such stop): each further candidate costs twice the rows to time for a smaller
-            gain (on a CPU the time per row flattens after a few dozen rows: a small ResNet measured
-            2.18, 2.10, 2.00, 2.42 ms per row at 18, 36, 72, 144 rows, and timing them all cost 1.3 s,
-            300 times the one-sample explanation that asked). On a GPU the gains of doubling are large
-            and the search goes on.
+            than the one before it (0: no such stop): each further candidate costs twice the rows to time
+            for a smaller gain (on a CPU the time per row flattens after a few dozen rows: a small ResNet
+            measured 2.18, 2.10, 2.00, 2.42 ms per row at 18, 36, 72, 144 rows, and timing them all cost
+            1.3 s, 300 times the one-sample explanation that asked). On a GPU the gains of doubling are
+            large and the search goes on.
         rows_max: the largest candidate.
         elements_max: the memory bound: activation elements per call (the leaf modules' outputs, times
             2 for forward+backward, 4 for double backward) no candidate exceeds; 2**27 float32 elements

@@ -1257,8 +1257,8 @@ class _CDTracer(fx.Tracer):
 
     def _filter_traceback_frames(self, user_stack_summary: traceback.StackSummary) -> traceback.StackSummary:
         """The frames from the first ``forward`` on, outside torch's own files (what :func:`_user_frame`
-        reads). torch.fx's own filter imports ``torch.fx.experimental.symbolic_shapes`` (and with it
-        torch._dynamo) on the first node: 0.6-0.8 s of a monitor's first, budgeted explanation."""
+        reads). torch.fx's own filter calls ``symbolic_shapes.uninteresting_files()``, whose first call
+        imports torch's compiler packages: 0.5-0.8 s of a monitor's first, budgeted explanation."""
         frames = list(user_stack_summary)
         first = next((i for i, f in enumerate(frames) if f.name == "forward"), None)
         if first is None:
