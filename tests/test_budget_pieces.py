@@ -163,14 +163,15 @@ def _influence(tmp_path, monkeypatch, budget, cost, epochs):
 
 
 def test_influence_measures_on_one_row_and_drops_a_step_the_budget_cannot_finish(tmp_path, monkeypatch):
-    """Budget 1/8 of 6 s epochs, 1/16 s per gradient row: epoch 0 measures on the probe and one row, and the 31 rows
-    left (1.94 s) do not fit the 0.69 s left, so its gradients are dropped; the next step is whole, when
-    budget x training - spent - the step's fixed part (the probe's gradients, 0.25 s) covers 32 rows: epoch 3."""
+    """Budget 1/8 of the training time, 1/16 s per gradient row: epoch 0 measures on the probe and
+    one row; no step is in the sum yet, so it completes in growing pieces (a monitor that never completes a step
+    shows nothing). Later steps that do not fit are dropped: the next is whole when budget x training - spent covers
+    the probe's gradients (0.25 s) and 32 rows (2 s): epoch 5, exactly at the budget."""
     mon, pieces = _influence(tmp_path, monkeypatch, 0.125, 1 / 16, 6)
-    assert pieces == [4, 1, 4, 32]
-    assert mon.epochs == [3] and mon.budget_log == [(3, 32)]
-    assert mon._spent == pytest.approx(0.25 + 1 / 16 + 0.25 + 2.0)
-    assert mon._spent <= 0.125 * 36
+    assert pieces == [4, 1, 2, 4, 8, 16, 1, 4, 32]
+    assert mon.epochs == [0, 5] and mon.budget_log == [(0, 32), (5, 32)]
+    assert mon._spent == pytest.approx(0.25 + 1 / 16 + 31 / 16 + 0.25 + 2.0)
+    assert mon._spent <= 0.125 * 36 + 1e-9
 
 
 def test_influence_pieces_sum_to_the_whole_step(tmp_path, monkeypatch):

@@ -87,7 +87,8 @@ class InfluenceMonitor(ProbeCallback):
             due epoch (the paper's checkpoints). The unit of work is one row of the training subset: before a
             measurement the step starts with the probe's gradients and one row, then goes on in pieces that double
             while the budget covers the rows left at the measured cost per row; when it does not, the epoch's
-            gradients are dropped and the epoch left out (so a first step costs at most the budget and one row).
+            gradients are dropped and the epoch left out — except while no step has been added yet: the first step
+            is completed whatever it costs, so that a run shows influence at all (TracIn over one checkpoint).
         **kwargs: :class:`ProbeCallback` arguments (``every_n_epochs``, ``input_key``, ``label_key``,
             ``model_attr``, ``output_key``, ``strict``, ...).
 
@@ -347,13 +348,18 @@ class InfluenceMonitor(ProbeCallback):
         the ``last`` piece's rows, when the budget covers every row left at the measured cost per row (agreed)."""
         if self._first_rows is None:
             return n - done
+        grown = min(n - done, max(1, int(self.budget_growth * last)))
+        if not self.epochs:
+            # no step in the sum yet: this one is completed (in growing pieces) whatever it costs, since a monitor
+            # that never completes a step shows nothing at all (`epochs` is agreed across ranks, like every step)
+            return grown
         times = self._budget_times(trainer, True, "row")
         if times is None:
             return n - done
         allowed, per_row, fixed = times
         if allowed - fixed < per_row * (n - done):
             return 0
-        return min(n - done, max(1, int(self.budget_growth * last)))
+        return grown
 
     def explain(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor | None, target: Tensor | None
