@@ -310,3 +310,28 @@ def test_reset_draws_name_layers_without_reset_parameters():
         MF.model_randomisation(model, x, y, Saliency(), draws="reset_parameters")
     rho = MF.model_randomisation(model, x, y, Saliency(), draws="reset_parameters", layers=["0", "2"])
     assert rho.shape == (5,) and torch.isfinite(rho).all()
+
+
+def test_reset_draws_leave_the_users_tensors_untouched_when_a_reset_reaches_children():
+    """A layer whose reset_parameters() also re-initialises a child: the child's tensors are clones too, so the
+    user's weights keep their values and objects."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+            self.inner = nn.Linear(4, 4)
+
+        def reset_parameters(self) -> None:
+            nn.init.ones_(self.scale)
+            nn.init.normal_(self.inner.weight)
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 4), Block(), nn.Linear(4, 2)).eval()
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    MF.model_randomisation(model, x, y, Saliency(), draws="reset_parameters", layers=["0", "1", "2"])
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and torch.equal(p, before[n][1]), n

@@ -196,15 +196,18 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
     @torch.no_grad()
     def randomise(name: str, generator: torch.Generator | None) -> None:
         module = mods[name]
-        if generator is None or _is_norm(module):  # reset in place, on clones
+        if generator is None:  # the layer's own initialisation, from the global RNG (seeded by the caller), on
+            # clones of every tensor under it: a reset_parameters() may re-initialise its children too
+            for t in [*module.parameters(), *module.buffers()]:
+                swap(t)
+            module.reset_parameters()
+            return
+        if _is_norm(module):  # reset in place, on clones
             for store in (module._parameters, module._buffers):
                 for t in list(store.values()):
                     if t is not None:
                         swap(t)
-            if generator is None:  # the layer's own initialisation, from the global RNG (seeded by the caller)
-                module.reset_parameters()
-            else:
-                randomise_layer(module, generator)
+            randomise_layer(module, generator)
             return
         # the fresh draws go into the slots themselves (no clone of the trained values to overwrite)
         fresh = _fresh_parameters(module, generator)
