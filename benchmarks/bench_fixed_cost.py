@@ -24,6 +24,7 @@ rest of the difference is Python).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -72,6 +73,12 @@ def ratio(a: list[float], b: list[float]) -> str:
     return f"{statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f})"
 
 
+def bare_pass(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The bare pass a one-pass gradient method stands against: a forward and the input-gradient backward."""
+    xb = x.detach().requires_grad_(True)
+    torch.autograd.grad(model(xb)[:, 0].sum(), xb)
+
+
 def run_model(name: str, batch: int, n_rounds: int) -> list[str]:
     """The table rows of one model."""
     import captum.attr as ca
@@ -80,9 +87,7 @@ def run_model(name: str, batch: int, n_rounds: int) -> list[str]:
     lines = []
     with model_guard(model):
 
-        def bare() -> None:
-            xb = x.detach().requires_grad_(True)
-            torch.autograd.grad(model(xb)[:, 0].sum(), xb)
+        bare = functools.partial(bare_pass, model, x)
 
         cases: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {
             "saliency": (bare, lambda: ca.Saliency(model).attribute(x, target=y, abs=False)),
@@ -130,9 +135,7 @@ def op_lines(name: str, batch: int) -> list[str]:
     lines = []
     with model_guard(model):
 
-        def bare() -> None:
-            xb = x.detach().requires_grad_(True)
-            torch.autograd.grad(model(xb)[:, 0].sum(), xb)
+        bare = functools.partial(bare_pass, model, x)
 
         ref = op_counts(bare)
         for method in ("saliency", "input_x_gradient"):

@@ -402,3 +402,17 @@ def test_dict_output_with_logits_is_decomposed_like_the_logits():
     torch.testing.assert_close(rel_w, rel_p, rtol=0, atol=0)
     torch.testing.assert_close(irr_w, irr_p, rtol=0, atol=0)
     torch.testing.assert_close(rel_w + irr_w, plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_operation_names_the_users_line():
+    """CD's refusal names the line of the user's forward (the tracer's own stack filter, which does not call
+    torch.fx's compiler-importing one)."""
+    from explain_callbacks.interaction.cd import cd_forward
+
+    class FFTNet(nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x).real.flatten(1)  # no CD rule: the error points here
+
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(CDUnsupportedError, match=r"test_interaction_cd\.py\", line \d+, in forward"):
+        cd_forward(FFTNet(), x * 0.5, x * 0.5)

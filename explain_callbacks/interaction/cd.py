@@ -1256,15 +1256,12 @@ class _CDTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def _filter_traceback_frames(self, user_stack_summary: traceback.StackSummary) -> traceback.StackSummary:
-        """The frames from the first ``forward`` on, outside torch's own files (what :func:`_user_frame`
-        reads). torch.fx's own filter calls ``symbolic_shapes.uninteresting_files()``, whose first call
-        imports torch's compiler packages: 0.5-0.8 s of a monitor's first, budgeted explanation."""
+        """The frames from the first ``forward`` on (:func:`_user_frame` picks the user's among them).
+        torch.fx's own filter also calls ``symbolic_shapes.uninteresting_files()``, whose first call imports
+        torch's compiler packages: 0.5-0.8 s of a monitor's first, budgeted explanation."""
         frames = list(user_stack_summary)
-        first = next((i for i, f in enumerate(frames) if f.name == "forward"), None)
-        if first is None:
-            return traceback.StackSummary.from_list([])
-        keep = [f for f in frames[first:] if not os.path.abspath(f.filename).startswith(_TORCH_DIR + os.sep)]
-        return traceback.StackSummary.from_list(keep)
+        first = next((i for i, f in enumerate(frames) if f.name == "forward"), len(frames))
+        return traceback.StackSummary.from_list(frames[first:])
 
 
 _META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}

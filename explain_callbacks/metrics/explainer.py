@@ -13,6 +13,7 @@ from .._internal.registry import METRICS
 from .base import CurveStates, ExplainerMetric
 from .functional import completeness_soundness, fragility, local_lipschitz, model_randomisation, sensitivity
 from .functional._utils import Substrate
+from .functional.randomisation import check_draws
 
 __all__ = [
     "AvgSensitivity", "CompletenessSoundness", "Fragility", "LocalLipschitz", "MaxSensitivity", "Randomisation",
@@ -251,9 +252,8 @@ class Randomisation(CurveStates, ExplainerMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
-        if draws not in ("seeded", "reset_parameters"):
-            raise ValueError(f"draws must be 'seeded' or 'reset_parameters', got {draws!r}.")
-        self.cascade, self.abs, self.layers, self.seed, self.draws = cascade, abs, layers, seed, draws
+        self.cascade, self.abs, self.layers, self.seed = cascade, abs, layers, seed
+        self.draws = check_draws(draws)  # at construction: a config's typo fails before training
         self.curve: Tensor | None = None
         self.curve_x: Tensor | None = None
         self.layer_names: list[str] = []

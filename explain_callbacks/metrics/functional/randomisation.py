@@ -232,6 +232,13 @@ def randomised_view(model: nn.Module) -> Iterator[tuple[nn.Module, Randomise]]:
             m.__dict__[k] = v
 
 
+def check_draws(draws: str) -> str:
+    """``draws`` of :func:`model_randomisation`, or a ValueError naming the choices."""
+    if draws not in ("seeded", "reset_parameters"):
+        raise ValueError(f"draws must be 'seeded' or 'reset_parameters', got {draws!r}.")
+    return draws
+
+
 def layer_generator(device: torch.device, seed: int, layer_index: int) -> torch.Generator:
     """The generator that re-draws layer ``layer_index`` (of :func:`randomisable_layers`) for ``seed``."""
     # mixed so that seed 0 does not replay torch.manual_seed(0) initialisation of the first layer
@@ -282,8 +289,7 @@ def model_randomisation(
     batch_size = resolve_batch_size(batch_size, model, inputs)
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}.")
-    if draws not in ("seeded", "reset_parameters"):
-        raise ValueError(f"draws must be 'seeded' or 'reset_parameters', got {draws!r}.")
+    check_draws(draws)
     target = prepare_target(model, inputs, target)
     validate(inputs, None, target, inputs_checked=True)  # prepare_target checked them
     x = method_inputs(inputs)
