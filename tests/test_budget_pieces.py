@@ -80,11 +80,12 @@ def test_a_piece_of_the_first_groups_is_the_block_of_the_full_matrix():
     cd = build_interaction("cd")
     full = cd(model, x, target)
     for g in (2, 5, 16):
-        groups, axis = mon.first_groups(model, x, g)
+        groups, (axis, note) = mon.first_groups(model, x, g)
         block = cd(model, x, target, groups=groups)
         assert block.shape == (2, g, g)
         torch.testing.assert_close(block, full[:, :g, :g], rtol=1e-5, atol=1e-6)
-        assert f"the first {g} of 16" in axis
+        assert f"the first {g} of 16" in note
+        assert axis == "patch (row, col) of the 4×4 grid"  # the full grid's label, not the subset's
     assert groups.names == [mon._label(cd.last_info["groups"], i) for i in range(16)]
 
 

@@ -153,14 +153,15 @@ class InteractionMonitor(ProbeCallback):
         cf = reads_channels_first(model, x, method.channels_first)
         return make_groups(x, self.groups, channels_first=cf)
 
-    def first_groups(self, model: torch.nn.Module, x: Tensor, g: int) -> tuple[Groups, str]:
-        """The first ``g`` of the groups ``x`` is explained over (named as in the full matrix), and the axis label of
-        their matrices: a separable method over them gives the block of the full matrix."""
+    def first_groups(self, model: torch.nn.Module, x: Tensor, g: int) -> tuple[Groups, tuple[str, str]]:
+        """The first ``g`` of the groups ``x`` is explained over (named as in the full matrix), and their matrices'
+        axis label (the full grid's) and title note: a separable method over them gives the block of the full
+        matrix."""
         full = self._full_groups(model, x)
         names = [self._label(full, i) for i in range(g)]
         ids = None if full.ids is None else full.ids.masked_fill(full.ids >= g, -1)
         return Groups(full.masks[:g], ids, None, names), (
-            f"{group_axis_label(full, x)}: the first {g} of {full.n} (the time budget's piece)"
+            group_axis_label(full, x), f"the first {g} of {full.n} groups (the time budget's piece)"
         )
 
     def _explain_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,9 +213,9 @@ class InteractionMonitor(ProbeCallback):
         # pictures were computed for nothing under CSVLogger or logger=False
         draw = bool(media_loggers(trainer))
         spec: GroupSpec | Groups = self.groups
-        axis = None
+        piece = None
         if self._piece_groups is not None:  # a piece of the budget: the block of the first groups (see budget)
-            spec, axis = self.first_groups(model, x, self._piece_groups)
+            spec, piece = self.first_groups(model, x, self._piece_groups)
         for name, method in self.methods.items():
 
             def run(method: InteractionMethod = method) -> Tensor:
@@ -242,7 +243,7 @@ class InteractionMonitor(ProbeCallback):
                 self.log_table(trainer, f"interactions/pairs/{name}", h1, r1)
                 self.log_table(trainer, f"interactions/pairs_per_sample/{name}", h2, r2)
                 if self.log_images:
-                    self._log_pictures(trainer, name, x, scores, summary, groups, y, axis)
+                    self._log_pictures(trainer, name, x, scores, summary, groups, y, piece)
         if self.acd_kwargs is not None and draw and self.log_images and x.ndim in (3, 4):
             self._log_acd(trainer, model, x, target)
 
@@ -308,7 +309,7 @@ class InteractionMonitor(ProbeCallback):
 
     def _log_pictures(
         self, trainer: pl.Trainer, name: str, x: Tensor, scores: Tensor, summary: dict[str, Any], groups: Groups,
-        y: Tensor | None = None, axis: str | None = None,
+        y: Tensor | None = None, piece: tuple[str, str] | None = None,
     ) -> None:  # fmt: skip
         p = scores.shape[-1]
         samples = self._sample_names(trainer, y, x.shape[0])
@@ -320,9 +321,10 @@ class InteractionMonitor(ProbeCallback):
             m.fill_diagonal_(0.0)  # the diagonal holds a different quantity (main effect / share)
             panels.append((f"{samples[s]} (signed)", m, True))
         labels = [self._label(groups, i) for i in range(p)]
-        axis = axis or group_axis_label(groups, x)
         when = "test" if phase_prefix(trainer) else f"epoch {trainer.current_epoch}"
-        fig = viz.matrix_figure(panels, labels, title=f"{name} interactions · {when}", axis_label=axis)
+        axis, note = piece if piece is not None else (group_axis_label(groups, x), None)
+        title = f"{name} interactions · {when}" + (f" · {note}" if note else "")
+        fig = viz.matrix_figure(panels, labels, title=title, axis_label=axis)
         self.log_image(trainer, f"interactions/matrix/{name}", fig)
         if x.ndim == 4 and groups.masks.ndim == 4:
             n = min(self.max_matrices * 2, x.shape[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -289,6 +290,13 @@ def _panel_grid(
             y0 = height - top - (i + 1) * (head + panel_h)
             axes[i, j] = fig.add_axes(box(left + j * (panel_w + gap), y0, panel_w, panel_h))
     return fig, axes, box, height
+
+
+def _fit_title(fig: Any, title: str) -> str:
+    """``title`` broken into lines as wide as the figure (about 11 characters an inch at the title's size): a
+    one-tile figure cut a long title off at both edges."""
+    width = max(12, int(fig.get_figwidth() * 11))
+    return textwrap.fill(title, width=width, break_long_words=False)
 
 
 def _wrap(caption: str, width: int = 24) -> str:
@@ -725,7 +733,7 @@ def matrix_figure(
         cb = fig.colorbar(signed_ims[-1][1], ax=[a for a, _ in signed_ims], shrink=0.8)
         cb.set_label("interaction (signed, shared scale)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fit_title(fig, title))
     return fig
 
 
@@ -776,7 +784,7 @@ def tiles_figure(
         cb = fig.colorbar(im, ax=list(axes), shrink=0.8)
         cb.set_label(f"{colorbar_label} (signed, 0 = white)" if signed else colorbar_label)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fit_title(fig, title))
     return fig
 
 
